@@ -1,0 +1,1093 @@
+/**
+ * An open VHDX file (and, through its parent, a differencing chain): open with log replay, read,
+ * write, trim, write-zeroes and flush. Every BAT, sector-bitmap and metadata change goes through the
+ * metadata log at flush time (entry, flush, apply); payload data is written in place.
+ */
+import path from 'node:path';
+import { TidemarkError, VhdxCorruptError } from '../../errors.js';
+import { NodeFile, PatchedFile, type RandomAccessFile } from '../../util/file.js';
+import { GUID_ZERO, guidEquals, guidToString, isZeroGuid, newGuid, type Guid } from '../../util/guid.js';
+import { RwLock } from '../../util/rwlock.js';
+import { zeroPieces } from '../../util/zero.js';
+import {
+  bitmapBatIndex,
+  computeGeometry,
+  decodeBatEntry,
+  encodeBatEntry,
+  payloadBatIndex,
+  type BatEntry,
+  type Geometry,
+} from './bat.js';
+import {
+  BlockState,
+  HEADER_OFFSETS,
+  HEADER_SECTION_SIZE,
+  HEADER_SIZE,
+  ITEM_FILE_PARAMETERS,
+  ITEM_LOGICAL_SECTOR_SIZE,
+  ITEM_PARENT_LOCATOR,
+  ITEM_PHYSICAL_SECTOR_SIZE,
+  ITEM_VIRTUAL_DISK_ID,
+  ITEM_VIRTUAL_DISK_SIZE,
+  LOG_SECTOR,
+  MAX_ALLOCATION,
+  MAX_CHAIN_DEPTH,
+  MAX_LOG_LENGTH,
+  METADATA_TABLE_SIZE,
+  MiB,
+  REGION_TABLE_OFFSETS,
+  REGION_TABLE_SIZE,
+  SB_PRESENT,
+} from './constants.js';
+import {
+  decodeFileIdentifier,
+  decodeHeader,
+  decodeRegionTable,
+  encodeHeader,
+  pickCurrentHeader,
+  validateRegionTable,
+  type FileIdentifier,
+  type RegionEntry,
+  type RegionTable,
+  type VhdxHeader,
+} from './header.js';
+import { parentCandidates, realRoots, resolveInsideRoots, type ParentCandidate } from './locator.js';
+import { LogWriter, planReplay, type LogOp } from './log.js';
+import { MetaCache } from './metacache.js';
+import {
+  decodeFileParameters,
+  decodeMetadataTable,
+  decodeParentLocator,
+  decodeSectorSize,
+  decodeVirtualDiskSize,
+  encodeMetadataTable,
+  encodeParentLocator,
+  formatLinkage,
+  isKnownItem,
+  isVhdxLocator,
+  locatorGet,
+  parseLinkage,
+  type FileParameters,
+  type MetadataEntry,
+  type ParentLocator,
+} from './metadata.js';
+
+export interface OpenOptions {
+  /** Open for writing (replays the log in place). Default: read-only (replays in memory). */
+  writable?: boolean;
+  /** Directories parents may be opened from. Default: the directory of the disk being opened. */
+  allowedRoots?: string[];
+  /** Windows drive letters / volume GUIDs / shares mapped to host directories (see locator.ts). */
+  pathMap?: Record<string, string>;
+  /** Do not open the parent of a differencing disk (info, check, merge). Reads that need it then fail. */
+  noParent?: boolean;
+}
+
+/** Told about every guest-visible change before it is issued to the file (the change tracker hooks in here). */
+export interface WriteObserver {
+  beforeChange(offset: number, length: number): Promise<void> | void;
+}
+
+export type DiskType = 'fixed' | 'dynamic' | 'differencing';
+
+export interface ReplayInfo {
+  entries: number;
+  inMemory: boolean;
+}
+
+export interface ParentLink {
+  path: string;
+  foundBy: ParentCandidate['key'];
+  tried: { key: string; value: string; hostPath?: string; outcome: string }[];
+}
+
+interface HeaderState {
+  header: VhdxHeader;
+  slot: 0 | 1;
+}
+
+/** A virtual range and what covers it, as reported by allocation queries. */
+export interface Extent {
+  offset: number;
+  length: number;
+}
+
+export class VhdxFile {
+  readonly path: string;
+  readonly writable: boolean;
+  readonly identifier: FileIdentifier;
+  /** Both header slots as decoded (a string says why a slot is invalid). */
+  readonly headerSlots: [VhdxHeader | string, VhdxHeader | string];
+  readonly regionTables: [RegionTable | string, RegionTable | string];
+  readonly regionTableInUse: 0 | 1;
+  readonly batRegion: RegionEntry;
+  readonly metadataRegion: RegionEntry;
+  readonly metadataEntries: MetadataEntry[];
+  readonly params: FileParameters;
+  readonly virtualSize: number;
+  readonly virtualDiskId: Guid;
+  readonly logicalSectorSize: 512 | 4096;
+  readonly physicalSectorSize: 512 | 4096;
+  readonly geometry: Geometry;
+  readonly replay: ReplayInfo | undefined;
+  /** Recoverable oddities noticed while opening (a damaged header copy, a stale region table...). */
+  readonly warnings: string[];
+  parentLocator: ParentLocator | undefined;
+  parent: VhdxFile | undefined;
+  parentLink: ParentLink | undefined;
+  observer: WriteObserver | undefined;
+
+  private file: RandomAccessFile;
+  private headerState: HeaderState;
+  private cache: MetaCache;
+  private lock = new RwLock();
+  private fileEnd = 0;
+  private logWriter: LogWriter | undefined;
+  private fileWriteGuidChanged = false;
+  private dataWriteGuidChanged = false;
+  private nextDataWriteGuid: Guid | undefined;
+  private closed = false;
+
+  private constructor(init: {
+    path: string;
+    writable: boolean;
+    file: RandomAccessFile;
+    identifier: FileIdentifier;
+    headerSlots: [VhdxHeader | string, VhdxHeader | string];
+    headerState: HeaderState;
+    regionTables: [RegionTable | string, RegionTable | string];
+    regionTableInUse: 0 | 1;
+    batRegion: RegionEntry;
+    metadataRegion: RegionEntry;
+    metadataEntries: MetadataEntry[];
+    params: FileParameters;
+    virtualSize: number;
+    virtualDiskId: Guid;
+    logicalSectorSize: 512 | 4096;
+    physicalSectorSize: 512 | 4096;
+    parentLocator: ParentLocator | undefined;
+    replay: ReplayInfo | undefined;
+    warnings: string[];
+    fileWriteGuidChanged: boolean;
+  }) {
+    this.path = init.path;
+    this.writable = init.writable;
+    this.file = init.file;
+    this.identifier = init.identifier;
+    this.headerSlots = init.headerSlots;
+    this.headerState = init.headerState;
+    this.regionTables = init.regionTables;
+    this.regionTableInUse = init.regionTableInUse;
+    this.batRegion = init.batRegion;
+    this.metadataRegion = init.metadataRegion;
+    this.metadataEntries = init.metadataEntries;
+    this.params = init.params;
+    this.virtualSize = init.virtualSize;
+    this.virtualDiskId = init.virtualDiskId;
+    this.logicalSectorSize = init.logicalSectorSize;
+    this.physicalSectorSize = init.physicalSectorSize;
+    this.parentLocator = init.parentLocator;
+    this.replay = init.replay;
+    this.warnings = init.warnings;
+    this.fileWriteGuidChanged = init.fileWriteGuidChanged;
+    this.geometry = computeGeometry(init.virtualSize, init.params.blockSize, init.logicalSectorSize, init.params.hasParent);
+    this.cache = new MetaCache(init.file);
+  }
+
+  // ---------------------------------------------------------------- open
+
+  static async open(filePath: string, opts: OpenOptions = {}): Promise<VhdxFile> {
+    const roots = await realRoots(opts.allowedRoots ?? [path.dirname(path.resolve(filePath))]);
+    return VhdxFile.openInChain(path.resolve(filePath), opts, roots, 0);
+  }
+
+  private static async openInChain(filePath: string, opts: OpenOptions, roots: string[], depth: number): Promise<VhdxFile> {
+    const writable = opts.writable ?? false;
+    const base = await NodeFile.open(filePath, writable ? 'r+' : 'r');
+    let disk: VhdxFile | undefined;
+    try {
+      disk = await VhdxFile.decode(filePath, base, writable);
+      if (disk.params.hasParent && !opts.noParent) {
+        if (depth + 1 >= MAX_CHAIN_DEPTH) {
+          throw new VhdxCorruptError('parent locator', undefined, `chain deeper than ${MAX_CHAIN_DEPTH} disks (a locator loop?)`);
+        }
+        await disk.attachParent(opts, roots, depth);
+      }
+      if (writable) await disk.scanFileEnd();
+      return disk;
+    } catch (err) {
+      if (disk) await disk.closeFiles().catch(() => undefined);
+      else await base.close().catch(() => undefined);
+      throw err;
+    }
+  }
+
+  /** Parses every structure of one file; replays its log (in place when writable, in memory otherwise). */
+  private static async decode(filePath: string, base: NodeFile, writable: boolean): Promise<VhdxFile> {
+    const warnings: string[] = [];
+    const section = Buffer.alloc(HEADER_SECTION_SIZE);
+    await base.read(section, 0);
+    const identifier = decodeFileIdentifier(section);
+    if (base.size() < HEADER_SECTION_SIZE) {
+      throw new VhdxCorruptError('header section', 0, `file is ${base.size()} bytes, shorter than the 1 MiB header section`, 'VHDX_TRUNCATED');
+    }
+    const headerSlots: [VhdxHeader | string, VhdxHeader | string] = [
+      decodeHeader(section.subarray(HEADER_OFFSETS[0], HEADER_OFFSETS[0] + HEADER_SIZE), HEADER_OFFSETS[0]),
+      decodeHeader(section.subarray(HEADER_OFFSETS[1], HEADER_OFFSETS[1] + HEADER_SIZE), HEADER_OFFSETS[1]),
+    ];
+    const picked = pickCurrentHeader(headerSlots[0], headerSlots[1]);
+    if (!picked) {
+      throw new VhdxCorruptError('headers', HEADER_OFFSETS[0], `no valid header: header 1: ${headerSlots[0]}; header 2: ${headerSlots[1]}`);
+    }
+    headerSlots.forEach((h, i) => {
+      if (typeof h === 'string') warnings.push(`header ${i + 1} at offset ${HEADER_OFFSETS[i]} is invalid (${h}); the other copy is used`);
+    });
+    const header = picked.header;
+    const hOff = HEADER_OFFSETS[picked.slot];
+    if (header.version !== 1) {
+      throw new VhdxCorruptError('header', hOff, `format version ${header.version} is not 1`, 'VHDX_UNSUPPORTED');
+    }
+    const hasLog = !isZeroGuid(header.logGuid);
+    if (hasLog && header.logVersion !== 0) {
+      throw new VhdxCorruptError('header', hOff, `log version ${header.logVersion} is not 0`, 'VHDX_UNSUPPORTED');
+    }
+    const logUsable =
+      header.logOffset >= HEADER_SECTION_SIZE && header.logOffset % MiB === 0 && header.logLength > 0 && header.logLength % MiB === 0;
+    if (hasLog && !logUsable) {
+      throw new VhdxCorruptError('header', hOff, `log at ${header.logOffset} (+${header.logLength}) is not 1 MiB aligned past the header section`);
+    }
+
+    // Log replay comes before anything else is read: region tables and metadata go through the log.
+    let file: RandomAccessFile = base;
+    let replay: ReplayInfo | undefined;
+    const headerState: HeaderState = { header, slot: picked.slot };
+    let fileWriteGuidChanged = false;
+    if (hasLog) {
+      if (header.logLength > MAX_LOG_LENGTH) {
+        throw new TidemarkError('LIMIT_EXCEEDED', `log at ${header.logOffset} is ${header.logLength} bytes; logs over ${MAX_LOG_LENGTH} bytes are refused`);
+      }
+      const log = Buffer.alloc(header.logLength);
+      await base.read(log, header.logOffset);
+      const ctx = { logOffset: header.logOffset, logLength: header.logLength, logGuid: header.logGuid };
+      const plan = planReplay(log, ctx, base.size());
+      if (writable) {
+        // A new FileWriteGuid before the first modification, log playback included (MS-VHDX 2.2.2).
+        await writeHeaders(base, headerState, { fileWriteGuid: newGuid() });
+        fileWriteGuidChanged = true;
+        for (const entry of plan.entries) await applyOps(base, entry.ops);
+        if (base.size() < plan.lastFileOffset) await base.truncate(plan.lastFileOffset);
+        await base.datasync();
+        await writeHeaders(base, headerState, { logGuid: GUID_ZERO });
+      } else {
+        const patched = new PatchedFile(base);
+        for (const entry of plan.entries) {
+          for (const op of entry.ops) patched.patch(op.fileOffset, op.kind === 'data' ? LOG_SECTOR : op.length, op.kind === 'data' ? op.data : null);
+        }
+        patched.extend(plan.lastFileOffset);
+        file = patched;
+      }
+      replay = { entries: plan.entries.length, inMemory: !writable };
+    }
+
+    const tables = Buffer.alloc(2 * REGION_TABLE_SIZE);
+    await file.read(tables, REGION_TABLE_OFFSETS[0]);
+    const regionTables: [RegionTable | string, RegionTable | string] = [
+      decodeRegionTable(tables.subarray(0, REGION_TABLE_SIZE)),
+      decodeRegionTable(tables.subarray(REGION_TABLE_SIZE)),
+    ];
+    let regionTableInUse: 0 | 1 = 0;
+    if (typeof regionTables[0] === 'string') {
+      if (typeof regionTables[1] === 'string') {
+        throw new VhdxCorruptError('region tables', REGION_TABLE_OFFSETS[0], `no valid copy: table 1: ${regionTables[0]}; table 2: ${regionTables[1]}`);
+      }
+      warnings.push(`region table 1 at offset ${REGION_TABLE_OFFSETS[0]} is invalid (${regionTables[0]}); the copy is used`);
+      regionTableInUse = 1;
+    } else if (typeof regionTables[1] === 'string') {
+      warnings.push(`region table 2 at offset ${REGION_TABLE_OFFSETS[1]} is invalid (${regionTables[1]})`);
+    } else if (regionTables[0].checksum !== regionTables[1].checksum) {
+      warnings.push('the two region table copies differ; table 1 is used');
+    }
+    const table = regionTables[regionTableInUse] as RegionTable;
+    const { bat: batRegion, metadata: metadataRegion } = validateRegionTable(table, REGION_TABLE_OFFSETS[regionTableInUse]);
+    if (logUsable) {
+      for (const r of [batRegion, metadataRegion]) {
+        if (r.fileOffset < header.logOffset + header.logLength && header.logOffset < r.fileOffset + r.length) {
+          throw new VhdxCorruptError('region table', REGION_TABLE_OFFSETS[regionTableInUse], `region at ${r.fileOffset} overlaps the log`);
+        }
+      }
+    }
+    if (batRegion.fileOffset < metadataRegion.fileOffset + metadataRegion.length && metadataRegion.fileOffset < batRegion.fileOffset + batRegion.length) {
+      throw new VhdxCorruptError('region table', REGION_TABLE_OFFSETS[regionTableInUse], 'the BAT and metadata regions overlap');
+    }
+
+    // Metadata table and the known items.
+    const mdWhere = metadataRegion.fileOffset;
+    const mdTable = Buffer.alloc(METADATA_TABLE_SIZE);
+    await file.read(mdTable, mdWhere);
+    const metadataEntries = decodeMetadataTable(mdTable, mdWhere, metadataRegion.length);
+    for (const e of metadataEntries) {
+      if (e.isRequired && !isKnownItem(e)) {
+        throw new VhdxCorruptError('metadata table', mdWhere, `unknown required item ${guidToString(e.itemId)}`, 'VHDX_UNSUPPORTED');
+      }
+    }
+    const item = async (id: Guid, name: string, required: boolean): Promise<Buffer | undefined> => {
+      const e = metadataEntries.find((m) => !m.isUser && guidEquals(m.itemId, id));
+      if (!e) {
+        if (required) throw new VhdxCorruptError('metadata table', mdWhere, `required item "${name}" is missing`);
+        return undefined;
+      }
+      const b = Buffer.alloc(e.length);
+      await file.read(b, mdWhere + e.offset);
+      return b;
+    };
+    const params = decodeFileParameters((await item(ITEM_FILE_PARAMETERS, 'file parameters', true))!, mdWhere);
+    const logicalSectorSize = decodeSectorSize((await item(ITEM_LOGICAL_SECTOR_SIZE, 'logical sector size', true))!, 'logical sector size item', mdWhere);
+    const physicalSectorSize = decodeSectorSize((await item(ITEM_PHYSICAL_SECTOR_SIZE, 'physical sector size', true))!, 'physical sector size item', mdWhere);
+    const virtualSize = decodeVirtualDiskSize((await item(ITEM_VIRTUAL_DISK_SIZE, 'virtual disk size', true))!, logicalSectorSize, mdWhere);
+    const idItem = (await item(ITEM_VIRTUAL_DISK_ID, 'virtual disk id', true))!;
+    if (idItem.length < 16) throw new VhdxCorruptError('virtual disk id item', mdWhere, `length ${idItem.length} is less than 16`);
+    const virtualDiskId = Buffer.from(idItem.subarray(0, 16));
+    let parentLocator: ParentLocator | undefined;
+    const locItem = await item(ITEM_PARENT_LOCATOR, 'parent locator', params.hasParent);
+    if (locItem) parentLocator = decodeParentLocator(locItem, mdWhere);
+    if (params.hasParent) {
+      if (!isVhdxLocator(parentLocator!)) {
+        throw new VhdxCorruptError('parent locator item', mdWhere, `locator type ${guidToString(parentLocator!.locatorType)} is not the VHDX type`, 'VHDX_UNSUPPORTED');
+      }
+      if (!parseLinkage(locatorGet(parentLocator!, 'parent_linkage'))) {
+        throw new VhdxCorruptError('parent locator item', mdWhere, 'parent_linkage is missing or not a GUID');
+      }
+    }
+
+    const geometry = computeGeometry(virtualSize, params.blockSize, logicalSectorSize, params.hasParent);
+    if (batRegion.length < geometry.batEntries * 8) {
+      throw new VhdxCorruptError('BAT region', batRegion.fileOffset, `length ${batRegion.length} cannot hold the ${geometry.batEntries} entries the disk needs`);
+    }
+    return new VhdxFile({
+      path: filePath,
+      writable,
+      file,
+      identifier,
+      headerSlots,
+      headerState,
+      regionTables,
+      regionTableInUse,
+      batRegion,
+      metadataRegion,
+      metadataEntries,
+      params,
+      virtualSize,
+      virtualDiskId,
+      logicalSectorSize,
+      physicalSectorSize,
+      parentLocator,
+      replay,
+      warnings,
+      fileWriteGuidChanged,
+    });
+  }
+
+  /** Finds, checks and opens the parent (relative, volume, absolute path; then the child's directory). */
+  private async attachParent(opts: OpenOptions, roots: string[], depth: number): Promise<void> {
+    const loc = this.parentLocator!;
+    const linkage = parseLinkage(locatorGet(loc, 'parent_linkage'))!;
+    const linkage2 = parseLinkage(locatorGet(loc, 'parent_linkage2'));
+    const tried: ParentLink['tried'] = [];
+    let mismatch: string | undefined;
+    let outside = false;
+    const seen = new Set<string>();
+    for (const c of parentCandidates(this.path, loc, { allowedRoots: roots, pathMap: opts.pathMap })) {
+      if (!c.hostPath) {
+        tried.push({ key: c.key, value: c.value, outcome: 'no host mapping' });
+        continue;
+      }
+      const r = await resolveInsideRoots(c.hostPath, roots);
+      if ('problem' in r) {
+        if (r.problem === 'outside') outside = true;
+        tried.push({ key: c.key, value: c.value, hostPath: c.hostPath, outcome: r.problem === 'missing' ? 'not found' : 'outside the allowed directories' });
+        continue;
+      }
+      if (seen.has(r.path)) continue;
+      seen.add(r.path);
+      if (r.path === this.path) {
+        tried.push({ key: c.key, value: c.value, hostPath: r.path, outcome: 'names the disk itself' });
+        continue;
+      }
+      const parent = await VhdxFile.openInChain(r.path, { ...opts, writable: false }, roots, depth + 1);
+      const dwg = parent.header.dataWriteGuid;
+      if (guidEquals(dwg, linkage) || (linkage2 && guidEquals(dwg, linkage2))) {
+        if (parent.logicalSectorSize !== this.logicalSectorSize) {
+          await parent.close();
+          throw new VhdxCorruptError('parent locator', undefined, `parent ${r.path} has ${parent.logicalSectorSize}-byte logical sectors, this disk ${this.logicalSectorSize}`, 'PARENT_MISMATCH');
+        }
+        tried.push({ key: c.key, value: c.value, hostPath: r.path, outcome: 'opened' });
+        this.parent = parent;
+        this.parentLink = { path: r.path, foundBy: c.key, tried };
+        return;
+      }
+      await parent.close();
+      mismatch = `${r.path} has DataWriteGuid ${formatLinkage(dwg)}, the locator expects ${formatLinkage(linkage)}${linkage2 ? ` or ${formatLinkage(linkage2)}` : ''} (the parent was modified after this disk was created)`;
+      tried.push({ key: c.key, value: c.value, hostPath: r.path, outcome: 'DataWriteGuid does not match' });
+    }
+    if (mismatch) throw new TidemarkError('PARENT_MISMATCH', `parent of ${this.path}: ${mismatch}`, { tried });
+    const list = tried.map((t) => `${t.key}=${t.value}${t.hostPath ? ` -> ${t.hostPath}` : ''} (${t.outcome})`).join('; ');
+    if (outside) {
+      throw new TidemarkError('PATH_NOT_ALLOWED', `parent of ${this.path} lies outside the allowed directories (${roots.join(', ')}): ${list}`, { tried });
+    }
+    throw new TidemarkError('PARENT_NOT_FOUND', `parent of ${this.path} not found: ${list}`, { tried });
+  }
+
+  /** Where new blocks go: past every structure and every allocated block. */
+  private async scanFileEnd(): Promise<void> {
+    const h = this.header;
+    let end = Math.ceil(this.file.size() / MiB) * MiB;
+    end = Math.max(end, h.logOffset + h.logLength, this.batRegion.fileOffset + this.batRegion.length);
+    end = Math.max(end, this.metadataRegion.fileOffset + this.metadataRegion.length);
+    const entries = this.geometry.batEntries;
+    const chunk = Buffer.alloc(MiB);
+    for (let first = 0; first < entries; first += MiB / 8) {
+      const n = Math.min(MiB / 8, entries - first);
+      const view = chunk.subarray(0, n * 8);
+      await this.file.read(view, this.batRegion.fileOffset + first * 8);
+      for (let i = 0; i < n; i++) {
+        const e = decodeBatEntry(view.readUInt32LE(i * 8), view.readUInt32LE(i * 8 + 4));
+        if (e.offset === 0 || (e.state !== BlockState.FullyPresent && e.state !== BlockState.PartiallyPresent && e.state !== SB_PRESENT)) {
+          continue;
+        }
+        const isBitmap = (first + i) % (this.geometry.chunkRatio + 1) === this.geometry.chunkRatio;
+        end = Math.max(end, e.offset + (isBitmap ? MiB : this.geometry.blockSize));
+      }
+    }
+    this.fileEnd = end;
+  }
+
+  // ---------------------------------------------------------------- properties
+
+  get header(): VhdxHeader {
+    return this.headerState.header;
+  }
+
+  get currentHeaderSlot(): 0 | 1 {
+    return this.headerState.slot;
+  }
+
+  get diskType(): DiskType {
+    if (this.params.hasParent) return 'differencing';
+    return this.params.leaveBlockAllocated ? 'fixed' : 'dynamic';
+  }
+
+  get blockSize(): number {
+    return this.params.blockSize;
+  }
+
+  get fileSize(): number {
+    return this.file.size();
+  }
+
+  /** The chain from this disk to its base. */
+  chain(): VhdxFile[] {
+    const out: VhdxFile[] = [];
+    for (let d: VhdxFile | undefined = this; d; d = d.parent) out.push(d);
+    return out;
+  }
+
+  // ---------------------------------------------------------------- BAT and bitmaps
+
+  private batSectorOf(index: number): { sector: number; at: number } {
+    const off = this.batRegion.fileOffset + index * 8;
+    return { sector: off - (off % LOG_SECTOR), at: off % LOG_SECTOR };
+  }
+
+  async batEntry(index: number): Promise<BatEntry> {
+    const { sector, at } = this.batSectorOf(index);
+    const buf =
+      this.cache.peek(sector) ??
+      (await this.cache.load(sector, this.batRegion.fileOffset, this.batRegion.fileOffset + this.batRegion.length));
+    return decodeBatEntry(buf.readUInt32LE(at), buf.readUInt32LE(at + 4));
+  }
+
+  payloadEntry(block: number): Promise<BatEntry> {
+    return this.batEntry(payloadBatIndex(this.geometry, block));
+  }
+
+  private async setBatEntry(index: number, state: number, offset: number): Promise<void> {
+    const { sector, at } = this.batSectorOf(index);
+    const buf = await this.cache.load(sector, this.batRegion.fileOffset, this.batRegion.fileOffset + this.batRegion.length);
+    const [lo, hi] = encodeBatEntry(state, offset);
+    buf.writeUInt32LE(lo, at);
+    buf.writeUInt32LE(hi, at + 4);
+    this.cache.markDirty(sector);
+  }
+
+  /** The file offset of the sector bitmap block of `block`'s chunk; throws when it should exist and doesn't. */
+  private async bitmapBlockOffset(block: number): Promise<number | undefined> {
+    const chunk = Math.floor(block / this.geometry.chunkRatio);
+    const e = await this.batEntry(bitmapBatIndex(this.geometry, chunk));
+    if (e.state !== SB_PRESENT) return undefined;
+    if (e.offset < HEADER_SECTION_SIZE || e.offset + MiB > this.file.size()) {
+      throw new VhdxCorruptError('sector bitmap block', e.offset, `of chunk ${chunk} lies outside the file (size ${this.file.size()})`);
+    }
+    return e.offset;
+  }
+
+  /** Visits runs of sectors [s0, s1) of `block` with equal bitmap bits. */
+  private async bitmapRuns(block: number, s0: number, s1: number, visit: (from: number, to: number, present: boolean) => Promise<void>): Promise<void> {
+    const bm = await this.bitmapBlockOffset(block);
+    if (bm === undefined) {
+      throw new VhdxCorruptError('BAT', this.batRegion.fileOffset, `block ${block} is partially present but its sector bitmap block is not present`);
+    }
+    const base = (block % this.geometry.chunkRatio) * this.geometry.sectorsPerBlock;
+    let runStart = s0;
+    let runValue: boolean | undefined;
+    let sectorBuf: Buffer | undefined;
+    let sectorAt = -1;
+    for (let s = s0; s < s1; s++) {
+      const bit = base + s;
+      const byteOff = bm + (bit >> 3);
+      const sec = byteOff - (byteOff % LOG_SECTOR);
+      if (sec !== sectorAt) {
+        sectorBuf = this.cache.peek(sec) ?? (await this.cache.load(sec, bm, bm + MiB));
+        sectorAt = sec;
+      }
+      const v = ((sectorBuf![byteOff - sec] >> (bit & 7)) & 1) === 1;
+      if (runValue === undefined) runValue = v;
+      else if (v !== runValue) {
+        await visit(runStart, s, runValue);
+        runStart = s;
+        runValue = v;
+      }
+    }
+    if (runValue !== undefined) await visit(runStart, s1, runValue);
+  }
+
+  private async setBitmapBits(bm: number, block: number, s0: number, s1: number, value: boolean): Promise<void> {
+    const base = (block % this.geometry.chunkRatio) * this.geometry.sectorsPerBlock;
+    for (let s = s0; s < s1; ) {
+      const bit = base + s;
+      const byteOff = bm + (bit >> 3);
+      const sec = byteOff - (byteOff % LOG_SECTOR);
+      const buf = await this.cache.load(sec, bm, bm + MiB);
+      // Whole bytes at a time where possible.
+      const sectorBitEnd = (sec - bm + LOG_SECTOR) * 8 - base;
+      const stop = Math.min(s1, sectorBitEnd);
+      for (; s < stop; s++) {
+        const b = base + s;
+        const i = bm + (b >> 3) - sec;
+        if ((b & 7) === 0 && s + 8 <= stop) {
+          buf[i] = value ? 0xff : 0;
+          s += 7;
+          continue;
+        }
+        if (value) buf[i] |= 1 << (b & 7);
+        else buf[i] &= ~(1 << (b & 7));
+      }
+      this.cache.markDirty(sec);
+    }
+  }
+
+  // ---------------------------------------------------------------- reads
+
+  private assertOpen(): void {
+    if (this.closed) throw new TidemarkError('CLOSED', `${this.path} is closed`);
+  }
+
+  private assertRange(offset: number, length: number): void {
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.virtualSize) {
+      throw new TidemarkError('INVALID_ARGUMENT', `range [${offset}, +${length}) is outside the ${this.virtualSize}-byte virtual disk`);
+    }
+  }
+
+  /** Reads `dst.length` bytes of the virtual disk at `offset`. */
+  async read(dst: Uint8Array, offset: number): Promise<void> {
+    this.assertOpen();
+    this.assertRange(offset, dst.length);
+    await this.lock.shared(() => this.readVirtual(dst, offset));
+  }
+
+  async readAt(offset: number, length: number): Promise<Buffer> {
+    if (length > MAX_ALLOCATION) throw new TidemarkError('LIMIT_EXCEEDED', `a single read is limited to ${MAX_ALLOCATION} bytes`);
+    const buf = Buffer.alloc(length);
+    await this.read(buf, offset);
+    return buf;
+  }
+
+  private async readVirtual(dst: Uint8Array, offset: number): Promise<void> {
+    const bs = this.blockSize;
+    for (let pos = 0; pos < dst.length; ) {
+      const v = offset + pos;
+      const block = Math.floor(v / bs);
+      const inBlock = v - block * bs;
+      const n = Math.min(bs - inBlock, dst.length - pos);
+      await this.readBlock(block, inBlock, dst.subarray(pos, pos + n));
+      pos += n;
+    }
+  }
+
+  private async readBlock(block: number, inBlock: number, dst: Uint8Array): Promise<void> {
+    const e = await this.payloadEntry(block);
+    switch (e.state) {
+      case BlockState.FullyPresent:
+        return this.readPayload(block, e.offset, inBlock, dst);
+      case BlockState.PartiallyPresent: {
+        if (!this.params.hasParent) {
+          throw new VhdxCorruptError('BAT', this.batRegion.fileOffset, `block ${block} is partially present in a disk without a parent`);
+        }
+        const lss = this.logicalSectorSize;
+        const s0 = Math.floor(inBlock / lss);
+        const s1 = Math.ceil((inBlock + dst.length) / lss);
+        await this.bitmapRuns(block, s0, s1, async (from, to, present) => {
+          const a = Math.max(inBlock, from * lss);
+          const b = Math.min(inBlock + dst.length, to * lss);
+          const part = dst.subarray(a - inBlock, b - inBlock);
+          if (present) await this.readPayload(block, e.offset, a, part);
+          else await this.readParent(block * this.blockSize + a, part);
+        });
+        return;
+      }
+      case BlockState.NotPresent:
+        if (this.params.hasParent) return this.readParent(block * this.blockSize + inBlock, dst);
+        dst.fill(0);
+        return;
+      case BlockState.Zero:
+      case BlockState.Unmapped:
+      case BlockState.Undefined:
+        dst.fill(0);
+        return;
+      default:
+        throw new VhdxCorruptError('BAT', this.batRegion.fileOffset + payloadBatIndex(this.geometry, block) * 8, `block ${block} has unknown state ${e.state}`);
+    }
+  }
+
+  private async readPayload(block: number, blockOffset: number, inBlock: number, dst: Uint8Array): Promise<void> {
+    if (blockOffset < HEADER_SECTION_SIZE) {
+      throw new VhdxCorruptError('BAT', this.batRegion.fileOffset, `block ${block} is present at file offset ${blockOffset}, inside the header section`);
+    }
+    const at = blockOffset + inBlock;
+    if (at + dst.length > this.file.size()) {
+      throw new VhdxCorruptError('payload block', blockOffset, `block ${block} extends past the end of the file (${this.file.size()} bytes): truncated`, 'VHDX_TRUNCATED');
+    }
+    await this.file.read(dst, at);
+  }
+
+  private async readParent(offset: number, dst: Uint8Array): Promise<void> {
+    const p = this.parent;
+    if (!p) throw new TidemarkError('PARENT_NOT_FOUND', `${this.path} is a differencing disk opened without its parent`);
+    const inside = Math.max(0, Math.min(dst.length, p.virtualSize - offset));
+    if (inside > 0) await p.readVirtual(dst.subarray(0, inside), offset);
+    if (inside < dst.length) dst.fill(0, inside);
+  }
+
+  /**
+   * Ranges of [offset, offset+length) that any disk of the chain may hold data for (block granularity);
+   * everything else reads as zeros. Convert and full backups read only these.
+   */
+  async allocatedExtents(offset = 0, length = this.virtualSize - offset): Promise<Extent[]> {
+    this.assertOpen();
+    this.assertRange(offset, length);
+    const out: Extent[] = [];
+    await this.lock.shared(() => this.collectAllocated(offset, length, out));
+    return out;
+  }
+
+  private async collectAllocated(offset: number, length: number, out: Extent[]): Promise<void> {
+    const bs = this.blockSize;
+    const push = (o: number, l: number) => {
+      const last = out[out.length - 1];
+      if (last && last.offset + last.length === o) last.length += l;
+      else out.push({ offset: o, length: l });
+    };
+    for (let pos = offset; pos < offset + length; ) {
+      const block = Math.floor(pos / bs);
+      const n = Math.min((block + 1) * bs, offset + length) - pos;
+      const e = await this.payloadEntry(block);
+      if (e.state === BlockState.FullyPresent || e.state === BlockState.PartiallyPresent) push(pos, n);
+      else if (e.state === BlockState.NotPresent && this.parent) {
+        const inside = Math.max(0, Math.min(n, this.parent.virtualSize - pos));
+        if (inside > 0) {
+          const sub: Extent[] = [];
+          await this.parent.collectAllocated(pos, inside, sub);
+          for (const x of sub) push(x.offset, x.length);
+        }
+      }
+      pos += n;
+    }
+  }
+
+  /** What this file itself defines, block by block (not its parent): for merge and info. */
+  async *ownBlocks(): AsyncGenerator<{ block: number; entry: BatEntry }> {
+    for (let block = 0; block < this.geometry.dataBlocks; block++) {
+      yield { block, entry: await this.payloadEntry(block) };
+    }
+  }
+
+  /** Sector runs of a partially present block that this file holds (block-relative byte ranges). */
+  async presentRuns(block: number): Promise<Extent[]> {
+    const out: Extent[] = [];
+    const lss = this.logicalSectorSize;
+    const sectors = Math.min(this.geometry.sectorsPerBlock, Math.ceil((this.virtualSize - block * this.blockSize) / lss));
+    await this.bitmapRuns(block, 0, sectors, async (from, to, present) => {
+      if (present) out.push({ offset: from * lss, length: (to - from) * lss });
+    });
+    return out;
+  }
+
+  /** The raw bytes of a metadata item (the table entry says where). */
+  async readMetadataItem(e: MetadataEntry): Promise<Buffer> {
+    const data = Buffer.alloc(e.length);
+    if (e.length > 0) await this.file.read(data, this.metadataRegion.fileOffset + e.offset);
+    return data;
+  }
+
+  /** Reads bytes this file holds for a block, without consulting the parent. */
+  async readOwn(block: number, inBlock: number, dst: Uint8Array): Promise<void> {
+    const e = await this.payloadEntry(block);
+    if (e.state !== BlockState.FullyPresent && e.state !== BlockState.PartiallyPresent) {
+      throw new TidemarkError('INVALID_ARGUMENT', `block ${block} holds no data in ${this.path}`);
+    }
+    await this.readPayload(block, e.offset, inBlock, dst);
+  }
+
+  // ---------------------------------------------------------------- writes
+
+  private assertWritable(): void {
+    this.assertOpen();
+    if (!this.writable) throw new TidemarkError('READ_ONLY', `${this.path} is open read-only`);
+  }
+
+  /** The DataWriteGuid the next guest-visible change installs (merge uses it; see parent_linkage2). */
+  setNextDataWriteGuid(g: Guid): void {
+    if (this.dataWriteGuidChanged) throw new TidemarkError('INVALID_ARGUMENT', 'DataWriteGuid already changed in this session');
+    this.nextDataWriteGuid = g;
+  }
+
+  /** Header update before the first change of a session (MS-VHDX 2.2.2.1), then a log to write to. */
+  private async beginChange(userVisible: boolean): Promise<void> {
+    const changes: Partial<VhdxHeader> = {};
+    if (!this.fileWriteGuidChanged) changes.fileWriteGuid = newGuid();
+    if (!this.logWriter) {
+      const h = this.header;
+      if (h.logLength === 0 || h.logOffset < HEADER_SECTION_SIZE || h.logOffset % MiB !== 0 || h.logLength % MiB !== 0) {
+        throw new TidemarkError('VHDX_UNSUPPORTED', `${this.path} has no usable log (offset ${h.logOffset}, length ${h.logLength}); it cannot be modified`);
+      }
+      changes.logGuid = newGuid();
+    }
+    if (userVisible && !this.dataWriteGuidChanged) changes.dataWriteGuid = this.nextDataWriteGuid ?? newGuid();
+    if (Object.keys(changes).length === 0) return;
+    await writeHeaders(this.file, this.headerState, changes);
+    this.fileWriteGuidChanged = true;
+    if (changes.dataWriteGuid) this.dataWriteGuidChanged = true;
+    if (changes.logGuid) {
+      this.logWriter = new LogWriter({ logOffset: this.header.logOffset, logLength: this.header.logLength, logGuid: changes.logGuid });
+    }
+  }
+
+  private async allocate(length: number): Promise<number> {
+    const offset = this.fileEnd;
+    this.fileEnd += Math.ceil(length / MiB) * MiB;
+    await this.file.truncate(this.fileEnd);
+    return offset;
+  }
+
+  /** Writes `data` at virtual `offset`. Unaligned edges are completed from the current content. */
+  async write(data: Uint8Array, offset: number): Promise<void> {
+    this.assertWritable();
+    this.assertRange(offset, data.length);
+    if (data.length === 0) return;
+    await this.lock.exclusive(async () => {
+      await this.observer?.beforeChange(offset, data.length);
+      await this.beginChange(true);
+      const lss = this.logicalSectorSize;
+      const start = Math.floor(offset / lss) * lss;
+      const end = Math.ceil((offset + data.length) / lss) * lss;
+      let buf = data;
+      if (start !== offset || end !== offset + data.length) {
+        const aligned = Buffer.alloc(end - start);
+        await this.readVirtual(aligned.subarray(0, lss), start);
+        if (end - lss > start) await this.readVirtual(aligned.subarray(aligned.length - lss), end - lss);
+        aligned.set(data, offset - start);
+        buf = aligned;
+      }
+      await this.forEachBlock(start, buf.length, (block, inBlock, pos, n) => this.writeBlock(block, inBlock, buf.subarray(pos, pos + n)));
+    });
+  }
+
+  private async forEachBlock(offset: number, length: number, fn: (block: number, inBlock: number, pos: number, n: number) => Promise<void>): Promise<void> {
+    const bs = this.blockSize;
+    for (let pos = 0; pos < length; ) {
+      const v = offset + pos;
+      const block = Math.floor(v / bs);
+      const inBlock = v - block * bs;
+      const n = Math.min(bs - inBlock, length - pos);
+      await fn(block, inBlock, pos, n);
+      pos += n;
+    }
+  }
+
+  /** Bytes of `block` that lie inside the virtual disk. */
+  private blockExtent(block: number): number {
+    return Math.min(this.blockSize, this.virtualSize - block * this.blockSize);
+  }
+
+  /** Sector-aligned write inside one block. */
+  private async writeBlock(block: number, inBlock: number, src: Uint8Array): Promise<void> {
+    const e = await this.payloadEntry(block);
+    const index = payloadBatIndex(this.geometry, block);
+    const lss = this.logicalSectorSize;
+    if (e.state === BlockState.FullyPresent) {
+      this.checkPayloadOffset(block, e.offset);
+      await this.file.write(src, e.offset + inBlock);
+      return;
+    }
+    if (e.state === BlockState.PartiallyPresent) {
+      this.checkPayloadOffset(block, e.offset);
+      await this.file.write(src, e.offset + inBlock);
+      const bm = await this.bitmapBlockOffset(block);
+      if (bm === undefined) {
+        throw new VhdxCorruptError('BAT', this.batRegion.fileOffset, `block ${block} is partially present but its sector bitmap block is not present`);
+      }
+      await this.setBitmapBits(bm, block, inBlock / lss, (inBlock + src.length) / lss, true);
+      return;
+    }
+    if (![BlockState.NotPresent, BlockState.Zero, BlockState.Unmapped, BlockState.Undefined].includes(e.state)) {
+      throw new VhdxCorruptError('BAT', this.batRegion.fileOffset + index * 8, `block ${block} has unknown state ${e.state}`);
+    }
+    const whole = inBlock === 0 && src.length >= this.blockExtent(block);
+    const fromParent = this.params.hasParent && e.state === BlockState.NotPresent && !whole;
+    // A fixed disk keeps its preallocated location; its old content must not show through.
+    const reuse = this.params.leaveBlockAllocated && !this.params.hasParent && e.offset >= HEADER_SECTION_SIZE && e.offset + this.blockSize <= this.fileEnd;
+    const offset = reuse ? e.offset : await this.allocate(this.blockSize);
+    if (reuse && !whole) {
+      for (const [from, to] of [[0, inBlock], [inBlock + src.length, this.blockExtent(block)]]) {
+        let at = from;
+        for (const z of zeroPieces(to - from)) {
+          await this.file.write(z, offset + at);
+          at += z.length;
+        }
+      }
+    }
+    await this.file.write(src, offset + inBlock);
+    if (fromParent) {
+      // Only the written sectors come from this file; the rest still read from the parent.
+      const bm = (await this.bitmapBlockOffset(block)) ?? (await this.allocateBitmapBlock(block));
+      await this.setBitmapBits(bm, block, 0, this.geometry.sectorsPerBlock, false);
+      await this.setBitmapBits(bm, block, inBlock / lss, (inBlock + src.length) / lss, true);
+      await this.setBatEntry(index, BlockState.PartiallyPresent, offset);
+    } else {
+      await this.setBatEntry(index, BlockState.FullyPresent, offset);
+    }
+  }
+
+  private async allocateBitmapBlock(block: number): Promise<number> {
+    const chunk = Math.floor(block / this.geometry.chunkRatio);
+    const offset = await this.allocate(MiB);
+    await this.setBatEntry(bitmapBatIndex(this.geometry, chunk), SB_PRESENT, offset);
+    return offset;
+  }
+
+  private checkPayloadOffset(block: number, offset: number): void {
+    if (offset < HEADER_SECTION_SIZE || offset + this.blockExtent(block) > this.fileEnd) {
+      throw new VhdxCorruptError('BAT', this.batRegion.fileOffset, `block ${block} points at file offset ${offset}, outside the file`);
+    }
+  }
+
+  /** Makes [offset, offset+length) read as zeros; whole blocks are deallocated unless `noHole`. */
+  async writeZeroes(offset: number, length: number, opts: { noHole?: boolean } = {}): Promise<void> {
+    await this.zeroRange(offset, length, opts.noHole ? 'keep' : BlockState.Zero);
+  }
+
+  /** Unmaps [offset, offset+length): whole blocks become UNMAPPED, partial ranges read as zeros. */
+  async trim(offset: number, length: number): Promise<void> {
+    await this.zeroRange(offset, length, BlockState.Unmapped);
+  }
+
+  private async zeroRange(offset: number, length: number, wholeBlockState: BlockState.Zero | BlockState.Unmapped | 'keep'): Promise<void> {
+    this.assertWritable();
+    this.assertRange(offset, length);
+    if (length === 0) return;
+    await this.lock.exclusive(async () => {
+      await this.observer?.beforeChange(offset, length);
+      await this.beginChange(true);
+      const lss = this.logicalSectorSize;
+      const start = Math.floor(offset / lss) * lss;
+      const end = Math.ceil((offset + length) / lss) * lss;
+      // Unaligned edges keep their other bytes: rewrite those sectors.
+      const edges: [number, Buffer][] = [];
+      for (const s of new Set([start, end - lss])) {
+        if (s < offset || s + lss > offset + length) {
+          const b = Buffer.alloc(lss);
+          await this.readVirtual(b, s);
+          const from = Math.max(offset, s) - s;
+          const to = Math.min(offset + length, s + lss) - s;
+          b.fill(0, from, to);
+          edges.push([s, b]);
+        }
+      }
+      await this.forEachBlock(start, end - start, async (block, inBlock, _pos, n) => {
+        const whole = inBlock === 0 && n >= this.blockExtent(block);
+        const e = await this.payloadEntry(block);
+        const index = payloadBatIndex(this.geometry, block);
+        if (whole && wholeBlockState !== 'keep' && !(this.params.leaveBlockAllocated && !this.params.hasParent)) {
+          const alreadyZero = e.state === BlockState.Zero || e.state === BlockState.Unmapped || (e.state === BlockState.NotPresent && !this.params.hasParent);
+          if (!alreadyZero || e.state !== wholeBlockState) await this.setBatEntry(index, wholeBlockState, 0);
+          return;
+        }
+        const readsZero =
+          e.state === BlockState.Zero || e.state === BlockState.Unmapped || e.state === BlockState.Undefined ||
+          (e.state === BlockState.NotPresent && !this.params.hasParent);
+        if (readsZero) return;
+        let at = inBlock;
+        for (const z of zeroPieces(n)) {
+          await this.writeBlock(block, at, z);
+          at += z.length;
+        }
+      });
+      for (const [s, b] of edges) {
+        const block = Math.floor(s / this.blockSize);
+        await this.writeBlock(block, s - block * this.blockSize, b);
+      }
+    });
+  }
+
+  /** Commits pending metadata through the log and makes every completed write durable. */
+  async flush(): Promise<void> {
+    this.assertOpen();
+    if (!this.writable) return;
+    await this.lock.exclusive(() => this.commit());
+  }
+
+  private async commit(): Promise<void> {
+    await this.file.datasync();
+    const dirty = this.cache.dirtyOffsets();
+    if (dirty.length === 0) return;
+    const writer = this.logWriter!;
+    const max = writer.maxDataOps;
+    for (let i = 0; i < dirty.length; i += max) {
+      const part = dirty.slice(i, i + max);
+      const ops: LogOp[] = part.map((o) => ({ kind: 'data', fileOffset: o, data: this.cache.peek(o)! }));
+      const flushed = Math.floor(this.file.size() / MiB) * MiB;
+      for (const w of writer.nextEntry(ops, flushed, this.fileEnd)) await this.file.write(w.data, w.offset);
+      await this.file.datasync();
+      await applyOps(this.file, ops);
+      this.cache.clean(part);
+      // Before the ring can reuse this entry's space, its updates must be durable in place.
+      if (i + max < dirty.length) await this.file.datasync();
+    }
+  }
+
+  /** Rewrites `data` at `fileOffset` (metadata: region table, metadata region) through the log. */
+  private async logWrite(fileOffset: number, data: Buffer, windowStart: number, windowEnd: number): Promise<void> {
+    for (let pos = 0; pos < data.length; ) {
+      const abs = fileOffset + pos;
+      const sec = abs - (abs % LOG_SECTOR);
+      const buf = await this.cache.load(sec, windowStart, windowEnd);
+      const from = abs - sec;
+      const n = Math.min(LOG_SECTOR - from, data.length - pos);
+      if (Buffer.compare(buf.subarray(from, from + n), data.subarray(pos, pos + n)) !== 0) {
+        data.copy(buf, from, pos, pos + n);
+        this.cache.markDirty(sec);
+      }
+      pos += n;
+    }
+  }
+
+  /** Replaces the parent locator (metadata, not guest-visible): merge and re-linking use it. */
+  async setParentLocator(loc: ParentLocator): Promise<void> {
+    this.assertWritable();
+    if (!this.params.hasParent) throw new TidemarkError('INVALID_ARGUMENT', `${this.path} is not a differencing disk`);
+    await this.lock.exclusive(async () => {
+      await this.beginChange(false);
+      const md = this.metadataRegion;
+      const items: { entry: MetadataEntry; data: Buffer }[] = [];
+      let total = METADATA_TABLE_SIZE;
+      for (const e of this.metadataEntries) {
+        const isLocator = !e.isUser && guidEquals(e.itemId, ITEM_PARENT_LOCATOR);
+        const data = isLocator ? encodeParentLocator(loc) : Buffer.alloc(e.length);
+        if (!isLocator && e.length > 0) await this.file.read(data, md.fileOffset + e.offset);
+        total += data.length;
+        if (total > Math.min(md.length, MAX_ALLOCATION)) {
+          throw new TidemarkError('LIMIT_EXCEEDED', `metadata items no longer fit in the ${md.length}-byte metadata region`);
+        }
+        items.push({ entry: e, data });
+      }
+      const region = Buffer.alloc(total);
+      let at = METADATA_TABLE_SIZE;
+      const entries: MetadataEntry[] = items.map(({ entry, data }) => {
+        const placed = { ...entry, offset: data.length === 0 ? 0 : at, length: data.length };
+        data.copy(region, at);
+        at += data.length;
+        return placed;
+      });
+      encodeMetadataTable(entries).copy(region, 0);
+      await this.logWrite(md.fileOffset, region, md.fileOffset, md.fileOffset + md.length);
+      this.metadataEntries.splice(0, this.metadataEntries.length, ...entries);
+      this.parentLocator = loc;
+    });
+  }
+
+  /** Flushes, marks the log clean and closes this file and its parents. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    try {
+      if (this.writable && this.logWriter) {
+        await this.lock.exclusive(async () => {
+          await this.commit();
+          await this.file.datasync();
+          await writeHeaders(this.file, this.headerState, { logGuid: GUID_ZERO });
+        });
+      }
+    } finally {
+      await this.closeFiles();
+    }
+  }
+
+  /**
+   * Closes without flushing or cleaning the log, as if the process had died: for crash tests, and
+   * for giving up on a file after an I/O error.
+   */
+  async abandon(): Promise<void> {
+    await this.closeFiles();
+  }
+
+  private async closeFiles(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    try {
+      await this.file.close();
+    } finally {
+      if (this.parent) await this.parent.close();
+    }
+  }
+}
+
+/** Header update (MS-VHDX 2.2.2.1): write the non-current slot with seq+1, flush; then the other, flush. */
+async function writeHeaders(file: RandomAccessFile, state: HeaderState, changes: Partial<VhdxHeader>): Promise<void> {
+  for (let i = 0; i < 2; i++) {
+    const next: VhdxHeader = { ...state.header, ...changes, sequenceNumber: state.header.sequenceNumber + 1n, checksum: 0 };
+    const slot: 0 | 1 = state.slot === 0 ? 1 : 0;
+    await file.write(encodeHeader(next), HEADER_OFFSETS[slot]);
+    await file.datasync();
+    state.header = next;
+    state.slot = slot;
+  }
+}
+
+/** Writes log updates in place, coalescing adjacent sectors. */
+async function applyOps(file: RandomAccessFile, ops: LogOp[]): Promise<void> {
+  for (let i = 0; i < ops.length; ) {
+    const op = ops[i];
+    if (op.kind === 'zero') {
+      let at = op.fileOffset;
+      for (const z of zeroPieces(op.length)) {
+        await file.write(z, at);
+        at += z.length;
+      }
+      i++;
+      continue;
+    }
+    let j = i + 1;
+    while (j < ops.length && ops[j].kind === 'data' && ops[j].fileOffset === ops[j - 1].fileOffset + LOG_SECTOR) j++;
+    const run = ops.slice(i, j) as Extract<LogOp, { kind: 'data' }>[];
+    await file.write(run.length === 1 ? run[0].data : Buffer.concat(run.map((r) => r.data)), op.fileOffset);
+    i = j;
+  }
+}
