@@ -1024,6 +1024,44 @@ export class VhdxFile {
     });
   }
 
+  /**
+   * `check --repair`: a header update rewrites both header slots; a damaged or stale region table
+   * copy is rewritten from the one in use (through the log); BAT entries get their reserved bits
+   * cleared. Returns what was repaired.
+   */
+  async repairStructures(): Promise<string[]> {
+    this.assertWritable();
+    const repaired: string[] = [];
+    await this.lock.exclusive(async () => {
+      this.headerSlots.forEach((h, i) => {
+        if (typeof h === 'string') repaired.push(`header ${i + 1} rewritten (was: ${h})`);
+      });
+      await this.beginChange(false);
+      const good = this.regionTableInUse;
+      const other = good === 0 ? 1 : 0;
+      const a = this.regionTables[good] as RegionTable;
+      const b = this.regionTables[other];
+      if (typeof b === 'string' || b.checksum !== a.checksum) {
+        const raw = Buffer.alloc(REGION_TABLE_SIZE);
+        await this.file.read(raw, REGION_TABLE_OFFSETS[good]);
+        const at = REGION_TABLE_OFFSETS[other];
+        await this.logWrite(at, raw, at, at + REGION_TABLE_SIZE);
+        repaired.push(`region table ${other + 1} rewritten from table ${good + 1}`);
+      }
+      let cleared = 0;
+      for (let i = 0; i < this.geometry.batEntries; i++) {
+        const e = await this.batEntry(i);
+        if (e.reservedBits !== 0) {
+          await this.setBatEntry(i, e.state, e.offset);
+          cleared++;
+        }
+      }
+      if (cleared > 0) repaired.push(`reserved bits cleared in ${cleared} BAT entries`);
+      await this.commit();
+    });
+    return repaired;
+  }
+
   /** Flushes, marks the log clean and closes this file and its parents. */
   async close(): Promise<void> {
     if (this.closed) return;

@@ -1,0 +1,38 @@
+/** The `tidemark` command: one Commander program, one exit status per outcome (docs/cli.md). */
+import { Command, CommanderError } from 'commander';
+import { demoCommand } from './demo.js';
+import { EXIT, reportError } from './output.js';
+import { vhdxCommand } from './vhdx.js';
+
+export async function main(argv: string[]): Promise<number> {
+  let status: number = EXIT.OK;
+  const run = async (fn: () => Promise<number | void>) => {
+    try {
+      status = (await fn()) ?? EXIT.OK;
+    } catch (err) {
+      status = reportError(err);
+    }
+  };
+  const program = new Command('tidemark')
+    .description('Tidemark: VHDX storage stack, change tracking and VM backup')
+    .version(process.env.npm_package_version ?? '0.1.0')
+    .exitOverride()
+    .configureOutput({ writeErr: (s) => process.stderr.write(s) })
+    .showHelpAfterError('(run with --help for usage)');
+  program.addCommand(vhdxCommand(run));
+  program.addCommand(demoCommand(run));
+  for (const c of program.commands) {
+    c.exitOverride();
+    for (const sub of c.commands) sub.exitOverride();
+  }
+  try {
+    await program.parseAsync(argv, { from: 'user' });
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      if (err.code === 'commander.helpDisplayed' || err.code === 'commander.version' || err.code === 'commander.help') return EXIT.OK;
+      return EXIT.USAGE;
+    }
+    return reportError(err);
+  }
+  return status;
+}

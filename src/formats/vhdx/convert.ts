@@ -1,0 +1,191 @@
+/**
+ * Conversion between raw images and VHDX: raw → VHDX, VHDX → raw, VHDX → VHDX (compacting, changing
+ * block size or type, flattening a chain). Unallocated blocks are never read; all-zero pieces are
+ * never written. Reads run ahead of writes so the two overlap.
+ */
+import { unlink } from 'node:fs/promises';
+import { InvalidArgumentError } from '../../errors.js';
+import { NodeFile } from '../../util/file.js';
+import { isAllZero } from '../../util/zero.js';
+import { MiB, SIG_FILE } from './constants.js';
+import { createVhdx, DEFAULT_BLOCK_SIZE } from './create.js';
+import { VhdxFile, type Extent, type OpenOptions } from './vhdx.js';
+
+export type ImageFormat = 'vhdx' | 'raw';
+
+export interface ConvertOptions extends Pick<OpenOptions, 'allowedRoots' | 'pathMap'> {
+  /** Output format; default: from the destination's extension (.vhdx/.avhdx → vhdx, else raw). */
+  format?: ImageFormat;
+  type?: 'dynamic' | 'fixed';
+  blockSize?: number;
+  logicalSectorSize?: 512 | 4096;
+  physicalSectorSize?: 512 | 4096;
+  onProgress?: (done: number, total: number) => void;
+  /** Called with the open destination VHDX before data is written (change tracking attaches here). */
+  onDestinationOpen?: (dst: VhdxFile) => Promise<void> | void;
+}
+
+export interface ConvertResult {
+  sourceFormat: ImageFormat;
+  format: ImageFormat;
+  virtualSize: number;
+  bytesRead: number;
+  bytesWritten: number;
+  bytesSkipped: number;
+}
+
+interface Source {
+  format: ImageFormat;
+  size: number;
+  logicalSectorSize?: 512 | 4096;
+  physicalSectorSize?: 512 | 4096;
+  blockSize?: number;
+  extents(): Promise<Extent[]>;
+  read(buf: Buffer, offset: number): Promise<void>;
+  close(): Promise<void>;
+}
+
+export async function detectFormat(path: string): Promise<ImageFormat> {
+  const f = await NodeFile.open(path, 'r');
+  try {
+    const sig = Buffer.alloc(8);
+    await f.read(sig, 0);
+    return sig.toString('latin1') === SIG_FILE ? 'vhdx' : 'raw';
+  } finally {
+    await f.close();
+  }
+}
+
+async function openSource(path: string, opts: ConvertOptions): Promise<Source> {
+  if ((await detectFormat(path)) === 'vhdx') {
+    const disk = await VhdxFile.open(path, { allowedRoots: opts.allowedRoots, pathMap: opts.pathMap });
+    return {
+      format: 'vhdx',
+      size: disk.virtualSize,
+      logicalSectorSize: disk.logicalSectorSize,
+      physicalSectorSize: disk.physicalSectorSize,
+      blockSize: disk.blockSize,
+      extents: () => disk.allocatedExtents(),
+      read: (buf, offset) => disk.read(buf, offset),
+      close: () => disk.close(),
+    };
+  }
+  const file = await NodeFile.open(path, 'r');
+  const size = file.size();
+  return {
+    format: 'raw',
+    size,
+    extents: async () => (size > 0 ? [{ offset: 0, length: size }] : []),
+    read: (buf, offset) => file.read(buf, offset),
+    close: () => file.close(),
+  };
+}
+
+function formatFromName(path: string): ImageFormat {
+  return /\.a?vhdx$/i.test(path) ? 'vhdx' : 'raw';
+}
+
+/** Splits extents into pieces aligned to `piece` boundaries. */
+function* pieces(extents: Extent[], piece: number): Generator<Extent> {
+  for (const e of extents) {
+    for (let at = e.offset; at < e.offset + e.length; ) {
+      const end = Math.min(e.offset + e.length, (Math.floor(at / piece) + 1) * piece);
+      yield { offset: at, length: end - at };
+      at = end;
+    }
+  }
+}
+
+const READ_AHEAD = 4;
+
+export async function convertImage(srcPath: string, dstPath: string, opts: ConvertOptions = {}): Promise<ConvertResult> {
+  const format = opts.format ?? formatFromName(dstPath);
+  if (format !== 'vhdx' && format !== 'raw') throw new InvalidArgumentError(`unknown output format ${format}`);
+  if (format === 'raw' && (opts.type || opts.blockSize)) throw new InvalidArgumentError('--type and --block-size apply to VHDX output only');
+  const src = await openSource(srcPath, opts);
+  let created = false;
+  try {
+    const lss = opts.logicalSectorSize ?? src.logicalSectorSize ?? 512;
+    // A raw image whose size is not a whole number of sectors is padded with zeros to the next one.
+    const virtualSize = format === 'vhdx' ? Math.ceil(src.size / lss) * lss : src.size;
+    if (virtualSize === 0) throw new InvalidArgumentError(`${srcPath} is empty`);
+    const result: ConvertResult = { sourceFormat: src.format, format, virtualSize, bytesRead: 0, bytesWritten: 0, bytesSkipped: 0 };
+
+    let write: (buf: Buffer, offset: number) => Promise<void>;
+    let finish: () => Promise<void>;
+    let abort: () => Promise<void>;
+    let piece: number;
+    if (format === 'vhdx') {
+      const blockSize = opts.blockSize ?? src.blockSize ?? DEFAULT_BLOCK_SIZE;
+      await createVhdx(dstPath, {
+        size: virtualSize,
+        type: opts.type ?? 'dynamic',
+        blockSize,
+        logicalSectorSize: lss,
+        physicalSectorSize: opts.physicalSectorSize ?? src.physicalSectorSize ?? 4096,
+      });
+      created = true;
+      const dst = await VhdxFile.open(dstPath, { writable: true });
+      await opts.onDestinationOpen?.(dst);
+      piece = Math.min(blockSize, 32 * MiB);
+      write = (buf, offset) => dst.write(buf, offset);
+      finish = () => dst.close();
+      abort = () => dst.close();
+    } else {
+      const dst = await NodeFile.open(dstPath, 'wx');
+      created = true;
+      await dst.truncate(virtualSize);
+      piece = 8 * MiB;
+      write = (buf, offset) => dst.write(buf, offset);
+      finish = async () => {
+        await dst.datasync();
+        await dst.close();
+      };
+      abort = () => dst.close();
+    }
+
+    try {
+      const extents = await src.extents();
+      const total = extents.reduce((n, e) => n + e.length, 0);
+      result.bytesSkipped = src.size - total;
+      // Read ahead: up to READ_AHEAD pieces are being read while one is written.
+      const queue: { extent: Extent; data: Promise<Buffer> }[] = [];
+      const it = pieces(extents, piece);
+      const refill = () => {
+        while (queue.length < READ_AHEAD) {
+          const next = it.next();
+          if (next.done) return;
+          const buf = Buffer.allocUnsafe(next.value.length);
+          const data = src.read(buf, next.value.offset).then(() => buf);
+          data.catch(() => undefined); // awaited in order below; this only keeps an early failure from going unhandled
+          queue.push({ extent: next.value, data });
+        }
+      };
+      refill();
+      let done = 0;
+      while (queue.length > 0) {
+        const { extent, data } = queue.shift()!;
+        refill();
+        const buf = await data;
+        result.bytesRead += extent.length;
+        if (isAllZero(buf)) result.bytesSkipped += extent.length;
+        else {
+          await write(buf, extent.offset);
+          result.bytesWritten += extent.length;
+        }
+        done += extent.length;
+        opts.onProgress?.(done, total);
+      }
+      await finish();
+    } catch (err) {
+      await abort().catch(() => undefined);
+      throw err;
+    }
+    return result;
+  } catch (err) {
+    if (created) await unlink(dstPath).catch(() => undefined);
+    throw err;
+  } finally {
+    await src.close();
+  }
+}
