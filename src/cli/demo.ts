@@ -25,7 +25,8 @@ async function digest(file: string): Promise<string> {
   const disk = await VhdxFile.open(file);
   try {
     const h = createHash('sha256');
-    for (let at = 0; at < disk.virtualSize; at += 8 * MiB) h.update(await disk.readAt(at, Math.min(8 * MiB, disk.virtualSize - at)));
+    for (let at = 0; at < disk.virtualSize; at += 8 * MiB)
+      h.update(await disk.readAt(at, Math.min(8 * MiB, disk.virtualSize - at)));
     return h.digest('hex').slice(0, 16);
   } finally {
     await disk.close();
@@ -54,14 +55,24 @@ export function demoCommand(run: Run): Command {
         println(`Tidemark VHDX demo in ${work}`);
 
         await createVhdx(base, { size: 256 * MiB, type: 'dynamic', blockSize: 2 * MiB });
-        await write(base, [[0, 4 * MiB, 0xa5], [100 * MiB + 512, 3000, 0x5a]]);
+        await write(base, [
+          [0, 4 * MiB, 0xa5],
+          [100 * MiB + 512, 3000, 0x5a],
+        ]);
         println(`1. created ${base}: dynamic, 256 MiB, 2 MiB blocks; wrote 4 MiB at 0 and 3000 bytes at 100 MiB+512`);
 
         await createVhdx(child, { parent: base });
-        await write(child, [[MiB, 4096, 0x11], [200 * MiB, 5 * MiB, 0x22]]);
+        await write(child, [
+          [MiB, 4096, 0x11],
+          [200 * MiB, 5 * MiB, 0x22],
+        ]);
         const info = await vhdxInfo(child);
-        println(`2. created ${path.basename(child)} over it (parent_linkage ${info.parentLocator?.entries.parent_linkage}); wrote 4 KiB into a parent block (sector bitmap) and 5 MiB into new blocks`);
-        println(`   chain: ${info.chain.map((c) => path.basename(c.path)).join(' → ')}; child BAT: ${JSON.stringify(info.bat.payload)}`);
+        println(
+          `2. created ${path.basename(child)} over it (parent_linkage ${info.parentLocator?.entries.parent_linkage}); wrote 4 KiB into a parent block (sector bitmap) and 5 MiB into new blocks`,
+        );
+        println(
+          `   chain: ${info.chain.map((c) => path.basename(c.path)).join(' → ')}; child BAT: ${JSON.stringify(info.bat.payload)}`,
+        );
 
         for (const f of [base, child]) {
           const r = await checkVhdx(f);
@@ -75,13 +86,20 @@ export function demoCommand(run: Run): Command {
         await convertImage(flat, raw, {});
         const expected = await digest(child);
         const flatDigest = await digest(flat);
-        println(`4. converted the chain into one file: ${formatSize(c1.bytesWritten)} written, ${formatSize(c1.bytesSkipped)} skipped; and to raw`);
-        println(`   content sha256 chain ${expected}…, flattened ${flatDigest}… ${expected === flatDigest ? '(equal)' : '(DIFFERENT)'}`);
+        println(
+          `4. converted the chain into one file: ${formatSize(c1.bytesWritten)} written, ${formatSize(c1.bytesSkipped)} skipped; and to raw`,
+        );
+        println(
+          `   content sha256 chain ${expected}…, flattened ${flatDigest}… ${expected === flatDigest ? '(equal)' : '(DIFFERENT)'}`,
+        );
 
         const m = await mergeIntoParent(child);
         const merged = await digest(base);
-        println(`5. merged the child into ${path.basename(m.parentPath)}: ${formatSize(m.bytesCopied)} copied; content ${merged}… ${merged === expected ? '(equal to the chain)' : '(DIFFERENT)'}`);
-        if (merged !== expected || flatDigest !== expected) throw new TidemarkError('VHDX_CORRUPT', 'demo content mismatch');
+        println(
+          `5. merged the child into ${path.basename(m.parentPath)}: ${formatSize(m.bytesCopied)} copied; content ${merged}… ${merged === expected ? '(equal to the chain)' : '(DIFFERENT)'}`,
+        );
+        if (merged !== expected || flatDigest !== expected)
+          throw new TidemarkError('VHDX_CORRUPT', 'demo content mismatch');
         println(`Done. Try: tidemark vhdx info ${base}`);
       }),
     );

@@ -68,7 +68,9 @@ export function progressReporter(label: string): { update(done: number, total: n
       const secs = (now - start) / 1000;
       const rate = secs > 0 ? done / secs / 2 ** 20 : 0;
       const eta = rate > 0 ? (total - done) / 2 ** 20 / rate : 0;
-      process.stderr.write(`\r${label} ${pct.toString().padStart(3)}%  ${rate.toFixed(0)} MiB/s  ${eta.toFixed(0)}s left   `);
+      process.stderr.write(
+        `\r${label} ${pct.toString().padStart(3)}%  ${rate.toFixed(0)} MiB/s  ${eta.toFixed(0)}s left   `,
+      );
     },
     end() {
       process.stderr.write('\r\x1b[K');

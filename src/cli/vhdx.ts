@@ -23,18 +23,31 @@ function collect(value: string, previous: string[] = []): string[] {
 /** --allow-dir and --map: where parents may be opened from, and how Windows paths map to this host. */
 function withParentOptions(cmd: Command): Command {
   return cmd
-    .option('--allow-dir <dir>', 'a directory parent disks may be opened from (repeatable; default: the disk\'s own directory)', collect)
-    .option('--map <prefix=dir>', 'map a Windows drive, volume or share to a directory, e.g. D:=/mnt/d (repeatable)', collect);
+    .option(
+      '--allow-dir <dir>',
+      "a directory parent disks may be opened from (repeatable; default: the disk's own directory)",
+      collect,
+    )
+    .option(
+      '--map <prefix=dir>',
+      'map a Windows drive, volume or share to a directory, e.g. D:=/mnt/d (repeatable)',
+      collect,
+    );
 }
 
-function parentOptions(o: { allowDir?: string[]; map?: string[] }, diskPath: string): Pick<OpenOptions, 'allowedRoots' | 'pathMap'> {
+function parentOptions(
+  o: { allowDir?: string[]; map?: string[] },
+  diskPath: string,
+): Pick<OpenOptions, 'allowedRoots' | 'pathMap'> {
   const pathMap: Record<string, string> = {};
   for (const m of o.map ?? []) {
     const eq = m.indexOf('=');
     if (eq <= 0) throw new InvalidArgumentError(`--map ${m}: expected PREFIX=DIR, e.g. D:=/mnt/d`);
     pathMap[m.slice(0, eq)] = path.resolve(m.slice(eq + 1));
   }
-  const roots = o.allowDir ? [path.dirname(path.resolve(diskPath)), ...o.allowDir.map((d) => path.resolve(d))] : undefined;
+  const roots = o.allowDir
+    ? [path.dirname(path.resolve(diskPath)), ...o.allowDir.map((d) => path.resolve(d))]
+    : undefined;
   return { allowedRoots: roots, pathMap };
 }
 
@@ -43,7 +56,9 @@ function sectorOption(flag: string, description: string): Option {
 }
 
 export function vhdxCommand(run: Run): Command {
-  const vhdx = new Command('vhdx').description('create, inspect, check, convert, merge, read and write VHDX files (offline)');
+  const vhdx = new Command('vhdx').description(
+    'create, inspect, check, convert, merge, read and write VHDX files (offline)',
+  );
 
   vhdx
     .command('create')
@@ -51,14 +66,18 @@ export function vhdxCommand(run: Run): Command {
     .argument('<path>', 'the new file (must not exist)')
     .option('--size <size>', 'virtual size: 512, 64K, 32M, 10G, 2T (up to 64T)')
     .addOption(new Option('--type <type>', 'disk type').choices(['dynamic', 'fixed']))
-    .option('--block-size <size>', 'payload block size, a power of two from 1M to 256M (default 32M; 2M for differencing)')
+    .option(
+      '--block-size <size>',
+      'payload block size, a power of two from 1M to 256M (default 32M; 2M for differencing)',
+    )
     .addOption(sectorOption('--logical-sector <bytes>', 'logical sector size (default 512)'))
     .addOption(sectorOption('--physical-sector <bytes>', 'physical sector size (default 4096)'))
     .option('--parent <path>', 'create a differencing disk over this parent')
-    .option('--json', 'print the new disk\'s info as JSON')
+    .option('--json', "print the new disk's info as JSON")
     .action((file: string, o) =>
       run(async () => {
-        if (!o.parent && o.size === undefined) throw new InvalidArgumentError('give --size SIZE, or --parent PATH for a differencing disk');
+        if (!o.parent && o.size === undefined)
+          throw new InvalidArgumentError('give --size SIZE, or --parent PATH for a differencing disk');
         await createVhdx(file, {
           size: o.size !== undefined ? parseSize(o.size, '--size') : undefined,
           type: o.type,
@@ -69,7 +88,10 @@ export function vhdxCommand(run: Run): Command {
         });
         const info = await vhdxInfo(file);
         if (o.json) printJson(info);
-        else println(`created ${info.type} VHDX ${file}: ${formatSize(info.virtualSize)}, ${formatSize(info.blockSize)} blocks, ${info.logicalSectorSize}/${info.physicalSectorSize}-byte sectors${info.hasParent ? `, parent ${info.chain[1]?.path}` : ''}`);
+        else
+          println(
+            `created ${info.type} VHDX ${file}: ${formatSize(info.virtualSize)}, ${formatSize(info.blockSize)} blocks, ${info.logicalSectorSize}/${info.physicalSectorSize}-byte sectors${info.hasParent ? `, parent ${info.chain[1]?.path}` : ''}`,
+          );
       }),
     );
 
@@ -109,10 +131,17 @@ export function vhdxCommand(run: Run): Command {
       .description('raw → VHDX, VHDX → raw, VHDX → VHDX (compact, change block size or type, flatten a chain)')
       .argument('<src>', 'a raw image or a VHDX (a differencing disk is read through its chain)')
       .argument('<dst>', 'the new file (must not exist)')
-      .addOption(new Option('--format <format>', 'output format (default: from the extension: .vhdx/.avhdx → vhdx, else raw)').choices(['vhdx', 'raw']))
+      .addOption(
+        new Option(
+          '--format <format>',
+          'output format (default: from the extension: .vhdx/.avhdx → vhdx, else raw)',
+        ).choices(['vhdx', 'raw']),
+      )
       .addOption(new Option('--type <type>', 'VHDX output type (default dynamic)').choices(['dynamic', 'fixed']))
-      .option('--block-size <size>', 'VHDX output block size (default: the source\'s, else 32M)')
-      .addOption(sectorOption('--logical-sector <bytes>', 'VHDX output logical sector size (default: the source\'s, else 512)'))
+      .option('--block-size <size>', "VHDX output block size (default: the source's, else 32M)")
+      .addOption(
+        sectorOption('--logical-sector <bytes>', "VHDX output logical sector size (default: the source's, else 512)"),
+      )
       .option('--json', 'machine-readable summary'),
   ).action((src: string, dst: string, o) =>
     run(async () => {
@@ -127,7 +156,10 @@ export function vhdxCommand(run: Run): Command {
       });
       progress.end();
       if (o.json) printJson(result);
-      else println(`converted ${result.sourceFormat} ${src} → ${result.format} ${dst}: ${formatSize(result.virtualSize)} virtual, ${formatSize(result.bytesWritten)} written, ${formatSize(result.bytesSkipped)} skipped (unallocated or zero)`);
+      else
+        println(
+          `converted ${result.sourceFormat} ${src} → ${result.format} ${dst}: ${formatSize(result.virtualSize)} virtual, ${formatSize(result.bytesWritten)} written, ${formatSize(result.bytesSkipped)} skipped (unallocated or zero)`,
+        );
     }),
   );
 
@@ -140,10 +172,16 @@ export function vhdxCommand(run: Run): Command {
   ).action((child: string, o) =>
     run(async () => {
       const progress = progressReporter('merging');
-      const result = await mergeIntoParent(child, { ...parentOptions(o, child), onProgress: (d, t) => progress.update(d, t) });
+      const result = await mergeIntoParent(child, {
+        ...parentOptions(o, child),
+        onProgress: (d, t) => progress.update(d, t),
+      });
       progress.end();
       if (o.json) printJson(result);
-      else println(`merged ${child} into ${result.parentPath}: ${formatSize(result.bytesCopied)} copied, ${formatSize(result.bytesZeroed)} zeroed, ${result.blocks} blocks`);
+      else
+        println(
+          `merged ${child} into ${result.parentPath}: ${formatSize(result.bytesCopied)} copied, ${formatSize(result.bytesZeroed)} zeroed, ${result.blocks} blocks`,
+        );
     }),
   );
 
@@ -162,7 +200,9 @@ export function vhdxCommand(run: Run): Command {
       const disk = await VhdxFile.open(file, parentOptions(o, file));
       try {
         if (offset + length > disk.virtualSize) {
-          throw new InvalidArgumentError(`--offset ${offset} --length ${length} reaches past the ${disk.virtualSize}-byte disk`);
+          throw new InvalidArgumentError(
+            `--offset ${offset} --length ${length} reaches past the ${disk.virtualSize}-byte disk`,
+          );
         }
         const out = o.output ? createWriteStream(o.output) : process.stdout;
         const piece = 8 * 2 ** 20;
@@ -196,13 +236,17 @@ export function vhdxCommand(run: Run): Command {
         if (o.input) {
           const size = (await stat(o.input)).size;
           if (offset + size > disk.virtualSize) {
-            throw new InvalidArgumentError(`${o.input} (${size} bytes) at offset ${offset} reaches past the ${disk.virtualSize}-byte disk`);
+            throw new InvalidArgumentError(
+              `${o.input} (${size} bytes) at offset ${offset} reaches past the ${disk.virtualSize}-byte disk`,
+            );
           }
         }
         const input = o.input ? createReadStream(o.input, { highWaterMark: 4 * 2 ** 20 }) : process.stdin;
         for await (const chunk of input as AsyncIterable<Buffer>) {
           if (offset + written + chunk.length > disk.virtualSize) {
-            throw new InvalidArgumentError(`input reaches past the ${disk.virtualSize}-byte disk after ${written} bytes; what came before was written`);
+            throw new InvalidArgumentError(
+              `input reaches past the ${disk.virtualSize}-byte disk after ${written} bytes; what came before was written`,
+            );
           }
           await disk.write(chunk, offset + written);
           written += chunk.length;
@@ -227,19 +271,31 @@ function printInfo(info: VhdxInfo): void {
   println(`  virtual disk id   ${info.virtualDiskId}`);
   for (const h of info.headers) {
     if (!h.valid) println(`  header ${h.slot}          INVALID: ${'problem' in h ? h.problem : ''}`);
-    else if ('sequenceNumber' in h) println(`  header ${h.slot}${h.current ? ' (current)' : '          '} seq ${h.sequenceNumber}, data write ${h.dataWriteGuid}, log ${h.logGuid}`);
+    else if ('sequenceNumber' in h)
+      println(
+        `  header ${h.slot}${h.current ? ' (current)' : '          '} seq ${h.sequenceNumber}, data write ${h.dataWriteGuid}, log ${h.logGuid}`,
+      );
   }
   for (const t of info.regionTables) {
     if (!t.valid) println(`  region table ${t.copy}    INVALID: ${'problem' in t ? t.problem : ''}`);
-    else if ('entries' in t) println(`  region table ${t.copy}    ${t.entries!.map((e) => `${e.name}@${e.fileOffset}+${formatSize(e.length)}${e.required ? '' : ' (optional)'}`).join(', ')}`);
+    else if ('entries' in t)
+      println(
+        `  region table ${t.copy}    ${t.entries!.map((e) => `${e.name}@${e.fileOffset}+${formatSize(e.length)}${e.required ? '' : ' (optional)'}`).join(', ')}`,
+      );
   }
-  println(`  log               ${formatSize(info.log.length)} at ${info.log.offset}${info.log.replayed ? `, ${info.log.replayed.entries} entries replayed in memory` : ', empty'}`);
+  println(
+    `  log               ${formatSize(info.log.length)} at ${info.log.offset}${info.log.replayed ? `, ${info.log.replayed.entries} entries replayed in memory` : ', empty'}`,
+  );
   println(`  metadata items    ${info.metadata.items.map((m) => m.name).join(', ')}`);
   if (info.parentLocator) {
     for (const [k, v] of Object.entries(info.parentLocator.entries)) println(`  locator ${k.padEnd(20)} ${v}`);
   }
-  const states = Object.entries(info.bat.payload).map(([k, v]) => `${k} ${v}`).join(', ');
-  println(`  BAT               ${info.bat.entries} entries; payload blocks: ${states}; allocated ${formatSize(info.bat.allocatedBytes)}`);
+  const states = Object.entries(info.bat.payload)
+    .map(([k, v]) => `${k} ${v}`)
+    .join(', ');
+  println(
+    `  BAT               ${info.bat.entries} entries; payload blocks: ${states}; allocated ${formatSize(info.bat.allocatedBytes)}`,
+  );
   info.chain.forEach((c, i) => {
     if (c.error) println(`  chain[${i}]          ${c.path}: ${c.error.code}: ${c.error.message}`);
     else println(`  chain[${i}]          ${c.path} (${c.type}${c.foundBy ? `, parent found by ${c.foundBy}` : ''})`);
@@ -251,6 +307,7 @@ function printCheck(r: CheckReport): void {
   for (const f of r.repaired) println(`repaired: ${f}`);
   for (const f of r.errors) println(`error   ${f.code}: ${f.message}`);
   for (const f of r.warnings) println(`warning ${f.code}: ${f.message}`);
-  println(`${r.path}: ${r.ok ? 'no errors' : `${r.errors.length} error(s)`}${r.warnings.length ? `, ${r.warnings.length} warning(s)` : ''}`);
+  println(
+    `${r.path}: ${r.ok ? 'no errors' : `${r.errors.length} error(s)`}${r.warnings.length ? `, ${r.warnings.length} warning(s)` : ''}`,
+  );
 }
-

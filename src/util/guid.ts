@@ -19,8 +19,26 @@ export function newGuid(): Guid {
 export function guidToString(g: Uint8Array): string {
   const h = (i: number) => g[i].toString(16).padStart(2, '0');
   return (
-    h(3) + h(2) + h(1) + h(0) + '-' + h(5) + h(4) + '-' + h(7) + h(6) + '-' + h(8) + h(9) + '-' +
-    h(10) + h(11) + h(12) + h(13) + h(14) + h(15)
+    h(3) +
+    h(2) +
+    h(1) +
+    h(0) +
+    '-' +
+    h(5) +
+    h(4) +
+    '-' +
+    h(7) +
+    h(6) +
+    '-' +
+    h(8) +
+    h(9) +
+    '-' +
+    h(10) +
+    h(11) +
+    h(12) +
+    h(13) +
+    h(14) +
+    h(15)
   );
 }
 
@@ -33,9 +51,14 @@ export function parseGuid(text: string): Guid | undefined {
   const hex = m.slice(1).join('');
   const raw = Buffer.from(hex, 'hex');
   const g = Buffer.alloc(16);
-  g[0] = raw[3]; g[1] = raw[2]; g[2] = raw[1]; g[3] = raw[0];
-  g[4] = raw[5]; g[5] = raw[4];
-  g[6] = raw[7]; g[7] = raw[6];
+  g[0] = raw[3];
+  g[1] = raw[2];
+  g[2] = raw[1];
+  g[3] = raw[0];
+  g[4] = raw[5];
+  g[5] = raw[4];
+  g[6] = raw[7];
+  g[7] = raw[6];
   raw.copy(g, 8, 8, 16);
   return g;
 }

@@ -88,7 +88,7 @@ function formatFromName(path: string): ImageFormat {
 /** Splits extents into pieces aligned to `piece` boundaries. */
 function* pieces(extents: Extent[], piece: number): Generator<Extent> {
   for (const e of extents) {
-    for (let at = e.offset; at < e.offset + e.length; ) {
+    for (let at = e.offset; at < e.offset + e.length;) {
       const end = Math.min(e.offset + e.length, (Math.floor(at / piece) + 1) * piece);
       yield { offset: at, length: end - at };
       at = end;
@@ -98,10 +98,15 @@ function* pieces(extents: Extent[], piece: number): Generator<Extent> {
 
 const READ_AHEAD = 4;
 
-export async function convertImage(srcPath: string, dstPath: string, opts: ConvertOptions = {}): Promise<ConvertResult> {
+export async function convertImage(
+  srcPath: string,
+  dstPath: string,
+  opts: ConvertOptions = {},
+): Promise<ConvertResult> {
   const format = opts.format ?? formatFromName(dstPath);
   if (format !== 'vhdx' && format !== 'raw') throw new InvalidArgumentError(`unknown output format ${format}`);
-  if (format === 'raw' && (opts.type || opts.blockSize)) throw new InvalidArgumentError('--type and --block-size apply to VHDX output only');
+  if (format === 'raw' && (opts.type || opts.blockSize))
+    throw new InvalidArgumentError('--type and --block-size apply to VHDX output only');
   const src = await openSource(srcPath, opts);
   let created = false;
   try {
@@ -109,7 +114,14 @@ export async function convertImage(srcPath: string, dstPath: string, opts: Conve
     // A raw image whose size is not a whole number of sectors is padded with zeros to the next one.
     const virtualSize = format === 'vhdx' ? Math.ceil(src.size / lss) * lss : src.size;
     if (virtualSize === 0) throw new InvalidArgumentError(`${srcPath} is empty`);
-    const result: ConvertResult = { sourceFormat: src.format, format, virtualSize, bytesRead: 0, bytesWritten: 0, bytesSkipped: 0 };
+    const result: ConvertResult = {
+      sourceFormat: src.format,
+      format,
+      virtualSize,
+      bytesRead: 0,
+      bytesWritten: 0,
+      bytesSkipped: 0,
+    };
 
     let write: (buf: Buffer, offset: number) => Promise<void>;
     let finish: () => Promise<void>;

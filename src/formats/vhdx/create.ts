@@ -81,7 +81,8 @@ export async function createVhdx(filePath: string, opts: CreateOptions): Promise
   const type = opts.parent ? 'differencing' : (opts.type ?? 'dynamic');
 
   if (opts.parent) {
-    if (opts.size !== undefined) throw new InvalidArgumentError('a differencing disk takes its size from the parent; do not give --size');
+    if (opts.size !== undefined)
+      throw new InvalidArgumentError('a differencing disk takes its size from the parent; do not give --size');
     if (opts.type !== undefined) throw new InvalidArgumentError('a differencing disk has no --type');
     const parentPath = path.resolve(opts.parent);
     const parent = await VhdxFile.open(parentPath, { ...opts.parentOpenOptions, writable: false });
@@ -105,7 +106,12 @@ export async function createVhdx(filePath: string, opts: CreateOptions): Promise
           ['absolute_win32_path', absoluteLocatorPath(parentPath)],
         ],
       });
-      items.unshift({ id: ITEM_FILE_PARAMETERS, data: encodeFileParameters({ blockSize, leaveBlockAllocated: false, hasParent: true }), isVirtualDisk: false, isRequired: true });
+      items.unshift({
+        id: ITEM_FILE_PARAMETERS,
+        data: encodeFileParameters({ blockSize, leaveBlockAllocated: false, hasParent: true }),
+        isVirtualDisk: false,
+        isRequired: true,
+      });
       items.push({ id: ITEM_PARENT_LOCATOR, data: loc, isVirtualDisk: false, isRequired: true });
     } finally {
       await parent.close();
@@ -116,16 +122,29 @@ export async function createVhdx(filePath: string, opts: CreateOptions): Promise
     lss = opts.logicalSectorSize ?? 512;
     blockSize = opts.blockSize ?? DEFAULT_BLOCK_SIZE;
     const pss = opts.physicalSectorSize ?? 4096;
-    if (lss !== 512 && lss !== 4096) throw new InvalidArgumentError(`logical sector size ${lss} is neither 512 nor 4096`);
-    if (pss !== 512 && pss !== 4096) throw new InvalidArgumentError(`physical sector size ${pss} is neither 512 nor 4096`);
+    if (lss !== 512 && lss !== 4096)
+      throw new InvalidArgumentError(`logical sector size ${lss} is neither 512 nor 4096`);
+    if (pss !== 512 && pss !== 4096)
+      throw new InvalidArgumentError(`physical sector size ${pss} is neither 512 nor 4096`);
     if (!Number.isSafeInteger(virtualSize) || virtualSize <= 0 || virtualSize > MAX_VIRTUAL_SIZE) {
       throw new InvalidArgumentError(`size ${virtualSize} is not between 1 byte and 64 TiB`);
     }
-    if (virtualSize % lss !== 0) throw new InvalidArgumentError(`size ${virtualSize} is not a multiple of the ${lss}-byte logical sector`);
+    if (virtualSize % lss !== 0)
+      throw new InvalidArgumentError(`size ${virtualSize} is not a multiple of the ${lss}-byte logical sector`);
     items.push(
-      { id: ITEM_FILE_PARAMETERS, data: encodeFileParameters({ blockSize, leaveBlockAllocated: type === 'fixed', hasParent: false }), isVirtualDisk: false, isRequired: true },
+      {
+        id: ITEM_FILE_PARAMETERS,
+        data: encodeFileParameters({ blockSize, leaveBlockAllocated: type === 'fixed', hasParent: false }),
+        isVirtualDisk: false,
+        isRequired: true,
+      },
       { id: ITEM_VIRTUAL_DISK_SIZE, data: encodeU64(virtualSize), isVirtualDisk: true, isRequired: true },
-      { id: ITEM_VIRTUAL_DISK_ID, data: Buffer.from(opts.virtualDiskId ?? newGuid()), isVirtualDisk: true, isRequired: true },
+      {
+        id: ITEM_VIRTUAL_DISK_ID,
+        data: Buffer.from(opts.virtualDiskId ?? newGuid()),
+        isVirtualDisk: true,
+        isRequired: true,
+      },
       { id: ITEM_LOGICAL_SECTOR_SIZE, data: encodeU32(lss), isVirtualDisk: true, isRequired: true },
       { id: ITEM_PHYSICAL_SECTOR_SIZE, data: encodeU32(pss), isVirtualDisk: true, isRequired: true },
     );
@@ -133,7 +152,8 @@ export async function createVhdx(filePath: string, opts: CreateOptions): Promise
   if (blockSize < MIN_BLOCK_SIZE || blockSize > MAX_BLOCK_SIZE || (blockSize & (blockSize - 1)) !== 0) {
     throw new InvalidArgumentError(`block size ${blockSize} is not a power of two from 1 MiB to 256 MiB`);
   }
-  if (type !== 'fixed' && type !== 'dynamic' && type !== 'differencing') throw new InvalidArgumentError(`unknown disk type ${type}`);
+  if (type !== 'fixed' && type !== 'dynamic' && type !== 'differencing')
+    throw new InvalidArgumentError(`unknown disk type ${type}`);
 
   const g = computeGeometry(virtualSize, blockSize, lss, type === 'differencing');
   const batLength = batRegionLength(g);
@@ -143,7 +163,14 @@ export async function createVhdx(filePath: string, opts: CreateOptions): Promise
   let at = METADATA_TABLE_SIZE;
   const itemBytes: Buffer[] = [];
   for (const it of items) {
-    entries.push({ itemId: it.id, offset: it.data.length ? at : 0, length: it.data.length, isUser: it.isUser ?? false, isVirtualDisk: it.isVirtualDisk, isRequired: it.isRequired });
+    entries.push({
+      itemId: it.id,
+      offset: it.data.length ? at : 0,
+      length: it.data.length,
+      isUser: it.isUser ?? false,
+      isVirtualDisk: it.isVirtualDisk,
+      isRequired: it.isRequired,
+    });
     itemBytes.push(it.data);
     at += it.data.length;
   }
@@ -153,7 +180,16 @@ export async function createVhdx(filePath: string, opts: CreateOptions): Promise
 
   const fileWriteGuid = newGuid();
   const dataWriteGuid = newGuid();
-  const header = { sequenceNumber: 0n, fileWriteGuid, dataWriteGuid, logGuid: GUID_ZERO, logVersion: 0, version: 1, logLength: LOG_LENGTH, logOffset: LOG_OFFSET };
+  const header = {
+    sequenceNumber: 0n,
+    fileWriteGuid,
+    dataWriteGuid,
+    logGuid: GUID_ZERO,
+    logVersion: 0,
+    version: 1,
+    logLength: LOG_LENGTH,
+    logOffset: LOG_OFFSET,
+  };
   const regions = encodeRegionTable([
     { guid: REGION_BAT, fileOffset: batOffset, length: batLength, required: true },
     { guid: REGION_METADATA, fileOffset: METADATA_OFFSET, length: metadataLength, required: true },
@@ -175,7 +211,11 @@ export async function createVhdx(filePath: string, opts: CreateOptions): Promise
       const page = Buffer.alloc(MiB);
       let pageStart = -1;
       const flushPage = async () => {
-        if (pageStart >= 0) await file.write(page.subarray(0, Math.min(MiB, g.batEntries * 8 - pageStart * 8)), batOffset + pageStart * 8);
+        if (pageStart >= 0)
+          await file.write(
+            page.subarray(0, Math.min(MiB, g.batEntries * 8 - pageStart * 8)),
+            batOffset + pageStart * 8,
+          );
         page.fill(0);
       };
       for (let b = 0; b < g.dataBlocks; b++) {
@@ -200,4 +240,3 @@ export async function createVhdx(filePath: string, opts: CreateOptions): Promise
     if (!ok) await unlink(filePath).catch(() => undefined);
   }
 }
-

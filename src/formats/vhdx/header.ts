@@ -165,15 +165,28 @@ export function validateRegionTable(table: RegionTable, where: number): { bat: R
     }
     seen.push(e.guid);
     if (e.fileOffset < MiB || e.fileOffset % MiB !== 0) {
-      throw new VhdxCorruptError('region table', where, `entry ${i} file offset ${e.fileOffset} is not 1 MiB aligned past the header`);
+      throw new VhdxCorruptError(
+        'region table',
+        where,
+        `entry ${i} file offset ${e.fileOffset} is not 1 MiB aligned past the header`,
+      );
     }
     if (e.length === 0 || e.length % MiB !== 0) {
-      throw new VhdxCorruptError('region table', where, `entry ${i} length ${e.length} is not a non-zero multiple of 1 MiB`);
+      throw new VhdxCorruptError(
+        'region table',
+        where,
+        `entry ${i} length ${e.length} is not a non-zero multiple of 1 MiB`,
+      );
     }
     if (guidEquals(e.guid, REGION_BAT)) bat = e;
     else if (guidEquals(e.guid, REGION_METADATA)) metadata = e;
     else if (e.required) {
-      throw new VhdxCorruptError('region table', where, `entry ${i} is an unknown region marked required`, 'VHDX_UNSUPPORTED');
+      throw new VhdxCorruptError(
+        'region table',
+        where,
+        `entry ${i} is an unknown region marked required`,
+        'VHDX_UNSUPPORTED',
+      );
     }
   }
   if (!bat) throw new VhdxCorruptError('region table', where, 'no BAT region');

@@ -4,7 +4,21 @@
  */
 import { TidemarkError } from '../../errors.js';
 import { guidEquals, guidToString } from '../../util/guid.js';
-import { BLOCK_STATE_NAMES, BlockState, HEADER_OFFSETS, ITEM_FILE_PARAMETERS, ITEM_LOGICAL_SECTOR_SIZE, ITEM_PARENT_LOCATOR, ITEM_PHYSICAL_SECTOR_SIZE, ITEM_VIRTUAL_DISK_ID, ITEM_VIRTUAL_DISK_SIZE, REGION_BAT, REGION_METADATA, REGION_TABLE_OFFSETS, SB_PRESENT } from './constants.js';
+import {
+  BLOCK_STATE_NAMES,
+  BlockState,
+  HEADER_OFFSETS,
+  ITEM_FILE_PARAMETERS,
+  ITEM_LOGICAL_SECTOR_SIZE,
+  ITEM_PARENT_LOCATOR,
+  ITEM_PHYSICAL_SECTOR_SIZE,
+  ITEM_VIRTUAL_DISK_ID,
+  ITEM_VIRTUAL_DISK_SIZE,
+  REGION_BAT,
+  REGION_METADATA,
+  REGION_TABLE_OFFSETS,
+  SB_PRESENT,
+} from './constants.js';
 import { bitmapBatIndex, payloadBatIndex } from './bat.js';
 import { hex, type VhdxHeader } from './header.js';
 import { VhdxFile, type OpenOptions } from './vhdx.js';
@@ -74,7 +88,15 @@ export async function batHistogram(disk: VhdxFile): Promise<BatHistogram> {
     const name = e.state === 0 ? 'not_present' : e.state === SB_PRESENT ? 'present' : `invalid_${e.state}`;
     sectorBitmap[name] = (sectorBitmap[name] ?? 0) + 1;
   }
-  return { entries: g.batEntries, payloadBlocks: g.dataBlocks, sectorBitmapBlocks: g.bitmapBlocks, chunkRatio: g.chunkRatio, payload, sectorBitmap, allocatedBytes: allocated };
+  return {
+    entries: g.batEntries,
+    payloadBlocks: g.dataBlocks,
+    sectorBitmapBlocks: g.bitmapBlocks,
+    chunkRatio: g.chunkRatio,
+    payload,
+    sectorBitmap,
+    allocatedBytes: allocated,
+  };
 }
 
 export async function vhdxInfo(path: string, opts: Pick<OpenOptions, 'allowedRoots' | 'pathMap'> = {}) {
@@ -103,7 +125,13 @@ export async function vhdxInfo(path: string, opts: Pick<OpenOptions, 'allowedRoo
           ...base,
           valid: true,
           checksum: `0x${hex(t.checksum)}`,
-          entries: t.entries.map((e) => ({ guid: guidToString(e.guid), name: regionName(e.guid), fileOffset: e.fileOffset, length: e.length, required: e.required })),
+          entries: t.entries.map((e) => ({
+            guid: guidToString(e.guid),
+            name: regionName(e.guid),
+            fileOffset: e.fileOffset,
+            length: e.length,
+            required: e.required,
+          })),
         };
       }),
       log: {
@@ -125,7 +153,9 @@ export async function vhdxInfo(path: string, opts: Pick<OpenOptions, 'allowedRoo
           isRequired: e.isRequired,
         })),
       },
-      parentLocator: locator ? { type: guidToString(locator.locatorType), entries: Object.fromEntries(locator.entries) } : null,
+      parentLocator: locator
+        ? { type: guidToString(locator.locatorType), entries: Object.fromEntries(locator.entries) }
+        : null,
       bat: await batHistogram(disk),
       chain: await chainInfo(path, opts),
       warnings: disk.warnings,
@@ -150,7 +180,10 @@ export interface ChainLink {
 }
 
 /** The chain from `path` to its base; a link that cannot be opened is reported, not thrown. */
-export async function chainInfo(path: string, opts: Pick<OpenOptions, 'allowedRoots' | 'pathMap'>): Promise<ChainLink[]> {
+export async function chainInfo(
+  path: string,
+  opts: Pick<OpenOptions, 'allowedRoots' | 'pathMap'>,
+): Promise<ChainLink[]> {
   let disk: VhdxFile;
   try {
     disk = await VhdxFile.open(path, opts);

@@ -17,8 +17,7 @@ import {
 } from './constants.js';
 
 export type LogOp =
-  | { kind: 'data'; fileOffset: number; data: Buffer }
-  | { kind: 'zero'; fileOffset: number; length: number };
+  { kind: 'data'; fileOffset: number; data: Buffer } | { kind: 'zero'; fileOffset: number; length: number };
 
 export interface LogEntry {
   position: number;
@@ -120,7 +119,8 @@ export function decodeLogEntryAt(log: Buffer, pos: number, ctx: LogContext): Log
   const logGuid = Buffer.from(h.subarray(32, 48));
   const flushed = h.readBigUInt64LE(48);
   const last = h.readBigUInt64LE(56);
-  if (entryLength < LOG_SECTOR || entryLength % LOG_SECTOR !== 0 || entryLength > L) return `bad entry length ${entryLength}`;
+  if (entryLength < LOG_SECTOR || entryLength % LOG_SECTOR !== 0 || entryLength > L)
+    return `bad entry length ${entryLength}`;
   if (tail % LOG_SECTOR !== 0 || tail >= L) return `bad tail ${tail}`;
   if (sequenceNumber === 0n) return 'sequence number is zero';
   if (!guidEquals(logGuid, ctx.logGuid)) return 'LogGuid does not match the header';
@@ -165,7 +165,8 @@ export function decodeLogEntryAt(log: Buffer, pos: number, ctx: LogContext): Log
     const end = op.fileOffset + (op.kind === 'data' ? LOG_SECTOR : op.length);
     // The log must never rewrite the file identifier or the headers, nor itself.
     if (op.fileOffset < HEADER_OFFSETS[1] + HEADER_SIZE) return `an update targets the header area at ${op.fileOffset}`;
-    if (op.fileOffset < ctx.logOffset + L && ctx.logOffset < end) return `an update targets the log itself at ${op.fileOffset}`;
+    if (op.fileOffset < ctx.logOffset + L && ctx.logOffset < end)
+      return `an update targets the log itself at ${op.fileOffset}`;
   }
   return {
     position: pos,
@@ -232,7 +233,11 @@ export function planReplay(
 ): { entries: LogEntry[]; lastFileOffset: number } {
   const entries = findActiveSequence(log, ctx);
   if (entries.length === 0) {
-    throw new VhdxCorruptError('log', ctx.logOffset, 'the header names a log (LogGuid set) but no valid log sequence was found');
+    throw new VhdxCorruptError(
+      'log',
+      ctx.logOffset,
+      'the header names a log (LogGuid set) but no valid log sequence was found',
+    );
   }
   const head = entries[entries.length - 1];
   if (fileSize < head.flushedFileOffset) {

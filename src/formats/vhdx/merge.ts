@@ -30,9 +30,13 @@ export async function mergeIntoParent(childPath: string, opts: MergeOptions = {}
   const probe = await VhdxFile.open(childPath, { allowedRoots: opts.allowedRoots, pathMap: opts.pathMap });
   let parentPath: string;
   try {
-    if (!probe.parent) throw new TidemarkError('INVALID_ARGUMENT', `${childPath} is not a differencing disk: nothing to merge`);
+    if (!probe.parent)
+      throw new TidemarkError('INVALID_ARGUMENT', `${childPath} is not a differencing disk: nothing to merge`);
     if (probe.parent.virtualSize !== probe.virtualSize) {
-      throw new TidemarkError('VHDX_UNSUPPORTED', `${childPath} is ${probe.virtualSize} bytes but its parent ${probe.parent.virtualSize}: resized chains cannot be merged`);
+      throw new TidemarkError(
+        'VHDX_UNSUPPORTED',
+        `${childPath} is ${probe.virtualSize} bytes but its parent ${probe.parent.virtualSize}: resized chains cannot be merged`,
+      );
     }
     parentPath = probe.parentLink!.path;
   } finally {
@@ -42,7 +46,11 @@ export async function mergeIntoParent(childPath: string, opts: MergeOptions = {}
   const child = await VhdxFile.open(childPath, { writable: true, noParent: true });
   let parent: VhdxFile | undefined;
   try {
-    parent = await VhdxFile.open(parentPath, { writable: true, allowedRoots: opts.allowedRoots, pathMap: opts.pathMap });
+    parent = await VhdxFile.open(parentPath, {
+      writable: true,
+      allowedRoots: opts.allowedRoots,
+      pathMap: opts.pathMap,
+    });
     // Step 1: the child accepts the parent's next DataWriteGuid (parent_linkage2). parent_linkage is
     // set to the parent's current GUID, which an interrupted merge may already have changed.
     const next = newGuid();
@@ -74,7 +82,11 @@ export async function mergeIntoParent(childPath: string, opts: MergeOptions = {}
           result.bytesCopied += n;
         }
       }
-      if (entry.state === BlockState.Zero || entry.state === BlockState.Unmapped || entry.state === BlockState.Undefined) {
+      if (
+        entry.state === BlockState.Zero ||
+        entry.state === BlockState.Unmapped ||
+        entry.state === BlockState.Undefined
+      ) {
         await parent.writeZeroes(base, extent);
         result.bytesZeroed += extent;
       }

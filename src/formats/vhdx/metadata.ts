@@ -64,14 +64,23 @@ export function decodeMetadataTable(buf: Uint8Array, regionOffset: number, regio
       throw new VhdxCorruptError('metadata table', where, `${at} has zero length but offset ${e.offset}`);
     }
     if (e.length > 0 && (e.offset < METADATA_TABLE_SIZE || e.offset + e.length > regionLength)) {
-      throw new VhdxCorruptError('metadata table', where, `${at} [${e.offset}, +${e.length}) lies outside the metadata region`);
+      throw new VhdxCorruptError(
+        'metadata table',
+        where,
+        `${at} [${e.offset}, +${e.length}) lies outside the metadata region`,
+      );
     }
     if (e.isUser) userCount++;
     for (const prev of entries) {
       if (guidEquals(prev.itemId, e.itemId) && prev.isUser === e.isUser) {
         throw new VhdxCorruptError('metadata table', where, `${at} repeats an item`);
       }
-      if (e.length > 0 && prev.length > 0 && e.offset < prev.offset + prev.length && prev.offset < e.offset + e.length) {
+      if (
+        e.length > 0 &&
+        prev.length > 0 &&
+        e.offset < prev.offset + prev.length &&
+        prev.offset < e.offset + e.length
+      ) {
         throw new VhdxCorruptError('metadata table', where, `${at} overlaps item ${guidToString(prev.itemId)}`);
       }
     }
@@ -119,7 +128,11 @@ export function decodeFileParameters(b: Buffer, where: number): FileParameters {
   const blockSize = b.readUInt32LE(0);
   const flags = b.readUInt32LE(4);
   if (blockSize < MIN_BLOCK_SIZE || blockSize > MAX_BLOCK_SIZE || (blockSize & (blockSize - 1)) !== 0) {
-    throw new VhdxCorruptError('file parameters item', where, `block size ${blockSize} is not a power of two from 1 MiB to 256 MiB`);
+    throw new VhdxCorruptError(
+      'file parameters item',
+      where,
+      `block size ${blockSize} is not a power of two from 1 MiB to 256 MiB`,
+    );
   }
   return { blockSize, leaveBlockAllocated: (flags & 1) !== 0, hasParent: (flags & 2) !== 0 };
 }
@@ -152,7 +165,11 @@ export function decodeVirtualDiskSize(b: Buffer, logicalSectorSize: number, wher
   }
   const n = Number(v);
   if (n % logicalSectorSize !== 0) {
-    throw new VhdxCorruptError('virtual disk size item', where, `size ${n} is not a multiple of the logical sector size ${logicalSectorSize}`);
+    throw new VhdxCorruptError(
+      'virtual disk size item',
+      where,
+      `size ${n} is not a multiple of the logical sector size ${logicalSectorSize}`,
+    );
   }
   return n;
 }
@@ -180,7 +197,11 @@ export function decodeParentLocator(b: Buffer, where: number): ParentLocator {
   const entries: [string, string][] = [];
   const text = (off: number, len: number, name: string, i: number): string => {
     if (off === 0 || len === 0 || off + len > b.length || len % 2 !== 0) {
-      throw new VhdxCorruptError(what, where, `entry ${i} ${name} [${off}, +${len}) is empty, odd-sized or outside the item`);
+      throw new VhdxCorruptError(
+        what,
+        where,
+        `entry ${i} ${name} [${off}, +${len}) is empty, odd-sized or outside the item`,
+      );
     }
     return b.toString('utf16le', off, off + len);
   };

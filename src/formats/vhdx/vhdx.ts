@@ -190,7 +190,12 @@ export class VhdxFile {
     this.replay = init.replay;
     this.warnings = init.warnings;
     this.fileWriteGuidChanged = init.fileWriteGuidChanged;
-    this.geometry = computeGeometry(init.virtualSize, init.params.blockSize, init.logicalSectorSize, init.params.hasParent);
+    this.geometry = computeGeometry(
+      init.virtualSize,
+      init.params.blockSize,
+      init.logicalSectorSize,
+      init.params.hasParent,
+    );
     this.cache = new MetaCache(init.file);
   }
 
@@ -201,7 +206,12 @@ export class VhdxFile {
     return VhdxFile.openInChain(path.resolve(filePath), opts, roots, 0);
   }
 
-  private static async openInChain(filePath: string, opts: OpenOptions, roots: string[], depth: number): Promise<VhdxFile> {
+  private static async openInChain(
+    filePath: string,
+    opts: OpenOptions,
+    roots: string[],
+    depth: number,
+  ): Promise<VhdxFile> {
     const writable = opts.writable ?? false;
     const base = await NodeFile.open(filePath, writable ? 'r+' : 'r');
     let disk: VhdxFile | undefined;
@@ -209,7 +219,11 @@ export class VhdxFile {
       disk = await VhdxFile.decode(filePath, base, writable);
       if (disk.params.hasParent && !opts.noParent) {
         if (depth + 1 >= MAX_CHAIN_DEPTH) {
-          throw new VhdxCorruptError('parent locator', undefined, `chain deeper than ${MAX_CHAIN_DEPTH} disks (a locator loop?)`);
+          throw new VhdxCorruptError(
+            'parent locator',
+            undefined,
+            `chain deeper than ${MAX_CHAIN_DEPTH} disks (a locator loop?)`,
+          );
         }
         await disk.attachParent(opts, roots, depth);
       }
@@ -229,7 +243,12 @@ export class VhdxFile {
     await base.read(section, 0);
     const identifier = decodeFileIdentifier(section);
     if (base.size() < HEADER_SECTION_SIZE) {
-      throw new VhdxCorruptError('header section', 0, `file is ${base.size()} bytes, shorter than the 1 MiB header section`, 'VHDX_TRUNCATED');
+      throw new VhdxCorruptError(
+        'header section',
+        0,
+        `file is ${base.size()} bytes, shorter than the 1 MiB header section`,
+        'VHDX_TRUNCATED',
+      );
     }
     const headerSlots: [VhdxHeader | string, VhdxHeader | string] = [
       decodeHeader(section.subarray(HEADER_OFFSETS[0], HEADER_OFFSETS[0] + HEADER_SIZE), HEADER_OFFSETS[0]),
@@ -237,10 +256,15 @@ export class VhdxFile {
     ];
     const picked = pickCurrentHeader(headerSlots[0], headerSlots[1]);
     if (!picked) {
-      throw new VhdxCorruptError('headers', HEADER_OFFSETS[0], `no valid header: header 1: ${headerSlots[0]}; header 2: ${headerSlots[1]}`);
+      throw new VhdxCorruptError(
+        'headers',
+        HEADER_OFFSETS[0],
+        `no valid header: header 1: ${headerSlots[0]}; header 2: ${headerSlots[1]}`,
+      );
     }
     headerSlots.forEach((h, i) => {
-      if (typeof h === 'string') warnings.push(`header ${i + 1} at offset ${HEADER_OFFSETS[i]} is invalid (${h}); the other copy is used`);
+      if (typeof h === 'string')
+        warnings.push(`header ${i + 1} at offset ${HEADER_OFFSETS[i]} is invalid (${h}); the other copy is used`);
     });
     const header = picked.header;
     const hOff = HEADER_OFFSETS[picked.slot];
@@ -252,9 +276,16 @@ export class VhdxFile {
       throw new VhdxCorruptError('header', hOff, `log version ${header.logVersion} is not 0`, 'VHDX_UNSUPPORTED');
     }
     const logUsable =
-      header.logOffset >= HEADER_SECTION_SIZE && header.logOffset % MiB === 0 && header.logLength > 0 && header.logLength % MiB === 0;
+      header.logOffset >= HEADER_SECTION_SIZE &&
+      header.logOffset % MiB === 0 &&
+      header.logLength > 0 &&
+      header.logLength % MiB === 0;
     if (hasLog && !logUsable) {
-      throw new VhdxCorruptError('header', hOff, `log at ${header.logOffset} (+${header.logLength}) is not 1 MiB aligned past the header section`);
+      throw new VhdxCorruptError(
+        'header',
+        hOff,
+        `log at ${header.logOffset} (+${header.logLength}) is not 1 MiB aligned past the header section`,
+      );
     }
 
     // Log replay comes before anything else is read: region tables and metadata go through the log.
@@ -264,7 +295,10 @@ export class VhdxFile {
     let fileWriteGuidChanged = false;
     if (hasLog) {
       if (header.logLength > MAX_LOG_LENGTH) {
-        throw new TidemarkError('LIMIT_EXCEEDED', `log at ${header.logOffset} is ${header.logLength} bytes; logs over ${MAX_LOG_LENGTH} bytes are refused`);
+        throw new TidemarkError(
+          'LIMIT_EXCEEDED',
+          `log at ${header.logOffset} is ${header.logLength} bytes; logs over ${MAX_LOG_LENGTH} bytes are refused`,
+        );
       }
       const log = Buffer.alloc(header.logLength);
       await base.read(log, header.logOffset);
@@ -281,7 +315,12 @@ export class VhdxFile {
       } else {
         const patched = new PatchedFile(base);
         for (const entry of plan.entries) {
-          for (const op of entry.ops) patched.patch(op.fileOffset, op.kind === 'data' ? LOG_SECTOR : op.length, op.kind === 'data' ? op.data : null);
+          for (const op of entry.ops)
+            patched.patch(
+              op.fileOffset,
+              op.kind === 'data' ? LOG_SECTOR : op.length,
+              op.kind === 'data' ? op.data : null,
+            );
         }
         patched.extend(plan.lastFileOffset);
         file = patched;
@@ -298,9 +337,15 @@ export class VhdxFile {
     let regionTableInUse: 0 | 1 = 0;
     if (typeof regionTables[0] === 'string') {
       if (typeof regionTables[1] === 'string') {
-        throw new VhdxCorruptError('region tables', REGION_TABLE_OFFSETS[0], `no valid copy: table 1: ${regionTables[0]}; table 2: ${regionTables[1]}`);
+        throw new VhdxCorruptError(
+          'region tables',
+          REGION_TABLE_OFFSETS[0],
+          `no valid copy: table 1: ${regionTables[0]}; table 2: ${regionTables[1]}`,
+        );
       }
-      warnings.push(`region table 1 at offset ${REGION_TABLE_OFFSETS[0]} is invalid (${regionTables[0]}); the copy is used`);
+      warnings.push(
+        `region table 1 at offset ${REGION_TABLE_OFFSETS[0]} is invalid (${regionTables[0]}); the copy is used`,
+      );
       regionTableInUse = 1;
     } else if (typeof regionTables[1] === 'string') {
       warnings.push(`region table 2 at offset ${REGION_TABLE_OFFSETS[1]} is invalid (${regionTables[1]})`);
@@ -308,16 +353,30 @@ export class VhdxFile {
       warnings.push('the two region table copies differ; table 1 is used');
     }
     const table = regionTables[regionTableInUse] as RegionTable;
-    const { bat: batRegion, metadata: metadataRegion } = validateRegionTable(table, REGION_TABLE_OFFSETS[regionTableInUse]);
+    const { bat: batRegion, metadata: metadataRegion } = validateRegionTable(
+      table,
+      REGION_TABLE_OFFSETS[regionTableInUse],
+    );
     if (logUsable) {
       for (const r of [batRegion, metadataRegion]) {
         if (r.fileOffset < header.logOffset + header.logLength && header.logOffset < r.fileOffset + r.length) {
-          throw new VhdxCorruptError('region table', REGION_TABLE_OFFSETS[regionTableInUse], `region at ${r.fileOffset} overlaps the log`);
+          throw new VhdxCorruptError(
+            'region table',
+            REGION_TABLE_OFFSETS[regionTableInUse],
+            `region at ${r.fileOffset} overlaps the log`,
+          );
         }
       }
     }
-    if (batRegion.fileOffset < metadataRegion.fileOffset + metadataRegion.length && metadataRegion.fileOffset < batRegion.fileOffset + batRegion.length) {
-      throw new VhdxCorruptError('region table', REGION_TABLE_OFFSETS[regionTableInUse], 'the BAT and metadata regions overlap');
+    if (
+      batRegion.fileOffset < metadataRegion.fileOffset + metadataRegion.length &&
+      metadataRegion.fileOffset < batRegion.fileOffset + batRegion.length
+    ) {
+      throw new VhdxCorruptError(
+        'region table',
+        REGION_TABLE_OFFSETS[regionTableInUse],
+        'the BAT and metadata regions overlap',
+      );
     }
 
     // Metadata table and the known items.
@@ -327,7 +386,12 @@ export class VhdxFile {
     const metadataEntries = decodeMetadataTable(mdTable, mdWhere, metadataRegion.length);
     for (const e of metadataEntries) {
       if (e.isRequired && !isKnownItem(e)) {
-        throw new VhdxCorruptError('metadata table', mdWhere, `unknown required item ${guidToString(e.itemId)}`, 'VHDX_UNSUPPORTED');
+        throw new VhdxCorruptError(
+          'metadata table',
+          mdWhere,
+          `unknown required item ${guidToString(e.itemId)}`,
+          'VHDX_UNSUPPORTED',
+        );
       }
     }
     const item = async (id: Guid, name: string, required: boolean): Promise<Buffer | undefined> => {
@@ -341,18 +405,36 @@ export class VhdxFile {
       return b;
     };
     const params = decodeFileParameters((await item(ITEM_FILE_PARAMETERS, 'file parameters', true))!, mdWhere);
-    const logicalSectorSize = decodeSectorSize((await item(ITEM_LOGICAL_SECTOR_SIZE, 'logical sector size', true))!, 'logical sector size item', mdWhere);
-    const physicalSectorSize = decodeSectorSize((await item(ITEM_PHYSICAL_SECTOR_SIZE, 'physical sector size', true))!, 'physical sector size item', mdWhere);
-    const virtualSize = decodeVirtualDiskSize((await item(ITEM_VIRTUAL_DISK_SIZE, 'virtual disk size', true))!, logicalSectorSize, mdWhere);
+    const logicalSectorSize = decodeSectorSize(
+      (await item(ITEM_LOGICAL_SECTOR_SIZE, 'logical sector size', true))!,
+      'logical sector size item',
+      mdWhere,
+    );
+    const physicalSectorSize = decodeSectorSize(
+      (await item(ITEM_PHYSICAL_SECTOR_SIZE, 'physical sector size', true))!,
+      'physical sector size item',
+      mdWhere,
+    );
+    const virtualSize = decodeVirtualDiskSize(
+      (await item(ITEM_VIRTUAL_DISK_SIZE, 'virtual disk size', true))!,
+      logicalSectorSize,
+      mdWhere,
+    );
     const idItem = (await item(ITEM_VIRTUAL_DISK_ID, 'virtual disk id', true))!;
-    if (idItem.length < 16) throw new VhdxCorruptError('virtual disk id item', mdWhere, `length ${idItem.length} is less than 16`);
+    if (idItem.length < 16)
+      throw new VhdxCorruptError('virtual disk id item', mdWhere, `length ${idItem.length} is less than 16`);
     const virtualDiskId = Buffer.from(idItem.subarray(0, 16));
     let parentLocator: ParentLocator | undefined;
     const locItem = await item(ITEM_PARENT_LOCATOR, 'parent locator', params.hasParent);
     if (locItem) parentLocator = decodeParentLocator(locItem, mdWhere);
     if (params.hasParent) {
       if (!isVhdxLocator(parentLocator!)) {
-        throw new VhdxCorruptError('parent locator item', mdWhere, `locator type ${guidToString(parentLocator!.locatorType)} is not the VHDX type`, 'VHDX_UNSUPPORTED');
+        throw new VhdxCorruptError(
+          'parent locator item',
+          mdWhere,
+          `locator type ${guidToString(parentLocator!.locatorType)} is not the VHDX type`,
+          'VHDX_UNSUPPORTED',
+        );
       }
       if (!parseLinkage(locatorGet(parentLocator!, 'parent_linkage'))) {
         throw new VhdxCorruptError('parent locator item', mdWhere, 'parent_linkage is missing or not a GUID');
@@ -361,7 +443,11 @@ export class VhdxFile {
 
     const geometry = computeGeometry(virtualSize, params.blockSize, logicalSectorSize, params.hasParent);
     if (batRegion.length < geometry.batEntries * 8) {
-      throw new VhdxCorruptError('BAT region', batRegion.fileOffset, `length ${batRegion.length} cannot hold the ${geometry.batEntries} entries the disk needs`);
+      throw new VhdxCorruptError(
+        'BAT region',
+        batRegion.fileOffset,
+        `length ${batRegion.length} cannot hold the ${geometry.batEntries} entries the disk needs`,
+      );
     }
     return new VhdxFile({
       path: filePath,
@@ -404,7 +490,12 @@ export class VhdxFile {
       const r = await resolveInsideRoots(c.hostPath, roots);
       if ('problem' in r) {
         if (r.problem === 'outside') outside = true;
-        tried.push({ key: c.key, value: c.value, hostPath: c.hostPath, outcome: r.problem === 'missing' ? 'not found' : 'outside the allowed directories' });
+        tried.push({
+          key: c.key,
+          value: c.value,
+          hostPath: c.hostPath,
+          outcome: r.problem === 'missing' ? 'not found' : 'outside the allowed directories',
+        });
         continue;
       }
       if (seen.has(r.path)) continue;
@@ -418,7 +509,12 @@ export class VhdxFile {
       if (guidEquals(dwg, linkage) || (linkage2 && guidEquals(dwg, linkage2))) {
         if (parent.logicalSectorSize !== this.logicalSectorSize) {
           await parent.close();
-          throw new VhdxCorruptError('parent locator', undefined, `parent ${r.path} has ${parent.logicalSectorSize}-byte logical sectors, this disk ${this.logicalSectorSize}`, 'PARENT_MISMATCH');
+          throw new VhdxCorruptError(
+            'parent locator',
+            undefined,
+            `parent ${r.path} has ${parent.logicalSectorSize}-byte logical sectors, this disk ${this.logicalSectorSize}`,
+            'PARENT_MISMATCH',
+          );
         }
         tried.push({ key: c.key, value: c.value, hostPath: r.path, outcome: 'opened' });
         this.parent = parent;
@@ -430,9 +526,15 @@ export class VhdxFile {
       tried.push({ key: c.key, value: c.value, hostPath: r.path, outcome: 'DataWriteGuid does not match' });
     }
     if (mismatch) throw new TidemarkError('PARENT_MISMATCH', `parent of ${this.path}: ${mismatch}`, { tried });
-    const list = tried.map((t) => `${t.key}=${t.value}${t.hostPath ? ` -> ${t.hostPath}` : ''} (${t.outcome})`).join('; ');
+    const list = tried
+      .map((t) => `${t.key}=${t.value}${t.hostPath ? ` -> ${t.hostPath}` : ''} (${t.outcome})`)
+      .join('; ');
     if (outside) {
-      throw new TidemarkError('PATH_NOT_ALLOWED', `parent of ${this.path} lies outside the allowed directories (${roots.join(', ')}): ${list}`, { tried });
+      throw new TidemarkError(
+        'PATH_NOT_ALLOWED',
+        `parent of ${this.path} lies outside the allowed directories (${roots.join(', ')}): ${list}`,
+        { tried },
+      );
     }
     throw new TidemarkError('PARENT_NOT_FOUND', `parent of ${this.path} not found: ${list}`, { tried });
   }
@@ -451,7 +553,10 @@ export class VhdxFile {
       await this.file.read(view, this.batRegion.fileOffset + first * 8);
       for (let i = 0; i < n; i++) {
         const e = decodeBatEntry(view.readUInt32LE(i * 8), view.readUInt32LE(i * 8 + 4));
-        if (e.offset === 0 || (e.state !== BlockState.FullyPresent && e.state !== BlockState.PartiallyPresent && e.state !== SB_PRESENT)) {
+        if (
+          e.offset === 0 ||
+          (e.state !== BlockState.FullyPresent && e.state !== BlockState.PartiallyPresent && e.state !== SB_PRESENT)
+        ) {
           continue;
         }
         const isBitmap = (first + i) % (this.geometry.chunkRatio + 1) === this.geometry.chunkRatio;
@@ -486,9 +591,7 @@ export class VhdxFile {
 
   /** The chain from this disk to its base. */
   chain(): VhdxFile[] {
-    const out: VhdxFile[] = [];
-    for (let d: VhdxFile | undefined = this; d; d = d.parent) out.push(d);
-    return out;
+    return [this, ...(this.parent?.chain() ?? [])];
   }
 
   // ---------------------------------------------------------------- BAT and bitmaps
@@ -512,7 +615,11 @@ export class VhdxFile {
 
   private async setBatEntry(index: number, state: number, offset: number): Promise<void> {
     const { sector, at } = this.batSectorOf(index);
-    const buf = await this.cache.load(sector, this.batRegion.fileOffset, this.batRegion.fileOffset + this.batRegion.length);
+    const buf = await this.cache.load(
+      sector,
+      this.batRegion.fileOffset,
+      this.batRegion.fileOffset + this.batRegion.length,
+    );
     const [lo, hi] = encodeBatEntry(state, offset);
     buf.writeUInt32LE(lo, at);
     buf.writeUInt32LE(hi, at + 4);
@@ -525,16 +632,29 @@ export class VhdxFile {
     const e = await this.batEntry(bitmapBatIndex(this.geometry, chunk));
     if (e.state !== SB_PRESENT) return undefined;
     if (e.offset < HEADER_SECTION_SIZE || e.offset + MiB > this.file.size()) {
-      throw new VhdxCorruptError('sector bitmap block', e.offset, `of chunk ${chunk} lies outside the file (size ${this.file.size()})`);
+      throw new VhdxCorruptError(
+        'sector bitmap block',
+        e.offset,
+        `of chunk ${chunk} lies outside the file (size ${this.file.size()})`,
+      );
     }
     return e.offset;
   }
 
   /** Visits runs of sectors [s0, s1) of `block` with equal bitmap bits. */
-  private async bitmapRuns(block: number, s0: number, s1: number, visit: (from: number, to: number, present: boolean) => Promise<void>): Promise<void> {
+  private async bitmapRuns(
+    block: number,
+    s0: number,
+    s1: number,
+    visit: (from: number, to: number, present: boolean) => Promise<void>,
+  ): Promise<void> {
     const bm = await this.bitmapBlockOffset(block);
     if (bm === undefined) {
-      throw new VhdxCorruptError('BAT', this.batRegion.fileOffset, `block ${block} is partially present but its sector bitmap block is not present`);
+      throw new VhdxCorruptError(
+        'BAT',
+        this.batRegion.fileOffset,
+        `block ${block} is partially present but its sector bitmap block is not present`,
+      );
     }
     const base = (block % this.geometry.chunkRatio) * this.geometry.sectorsPerBlock;
     let runStart = s0;
@@ -562,7 +682,7 @@ export class VhdxFile {
 
   private async setBitmapBits(bm: number, block: number, s0: number, s1: number, value: boolean): Promise<void> {
     const base = (block % this.geometry.chunkRatio) * this.geometry.sectorsPerBlock;
-    for (let s = s0; s < s1; ) {
+    for (let s = s0; s < s1;) {
       const bit = base + s;
       const byteOff = bm + (bit >> 3);
       const sec = byteOff - (byteOff % LOG_SECTOR);
@@ -592,8 +712,17 @@ export class VhdxFile {
   }
 
   private assertRange(offset: number, length: number): void {
-    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.virtualSize) {
-      throw new TidemarkError('INVALID_ARGUMENT', `range [${offset}, +${length}) is outside the ${this.virtualSize}-byte virtual disk`);
+    if (
+      !Number.isSafeInteger(offset) ||
+      !Number.isSafeInteger(length) ||
+      offset < 0 ||
+      length < 0 ||
+      offset + length > this.virtualSize
+    ) {
+      throw new TidemarkError(
+        'INVALID_ARGUMENT',
+        `range [${offset}, +${length}) is outside the ${this.virtualSize}-byte virtual disk`,
+      );
     }
   }
 
@@ -605,7 +734,8 @@ export class VhdxFile {
   }
 
   async readAt(offset: number, length: number): Promise<Buffer> {
-    if (length > MAX_ALLOCATION) throw new TidemarkError('LIMIT_EXCEEDED', `a single read is limited to ${MAX_ALLOCATION} bytes`);
+    if (length > MAX_ALLOCATION)
+      throw new TidemarkError('LIMIT_EXCEEDED', `a single read is limited to ${MAX_ALLOCATION} bytes`);
     const buf = Buffer.alloc(length);
     await this.read(buf, offset);
     return buf;
@@ -613,7 +743,7 @@ export class VhdxFile {
 
   private async readVirtual(dst: Uint8Array, offset: number): Promise<void> {
     const bs = this.blockSize;
-    for (let pos = 0; pos < dst.length; ) {
+    for (let pos = 0; pos < dst.length;) {
       const v = offset + pos;
       const block = Math.floor(v / bs);
       const inBlock = v - block * bs;
@@ -630,7 +760,11 @@ export class VhdxFile {
         return this.readPayload(block, e.offset, inBlock, dst);
       case BlockState.PartiallyPresent: {
         if (!this.params.hasParent) {
-          throw new VhdxCorruptError('BAT', this.batRegion.fileOffset, `block ${block} is partially present in a disk without a parent`);
+          throw new VhdxCorruptError(
+            'BAT',
+            this.batRegion.fileOffset,
+            `block ${block} is partially present in a disk without a parent`,
+          );
         }
         const lss = this.logicalSectorSize;
         const s0 = Math.floor(inBlock / lss);
@@ -654,24 +788,38 @@ export class VhdxFile {
         dst.fill(0);
         return;
       default:
-        throw new VhdxCorruptError('BAT', this.batRegion.fileOffset + payloadBatIndex(this.geometry, block) * 8, `block ${block} has unknown state ${e.state}`);
+        throw new VhdxCorruptError(
+          'BAT',
+          this.batRegion.fileOffset + payloadBatIndex(this.geometry, block) * 8,
+          `block ${block} has unknown state ${e.state}`,
+        );
     }
   }
 
   private async readPayload(block: number, blockOffset: number, inBlock: number, dst: Uint8Array): Promise<void> {
     if (blockOffset < HEADER_SECTION_SIZE) {
-      throw new VhdxCorruptError('BAT', this.batRegion.fileOffset, `block ${block} is present at file offset ${blockOffset}, inside the header section`);
+      throw new VhdxCorruptError(
+        'BAT',
+        this.batRegion.fileOffset,
+        `block ${block} is present at file offset ${blockOffset}, inside the header section`,
+      );
     }
     const at = blockOffset + inBlock;
     if (at + dst.length > this.file.size()) {
-      throw new VhdxCorruptError('payload block', blockOffset, `block ${block} extends past the end of the file (${this.file.size()} bytes): truncated`, 'VHDX_TRUNCATED');
+      throw new VhdxCorruptError(
+        'payload block',
+        blockOffset,
+        `block ${block} extends past the end of the file (${this.file.size()} bytes): truncated`,
+        'VHDX_TRUNCATED',
+      );
     }
     await this.file.read(dst, at);
   }
 
   private async readParent(offset: number, dst: Uint8Array): Promise<void> {
     const p = this.parent;
-    if (!p) throw new TidemarkError('PARENT_NOT_FOUND', `${this.path} is a differencing disk opened without its parent`);
+    if (!p)
+      throw new TidemarkError('PARENT_NOT_FOUND', `${this.path} is a differencing disk opened without its parent`);
     const inside = Math.max(0, Math.min(dst.length, p.virtualSize - offset));
     if (inside > 0) await p.readVirtual(dst.subarray(0, inside), offset);
     if (inside < dst.length) dst.fill(0, inside);
@@ -696,7 +844,7 @@ export class VhdxFile {
       if (last && last.offset + last.length === o) last.length += l;
       else out.push({ offset: o, length: l });
     };
-    for (let pos = offset; pos < offset + length; ) {
+    for (let pos = offset; pos < offset + length;) {
       const block = Math.floor(pos / bs);
       const n = Math.min((block + 1) * bs, offset + length) - pos;
       const e = await this.payloadEntry(block);
@@ -724,7 +872,10 @@ export class VhdxFile {
   async presentRuns(block: number): Promise<Extent[]> {
     const out: Extent[] = [];
     const lss = this.logicalSectorSize;
-    const sectors = Math.min(this.geometry.sectorsPerBlock, Math.ceil((this.virtualSize - block * this.blockSize) / lss));
+    const sectors = Math.min(
+      this.geometry.sectorsPerBlock,
+      Math.ceil((this.virtualSize - block * this.blockSize) / lss),
+    );
     await this.bitmapRuns(block, 0, sectors, async (from, to, present) => {
       if (present) out.push({ offset: from * lss, length: (to - from) * lss });
     });
@@ -756,7 +907,8 @@ export class VhdxFile {
 
   /** The DataWriteGuid the next guest-visible change installs (merge uses it; see parent_linkage2). */
   setNextDataWriteGuid(g: Guid): void {
-    if (this.dataWriteGuidChanged) throw new TidemarkError('INVALID_ARGUMENT', 'DataWriteGuid already changed in this session');
+    if (this.dataWriteGuidChanged)
+      throw new TidemarkError('INVALID_ARGUMENT', 'DataWriteGuid already changed in this session');
     this.nextDataWriteGuid = g;
   }
 
@@ -766,8 +918,16 @@ export class VhdxFile {
     if (!this.fileWriteGuidChanged) changes.fileWriteGuid = newGuid();
     if (!this.logWriter) {
       const h = this.header;
-      if (h.logLength === 0 || h.logOffset < HEADER_SECTION_SIZE || h.logOffset % MiB !== 0 || h.logLength % MiB !== 0) {
-        throw new TidemarkError('VHDX_UNSUPPORTED', `${this.path} has no usable log (offset ${h.logOffset}, length ${h.logLength}); it cannot be modified`);
+      if (
+        h.logLength === 0 ||
+        h.logOffset < HEADER_SECTION_SIZE ||
+        h.logOffset % MiB !== 0 ||
+        h.logLength % MiB !== 0
+      ) {
+        throw new TidemarkError(
+          'VHDX_UNSUPPORTED',
+          `${this.path} has no usable log (offset ${h.logOffset}, length ${h.logLength}); it cannot be modified`,
+        );
       }
       changes.logGuid = newGuid();
     }
@@ -777,7 +937,11 @@ export class VhdxFile {
     this.fileWriteGuidChanged = true;
     if (changes.dataWriteGuid) this.dataWriteGuidChanged = true;
     if (changes.logGuid) {
-      this.logWriter = new LogWriter({ logOffset: this.header.logOffset, logLength: this.header.logLength, logGuid: changes.logGuid });
+      this.logWriter = new LogWriter({
+        logOffset: this.header.logOffset,
+        logLength: this.header.logLength,
+        logGuid: changes.logGuid,
+      });
     }
   }
 
@@ -807,13 +971,19 @@ export class VhdxFile {
         aligned.set(data, offset - start);
         buf = aligned;
       }
-      await this.forEachBlock(start, buf.length, (block, inBlock, pos, n) => this.writeBlock(block, inBlock, buf.subarray(pos, pos + n)));
+      await this.forEachBlock(start, buf.length, (block, inBlock, pos, n) =>
+        this.writeBlock(block, inBlock, buf.subarray(pos, pos + n)),
+      );
     });
   }
 
-  private async forEachBlock(offset: number, length: number, fn: (block: number, inBlock: number, pos: number, n: number) => Promise<void>): Promise<void> {
+  private async forEachBlock(
+    offset: number,
+    length: number,
+    fn: (block: number, inBlock: number, pos: number, n: number) => Promise<void>,
+  ): Promise<void> {
     const bs = this.blockSize;
-    for (let pos = 0; pos < length; ) {
+    for (let pos = 0; pos < length;) {
       const v = offset + pos;
       const block = Math.floor(v / bs);
       const inBlock = v - block * bs;
@@ -843,21 +1013,36 @@ export class VhdxFile {
       await this.file.write(src, e.offset + inBlock);
       const bm = await this.bitmapBlockOffset(block);
       if (bm === undefined) {
-        throw new VhdxCorruptError('BAT', this.batRegion.fileOffset, `block ${block} is partially present but its sector bitmap block is not present`);
+        throw new VhdxCorruptError(
+          'BAT',
+          this.batRegion.fileOffset,
+          `block ${block} is partially present but its sector bitmap block is not present`,
+        );
       }
       await this.setBitmapBits(bm, block, inBlock / lss, (inBlock + src.length) / lss, true);
       return;
     }
     if (![BlockState.NotPresent, BlockState.Zero, BlockState.Unmapped, BlockState.Undefined].includes(e.state)) {
-      throw new VhdxCorruptError('BAT', this.batRegion.fileOffset + index * 8, `block ${block} has unknown state ${e.state}`);
+      throw new VhdxCorruptError(
+        'BAT',
+        this.batRegion.fileOffset + index * 8,
+        `block ${block} has unknown state ${e.state}`,
+      );
     }
     const whole = inBlock === 0 && src.length >= this.blockExtent(block);
     const fromParent = this.params.hasParent && e.state === BlockState.NotPresent && !whole;
     // A fixed disk keeps its preallocated location; its old content must not show through.
-    const reuse = this.params.leaveBlockAllocated && !this.params.hasParent && e.offset >= HEADER_SECTION_SIZE && e.offset + this.blockSize <= this.fileEnd;
+    const reuse =
+      this.params.leaveBlockAllocated &&
+      !this.params.hasParent &&
+      e.offset >= HEADER_SECTION_SIZE &&
+      e.offset + this.blockSize <= this.fileEnd;
     const offset = reuse ? e.offset : await this.allocate(this.blockSize);
     if (reuse && !whole) {
-      for (const [from, to] of [[0, inBlock], [inBlock + src.length, this.blockExtent(block)]]) {
+      for (const [from, to] of [
+        [0, inBlock],
+        [inBlock + src.length, this.blockExtent(block)],
+      ]) {
         let at = from;
         for (const z of zeroPieces(to - from)) {
           await this.file.write(z, offset + at);
@@ -886,7 +1071,11 @@ export class VhdxFile {
 
   private checkPayloadOffset(block: number, offset: number): void {
     if (offset < HEADER_SECTION_SIZE || offset + this.blockExtent(block) > this.fileEnd) {
-      throw new VhdxCorruptError('BAT', this.batRegion.fileOffset, `block ${block} points at file offset ${offset}, outside the file`);
+      throw new VhdxCorruptError(
+        'BAT',
+        this.batRegion.fileOffset,
+        `block ${block} points at file offset ${offset}, outside the file`,
+      );
     }
   }
 
@@ -900,7 +1089,11 @@ export class VhdxFile {
     await this.zeroRange(offset, length, BlockState.Unmapped);
   }
 
-  private async zeroRange(offset: number, length: number, wholeBlockState: BlockState.Zero | BlockState.Unmapped | 'keep'): Promise<void> {
+  private async zeroRange(
+    offset: number,
+    length: number,
+    wholeBlockState: BlockState.Zero | BlockState.Unmapped | 'keep',
+  ): Promise<void> {
     this.assertWritable();
     this.assertRange(offset, length);
     if (length === 0) return;
@@ -927,12 +1120,17 @@ export class VhdxFile {
         const e = await this.payloadEntry(block);
         const index = payloadBatIndex(this.geometry, block);
         if (whole && wholeBlockState !== 'keep' && !(this.params.leaveBlockAllocated && !this.params.hasParent)) {
-          const alreadyZero = e.state === BlockState.Zero || e.state === BlockState.Unmapped || (e.state === BlockState.NotPresent && !this.params.hasParent);
+          const alreadyZero =
+            e.state === BlockState.Zero ||
+            e.state === BlockState.Unmapped ||
+            (e.state === BlockState.NotPresent && !this.params.hasParent);
           if (!alreadyZero || e.state !== wholeBlockState) await this.setBatEntry(index, wholeBlockState, 0);
           return;
         }
         const readsZero =
-          e.state === BlockState.Zero || e.state === BlockState.Unmapped || e.state === BlockState.Undefined ||
+          e.state === BlockState.Zero ||
+          e.state === BlockState.Unmapped ||
+          e.state === BlockState.Undefined ||
           (e.state === BlockState.NotPresent && !this.params.hasParent);
         if (readsZero) return;
         let at = inBlock;
@@ -976,7 +1174,7 @@ export class VhdxFile {
 
   /** Rewrites `data` at `fileOffset` (metadata: region table, metadata region) through the log. */
   private async logWrite(fileOffset: number, data: Buffer, windowStart: number, windowEnd: number): Promise<void> {
-    for (let pos = 0; pos < data.length; ) {
+    for (let pos = 0; pos < data.length;) {
       const abs = fileOffset + pos;
       const sec = abs - (abs % LOG_SECTOR);
       const buf = await this.cache.load(sec, windowStart, windowEnd);
@@ -1005,7 +1203,10 @@ export class VhdxFile {
         if (!isLocator && e.length > 0) await this.file.read(data, md.fileOffset + e.offset);
         total += data.length;
         if (total > Math.min(md.length, MAX_ALLOCATION)) {
-          throw new TidemarkError('LIMIT_EXCEEDED', `metadata items no longer fit in the ${md.length}-byte metadata region`);
+          throw new TidemarkError(
+            'LIMIT_EXCEEDED',
+            `metadata items no longer fit in the ${md.length}-byte metadata region`,
+          );
         }
         items.push({ entry: e, data });
       }
@@ -1100,7 +1301,12 @@ export class VhdxFile {
 /** Header update (MS-VHDX 2.2.2.1): write the non-current slot with seq+1, flush; then the other, flush. */
 async function writeHeaders(file: RandomAccessFile, state: HeaderState, changes: Partial<VhdxHeader>): Promise<void> {
   for (let i = 0; i < 2; i++) {
-    const next: VhdxHeader = { ...state.header, ...changes, sequenceNumber: state.header.sequenceNumber + 1n, checksum: 0 };
+    const next: VhdxHeader = {
+      ...state.header,
+      ...changes,
+      sequenceNumber: state.header.sequenceNumber + 1n,
+      checksum: 0,
+    };
     const slot: 0 | 1 = state.slot === 0 ? 1 : 0;
     await file.write(encodeHeader(next), HEADER_OFFSETS[slot]);
     await file.datasync();
@@ -1111,7 +1317,7 @@ async function writeHeaders(file: RandomAccessFile, state: HeaderState, changes:
 
 /** Writes log updates in place, coalescing adjacent sectors. */
 async function applyOps(file: RandomAccessFile, ops: LogOp[]): Promise<void> {
-  for (let i = 0; i < ops.length; ) {
+  for (let i = 0; i < ops.length;) {
     const op = ops[i];
     if (op.kind === 'zero') {
       let at = op.fileOffset;
