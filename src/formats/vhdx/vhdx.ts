@@ -51,7 +51,14 @@ import {
   type RegionTable,
   type VhdxHeader,
 } from './header.js';
-import { parentCandidates, realRoots, resolveInsideRoots, type ParentCandidate } from './locator.js';
+import {
+  absoluteLocatorPath,
+  parentCandidates,
+  realRoots,
+  relativeLocatorPath,
+  resolveInsideRoots,
+  type ParentCandidate,
+} from './locator.js';
 import { LogWriter, planReplay, type LogOp } from './log.js';
 import { MetaCache } from './metacache.js';
 import {
@@ -66,6 +73,7 @@ import {
   isKnownItem,
   isVhdxLocator,
   locatorGet,
+  locatorSet,
   parseLinkage,
   type FileParameters,
   type MetadataEntry,
@@ -227,7 +235,10 @@ export class VhdxFile {
         }
         await disk.attachParent(opts, roots, depth);
       }
-      if (writable) await disk.scanFileEnd();
+      if (writable) {
+        await disk.scanFileEnd();
+        if (disk.parent) await disk.refreshParentPaths();
+      }
       return disk;
     } catch (err) {
       if (disk) await disk.closeFiles().catch(() => undefined);
@@ -537,6 +548,24 @@ export class VhdxFile {
       );
     }
     throw new TidemarkError('PARENT_NOT_FOUND', `parent of ${this.path} not found: ${list}`, { tried });
+  }
+
+  /**
+   * MS-VHDX 2.6.2.6.3: after a chain opens, stale path entries are updated to the parent actually
+   * found (a chain moved together keeps working; a parent found by its name gets its paths written).
+   */
+  private async refreshParentPaths(): Promise<void> {
+    const loc = this.parentLocator!;
+    const parentPath = this.parent!.path;
+    const rel = relativeLocatorPath(this.path, parentPath);
+    const abs = absoluteLocatorPath(parentPath);
+    const oldAbs = locatorGet(loc, 'absolute_win32_path');
+    // A Windows absolute path that maps elsewhere is kept: it may be right on the host that wrote it.
+    const absStale = oldAbs === undefined || /^\\\\\?\\Z:/i.test(oldAbs);
+    if (locatorGet(loc, 'relative_path') === rel && (!absStale || oldAbs === abs)) return;
+    let next = locatorSet(loc, 'relative_path', rel);
+    if (absStale) next = locatorSet(next, 'absolute_win32_path', abs);
+    await this.setParentLocator(next);
   }
 
   /** Where new blocks go: past every structure and every allocated block. */
