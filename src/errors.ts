@@ -15,7 +15,10 @@ export type ErrorCode =
   | 'PARENT_NOT_FOUND'
   | 'PARENT_MISMATCH'
   | 'PATH_NOT_ALLOWED'
-  | 'LIMIT_EXCEEDED';
+  | 'LIMIT_EXCEEDED'
+  | 'TRACKING_NOT_ENABLED'
+  | 'TRACKING_CORRUPT'
+  | 'MISSING_CHANGE_TRACKING_INFORMATION';
 
 export class TidemarkError extends Error {
   readonly code: ErrorCode;

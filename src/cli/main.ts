@@ -2,9 +2,15 @@
 import { Command, CommanderError } from 'commander';
 import { demoCommand } from './demo.js';
 import { EXIT, reportError } from './output.js';
+import { rctCommand } from './rct.js';
 import { vhdxCommand } from './vhdx.js';
 
 export async function main(argv: string[]): Promise<number> {
+  // A reader that goes away (`| head`) ends the output, not the program with a stack trace.
+  process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code === 'EPIPE') process.exit(status);
+    throw err;
+  });
   let status: number = EXIT.OK;
   const run = async (fn: () => Promise<number | void>) => {
     try {
@@ -20,6 +26,7 @@ export async function main(argv: string[]): Promise<number> {
     .configureOutput({ writeErr: (s) => process.stderr.write(s) })
     .showHelpAfterError('(run with --help for usage)');
   program.addCommand(vhdxCommand(run));
+  program.addCommand(rctCommand(run));
   program.addCommand(demoCommand(run));
   for (const c of program.commands) {
     c.exitOverride();

@@ -9,8 +9,9 @@ import { checkVhdx, type CheckReport } from '../formats/vhdx/check.js';
 import { convertImage } from '../formats/vhdx/convert.js';
 import { createVhdx } from '../formats/vhdx/create.js';
 import { vhdxInfo, type VhdxInfo } from '../formats/vhdx/info.js';
-import { mergeIntoParent } from '../formats/vhdx/merge.js';
 import { VhdxFile, type OpenOptions } from '../formats/vhdx/vhdx.js';
+import { mergeWithTracking } from '../tracking/merge.js';
+import { ChangeTracker, DEFAULT_GRANULARITY } from '../tracking/tracker.js';
 import { formatSize, parseSize } from '../util/size.js';
 import { EXIT, printJson, println, progressReporter } from './output.js';
 
@@ -152,6 +153,15 @@ export function vhdxCommand(run: Run): Command {
         blockSize: o.blockSize !== undefined ? parseSize(o.blockSize, '--block-size') : undefined,
         logicalSectorSize: o.logicalSector ? (Number(o.logicalSector) as 512 | 4096) : undefined,
         onProgress: (d, t) => progress.update(d, t),
+        onDestinationOpen: o.track
+          ? async (dst) => {
+              await ChangeTracker.enable(
+                dst,
+                o.granularity ? parseSize(o.granularity, '--granularity') : DEFAULT_GRANULARITY,
+              );
+              await ChangeTracker.attach(dst, { writable: true });
+            }
+          : undefined,
         ...parentOptions(o, src),
       });
       progress.end();
@@ -172,7 +182,7 @@ export function vhdxCommand(run: Run): Command {
   ).action((child: string, o) =>
     run(async () => {
       const progress = progressReporter('merging');
-      const result = await mergeIntoParent(child, {
+      const result = await mergeWithTracking(child, {
         ...parentOptions(o, child),
         onProgress: (d, t) => progress.update(d, t),
       });
@@ -223,7 +233,9 @@ export function vhdxCommand(run: Run): Command {
   withParentOptions(
     vhdx
       .command('write')
-      .description('write bytes from a file or stdin into the virtual disk at an offset, then flush')
+      .description(
+        'write bytes from a file or stdin into the virtual disk at an offset, then flush (tracked when tracking is enabled)',
+      )
       .argument('<path>')
       .requiredOption('--offset <n>', 'byte offset (a size like 1M is accepted)')
       .option('--input <file>', 'read from here instead of stdin'),
@@ -233,6 +245,7 @@ export function vhdxCommand(run: Run): Command {
       const disk = await VhdxFile.open(file, { writable: true, ...parentOptions(o, file) });
       let written = 0;
       try {
+        await ChangeTracker.attach(disk, { writable: true }); // a tracked disk records these writes
         if (o.input) {
           const size = (await stat(o.input)).size;
           if (offset + size > disk.virtualSize) {

@@ -6,7 +6,7 @@
  */
 import { unlink } from 'node:fs/promises';
 import { TidemarkError } from '../../errors.js';
-import { newGuid } from '../../util/guid.js';
+import { newGuid, type Guid } from '../../util/guid.js';
 import { BlockState } from './constants.js';
 import { formatLinkage, locatorSet } from './metadata.js';
 import { VhdxFile, type OpenOptions } from './vhdx.js';
@@ -19,6 +19,11 @@ export interface MergeResult {
 }
 
 export interface MergeOptions extends Pick<OpenOptions, 'allowedRoots' | 'pathMap'> {
+  /**
+   * Called once the child accepts the parent's next DataWriteGuid and before the parent changes
+   * (change tracking records the binding the merged disk will carry here).
+   */
+  beforeParentChange?: (parentPath: string, nextDataWriteGuid: Guid) => Promise<void>;
   /** Called after each block, for progress reporting. */
   onProgress?: (done: number, total: number) => void;
 }
@@ -60,7 +65,9 @@ export async function mergeIntoParent(childPath: string, opts: MergeOptions = {}
     );
     await child.flush();
     // Step 2: the parent's first change installs that GUID; then the child's data is copied.
+    await opts.beforeParentChange?.(parentPath, next);
     parent.setNextDataWriteGuid(next);
+    await parent.markDataChanged();
     const result: MergeResult = { parentPath, bytesCopied: 0, bytesZeroed: 0, blocks: 0 };
     const total = child.geometry.dataBlocks;
     const bs = child.blockSize;

@@ -94,6 +94,8 @@ export interface OpenOptions {
 /** Told about every guest-visible change before it is issued to the file (the change tracker hooks in here). */
 export interface WriteObserver {
   beforeChange(offset: number, length: number): Promise<void> | void;
+  /** After a clean close (not after `abandon`). */
+  afterClose?(): Promise<void>;
 }
 
 export type DiskType = 'fixed' | 'dynamic' | 'differencing';
@@ -1175,6 +1177,24 @@ export class VhdxFile {
     });
   }
 
+  /**
+   * Flush-and-hold: commits, then runs `fn` while every other read and write waits. What `fn` sees is
+   * durable and cannot change under it (seals and checkpoints cut their instant here).
+   */
+  async flushAndHold<T>(fn: () => Promise<T>): Promise<T> {
+    this.assertOpen();
+    return this.lock.exclusive(async () => {
+      if (this.writable) await this.commit();
+      return fn();
+    });
+  }
+
+  /** Installs a new DataWriteGuid now, as the first guest-visible change would (merge uses it). */
+  async markDataChanged(): Promise<void> {
+    this.assertWritable();
+    await this.lock.exclusive(() => this.beginChange(true));
+  }
+
   /** Commits pending metadata through the log and makes every completed write durable. */
   async flush(): Promise<void> {
     this.assertOpen();
@@ -1306,6 +1326,7 @@ export class VhdxFile {
     } finally {
       await this.closeFiles();
     }
+    await this.observer?.afterClose?.();
   }
 
   /**

@@ -1,0 +1,640 @@
+/**
+ * Resilient change tracking for a VHDX virtual disk (a file or the head of a chain). Its one promise:
+ * an answer is either complete or refused.
+ *
+ * - The fine map (`BASE.vhdx.rct`) holds, per granule, the counter of the last change. `seal()`
+ *   persists it and returns the id of the current state; writes after it get the next counter, so
+ *   "changed since id c" is every granule whose counter is above c.
+ * - The coarse map (`BASE.vhdx.mrt`) is written ahead of data: before the first write into a coarse
+ *   region since the last persist, the region is durably marked. After an unclean close every marked
+ *   region counts as changed at the current counter, so earlier ids stay valid.
+ * - The binding (the head file's name and DataWriteGuid) catches foreign writers: a disk written by
+ *   another program, or an older copy put back, resets the epoch and every earlier id is refused.
+ */
+import { access, unlink } from 'node:fs/promises';
+import path from 'node:path';
+import { TidemarkError } from '../errors.js';
+import type { VhdxFile, WriteObserver } from '../formats/vhdx/vhdx.js';
+import { NodeFile } from '../util/file.js';
+import { guidEquals, guidToString, newGuid } from '../util/guid.js';
+import {
+  HEADER_SLOT,
+  decodeMrtSlot,
+  decodeRctHeader,
+  encodeMrtSlot,
+  encodeRctHeader,
+  formatId,
+  mapCrc,
+  mapSlotLength,
+  mapSlotOffset,
+  mrtSlotLength,
+  parseId,
+  type Binding,
+  type RctHeader,
+} from './format.js';
+
+export const DEFAULT_GRANULARITY = 256 * 1024;
+export const COARSE_REGION = 64 * 1024 * 1024;
+/** A map larger than this (a tiny granularity on a huge disk) is refused at enable. */
+const MAX_MAP_BYTES = 256 * 1024 * 1024;
+
+export interface ChangeRange {
+  offset: number;
+  length: number;
+}
+
+export interface ChangesResult {
+  ranges: ChangeRange[];
+  /** How much of the requested window this answer covers; page on from offset + processedLength. */
+  processedLength: number;
+  /** Bytes in `ranges`. */
+  totalBytes: number;
+}
+
+export interface TrackerStatus {
+  enabled: true;
+  state: 'valid' | 'reset';
+  reason: string | null;
+  epoch: string;
+  granularity: number;
+  counter: number;
+  firstId: string | null;
+  lastId: string | null;
+  inUse: boolean;
+  binding: { head: string; dataWriteGuid: string };
+  epochStartedAt: string;
+  lastSealAt: string | null;
+  trackingFiles: { rct: string; mrt: string };
+}
+
+export function trackingPaths(basePath: string): { rct: string; mrt: string } {
+  return { rct: `${basePath}.rct`, mrt: `${basePath}.mrt` };
+}
+
+async function exists(p: string): Promise<boolean> {
+  return access(p).then(
+    () => true,
+    () => false,
+  );
+}
+
+function baseOf(disk: VhdxFile): VhdxFile {
+  const chain = disk.chain();
+  return chain[chain.length - 1];
+}
+
+function currentBinding(disk: VhdxFile): Binding {
+  return { head: path.basename(disk.path), dataWriteGuid: disk.header.dataWriteGuid };
+}
+
+function sameBinding(a: Binding, b: Binding): boolean {
+  return a.head === b.head && guidEquals(a.dataWriteGuid, b.dataWriteGuid);
+}
+
+export class ChangeTracker implements WriteObserver {
+  private sessionMarked = new Set<number>();
+  private mrtSequence = 0n;
+  private closed = false;
+
+  private constructor(
+    readonly disk: VhdxFile,
+    readonly paths: { rct: string; mrt: string },
+    private header: RctHeader,
+    private map: Uint32Array,
+    private readonly writable: boolean,
+    private rct: NodeFile | undefined,
+    private mrt: NodeFile | undefined,
+  ) {}
+
+  get granularity(): number {
+    return this.header.granularity;
+  }
+
+  private get regionSize(): number {
+    return Math.max(COARSE_REGION, this.header.granularity);
+  }
+
+  private get regions(): number {
+    return Math.ceil(this.header.virtualSize / this.regionSize);
+  }
+
+  // ---------------------------------------------------------------- enable / disable
+
+  /** Creates the tracking files for `disk` (closed elsewhere, or about to be written) and a new epoch. */
+  static async enable(disk: VhdxFile, granularity = DEFAULT_GRANULARITY): Promise<void> {
+    if (
+      !Number.isSafeInteger(granularity) ||
+      granularity < 4096 ||
+      granularity > 2 ** 30 ||
+      (granularity & (granularity - 1)) !== 0
+    ) {
+      throw new TidemarkError('INVALID_ARGUMENT', `granularity ${granularity} is not a power of two from 4K to 1G`);
+    }
+    const granules = Math.ceil(disk.virtualSize / granularity);
+    if (granules * 4 > MAX_MAP_BYTES) {
+      throw new TidemarkError(
+        'LIMIT_EXCEEDED',
+        `granularity ${granularity} needs a ${granules * 4}-byte map for this disk; choose a larger one`,
+      );
+    }
+    const paths = trackingPaths(baseOf(disk).path);
+    if ((await exists(paths.rct)) || (await exists(paths.mrt))) {
+      throw new TidemarkError(
+        'ALREADY_EXISTS',
+        `change tracking is already enabled for ${baseOf(disk).path} (${paths.rct}); disable it first`,
+      );
+    }
+    const header = newEpochHeader(disk, granularity, '');
+    const rct = await NodeFile.open(paths.rct, 'wx');
+    try {
+      await rct.truncate(mapSlotOffset(granules, 1) + mapSlotLength(granules));
+      header.mapCrc = mapCrc(new Uint32Array(granules));
+      await rct.write(encodeRctHeader(header), 0);
+      await rct.write(encodeRctHeader({ ...header, sequence: header.sequence + 1n }), HEADER_SLOT);
+      await rct.datasync();
+    } finally {
+      await rct.close();
+    }
+    const mrt = await NodeFile.open(paths.mrt, 'wx');
+    try {
+      const regions = Math.ceil(disk.virtualSize / Math.max(COARSE_REGION, granularity));
+      const slot = encodeMrtSlot({
+        sequence: 1n,
+        epoch: header.epoch,
+        rctSequence: 0n,
+        regionSize: Math.max(COARSE_REGION, granularity),
+        regions,
+        bitmap: Buffer.alloc(Math.ceil(regions / 8)),
+      });
+      await mrt.write(slot, 0);
+      await mrt.write(Buffer.alloc(slot.length), slot.length);
+      await mrt.datasync();
+    } finally {
+      await mrt.close();
+    }
+  }
+
+  /** Removes the tracking files of the chain whose base is `basePath`. */
+  static async disable(basePath: string): Promise<boolean> {
+    const paths = trackingPaths(basePath);
+    let found = false;
+    for (const p of [paths.rct, paths.mrt]) {
+      try {
+        await unlink(p);
+        found = true;
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+      }
+    }
+    return found;
+  }
+
+  static async isEnabled(disk: VhdxFile): Promise<boolean> {
+    return exists(trackingPaths(baseOf(disk).path).rct);
+  }
+
+  // ---------------------------------------------------------------- open
+
+  /**
+   * Binds to an open disk. Returns undefined when the disk has no tracking files. With `writable`
+   * (the disk must be writable too) every change to the disk is tracked from now on, and the tracker
+   * is closed when the disk closes cleanly.
+   */
+  static async attach(disk: VhdxFile, opts: { writable?: boolean } = {}): Promise<ChangeTracker | undefined> {
+    const writable = opts.writable ?? disk.writable;
+    const paths = trackingPaths(baseOf(disk).path);
+    if (!(await exists(paths.rct))) return undefined;
+    const rct = await NodeFile.open(paths.rct, writable ? 'r+' : 'r');
+    let mrt: NodeFile | undefined;
+    try {
+      const loaded = await loadState(rct, disk);
+      let reason = loaded.problem;
+      if (!reason && loaded.header!.inUse) {
+        // Unclean close: everything the coarse map marked since the last persist counts as changed now.
+        reason = await recoverFromCoarseMap(paths.mrt, loaded.header!, loaded.map);
+      }
+      if (!reason) reason = await checkBinding(loaded.header!, disk);
+      let state = { header: loaded.header!, map: loaded.map };
+      if (reason) {
+        // A new epoch: every earlier id is refused from now on, and status says why.
+        const granularity = loaded.header?.granularity ?? DEFAULT_GRANULARITY;
+        const header = newEpochHeader(disk, granularity, reason);
+        header.sequence = (loaded.header?.sequence ?? 0n) + 1n;
+        state = { header, map: new Uint32Array(granulesOf(disk, granularity)) };
+      }
+      if (writable) mrt = await openOrCreate(paths.mrt);
+      const tracker = new ChangeTracker(
+        disk,
+        paths,
+        state.header,
+        state.map,
+        writable,
+        writable ? rct : undefined,
+        mrt,
+      );
+      const needed = mapSlotOffset(state.map.length, 1) + mapSlotLength(state.map.length);
+      if (writable) {
+        if (rct.size() < needed) await rct.truncate(needed);
+        await tracker.startSession();
+        disk.observer = tracker;
+      } else {
+        await rct.close();
+        // A reset found by a reader is recorded too, so every later look sees the same new epoch.
+        if (reason) await tracker.recordReset(paths.rct, needed);
+      }
+      return tracker;
+    } catch (err) {
+      await rct.close().catch(() => undefined);
+      await mrt?.close().catch(() => undefined);
+      throw err;
+    }
+  }
+
+  /** Marks the tracker in use and records the DataWriteGuid this session's first write will install. */
+  private async startSession(): Promise<void> {
+    const pending: Binding = { head: path.basename(this.disk.path), dataWriteGuid: newGuid() };
+    this.disk.setNextDataWriteGuid(pending.dataWriteGuid);
+    this.header.binding = currentBinding(this.disk);
+    this.header.pending = pending;
+    this.header.inUse = true;
+    await this.persist();
+  }
+
+  private async recordReset(rctPath: string, needed: number): Promise<void> {
+    let rct: NodeFile;
+    try {
+      rct = await NodeFile.open(rctPath, 'r+');
+    } catch {
+      return; // a read-only location: the reset stays in memory, ids are refused all the same
+    }
+    try {
+      if (rct.size() < needed) await rct.truncate(needed);
+      this.rct = rct;
+      await this.persist();
+    } finally {
+      this.rct = undefined;
+      await rct.close();
+    }
+  }
+
+  // ---------------------------------------------------------------- the write path
+
+  /** Called by the disk before every guest-visible change is issued to the file. */
+  async beforeChange(offset: number, length: number): Promise<void> {
+    if (this.closed || !this.writable) throw new TidemarkError('CLOSED', 'change tracker is closed');
+    const g = this.header.granularity;
+    const first = Math.floor(offset / g);
+    const last = Math.min(this.map.length - 1, Math.floor((offset + Math.max(length, 1) - 1) / g));
+    const counter = this.header.counter;
+    this.map.fill(counter, first, last + 1);
+    const r0 = Math.floor(offset / this.regionSize);
+    const r1 = Math.floor((offset + Math.max(length, 1) - 1) / this.regionSize);
+    let added = false;
+    for (let r = r0; r <= r1; r++) {
+      if (!this.sessionMarked.has(r)) {
+        this.sessionMarked.add(r);
+        added = true;
+      }
+    }
+    if (added) await this.writeCoarseMap();
+  }
+
+  /** Writes the coarse map (the regions marked since the last persist) to the other slot, durably. */
+  private async writeCoarseMap(): Promise<void> {
+    const regions = this.regions;
+    const bitmap = Buffer.alloc(Math.ceil(regions / 8));
+    for (const r of this.sessionMarked) bitmap[r >> 3] |= 1 << (r & 7);
+    this.mrtSequence++;
+    const slot = encodeMrtSlot({
+      sequence: this.mrtSequence,
+      epoch: this.header.epoch,
+      rctSequence: this.header.sequence,
+      regionSize: this.regionSize,
+      regions,
+      bitmap,
+    });
+    await this.mrt!.write(slot, Number(this.mrtSequence % 2n) * mrtSlotLength(regions));
+    await this.mrt!.datasync();
+  }
+
+  // ---------------------------------------------------------------- seal, close
+
+  /** Makes the disk's current state durable and returns its id; later writes belong to later ids. */
+  async seal(): Promise<string> {
+    this.assertWritable();
+    // Writes are held off from the flush to the persisted header: none can slip between the two.
+    return this.disk.flushAndHold(async () => {
+      const id = this.header.counter;
+      this.header.counter++;
+      this.header.lastSealAt = Date.now();
+      this.header.binding = currentBinding(this.disk);
+      this.header.resetReason = '';
+      await this.persist();
+      return formatId(this.header.epoch, id);
+    });
+  }
+
+  /** Called by the disk after a clean close: the map is persisted and the tracker marked not in use. */
+  async afterClose(): Promise<void> {
+    if (this.closed) return;
+    if (this.writable) {
+      this.header.binding = currentBinding(this.disk);
+      this.header.pending = null;
+      this.header.inUse = false;
+      await this.persist();
+    }
+    await this.closeFiles();
+  }
+
+  /** Stops tracking without a clean close (the next open recovers through the coarse map). */
+  async abandon(): Promise<void> {
+    await this.closeFiles();
+  }
+
+  private async closeFiles(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    if (this.disk.observer === this) this.disk.observer = undefined;
+    await this.rct?.close();
+    await this.mrt?.close();
+  }
+
+  /**
+   * Writes the map into the slot the current header does not use, then the next header (sequence + 1).
+   * The map always goes with the header: coarse marks made under the previous header are then covered
+   * by the persisted map, and marking starts afresh.
+   */
+  private async persist(): Promise<void> {
+    const rct = this.rct!;
+    const h = this.header;
+    const slot: 0 | 1 = h.mapSlot === 0 ? 1 : 0;
+    await rct.write(
+      new Uint8Array(this.map.buffer, this.map.byteOffset, this.map.byteLength),
+      mapSlotOffset(this.map.length, slot),
+    );
+    await rct.datasync();
+    h.mapSlot = slot;
+    h.mapCrc = mapCrc(this.map);
+    h.sequence++;
+    await rct.write(encodeRctHeader(h), Number(h.sequence % 2n) * HEADER_SLOT);
+    await rct.datasync();
+    this.sessionMarked.clear();
+  }
+
+  private assertWritable(): void {
+    if (this.closed) throw new TidemarkError('CLOSED', 'change tracker is closed');
+    if (!this.writable) throw new TidemarkError('READ_ONLY', 'change tracker is open read-only');
+  }
+
+  // ---------------------------------------------------------------- queries
+
+  /** The id a query would refuse, with why; undefined when the id is good. */
+  private refusal(id: string): string | undefined {
+    const parsed = parseId(id);
+    const h = this.header;
+    const why = h.resetReason ? ` (tracking restarted: ${h.resetReason})` : '';
+    if (!parsed) return `"${id}" is not a change tracking id`;
+    if (!guidEquals(parsed.epoch, h.epoch))
+      return `${id} belongs to another tracking epoch; the current epoch is ${guidToString(h.epoch)}${why}`;
+    if (parsed.counter < h.firstCounter || parsed.counter >= h.counter) return `${id} was never sealed in this epoch`;
+    return undefined;
+  }
+
+  /**
+   * QueryChangesVirtualDisk: granularity-aligned, coalesced ranges of [offset, offset+length) changed
+   * since `sinceId`, at most `maxRanges` of them; `processedLength` tells where to continue.
+   * `sinceId` "*" answers every allocated range (for a first full backup).
+   */
+  async changes(sinceId: string, offset = 0, length?: number, maxRanges = Infinity): Promise<ChangesResult> {
+    const size = this.header.virtualSize;
+    const len = length ?? size - offset;
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(len) || offset < 0 || len < 0 || offset + len > size) {
+      throw new TidemarkError('INVALID_ARGUMENT', `range [${offset}, +${len}) is outside the ${size}-byte disk`);
+    }
+    if (maxRanges < 1) throw new TidemarkError('INVALID_ARGUMENT', 'maxRanges must be at least 1');
+    if (sinceId === '*') return limitRanges(await this.disk.allocatedExtents(offset, len), offset, len, maxRanges);
+    const refused = this.refusal(sinceId);
+    if (refused) throw new TidemarkError('MISSING_CHANGE_TRACKING_INFORMATION', refused, { id: sinceId });
+    const since = parseId(sinceId)!.counter;
+    const g = this.header.granularity;
+    const end = offset + len;
+    const ranges: ChangeRange[] = [];
+    const map = this.map;
+    let i = Math.floor(offset / g);
+    const last = Math.ceil(end / g);
+    while (i < last) {
+      if (map[i] <= since) {
+        i++;
+        continue;
+      }
+      const start = i;
+      while (i < last && map[i] > since) i++;
+      const from = Math.max(offset, start * g);
+      const to = Math.min(end, i * g);
+      if (ranges.length === maxRanges) return { ranges, processedLength: from - offset, totalBytes: sum(ranges) };
+      ranges.push({ offset: from, length: to - from });
+    }
+    return { ranges, processedLength: len, totalBytes: sum(ranges) };
+  }
+
+  status(): TrackerStatus {
+    const h = this.header;
+    return {
+      enabled: true,
+      state: h.resetReason ? 'reset' : 'valid',
+      reason: h.resetReason || null,
+      epoch: guidToString(h.epoch),
+      granularity: h.granularity,
+      counter: h.counter,
+      firstId: h.counter > h.firstCounter ? formatId(h.epoch, h.firstCounter) : null,
+      lastId: h.counter > h.firstCounter ? formatId(h.epoch, h.counter - 1) : null,
+      inUse: h.inUse,
+      binding: { head: h.binding.head, dataWriteGuid: guidToString(h.binding.dataWriteGuid) },
+      epochStartedAt: new Date(h.epochStartedAt).toISOString(),
+      lastSealAt: h.lastSealAt ? new Date(h.lastSealAt).toISOString() : null,
+      trackingFiles: this.paths,
+    };
+  }
+
+  /** Memory held by the fine map. */
+  get mapBytes(): number {
+    return this.map.byteLength;
+  }
+
+  // ---------------------------------------------------------------- merge support
+}
+
+/**
+ * Rewrites the current header of a tracker that is not in use (nothing else is open): the merge uses
+ * it to record the binding the merged parent will carry.
+ */
+export async function updateIdleHeader(basePath: string, mutate: (h: RctHeader) => void): Promise<boolean> {
+  const paths = trackingPaths(basePath);
+  if (!(await exists(paths.rct))) return false;
+  const rct = await NodeFile.open(paths.rct, 'r+');
+  try {
+    const slots = Buffer.alloc(2 * HEADER_SLOT);
+    await rct.read(slots, 0);
+    const cur = pickHeader(
+      decodeRctHeader(slots.subarray(0, HEADER_SLOT)),
+      decodeRctHeader(slots.subarray(HEADER_SLOT)),
+    );
+    if (!cur || cur.inUse) return false;
+    mutate(cur);
+    cur.sequence++;
+    await rct.write(encodeRctHeader(cur), Number(cur.sequence % 2n) * HEADER_SLOT);
+    await rct.datasync();
+    return true;
+  } finally {
+    await rct.close();
+  }
+}
+
+function pickHeader(a: RctHeader | string, b: RctHeader | string): RctHeader | undefined {
+  if (typeof a === 'string') return typeof b === 'string' ? undefined : b;
+  if (typeof b === 'string') return a;
+  return b.sequence > a.sequence ? b : a;
+}
+
+function sum(ranges: ChangeRange[]): number {
+  return ranges.reduce((n, r) => n + r.length, 0);
+}
+
+function limitRanges(extents: ChangeRange[], offset: number, len: number, maxRanges: number): ChangesResult {
+  if (extents.length <= maxRanges) return { ranges: extents, processedLength: len, totalBytes: sum(extents) };
+  const ranges = extents.slice(0, maxRanges);
+  return { ranges, processedLength: extents[maxRanges].offset - offset, totalBytes: sum(ranges) };
+}
+
+function granulesOf(disk: VhdxFile, granularity: number): number {
+  return Math.ceil(disk.virtualSize / granularity);
+}
+
+function newEpochHeader(disk: VhdxFile, granularity: number, reason: string): RctHeader {
+  const now = Date.now();
+  return {
+    sequence: 1n,
+    inUse: false,
+    granularity,
+    epoch: newGuid(),
+    counter: 1,
+    firstCounter: 1,
+    mapSlot: 0,
+    mapCrc: 0,
+    virtualSize: disk.virtualSize,
+    virtualDiskId: Buffer.from(disk.virtualDiskId),
+    binding: currentBinding(disk),
+    pending: null,
+    epochStartedAt: now,
+    lastSealAt: 0,
+    resetReason: reason,
+  };
+}
+
+/** Reads the current header and its map; `problem` says why they cannot be trusted. */
+async function loadState(
+  rct: NodeFile,
+  disk: VhdxFile,
+): Promise<{ header: RctHeader | undefined; map: Uint32Array; problem?: string }> {
+  const slots = Buffer.alloc(2 * HEADER_SLOT);
+  await rct.read(slots, 0);
+  const a = decodeRctHeader(slots.subarray(0, HEADER_SLOT));
+  const b = decodeRctHeader(slots.subarray(HEADER_SLOT));
+  const header = pickHeader(a, b);
+  if (!header) {
+    return {
+      header: undefined,
+      map: new Uint32Array(0),
+      problem: `the tracking file is damaged (header 1: ${a}; header 2: ${b})`,
+    };
+  }
+  const granules = Math.ceil(header.virtualSize / header.granularity);
+  const bad = (problem: string) => ({ header, map: new Uint32Array(0), problem });
+  if (header.virtualSize !== disk.virtualSize)
+    return bad(`the disk was resized (${header.virtualSize} → ${disk.virtualSize} bytes)`);
+  if (!guidEquals(header.virtualDiskId, disk.virtualDiskId))
+    return bad('the tracking files belong to another virtual disk');
+  if (granules * 4 > MAX_MAP_BYTES) return bad('the tracking file claims an oversized map');
+  if (rct.size() < mapSlotOffset(granules, header.mapSlot) + granules * 4) return bad('the tracking file is truncated');
+  const map = new Uint32Array(granules);
+  await rct.read(new Uint8Array(map.buffer), mapSlotOffset(granules, header.mapSlot));
+  if (mapCrc(map) !== header.mapCrc) return bad('the change map failed its checksum');
+  for (let i = 0; i < map.length; i++) {
+    if (map[i] > header.counter) return bad('the change map holds counters from the future');
+  }
+  return { header, map };
+}
+
+/** After an unclean close: stamps every region the coarse map marked since the last persist. */
+async function recoverFromCoarseMap(mrtPath: string, header: RctHeader, map: Uint32Array): Promise<string | undefined> {
+  if (!(await exists(mrtPath))) return 'the disk was not closed cleanly and its coarse change map is missing';
+  const regionSize = Math.max(COARSE_REGION, header.granularity);
+  const regions = Math.ceil(header.virtualSize / regionSize);
+  const len = mrtSlotLength(regions);
+  const f = await NodeFile.open(mrtPath, 'r');
+  let slots: Buffer;
+  try {
+    slots = Buffer.alloc(2 * len);
+    await f.read(slots, 0);
+  } finally {
+    await f.close();
+  }
+  const candidates = [
+    decodeMrtSlot(slots.subarray(0, len), regions),
+    decodeMrtSlot(slots.subarray(len), regions),
+  ].filter(
+    (s): s is Exclude<typeof s, string> =>
+      typeof s !== 'string' && guidEquals(s.epoch, header.epoch) && s.regionSize === regionSize,
+  );
+  if (candidates.length === 0) return 'the disk was not closed cleanly and its coarse change map cannot be trusted';
+  // The newest marks: those of the newest map generation, then the later write of the two slots.
+  const newer = (x: (typeof candidates)[0], y: (typeof candidates)[0]) =>
+    y.rctSequence > x.rctSequence || (y.rctSequence === x.rctSequence && y.sequence > x.sequence);
+  const latest = candidates.reduce((x, y) => (newer(x, y) ? y : x));
+  if (latest.rctSequence > header.sequence) return 'the coarse change map is newer than the change map';
+  if (latest.rctSequence < header.sequence) return undefined; // every mark is already in the map
+  const g = header.granularity;
+  for (let r = 0; r < regions; r++) {
+    if ((latest.bitmap[r >> 3] >> (r & 7)) & 1) {
+      map.fill(
+        header.counter,
+        Math.floor((r * regionSize) / g),
+        Math.min(map.length, Math.ceil(((r + 1) * regionSize) / g)),
+      );
+    }
+  }
+  return undefined;
+}
+
+/** Is the disk still the one the tracker last saw? Returns why not, or undefined. */
+async function checkBinding(header: RctHeader, disk: VhdxFile): Promise<string | undefined> {
+  const now = currentBinding(disk);
+  if (sameBinding(now, header.binding) || (header.pending && sameBinding(now, header.pending))) return undefined;
+  if (now.head !== header.binding.head) {
+    // A new differencing disk over the recorded head (a checkpoint): fine while nothing wrote into it.
+    const ancestor = disk.chain().find((d) => path.basename(d.path) === header.binding.head);
+    if (ancestor && guidEquals(ancestor.header.dataWriteGuid, header.binding.dataWriteGuid)) {
+      if (!(await ownsData(disk))) return undefined;
+      return `${now.head} was written without change tracking`;
+    }
+    return `the disk's head is ${now.head}, but tracking last saw ${header.binding.head}`;
+  }
+  return `${now.head} was modified by another program or replaced by another copy (DataWriteGuid ${guidToString(now.dataWriteGuid)}, tracking expected ${guidToString(header.binding.dataWriteGuid)})`;
+}
+
+/** Whether the head file itself (not its parents) holds any block. */
+async function ownsData(disk: VhdxFile): Promise<boolean> {
+  for await (const { entry } of disk.ownBlocks()) {
+    if (entry.state !== 0) return true;
+  }
+  return false;
+}
+
+async function openOrCreate(p: string): Promise<NodeFile> {
+  try {
+    return await NodeFile.open(p, 'r+');
+  } catch (err) {
+    if (err instanceof TidemarkError && err.code === 'NOT_FOUND') return NodeFile.open(p, 'wx');
+    throw err;
+  }
+}
