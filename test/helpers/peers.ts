@@ -3,7 +3,7 @@
  * (libvhdi-utils). A missing peer skips its tests with one loud line, or fails them in CI
  * (TIDEMARK_REQUIRE_PEERS=1, set by scripts/test.sh when CI=true).
  */
-import { execFile, spawnSync } from 'node:child_process';
+import { execFile, spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createReadStream, createWriteStream, mkdtempSync, rmSync } from 'node:fs';
 import { mkdir, rm } from 'node:fs/promises';
@@ -75,18 +75,16 @@ export async function qemuImgToRaw(src: string, fmt: string, dst: string): Promi
 
 /** 7-Zip's view of a VHDX (it resolves a differencing disk's parent beside it): the raw content, in a file. */
 export async function sevenZipExtract(file: string, dst: string): Promise<void> {
-  await new Promise<void>((resolve, reject) => {
-    const child = execFile('7zz', ['e', '-so', file], { encoding: 'buffer', maxBuffer: 0 } as never);
-    const out = createWriteStream(dst);
-    child.stdout!.pipe(out);
-    let stderr = '';
-    child.stderr!.on('data', (d) => (stderr += d));
+  const child = spawn('7zz', ['e', '-so', file], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (d) => (stderr += d));
+  const exited = new Promise<number | null>((resolve, reject) => {
     child.on('error', reject);
-    child.on('close', (code) => {
-      out.on('finish', () => (code === 0 ? resolve() : reject(new Error(`7zz e -so ${file} exited ${code}: ${stderr}`))));
-      out.end();
-    });
+    child.on('close', resolve);
   });
+  await pipeline(child.stdout, createWriteStream(dst));
+  const code = await exited;
+  if (code !== 0) throw new Error(`7zz e -so ${file} exited ${code}: ${stderr.trim()}`);
 }
 
 /** libvhdi's view (vhdimount over FUSE; parents are found by name beside the file): the raw content, in a file. */
