@@ -15,7 +15,8 @@ let dir: string | undefined;
 export function fixturePath(name: string): string {
   dir ??= mkdtempSync(path.join(os.tmpdir(), 'tidemark-fixtures-'));
   const out = path.join(dir, name);
-  if (!existsSync(out)) writeFileSync(out, execFileSync('bzip2', ['-dc', path.join(FIXTURES, `${name}.bz2`)], { maxBuffer: 2 ** 31 }));
+  if (!existsSync(out))
+    writeFileSync(out, execFileSync('bzip2', ['-dc', path.join(FIXTURES, `${name}.bz2`)], { maxBuffer: 2 ** 31 }));
   return out;
 }
 

@@ -5,7 +5,7 @@
  */
 import { execFile, spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { createReadStream, createWriteStream, mkdtempSync, rmSync } from 'node:fs';
+import { createReadStream, createWriteStream, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { mkdir, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -33,13 +33,18 @@ export function missingPeers(...names: string[]): boolean {
   return true;
 }
 
-export async function run(cmd: string, args: string[], opts: { allowFail?: boolean } = {}): Promise<{ code: number; stdout: string; stderr: string }> {
+export async function run(
+  cmd: string,
+  args: string[],
+  opts: { allowFail?: boolean } = {},
+): Promise<{ code: number; stdout: string; stderr: string }> {
   try {
     const { stdout, stderr } = await execFileP(cmd, args, { maxBuffer: 64 * 1024 * 1024 });
     return { code: 0, stdout, stderr };
   } catch (err) {
     const e = err as { code?: number; stdout?: string; stderr?: string };
-    if (!opts.allowFail) throw new Error(`${cmd} ${args.join(' ')} failed (${e.code}): ${e.stderr ?? ''}${e.stdout ?? ''}`);
+    if (!opts.allowFail)
+      throw new Error(`${cmd} ${args.join(' ')} failed (${e.code}): ${e.stderr ?? ''}${e.stdout ?? ''}`);
     return { code: typeof e.code === 'number' ? e.code : 1, stdout: e.stdout ?? '', stderr: e.stderr ?? '' };
   }
 }
@@ -49,19 +54,31 @@ export async function qemuImgCheck(file: string): Promise<{ ok: boolean; output:
   return { ok: r.code === 0, output: r.stdout + r.stderr };
 }
 
-export async function qemuImgCompare(a: string, fmtA: string, b: string, fmtB: string): Promise<{ identical: boolean; output: string }> {
+export async function qemuImgCompare(
+  a: string,
+  fmtA: string,
+  b: string,
+  fmtB: string,
+): Promise<{ identical: boolean; output: string }> {
   const r = await run('qemu-img', ['compare', '-f', fmtA, '-F', fmtB, a, b], { allowFail: true });
   if (r.code > 1) throw new Error(`qemu-img compare failed: ${r.stderr}`);
   return { identical: r.code === 0, output: r.stdout + r.stderr };
 }
 
-export async function qemuImgCreateVhdx(file: string, size: number, opts: { subformat: 'dynamic' | 'fixed'; blockSize?: number }): Promise<void> {
+export async function qemuImgCreateVhdx(
+  file: string,
+  size: number,
+  opts: { subformat: 'dynamic' | 'fixed'; blockSize?: number },
+): Promise<void> {
   const o = [`subformat=${opts.subformat}`];
   if (opts.blockSize) o.push(`block_size=${opts.blockSize}`);
   await run('qemu-img', ['create', '-q', '-f', 'vhdx', '-o', o.join(','), file, String(size)]);
 }
 
-export async function qemuIoWrite(file: string, writes: { offset: number; length: number; pattern: number }[]): Promise<void> {
+export async function qemuIoWrite(
+  file: string,
+  writes: { offset: number; length: number; pattern: number }[],
+): Promise<void> {
   const args = ['-f', 'vhdx'];
   for (const w of writes) args.push('-c', `write -P 0x${w.pattern.toString(16)} ${w.offset} ${w.length}`);
   args.push(file);
@@ -87,13 +104,19 @@ export async function sevenZipExtract(file: string, dst: string): Promise<void> 
   if (code !== 0) throw new Error(`7zz e -so ${file} exited ${code}: ${stderr.trim()}`);
 }
 
-/** libvhdi's view (vhdimount over FUSE; parents are found by name beside the file): the raw content, in a file. */
+/**
+ * libvhdi's view (vhdimount over FUSE; parents are found by name beside the file): the raw content, in a
+ * file. For a chain vhdimount exposes every level, vhdi1 (the base) to vhdiN (the file given): take vhdiN.
+ */
 export async function vhdiExtract(file: string, dst: string): Promise<void> {
   const mnt = mkdtempSync(path.join(os.tmpdir(), 'vhdimnt-'));
   try {
     await run('vhdimount', [file, mnt]);
     try {
-      await pipeline(createReadStream(path.join(mnt, 'vhdi1')), createWriteStream(dst));
+      const levels = readdirSync(mnt).filter((n) => /^vhdi\d+$/.test(n));
+      const top = levels.sort((a, b) => Number(a.slice(4)) - Number(b.slice(4))).at(-1);
+      if (!top) throw new Error(`vhdimount ${file} exposed nothing`);
+      await pipeline(createReadStream(path.join(mnt, top)), createWriteStream(dst));
     } finally {
       await run('umount', [mnt], { allowFail: true });
     }

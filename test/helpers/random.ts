@@ -1,5 +1,10 @@
 /** A small seeded PRNG (mulberry32) so random tests are reproducible: every test prints its seed. */
-export function rng(seed: number): { next(): number; int(n: number): number; pick<T>(xs: T[]): T; bytes(n: number): Buffer } {
+export function rng(seed: number): {
+  next(): number;
+  int(n: number): number;
+  pick<T>(xs: T[]): T;
+  bytes(n: number): Buffer;
+} {
   let a = seed >>> 0;
   const next = () => {
     a = (a + 0x6d2b79f5) >>> 0;

@@ -9,7 +9,8 @@ const MiB = 2 ** 20;
 
 async function contentHash(disk: VhdxFile): Promise<string> {
   const h = createHash('sha256');
-  for (let at = 0; at < disk.virtualSize; at += 16 * MiB) h.update(await disk.readAt(at, Math.min(16 * MiB, disk.virtualSize - at)));
+  for (let at = 0; at < disk.virtualSize; at += 16 * MiB)
+    h.update(await disk.readAt(at, Math.min(16 * MiB, disk.virtualSize - at)));
   return h.digest('hex');
 }
 
@@ -50,7 +51,9 @@ describe('real files', () => {
       expect(disk.virtualSize).toBe(256 * MiB);
       expect(disk.blockSize).toBe(2 * MiB);
       const [h1, h2] = disk.headerSlots;
-      expect(typeof h1 === 'object' && typeof h2 === 'object' && h1.sequenceNumber === 1n && h2.sequenceNumber === 1n).toBe(true);
+      expect(
+        typeof h1 === 'object' && typeof h2 === 'object' && h1.sequenceNumber === 1n && h2.sequenceNumber === 1n,
+      ).toBe(true);
       const mbr = await disk.readAt(0, 512);
       expect([mbr[510], mbr[511]]).toEqual([0x55, 0xaa]);
       const hist = new Map<number, number>();

@@ -20,7 +20,8 @@ import {
   tempDir,
   vhdiExtract,
 } from '../helpers/peers.js';
-import { rng, seedFrom } from '../helpers/random.js';
+import { seedFrom } from '../helpers/random.js';
+import { scribble } from '../helpers/scribble.js';
 
 const MiB = 2 ** 20;
 const SEED = seedFrom('TIDEMARK_INTEROP_SEED', 20261124);
@@ -31,40 +32,12 @@ let cleanup: () => Promise<void>;
 beforeAll(async () => ({ dir, cleanup } = await tempDir('interop')));
 afterAll(async () => cleanup());
 
-/**
- * Seeded writes, write-zeroes and trims through the engine, mirrored into `expected`: unaligned
- * offsets and lengths, half of them straddling a block boundary.
- */
-export async function scribble(disk: VhdxFile, expected: Buffer, seed: number, ops: number): Promise<void> {
-  const r = rng(seed);
-  const size = expected.length;
-  const blocks = Math.ceil(size / disk.blockSize);
-  for (let i = 0; i < ops; i++) {
-    const kind = r.next();
-    const len = 1 + r.int(r.next() < 0.3 ? 4 * MiB : 64 * 1024);
-    const near = r.next() < 0.5 ? r.int(blocks) * disk.blockSize - r.int(len) : r.int(size);
-    const offset = Math.max(0, Math.min(size - 1, near));
-    const n = Math.min(len, size - offset);
-    if (kind < 0.8) {
-      const data = r.bytes(n);
-      await disk.write(data, offset);
-      data.copy(expected, offset);
-    } else if (kind < 0.9) {
-      await disk.writeZeroes(offset, n);
-      expected.fill(0, offset, offset + n);
-    } else {
-      await disk.trim(offset, n);
-      expected.fill(0, offset, offset + n);
-    }
-    if (r.next() < 0.1) await disk.flush();
-  }
-}
-
 async function readAll(path: string): Promise<Buffer> {
   const disk = await VhdxFile.open(path);
   try {
     const out = Buffer.alloc(disk.virtualSize);
-    for (let at = 0; at < out.length; at += 64 * MiB) await disk.read(out.subarray(at, Math.min(out.length, at + 64 * MiB)), at);
+    for (let at = 0; at < out.length; at += 64 * MiB)
+      await disk.read(out.subarray(at, Math.min(out.length, at + 64 * MiB)), at);
     return out;
   } finally {
     await disk.close();
@@ -74,7 +47,7 @@ async function readAll(path: string): Promise<Buffer> {
 const peersMissing = missingPeers('qemu-img', 'qemu-io', '7zz', 'vhdimount');
 
 describe.skipIf(peersMissing)('files we write', () => {
-  const cases: [('fixed' | 'dynamic'), number, 512 | 4096][] = [];
+  const cases: ['fixed' | 'dynamic', number, 512 | 4096][] = [];
   for (const type of ['dynamic', 'fixed'] as const)
     for (const bs of [1, 2, 32, 256]) for (const lss of [512, 4096] as const) cases.push([type, bs, lss]);
 
@@ -111,13 +84,19 @@ describe.skipIf(peersMissing)('files we write', () => {
 
 describe.skipIf(peersMissing)('peer quirks we rely on knowing', () => {
   it('7zz refuses a VHDX whose virtual size is not a multiple of 4 KiB, even one qemu-img made', async () => {
-    for (const [size, opens] of [[24 * MiB + 512, false], [24 * MiB + 4096, true]] as const) {
+    for (const [size, opens] of [
+      [24 * MiB + 512, false],
+      [24 * MiB + 4096, true],
+    ] as const) {
       const ours = `${dir}/7z-ours-${size}.vhdx`;
       const theirs = `${dir}/7z-qemu-${size}.vhdx`;
       await createVhdx(ours, { size, blockSize: 2 * MiB });
       await qemuImgCreateVhdx(theirs, size, { subformat: 'dynamic', blockSize: 2 * MiB });
       for (const f of [ours, theirs]) {
-        const opened = await sevenZipExtract(f, `${f}.raw`).then(() => true, () => false);
+        const opened = await sevenZipExtract(f, `${f}.raw`).then(
+          () => true,
+          () => false,
+        );
         expect(opened, `${f}`).toBe(opens);
       }
       // libvhdi has no such limit
@@ -128,31 +107,39 @@ describe.skipIf(peersMissing)('peer quirks we rely on knowing', () => {
 });
 
 describe.skipIf(peersMissing)('files qemu-img writes', () => {
-  const cases: [('fixed' | 'dynamic'), number][] = [['dynamic', 1], ['dynamic', 32], ['fixed', 2], ['fixed', 8]];
-  it.each(cases)('qemu-img %s, %i MiB blocks: we read what qemu-io wrote, qemu reads what we write', async (subformat, bsMiB) => {
-    const size = 40 * MiB;
-    const file = `${dir}/q-${subformat}-${bsMiB}.vhdx`;
-    await qemuImgCreateVhdx(file, size, { subformat, blockSize: bsMiB * MiB });
-    await qemuIoWrite(file, [
-      { offset: 0, length: 64 * 1024, pattern: 0x11 },
-      { offset: 3 * MiB + 512, length: 5 * MiB, pattern: 0x22 },
-      { offset: 39 * MiB, length: MiB, pattern: 0x33 },
-    ]);
-    const viaQemu = `${file}.q.raw`;
-    await qemuImgToRaw(file, 'vhdx', viaQemu);
-    const expected = readFileSync(viaQemu);
-    expect((await readAll(file)).equals(expected)).toBe(true);
+  const cases: ['fixed' | 'dynamic', number][] = [
+    ['dynamic', 1],
+    ['dynamic', 32],
+    ['fixed', 2],
+    ['fixed', 8],
+  ];
+  it.each(cases)(
+    'qemu-img %s, %i MiB blocks: we read what qemu-io wrote, qemu reads what we write',
+    async (subformat, bsMiB) => {
+      const size = 40 * MiB;
+      const file = `${dir}/q-${subformat}-${bsMiB}.vhdx`;
+      await qemuImgCreateVhdx(file, size, { subformat, blockSize: bsMiB * MiB });
+      await qemuIoWrite(file, [
+        { offset: 0, length: 64 * 1024, pattern: 0x11 },
+        { offset: 3 * MiB + 512, length: 5 * MiB, pattern: 0x22 },
+        { offset: 39 * MiB, length: MiB, pattern: 0x33 },
+      ]);
+      const viaQemu = `${file}.q.raw`;
+      await qemuImgToRaw(file, 'vhdx', viaQemu);
+      const expected = readFileSync(viaQemu);
+      expect((await readAll(file)).equals(expected)).toBe(true);
 
-    const disk = await VhdxFile.open(file, { writable: true });
-    try {
-      await scribble(disk, expected, SEED + bsMiB, 30);
-    } finally {
-      await disk.close();
-    }
-    writeFileSync(`${file}.expected`, expected);
-    const check = await qemuImgCheck(file);
-    expect(check.ok, check.output).toBe(true);
-    const cmp = await qemuImgCompare(file, 'vhdx', `${file}.expected`, 'raw');
-    expect(cmp.identical, cmp.output).toBe(true);
-  });
+      const disk = await VhdxFile.open(file, { writable: true });
+      try {
+        await scribble(disk, expected, SEED + bsMiB, 30);
+      } finally {
+        await disk.close();
+      }
+      writeFileSync(`${file}.expected`, expected);
+      const check = await qemuImgCheck(file);
+      expect(check.ok, check.output).toBe(true);
+      const cmp = await qemuImgCompare(file, 'vhdx', `${file}.expected`, 'raw');
+      expect(cmp.identical, cmp.output).toBe(true);
+    },
+  );
 });

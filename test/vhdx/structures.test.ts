@@ -77,7 +77,10 @@ describe('Windows 10 fragments', () => {
     const t = decodeRegionTable(table);
     if (typeof t === 'string') throw new Error(t);
     expect(t.checksum).toBe(0xc66b8cae);
-    expect(t.entries.map((e) => guidToString(e.guid))).toEqual([guidToString(REGION_BAT), guidToString(REGION_METADATA)]);
+    expect(t.entries.map((e) => guidToString(e.guid))).toEqual([
+      guidToString(REGION_BAT),
+      guidToString(REGION_METADATA),
+    ]);
     expect(t.entries[0]).toMatchObject({ fileOffset: 3 * 2 ** 20, length: 2 ** 20, required: true });
     expect(encodeRegionTable(t.entries).equals(table)).toBe(true);
   });
@@ -109,13 +112,31 @@ describe('Windows 10 fragments', () => {
 
 describe('round trips', () => {
   it('header', () => {
-    const h = { sequenceNumber: 123456789012n, fileWriteGuid: newGuid(), dataWriteGuid: newGuid(), logGuid: newGuid(), logVersion: 0, version: 1, logLength: 2 ** 20, logOffset: 2 ** 20 };
+    const h = {
+      sequenceNumber: 123456789012n,
+      fileWriteGuid: newGuid(),
+      dataWriteGuid: newGuid(),
+      logGuid: newGuid(),
+      logVersion: 0,
+      version: 1,
+      logLength: 2 ** 20,
+      logOffset: 2 ** 20,
+    };
     const d = decodeHeader(encodeHeader(h), 0) as VhdxHeader;
     expect({ ...d, checksum: 0 }).toEqual({ ...h, checksum: 0 });
   });
 
   it('current header choice', () => {
-    const base = { fileWriteGuid: newGuid(), dataWriteGuid: newGuid(), logGuid: newGuid(), logVersion: 0, version: 1, logLength: 2 ** 20, logOffset: 2 ** 20, checksum: 0 };
+    const base = {
+      fileWriteGuid: newGuid(),
+      dataWriteGuid: newGuid(),
+      logGuid: newGuid(),
+      logVersion: 0,
+      version: 1,
+      logLength: 2 ** 20,
+      logOffset: 2 ** 20,
+      checksum: 0,
+    };
     const a = { ...base, sequenceNumber: 5n };
     const b = { ...base, sequenceNumber: 6n };
     expect(pickCurrentHeader(a, b)!.slot).toBe(1);
@@ -126,15 +147,30 @@ describe('round trips', () => {
   });
 
   it('file parameters, parent locator', () => {
-    for (const p of [{ blockSize: 2 ** 20, leaveBlockAllocated: true, hasParent: false }, { blockSize: 2 ** 28, leaveBlockAllocated: false, hasParent: true }]) {
+    for (const p of [
+      { blockSize: 2 ** 20, leaveBlockAllocated: true, hasParent: false },
+      { blockSize: 2 ** 28, leaveBlockAllocated: false, hasParent: true },
+    ]) {
       expect(decodeFileParameters(encodeFileParameters(p), 0)).toEqual(p);
     }
-    const loc = { locatorType: PARENT_LOCATOR_TYPE_VHDX, entries: [['parent_linkage', '{83ed0ec3-24c8-49a6-a959-5e4bf1288bfb}'], ['relative_path', '..\\..\\path2\\sub3\\parent.vhdx'], ['absolute_win32_path', '\\\\?\\d:\\path2\\sub3\\parent.vhdx']] as [string, string][] };
+    const loc = {
+      locatorType: PARENT_LOCATOR_TYPE_VHDX,
+      entries: [
+        ['parent_linkage', '{83ed0ec3-24c8-49a6-a959-5e4bf1288bfb}'],
+        ['relative_path', '..\\..\\path2\\sub3\\parent.vhdx'],
+        ['absolute_win32_path', '\\\\?\\d:\\path2\\sub3\\parent.vhdx'],
+      ] as [string, string][],
+    };
     expect(decodeParentLocator(encodeParentLocator(loc), 0)).toEqual(loc);
   });
 
   it('BAT entries and geometry', () => {
-    for (const [state, offset] of [[6, 3 * 2 ** 20], [7, 2 ** 44], [0, 0], [2, 0]]) {
+    for (const [state, offset] of [
+      [6, 3 * 2 ** 20],
+      [7, 2 ** 44],
+      [0, 0],
+      [2, 0],
+    ]) {
       const [lo, hi] = encodeBatEntry(state, offset);
       expect(decodeBatEntry(lo, hi)).toEqual({ state, offset, reservedBits: 0 });
     }
@@ -151,9 +187,17 @@ describe('round trips', () => {
   it('log entries: data and zero descriptors, a second descriptor sector, wrap-around', () => {
     const logGuid = newGuid();
     const ops: LogOp[] = [];
-    for (let i = 0; i < 130; i++) ops.push({ kind: 'data', fileOffset: 3 * 2 ** 20 + i * 4096, data: Buffer.alloc(4096, i) });
+    for (let i = 0; i < 130; i++)
+      ops.push({ kind: 'data', fileOffset: 3 * 2 ** 20 + i * 4096, data: Buffer.alloc(4096, i) });
     ops.push({ kind: 'zero', fileOffset: 8 * 2 ** 20, length: 64 * 1024 });
-    const entry = encodeLogEntry({ tail: 0, sequenceNumber: 0x1234567890n, logGuid, flushedFileOffset: 16 * 2 ** 20, lastFileOffset: 20 * 2 ** 20, ops });
+    const entry = encodeLogEntry({
+      tail: 0,
+      sequenceNumber: 0x1234567890n,
+      logGuid,
+      flushedFileOffset: 16 * 2 ** 20,
+      lastFileOffset: 20 * 2 ** 20,
+      ops,
+    });
     expect(entry.length).toBe((2 + 130) * 4096);
     const log = Buffer.alloc(2 ** 20);
     // Place it so that it wraps around the end of the ring.
@@ -162,7 +206,14 @@ describe('round trips', () => {
     entry.copy(log, 0, 8 * 4096);
     log.writeUInt32LE(pos, pos + 12); // tail = itself
     // re-encode at the right tail so the CRC matches
-    const placed = encodeLogEntry({ tail: pos, sequenceNumber: 0x1234567890n, logGuid, flushedFileOffset: 16 * 2 ** 20, lastFileOffset: 20 * 2 ** 20, ops });
+    const placed = encodeLogEntry({
+      tail: pos,
+      sequenceNumber: 0x1234567890n,
+      logGuid,
+      flushedFileOffset: 16 * 2 ** 20,
+      lastFileOffset: 20 * 2 ** 20,
+      ops,
+    });
     placed.copy(log, pos, 0, 8 * 4096);
     placed.copy(log, 0, 8 * 4096);
     const ctx = { logOffset: 2 ** 20, logLength: 2 ** 20, logGuid };
@@ -178,10 +229,27 @@ describe('round trips', () => {
     const ctx = { logOffset: 2 ** 20, logLength: 2 ** 20, logGuid };
     const log = Buffer.alloc(2 ** 20);
     const op = (b: number): LogOp[] => [{ kind: 'data', fileOffset: 4 * 2 ** 20, data: Buffer.alloc(4096, b) }];
-    encodeLogEntry({ tail: 0, sequenceNumber: 10n, logGuid, flushedFileOffset: 0, lastFileOffset: 0, ops: op(1) }).copy(log, 0);
-    encodeLogEntry({ tail: 8192, sequenceNumber: 11n, logGuid, flushedFileOffset: 0, lastFileOffset: 0, ops: op(2) }).copy(log, 8192);
+    encodeLogEntry({ tail: 0, sequenceNumber: 10n, logGuid, flushedFileOffset: 0, lastFileOffset: 0, ops: op(1) }).copy(
+      log,
+      0,
+    );
+    encodeLogEntry({
+      tail: 8192,
+      sequenceNumber: 11n,
+      logGuid,
+      flushedFileOffset: 0,
+      lastFileOffset: 0,
+      ops: op(2),
+    }).copy(log, 8192);
     // an entry of another LogGuid with a higher sequence number must not count
-    encodeLogEntry({ tail: 16384, sequenceNumber: 99n, logGuid: guidFromString('00000000-0000-0000-0000-000000000001'), flushedFileOffset: 0, lastFileOffset: 0, ops: op(3) }).copy(log, 16384);
+    encodeLogEntry({
+      tail: 16384,
+      sequenceNumber: 99n,
+      logGuid: guidFromString('00000000-0000-0000-0000-000000000001'),
+      flushedFileOffset: 0,
+      lastFileOffset: 0,
+      ops: op(3),
+    }).copy(log, 16384);
     const seq = findActiveSequence(log, ctx);
     expect(seq.map((e) => e.sequenceNumber)).toEqual([11n]);
     expect((seq[0].ops[0] as { data: Buffer }).data[0]).toBe(2);

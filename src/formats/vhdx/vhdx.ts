@@ -1150,12 +1150,29 @@ export class VhdxFile {
         const whole = inBlock === 0 && n >= this.blockExtent(block);
         const e = await this.payloadEntry(block);
         const index = payloadBatIndex(this.geometry, block);
-        if (whole && wholeBlockState !== 'keep' && !(this.params.leaveBlockAllocated && !this.params.hasParent)) {
-          const alreadyZero =
-            e.state === BlockState.Zero ||
-            e.state === BlockState.Unmapped ||
-            (e.state === BlockState.NotPresent && !this.params.hasParent);
-          if (!alreadyZero || e.state !== wholeBlockState) await this.setBatEntry(index, wholeBlockState, 0);
+        if (whole && wholeBlockState !== 'keep' && this.params.hasParent) {
+          // ZERO and UNMAPPED would hide the parent here too (the spec says ZERO reads zeros), but
+          // libvhdi reads such blocks from the parent: a block of this file's own zeros reads the same
+          // everywhere. A fresh block costs nothing (the file grows sparsely).
+          if (e.state === BlockState.FullyPresent || e.state === BlockState.PartiallyPresent) {
+            this.checkPayloadOffset(block, e.offset);
+            let at = 0;
+            for (const z of zeroPieces(this.blockExtent(block))) {
+              await this.file.write(z, e.offset + at);
+              at += z.length;
+            }
+            if (e.state === BlockState.PartiallyPresent)
+              await this.setBatEntry(index, BlockState.FullyPresent, e.offset);
+          } else {
+            await this.setBatEntry(index, BlockState.FullyPresent, await this.allocate(this.blockSize));
+          }
+          return;
+        }
+        if (whole && wholeBlockState !== 'keep' && !this.params.leaveBlockAllocated) {
+          // Blocks that already read zeros stay as they are; others are deallocated.
+          const readsZero =
+            e.state === BlockState.NotPresent || e.state === BlockState.Zero || e.state === BlockState.Unmapped;
+          if (!readsZero) await this.setBatEntry(index, wholeBlockState, 0);
           return;
         }
         const readsZero =
