@@ -961,19 +961,21 @@ export class VhdxFile {
         );
       }
       changes.logGuid = newGuid();
+      const writer = new LogWriter({ logOffset: h.logOffset, logLength: h.logLength, logGuid: changes.logGuid });
+      // A header naming a log with no valid entry is a corrupt file (MS-VHDX 2.3.3): so an empty entry
+      // for the new LogGuid is made durable first. The header still says "no log" (LogGuid zero) while
+      // it is written, so no log that might need replaying is overwritten.
+      const flushed = Math.floor(this.file.size() / MiB) * MiB;
+      for (const w of writer.nextEntry([], flushed, Math.max(this.fileEnd, flushed)))
+        await this.file.write(w.data, w.offset);
+      await this.file.datasync();
+      this.logWriter = writer;
     }
     if (userVisible && !this.dataWriteGuidChanged) changes.dataWriteGuid = this.nextDataWriteGuid ?? newGuid();
     if (Object.keys(changes).length === 0) return;
     await writeHeaders(this.file, this.headerState, changes);
     this.fileWriteGuidChanged = true;
     if (changes.dataWriteGuid) this.dataWriteGuidChanged = true;
-    if (changes.logGuid) {
-      this.logWriter = new LogWriter({
-        logOffset: this.header.logOffset,
-        logLength: this.header.logLength,
-        logGuid: changes.logGuid,
-      });
-    }
   }
 
   private async allocate(length: number): Promise<number> {
