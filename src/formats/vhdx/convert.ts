@@ -97,6 +97,21 @@ function* pieces(extents: Extent[], piece: number): Generator<Extent> {
 }
 
 const READ_AHEAD = 4;
+/** All-zero runs this long (and aligned) are not written. */
+const ZERO_GRAIN = 64 * 1024;
+
+/** The runs of `buf` that hold a non-zero byte, at `grain` granularity, coalesced. */
+export function nonZeroRuns(buf: Buffer, grain: number): Extent[] {
+  const runs: Extent[] = [];
+  for (let at = 0; at < buf.length; at += grain) {
+    const n = Math.min(grain, buf.length - at);
+    if (isAllZero(buf.subarray(at, at + n))) continue;
+    const last = runs[runs.length - 1];
+    if (last && last.offset + last.length === at) last.length += n;
+    else runs.push({ offset: at, length: n });
+  }
+  return runs;
+}
 
 export async function convertImage(
   srcPath: string,
@@ -159,7 +174,6 @@ export async function convertImage(
     try {
       const extents = await src.extents();
       const total = extents.reduce((n, e) => n + e.length, 0);
-      result.bytesSkipped = src.size - total;
       // Read ahead: up to READ_AHEAD pieces are being read while one is written.
       const queue: { extent: Extent; data: Promise<Buffer> }[] = [];
       const it = pieces(extents, piece);
@@ -180,15 +194,16 @@ export async function convertImage(
         refill();
         const buf = await data;
         result.bytesRead += extent.length;
-        if (isAllZero(buf)) result.bytesSkipped += extent.length;
-        else {
-          await write(buf, extent.offset);
-          result.bytesWritten += extent.length;
+        // The destination is new, so what is not written reads zeros: write only the non-zero runs.
+        for (const run of nonZeroRuns(buf, ZERO_GRAIN)) {
+          await write(buf.subarray(run.offset, run.offset + run.length), extent.offset + run.offset);
+          result.bytesWritten += run.length;
         }
         done += extent.length;
         opts.onProgress?.(done, total);
       }
       await finish();
+      result.bytesSkipped = virtualSize - result.bytesWritten;
     } catch (err) {
       await abort().catch(() => undefined);
       throw err;
