@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Installs the Debian peer tools the interoperability tests compare against, when missing.
-# As root it installs them with apt-get; elsewhere it names what is missing in one loud line and
-# the tests that need them skip (in CI, with TIDEMARK_REQUIRE_PEERS=1, they fail instead).
+# Installs the Debian peer tools the interoperability tests use as independent oracles, when missing.
+# As root it installs them with apt-get; elsewhere it names what is missing in one loud line and exits 0:
+# the tests that need them then skip (in CI, where TIDEMARK_REQUIRE_PEERS=1, they fail instead).
 set -euo pipefail
 
+# command → Debian package. qemu-ga lives in /usr/sbin, which a non-root PATH may lack.
 declare -A PACKAGE_OF=(
   [qemu-img]=qemu-utils [qemu-io]=qemu-utils [qemu-nbd]=qemu-utils
   [vhdiinfo]=libvhdi-utils [vhdimount]=libvhdi-utils
@@ -11,25 +12,43 @@ declare -A PACKAGE_OF=(
   [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin
   [nbdkit]=nbdkit
   [qemu-ga]=qemu-guest-agent
-  [bzip2]=bzip2
+  [bzip2]=bzip2 # the fixtures are .bz2
 )
 
 missing_packages=()
-missing_commands=()
+missing=()
 for cmd in "${!PACKAGE_OF[@]}"; do
   if ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$cmd" ]; then
-    missing_commands+=("$cmd")
+    missing+=("$cmd")
     missing_packages+=("${PACKAGE_OF[$cmd]}")
   fi
 done
-[ ${#missing_packages[@]} -eq 0 ] && exit 0
+# pyvhdi (python3-libvhdi) is libvhdi without FUSE: vhdimount needs /dev/fuse and the right to mount,
+# which containers often lack; test/helpers/peers.ts falls back to it. It must be importable by the
+# system python (/usr/bin/python3), where Debian installs it, not by a pyenv/venv python on PATH.
+if ! /usr/bin/python3 -c 'import pyvhdi' >/dev/null 2>&1; then
+  missing+=(pyvhdi)
+  missing_packages+=(python3-libvhdi)
+fi
+[ ${#missing[@]} -eq 0 ] && exit 0
 
 mapfile -t packages < <(printf '%s\n' "${missing_packages[@]}" | sort -u)
+loud() { echo "PEERS MISSING: ${missing[*]} — interop tests will skip ($1)" >&2; }
 if [ "$(id -u)" -ne 0 ]; then
-  echo "PEERS MISSING: ${missing_commands[*]} — interop tests will skip (install: sudo apt-get install ${packages[*]})" >&2
+  loud "install: sudo bash scripts/install-peers.sh, or sudo apt-get install ${packages[*]}"
   exit 0
 fi
-echo "installing peer tools: ${packages[*]}" >&2
+
+echo "install-peers: installing ${packages[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -q >/dev/null
-apt-get install -y -q --no-install-recommends "${packages[@]}" >/dev/null
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+# Wait for another apt/dpkg run instead of failing on its lock. Output goes to a log shown on failure.
+apt_opts=(-y -q -o DPkg::Lock::Timeout=600)
+if ! { apt-get "${apt_opts[@]}" update && apt-get "${apt_opts[@]}" install --no-install-recommends "${packages[@]}"; } \
+  >"$log" 2>&1; then
+  tail -n 20 "$log" >&2
+  # Not fatal: the tests skip (or, in CI, fail) with their own loud line.
+  loud "apt-get failed, see above"
+  exit 0
+fi

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The whole test suite: peers (installed when run as root), a build, then vitest.
+# The whole test suite (`npm test`): peers (installed when run as root), a build, then vitest.
+# Extra arguments go to vitest, e.g. `npm test -- test/peers.test.ts`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-peers.sh
 npm run build --silent
-if [ "${CI:-}" = "true" ]; then
+if [ "${CI:-}" = "true" ] || [ "${CI:-}" = "1" ]; then
   # In CI every interop test must run: a missing peer fails the suite instead of skipping.
   export TIDEMARK_REQUIRE_PEERS=1
 fi
+# exec: the script's exit status is vitest's.
 exec npx vitest run "$@"

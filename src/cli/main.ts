@@ -22,15 +22,20 @@ export async function main(argv: string[]): Promise<number> {
   const program = new Command('tidemark')
     .description('Tidemark: VHDX storage stack, change tracking and VM backup')
     .version(process.env.npm_package_version ?? '0.1.0')
-    .exitOverride()
-    .configureOutput({ writeErr: (s) => process.stderr.write(s) })
-    .showHelpAfterError('(run with --help for usage)');
+    .exitOverride();
   program.addCommand(vhdxCommand(run));
   program.addCommand(rctCommand(run));
   program.addCommand(demoCommand(run));
+  // Usage errors look like every other error: one line, `tidemark: INVALID_ARGUMENT: ...`, exit 2.
+  const output = {
+    writeErr: (s: string) => process.stderr.write(s),
+    outputError: (s: string, write: (s: string) => void) =>
+      write(`tidemark: INVALID_ARGUMENT: ${s.replace(/^error: /, '').trim()} (see --help)\n`),
+  };
+  program.configureOutput(output).showHelpAfterError(false);
   for (const c of program.commands) {
-    c.exitOverride();
-    for (const sub of c.commands) sub.exitOverride();
+    c.exitOverride().configureOutput(output);
+    for (const sub of c.commands) sub.exitOverride().configureOutput(output);
   }
   try {
     await program.parseAsync(argv, { from: 'user' });

@@ -1,10 +1,10 @@
 /** `tidemark vhdx ...`: the offline VHDX tools. */
-import { createReadStream, createWriteStream } from 'node:fs';
+import { createReadStream } from 'node:fs';
 import { stat } from 'node:fs/promises';
 import path from 'node:path';
-import { finished } from 'node:stream/promises';
 import { Command, Option } from 'commander';
-import { InvalidArgumentError } from '../errors.js';
+import { InvalidArgumentError, fromSystemError } from '../errors.js';
+import { NodeFile } from '../util/file.js';
 import { checkVhdx, type CheckReport } from '../formats/vhdx/check.js';
 import { convertImage } from '../formats/vhdx/convert.js';
 import { createVhdx } from '../formats/vhdx/create.js';
@@ -91,7 +91,7 @@ export function vhdxCommand(run: Run): Command {
         if (o.json) printJson(info);
         else
           println(
-            `created ${info.type} VHDX ${file}: ${formatSize(info.virtualSize)}, ${formatSize(info.blockSize)} blocks, ${info.logicalSectorSize}/${info.physicalSectorSize}-byte sectors${info.hasParent ? `, parent ${info.chain[1]?.path}` : ''}`,
+            `created ${info.type} VHDX ${file}: ${formatSize(info.virtualSize)}, ${formatSize(info.blockSize)} blocks, ${info.logicalSectorSize}/${info.physicalSectorSize}-byte sectors${o.parent ? `, parent ${path.resolve(o.parent)}` : ''}`,
           );
       }),
     );
@@ -214,15 +214,18 @@ export function vhdxCommand(run: Run): Command {
             `--offset ${offset} --length ${length} reaches past the ${disk.virtualSize}-byte disk`,
           );
         }
-        const out = o.output ? createWriteStream(o.output) : process.stdout;
-        const piece = 8 * 2 ** 20;
-        for (let at = 0; at < length; at += piece) {
-          const buf = await disk.readAt(offset + at, Math.min(piece, length - at));
-          if (!out.write(buf)) await new Promise<void>((r) => out.once('drain', () => r()));
-        }
-        if (o.output) {
-          out.end();
-          await finished(out);
+        // Open the output first, so a bad path is one clear error before anything is read.
+        const out = o.output ? await NodeFile.open(o.output, 'w') : undefined;
+        try {
+          const piece = 8 * 2 ** 20;
+          for (let at = 0; at < length; at += piece) {
+            const buf = await disk.readAt(offset + at, Math.min(piece, length - at));
+            if (out) await out.write(buf, at);
+            else if (!process.stdout.write(buf))
+              await new Promise<void>((r) => process.stdout.once('drain', () => r()));
+          }
+        } finally {
+          await out?.close();
         }
       } finally {
         await disk.close();
@@ -247,7 +250,7 @@ export function vhdxCommand(run: Run): Command {
       try {
         await ChangeTracker.attach(disk, { writable: true }); // a tracked disk records these writes
         if (o.input) {
-          const size = (await stat(o.input)).size;
+          const size = (await stat(o.input).catch((err) => Promise.reject(fromSystemError(err, 'open', o.input)))).size;
           if (offset + size > disk.virtualSize) {
             throw new InvalidArgumentError(
               `${o.input} (${size} bytes) at offset ${offset} reaches past the ${disk.virtualSize}-byte disk`,
@@ -255,7 +258,14 @@ export function vhdxCommand(run: Run): Command {
           }
         }
         const input = o.input ? createReadStream(o.input, { highWaterMark: 4 * 2 ** 20 }) : process.stdin;
-        for await (const chunk of input as AsyncIterable<Buffer>) {
+        const chunks = (async function* () {
+          try {
+            yield* input as AsyncIterable<Buffer>;
+          } catch (err) {
+            throw fromSystemError(err, 'read', o.input ?? 'standard input');
+          }
+        })();
+        for await (const chunk of chunks) {
           if (offset + written + chunk.length > disk.virtualSize) {
             throw new InvalidArgumentError(
               `input reaches past the ${disk.virtualSize}-byte disk after ${written} bytes; what came before was written`,

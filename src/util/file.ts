@@ -24,12 +24,12 @@ export class NodeFile implements RandomAccessFile {
     private length: number,
   ) {}
 
-  static async open(path: string, mode: 'r' | 'r+' | 'wx'): Promise<NodeFile> {
+  static async open(path: string, mode: 'r' | 'r+' | 'w' | 'wx'): Promise<NodeFile> {
     let handle: FileHandle;
     try {
       handle = await open(path, mode);
     } catch (err) {
-      throw fromSystemError(err, mode === 'wx' ? 'create' : 'open', path);
+      throw fromSystemError(err, mode === 'wx' || mode === 'w' ? 'create' : 'open', path);
     }
     try {
       const st = await handle.stat();

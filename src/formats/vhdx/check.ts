@@ -69,7 +69,8 @@ export async function checkVhdx(path: string, opts: CheckOptions = {}): Promise<
   try {
     disk = await VhdxFile.open(path, { noParent: true });
   } catch (err) {
-    if (!(err instanceof TidemarkError)) throw err;
+    // A file that cannot be read at all has no findings: that is an error of the command itself.
+    if (!(err instanceof TidemarkError) || err.code === 'NOT_FOUND' || err.code === 'IO_ERROR') throw err;
     const d = err.details as { structure?: string; offset?: number };
     add({
       severity: 'error',
