@@ -1,5 +1,12 @@
 import { open, type FileHandle } from 'node:fs/promises';
-import { fromSystemError } from '../errors.js';
+import { TidemarkError, fromSystemError } from '../errors.js';
+
+/** Node turns a position that is not a safe integer into "the current file position": refuse it instead. */
+function checkPosition(position: number, length: number, action: string, path: string): void {
+  if (!Number.isSafeInteger(position) || position < 0 || !Number.isSafeInteger(position + length)) {
+    throw new TidemarkError('IO_ERROR', `cannot ${action} ${path} at offset ${position}: out of range`);
+  }
+}
 
 /**
  * Positioned I/O on one file. Reads past the end return zeros (a short file reads like a sparse one);
@@ -48,6 +55,7 @@ export class NodeFile implements RandomAccessFile {
   }
 
   async read(buf: Uint8Array, position: number): Promise<void> {
+    checkPosition(position, buf.length, 'read', this.path);
     let done = 0;
     const want = buf.length;
     const available = Math.max(0, Math.min(want, this.length - position));
@@ -64,6 +72,7 @@ export class NodeFile implements RandomAccessFile {
   }
 
   async write(buf: Uint8Array, position: number): Promise<void> {
+    checkPosition(position, buf.length, 'write', this.path);
     let done = 0;
     try {
       while (done < buf.length) {

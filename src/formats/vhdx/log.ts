@@ -187,9 +187,17 @@ export function decodeLogEntryAt(log: Buffer, pos: number, ctx: LogContext): Log
 export function findActiveSequence(log: Buffer, ctx: LogContext): LogEntry[] {
   const L = log.length;
   const memo = new Map<number, LogEntry | string>();
+  // Checksums cost EntryLength each; crafted overlapping entry headers must not make the scan quadratic.
+  let budget = 8 * L;
   const entryAt = (pos: number): LogEntry | string => {
     let e = memo.get(pos);
     if (e === undefined) {
+      if (log.readUInt32LE(pos) === SIG_LOG_ENTRY) {
+        budget -= Math.min(L, log.readUInt32LE(pos + 8));
+        if (budget < 0) {
+          throw new VhdxCorruptError('log', ctx.logOffset, 'too many overlapping log entry headers; scan abandoned');
+        }
+      }
       e = decodeLogEntryAt(log, pos, ctx);
       memo.set(pos, e);
     }

@@ -32,6 +32,7 @@ import {
   LOG_SECTOR,
   MAX_ALLOCATION,
   MAX_CHAIN_DEPTH,
+  MAX_FILE_OFFSET,
   MAX_LOG_LENGTH,
   METADATA_TABLE_SIZE,
   MiB,
@@ -289,6 +290,7 @@ export class VhdxFile {
       throw new VhdxCorruptError('header', hOff, `log version ${header.logVersion} is not 0`, 'VHDX_UNSUPPORTED');
     }
     const logUsable =
+      header.logOffset + header.logLength <= MAX_FILE_OFFSET &&
       header.logOffset >= HEADER_SECTION_SIZE &&
       header.logOffset % MiB === 0 &&
       header.logLength > 0 &&
@@ -321,7 +323,8 @@ export class VhdxFile {
         // A new FileWriteGuid before the first modification, log playback included (MS-VHDX 2.2.2).
         await writeHeaders(base, headerState, { fileWriteGuid: newGuid() });
         fileWriteGuidChanged = true;
-        for (const entry of plan.entries) await applyOps(base, entry.ops);
+        const replayed = { solid: base.size(), sectors: new Set<number>() };
+        for (const entry of plan.entries) await applyOps(base, entry.ops, replayed);
         if (base.size() < plan.lastFileOffset) await base.truncate(plan.lastFileOffset);
         await base.datasync();
         await writeHeaders(base, headerState, { logGuid: GUID_ZERO });
@@ -517,7 +520,15 @@ export class VhdxFile {
         tried.push({ key: c.key, value: c.value, hostPath: r.path, outcome: 'names the disk itself' });
         continue;
       }
-      const parent = await VhdxFile.openInChain(r.path, { ...opts, writable: false }, roots, depth + 1);
+      let parent: VhdxFile;
+      try {
+        parent = await VhdxFile.openInChain(r.path, { ...opts, writable: false }, roots, depth + 1);
+      } catch (err) {
+        // Not a readable file (a directory, a device): try the next candidate. A damaged VHDX is reported.
+        if (!(err instanceof TidemarkError) || (err.code !== 'IO_ERROR' && err.code !== 'NOT_FOUND')) throw err;
+        tried.push({ key: c.key, value: c.value, hostPath: r.path, outcome: 'not a readable file' });
+        continue;
+      }
       const dwg = parent.header.dataWriteGuid;
       if (guidEquals(dwg, linkage) || (linkage2 && guidEquals(dwg, linkage2))) {
         if (parent.logicalSectorSize !== this.logicalSectorSize) {
@@ -540,7 +551,10 @@ export class VhdxFile {
     }
     if (mismatch) throw new TidemarkError('PARENT_MISMATCH', `parent of ${this.path}: ${mismatch}`, { tried });
     const list = tried
-      .map((t) => `${t.key}=${t.value}${t.hostPath ? ` -> ${t.hostPath}` : ''} (${t.outcome})`)
+      .map(
+        (t) =>
+          `${t.key}=${JSON.stringify(t.value)}${t.hostPath ? ` -> ${JSON.stringify(t.hostPath)}` : ''} (${t.outcome})`,
+      )
       .join('; ');
     if (outside) {
       throw new TidemarkError(
@@ -591,6 +605,13 @@ export class VhdxFile {
           continue;
         }
         const isBitmap = (first + i) % (this.geometry.chunkRatio + 1) === this.geometry.chunkRatio;
+        if (e.offset + (isBitmap ? MiB : this.geometry.blockSize) > MAX_FILE_OFFSET) {
+          throw new VhdxCorruptError(
+            'BAT',
+            this.batRegion.fileOffset + (first + i) * 8,
+            `entry ${first + i} points at file offset ${e.offset}, beyond ${MAX_FILE_OFFSET}`,
+          );
+        }
         end = Math.max(end, e.offset + (isBitmap ? MiB : this.geometry.blockSize));
       }
     }
@@ -951,6 +972,7 @@ export class VhdxFile {
       const h = this.header;
       if (
         h.logLength === 0 ||
+        h.logOffset + h.logLength > MAX_FILE_OFFSET ||
         h.logOffset < HEADER_SECTION_SIZE ||
         h.logOffset % MiB !== 0 ||
         h.logLength % MiB !== 0
@@ -1065,9 +1087,14 @@ export class VhdxFile {
     const whole = inBlock === 0 && src.length >= this.blockExtent(block);
     const fromParent = this.params.hasParent && e.state === BlockState.NotPresent && !whole;
     // A fixed disk keeps its preallocated location; its old content must not show through.
+    // A stale location may only be reused when it overlaps none of the file's own structures.
+    const overlaps = (o: number, n: number) => e.offset < o + n && o < e.offset + this.blockSize;
     const reuse =
       this.params.leaveBlockAllocated &&
       !this.params.hasParent &&
+      !overlaps(this.header.logOffset, this.header.logLength) &&
+      !overlaps(this.batRegion.fileOffset, this.batRegion.length) &&
+      !overlaps(this.metadataRegion.fileOffset, this.metadataRegion.length) &&
       e.offset >= HEADER_SECTION_SIZE &&
       e.offset + this.blockSize <= this.fileEnd;
     const offset = reuse ? e.offset : await this.allocate(this.blockSize);
@@ -1369,6 +1396,14 @@ export class VhdxFile {
 
 /** Header update (MS-VHDX 2.2.2.1): write the non-current slot with seq+1, flush; then the other, flush. */
 async function writeHeaders(file: RandomAccessFile, state: HeaderState, changes: Partial<VhdxHeader>): Promise<void> {
+  if (state.header.sequenceNumber >= (1n << 64n) - 2n) {
+    throw new VhdxCorruptError(
+      'header',
+      HEADER_OFFSETS[state.slot],
+      `sequence number ${state.header.sequenceNumber} cannot be incremented`,
+      'VHDX_UNSUPPORTED',
+    );
+  }
   for (let i = 0; i < 2; i++) {
     const next: VhdxHeader = {
       ...state.header,
@@ -1385,21 +1420,34 @@ async function writeHeaders(file: RandomAccessFile, state: HeaderState, changes:
 }
 
 /** Writes log updates in place, coalescing adjacent sectors. */
-async function applyOps(file: RandomAccessFile, ops: LogOp[]): Promise<void> {
+async function applyOps(
+  file: RandomAccessFile,
+  ops: LogOp[],
+  st: { solid: number; sectors: Set<number> } = { solid: file.size(), sectors: new Set() },
+): Promise<void> {
   for (let i = 0; i < ops.length;) {
     const op = ops[i];
     if (op.kind === 'zero') {
+      // Only bytes that hold data need zeroing: the file as it was before replay, and the sectors this
+      // replay wrote past it. The rest of the range reads zeros once the file is long enough.
+      const end = op.fileOffset + op.length;
       let at = op.fileOffset;
-      for (const z of zeroPieces(op.length)) {
+      for (const z of zeroPieces(Math.max(0, Math.min(end, st.solid) - op.fileOffset))) {
         await file.write(z, at);
         at += z.length;
       }
+      for (const sector of st.sectors) {
+        if (sector >= Math.max(op.fileOffset, st.solid) && sector < end)
+          await file.write(Buffer.alloc(LOG_SECTOR), sector);
+      }
+      if (end > file.size()) await file.truncate(end);
       i++;
       continue;
     }
     let j = i + 1;
     while (j < ops.length && ops[j].kind === 'data' && ops[j].fileOffset === ops[j - 1].fileOffset + LOG_SECTOR) j++;
     const run = ops.slice(i, j) as Extract<LogOp, { kind: 'data' }>[];
+    for (const r of run) if (r.fileOffset >= st.solid) st.sectors.add(r.fileOffset);
     await file.write(run.length === 1 ? run[0].data : Buffer.concat(run.map((r) => r.data)), op.fileOffset);
     i = j;
   }
