@@ -30,11 +30,14 @@ import {
   mrtSlotLength,
   parseId,
   type Binding,
+  type MrtSlot,
   type RctHeader,
 } from './format.js';
 
 export const DEFAULT_GRANULARITY = 256 * 1024;
 export const COARSE_REGION = 64 * 1024 * 1024;
+/** Regions marked one by one per persist interval before all are marked at once (bounds coarse-map syncs). */
+const MARK_AHEAD_AFTER = 8;
 /** A map larger than this (a tiny granularity on a huge disk) is refused at enable. */
 const MAX_MAP_BYTES = 256 * 1024 * 1024;
 
@@ -202,6 +205,9 @@ export class ChangeTracker implements WriteObserver {
    */
   static async attach(disk: VhdxFile, opts: { writable?: boolean } = {}): Promise<ChangeTracker | undefined> {
     const writable = opts.writable ?? disk.writable;
+    if (writable && disk.observer) {
+      throw new TidemarkError('INVALID_ARGUMENT', `a change tracker is already attached to ${disk.path}`);
+    }
     const paths = trackingPaths(baseOf(disk).path);
     if (!(await exists(paths.rct))) return undefined;
     const rct = await NodeFile.open(paths.rct, writable ? 'r+' : 'r');
@@ -296,7 +302,11 @@ export class ChangeTracker implements WriteObserver {
         added = true;
       }
     }
-    if (added) await this.writeCoarseMap();
+    if (!added) return;
+    // Scattered writes would cost a durable write per region: past a few, mark every region at once.
+    // The only price is a larger over-report after an unclean close.
+    if (this.sessionMarked.size > MARK_AHEAD_AFTER) for (let r = 0; r < this.regions; r++) this.sessionMarked.add(r);
+    await this.writeCoarseMap();
   }
 
   /** Writes the coarse map (the regions marked since the last persist) to the other slot, durably. */
@@ -328,7 +338,6 @@ export class ChangeTracker implements WriteObserver {
       this.header.counter++;
       this.header.lastSealAt = Date.now();
       this.header.binding = currentBinding(this.disk);
-      this.header.resetReason = '';
       await this.persist();
       return formatId(this.header.epoch, id);
     });
@@ -441,7 +450,8 @@ export class ChangeTracker implements WriteObserver {
     const h = this.header;
     return {
       enabled: true,
-      state: h.resetReason ? 'reset' : 'valid',
+      // A reset epoch is 'reset' until its first seal; the reason stays for the whole epoch.
+      state: h.resetReason && h.counter === h.firstCounter ? 'reset' : 'valid',
       reason: h.resetReason || null,
       epoch: guidToString(h.epoch),
       granularity: h.granularity,
@@ -572,23 +582,32 @@ async function recoverFromCoarseMap(mrtPath: string, header: RctHeader, map: Uin
   const regions = Math.ceil(header.virtualSize / regionSize);
   const len = mrtSlotLength(regions);
   const f = await NodeFile.open(mrtPath, 'r');
-  let slots: Buffer;
+  const slots = Buffer.alloc(2 * len);
+  const size = f.size();
   try {
-    slots = Buffer.alloc(2 * len);
     await f.read(slots, 0);
   } finally {
     await f.close();
   }
-  const candidates = [
-    decodeMrtSlot(slots.subarray(0, len), regions),
-    decodeMrtSlot(slots.subarray(len), regions),
-  ].filter(
-    (s): s is Exclude<typeof s, string> =>
-      typeof s !== 'string' && guidEquals(s.epoch, header.epoch) && s.regionSize === regionSize,
+  const decoded = [decodeMrtSlot(slots.subarray(0, len), regions), decodeMrtSlot(slots.subarray(len), regions)];
+  // Both slots must be good: a damaged one may have held the newest marks (a torn write of it is not
+  // told apart from damage, so it resets too). The one exception: the second slot still empty while
+  // the first is the one `enable` wrote.
+  const secondUnused = isEnableTimeSlot(decoded[0]) && slots.subarray(len).every((x) => x === 0);
+  if (
+    size < len ||
+    typeof decoded[0] === 'string' ||
+    (!secondUnused && (size < 2 * len || typeof decoded[1] === 'string'))
+  ) {
+    return 'the disk was not closed cleanly and its coarse change map cannot be trusted (damaged or truncated)';
+  }
+  const candidates = decoded.filter(
+    (x): x is MrtSlot => typeof x !== 'string' && guidEquals(x.epoch, header.epoch) && x.regionSize === regionSize,
   );
-  if (candidates.length === 0) return 'the disk was not closed cleanly and its coarse change map cannot be trusted';
+  if (candidates.length === 0)
+    return 'the disk was not closed cleanly and its coarse change map belongs to another epoch';
   // The newest marks: those of the newest map generation, then the later write of the two slots.
-  const newer = (x: (typeof candidates)[0], y: (typeof candidates)[0]) =>
+  const newer = (x: MrtSlot, y: MrtSlot) =>
     y.rctSequence > x.rctSequence || (y.rctSequence === x.rctSequence && y.sequence > x.sequence);
   const latest = candidates.reduce((x, y) => (newer(x, y) ? y : x));
   if (latest.rctSequence > header.sequence) return 'the coarse change map is newer than the change map';
@@ -606,16 +625,24 @@ async function recoverFromCoarseMap(mrtPath: string, header: RctHeader, map: Uin
   return undefined;
 }
 
+/** The slot `enable` writes: sequence 1, before any map generation. */
+function isEnableTimeSlot(d: MrtSlot | string): boolean {
+  return typeof d !== 'string' && d.sequence === 1n && d.rctSequence === 0n;
+}
+
 /** Is the disk still the one the tracker last saw? Returns why not, or undefined. */
 async function checkBinding(header: RctHeader, disk: VhdxFile): Promise<string | undefined> {
   const now = currentBinding(disk);
   if (sameBinding(now, header.binding) || (header.pending && sameBinding(now, header.pending))) return undefined;
   if (now.head !== header.binding.head) {
-    // A new differencing disk over the recorded head (a checkpoint): fine while nothing wrote into it.
-    const ancestor = disk.chain().find((d) => path.basename(d.path) === header.binding.head);
-    if (ancestor && guidEquals(ancestor.header.dataWriteGuid, header.binding.dataWriteGuid)) {
-      if (!(await ownsData(disk))) return undefined;
-      return `${now.head} was written without change tracking`;
+    // New differencing disks over the recorded head (checkpoints): fine while none of them holds data.
+    const chain = disk.chain();
+    const k = chain.findIndex((d) => path.basename(d.path) === header.binding.head);
+    if (k > 0 && guidEquals(chain[k].header.dataWriteGuid, header.binding.dataWriteGuid)) {
+      for (const d of chain.slice(0, k)) {
+        if (await ownsData(d)) return `${path.basename(d.path)} was written without change tracking`;
+      }
+      return undefined;
     }
     return `the disk's head is ${now.head}, but tracking last saw ${header.binding.head}`;
   }
