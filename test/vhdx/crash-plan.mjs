@@ -1,23 +1,47 @@
-// The writes a crash worker makes, derived from (seed, index) so the test can recompute them.
-// Sector-aligned (512 bytes) so every sector holds exactly one write's bytes or older content.
-export function planWrite(seed, i, size) {
-  let a = (seed * 2654435761 + i * 40503 + 1) >>> 0;
-  const next = () => {
+// The writes a crash worker makes, derived from (seed, index) alone so the test process can recompute them.
+// Plain ESM shared by the worker (which runs the built engine in dist/) and crash.test.ts.
+//
+// Writes are whole 512-byte sectors, and every sector names its write, its own position and the seed,
+// so a sector read back after a crash says exactly which write it came from (or that it is garbage).
+
+export const SECTOR = 512;
+
+/** mulberry32: the same generator as test/helpers/random.ts. */
+export function mulberry(seed) {
+  let a = seed >>> 0;
+  return () => {
     a = (a + 0x6d2b79f5) >>> 0;
     let t = a;
     t = Math.imul(t ^ (t >>> 15), t | 1);
     t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
     return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
   };
+}
+
+/**
+ * Write `i` of the trial with `seed` on a disk of `size` bytes: mostly small (1–64 sectors, so blocks
+ * keep being allocated one by one through the run), one in five up to 2 MiB (spanning blocks).
+ */
+export function planWrite(seed, i, size) {
+  const next = mulberry((Math.imul(seed, 2654435761) ^ Math.imul(i + 1, 40503)) >>> 0);
+  const total = size / SECTOR;
   const sectors = 1 + Math.floor(next() * (next() < 0.2 ? 4096 : 64));
-  const total = size / 512;
-  const first = Math.floor(next() * (total - sectors));
-  const data = Buffer.alloc(sectors * 512);
-  // Each sector names its write and its position, so a sector read back says where it came from.
-  for (let s = 0; s < sectors; s++) {
-    data.writeUInt32LE(i + 1, s * 512);
-    data.writeUInt32LE(first + s, s * 512 + 4);
-    data.fill((i * 31 + s) & 0xff, s * 512 + 8, s * 512 + 512);
-  }
-  return { offset: first * 512, data };
+  const first = Math.floor(next() * (total - sectors + 1));
+  const data = Buffer.alloc(sectors * SECTOR);
+  for (let s = 0; s < sectors; s++) fillSector(data.subarray(s * SECTOR, (s + 1) * SECTOR), seed, i, first + s);
+  return { offset: first * SECTOR, data };
+}
+
+/** The content write `i` puts into virtual sector `sector`. */
+export function fillSector(buf, seed, i, sector) {
+  buf.writeUInt32LE(i + 1, 0);
+  buf.writeUInt32LE(sector, 4);
+  buf.writeUInt32LE(seed >>> 0, 8);
+  buf.fill((i * 31 + sector) & 0xff, 12, SECTOR);
+}
+
+/** Which write a sector claims to come from (-1 when it does not carry this seed's tag). */
+export function sectorWriteIndex(buf, seed) {
+  if (buf.readUInt32LE(8) !== seed >>> 0) return -1;
+  return buf.readUInt32LE(0) - 1;
 }
