@@ -96,7 +96,9 @@ function* pieces(extents: Extent[], piece: number): Generator<Extent> {
   }
 }
 
-const READ_AHEAD = 4;
+/** Pieces read ahead of the one being written, and their size: small, reused buffers fault less. */
+const READ_AHEAD = 8;
+const PIECE = 4 * MiB;
 /** All-zero runs this long (and aligned) are not written. */
 const ZERO_GRAIN = 64 * 1024;
 
@@ -154,7 +156,7 @@ export async function convertImage(
       created = true;
       const dst = await VhdxFile.open(dstPath, { writable: true });
       await opts.onDestinationOpen?.(dst);
-      piece = Math.min(blockSize, 32 * MiB);
+      piece = Math.min(blockSize, PIECE);
       write = (buf, offset) => dst.write(buf, offset);
       finish = () => dst.close();
       abort = () => dst.close();
@@ -162,7 +164,7 @@ export async function convertImage(
       const dst = await NodeFile.open(dstPath, 'wx');
       created = true;
       await dst.truncate(virtualSize);
-      piece = 8 * MiB;
+      piece = PIECE;
       write = (buf, offset) => dst.write(buf, offset);
       finish = async () => {
         await dst.datasync();
@@ -177,11 +179,12 @@ export async function convertImage(
       // Read ahead: up to READ_AHEAD pieces are being read while one is written.
       const queue: { extent: Extent; data: Promise<Buffer> }[] = [];
       const it = pieces(extents, piece);
+      const pool: Buffer[] = []; // buffers whose piece has been written
       const refill = () => {
         while (queue.length < READ_AHEAD) {
           const next = it.next();
           if (next.done) return;
-          const buf = Buffer.allocUnsafe(next.value.length);
+          const buf = (pool.pop() ?? Buffer.allocUnsafe(piece)).subarray(0, next.value.length);
           const data = src.read(buf, next.value.offset).then(() => buf);
           data.catch(() => undefined); // awaited in order below; this only keeps an early failure from going unhandled
           queue.push({ extent: next.value, data });
@@ -195,10 +198,12 @@ export async function convertImage(
         const buf = await data;
         result.bytesRead += extent.length;
         // The destination is new, so what is not written reads zeros: write only the non-zero runs.
-        for (const run of nonZeroRuns(buf, ZERO_GRAIN)) {
-          await write(buf.subarray(run.offset, run.offset + run.length), extent.offset + run.offset);
-          result.bytesWritten += run.length;
-        }
+        const runs = nonZeroRuns(buf, ZERO_GRAIN);
+        await Promise.all(
+          runs.map((run) => write(buf.subarray(run.offset, run.offset + run.length), extent.offset + run.offset)),
+        );
+        for (const run of runs) result.bytesWritten += run.length;
+        pool.push(Buffer.from(buf.buffer, buf.byteOffset, piece));
         done += extent.length;
         opts.onProgress?.(done, total);
       }
