@@ -285,8 +285,11 @@ export class ChangeTracker implements WriteObserver {
 
   // ---------------------------------------------------------------- the write path
 
-  /** Called by the disk before every guest-visible change is issued to the file. */
-  async beforeChange(offset: number, length: number): Promise<void> {
+  /**
+   * Called by the disk before every guest-visible change is issued to the file. Synchronous (no promise)
+   * unless a coarse region must be marked durably first: the common write pays no extra await.
+   */
+  beforeChange(offset: number, length: number): Promise<void> | void {
     if (this.closed || !this.writable) throw new TidemarkError('CLOSED', 'change tracker is closed');
     const g = this.header.granularity;
     const first = Math.floor(offset / g);
@@ -306,7 +309,7 @@ export class ChangeTracker implements WriteObserver {
     // Scattered writes would cost a durable write per region: past a few, mark every region at once.
     // The only price is a larger over-report after an unclean close.
     if (this.sessionMarked.size > MARK_AHEAD_AFTER) for (let r = 0; r < this.regions; r++) this.sessionMarked.add(r);
-    await this.writeCoarseMap();
+    return this.writeCoarseMap();
   }
 
   /** Writes the coarse map (the regions marked since the last persist) to the other slot, durably. */

@@ -1013,7 +1013,8 @@ export class VhdxFile {
     this.assertRange(offset, data.length);
     if (data.length === 0) return;
     await this.lock.exclusive(async () => {
-      await this.observer?.beforeChange(offset, data.length);
+      const marking = this.observer?.beforeChange(offset, data.length);
+      if (marking) await marking;
       await this.beginChange(true);
       const lss = this.logicalSectorSize;
       const start = Math.floor(offset / lss) * lss;
@@ -1158,7 +1159,8 @@ export class VhdxFile {
     this.assertRange(offset, length);
     if (length === 0) return;
     await this.lock.exclusive(async () => {
-      await this.observer?.beforeChange(offset, length);
+      const marking = this.observer?.beforeChange(offset, length);
+      if (marking) await marking;
       await this.beginChange(true);
       const lss = this.logicalSectorSize;
       const start = Math.floor(offset / lss) * lss;
