@@ -13,6 +13,8 @@ declare -A PACKAGE_OF=(
   [nbdkit]=nbdkit
   [qemu-ga]=qemu-guest-agent
   [bzip2]=bzip2 # the fixtures are .bz2
+  [restic]=restic [borg]=borgbackup # backup benchmarks' peers
+  [mkfs.xfs]=xfsprogs               # the reflink snapshot provider's test file system
 )
 
 missing_packages=()

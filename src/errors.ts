@@ -18,7 +18,12 @@ export type ErrorCode =
   | 'LIMIT_EXCEEDED'
   | 'TRACKING_NOT_ENABLED'
   | 'TRACKING_CORRUPT'
-  | 'MISSING_CHANGE_TRACKING_INFORMATION';
+  | 'MISSING_CHANGE_TRACKING_INFORMATION'
+  | 'NOT_SUPPORTED'
+  | 'TIMEOUT'
+  | 'PROTOCOL_ERROR'
+  | 'CONFLICT'
+  | 'BUSY';
 
 export class TidemarkError extends Error {
   readonly code: ErrorCode;
