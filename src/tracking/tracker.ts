@@ -449,6 +449,14 @@ export class ChangeTracker implements WriteObserver {
     return { ranges, processedLength: len, totalBytes: sum(ranges) };
   }
 
+  /** The sealed ids of the current epoch that queries answer, oldest first (at most `limit`, the newest). */
+  sealedIds(limit = 64): string[] {
+    const h = this.header;
+    const out: string[] = [];
+    for (let c = Math.max(h.firstCounter, h.counter - limit); c < h.counter; c++) out.push(formatId(h.epoch, c));
+    return out;
+  }
+
   status(): TrackerStatus {
     const h = this.header;
     return {
