@@ -23,7 +23,11 @@ export type ErrorCode =
   | 'TIMEOUT'
   | 'PROTOCOL_ERROR'
   | 'CONFLICT'
-  | 'BUSY';
+  | 'BUSY'
+  | 'UNAUTHORIZED'
+  | 'BAD_STATE'
+  | 'WRONG_KEY'
+  | 'REPOSITORY_CORRUPT';
 
 export class TidemarkError extends Error {
   readonly code: ErrorCode;

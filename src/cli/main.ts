@@ -1,6 +1,7 @@
 /** The `tidemark` command: one Commander program, one exit status per outcome (docs/cli.md). */
 import { Command, CommanderError } from 'commander';
 import { demoCommand } from './demo.js';
+import { checkpointCommand, diskCommand, hostCommand, refpointCommand, vmCommand } from './host.js';
 import { EXIT, reportError } from './output.js';
 import { rctCommand } from './rct.js';
 import { vhdxCommand } from './vhdx.js';
@@ -26,6 +27,11 @@ export async function main(argv: string[]): Promise<number> {
   program.addCommand(vhdxCommand(run));
   program.addCommand(rctCommand(run));
   program.addCommand(demoCommand(run));
+  program.addCommand(hostCommand(run));
+  program.addCommand(vmCommand(run));
+  program.addCommand(checkpointCommand(run));
+  program.addCommand(refpointCommand(run));
+  program.addCommand(diskCommand(run));
   // Usage errors look like every other error: one line, `tidemark: INVALID_ARGUMENT: ...`, exit 2.
   const output = {
     writeErr: (s: string) => process.stderr.write(s),

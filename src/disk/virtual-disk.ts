@@ -10,7 +10,7 @@ import { TidemarkError } from '../errors.js';
 import { BlockState } from '../formats/vhdx/constants.js';
 import { createVhdx, DEFAULT_CHILD_BLOCK_SIZE } from '../formats/vhdx/create.js';
 import { formatLinkage, locatorSet } from '../formats/vhdx/metadata.js';
-import { VhdxFile } from '../formats/vhdx/vhdx.js';
+import { VhdxFile, type OpenOptions } from '../formats/vhdx/vhdx.js';
 import { ChangeTracker, updateIdleHeader, type ChangesResult } from '../tracking/tracker.js';
 import { guidToString, newGuid } from '../util/guid.js';
 import type { AllocationExtent, BlockDevice, DirtyExtent, WriteOptions, ZeroOptions } from './device.js';
@@ -23,6 +23,8 @@ export interface VirtualDiskOptions {
   pathMap?: Record<string, string>;
   /** Attach the change tracker when the base disk has tracking files (default true). */
   tracking?: boolean;
+  /** Where the chain's files are read from (a storage snapshot's view); default the live files. */
+  openFile?: OpenOptions['openFile'];
 }
 
 export interface MergeProgress {
@@ -135,6 +137,8 @@ export class VirtualDisk implements BlockDevice {
       this.checkRange(offset, data.length);
       this.noteMergeDirty(offset, data.length);
       await this.head.write(data, offset);
+      // Again once it landed: a copy pass may have taken the first mark while the write was still queued.
+      this.noteMergeDirty(offset, data.length);
       if (opts.fua) await this.head.flush();
     });
   }
@@ -149,6 +153,8 @@ export class VirtualDisk implements BlockDevice {
       this.checkRange(offset, length);
       this.noteMergeDirty(offset, length);
       await this.head.trim(offset, length);
+      // Again once it landed: a copy pass may have taken the first mark while the write was still queued.
+      this.noteMergeDirty(offset, length);
       if (opts.fua) await this.head.flush();
     });
   }
@@ -160,6 +166,8 @@ export class VirtualDisk implements BlockDevice {
       this.checkRange(offset, length);
       this.noteMergeDirty(offset, length);
       await this.head.writeZeroes(offset, length, { noHole: opts.noHole });
+      // Again once it landed: a copy pass may have taken the first mark while the write was still queued.
+      this.noteMergeDirty(offset, length);
       if (opts.fua) await this.head.flush();
     });
   }
@@ -234,6 +242,16 @@ export class VirtualDisk implements BlockDevice {
    * continues on the child. The old head is from now on the frozen point of the checkpoint.
    */
   async cutCheckpoint(childPath: string, opts: { blockSize?: number } = {}): Promise<{ id?: string; parentPath: string }> {
+    const prepared = await this.prepareChild(childPath, opts);
+    await this.switchHead(childPath);
+    return prepared;
+  }
+
+  /**
+   * With I/O paused: flushes the head, seals its id and creates `childPath` over it, without switching
+   * onto it yet (the host records the checkpoint durably first, then switches).
+   */
+  async prepareChild(childPath: string, opts: { blockSize?: number } = {}): Promise<{ id?: string; parentPath: string }> {
     this.assertPaused();
     this.checkWritable();
     const parentPath = this.head.path;
@@ -244,7 +262,6 @@ export class VirtualDisk implements BlockDevice {
       blockSize: opts.blockSize ?? DEFAULT_CHILD_BLOCK_SIZE,
       parentOpenOptions: { allowedRoots: this.opts.allowedRoots, pathMap: this.opts.pathMap },
     });
-    await this.switchHead(childPath);
     return { id, parentPath };
   }
 
@@ -473,6 +490,7 @@ async function openHead(
     writable: !opts.readOnly,
     allowedRoots: opts.allowedRoots,
     pathMap: opts.pathMap,
+    openFile: opts.openFile,
   });
   try {
     const tracker =

@@ -90,6 +90,11 @@ export interface OpenOptions {
   pathMap?: Record<string, string>;
   /** Do not open the parent of a differencing disk (info, check, merge). Reads that need it then fail. */
   noParent?: boolean;
+  /**
+   * Opens the files of the chain (default: the live file system). A storage snapshot passes its view here,
+   * so a chain is read as it was at the snapshot's instant.
+   */
+  openFile?: (path: string, writable: boolean) => Promise<RandomAccessFile>;
 }
 
 /** Told about every guest-visible change before it is issued to the file (the change tracker hooks in here). */
@@ -224,7 +229,9 @@ export class VhdxFile {
     depth: number,
   ): Promise<VhdxFile> {
     const writable = opts.writable ?? false;
-    const base = await NodeFile.open(filePath, writable ? 'r+' : 'r');
+    const base = opts.openFile
+      ? await opts.openFile(filePath, writable)
+      : await NodeFile.open(filePath, writable ? 'r+' : 'r');
     let disk: VhdxFile | undefined;
     try {
       disk = await VhdxFile.decode(filePath, base, writable);
@@ -251,7 +258,7 @@ export class VhdxFile {
   }
 
   /** Parses every structure of one file; replays its log (in place when writable, in memory otherwise). */
-  private static async decode(filePath: string, base: NodeFile, writable: boolean): Promise<VhdxFile> {
+  private static async decode(filePath: string, base: RandomAccessFile, writable: boolean): Promise<VhdxFile> {
     const warnings: string[] = [];
     const section = Buffer.alloc(HEADER_SECTION_SIZE);
     await base.read(section, 0);

@@ -1,0 +1,82 @@
+/**
+ * `tidemark host`: the host plus its management API, with the address and token a client needs written to
+ * `STORE/host.json` (mode 0600). One host per store: a second one is refused while the first lives.
+ */
+import { randomBytes } from 'node:crypto';
+import { readFile, unlink } from 'node:fs/promises';
+import path from 'node:path';
+import { ApiServer, hostRoutes, type RouteProvider } from '../api/server.js';
+import { TidemarkError } from '../errors.js';
+import { writeFileAtomic } from '../util/atomic.js';
+import { Host, type HostOptions } from './host.js';
+
+export interface DaemonOptions extends HostOptions {
+  /** Serve the API on loopback TCP instead of `STORE/api.sock`. */
+  apiPort?: number;
+  apiHost?: string;
+  routes?: RouteProvider[];
+}
+
+export interface RunningHost {
+  host: Host;
+  api: ApiServer;
+  endpoint: string;
+  token: string;
+  close(): Promise<void>;
+}
+
+export async function startHost(opts: DaemonOptions): Promise<RunningHost> {
+  const store = path.resolve(opts.store);
+  await refuseSecondHost(store);
+  const host = await Host.open({ ...opts, store });
+  const token = randomBytes(24).toString('base64url');
+  const api = new ApiServer(hostRoutes(host, opts.routes ?? []), {
+    token,
+    socket: opts.apiPort === undefined ? path.join(store, 'api.sock') : undefined,
+    port: opts.apiPort,
+    host: opts.apiHost,
+  });
+  let endpoint: string;
+  try {
+    endpoint = await api.listen();
+  } catch (err) {
+    await host.close();
+    throw err;
+  }
+  const nbd = host.nbd.address();
+  await writeFileAtomic(
+    path.join(store, 'host.json'),
+    JSON.stringify({ api: endpoint, token, pid: process.pid, nbd, startedAt: new Date().toISOString() }, null, 2) +
+      '\n',
+    0o600,
+  );
+  let closing: Promise<void> | undefined;
+  return {
+    host,
+    api,
+    endpoint,
+    token,
+    close: () =>
+      (closing ??= (async () => {
+        await api.close();
+        await host.close();
+        await unlink(path.join(store, 'host.json')).catch(() => undefined);
+      })()),
+  };
+}
+
+async function refuseSecondHost(store: string): Promise<void> {
+  let pid: number | undefined;
+  try {
+    pid = JSON.parse(await readFile(path.join(store, 'host.json'), 'utf8')).pid;
+  } catch {
+    return;
+  }
+  if (!pid || pid === process.pid) return;
+  try {
+    process.kill(pid, 0);
+  } catch {
+    return; // a host that died without cleaning up
+  }
+  throw new TidemarkError('BUSY', `a host (pid ${pid}) already runs on ${store}`);
+}

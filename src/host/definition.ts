@@ -1,0 +1,147 @@
+/**
+ * A VM's definition: versioned JSON in the store (`vms/NAME/vm.json`), written atomically, validated with
+ * zod on every read so a damaged or hand-edited file gives a clear error instead of a half-loaded VM.
+ * It also carries the journal of the one multi-file operation in progress (`pending`), so a host killed
+ * mid-checkpoint or mid-merge finishes or rolls it back on restart.
+ */
+import { z } from 'zod';
+import { TidemarkError } from '../errors.js';
+import { readFile } from 'node:fs/promises';
+import { writeFileAtomic } from '../util/atomic.js';
+
+export const DEFINITION_VERSION = 1;
+
+export const VM_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+/** `ide0-1`, `scsi2-13`: controller kind, controller number, location. */
+export const SLOT = /^(ide[01]-[01]|scsi[0-3]-([0-9]|[1-5][0-9]|6[0-3]))$/;
+
+export const CheckpointPolicy = z.enum(['production-fallback', 'production-only', 'standard-only', 'disabled']);
+export type CheckpointPolicy = z.infer<typeof CheckpointPolicy>;
+export const CheckpointType = z.enum(['standard', 'production', 'recovery']);
+export type CheckpointType = z.infer<typeof CheckpointType>;
+export const Consistency = z.enum(['application', 'crash']);
+export type Consistency = z.infer<typeof Consistency>;
+
+export const DiskAttachment = z.object({
+  slot: z.string().regex(SLOT),
+  /** The base disk (where tracking files live); relative paths are relative to the VM's directory. */
+  base: z.string().min(1),
+  /** The file the VM writes (the base, or the newest .avhdx). */
+  head: z.string().min(1),
+  virtualDiskId: z.string(),
+  virtualSize: z.number().int().positive(),
+});
+export type DiskAttachment = z.infer<typeof DiskAttachment>;
+
+export const CheckpointDisk = z.object({
+  slot: z.string().regex(SLOT),
+  virtualDiskId: z.string(),
+  /** The frozen file holding the disk as it was at the checkpoint. */
+  file: z.string(),
+  rctId: z.string().nullable(),
+});
+
+export const Checkpoint = z.object({
+  id: z.string(),
+  name: z.string(),
+  type: CheckpointType,
+  parentId: z.string().nullable(),
+  createdAt: z.string(),
+  consistency: Consistency,
+  /** Why the consistency is what it is (guest froze / cannot freeze: ... / VM off). */
+  consistencyNote: z.string().nullable(),
+  freezeWindowMs: z.number().nullable(),
+  ioPauseMs: z.number().nullable(),
+  disks: z.array(CheckpointDisk),
+});
+export type Checkpoint = z.infer<typeof Checkpoint>;
+
+export const ReferencePoint = z.object({
+  id: z.string(),
+  createdAt: z.string(),
+  /** The recovery checkpoint it was converted from, or null when created directly. */
+  fromCheckpoint: z.string().nullable(),
+  consistency: Consistency.nullable(),
+  /** Parallel arrays, as in Hyper-V: match disks by identifier, never by position. */
+  virtualDiskIdentifiers: z.array(z.string()),
+  resilientChangeTrackingIdentifiers: z.array(z.string().nullable()),
+});
+export type ReferencePoint = z.infer<typeof ReferencePoint>;
+
+export const PendingOperation = z.discriminatedUnion('op', [
+  z.object({
+    op: z.literal('checkpoint'),
+    checkpointId: z.string(),
+    /** Children being created: deleted on restart unless the definition already uses them. */
+    created: z.array(z.string()),
+  }),
+  z.object({
+    op: z.literal('merge'),
+    checkpointId: z.string(),
+    then: z.enum(['delete', 'refpoint']),
+    referencePoint: ReferencePoint.nullable(),
+    disks: z.array(z.object({ slot: z.string(), child: z.string(), parent: z.string() })),
+  }),
+  z.object({
+    op: z.literal('apply'),
+    checkpointId: z.string(),
+    created: z.array(z.string()),
+    discard: z.array(z.string()),
+  }),
+  z.object({ op: z.literal('delete-files'), files: z.array(z.string()) }),
+]);
+export type PendingOperation = z.infer<typeof PendingOperation>;
+
+export const VmDefinition = z.object({
+  schemaVersion: z.literal(DEFINITION_VERSION),
+  id: z.string(),
+  name: z.string().regex(VM_NAME),
+  generation: z.union([z.literal(1), z.literal(2)]),
+  configVersion: z.string().regex(/^\d+\.\d+$/),
+  checkpointPolicy: CheckpointPolicy,
+  /** The guest-agent channel (`unix:PATH`), or null. */
+  guest: z.string().nullable(),
+  /** The state the host restores after a restart. */
+  state: z.enum(['Off', 'Running']),
+  createdAt: z.string(),
+  disks: z.array(DiskAttachment),
+  checkpoints: z.array(Checkpoint),
+  currentCheckpointId: z.string().nullable(),
+  referencePoints: z.array(ReferencePoint),
+  pending: PendingOperation.nullable(),
+});
+export type VmDefinition = z.infer<typeof VmDefinition>;
+
+/** RCT needs configuration version 6.2 or later (as in Hyper-V). */
+export function supportsRct(configVersion: string): boolean {
+  const [major, minor] = configVersion.split('.').map(Number);
+  return major > 6 || (major === 6 && minor >= 2);
+}
+
+export async function readDefinition(file: string): Promise<VmDefinition> {
+  let text: string;
+  try {
+    text = await readFile(file, 'utf8');
+  } catch (err) {
+    throw new TidemarkError('NOT_FOUND', `cannot read VM definition ${file}: ${(err as Error).message}`);
+  }
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch (err) {
+    throw new TidemarkError('INVALID_ARGUMENT', `VM definition ${file} is not JSON: ${(err as Error).message}`);
+  }
+  const parsed = VmDefinition.safeParse(json);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    throw new TidemarkError(
+      'INVALID_ARGUMENT',
+      `VM definition ${file} is invalid at ${issue.path.join('.') || '(root)'}: ${issue.message}`,
+    );
+  }
+  return parsed.data;
+}
+
+export async function writeDefinition(file: string, def: VmDefinition): Promise<void> {
+  await writeFileAtomic(file, JSON.stringify(VmDefinition.parse(def), null, 2) + '\n');
+}

@@ -1,0 +1,1005 @@
+/**
+ * The host (Hyper-V's VMMS): owns a store directory of VM definitions, their disks and tracking files;
+ * opens a running VM's disks and serves them over NBD; cuts live checkpoints on differencing disks;
+ * merges them back online; keeps reference points; answers change queries; runs jobs. While it runs it is
+ * the only writer of the store's files. Every multi-file operation is journaled in the VM's definition
+ * first, so a host killed at any point finishes or rolls it back when it starts again.
+ */
+import { randomUUID } from 'node:crypto';
+import { access, mkdir, readdir, rm, unlink } from 'node:fs/promises';
+import path from 'node:path';
+import { VirtualDisk } from '../disk/virtual-disk.js';
+import { TidemarkError } from '../errors.js';
+import { createVhdx } from '../formats/vhdx/create.js';
+import { vhdxInfo, type VhdxInfo } from '../formats/vhdx/info.js';
+import { VhdxFile } from '../formats/vhdx/vhdx.js';
+import { NbdServer } from '../nbd/index.js';
+import { mergeWithTracking } from '../tracking/merge.js';
+import { ChangeTracker, type ChangesResult } from '../tracking/tracker.js';
+import { guidToString } from '../util/guid.js';
+import { KeyedMutex, Mutex } from '../util/mutex.js';
+import { parseSize } from '../util/size.js';
+import {
+  DEFINITION_VERSION,
+  readDefinition,
+  SLOT,
+  supportsRct,
+  VM_NAME,
+  writeDefinition,
+  type Checkpoint,
+  type CheckpointPolicy,
+  type CheckpointType,
+  type Consistency,
+  type DiskAttachment,
+  type ReferencePoint,
+  type VmDefinition,
+} from './definition.js';
+import { JobManager } from './jobs.js';
+import { HostLog } from './log.js';
+
+export interface HostOptions {
+  store: string;
+  /** Where VMs' disks are served (default: a unix socket `nbd.sock` in the store). */
+  nbd?: { socket?: string; port?: number; host?: string };
+  /** Application consistency for production and recovery checkpoints (the guest integration plugs in here). */
+  consistency?: ConsistencyProvider;
+  log?: HostLog;
+}
+
+/** Freezes a VM's guest around a checkpoint's instant, or says why it cannot. */
+export interface ConsistencyProvider {
+  around<T>(
+    vm: VmDefinition,
+    fn: () => Promise<T>,
+    opts: { fallback: 'crash' | 'fail' },
+  ): Promise<{ result: T; consistency: Consistency; freezeWindowMs: number | null; note: string }>;
+}
+
+/** With no guest channel a guest cannot freeze: crash consistency, or failure, as the caller's policy says. */
+export const noGuestConsistency: ConsistencyProvider = {
+  async around(vm, fn, opts) {
+    const note = vm.guest ? 'guest integration is not available in this host' : 'the VM has no guest channel';
+    if (opts.fallback === 'fail') {
+      throw new TidemarkError('NOT_SUPPORTED', `${vm.name}: application consistency needed but ${note}`);
+    }
+    return { result: await fn(), consistency: 'crash', freezeWindowMs: null, note };
+  },
+};
+
+export interface NewDisk {
+  slot: string;
+  /** Attach an existing VHDX (used in place). */
+  path?: string;
+  /** Or create a new dynamic VHDX of this size. */
+  size?: number | string;
+  blockSize?: number;
+}
+
+export interface CreateVmRequest {
+  name: string;
+  generation?: 1 | 2;
+  configVersion?: string;
+  checkpointPolicy?: CheckpointPolicy;
+  guest?: string | null;
+  disks?: NewDisk[];
+}
+
+export interface ModifyVmRequest {
+  checkpointPolicy?: CheckpointPolicy;
+  configVersion?: string;
+  guest?: string | null;
+  attach?: NewDisk[];
+  detach?: string[];
+}
+
+export interface CheckpointRequest {
+  type?: CheckpointType;
+  name?: string;
+  /** For recovery checkpoints (backup): the consistency wanted, and whether less is a failure. */
+  consistency?: Consistency;
+  requireConsistency?: boolean;
+}
+
+export interface VmSummary {
+  name: string;
+  id: string;
+  state: 'Off' | 'Running';
+  generation: 1 | 2;
+  configVersion: string;
+  checkpointPolicy: CheckpointPolicy;
+  guest: string | null;
+  disks: {
+    slot: string;
+    virtualDiskId: string;
+    virtualSize: number;
+    base: string;
+    head: string;
+    export: string | null;
+    tracking: 'enabled' | 'none';
+  }[];
+  checkpoints: number;
+  currentCheckpointId: string | null;
+  referencePoints: number;
+}
+
+const CHILD_EXT = '.avhdx';
+
+export class Host {
+  readonly jobs = new JobManager();
+  readonly nbd = new NbdServer();
+  readonly log: HostLog;
+  private vms = new Map<string, VmDefinition>();
+  private running = new Map<string, Map<string, VirtualDisk>>();
+  private locks = new KeyedMutex();
+  private defWrites = new KeyedMutex();
+  private createLock = new Mutex();
+  private consistency: ConsistencyProvider;
+  private closed = false;
+
+  private constructor(
+    readonly store: string,
+    private readonly opts: HostOptions,
+  ) {
+    this.consistency = opts.consistency ?? noGuestConsistency;
+    this.log = opts.log ?? new HostLog();
+  }
+
+  /** Opens the store (creating it if needed), recovers interrupted operations and restarts running VMs. */
+  static async open(opts: HostOptions): Promise<Host> {
+    const store = path.resolve(opts.store);
+    await mkdir(path.join(store, 'vms'), { recursive: true });
+    const host = new Host(store, opts);
+    for (const name of (await readdir(path.join(store, 'vms'))).sort()) {
+      const file = host.defPath(name);
+      if (!(await exists(file))) continue;
+      const def = await readDefinition(file);
+      host.vms.set(def.name, def);
+      await host.recover(def);
+    }
+    const nbd = opts.nbd ?? {};
+    await host.nbd.listen(
+      nbd.port !== undefined ? { port: nbd.port, host: nbd.host } : { socket: nbd.socket ?? host.nbdSocket },
+    );
+    for (const def of host.vms.values()) {
+      if (def.state === 'Running') {
+        try {
+          await host.openDisks(def);
+        } catch (err) {
+          host.log.warn(`could not restart ${def.name}: ${(err as Error).message}`);
+          def.state = 'Off';
+          await host.save(def);
+        }
+      }
+    }
+    return host;
+  }
+
+  get nbdSocket(): string {
+    return this.opts.nbd?.socket ?? path.join(this.store, 'nbd.sock');
+  }
+
+  setConsistencyProvider(p: ConsistencyProvider): void {
+    this.consistency = p;
+  }
+
+  // ---------------------------------------------------------------- VMs
+
+  listVms(): VmSummary[] {
+    return [...this.vms.values()].sort((a, b) => a.name.localeCompare(b.name)).map((d) => this.summary(d));
+  }
+
+  getVm(name: string): VmDefinition {
+    const def = this.vms.get(name);
+    if (!def) throw new TidemarkError('NOT_FOUND', `no VM named ${name}`);
+    return structuredClone(def);
+  }
+
+  showVm(name: string): VmSummary & { definition: VmDefinition } {
+    const def = this.getVm(name);
+    return { ...this.summary(def), definition: def };
+  }
+
+  async createVm(req: CreateVmRequest): Promise<VmSummary> {
+    if (!VM_NAME.test(req.name)) {
+      throw new TidemarkError(
+        'INVALID_ARGUMENT',
+        `VM name "${req.name}" must be 1–64 letters, digits, '.', '_' or '-'`,
+      );
+    }
+    return this.createLock.run(async () => {
+      if (this.vms.has(req.name)) throw new TidemarkError('ALREADY_EXISTS', `a VM named ${req.name} exists`);
+      const dir = this.vmDir(req.name);
+      if (await exists(dir))
+        throw new TidemarkError('ALREADY_EXISTS', `${dir} exists; remove it or choose another name`);
+      await mkdir(path.join(dir, 'disks'), { recursive: true });
+      const def: VmDefinition = {
+        schemaVersion: DEFINITION_VERSION,
+        id: randomUUID(),
+        name: req.name,
+        generation: req.generation ?? 2,
+        configVersion: req.configVersion ?? '9.0',
+        checkpointPolicy: req.checkpointPolicy ?? 'production-fallback',
+        guest: req.guest ?? null,
+        state: 'Off',
+        createdAt: new Date().toISOString(),
+        disks: [],
+        checkpoints: [],
+        currentCheckpointId: null,
+        referencePoints: [],
+        pending: null,
+      };
+      try {
+        for (const d of req.disks ?? []) def.disks.push(await this.prepareDisk(def, d));
+        this.vms.set(def.name, def);
+        await this.save(def);
+      } catch (err) {
+        this.vms.delete(def.name);
+        await rm(dir, { recursive: true, force: true });
+        throw err;
+      }
+      this.log.info(`created VM ${def.name} with ${def.disks.length} disk(s)`);
+      return this.summary(def);
+    });
+  }
+
+  async modifyVm(name: string, req: ModifyVmRequest): Promise<VmSummary> {
+    return this.locks.run(name, async () => {
+      const def = this.mustGet(name);
+      if (req.configVersion !== undefined) {
+        if (!/^\d+\.\d+$/.test(req.configVersion))
+          throw new TidemarkError('INVALID_ARGUMENT', `configuration version "${req.configVersion}" is not N.N`);
+        def.configVersion = req.configVersion;
+      }
+      if (req.checkpointPolicy !== undefined) def.checkpointPolicy = req.checkpointPolicy;
+      if (req.guest !== undefined) def.guest = req.guest;
+      if ((req.attach?.length || req.detach?.length) && def.checkpoints.length > 0) {
+        throw new TidemarkError('CONFLICT', `${name} has checkpoints: delete them before attaching or detaching disks`);
+      }
+      for (const slot of req.detach ?? []) {
+        const i = def.disks.findIndex((d) => d.slot === slot);
+        if (i < 0) throw new TidemarkError('NOT_FOUND', `${name} has no disk at ${slot}`);
+        const open = this.running.get(name)?.get(slot);
+        if (open) {
+          await this.nbd.removeExport(exportName(name, slot));
+          await open.close();
+          this.running.get(name)!.delete(slot);
+        }
+        def.disks.splice(i, 1);
+      }
+      for (const d of req.attach ?? []) {
+        const att = await this.prepareDisk(def, d);
+        def.disks.push(att);
+        if (this.running.has(name)) await this.openDisk(def, att);
+      }
+      await this.save(def);
+      return this.summary(def);
+    });
+  }
+
+  async startVm(name: string): Promise<VmSummary> {
+    return this.locks.run(name, async () => {
+      const def = this.mustGet(name);
+      if (!this.running.has(name)) await this.openDisks(def);
+      def.state = 'Running';
+      await this.save(def);
+      this.log.info(`started ${name}: ${def.disks.map((d) => exportName(name, d.slot)).join(', ')}`);
+      return this.summary(def);
+    });
+  }
+
+  async stopVm(name: string): Promise<VmSummary> {
+    return this.locks.run(name, async () => {
+      const def = this.mustGet(name);
+      await this.closeDisks(name);
+      def.state = 'Off';
+      await this.save(def);
+      this.log.info(`stopped ${name}`);
+      return this.summary(def);
+    });
+  }
+
+  async deleteVm(name: string, opts: { removeFiles?: boolean } = {}): Promise<void> {
+    return this.locks.run(name, async () => {
+      const def = this.mustGet(name);
+      if (this.running.has(name)) throw new TidemarkError('CONFLICT', `${name} is running: stop it first`);
+      this.vms.delete(name);
+      if (opts.removeFiles) {
+        await rm(this.vmDir(name), { recursive: true, force: true });
+      } else {
+        // Keep the disks (and the definition, renamed) where they are, as Hyper-V keeps VHDX files.
+        await rm(this.defPath(name), { force: true });
+      }
+      this.log.info(`deleted VM ${def.name}${opts.removeFiles ? ' and its files' : ''}`);
+    });
+  }
+
+  /** The open virtual disk of a running VM's slot (for in-process workloads and backup exports). */
+  runningDisk(name: string, slot: string): VirtualDisk {
+    const disk = this.running.get(name)?.get(slot);
+    if (!disk) throw new TidemarkError('NOT_FOUND', `${name} is not running or has no disk at ${slot}`);
+    return disk;
+  }
+
+  // ---------------------------------------------------------------- checkpoints
+
+  listCheckpoints(name: string): (Checkpoint & { current: boolean })[] {
+    const def = this.mustGet(name);
+    return def.checkpoints.map((c) => ({ ...structuredClone(c), current: c.id === def.currentCheckpointId }));
+  }
+
+  /**
+   * Cuts a checkpoint: (freeze the guest), pause the VM's I/O, flush, seal each tracker's id, create an
+   * .avhdx child per disk, record it all in one atomic definition write, switch onto the children,
+   * resume, (thaw). The parents are from then on the frozen, consistent point.
+   */
+  async createCheckpoint(name: string, req: CheckpointRequest = {}): Promise<Checkpoint> {
+    return this.locks.run(name, async () => {
+      const def = this.mustGet(name);
+      this.assertNoPending(def);
+      if (def.checkpointPolicy === 'disabled') {
+        throw new TidemarkError('CONFLICT', `checkpoints are disabled for ${name} (checkpoint policy "disabled")`);
+      }
+      if (def.disks.length === 0) throw new TidemarkError('CONFLICT', `${name} has no disks to checkpoint`);
+      let type: CheckpointType = req.type ?? (def.checkpointPolicy === 'standard-only' ? 'standard' : 'production');
+      if (type === 'production' && def.checkpointPolicy === 'standard-only') {
+        throw new TidemarkError('CONFLICT', `${name} allows standard checkpoints only (policy "standard-only")`);
+      }
+      const id = randomUUID();
+      const running = this.running.get(name);
+      const cpName = req.name ?? `${name} - (${new Date().toISOString().replace('T', ' ').slice(0, 19)})`;
+      const children = def.disks.map((d) => ({
+        disk: d,
+        child: path.join(this.vmDir(name), 'disks', `${d.slot}_${id.slice(0, 8)}${CHILD_EXT}`),
+      }));
+      def.pending = { op: 'checkpoint', checkpointId: id, created: children.map((c) => this.rel(def, c.child)) };
+      await this.save(def);
+
+      const sealed = new Map<string, string | undefined>();
+      const commitDef = () => {
+        const cp: Checkpoint = {
+          id,
+          name: cpName,
+          type,
+          parentId: def.currentCheckpointId,
+          createdAt: new Date().toISOString(),
+          consistency: 'crash',
+          consistencyNote: null,
+          freezeWindowMs: null,
+          ioPauseMs: null,
+          disks: children.map((c) => ({
+            slot: c.disk.slot,
+            virtualDiskId: c.disk.virtualDiskId,
+            file: c.disk.head,
+            rctId: sealed.get(c.disk.slot) ?? null,
+          })),
+        };
+        for (const c of children) c.disk.head = this.rel(def, c.child);
+        def.checkpoints.push(cp);
+        def.currentCheckpointId = id;
+        def.pending = null;
+      };
+
+      const cut = async () => {
+        const started = performance.now();
+        if (running) {
+          const disks = children.map((c) => running.get(c.disk.slot)!);
+          await Promise.all(disks.map((d) => d.pause()));
+          try {
+            await Promise.all(
+              children.map(async (c, i) => sealed.set(c.disk.slot, (await disks[i].prepareChild(c.child)).id)),
+            );
+            commitDef();
+            await this.save(def);
+            await Promise.all(children.map((c, i) => disks[i].switchHead(c.child)));
+          } finally {
+            for (const d of disks) d.resume();
+          }
+        } else {
+          for (const c of children) {
+            const disk = await VirtualDisk.open(this.abs(def, c.disk.head), this.diskOptions(def));
+            try {
+              await disk.pause();
+              sealed.set(c.disk.slot, (await disk.prepareChild(c.child)).id);
+              disk.resume();
+            } finally {
+              await disk.close();
+            }
+          }
+          commitDef();
+          await this.save(def);
+        }
+        return { ioPauseMs: running ? performance.now() - started : null };
+      };
+
+      try {
+        let outcome: {
+          result: { ioPauseMs: number | null };
+          consistency: Consistency;
+          freezeWindowMs: number | null;
+          note: string;
+        };
+        if (!running) {
+          outcome = { result: await cut(), consistency: 'application', freezeWindowMs: null, note: 'the VM is off' };
+        } else if (type === 'standard') {
+          outcome = {
+            result: await cut(),
+            consistency: 'crash',
+            freezeWindowMs: null,
+            note: 'standard checkpoint of a running VM (no guest freeze)',
+          };
+        } else {
+          const wantApp = type === 'production' || (req.consistency ?? 'application') === 'application';
+          if (!wantApp) {
+            outcome = {
+              result: await cut(),
+              consistency: 'crash',
+              freezeWindowMs: null,
+              note: 'crash consistency requested',
+            };
+          } else {
+            const fallback =
+              type === 'production'
+                ? def.checkpointPolicy === 'production-only'
+                  ? 'fail'
+                  : 'crash'
+                : req.requireConsistency
+                  ? 'fail'
+                  : 'crash';
+            outcome = await this.consistency.around(def, cut, { fallback });
+            if (type === 'production' && outcome.consistency === 'crash') type = 'standard';
+          }
+        }
+        const cp = def.checkpoints.find((c) => c.id === id)!;
+        cp.type = type;
+        cp.consistency = outcome.consistency;
+        cp.consistencyNote = outcome.note;
+        cp.freezeWindowMs = outcome.freezeWindowMs;
+        cp.ioPauseMs = outcome.result.ioPauseMs;
+        await this.save(def);
+        this.log.info(
+          `checkpoint ${cp.name} of ${name}: ${type}, ${cp.consistency}-consistent, I/O pause ${fmtMs(cp.ioPauseMs)}, freeze ${fmtMs(cp.freezeWindowMs)}`,
+        );
+        return structuredClone(cp);
+      } catch (err) {
+        if (def.pending?.op === 'checkpoint') {
+          for (const c of children) await unlink(c.child).catch(() => undefined);
+          def.pending = null;
+          await this.save(def);
+        }
+        throw err;
+      }
+    });
+  }
+
+  /** Deletes a checkpoint whose files no newer checkpoint needs, merging online when the VM runs on it. */
+  async deleteCheckpoint(name: string, checkpoint: string): Promise<void> {
+    return this.locks.run(name, async () => {
+      const def = this.mustGet(name);
+      const cp = this.findCheckpoint(def, checkpoint);
+      await this.removeCheckpoint(def, cp, 'delete', null);
+    });
+  }
+
+  /** Applies a checkpoint to a VM that is off: the VM continues from a new child of the checkpoint's files. */
+  async applyCheckpoint(name: string, checkpoint: string): Promise<void> {
+    return this.locks.run(name, async () => {
+      const def = this.mustGet(name);
+      this.assertNoPending(def);
+      if (this.running.has(name))
+        throw new TidemarkError('CONFLICT', `${name} is running: stop it to apply a checkpoint`);
+      const cp = this.findCheckpoint(def, checkpoint);
+      const suffix = randomUUID().slice(0, 8);
+      const created = cp.disks.map((d) => path.join(this.vmDir(name), 'disks', `${d.slot}_${suffix}${CHILD_EXT}`));
+      // The current state is discarded unless a checkpoint holds it.
+      const frozen = new Set(def.checkpoints.flatMap((c) => c.disks.map((d) => d.file)));
+      const discard = def.disks.map((d) => d.head).filter((h) => !frozen.has(h) && h !== this.baseOf(def, h));
+      def.pending = { op: 'apply', checkpointId: cp.id, created: created.map((c) => this.rel(def, c)), discard };
+      await this.save(def);
+      try {
+        for (let i = 0; i < cp.disks.length; i++) {
+          await createVhdx(created[i], {
+            parent: this.abs(def, cp.disks[i].file),
+            parentOpenOptions: this.diskOptions(def),
+          });
+        }
+      } catch (err) {
+        for (const c of created) await unlink(c).catch(() => undefined);
+        def.pending = null;
+        await this.save(def);
+        throw err;
+      }
+      for (let i = 0; i < cp.disks.length; i++) {
+        const att = def.disks.find((d) => d.slot === cp.disks[i].slot);
+        if (att) att.head = this.rel(def, created[i]);
+      }
+      def.currentCheckpointId = cp.id;
+      def.pending = { op: 'delete-files', files: discard };
+      await this.save(def);
+      for (const f of discard) await unlink(this.abs(def, f)).catch(() => undefined);
+      def.pending = null;
+      await this.save(def);
+      this.log.info(`applied checkpoint ${cp.name} to ${name}`);
+    });
+  }
+
+  // ---------------------------------------------------------------- reference points
+
+  listReferencePoints(name: string): ReferencePoint[] {
+    return structuredClone(this.mustGet(name).referencePoints);
+  }
+
+  /**
+   * ConvertToReferencePoint: the recovery checkpoint's .avhdx files are merged back online (the VM stops
+   * running on differencing disks) and the ids sealed at the checkpoint are kept per virtual disk.
+   */
+  async convertToReferencePoint(name: string, checkpoint: string): Promise<ReferencePoint> {
+    return this.locks.run(name, async () => {
+      const def = this.mustGet(name);
+      const cp = this.findCheckpoint(def, checkpoint);
+      if (cp.type !== 'recovery') {
+        throw new TidemarkError(
+          'CONFLICT',
+          `checkpoint ${cp.name} is a ${cp.type} checkpoint; only recovery checkpoints convert`,
+        );
+      }
+      const rp: ReferencePoint = {
+        id: randomUUID(),
+        createdAt: cp.createdAt,
+        fromCheckpoint: cp.id,
+        consistency: cp.consistency,
+        virtualDiskIdentifiers: cp.disks.map((d) => d.virtualDiskId),
+        resilientChangeTrackingIdentifiers: cp.disks.map((d) => d.rctId),
+      };
+      await this.removeCheckpoint(def, cp, 'refpoint', rp);
+      return structuredClone(rp);
+    });
+  }
+
+  /** CreateReferencePoint without a checkpoint: seals every disk's id now. */
+  async createReferencePoint(name: string): Promise<ReferencePoint> {
+    return this.locks.run(name, async () => {
+      const def = this.mustGet(name);
+      this.assertNoPending(def);
+      const ids: (string | null)[] = [];
+      const running = this.running.get(name);
+      for (const d of def.disks) {
+        if (running) {
+          ids.push((await running.get(d.slot)!.seal()) ?? null);
+        } else {
+          const disk = await VirtualDisk.open(this.abs(def, d.head), this.diskOptions(def));
+          try {
+            ids.push((await disk.seal()) ?? null);
+          } finally {
+            await disk.close();
+          }
+        }
+      }
+      const rp: ReferencePoint = {
+        id: randomUUID(),
+        createdAt: new Date().toISOString(),
+        fromCheckpoint: null,
+        consistency: null,
+        virtualDiskIdentifiers: def.disks.map((d) => d.virtualDiskId),
+        resilientChangeTrackingIdentifiers: ids,
+      };
+      def.referencePoints.push(rp);
+      await this.save(def);
+      return structuredClone(rp);
+    });
+  }
+
+  async destroyReferencePoint(name: string, id: string): Promise<void> {
+    return this.locks.run(name, async () => {
+      const def = this.mustGet(name);
+      const i = def.referencePoints.findIndex((r) => r.id === id);
+      if (i < 0) throw new TidemarkError('NOT_FOUND', `${name} has no reference point ${id}`);
+      def.referencePoints.splice(i, 1);
+      await this.save(def);
+    });
+  }
+
+  // ---------------------------------------------------------------- image management
+
+  /**
+   * GetVirtualDiskChanges: ranges changed since `limitId` (a sealed RCT id), paged by offset and length.
+   * `target` is a VM disk (`{ vm, slot }`) or a disk file in the store.
+   */
+  async virtualDiskChanges(
+    target: { vm: string; slot: string } | { path: string },
+    limitId: string,
+    offset = 0,
+    length?: number,
+    maxRanges?: number,
+  ): Promise<ChangesResult & { virtualDiskId: string }> {
+    if ('vm' in target) {
+      const def = this.mustGet(target.vm);
+      const att = def.disks.find((d) => d.slot === target.slot);
+      if (!att) throw new TidemarkError('NOT_FOUND', `${target.vm} has no disk at ${target.slot}`);
+      if (!supportsRct(def.configVersion)) {
+        throw new TidemarkError(
+          'MISSING_CHANGE_TRACKING_INFORMATION',
+          `${target.vm} has configuration version ${def.configVersion}: change tracking needs 6.2 or later`,
+        );
+      }
+      const open = this.running.get(target.vm)?.get(target.slot);
+      if (open)
+        return { ...(await open.changes(limitId, offset, length, maxRanges)), virtualDiskId: att.virtualDiskId };
+      return this.offlineChanges(
+        this.abs(def, att.head),
+        limitId,
+        offset,
+        length,
+        maxRanges,
+        this.diskOptions(def).allowedRoots,
+      );
+    }
+    const file = this.inStore(target.path);
+    return this.offlineChanges(file, limitId, offset, length, maxRanges, [this.store]);
+  }
+
+  private async offlineChanges(
+    file: string,
+    limitId: string,
+    offset: number,
+    length: number | undefined,
+    maxRanges: number | undefined,
+    allowedRoots: string[],
+  ): Promise<ChangesResult & { virtualDiskId: string }> {
+    this.assertNotOpen(file);
+    const disk = await VhdxFile.open(file, { allowedRoots });
+    try {
+      const tracker = await ChangeTracker.attach(disk, { writable: false });
+      if (!tracker) {
+        throw new TidemarkError('MISSING_CHANGE_TRACKING_INFORMATION', `${path.basename(file)} has no change tracking`);
+      }
+      return {
+        ...(await tracker.changes(limitId, offset, length, maxRanges)),
+        virtualDiskId: guidToString(disk.virtualDiskId),
+      };
+    } finally {
+      await disk.close();
+    }
+  }
+
+  async diskInfo(file: string): Promise<VhdxInfo> {
+    return vhdxInfo(this.inStore(file), { allowedRoots: [this.store] });
+  }
+
+  async createDisk(file: string, opts: { size: number; blockSize?: number; tracking?: boolean }): Promise<string> {
+    const p = this.inStore(file);
+    await createVhdx(p, { size: opts.size, blockSize: opts.blockSize });
+    if (opts.tracking !== false) await enableTracking(p);
+    return p;
+  }
+
+  async mergeDisk(childPath: string): Promise<{ parentPath: string; bytesCopied: number }> {
+    const p = this.inStore(childPath);
+    this.assertNotOpen(p);
+    for (const def of this.vms.values()) {
+      if (
+        def.disks.some((d) => this.abs(def, d.head) === p) ||
+        def.checkpoints.some((c) => c.disks.some((d) => this.abs(def, d.file) === p))
+      ) {
+        throw new TidemarkError('CONFLICT', `${p} belongs to VM ${def.name}: delete its checkpoint instead`);
+      }
+    }
+    const r = await mergeWithTracking(p, { allowedRoots: [this.store] });
+    return { parentPath: r.parentPath, bytesCopied: r.bytesCopied };
+  }
+
+  // ---------------------------------------------------------------- shutdown
+
+  /** Stops serving, flushes and closes every open disk cleanly (VMs keep state Running for the next start). */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.jobs.drain();
+    await this.nbd.close();
+    for (const name of [...this.running.keys()]) {
+      for (const disk of this.running.get(name)!.values()) await disk.close().catch((e) => this.log.warn(String(e)));
+    }
+    this.running.clear();
+  }
+
+  // ---------------------------------------------------------------- internals
+
+  private summary(def: VmDefinition): VmSummary {
+    const running = this.running.get(def.name);
+    return {
+      name: def.name,
+      id: def.id,
+      state: running ? 'Running' : 'Off',
+      generation: def.generation,
+      configVersion: def.configVersion,
+      checkpointPolicy: def.checkpointPolicy,
+      guest: def.guest,
+      disks: def.disks.map((d) => ({
+        slot: d.slot,
+        virtualDiskId: d.virtualDiskId,
+        virtualSize: d.virtualSize,
+        base: this.abs(def, d.base),
+        head: this.abs(def, d.head),
+        export: running ? exportName(def.name, d.slot) : null,
+        tracking: supportsRct(def.configVersion) ? 'enabled' : 'none',
+      })),
+      checkpoints: def.checkpoints.length,
+      currentCheckpointId: def.currentCheckpointId,
+      referencePoints: def.referencePoints.length,
+    };
+  }
+
+  private async prepareDisk(def: VmDefinition, d: NewDisk): Promise<DiskAttachment> {
+    if (!SLOT.test(d.slot)) {
+      throw new TidemarkError('INVALID_ARGUMENT', `slot "${d.slot}" is not ide0-0..ide1-1 or scsi0-0..scsi3-63`);
+    }
+    if (def.disks.some((x) => x.slot === d.slot))
+      throw new TidemarkError('ALREADY_EXISTS', `${def.name} already has a disk at ${d.slot}`);
+    let file: string;
+    if (d.path) {
+      file = path.resolve(d.path);
+      if (!(await exists(file))) throw new TidemarkError('NOT_FOUND', `disk ${file} does not exist`);
+      for (const other of this.vms.values()) {
+        if (other.disks.some((x) => this.abs(other, x.base) === file)) {
+          throw new TidemarkError('CONFLICT', `${file} is already attached to VM ${other.name}`);
+        }
+      }
+    } else if (d.size !== undefined) {
+      const size = typeof d.size === 'number' ? d.size : parseSize(d.size);
+      file = path.join(this.vmDir(def.name), 'disks', `${d.slot}.vhdx`);
+      await createVhdx(file, { size, blockSize: d.blockSize });
+    } else {
+      throw new TidemarkError('INVALID_ARGUMENT', `disk ${d.slot}: give a path or a size`);
+    }
+    const probe = await VhdxFile.open(file, { allowedRoots: [path.dirname(file), this.store] });
+    let virtualDiskId: string;
+    const virtualSize = probe.virtualSize;
+    try {
+      if (probe.parent) {
+        throw new TidemarkError(
+          'INVALID_ARGUMENT',
+          `${file} is a differencing disk: attach its base or merge it first`,
+        );
+      }
+      virtualDiskId = guidToString(probe.virtualDiskId);
+    } finally {
+      await probe.close();
+    }
+    if (supportsRct(def.configVersion)) await enableTracking(file);
+    const rel = this.rel(def, file);
+    return { slot: d.slot, base: rel, head: rel, virtualDiskId, virtualSize };
+  }
+
+  private async openDisks(def: VmDefinition): Promise<void> {
+    this.running.set(def.name, new Map());
+    try {
+      for (const att of def.disks) await this.openDisk(def, att);
+    } catch (err) {
+      await this.closeDisks(def.name);
+      throw err;
+    }
+  }
+
+  private async openDisk(def: VmDefinition, att: DiskAttachment): Promise<void> {
+    const disk = await VirtualDisk.open(this.abs(def, att.head), this.diskOptions(def));
+    this.running.get(def.name)!.set(att.slot, disk);
+    this.nbd.addExport(exportName(def.name, att.slot), disk, { description: `${def.name} ${att.slot}` });
+  }
+
+  private async closeDisks(name: string): Promise<void> {
+    const disks = this.running.get(name);
+    if (!disks) return;
+    for (const slot of disks.keys()) await this.nbd.removeExport(exportName(name, slot));
+    for (const disk of disks.values()) await disk.close();
+    this.running.delete(name);
+  }
+
+  private diskOptions(def: VmDefinition): { allowedRoots: string[]; tracking: boolean } {
+    const roots = new Set([this.store, ...def.disks.map((d) => path.dirname(this.abs(def, d.base)))]);
+    return { allowedRoots: [...roots], tracking: supportsRct(def.configVersion) };
+  }
+
+  /**
+   * Removes a checkpoint: when the VM's current state sits on it, its child (the running head) is merged
+   * back into the checkpoint's files online (offline when the VM is off). Journaled: a crash anywhere is
+   * finished on restart by an offline merge.
+   */
+  private async removeCheckpoint(
+    def: VmDefinition,
+    cp: Checkpoint,
+    then: 'delete' | 'refpoint',
+    rp: ReferencePoint | null,
+  ): Promise<void> {
+    this.assertNoPending(def);
+    if (def.checkpoints.some((c) => c.parentId === cp.id)) {
+      throw new TidemarkError(
+        'NOT_SUPPORTED',
+        `checkpoint ${cp.name} has newer checkpoints; delete those first (merging an inner checkpoint is not supported yet)`,
+      );
+    }
+    const isCurrent = def.currentCheckpointId === cp.id;
+    const disks = isCurrent
+      ? cp.disks.map((d) => ({ slot: d.slot, child: def.disks.find((a) => a.slot === d.slot)!.head, parent: d.file }))
+      : [];
+    def.pending = { op: 'merge', checkpointId: cp.id, then, referencePoint: rp, disks };
+    await this.save(def);
+    const running = this.running.get(def.name);
+    for (const m of disks) {
+      const open = running?.get(m.slot);
+      if (open) {
+        await open.mergeHeadOnline({
+          beforeSwitch: async () => {
+            def.disks.find((a) => a.slot === m.slot)!.head = m.parent;
+            await this.save(def);
+          },
+        });
+      } else {
+        await mergeWithTracking(this.abs(def, m.child), { allowedRoots: this.diskOptions(def).allowedRoots });
+        def.disks.find((a) => a.slot === m.slot)!.head = m.parent;
+        await this.save(def);
+      }
+    }
+    await this.finishRemoval(def, cp.id, then, rp);
+    this.log.info(`${then === 'refpoint' ? 'converted' : 'deleted'} checkpoint ${cp.name} of ${def.name}`);
+  }
+
+  private async finishRemoval(def: VmDefinition, cpId: string, then: 'delete' | 'refpoint', rp: ReferencePoint | null) {
+    const cp = def.checkpoints.find((c) => c.id === cpId);
+    const orphaned: string[] = [];
+    if (cp) {
+      if (def.currentCheckpointId === cp.id) {
+        def.currentCheckpointId = cp.parentId;
+      } else {
+        // Not on the VM's path: nothing depends on its files any more.
+        const inUse = new Set([
+          ...def.disks.map((d) => d.head),
+          ...def.checkpoints.filter((c) => c.id !== cp.id).flatMap((c) => c.disks.map((d) => d.file)),
+        ]);
+        for (const d of cp.disks)
+          if (!inUse.has(d.file) && d.file !== def.disks.find((a) => a.slot === d.slot)?.base) orphaned.push(d.file);
+      }
+      def.checkpoints = def.checkpoints.filter((c) => c.id !== cpId);
+    }
+    if (then === 'refpoint' && rp && !def.referencePoints.some((r) => r.id === rp.id)) def.referencePoints.push(rp);
+    def.pending = orphaned.length > 0 ? { op: 'delete-files', files: orphaned } : null;
+    await this.save(def);
+    if (orphaned.length > 0) {
+      for (const f of orphaned) await unlink(this.abs(def, f)).catch(() => undefined);
+      def.pending = null;
+      await this.save(def);
+    }
+  }
+
+  /** Finishes or rolls back what a killed host left half done, then removes stray children. */
+  private async recover(def: VmDefinition): Promise<void> {
+    const p = def.pending;
+    if (p) {
+      this.log.warn(`${def.name}: recovering an interrupted ${p.op}`);
+      if (p.op === 'checkpoint') {
+        for (const f of p.created) await unlink(this.abs(def, f)).catch(() => undefined);
+        def.pending = null;
+        await this.save(def);
+      } else if (p.op === 'merge') {
+        for (const m of p.disks) {
+          if (await exists(this.abs(def, m.child))) {
+            await mergeWithTracking(this.abs(def, m.child), { allowedRoots: this.diskOptions(def).allowedRoots });
+          }
+          def.disks.find((a) => a.slot === m.slot)!.head = m.parent;
+          await this.save(def);
+        }
+        await this.finishRemoval(def, p.checkpointId, p.then, p.referencePoint);
+      } else if (p.op === 'apply') {
+        const committed = p.created.every((f) => def.disks.some((d) => d.head === f));
+        const victims = committed ? p.discard : p.created;
+        for (const f of victims) await unlink(this.abs(def, f)).catch(() => undefined);
+        def.pending = null;
+        await this.save(def);
+      } else {
+        for (const f of p.files) await unlink(this.abs(def, f)).catch(() => undefined);
+        def.pending = null;
+        await this.save(def);
+      }
+    }
+    // A child no definition refers to is a leftover: remove it (only .avhdx files in the VM's own folder).
+    const referenced = new Set([
+      ...def.disks.map((d) => this.abs(def, d.head)),
+      ...def.checkpoints.flatMap((c) => c.disks.map((d) => this.abs(def, d.file))),
+    ]);
+    const dir = path.join(this.vmDir(def.name), 'disks');
+    for (const f of await readdir(dir).catch(() => [] as string[])) {
+      const full = path.join(dir, f);
+      if (f.endsWith(CHILD_EXT) && !referenced.has(full)) {
+        this.log.warn(`${def.name}: removing stray ${f}`);
+        await unlink(full).catch(() => undefined);
+      }
+    }
+  }
+
+  private findCheckpoint(def: VmDefinition, key: string): Checkpoint {
+    const cp = def.checkpoints.find((c) => c.id === key || c.name === key);
+    if (!cp) throw new TidemarkError('NOT_FOUND', `${def.name} has no checkpoint "${key}"`);
+    return cp;
+  }
+
+  private assertNoPending(def: VmDefinition): void {
+    if (def.pending)
+      throw new TidemarkError(
+        'BUSY',
+        `${def.name} has an unfinished ${def.pending.op}; restart the host to recover it`,
+      );
+  }
+
+  private assertNotOpen(file: string): void {
+    for (const [name, disks] of this.running) {
+      for (const d of disks.values()) {
+        if (d.file.chain().some((f) => f.path === file)) {
+          throw new TidemarkError('CONFLICT', `${file} is in use by running VM ${name}`);
+        }
+      }
+    }
+  }
+
+  private mustGet(name: string): VmDefinition {
+    if (this.closed) throw new TidemarkError('CLOSED', 'the host is shutting down');
+    const def = this.vms.get(name);
+    if (!def) throw new TidemarkError('NOT_FOUND', `no VM named ${name}`);
+    return def;
+  }
+
+  private async save(def: VmDefinition): Promise<void> {
+    await this.defWrites.run(def.name, () => writeDefinition(this.defPath(def.name), def));
+  }
+
+  private vmDir(name: string): string {
+    return path.join(this.store, 'vms', name);
+  }
+
+  private defPath(name: string): string {
+    return path.join(this.vmDir(name), 'vm.json');
+  }
+
+  private abs(def: VmDefinition, p: string): string {
+    return path.resolve(this.vmDir(def.name), p);
+  }
+
+  /** Paths inside the VM's folder are stored relative to it (the store can move); others absolutely. */
+  private rel(def: VmDefinition, p: string): string {
+    const rel = path.relative(this.vmDir(def.name), path.resolve(this.vmDir(def.name), p));
+    return rel.startsWith('..') || path.isAbsolute(rel) ? path.resolve(p) : rel;
+  }
+
+  private baseOf(def: VmDefinition, head: string): string | undefined {
+    return def.disks.find((d) => d.head === head)?.base;
+  }
+
+  private inStore(p: string): string {
+    const abs = path.resolve(this.store, p);
+    if (abs !== this.store && !abs.startsWith(this.store + path.sep)) {
+      throw new TidemarkError('PATH_NOT_ALLOWED', `${p} is outside the host's store ${this.store}`);
+    }
+    return abs;
+  }
+}
+
+export function exportName(vm: string, slot: string): string {
+  return `${vm}/${slot}`;
+}
+
+async function enableTracking(file: string): Promise<void> {
+  const disk = await VhdxFile.open(file, { allowedRoots: [path.dirname(file)] });
+  try {
+    if (!(await ChangeTracker.isEnabled(disk))) await ChangeTracker.enable(disk);
+  } finally {
+    await disk.close();
+  }
+}
+
+async function exists(p: string): Promise<boolean> {
+  return access(p).then(
+    () => true,
+    () => false,
+  );
+}
+
+function fmtMs(ms: number | null): string {
+  return ms === null ? 'n/a' : `${ms.toFixed(1)} ms`;
+}
