@@ -241,27 +241,51 @@ export class VirtualDisk implements BlockDevice {
    * With I/O paused: makes the current head durable, seals its id, creates `childPath` over it and
    * continues on the child. The old head is from now on the frozen point of the checkpoint.
    */
-  async cutCheckpoint(childPath: string, opts: { blockSize?: number } = {}): Promise<{ id?: string; parentPath: string }> {
+  async cutCheckpoint(
+    childPath: string,
+    opts: { blockSize?: number } = {},
+  ): Promise<{ id?: string; parentPath: string }> {
     const prepared = await this.prepareChild(childPath, opts);
     await this.switchHead(childPath);
     return prepared;
   }
 
   /**
-   * With I/O paused: flushes the head, seals its id and creates `childPath` over it, without switching
-   * onto it yet (the host records the checkpoint durably first, then switches).
+   * Creates `childPath` over the current head while I/O still runs (the slow part of a checkpoint). The
+   * head's DataWriteGuid is installed first, so the child's parent_linkage stays right whatever is written
+   * until the cut. `prepareChild` then only flushes and seals inside the pause.
    */
-  async prepareChild(childPath: string, opts: { blockSize?: number } = {}): Promise<{ id?: string; parentPath: string }> {
+  async precreateChild(childPath: string, opts: { blockSize?: number } = {}): Promise<void> {
+    this.assertOpen();
+    this.checkWritable();
+    await this.head.markDataChanged();
+    await createVhdx(childPath, {
+      parent: this.head.path,
+      blockSize: opts.blockSize ?? DEFAULT_CHILD_BLOCK_SIZE,
+      parentOpenOptions: { allowedRoots: this.opts.allowedRoots, pathMap: this.opts.pathMap },
+    });
+  }
+
+  /**
+   * With I/O paused: flushes the head, seals its id and (unless `precreateChild` made it) creates
+   * `childPath` over it, without switching onto it yet (the host records the checkpoint durably first).
+   */
+  async prepareChild(
+    childPath: string,
+    opts: { blockSize?: number; precreated?: boolean } = {},
+  ): Promise<{ id?: string; parentPath: string }> {
     this.assertPaused();
     this.checkWritable();
     const parentPath = this.head.path;
     await this.head.flush();
     const id = this.tracker ? await this.tracker.seal() : undefined;
-    await createVhdx(childPath, {
-      parent: parentPath,
-      blockSize: opts.blockSize ?? DEFAULT_CHILD_BLOCK_SIZE,
-      parentOpenOptions: { allowedRoots: this.opts.allowedRoots, pathMap: this.opts.pathMap },
-    });
+    if (!opts.precreated) {
+      await createVhdx(childPath, {
+        parent: parentPath,
+        blockSize: opts.blockSize ?? DEFAULT_CHILD_BLOCK_SIZE,
+        parentOpenOptions: { allowedRoots: this.opts.allowedRoots, pathMap: this.opts.pathMap },
+      });
+    }
     return { id, parentPath };
   }
 
@@ -326,7 +350,8 @@ export class VirtualDisk implements BlockDevice {
 
       // 2. Copy passes while the guest writes; blocks it writes meanwhile are copied again.
       const all: number[] = [];
-      for await (const { block, entry } of child.ownBlocks()) if (entry.state !== BlockState.NotPresent) all.push(block);
+      for await (const { block, entry } of child.ownBlocks())
+        if (entry.state !== BlockState.NotPresent) all.push(block);
       let todo = all;
       const maxLive = opts.maxLivePasses ?? 4;
       while (true) {
@@ -477,7 +502,10 @@ export class VirtualDisk implements BlockDevice {
       length < 0 ||
       offset + length > this.size
     ) {
-      throw new TidemarkError('INVALID_ARGUMENT', `range [${offset}, +${length}) is outside the ${this.size}-byte disk`);
+      throw new TidemarkError(
+        'INVALID_ARGUMENT',
+        `range [${offset}, +${length}) is outside the ${this.size}-byte disk`,
+      );
     }
   }
 }

@@ -380,13 +380,18 @@ export class Host {
       };
 
       const cut = async () => {
-        const started = performance.now();
+        let started = performance.now();
         if (running) {
           const disks = children.map((c) => running.get(c.disk.slot)!);
+          // The children are made while the guest still writes; the pause only flushes, seals and switches.
+          await Promise.all(children.map((c, i) => disks[i].precreateChild(c.child)));
+          started = performance.now();
           await Promise.all(disks.map((d) => d.pause()));
           try {
             await Promise.all(
-              children.map(async (c, i) => sealed.set(c.disk.slot, (await disks[i].prepareChild(c.child)).id)),
+              children.map(async (c, i) =>
+                sealed.set(c.disk.slot, (await disks[i].prepareChild(c.child, { precreated: true })).id),
+              ),
             );
             commitDef();
             await this.save(def);
@@ -770,6 +775,7 @@ export class Host {
   }
 
   private async openDisks(def: VmDefinition): Promise<void> {
+    for (const att of def.disks) await settleChain(this.abs(def, att.head), this.diskOptions(def).allowedRoots);
     this.running.set(def.name, new Map());
     try {
       for (const att of def.disks) await this.openDisk(def, att);
@@ -982,6 +988,24 @@ export class Host {
 
 export function exportName(vm: string, slot: string): string {
   return `${vm}/${slot}`;
+}
+
+/**
+ * Replays in place the log a crash left in a chain's parents (a reader replays it only in memory, and some
+ * tools refuse such files), before the chain is opened for a running VM.
+ */
+async function settleChain(head: string, allowedRoots: string[]): Promise<void> {
+  const probe = await VhdxFile.open(head, { allowedRoots });
+  const dirty = probe
+    .chain()
+    .slice(1)
+    .filter((f) => f.replay && f.replay.entries > 0)
+    .map((f) => f.path);
+  await probe.close();
+  for (const p of dirty) {
+    const f = await VhdxFile.open(p, { writable: true, noParent: true, allowedRoots });
+    await f.close();
+  }
 }
 
 async function enableTracking(file: string): Promise<void> {

@@ -173,6 +173,7 @@ export class NbdClient {
     if (this.closed) return;
     this.closed = true;
     await Promise.allSettled(this.inFlight);
+    if (this.socket.destroyed || this.socket.closed) return;
     this.socket.end(encodeRequest({ flags: 0, command: CMD.DISC, handle: this.handles++, offset: 0, length: 0 }));
     await new Promise<void>((resolve) => {
       this.socket.once('close', () => resolve());

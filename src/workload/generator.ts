@@ -135,11 +135,18 @@ export class Workload {
     return this.verify(read, before, during, 'at the checkpoint');
   }
 
-  /** Checks content after a crash at `t`: nothing made durable is missing. */
-  async verifyAfterCrash(read: (unit: number) => Promise<Buffer>, t: number): Promise<string[]> {
+  /**
+   * Checks content after a crash at `t`: nothing made durable is missing. `before(unit)` is what a unit
+   * held before this workload started (default zeros).
+   */
+  async verifyAfterCrash(
+    read: (unit: number) => Promise<Buffer>,
+    t: number,
+    before?: (unit: number) => Buffer,
+  ): Promise<string[]> {
     const durable = this.lastWrites((w) => w.durableAt !== null && w.durableAt < t);
     const later = (w: WriteRecord) => w.issuedAt < t && !(w.durableAt !== null && w.durableAt < t);
-    return this.verify(read, durable, later, 'after the crash', true);
+    return this.verify(read, durable, later, 'after the crash', true, before, true);
   }
 
   private async verify(
@@ -148,6 +155,9 @@ export class Workload {
     alsoAllowed: (w: WriteRecord) => boolean,
     when: string,
     laterOnlyAfterBase = false,
+    before?: (unit: number) => Buffer,
+    /** After a crash a write never acknowledged as durable may be torn: each sector from some allowed version. */
+    sectorAtomic = false,
   ): Promise<string[]> {
     const problems: string[] = [];
     const touched = new Set(this.log.map((w) => w.unit));
@@ -163,16 +173,35 @@ export class Workload {
         allowed.push(w);
       }
       const zero = got.every((x) => x === 0);
-      if (zero && !b) continue;
+      if (!b && (before ? got.equals(before(unit)) : zero)) continue;
       const match = allowed.find((w) => w.seq === gotSeq && w.hash === hash(got));
+      if (!match && sectorAtomic) {
+        const versions = allowed.map((w) => this.data(w.seq, w.unit));
+        versions.push(b ? this.data(b.seq, b.unit) : before ? before(unit) : Buffer.alloc(this.unit));
+        let torn = true;
+        for (let at = 0; at < got.length && torn; at += 512) {
+          const sector = got.subarray(at, at + 512);
+          torn = versions.some((v) => v.subarray(at, at + 512).equals(sector));
+        }
+        // A torn write is allowed only where a write was still in flight (never made durable).
+        if (torn && allowed.some((w) => w !== b)) continue;
+      }
       if (!match) {
         problems.push(
-          `unit ${unit} ${when}: holds ${zero ? 'zeros' : `write ${gotSeq}`}${zero ? '' : hash(got) === this.hashOf(gotSeq, unit) ? '' : ' (damaged)'}, expected ${allowed.map((w) => `write ${w.seq}`).join(' or ') || 'zeros'}`,
+          `unit ${unit} ${when}: holds ${zero ? 'zeros' : `write ${gotSeq}`}${zero ? '' : hash(got) === this.hashOf(gotSeq, unit) ? '' : ` (damaged: ${this.sectorsMatching(got, gotSeq, unit)} of ${this.unit / 512} sectors match)`}, expected ${allowed.map((w) => `write ${w.seq}`).join(' or ') || 'zeros'}`,
         );
         if (problems.length >= 10) break;
       }
     }
     return problems;
+  }
+
+  private sectorsMatching(got: Buffer, seq: number, unit: number): number {
+    const want = this.data(seq, unit);
+    let n = 0;
+    for (let at = 0; at < got.length; at += 512)
+      if (got.subarray(at, at + 512).equals(want.subarray(at, at + 512))) n++;
+    return n;
   }
 
   private hashOf(seq: number, unit: number): string {
@@ -212,7 +241,14 @@ export class Workload {
     this.busyUnits.add(unit);
     const seq = this.log.length;
     const data = this.data(seq, unit);
-    const rec: WriteRecord = { seq, unit, hash: hash(data), issuedAt: performance.now(), ackedAt: null, durableAt: null };
+    const rec: WriteRecord = {
+      seq,
+      unit,
+      hash: hash(data),
+      issuedAt: performance.now(),
+      ackedAt: null,
+      durableAt: null,
+    };
     this.log.push(rec);
     try {
       await this.target.write(unit * this.unit, data);

@@ -166,7 +166,7 @@ describe(`VirtualDisk (seed ${SEED})`, () => {
     if (!requirePeers('qemu-img').skip) expect((await qemuImgCheck(base)).ok).toBe(true);
   });
 
-  it('checkpoint + online merge rounds under 4 concurrent writers leave exactly the client\'s view', async () => {
+  it("checkpoint + online merge rounds under 4 concurrent writers leave exactly the client's view", async () => {
     const base = path.join(dir, 'rounds.vhdx');
     await createVhdx(base, { size: 48 * MiB });
     const probe = await VhdxFile.open(base);
@@ -189,7 +189,8 @@ describe(`VirtualDisk (seed ${SEED})`, () => {
       for (let u = 0; u < w.units && wrong.length < 5; u++) {
         const a = img.subarray(u * w.unit, (u + 1) * w.unit);
         const b = want.subarray(u * w.unit, (u + 1) * w.unit);
-        if (!a.equals(b)) wrong.push(`round ${round} unit ${u}: holds write ${a.readUInt32LE(0)}, client wrote ${b.readUInt32LE(0)}`);
+        if (!a.equals(b))
+          wrong.push(`round ${round} unit ${u}: holds write ${a.readUInt32LE(0)}, client wrote ${b.readUInt32LE(0)}`);
       }
       expect(wrong).toEqual([]);
       w.start();

@@ -190,7 +190,12 @@ describe(`host (seed ${SEED})`, () => {
     expect(badName.json.error!.message).toMatch(/name/);
     const extra = await raw('POST', '/v1/vms', JSON.stringify({ name: 'ok', bogus: 1 }), token);
     expect(extra.status).toBe(400);
-    const badSlot = await raw('POST', '/v1/vms', JSON.stringify({ name: 'ok', disks: [{ slot: 'sata9-9', size: 1 }] }), token);
+    const badSlot = await raw(
+      'POST',
+      '/v1/vms',
+      JSON.stringify({ name: 'ok', disks: [{ slot: 'sata9-9', size: 1 }] }),
+      token,
+    );
     expect(badSlot.status).toBe(400);
     const missing = await raw('GET', '/v1/vms/nope', undefined, token);
     expect(missing.status).toBe(404);
