@@ -1,3 +1,4 @@
+import { constants } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { TidemarkError, fromSystemError } from '../errors.js';
 
@@ -23,27 +24,70 @@ export interface RandomAccessFile {
   close(): Promise<void>;
 }
 
+/**
+ * Work that must happen before bytes of a file change through NodeFile (the cow snapshot provider
+ * preserves old content there). Keyed by file identity, not by handle or name, so every handle on the
+ * file is covered, opened before or after the interceptor was added.
+ */
+export interface FileWriteInterceptor {
+  /** Before bytes [position, position + length) are overwritten. */
+  beforeWrite(position: number, length: number): Promise<void>;
+  /** Before the file's size is set to `size` (bytes from `size` on are discarded). */
+  beforeTruncate(size: number): Promise<void>;
+}
+
+/** Interceptors by fileIdentity(). While it is empty a write costs one `size` check. */
+export const fileWriteInterceptors = new Map<string, Set<FileWriteInterceptor>>();
+
+/** What identifies a file while it exists, whatever its names: `dev:ino`. */
+export function fileIdentity(st: { dev: bigint; ino: bigint }): string {
+  return `${st.dev}:${st.ino}`;
+}
+
+/** Registers `interceptor` for the file `identity`; returns the function that removes it. */
+export function addFileWriteInterceptor(identity: string, interceptor: FileWriteInterceptor): () => void {
+  let set = fileWriteInterceptors.get(identity);
+  if (!set) fileWriteInterceptors.set(identity, (set = new Set()));
+  set.add(interceptor);
+  return () => {
+    if (set.delete(interceptor) && set.size === 0 && fileWriteInterceptors.get(identity) === set)
+      fileWriteInterceptors.delete(identity);
+  };
+}
+
+async function runInterceptors(
+  set: Set<FileWriteInterceptor>,
+  call: (i: FileWriteInterceptor) => Promise<void>,
+): Promise<void> {
+  for (const i of [...set]) await call(i);
+}
+
 export class NodeFile implements RandomAccessFile {
   private constructor(
     readonly path: string,
     readonly writable: boolean,
     private handle: FileHandle,
     private length: number,
+    /** fileIdentity() of the open file: the key of fileWriteInterceptors. */
+    readonly identity: string,
   ) {}
 
   static async open(path: string, mode: 'r' | 'r+' | 'w' | 'wx'): Promise<NodeFile> {
     let handle: FileHandle;
     try {
-      handle = await open(path, mode);
+      // 'w' truncates through truncate() below instead of O_TRUNC, so interceptors see it.
+      handle = await open(path, mode === 'w' ? constants.O_WRONLY | constants.O_CREAT : mode);
     } catch (err) {
       throw fromSystemError(err, mode === 'wx' || mode === 'w' ? 'create' : 'open', path);
     }
     try {
-      const st = await handle.stat();
+      const st = await handle.stat({ bigint: true });
       if (!st.isFile() && !st.isBlockDevice()) {
         throw fromSystemError(Object.assign(new Error('not a regular file'), { code: 'EINVAL' }), 'open', path);
       }
-      return new NodeFile(path, mode !== 'r', handle, st.size);
+      const file = new NodeFile(path, mode !== 'r', handle, Number(st.size), fileIdentity(st));
+      if (mode === 'w' && st.size > 0n) await file.truncate(0);
+      return file;
     } catch (err) {
       await handle.close().catch(() => undefined);
       throw fromSystemError(err, 'open', path);
@@ -73,6 +117,8 @@ export class NodeFile implements RandomAccessFile {
 
   async write(buf: Uint8Array, position: number): Promise<void> {
     checkPosition(position, buf.length, 'write', this.path);
+    const hooks = fileWriteInterceptors.size === 0 ? undefined : fileWriteInterceptors.get(this.identity);
+    if (hooks) await runInterceptors(hooks, (i) => i.beforeWrite(position, buf.length));
     let done = 0;
     try {
       while (done < buf.length) {
@@ -86,6 +132,8 @@ export class NodeFile implements RandomAccessFile {
   }
 
   async truncate(size: number): Promise<void> {
+    const hooks = fileWriteInterceptors.size === 0 ? undefined : fileWriteInterceptors.get(this.identity);
+    if (hooks) await runInterceptors(hooks, (i) => i.beforeTruncate(size));
     try {
       await this.handle.truncate(size);
     } catch (err) {

@@ -1,0 +1,97 @@
+/**
+ * What both providers share: the read-only view of one file of a snapshot, bounded reads on a FileHandle,
+ * and the bookkeeping that lets `release` wait for the reads and copies still running.
+ */
+import type { FileHandle } from 'node:fs/promises';
+import { TidemarkError } from '../errors.js';
+import type { RandomAccessFile } from '../util/file.js';
+
+/** The side of a snapshot a view needs. */
+export interface ViewOwner {
+  readonly id: string;
+  /** Throws CLOSED after release (or the error that discarded the snapshot). */
+  assertReadable(): void;
+  /** Runs `p` as work that release must wait for. */
+  track<T>(p: Promise<T>): Promise<T>;
+}
+
+/** Promises `release` waits for; a rejected one is the caller's business, not release's. */
+export class PendingWork {
+  private readonly pending = new Set<Promise<unknown>>();
+
+  track<T>(p: Promise<T>): Promise<T> {
+    this.pending.add(p);
+    const done = () => void this.pending.delete(p);
+    p.then(done, done);
+    return p;
+  }
+
+  async drain(): Promise<void> {
+    while (this.pending.size > 0) await Promise.allSettled([...this.pending]);
+  }
+}
+
+export class SnapshotView implements RandomAccessFile {
+  readonly writable = false;
+  private closed = false;
+
+  constructor(
+    private readonly owner: ViewOwner,
+    /** The live file's path: the view stands for it. */
+    readonly path: string,
+    private readonly length: number,
+    private readonly reader: (buf: Uint8Array, position: number) => Promise<void>,
+    private readonly onClose: () => Promise<void> = async () => undefined,
+  ) {}
+
+  size(): number {
+    return this.length;
+  }
+
+  async read(buf: Uint8Array, position: number): Promise<void> {
+    if (this.closed) throw new TidemarkError('CLOSED', `the snapshot view of ${this.path} is closed`);
+    this.owner.assertReadable();
+    if (!Number.isSafeInteger(position) || position < 0 || !Number.isSafeInteger(position + buf.length))
+      throw new TidemarkError('IO_ERROR', `cannot read ${this.path} at offset ${position}: out of range`);
+    await this.owner.track(this.reader(buf, position));
+  }
+
+  async write(): Promise<void> {
+    throw new TidemarkError('READ_ONLY', `${this.path} in snapshot ${this.owner.id} is read-only`);
+  }
+
+  async truncate(): Promise<void> {
+    throw new TidemarkError('READ_ONLY', `${this.path} in snapshot ${this.owner.id} is read-only`);
+  }
+
+  async datasync(): Promise<void> {}
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.onClose();
+  }
+}
+
+/** Reads `buf.length` bytes at `position`; what lies past the end of the file reads as zeros. */
+export async function readFully(handle: FileHandle, buf: Uint8Array, position: number): Promise<void> {
+  let done = 0;
+  while (done < buf.length) {
+    const { bytesRead } = await handle.read(buf, done, buf.length - done, position + done);
+    if (bytesRead === 0) break;
+    done += bytesRead;
+  }
+  if (done < buf.length) buf.fill(0, done);
+}
+
+export async function writeFully(handle: FileHandle, buf: Uint8Array, position: number): Promise<void> {
+  let done = 0;
+  while (done < buf.length) {
+    const { bytesWritten } = await handle.write(buf, done, buf.length - done, position + done);
+    done += bytesWritten;
+  }
+}
+
+export function releasedError(id: string): TidemarkError {
+  return new TidemarkError('CLOSED', `snapshot ${id} was released`, { snapshot: id });
+}
