@@ -10,7 +10,8 @@ import type { Checkpoint, ReferencePoint, VmDefinition } from '../host/definitio
 import type { VmSummary } from '../host/host.js';
 import type { JobInfo } from '../host/jobs.js';
 import type { ChangesResult } from '../tracking/tracker.js';
-import type { ChangesBody, CheckpointBody, CreateVmBody, ModifyVmBody } from './schemas.js';
+import type { SnapshotSetInfo } from '../host/snapshot-sets.js';
+import type { ChangesBody, CheckpointBody, CreateVmBody, ModifyVmBody, SnapshotBody } from './schemas.js';
 
 export interface HostAddress {
   /** `unix:/path/api.sock` or `http://127.0.0.1:PORT`. */
@@ -138,6 +139,25 @@ export class HostClient {
   }
   mergeDisk(p: string): Promise<{ parentPath: string; bytesCopied: number }> {
     return this.job('POST', '/v1/disks/merge', { path: p });
+  }
+
+  // ---------------------------------------------------------------- storage snapshots
+
+  createSnapshotSet(body: SnapshotBody): Promise<SnapshotSetInfo> {
+    return this.job('POST', '/v1/snapshot-sets', body);
+  }
+  listSnapshotSets(): Promise<SnapshotSetInfo[]> {
+    return this.call('GET', '/v1/snapshot-sets');
+  }
+  releaseSnapshotSet(id: string, succeeded = true): Promise<unknown> {
+    return this.call('DELETE', `/v1/snapshot-sets/${enc(id)}${succeeded ? '' : '?succeeded=false'}`);
+  }
+  hostInfo(): Promise<{
+    store: string;
+    nbd: { socket?: string; host?: string; port?: number };
+    snapshotsTaken: number;
+  }> {
+    return this.call('GET', '/v1/host');
   }
 
   // ---------------------------------------------------------------- jobs

@@ -72,22 +72,18 @@ export const CreateDiskBody = z
 
 export const MergeDiskBody = z.object({ path: z.string().min(1) }).strict();
 
-export const ExportBody = z
-  .object({
-    vm: z.string(),
-    checkpoint: z.string(),
-    /** Serve the checkpoint's frozen files from this storage snapshot instead of the live files. */
-    snapshot: z.string().optional(),
-  })
-  .strict();
-
 export const SnapshotBody = z
-  .object({ vms: z.array(z.string()).min(1), provider: z.enum(['cow', 'reflink']).optional() })
+  .object({
+    vms: z
+      .array(z.object({ name: z.string(), checkpoint: z.string().optional() }).strict())
+      .min(1)
+      .max(1000),
+    provider: z.enum(['cow', 'reflink']).optional(),
+  })
   .strict();
 
 export type CreateVmBody = z.infer<typeof CreateVmBody>;
 export type ModifyVmBody = z.infer<typeof ModifyVmBody>;
 export type CheckpointBody = z.infer<typeof CheckpointBody>;
 export type ChangesBody = z.infer<typeof ChangesBody>;
-export type ExportBody = z.infer<typeof ExportBody>;
 export type SnapshotBody = z.infer<typeof SnapshotBody>;

@@ -11,7 +11,15 @@ import { z } from 'zod';
 import { TidemarkError } from '../errors.js';
 import type { Host } from '../host/host.js';
 import type { JobInfo } from '../host/jobs.js';
-import { ChangesBody, CheckpointBody, CreateDiskBody, CreateVmBody, MergeDiskBody, ModifyVmBody } from './schemas.js';
+import {
+  ChangesBody,
+  CheckpointBody,
+  CreateDiskBody,
+  CreateVmBody,
+  MergeDiskBody,
+  ModifyVmBody,
+  SnapshotBody,
+} from './schemas.js';
 
 const MAX_BODY = 1024 * 1024;
 
@@ -184,6 +192,32 @@ export function hostRoutes(host: Host, extra: RouteProvider[] = []): Route[] {
       body: MergeDiskBody,
       handler: async ({ body }) =>
         job('merge', (body as { path: string }).path, () => host.mergeDisk((body as { path: string }).path)),
+    },
+    {
+      method: 'POST',
+      path: '/v1/snapshot-sets',
+      summary:
+        "Take ONE storage snapshot of a set of VMs (their checkpoints' frozen files) and export it read-only (job)",
+      body: SnapshotBody,
+      handler: async ({ body }) => {
+        const b = body as SnapshotBody;
+        return job('snapshot-set', b.vms.map((v) => v.name).join(','), () => host.snapshots.create(b));
+      },
+    },
+    {
+      method: 'GET',
+      path: '/v1/snapshot-sets',
+      summary: 'Live snapshot sets',
+      handler: async () => host.snapshots.list(),
+    },
+    {
+      method: 'DELETE',
+      path: '/v1/snapshot-sets/:id',
+      summary: 'Release a snapshot set (?succeeded=false when the backup failed)',
+      handler: async ({ params, query }) => {
+        await host.snapshots.release(params.id, { succeeded: query.get('succeeded') !== 'false' });
+        return { released: params.id };
+      },
     },
     { method: 'GET', path: '/v1/jobs', summary: 'List jobs', handler: async () => host.jobs.list() },
     { method: 'GET', path: '/v1/jobs/:id', summary: 'A job', handler: async ({ params }) => host.jobs.info(params.id) },

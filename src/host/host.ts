@@ -35,7 +35,10 @@ import {
   type VmDefinition,
 } from './definition.js';
 import { JobManager } from './jobs.js';
+import { guestConsistency } from './guest-consistency.js';
 import { HostLog } from './log.js';
+import { SnapshotSets } from './snapshot-sets.js';
+import { createProvider, PROVIDER_NAMES } from '../snapshot/index.js';
 
 export interface HostOptions {
   store: string;
@@ -54,17 +57,6 @@ export interface ConsistencyProvider {
     opts: { fallback: 'crash' | 'fail' },
   ): Promise<{ result: T; consistency: Consistency; freezeWindowMs: number | null; note: string }>;
 }
-
-/** With no guest channel a guest cannot freeze: crash consistency, or failure, as the caller's policy says. */
-export const noGuestConsistency: ConsistencyProvider = {
-  async around(vm, fn, opts) {
-    const note = vm.guest ? 'guest integration is not available in this host' : 'the VM has no guest channel';
-    if (opts.fallback === 'fail') {
-      throw new TidemarkError('NOT_SUPPORTED', `${vm.name}: application consistency needed but ${note}`);
-    }
-    return { result: await fn(), consistency: 'crash', freezeWindowMs: null, note };
-  },
-};
 
 export interface NewDisk {
   slot: string;
@@ -135,13 +127,25 @@ export class Host {
   private createLock = new Mutex();
   private consistency: ConsistencyProvider;
   private closed = false;
+  /** Storage snapshots of VM sets, served as read-only exports for backups. */
+  readonly snapshots: SnapshotSets;
 
   private constructor(
     readonly store: string,
     private readonly opts: HostOptions,
   ) {
-    this.consistency = opts.consistency ?? noGuestConsistency;
+    this.consistency = opts.consistency ?? guestConsistency();
     this.log = opts.log ?? new HostLog();
+    this.snapshots = new SnapshotSets({
+      store,
+      nbd: this.nbd,
+      diffAreaRoot: path.join(store, 'snapshots'),
+      definition: (name) => this.mustGet(name),
+      vmDir: (name) => this.vmDir(name),
+      abs: (def, p) => this.abs(def, p),
+      allowedRoots: (def) => this.diskOptions(def).allowedRoots,
+      runningDisks: (name) => this.running.get(name),
+    });
   }
 
   /** Opens the store (creating it if needed), recovers interrupted operations and restarts running VMs. */
@@ -149,6 +153,11 @@ export class Host {
     const store = path.resolve(opts.store);
     await mkdir(path.join(store, 'vms'), { recursive: true });
     const host = new Host(store, opts);
+    // Diff areas of snapshots a killed host left behind: the live files were never touched; free the space.
+    for (const provider of PROVIDER_NAMES) {
+      const removed = await createProvider(provider).recover({ diffAreaRoot: path.join(store, 'snapshots') });
+      if (removed > 0) host.log.warn(`removed ${removed} stale ${provider} snapshot area(s)`);
+    }
     for (const name of (await readdir(path.join(store, 'vms'))).sort()) {
       const file = host.defPath(name);
       if (!(await exists(file))) continue;
@@ -699,6 +708,7 @@ export class Host {
     if (this.closed) return;
     this.closed = true;
     await this.jobs.drain();
+    await this.snapshots.releaseAll();
     await this.nbd.close();
     for (const name of [...this.running.keys()]) {
       for (const disk of this.running.get(name)!.values()) await disk.close().catch((e) => this.log.warn(String(e)));

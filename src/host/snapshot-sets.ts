@@ -1,0 +1,240 @@
+/**
+ * Storage snapshots of a set of VMs, as the backup application asks for them: ONE snapshot of every file
+ * the set needs (each VM's frozen chain and definition), cut through the VSS sequence (VM writer +
+ * storage provider, writes held while the provider commits), then served as read-only NBD exports of the
+ * frozen disks as they were at the instant (pull mode: the reader may sit on another machine). Releasing
+ * the set closes the exports and frees the diff area.
+ */
+import { randomUUID } from 'node:crypto';
+import path from 'node:path';
+import { VirtualDisk } from '../disk/virtual-disk.js';
+import { TidemarkError } from '../errors.js';
+import { VhdxFile } from '../formats/vhdx/vhdx.js';
+import type { NbdServer } from '../nbd/index.js';
+import { createProvider } from '../snapshot/index.js';
+import { BackupComponents, snapshotProviderAdapter, type SnapshotSetReport } from '../vss/index.js';
+import type { VmDefinition } from './definition.js';
+import { VM_WRITER_NAME, VmWriter, type VmInSet, type VmOutcome } from './vm-writer.js';
+
+export interface SnapshotSetRequest {
+  vms: { name: string; checkpoint?: string }[];
+  provider?: 'cow' | 'reflink';
+}
+
+export interface SnapshotExport {
+  vm: string;
+  slot: string;
+  virtualDiskId: string;
+  virtualSize: number;
+  /** The NBD export serving the disk as it was at the snapshot (read-only). */
+  export: string;
+  /** The frozen file the export reads (the checkpoint's parent, or the head for a direct snapshot). */
+  file: string;
+}
+
+export interface SnapshotSetInfo {
+  id: string;
+  provider: string;
+  createdAt: string;
+  /** Storage snapshots this set took (1: one for the whole set, whatever the number of VMs). */
+  storageSnapshots: number;
+  vms: ({ name: string; checkpoint: string | null } & VmOutcome)[];
+  exports: SnapshotExport[];
+  timings: { holdMs: number | null; commitMs: number | null; totalMs: number };
+  warnings: string[];
+}
+
+/** What the snapshot service needs of the host. */
+export interface SnapshotHostAccess {
+  store: string;
+  nbd: NbdServer;
+  definition(name: string): VmDefinition;
+  vmDir(name: string): string;
+  abs(def: VmDefinition, p: string): string;
+  allowedRoots(def: VmDefinition): string[];
+  runningDisks(name: string): Map<string, VirtualDisk> | undefined;
+  diffAreaRoot: string;
+}
+
+interface LiveSet {
+  info: SnapshotSetInfo;
+  bc: BackupComponents;
+  disks: VirtualDisk[];
+}
+
+export class SnapshotSets {
+  private sets = new Map<string, LiveSet>();
+  /** Storage snapshots taken since the host started (the 2016 flow's "one per backup-set run"). */
+  taken = 0;
+
+  constructor(private readonly host: SnapshotHostAccess) {}
+
+  list(): SnapshotSetInfo[] {
+    return [...this.sets.values()].map((s) => structuredClone(s.info));
+  }
+
+  async create(req: SnapshotSetRequest): Promise<SnapshotSetInfo> {
+    if (req.vms.length === 0) throw new TidemarkError('INVALID_ARGUMENT', 'a snapshot set needs at least one VM');
+    const id = randomUUID();
+    const providerName = req.provider ?? 'cow';
+    const members: (VmInSet & { heads: { slot: string; file: string }[] })[] = [];
+    const files = new Set<string>();
+    for (const { name, checkpoint } of req.vms) {
+      const def = this.host.definition(name);
+      const cp = checkpoint ? def.checkpoints.find((c) => c.id === checkpoint || c.name === checkpoint) : undefined;
+      if (checkpoint && !cp) throw new TidemarkError('NOT_FOUND', `${name} has no checkpoint "${checkpoint}"`);
+      const heads = def.disks.map((d) => ({
+        slot: d.slot,
+        file: this.host.abs(def, cp ? cp.disks.find((x) => x.slot === d.slot)!.file : d.head),
+      }));
+      // Every file of every frozen chain, and the definition, are in the set.
+      for (const h of heads) {
+        const probe = await VhdxFile.open(h.file, { allowedRoots: this.host.allowedRoots(def), noParent: false });
+        for (const f of probe.chain()) files.add(f.path);
+        await probe.close();
+      }
+      files.add(path.join(this.host.vmDir(name), 'vm.json'));
+      members.push({
+        def,
+        vmDir: this.host.vmDir(name),
+        running: this.host.runningDisks(name) !== undefined,
+        checkpoint: cp
+          ? { id: cp.id, consistency: cp.consistency, note: cp.consistencyNote, freezeWindowMs: cp.freezeWindowMs }
+          : undefined,
+        heads,
+      });
+    }
+
+    const writer = new VmWriter(members);
+    const bc = new BackupComponents({
+      writers: [writer],
+      providers: [snapshotProviderAdapter(createProvider(providerName), { diffAreaRoot: this.host.diffAreaRoot })],
+      holdWrites: async () => {
+        // Flush-and-hold: every running disk of the set's VMs is drained and flushed while the provider commits.
+        const disks = members.flatMap((m) => [...(this.host.runningDisks(m.def.name)?.values() ?? [])]);
+        await Promise.all(disks.map((d) => d.pause()));
+        try {
+          await Promise.all(disks.map((d) => d.file.flush()));
+        } catch (err) {
+          for (const d of disks) d.resume();
+          throw err;
+        }
+        return () => {
+          for (const d of disks) d.resume();
+        };
+      },
+    });
+    const opened: VirtualDisk[] = [];
+    let report: SnapshotSetReport;
+    try {
+      bc.initializeForBackup();
+      bc.setBackupState({ type: 'full', selectComponents: true });
+      await bc.gatherWriterMetadata();
+      for (const m of members)
+        bc.addComponent({ writer: VM_WRITER_NAME, logicalPath: 'Virtual Machines', name: m.def.id });
+      bc.startSnapshotSet();
+      await bc.addToSnapshotSet([...files]);
+      await bc.prepareForBackup();
+      report = await bc.doSnapshotSet();
+      if (report.status === 'failed') {
+        throw new TidemarkError(
+          'IO_ERROR',
+          `storage snapshot failed: ${report.abort?.message ?? report.warnings.join('; ') ?? 'unknown reason'}`,
+        );
+      }
+      const failedVm = report.components.find((c) => c.failure);
+      if (failedVm) {
+        throw new TidemarkError('NOT_SUPPORTED', failedVm.failure!.message ?? `component ${failedVm.name} failed`);
+      }
+      const exports: SnapshotExport[] = [];
+      for (const m of members) {
+        for (const h of m.heads) {
+          const record = bc.snapshotOf(h.file);
+          if (!record?.storage) throw new TidemarkError('IO_ERROR', `the snapshot does not hold ${h.file}`);
+          const storage = record.storage;
+          const disk = await VirtualDisk.open(h.file, {
+            readOnly: true,
+            tracking: false,
+            allowedRoots: this.host.allowedRoots(m.def),
+            openFile: (p) => storage.openFile(p),
+          });
+          opened.push(disk);
+          const att = m.def.disks.find((d) => d.slot === h.slot)!;
+          const name = `snap-${id.slice(0, 8)}/${m.def.name}/${h.slot}`;
+          this.host.nbd.addExport(name, disk, {
+            readOnly: true,
+            description: `${m.def.name} ${h.slot} at snapshot ${id}`,
+          });
+          exports.push({
+            vm: m.def.name,
+            slot: h.slot,
+            virtualDiskId: att.virtualDiskId,
+            virtualSize: att.virtualSize,
+            export: name,
+            file: h.file,
+          });
+        }
+      }
+      this.taken += report.snapshots.length;
+      const info: SnapshotSetInfo = {
+        id,
+        provider: providerName,
+        createdAt: new Date().toISOString(),
+        storageSnapshots: report.snapshots.length,
+        vms: members.map((m) => ({
+          name: m.def.name,
+          checkpoint: m.checkpoint?.id ?? null,
+          ...(writer.outcomes.get(m.def.name) ?? {
+            consistency: 'crash' as const,
+            note: 'no writer outcome',
+            freezeWindowMs: null,
+          }),
+        })),
+        exports,
+        timings: {
+          holdMs: report.timings.holdMs ?? null,
+          commitMs: report.timings.commitMs ?? null,
+          totalMs: report.timings.totalMs,
+        },
+        warnings: report.warnings,
+      };
+      this.sets.set(id, { info, bc, disks: opened });
+      return structuredClone(info);
+    } catch (err) {
+      for (const d of opened) await d.close().catch(() => undefined);
+      for (const e of this.host.nbd.exports().filter((x) => x.name.startsWith(`snap-${id.slice(0, 8)}/`))) {
+        await this.host.nbd.removeExport(e.name).catch(() => undefined);
+      }
+      await bc.abortBackup().catch(() => undefined);
+      await bc.dispose().catch(() => undefined);
+      throw err;
+    }
+  }
+
+  /** Closes the exports and releases the storage snapshot (its diff area is freed). */
+  async release(id: string, opts: { succeeded?: boolean } = {}): Promise<void> {
+    const set = this.sets.get(id);
+    if (!set) throw new TidemarkError('NOT_FOUND', `no snapshot set ${id}`);
+    this.sets.delete(id);
+    for (const e of set.info.exports) await this.host.nbd.removeExport(e.export).catch(() => undefined);
+    for (const d of set.disks) await d.close().catch(() => undefined);
+    try {
+      for (const v of set.info.vms) {
+        const def = this.host.definition(v.name);
+        set.bc.setBackupSucceeded(
+          { writer: VM_WRITER_NAME, logicalPath: 'Virtual Machines', name: def.id },
+          opts.succeeded ?? true,
+        );
+      }
+      await set.bc.backupComplete();
+    } catch {
+      await set.bc.abortBackup().catch(() => undefined);
+    } finally {
+      await set.bc.dispose();
+    }
+  }
+
+  async releaseAll(): Promise<void> {
+    for (const id of [...this.sets.keys()]) await this.release(id, { succeeded: false }).catch(() => undefined);
+  }
+}
