@@ -78,7 +78,7 @@ export const SnapshotBody = z
       .array(z.object({ name: z.string(), checkpoint: z.string().optional() }).strict())
       .min(1)
       .max(1000),
-    provider: z.enum(['cow', 'reflink']).optional(),
+    provider: z.enum(['cow', 'reflink', 'none']).optional(),
   })
   .strict();
 

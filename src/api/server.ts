@@ -56,7 +56,12 @@ export function hostRoutes(host: Host, extra: RouteProvider[] = []): Route[] {
       method: 'GET',
       path: '/v1/host',
       summary: 'Host information',
-      handler: async () => ({ store: host.store, nbd: host.nbd.address(), version: '1' }),
+      handler: async () => ({
+        store: host.store,
+        nbd: host.nbd.address(),
+        version: '1',
+        snapshotsTaken: host.snapshots.taken,
+      }),
     },
     { method: 'GET', path: '/v1/vms', summary: 'List VMs', handler: async () => host.listVms() },
     {

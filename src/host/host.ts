@@ -629,6 +629,25 @@ export class Host {
       const def = this.mustGet(target.vm);
       const att = def.disks.find((d) => d.slot === target.slot);
       if (!att) throw new TidemarkError('NOT_FOUND', `${target.vm} has no disk at ${target.slot}`);
+      if (limitId === '*') {
+        // Everything allocated (a first or full backup): answered with or without change tracking.
+        const open = this.running.get(target.vm)?.get(target.slot);
+        const len = length ?? att.virtualSize - offset;
+        const ranges = open
+          ? await open.file.allocatedExtents(offset, len)
+          : await withVhdx(this.abs(def, att.head), this.diskOptions(def).allowedRoots, (d) =>
+              d.allocatedExtents(offset, len),
+            );
+        const capped = maxRanges !== undefined && ranges.length > maxRanges ? ranges.slice(0, maxRanges) : ranges;
+        const processedLength =
+          capped === ranges ? len : capped[capped.length - 1].offset + capped[capped.length - 1].length - offset;
+        return {
+          ranges: capped,
+          processedLength,
+          totalBytes: capped.reduce((n, r) => n + r.length, 0),
+          virtualDiskId: att.virtualDiskId,
+        };
+      }
       if (!supportsRct(def.configVersion)) {
         throw new TidemarkError(
           'MISSING_CHANGE_TRACKING_INFORMATION',
@@ -1015,6 +1034,15 @@ async function settleChain(head: string, allowedRoots: string[]): Promise<void> 
   for (const p of dirty) {
     const f = await VhdxFile.open(p, { writable: true, noParent: true, allowedRoots });
     await f.close();
+  }
+}
+
+async function withVhdx<T>(file: string, allowedRoots: string[], fn: (d: VhdxFile) => Promise<T>): Promise<T> {
+  const d = await VhdxFile.open(file, { allowedRoots });
+  try {
+    return await fn(d);
+  } finally {
+    await d.close();
   }
 }
 

@@ -18,7 +18,8 @@ import { VM_WRITER_NAME, VmWriter, type VmInSet, type VmOutcome } from './vm-wri
 
 export interface SnapshotSetRequest {
   vms: { name: string; checkpoint?: string }[];
-  provider?: 'cow' | 'reflink';
+  /** 'none': no storage snapshot, the frozen files are exported as they are (the no-snapshot flow). */
+  provider?: 'cow' | 'reflink' | 'none';
 }
 
 export interface SnapshotExport {
@@ -58,7 +59,8 @@ export interface SnapshotHostAccess {
 
 interface LiveSet {
   info: SnapshotSetInfo;
-  bc: BackupComponents;
+  /** undefined for a set without a storage snapshot (no-snapshot flow). */
+  bc: BackupComponents | undefined;
   disks: VirtualDisk[];
 }
 
@@ -105,6 +107,7 @@ export class SnapshotSets {
       });
     }
 
+    if (providerName === 'none') return this.exportLive(id, members);
     const writer = new VmWriter(members);
     const bc = new BackupComponents({
       writers: [writer],
@@ -211,6 +214,57 @@ export class SnapshotSets {
     }
   }
 
+  /** The no-snapshot flow: the checkpoints' frozen files served as they are, read-only, while they exist. */
+  private async exportLive(id: string, members: (VmInSet & { heads: { slot: string; file: string }[] })[]) {
+    const opened: VirtualDisk[] = [];
+    const exports: SnapshotExport[] = [];
+    try {
+      for (const m of members) {
+        for (const h of m.heads) {
+          const disk = await VirtualDisk.open(h.file, {
+            readOnly: true,
+            tracking: false,
+            allowedRoots: this.host.allowedRoots(m.def),
+          });
+          opened.push(disk);
+          const att = m.def.disks.find((d) => d.slot === h.slot)!;
+          const name = `frozen-${id.slice(0, 8)}/${m.def.name}/${h.slot}`;
+          this.host.nbd.addExport(name, disk, { readOnly: true, description: `${m.def.name} ${h.slot} frozen` });
+          exports.push({
+            vm: m.def.name,
+            slot: h.slot,
+            virtualDiskId: att.virtualDiskId,
+            virtualSize: att.virtualSize,
+            export: name,
+            file: h.file,
+          });
+        }
+      }
+    } catch (err) {
+      for (const e of exports) await this.host.nbd.removeExport(e.export).catch(() => undefined);
+      for (const d of opened) await d.close().catch(() => undefined);
+      throw err;
+    }
+    const info: SnapshotSetInfo = {
+      id,
+      provider: 'none',
+      createdAt: new Date().toISOString(),
+      storageSnapshots: 0,
+      vms: members.map((m) => ({
+        name: m.def.name,
+        checkpoint: m.checkpoint?.id ?? null,
+        consistency: m.checkpoint?.consistency ?? 'crash',
+        note: m.checkpoint?.note ?? 'no checkpoint',
+        freezeWindowMs: m.checkpoint?.freezeWindowMs ?? null,
+      })),
+      exports,
+      timings: { holdMs: null, commitMs: null, totalMs: 0 },
+      warnings: [],
+    };
+    this.sets.set(id, { info, bc: undefined, disks: opened });
+    return structuredClone(info);
+  }
+
   /** Closes the exports and releases the storage snapshot (its diff area is freed). */
   async release(id: string, opts: { succeeded?: boolean } = {}): Promise<void> {
     const set = this.sets.get(id);
@@ -218,6 +272,7 @@ export class SnapshotSets {
     this.sets.delete(id);
     for (const e of set.info.exports) await this.host.nbd.removeExport(e.export).catch(() => undefined);
     for (const d of set.disks) await d.close().catch(() => undefined);
+    if (!set.bc) return;
     try {
       for (const v of set.info.vms) {
         const def = this.host.definition(v.name);

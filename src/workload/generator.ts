@@ -129,10 +129,15 @@ export class Workload {
    * Checks content read at a checkpoint cut made between t0 and t1. `read(unit)` gives the unit's bytes.
    * Returns the problems found (empty when the content is exactly a possible state).
    */
-  async verifyCut(read: (unit: number) => Promise<Buffer>, t0: number, t1: number): Promise<string[]> {
-    const before = this.lastWrites((w) => w.ackedAt !== null && w.ackedAt < t0);
+  async verifyCut(
+    read: (unit: number) => Promise<Buffer>,
+    t0: number,
+    t1: number,
+    before?: (unit: number) => Buffer,
+  ): Promise<string[]> {
+    const acked = this.lastWrites((w) => w.ackedAt !== null && w.ackedAt < t0);
     const during = (w: WriteRecord) => w.issuedAt < t1 && (w.ackedAt === null || w.ackedAt >= t0);
-    return this.verify(read, before, during, 'at the checkpoint');
+    return this.verify(read, acked, during, 'at the checkpoint', false, before);
   }
 
   /**

@@ -1,0 +1,391 @@
+/**
+ * A backup-set run, the Windows Server 2016 way (DESIGN.md "A backup-set run"):
+ *   1. preflight every VM (disks, configuration version, the previous restore point's ids);
+ *   2. checkpoint phase: a recovery checkpoint per VM, concurrently within a bound (guest frozen when it can);
+ *   3. ONE storage snapshot of every VM's frozen files, whatever the number of VMs;
+ *   4. each recovery checkpoint converted to a reference point (merged back online, ids kept);
+ *   5. data phase: per disk, the changes since the previous point's id (or everything allocated, and why)
+ *      read from the snapshot's read-only NBD exports, chunked, hashed, stored; the manifest written last;
+ *   6. release the snapshot; only after the commit, destroy the previous reference points.
+ * `per-vm` takes one snapshot per batch of N VMs (2012 R2); `no-snapshot` reads the frozen parents while the
+ * checkpoints exist and converts afterwards. The run talks to the host only through its API and reads data
+ * only through NBD, so it could run on another machine.
+ */
+import type { HostClient } from '../api/client.js';
+import type { Checkpoint } from '../host/definition.js';
+import type { SnapshotSetInfo } from '../host/snapshot-sets.js';
+import { NbdClient } from '../nbd/client.js';
+import type { DiskEntry, PointManifest, Repository, VmEntry } from '../repository/index.js';
+import { TidemarkError } from '../errors.js';
+import { chunksTouched, copyChunks, type Range } from './disk-reader.js';
+
+export type Flow = '2016' | 'per-vm' | 'no-snapshot';
+export type ConsistencyMode = 'app' | 'crash' | 'app-required';
+
+export interface BackupEvents {
+  /** A line worth logging (phase boundaries, fallbacks, failures). */
+  log?(line: string): void;
+  /** Bytes of a disk read so far (for progress bars). */
+  progress?(vm: string, slot: string, done: number, total: number): void;
+}
+
+export interface BackupSetOptions {
+  host: HostClient;
+  repo: Repository;
+  vms: string[];
+  flow?: Flow;
+  /** VMs per storage snapshot in the per-vm flow (default 1). */
+  batch?: number;
+  consistency?: ConsistencyMode;
+  provider?: 'cow' | 'reflink';
+  /** Checkpoints created at once (default 4). */
+  checkpointConcurrency?: number;
+  /** Chunk reads in flight per disk (default 8). */
+  readParallel?: number;
+  events?: BackupEvents;
+}
+
+export interface DiskRunSummary {
+  slot: string;
+  diskId: string;
+  read: 'incremental' | 'full';
+  fullReason: string | null;
+  rctId: string | null;
+  bytesRead: number;
+  bytesNew: number;
+  bytesStored: number;
+}
+
+export interface VmRunSummary {
+  name: string;
+  status: 'ok' | 'failed';
+  error: string | null;
+  consistency: 'application' | 'crash' | null;
+  consistencyNote: string | null;
+  freezeWindowMs: number | null;
+  ioPauseMs: number | null;
+  bytesRead: number;
+  bytesNew: number;
+  bytesStored: number;
+  disks: DiskRunSummary[];
+}
+
+export interface BackupSetSummary {
+  ok: boolean;
+  pointId: string | null;
+  flow: Flow;
+  /** Storage snapshots taken by this run. */
+  snapshots: number;
+  durationMs: number;
+  vms: VmRunSummary[];
+  errors: string[];
+}
+
+interface VmState {
+  name: string;
+  summary: VmRunSummary;
+  definition: unknown;
+  id: string;
+  disks: { slot: string; virtualDiskId: string; virtualSize: number }[];
+  configVersion: string;
+  previous: PointManifest | null;
+  checkpoint?: Checkpoint;
+  converted: boolean;
+  referencePointId: string | null;
+  entry?: VmEntry;
+}
+
+export async function runBackupSet(opts: BackupSetOptions): Promise<BackupSetSummary> {
+  const started = performance.now();
+  const flow = opts.flow ?? '2016';
+  const log = (line: string) => opts.events?.log?.(line);
+  const errors: string[] = [];
+  const states: VmState[] = [];
+  const fail = (s: VmState, err: unknown) => {
+    const msg = err instanceof Error ? err.message : String(err);
+    s.summary.status = 'failed';
+    s.summary.error ??= msg;
+    errors.push(`${s.name}: ${msg}`);
+    log(`${s.name}: failed: ${msg}`);
+  };
+
+  // 1. Preflight.
+  for (const name of [...new Set(opts.vms)]) {
+    const summary: VmRunSummary = {
+      name,
+      status: 'ok',
+      error: null,
+      consistency: null,
+      consistencyNote: null,
+      freezeWindowMs: null,
+      ioPauseMs: null,
+      bytesRead: 0,
+      bytesNew: 0,
+      bytesStored: 0,
+      disks: [],
+    };
+    const s = { name, summary, converted: false, referencePointId: null } as VmState;
+    states.push(s);
+    try {
+      const vm = await opts.host.showVm(name);
+      if (vm.disks.length === 0) throw new TidemarkError('CONFLICT', `${name} has no disks`);
+      if (vm.definition.pending)
+        throw new TidemarkError('BUSY', `${name} has an unfinished ${vm.definition.pending.op}`);
+      s.definition = vm.definition;
+      s.id = vm.id;
+      s.configVersion = vm.configVersion;
+      s.disks = vm.disks.map((d) => ({ slot: d.slot, virtualDiskId: d.virtualDiskId, virtualSize: d.virtualSize }));
+      s.previous = await opts.repo.latestPoint(name);
+    } catch (err) {
+      fail(s, err);
+    }
+  }
+
+  const batches: VmState[][] = [];
+  const live = states.filter((s) => s.summary.status === 'ok');
+  if (flow === 'per-vm') {
+    const n = Math.max(1, opts.batch ?? 1);
+    for (let i = 0; i < live.length; i += n) batches.push(live.slice(i, i + n));
+  } else if (live.length > 0) batches.push(live);
+
+  let snapshots = 0;
+  let session: Awaited<ReturnType<Repository['startBackup']>> | undefined;
+  try {
+    if (live.length > 0) session = await opts.repo.startBackup({ operation: 'backup' });
+    for (const batch of batches) {
+      // 2. Checkpoint phase, concurrently within a bound.
+      await boundedAll(batch, opts.checkpointConcurrency ?? 4, async (s) => {
+        try {
+          const cp = await opts.host.createCheckpoint(s.name, {
+            type: 'recovery',
+            name: `tidemark backup ${new Date().toISOString()}`,
+            consistency: opts.consistency === 'crash' ? 'crash' : 'application',
+            requireConsistency: opts.consistency === 'app-required',
+          });
+          s.checkpoint = cp;
+          Object.assign(s.summary, {
+            consistency: cp.consistency,
+            consistencyNote: cp.consistencyNote,
+            freezeWindowMs: cp.freezeWindowMs,
+            ioPauseMs: cp.ioPauseMs,
+          });
+          log(`${s.name}: recovery checkpoint, ${cp.consistency}-consistent (${cp.consistencyNote ?? ''})`);
+        } catch (err) {
+          fail(s, err);
+        }
+      });
+      const ready = batch.filter((s) => s.checkpoint && s.summary.status === 'ok');
+      if (ready.length === 0) continue;
+
+      // 3. One storage snapshot for the batch (none in the no-snapshot flow).
+      let set: SnapshotSetInfo | undefined;
+      try {
+        set = await opts.host.createSnapshotSet({
+          vms: ready.map((s) => ({ name: s.name, checkpoint: s.checkpoint!.id })),
+          provider: flow === 'no-snapshot' ? 'none' : (opts.provider ?? 'cow'),
+        });
+        snapshots += set.storageSnapshots;
+        log(
+          `snapshot set ${set.id.slice(0, 8)}: ${set.storageSnapshots} storage snapshot(s) for ${ready.length} VM(s)`,
+        );
+      } catch (err) {
+        for (const s of ready) {
+          fail(s, err);
+          await opts.host
+            .deleteCheckpoint(s.name, s.checkpoint!.id)
+            .catch((e) => log(`${s.name}: cleanup: ${e.message}`));
+        }
+        continue;
+      }
+      try {
+        // 4. Reference points (after the data phase in the no-snapshot flow: the frozen files are read live).
+        if (flow !== 'no-snapshot') await convertAll(opts.host, ready, fail, log);
+        // 5. Data phase.
+        const nbdTarget = await nbdAddress(opts.host);
+        for (const s of ready) {
+          if (s.summary.status !== 'ok') continue;
+          try {
+            s.entry = await backupVm(opts, s, set, nbdTarget, session!);
+          } catch (err) {
+            fail(s, err);
+          }
+        }
+        if (flow === 'no-snapshot') {
+          await convertAll(opts.host, ready, fail, log);
+          for (const s of ready)
+            if (s.entry) (s.entry as { referencePointId?: string | null }).referencePointId = s.referencePointId;
+        }
+      } finally {
+        await opts.host
+          .releaseSnapshotSet(
+            set.id,
+            ready.every((s) => s.summary.status === 'ok'),
+          )
+          .catch((e) => errors.push(`release snapshot set: ${e.message}`));
+      }
+    }
+
+    // Commit: the manifest last, naming only the VMs whose data is complete.
+    const done = states.filter((s) => s.summary.status === 'ok' && s.entry);
+    let pointId: string | null = null;
+    if (session && done.length > 0) {
+      const parent = done.map((s) => s.previous?.id).find((x) => x) ?? null;
+      const m = await session.commit({ flow, parentId: parent, vms: done.map((s) => s.entry!), snapshots });
+      pointId = m.id;
+      log(`restore point ${pointId} committed (${done.length} VM(s))`);
+    } else {
+      await session?.abort();
+      session = undefined;
+    }
+
+    // 6. Only after the commit, and only when nothing failed: destroy the previous reference points.
+    if (pointId && errors.length === 0) {
+      for (const s of done) {
+        for (const rp of await opts.host.listReferencePoints(s.name)) {
+          if (rp.id !== s.referencePointId) await opts.host.destroyReferencePoint(s.name, rp.id);
+        }
+      }
+    }
+    return {
+      ok: errors.length === 0 && pointId !== null,
+      pointId,
+      flow,
+      snapshots,
+      durationMs: performance.now() - started,
+      vms: states.map((s) => s.summary),
+      errors,
+    };
+  } catch (err) {
+    await session?.abort().catch(() => undefined);
+    throw err;
+  }
+}
+
+async function convertAll(
+  host: HostClient,
+  ready: VmState[],
+  fail: (s: VmState, err: unknown) => void,
+  log: (line: string) => void,
+): Promise<void> {
+  for (const s of ready) {
+    if (s.converted || !s.checkpoint) continue;
+    try {
+      const rp = await host.convertToReferencePoint(s.name, s.checkpoint.id);
+      s.converted = true;
+      s.referencePointId = rp.id;
+      log(`${s.name}: reference point ${rp.id.slice(0, 8)}`);
+    } catch (err) {
+      fail(s, err);
+    }
+  }
+}
+
+async function nbdAddress(host: HostClient): Promise<{ socket?: string; host?: string; port?: number }> {
+  const info = await host.hostInfo();
+  const a = info.nbd as { type: 'unix'; path: string } | { type: 'tcp'; host: string; port: number };
+  return a.type === 'unix' ? { socket: a.path } : { host: a.host, port: a.port };
+}
+
+/** Reads every disk of one VM into the session; returns its manifest entry. */
+async function backupVm(
+  opts: BackupSetOptions,
+  s: VmState,
+  set: SnapshotSetInfo,
+  nbdTarget: { socket?: string; host?: string; port?: number },
+  session: Awaited<ReturnType<Repository['startBackup']>>,
+): Promise<VmEntry> {
+  const disks: DiskEntry[] = [];
+  for (const d of s.disks) {
+    const exp = set.exports.find((e) => e.vm === s.name && e.slot === d.slot);
+    if (!exp) throw new TidemarkError('NOT_FOUND', `the snapshot set has no export for ${s.name} ${d.slot}`);
+    const cpDisk = s.checkpoint!.disks.find((x) => x.slot === d.slot)!;
+    const prevDisk = s.previous?.vms.find((v) => v.name === s.name)?.disks.find((x) => x.diskId === d.virtualDiskId);
+    // What to read: the changes since the previous point's id, or, when that cannot be proven, everything.
+    let ranges: Range[];
+    let fullReason: string | null = null;
+    let base: DiskEntry['index'] | null = null;
+    if (!prevDisk) fullReason = s.previous ? 'the disk is new since the previous restore point' : 'first backup';
+    else if (!prevDisk.rctId) fullReason = 'the previous restore point has no change-tracking id for this disk';
+    else if (!cpDisk.rctId) fullReason = `the disk has no change tracking (configuration version ${s.configVersion})`;
+    else if (prevDisk.virtualSize !== d.virtualSize) fullReason = 'the disk was resized';
+    if (!fullReason) {
+      try {
+        ranges = (
+          await opts.host.allChanges({ vm: s.name, slot: d.slot, limitId: prevDisk!.rctId!, length: d.virtualSize })
+        ).ranges;
+        base = prevDisk!.index;
+      } catch (err) {
+        if (!(err instanceof TidemarkError) || err.code !== 'MISSING_CHANGE_TRACKING_INFORMATION') throw err;
+        fullReason = `change tracking refused the previous id: ${err.message}`;
+      }
+    }
+    if (fullReason) {
+      opts.events?.log?.(`${s.name} ${d.slot}: full read (${fullReason})`);
+      ranges = (await opts.host.allChanges({ vm: s.name, slot: d.slot, limitId: '*', length: d.virtualSize })).ranges;
+    }
+    const writer = await session.openIndex({ virtualSize: d.virtualSize, base });
+    const chunks = chunksTouched(ranges!, writer.chunkSize, d.virtualSize);
+    const nbd = await NbdClient.connect({ ...nbdTarget, exportName: exp.export });
+    let done = 0;
+    const total = chunks.reduce((n, c) => n + Math.min(writer.chunkSize, d.virtualSize - c * writer.chunkSize), 0);
+    try {
+      await copyChunks(nbd, writer, chunks, {
+        size: d.virtualSize,
+        parallel: opts.readParallel,
+        onProgress: (n) => opts.events?.progress?.(s.name, d.slot, (done += n), total),
+      });
+    } finally {
+      await nbd.close();
+    }
+    const index = await session.writeIndex(writer);
+    const stats = writer.stats();
+    const m = /^(ide|scsi)(\d)-(\d+)$/.exec(d.slot)!;
+    disks.push({
+      diskId: d.virtualDiskId,
+      name: d.slot,
+      controller: { bus: m[1] as 'ide' | 'scsi', controller: Number(m[2]), location: Number(m[3]) },
+      virtualSize: d.virtualSize,
+      logicalSectorSize: 512,
+      blockSize: writer.chunkSize,
+      format: 'vhdx',
+      rctId: cpDisk.rctId,
+      read: fullReason ? 'full' : 'incremental',
+      fullReason,
+      index,
+      stats: { bytesRead: stats.bytesRead, bytesNew: stats.bytesNew, bytesStored: stats.bytesStored },
+    });
+    s.summary.disks.push({
+      slot: d.slot,
+      diskId: d.virtualDiskId,
+      read: fullReason ? 'full' : 'incremental',
+      fullReason,
+      rctId: cpDisk.rctId,
+      bytesRead: stats.bytesRead,
+      bytesNew: stats.bytesNew,
+      bytesStored: stats.bytesStored,
+    });
+    s.summary.bytesRead += stats.bytesRead;
+    s.summary.bytesNew += stats.bytesNew;
+    s.summary.bytesStored += stats.bytesStored;
+  }
+  return {
+    name: s.name,
+    id: s.id,
+    definition: s.definition as VmEntry['definition'],
+    consistency: s.checkpoint!.consistency,
+    freezeWindowMs: s.checkpoint!.freezeWindowMs,
+    ioPauseMs: s.checkpoint!.ioPauseMs,
+    disks,
+    referencePointId: s.referencePointId,
+    consistencyNote: s.checkpoint!.consistencyNote,
+  } as VmEntry;
+}
+
+async function boundedAll<T>(items: T[], limit: number, fn: (t: T) => Promise<void>): Promise<void> {
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: Math.min(Math.max(1, limit), items.length) }, async () => {
+      while (next < items.length) await fn(items[next++]);
+    }),
+  );
+}
