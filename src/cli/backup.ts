@@ -1,0 +1,130 @@
+/**
+ * `tidemark backup` and `tidemark restore`: the backup application on the command line. A backup is a client
+ * of a running host (--store or TIDEMARK_HOST) writing a repository (--repo or TIDEMARK_REPO).
+ */
+import { Command } from 'commander';
+import { HostClient } from '../api/client.js';
+import { runBackupSet, type BackupSetSummary, type Flow } from '../backup/backup-set.js';
+import { registerRestored, restorePoint, type RestoreSummary } from '../backup/restore.js';
+import { TidemarkError } from '../errors.js';
+import { formatSize } from '../util/size.js';
+import { EXIT, printJson, println } from './output.js';
+import { progressBars } from './progress.js';
+import { withRepo, withRepoOptions, type RepoOpts } from './repo.js';
+
+type Run = (fn: () => Promise<number | void>) => Promise<void>;
+
+export function backupCommand(run: Run): Command {
+  return withRepoOptions(
+    new Command('backup')
+      .description(
+        'back up VMs: checkpoints, ONE storage snapshot, reference points, changed blocks into the repository',
+      )
+      .argument('<vm...>', 'the VMs of the backup set')
+      .option('--store <dir>', "the host's store (or TIDEMARK_HOST)")
+      .option('--flow <flow>', '2016 (one snapshot for the set) | per-vm | no-snapshot', '2016')
+      .option('--batch <n>', 'VMs per storage snapshot in the per-vm flow', '1')
+      .option('--consistency <c>', 'app (fall back to crash) | crash | app-required', 'app')
+      .option('--provider <p>', 'storage snapshot provider: cow | reflink', 'cow')
+      .option('--json', 'print the summary as JSON'),
+  ).action((vms: string[], o: RepoOpts & Record<string, string | boolean | undefined>) =>
+    run(async () => {
+      const flow = o.flow as Flow;
+      if (!['2016', 'per-vm', 'no-snapshot'].includes(flow)) {
+        throw new TidemarkError('INVALID_ARGUMENT', `--flow must be 2016, per-vm or no-snapshot, not ${flow}`);
+      }
+      if (!['app', 'crash', 'app-required'].includes(o.consistency as string)) {
+        throw new TidemarkError('INVALID_ARGUMENT', `--consistency must be app, crash or app-required`);
+      }
+      const host = await HostClient.connect({ store: o.store as string | undefined });
+      const bars = progressBars(!o.json && process.stderr.isTTY === true);
+      const summary = await withRepo(
+        o,
+        (repo) =>
+          runBackupSet({
+            host,
+            repo,
+            vms,
+            flow,
+            batch: Number(o.batch),
+            consistency: o.consistency as 'app' | 'crash' | 'app-required',
+            provider: o.provider as 'cow' | 'reflink',
+            events: {
+              log: (line) => (process.stderr.isTTY ? undefined : process.stderr.write(`${line}\n`)),
+              progress: (vm, slot, done, total) => bars.update(`${vm} ${slot}`, done, total),
+            },
+          }),
+        4,
+      ).finally(() => bars.stop());
+      if (o.json) printJson(summary);
+      else printBackupSummary(summary);
+      return summary.ok ? EXIT.OK : EXIT.FAILED;
+    }),
+  );
+}
+
+export function printBackupSummary(s: BackupSetSummary): void {
+  println(
+    `${s.ok ? 'backup complete' : 'backup FAILED'}: restore point ${s.pointId ?? '(none)'}, flow ${s.flow}, ${s.snapshots} storage snapshot(s), ${(s.durationMs / 1000).toFixed(1)} s`,
+  );
+  for (const v of s.vms) {
+    println(
+      `  ${v.name}: ${v.status}${v.error ? ` (${v.error})` : ''}; ${v.consistency ?? '-'}-consistent; read ${formatSize(v.bytesRead)}, new ${formatSize(v.bytesNew)}, stored ${formatSize(v.bytesStored)}; freeze ${ms(v.freezeWindowMs)}, I/O pause ${ms(v.ioPauseMs)}`,
+    );
+    for (const d of v.disks) {
+      println(`    ${d.slot}: ${d.read}${d.fullReason ? ` (${d.fullReason})` : ''}, read ${formatSize(d.bytesRead)}`);
+    }
+  }
+  for (const e of s.errors) println(`  error: ${e}`);
+}
+
+export function restoreCommand(run: Run): Command {
+  return withRepoOptions(
+    new Command('restore')
+      .description('restore the disks of a restore point (chunks fetched in parallel)')
+      .argument('<point>', 'a restore point id (or a unique prefix)')
+      .requiredOption('--to <dir>', 'where to write DIR/VM/SLOT.vhdx')
+      .option('--vm <name>', 'only this VM')
+      .option('--disk <id>', 'only this disk (virtual disk id or slot)')
+      .option('--format <f>', 'vhdx | raw', 'vhdx')
+      .option('--parallel <n>', 'chunks fetched at once', '16')
+      .option('--register', 'make the restored VM a new VM of the host')
+      .option('--name <name>', 'name of the registered VM')
+      .option('--store <dir>', "the host's store for --register (or TIDEMARK_HOST)")
+      .option('--json', 'print JSON'),
+  ).action((point: string, o: RepoOpts & Record<string, string | boolean | undefined>) =>
+    run(async () => {
+      if (o.format !== 'vhdx' && o.format !== 'raw')
+        throw new TidemarkError('INVALID_ARGUMENT', '--format is vhdx or raw');
+      const bars = progressBars(!o.json && process.stderr.isTTY === true);
+      const summary: RestoreSummary = await withRepo(
+        o,
+        (repo) =>
+          restorePoint(repo, point, {
+            to: o.to as string,
+            vm: o.vm as string | undefined,
+            disk: o.disk as string | undefined,
+            format: o.format as 'vhdx' | 'raw',
+            parallel: Number(o.parallel),
+            onProgress: (file, done, total) => bars.update(file, done, total),
+          }),
+        4,
+      ).finally(() => bars.stop());
+      let registered: string[] = [];
+      if (o.register)
+        registered = await registerRestored(
+          await HostClient.connect({ store: o.store as string | undefined }),
+          summary,
+          { name: o.name as string | undefined },
+        );
+      if (o.json) return printJson({ ...summary, registered });
+      println(`restored point ${summary.pointId} (${summary.time}) in ${(summary.durationMs / 1000).toFixed(1)} s`);
+      for (const d of summary.disks) println(`  ${d.vm} ${d.slot}: ${d.file} (${formatSize(d.virtualSize)})`);
+      for (const n of registered) println(`  registered as VM ${n}`);
+    }),
+  );
+}
+
+function ms(v: number | null): string {
+  return v === null ? 'n/a' : `${v.toFixed(1)} ms`;
+}
