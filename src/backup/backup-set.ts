@@ -136,6 +136,7 @@ export async function runBackupSet(opts: BackupSetOptions): Promise<BackupSetSum
       s.configVersion = vm.configVersion;
       s.disks = vm.disks.map((d) => ({ slot: d.slot, virtualDiskId: d.virtualDiskId, virtualSize: d.virtualSize }));
       s.previous = await opts.repo.latestPoint(name);
+      await cleanLeftovers(opts.host, name, log);
     } catch (err) {
       fail(s, err);
     }
@@ -158,7 +159,7 @@ export async function runBackupSet(opts: BackupSetOptions): Promise<BackupSetSum
         try {
           const cp = await opts.host.createCheckpoint(s.name, {
             type: 'recovery',
-            name: `tidemark backup ${new Date().toISOString()}`,
+            name: `${CHECKPOINT_PREFIX} ${new Date().toISOString()}`,
             consistency: opts.consistency === 'crash' ? 'crash' : 'application',
             requireConsistency: opts.consistency === 'app-required',
           });
@@ -258,6 +259,28 @@ export async function runBackupSet(opts: BackupSetOptions): Promise<BackupSetSum
   } catch (err) {
     await session?.abort().catch(() => undefined);
     throw err;
+  }
+}
+
+const CHECKPOINT_PREFIX = 'tidemark backup';
+
+/**
+ * What a backup run that died left on the host for this VM: its snapshot sets (released) and its recovery
+ * checkpoints (merged back, newest first). Leftover checkpoints block merges and pile up otherwise.
+ */
+async function cleanLeftovers(host: HostClient, vm: string, log: (line: string) => void): Promise<void> {
+  for (const set of await host.listSnapshotSets()) {
+    if (set.vms.some((v) => v.name === vm)) {
+      log(`${vm}: releasing snapshot set ${set.id.slice(0, 8)} left by an earlier run`);
+      await host.releaseSnapshotSet(set.id, false).catch((e) => log(`${vm}: ${e.message}`));
+    }
+  }
+  const stale = (await host.listCheckpoints(vm)).filter(
+    (c) => c.type === 'recovery' && c.name.startsWith(CHECKPOINT_PREFIX),
+  );
+  for (const cp of stale.reverse()) {
+    log(`${vm}: removing recovery checkpoint ${cp.id.slice(0, 8)} left by an earlier run`);
+    await host.deleteCheckpoint(vm, cp.id).catch((e) => log(`${vm}: ${e.message}`));
   }
 }
 
