@@ -1,0 +1,262 @@
+/**
+ * The object envelope: how every chunk, index and manifest is stored (docs/formats/repository.md §3).
+ *
+ *   0  magic "TMOB"   4  version u8 = 1   5  type u8   6  flags u8   7  reserved u8 = 0
+ *   8  plainLength u32 LE   12  bodyLength u32 LE   16  body (bodyLength bytes)
+ *
+ * flags: bit 0 zstd (else the payload is the plaintext), bit 1 AES-256-GCM (body = nonce 12 | ciphertext | tag 16,
+ * additional data = header | object name), bit 2 SHA-256 trailer (body = payload | SHA-256(header | payload)).
+ *
+ * This file is self-contained on purpose (node built-ins and the zstd binding handed in): it is also the entry of
+ * the codec worker threads (pool.ts), which load it without the rest of the project.
+ */
+import { createCipheriv, createDecipheriv, createHash, randomBytes } from 'node:crypto';
+import { createRequire } from 'node:module';
+import { isMainThread, parentPort, workerData } from 'node:worker_threads';
+
+export const HEADER_SIZE = 16;
+export const NONCE_SIZE = 12;
+export const TAG_SIZE = 16;
+export const CHECKSUM_SIZE = 32;
+/** Most bytes an envelope adds to its plaintext (header + the larger of nonce+tag and the checksum). */
+export const MAX_OVERHEAD = HEADER_SIZE + Math.max(NONCE_SIZE + TAG_SIZE, CHECKSUM_SIZE);
+const MAGIC = Buffer.from('TMOB', 'latin1');
+const VERSION = 1;
+const FLAG_ZSTD = 1;
+const FLAG_GCM = 2;
+const FLAG_CHECKSUM = 4;
+const KNOWN_FLAGS = FLAG_ZSTD | FLAG_GCM | FLAG_CHECKSUM;
+
+export type ObjectType = 'chunk' | 'index' | 'manifest';
+const TYPE_CODE: Record<ObjectType, number> = { chunk: 1, index: 2, manifest: 3 };
+
+/** The part of zstd-napi's low-level binding this file uses (single-shot calls into caller-sized buffers). */
+export interface ZstdBinding {
+  CCtx: new () => { compress(dst: Uint8Array, src: Uint8Array, level: number): number };
+  DCtx: new () => { decompress(dst: Uint8Array, src: Uint8Array): number };
+  compressBound(size: number): number;
+}
+
+/** `problem` says what verify reports; `code` becomes the TidemarkError code (the caller adds the object's key). */
+export class EnvelopeError extends Error {
+  constructor(
+    readonly code: 'REPOSITORY_CORRUPT' | 'NOT_SUPPORTED',
+    readonly problem: 'truncated' | 'corrupt',
+    message: string,
+  ) {
+    super(message);
+    this.name = 'EnvelopeError';
+  }
+}
+
+const corrupt = (msg: string) => new EnvelopeError('REPOSITORY_CORRUPT', 'corrupt', msg);
+
+export interface SealOptions {
+  type: ObjectType;
+  /** the object's name (key): bound into the GCM additional data, so objects cannot be swapped */
+  name: string;
+  /** add a SHA-256 trailer when not encrypted (objects whose name is not their hash: manifests) */
+  checksum?: boolean;
+}
+
+/**
+ * Seals and opens envelopes with one key (or none) and one zstd level. Synchronous: run it on a worker (pool.ts)
+ * to keep the main thread free. Keeps one compression context and scratch buffer for reuse.
+ */
+export class EnvelopeCodec {
+  private cctx: { compress(dst: Uint8Array, src: Uint8Array, level: number): number } | null = null;
+  private dctx: { decompress(dst: Uint8Array, src: Uint8Array): number } | null = null;
+  private scratch: Buffer = Buffer.alloc(0);
+
+  constructor(
+    private readonly zstd: ZstdBinding,
+    private readonly key: Buffer | null,
+    private readonly level: number,
+  ) {
+    if (key !== null && key.length !== 32) throw new Error('envelope key must be 32 bytes');
+  }
+
+  seal(plain: Uint8Array, opts: SealOptions): Buffer {
+    if (plain.length > 0xffffffff) throw new RangeError('object larger than 4 GiB');
+    this.cctx ??= new this.zstd.CCtx();
+    const bound = this.zstd.compressBound(plain.length);
+    if (this.scratch.length < bound) this.scratch = Buffer.allocUnsafe(bound);
+    const packed = this.cctx.compress(this.scratch, plain, this.level);
+    // Incompressible data is stored as it is: a stored payload is never longer than its plaintext.
+    const zstd = packed < plain.length;
+    const payload = zstd ? this.scratch.subarray(0, packed) : plain;
+    const encrypted = this.key !== null;
+    const checksum = !encrypted && opts.checksum === true;
+    const bodyLength = payload.length + (encrypted ? NONCE_SIZE + TAG_SIZE : 0) + (checksum ? CHECKSUM_SIZE : 0);
+    const out = Buffer.allocUnsafe(HEADER_SIZE + bodyLength);
+    MAGIC.copy(out, 0);
+    out[4] = VERSION;
+    out[5] = TYPE_CODE[opts.type];
+    out[6] = (zstd ? FLAG_ZSTD : 0) | (encrypted ? FLAG_GCM : 0) | (checksum ? FLAG_CHECKSUM : 0);
+    out[7] = 0;
+    out.writeUInt32LE(plain.length, 8);
+    out.writeUInt32LE(bodyLength, 12);
+    if (encrypted) {
+      const nonce = randomBytes(NONCE_SIZE);
+      nonce.copy(out, HEADER_SIZE);
+      const cipher = createCipheriv('aes-256-gcm', this.key!, nonce, { authTagLength: TAG_SIZE });
+      cipher.setAAD(additionalData(out, opts.name));
+      let at = HEADER_SIZE + NONCE_SIZE;
+      at += cipher.update(payload).copy(out, at);
+      at += cipher.final().copy(out, at);
+      cipher.getAuthTag().copy(out, at);
+    } else {
+      out.set(payload, HEADER_SIZE);
+      if (checksum) {
+        const end = HEADER_SIZE + payload.length;
+        createHash('sha256').update(out.subarray(0, end)).digest().copy(out, end);
+      }
+    }
+    return out;
+  }
+
+  /**
+   * Opens an envelope: every length is checked before anything is allocated, the plaintext may be at most
+   * `maxPlain` bytes. Damage throws EnvelopeError (truncated or corrupt), never returns wrong bytes silently
+   * (except unencrypted chunks, whose damage the caller catches by re-hashing against the name).
+   */
+  open(stored: Uint8Array, type: ObjectType, name: string, maxPlain: number): Buffer {
+    const buf = Buffer.from(stored.buffer, stored.byteOffset, stored.byteLength);
+    if (buf.length < HEADER_SIZE) {
+      throw new EnvelopeError(
+        'REPOSITORY_CORRUPT',
+        'truncated',
+        `truncated: ${buf.length} bytes, shorter than a header`,
+      );
+    }
+    if (!buf.subarray(0, 4).equals(MAGIC)) throw corrupt('not a Tidemark object (bad magic)');
+    if (buf[4] !== VERSION) {
+      throw new EnvelopeError('NOT_SUPPORTED', 'corrupt', `object format version ${buf[4]} is not supported (1 is)`);
+    }
+    if (buf[5] !== TYPE_CODE[type]) throw corrupt(`object type ${buf[5]} where a ${type} (${TYPE_CODE[type]}) belongs`);
+    const flags = buf[6];
+    if ((flags & ~KNOWN_FLAGS) !== 0 || buf[7] !== 0) throw corrupt(`unknown flags 0x${flags.toString(16)}`);
+    const encrypted = (flags & FLAG_GCM) !== 0;
+    if (encrypted !== (this.key !== null)) {
+      throw corrupt(
+        encrypted ? 'encrypted object in an unencrypted repository' : 'unencrypted object in an encrypted repository',
+      );
+    }
+    if (encrypted && (flags & FLAG_CHECKSUM) !== 0) throw corrupt('both encrypted and checksummed');
+    const plainLength = buf.readUInt32LE(8);
+    const bodyLength = buf.readUInt32LE(12);
+    if (plainLength > maxPlain) throw corrupt(`claims ${plainLength} bytes of data, more than the ${maxPlain} allowed`);
+    if (buf.length - HEADER_SIZE < bodyLength) {
+      throw new EnvelopeError(
+        'REPOSITORY_CORRUPT',
+        'truncated',
+        `truncated: ${buf.length} bytes, the header says ${HEADER_SIZE + bodyLength}`,
+      );
+    }
+    if (buf.length - HEADER_SIZE > bodyLength) {
+      throw corrupt(`${buf.length - HEADER_SIZE - bodyLength} bytes after the end the header gives`);
+    }
+    const extra = encrypted ? NONCE_SIZE + TAG_SIZE : (flags & FLAG_CHECKSUM) !== 0 ? CHECKSUM_SIZE : 0;
+    const payloadLength = bodyLength - extra;
+    if (payloadLength < 0) {
+      throw new EnvelopeError('REPOSITORY_CORRUPT', 'truncated', `truncated: body of ${bodyLength} bytes`);
+    }
+    const zstd = (flags & FLAG_ZSTD) !== 0;
+    if (zstd ? payloadLength >= plainLength : payloadLength !== plainLength) {
+      throw corrupt(`payload of ${payloadLength} bytes does not fit ${plainLength} bytes of data`);
+    }
+    let payload: Buffer;
+    if (encrypted) {
+      const nonce = buf.subarray(HEADER_SIZE, HEADER_SIZE + NONCE_SIZE);
+      const body = buf.subarray(HEADER_SIZE + NONCE_SIZE, HEADER_SIZE + NONCE_SIZE + payloadLength);
+      const tag = buf.subarray(HEADER_SIZE + NONCE_SIZE + payloadLength);
+      const decipher = createDecipheriv('aes-256-gcm', this.key!, nonce, { authTagLength: TAG_SIZE });
+      decipher.setAAD(additionalData(buf, name));
+      decipher.setAuthTag(tag);
+      try {
+        payload = Buffer.concat([decipher.update(body), decipher.final()]);
+      } catch {
+        throw corrupt('authentication failed: the object is damaged or was not written under this name and key');
+      }
+    } else {
+      payload = buf.subarray(HEADER_SIZE, HEADER_SIZE + payloadLength);
+      if ((flags & FLAG_CHECKSUM) !== 0) {
+        const want = buf.subarray(HEADER_SIZE + payloadLength);
+        const got = createHash('sha256')
+          .update(buf.subarray(0, HEADER_SIZE + payloadLength))
+          .digest();
+        if (!got.equals(want)) throw corrupt('checksum mismatch');
+      }
+    }
+    if (!zstd) return encrypted ? payload : Buffer.from(payload);
+    this.dctx ??= new this.zstd.DCtx();
+    const out = Buffer.allocUnsafe(plainLength);
+    let n: number;
+    try {
+      n = this.dctx.decompress(out, payload);
+    } catch (err) {
+      throw corrupt(`zstd: ${(err as Error).message}`);
+    }
+    if (n !== plainLength) throw corrupt(`decompressed to ${n} bytes, the header says ${plainLength}`);
+    return out;
+  }
+}
+
+function additionalData(header: Buffer, name: string): Buffer {
+  return Buffer.concat([header.subarray(0, HEADER_SIZE), Buffer.from(name, 'utf8')]);
+}
+
+// -------------------------------------------------------------------------------------------------
+// Worker side of pool.ts: one codec per thread, one message per task, results transferred back.
+
+export interface WorkerSetup {
+  tidemarkEnvelopeWorker: true;
+  zstdPath: string;
+  key: Uint8Array | null;
+  level: number;
+}
+
+export type WorkerTask =
+  | { seq: number; op: 'seal'; data: Uint8Array; opts: SealOptions }
+  | { seq: number; op: 'open'; data: Uint8Array; type: ObjectType; name: string; maxPlain: number };
+
+export type WorkerReply =
+  | { seq: number; ok: true; data: Uint8Array }
+  | { seq: number; ok: false; error: { code: string; problem: string; message: string; envelope: boolean } };
+
+function serveWorker(setup: WorkerSetup): void {
+  const zstd = createRequire(setup.zstdPath)(setup.zstdPath) as ZstdBinding;
+  const codec = new EnvelopeCodec(zstd, setup.key ? Buffer.from(setup.key) : null, setup.level);
+  parentPort!.on('message', (task: WorkerTask) => {
+    let reply: WorkerReply;
+    try {
+      const out =
+        task.op === 'seal'
+          ? codec.seal(task.data, task.opts)
+          : codec.open(task.data, task.type, task.name, task.maxPlain);
+      reply = { seq: task.seq, ok: true, data: out };
+    } catch (err) {
+      const e = err as EnvelopeError;
+      reply = {
+        seq: task.seq,
+        ok: false,
+        error: {
+          code: e.code ?? 'INTERNAL',
+          problem: e.problem ?? 'corrupt',
+          message: e.message,
+          envelope: e instanceof EnvelopeError,
+        },
+      };
+    }
+    // A buffer that owns its whole ArrayBuffer can move instead of being copied (pooled small ones cannot).
+    const transfer =
+      reply.ok && reply.data.byteOffset === 0 && reply.data.byteLength === reply.data.buffer.byteLength
+        ? [reply.data.buffer as ArrayBuffer]
+        : [];
+    parentPort!.postMessage(reply, transfer);
+  });
+}
+
+if (!isMainThread && (workerData as Partial<WorkerSetup> | null)?.tidemarkEnvelopeWorker === true) {
+  serveWorker(workerData as WorkerSetup);
+}

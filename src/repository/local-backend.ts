@@ -1,0 +1,219 @@
+/**
+ * The embedded default backend: objects are files under a root directory, the key is the relative path.
+ * put() writes a temporary file in `ROOT/.tmp/`, makes it durable (fdatasync), then renames it over the key: a
+ * reader or a crash sees the old object or the new one, never part of one. Directory entries become durable at
+ * sync() (or at once with `{ sync: true }`), so a backup pays one directory fsync per directory, not per chunk.
+ */
+import { randomBytes } from 'node:crypto';
+import { mkdir, open, readdir, rename, stat, unlink } from 'node:fs/promises';
+import path from 'node:path';
+import { TidemarkError, fromSystemError } from '../errors.js';
+import { checkKey, checkPrefix, type Backend, type GetOptions, type ObjectInfo, type PutOptions } from './backend.js';
+
+const TMP = '.tmp';
+
+export class LocalBackend implements Backend {
+  readonly location: string;
+  private readonly tmpDir: string;
+  private readonly knownDirs = new Set<string>();
+  private dirtyDirs = new Set<string>();
+
+  constructor(root: string) {
+    this.location = path.resolve(root);
+    this.tmpDir = path.join(this.location, TMP);
+  }
+
+  private pathOf(key: string): string {
+    checkKey(key);
+    return path.join(this.location, ...key.split('/'));
+  }
+
+  async get(key: string, opts: GetOptions = {}): Promise<Buffer> {
+    const file = this.pathOf(key);
+    let fh;
+    try {
+      fh = await open(file, 'r');
+    } catch (err) {
+      throw this.notFoundOr(err, 'read', key);
+    }
+    try {
+      const st = await fh.stat();
+      if (!st.isFile()) throw new TidemarkError('NOT_FOUND', `no object ${key} in ${this.location}`, { key });
+      if (opts.maxBytes !== undefined && st.size > opts.maxBytes) {
+        throw new TidemarkError(
+          'LIMIT_EXCEEDED',
+          `object ${key} is ${st.size} bytes, more than the ${opts.maxBytes} it may have`,
+          { key, size: st.size, maxBytes: opts.maxBytes },
+        );
+      }
+      const buf = Buffer.allocUnsafe(st.size);
+      let done = 0;
+      while (done < buf.length) {
+        const { bytesRead } = await fh.read(buf, done, buf.length - done, done);
+        if (bytesRead === 0) break;
+        done += bytesRead;
+      }
+      // A file that shrank under us reads short: hand back what is there, the envelope check names it truncated.
+      return done === buf.length ? buf : buf.subarray(0, done);
+    } catch (err) {
+      throw fromSystemError(err, 'read', path.join(this.location, key));
+    } finally {
+      await fh.close();
+    }
+  }
+
+  async put(key: string, data: Uint8Array, opts: PutOptions = {}): Promise<void> {
+    const file = this.pathOf(key);
+    const dir = path.dirname(file);
+    await this.ensureDir(dir);
+    await this.ensureDir(this.tmpDir);
+    const tmp = path.join(this.tmpDir, `${randomBytes(12).toString('hex')}.tmp`);
+    try {
+      const fh = await open(tmp, 'wx', 0o600);
+      try {
+        let done = 0;
+        while (done < data.length) {
+          const { bytesWritten } = await fh.write(data, done, data.length - done, done);
+          done += bytesWritten;
+        }
+        await fh.datasync();
+      } finally {
+        await fh.close();
+      }
+      await rename(tmp, file);
+    } catch (err) {
+      await unlink(tmp).catch(() => undefined);
+      throw fromSystemError(err, 'write', path.join(this.location, key));
+    }
+    this.dirtyDirs.add(dir);
+    if (opts.sync) await this.sync();
+  }
+
+  async delete(key: string): Promise<void> {
+    const file = this.pathOf(key);
+    try {
+      await unlink(file);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+      throw fromSystemError(err, 'delete', file);
+    }
+    this.dirtyDirs.add(path.dirname(file));
+  }
+
+  async exists(key: string): Promise<boolean> {
+    return (await this.stat(key)) !== null;
+  }
+
+  async stat(key: string): Promise<ObjectInfo | null> {
+    const file = this.pathOf(key);
+    try {
+      const st = await stat(file);
+      return st.isFile() ? { key, size: st.size, mtimeMs: st.mtimeMs } : null;
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT' || code === 'ENOTDIR') return null;
+      throw fromSystemError(err, 'stat', file);
+    }
+  }
+
+  async *list(prefix: string): AsyncIterable<ObjectInfo> {
+    checkPrefix(prefix);
+    const slash = prefix.lastIndexOf('/');
+    const base = slash < 0 ? '' : prefix.slice(0, slash);
+    yield* this.walk(base, prefix);
+  }
+
+  private async *walk(dirKey: string, prefix: string): AsyncIterable<ObjectInfo> {
+    const dir = dirKey ? path.join(this.location, ...dirKey.split('/')) : this.location;
+    let entries;
+    try {
+      entries = await readdir(dir, { withFileTypes: true });
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT' || code === 'ENOTDIR') return;
+      throw fromSystemError(err, 'list', dir);
+    }
+    for (const e of entries) {
+      if (e.name.startsWith('.')) continue;
+      const key = dirKey ? `${dirKey}/${e.name}` : e.name;
+      if (e.isDirectory()) {
+        // Descend only where keys under this directory can still match the prefix.
+        if (prefix.startsWith(`${key}/`) || key.startsWith(prefix)) yield* this.walk(key, prefix);
+      } else if (e.isFile() && key.startsWith(prefix)) {
+        const info = await this.stat(key);
+        if (info) yield info;
+      }
+    }
+  }
+
+  async sync(): Promise<void> {
+    const dirs = [...this.dirtyDirs];
+    this.dirtyDirs = new Set();
+    for (const d of dirs) {
+      try {
+        const fh = await open(d, 'r');
+        try {
+          await fh.sync();
+        } finally {
+          await fh.close();
+        }
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue;
+        throw fromSystemError(err, 'flush', d);
+      }
+    }
+  }
+
+  async sweepTemporary(olderThanMs: number): Promise<number> {
+    let names: string[];
+    try {
+      names = await readdir(this.tmpDir);
+    } catch {
+      return 0;
+    }
+    let removed = 0;
+    const cutoff = Date.now() - olderThanMs;
+    for (const n of names) {
+      const f = path.join(this.tmpDir, n);
+      try {
+        if ((await stat(f)).mtimeMs < cutoff) {
+          await unlink(f);
+          removed++;
+        }
+      } catch {
+        // gone already
+      }
+    }
+    return removed;
+  }
+
+  async close(): Promise<void> {
+    await this.sync();
+  }
+
+  /** mkdir -p; a directory it creates is a new entry in its parent, which must become durable too. */
+  private async ensureDir(dir: string): Promise<void> {
+    if (this.knownDirs.has(dir)) return;
+    let first: string | undefined;
+    try {
+      first = await mkdir(dir, { recursive: true, mode: 0o700 });
+    } catch (err) {
+      throw fromSystemError(err, 'create directory', dir);
+    }
+    if (first !== undefined) {
+      for (let d = dir; ; d = path.dirname(d)) {
+        this.dirtyDirs.add(path.dirname(d));
+        if (d === first || d === path.dirname(d)) break;
+      }
+    }
+    this.knownDirs.add(dir);
+  }
+
+  private notFoundOr(err: unknown, action: string, key: string): TidemarkError {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT' || code === 'ENOTDIR') {
+      return new TidemarkError('NOT_FOUND', `no object ${key} in ${this.location}`, { key }, { cause: err });
+    }
+    return fromSystemError(err, action, path.join(this.location, key));
+  }
+}

@@ -1,0 +1,1310 @@
+/**
+ * The backup repository: a deduplicating, compressed, (optionally) encrypted chunk store with per-disk indexes and
+ * restore-point manifests, over a Backend. docs/formats/repository.md describes every object; this file is the
+ * library API the backup application uses:
+ *
+ *   const repo = await Repository.open(path, { passphrase });
+ *   const session = await repo.startBackup();                  // shared lock
+ *   const disk = await session.openIndex({ virtualSize, base }); // base: the previous point's index, or none
+ *   await disk.put(offset, data);                              // changed slots only (for an incremental)
+ *   const index = await session.writeIndex(disk);
+ *   await session.commit({ flow, parentId, vms: [...{ disks: [...{ index, stats: disk.stats() }] }], snapshots });
+ */
+import { createHash, createHmac, randomUUID } from 'node:crypto';
+import { readdir, stat } from 'node:fs/promises';
+import { TidemarkError, InvalidArgumentError } from '../errors.js';
+import { isAllZero, ZEROES } from '../util/zero.js';
+import type { Backend } from './backend.js';
+import { forEachBounded } from './bounded.js';
+import {
+  checkChunkSize,
+  checkConfigMac,
+  configMac,
+  CONFIG_KEY,
+  decodeConfig,
+  DEFAULT_CHUNK_SIZE,
+  encodeConfig,
+  FORMAT_NAME,
+  FORMAT_VERSION,
+  type RepositoryConfig,
+} from './config.js';
+import {
+  checkIndexGeometry,
+  decodeIndex,
+  DiskIndex,
+  encodeIndex,
+  IndexBuilder,
+  IndexFormatError,
+  indexBodySize,
+  MAX_INDEX_SLOTS,
+  slotCountFor,
+} from './disk-index.js';
+import { MAX_OVERHEAD, type ObjectType } from './envelope.js';
+import {
+  deriveKeys,
+  makeSlot,
+  newMasterKey,
+  readKeyFile,
+  unwrapMaster,
+  type KeySlot,
+  type RepositoryKeys,
+  type Secret,
+} from './keys.js';
+import { LocalBackend } from './local-backend.js';
+import { acquireLock, breakStaleLocks, listLocks, type LockEntry, type RepositoryLock } from './lock.js';
+import {
+  checkManifest,
+  decodeManifest,
+  encodeManifest,
+  MANIFEST_FORMAT,
+  MANIFEST_VERSION,
+  MAX_MANIFEST_BYTES,
+  newPointId,
+  pointKey,
+  POINT_ID,
+  type DiskEntry,
+  type DiskStats,
+  type IndexRef,
+  type PointInput,
+  type PointManifest,
+  type PointStatistics,
+} from './manifest.js';
+import { CodecError, createCodec, type Codec } from './pool.js';
+import { applyRetention, checkPolicy, type RetentionDecision, type RetentionPolicy } from './retention.js';
+
+const HEX_ID = /^[0-9a-f]{64}$/;
+/** how long a temporary file of an interrupted put must lie untouched before gc removes it */
+const TEMPORARY_GRACE_MS = 60 * 60 * 1000;
+
+export function chunkKey(id: string): string {
+  return `chunks/${id.slice(0, 2)}/${id}`;
+}
+export function indexKey(id: string): string {
+  return `indexes/${id}`;
+}
+
+export interface InitOptions {
+  /** power of two, 64 KiB–8 MiB; default 1 MiB */
+  chunkSize?: number;
+  /** encrypt, with this passphrase opening the repository */
+  passphrase?: string;
+  /** encrypt, with this key file opening the repository (both may be given: two key slots) */
+  keyFile?: string;
+  /** scrypt cost as log2(N), 15–20; default 17 */
+  scryptLogN?: number;
+}
+
+export interface OpenOptions {
+  passphrase?: string;
+  keyFile?: string;
+  /** codec worker threads (0: compress and encrypt on the calling thread); default one per core, up to 4 */
+  workers?: number;
+  /** zstd level for what this process writes; default 3 */
+  compressionLevel?: number;
+}
+
+export interface PutResult {
+  /** the chunk's id, or null for an all-zero chunk (never stored) */
+  id: string | null;
+  /** stored by this call (false: the repository had it, or it is zero) */
+  isNew: boolean;
+  /** bytes this call added to the repository */
+  storedBytes: number;
+}
+
+export interface DiskWriteStats extends DiskStats {
+  chunksNew: number;
+  chunksReused: number;
+  zeroChunks: number;
+}
+
+export interface RestoreSink {
+  write(offset: number, data: Buffer): Promise<void>;
+  /** zero a range (punch a hole, write zeros); when absent, zero ranges are written as zero bytes */
+  zero?(offset: number, length: number): Promise<void>;
+}
+
+export interface RestoreOptions {
+  /** chunks fetched and opened at once; default 8 */
+  parallel?: number;
+  /** the target already reads as zeros (a new sparse file): zero slots are skipped */
+  assumeZeroed?: boolean;
+  onProgress?: (doneBytes: number, totalBytes: number) => void;
+}
+
+export interface RestoreResult {
+  pointId: string;
+  diskId: string;
+  virtualSize: number;
+  bytesWritten: number;
+  zeroBytes: number;
+  chunksRead: number;
+  durationMs: number;
+}
+
+export interface PointSummary {
+  id: string;
+  time: string;
+  flow: string;
+  parentId: string | null;
+  snapshots: number;
+  statistics: PointStatistics;
+  vms: {
+    name: string;
+    id: string;
+    consistency: 'application' | 'crash';
+    freezeWindowMs: number | null;
+    disks: Pick<DiskEntry, 'diskId' | 'name' | 'virtualSize' | 'read' | 'fullReason' | 'rctId' | 'stats'>[];
+  }[];
+}
+
+export interface DamagedPoint {
+  id: string;
+  code: string;
+  message: string;
+}
+
+export interface Affected {
+  pointId: string;
+  vm?: string;
+  diskId?: string;
+  disk?: string;
+  /** stored slots of that disk the damage covers */
+  slots?: number;
+  /** the first few byte offsets of those slots */
+  offsets?: number[];
+}
+
+export interface Damage {
+  object: 'chunk' | 'index' | 'manifest';
+  key: string;
+  id: string;
+  problem: 'missing' | 'truncated' | 'corrupt';
+  message: string;
+  affects: Affected[];
+}
+
+export interface VerifyReport {
+  ok: boolean;
+  /** 'all', or the point verified */
+  scope: string;
+  checked: { points: number; indexes: number; chunks: number; storedBytes: number };
+  damage: Damage[];
+  /** every restore point some damage affects, oldest first */
+  affectedPoints: string[];
+}
+
+export interface PruneOptions extends RetentionPolicy {
+  dryRun?: boolean;
+}
+
+export interface PruneEntry extends RetentionDecision {
+  vms: string[];
+}
+
+export interface PruneReport {
+  dryRun: boolean;
+  kept: PruneEntry[];
+  removed: PruneEntry[];
+  /** points whose manifest cannot be read: never removed by prune */
+  damaged: DamagedPoint[];
+}
+
+export interface GcReport {
+  dryRun: boolean;
+  points: number;
+  indexesKept: number;
+  indexesRemoved: number;
+  chunksKept: number;
+  chunksRemoved: number;
+  bytesRemoved: number;
+  temporaryRemoved: number;
+  /** indexes the manifests name that do not exist (their points are damaged; verify names them) */
+  missingIndexes: string[];
+}
+
+export interface RepositoryInfo {
+  location: string;
+  id: string;
+  formatVersion: number;
+  createdAt: string;
+  chunkSize: number;
+  chunkId: 'sha256' | 'hmac-sha256';
+  compression: 'zstd';
+  encryption: null | { cipher: 'aes-256-gcm'; keySlots: KeySlot['kind'][] };
+  points: number;
+  indexes: { count: number; bytes: number };
+  chunks: { count: number; bytes: number };
+  locks: LockEntry[];
+}
+
+/** A stored object that cannot be used: REPOSITORY_CORRUPT with what verify needs in `details`. */
+function damaged(
+  object: Damage['object'],
+  key: string,
+  problem: Damage['problem'],
+  message: string,
+  cause?: unknown,
+): TidemarkError {
+  return new TidemarkError('REPOSITORY_CORRUPT', message, { object, key, problem }, { cause });
+}
+
+function isDamage(err: unknown): err is TidemarkError & { details: { object: string; key: string; problem: string } } {
+  return err instanceof TidemarkError && err.code === 'REPOSITORY_CORRUPT' && typeof err.details.problem === 'string';
+}
+
+export class Repository {
+  private readonly sessions = new Set<BackupSession>();
+  private closed = false;
+
+  private constructor(
+    readonly backend: Backend,
+    readonly config: RepositoryConfig,
+    private readonly keys: RepositoryKeys | null,
+    private readonly codec: Codec,
+  ) {}
+
+  get chunkSize(): number {
+    return this.config.chunkSize;
+  }
+
+  get location(): string {
+    return this.backend.location;
+  }
+
+  get encrypted(): boolean {
+    return this.keys !== null;
+  }
+
+  /** Creates a repository (an empty or missing directory, or an empty backend) and opens it. */
+  static async init(location: string | Backend, opts: InitOptions & OpenOptions = {}): Promise<Repository> {
+    const chunkSize = opts.chunkSize ?? DEFAULT_CHUNK_SIZE;
+    const sizeProblem = checkChunkSize(chunkSize);
+    if (sizeProblem) throw new InvalidArgumentError(sizeProblem);
+    if (opts.passphrase !== undefined && opts.passphrase.length === 0) {
+      throw new InvalidArgumentError('the passphrase is empty');
+    }
+    if (typeof location === 'string') await checkEmptyDirectory(location);
+    const backend = typeof location === 'string' ? new LocalBackend(location) : location;
+    if (await backend.exists(CONFIG_KEY)) {
+      throw new TidemarkError('ALREADY_EXISTS', `${backend.location} is already a repository`);
+    }
+    const id = randomUUID();
+    const secrets: Secret[] = [];
+    if (opts.passphrase !== undefined) secrets.push({ passphrase: opts.passphrase });
+    if (opts.keyFile !== undefined) secrets.push({ keyFile: await readKeyFile(opts.keyFile) });
+    const config: RepositoryConfig = {
+      format: FORMAT_NAME,
+      version: FORMAT_VERSION,
+      id,
+      createdAt: new Date().toISOString(),
+      chunkSize,
+      chunkId: secrets.length > 0 ? 'hmac-sha256' : 'sha256',
+      compression: 'zstd',
+      encryption: null,
+    };
+    let keys: RepositoryKeys | null = null;
+    if (secrets.length > 0) {
+      const master = newMasterKey();
+      const slots: KeySlot[] = [];
+      for (const s of secrets) slots.push(await makeSlot(master, id, s, opts.scryptLogN));
+      keys = deriveKeys(master, id);
+      config.encryption = { cipher: 'aes-256-gcm', keys: slots, mac: '' };
+      config.encryption.mac = configMac(config, keys.configKey);
+    }
+    await backend.put(CONFIG_KEY, encodeConfig(config), { sync: true });
+    // Opened with the keys in hand: no second key derivation.
+    const codec = await createCodec({ key: keys?.encKey ?? null, level: opts.compressionLevel, workers: opts.workers });
+    return new Repository(backend, config, keys, codec);
+  }
+
+  static async open(location: string | Backend, opts: OpenOptions = {}): Promise<Repository> {
+    const backend = typeof location === 'string' ? new LocalBackend(location) : location;
+    let raw: Buffer;
+    try {
+      raw = await backend.get(CONFIG_KEY, { maxBytes: 64 * 1024 });
+    } catch (err) {
+      if ((err as TidemarkError).code === 'NOT_FOUND') {
+        throw new TidemarkError(
+          'NOT_FOUND',
+          `no repository at ${backend.location} (create one with: tidemark repo init ${backend.location})`,
+        );
+      }
+      if ((err as TidemarkError).code === 'LIMIT_EXCEEDED') {
+        throw new TidemarkError('REPOSITORY_CORRUPT', `config of repository ${backend.location} is too large`);
+      }
+      throw err;
+    }
+    const config = decodeConfig(raw, backend.location);
+    let keys: RepositoryKeys | null = null;
+    if (config.encryption) {
+      let secret: Secret;
+      if (opts.keyFile !== undefined) secret = { keyFile: await readKeyFile(opts.keyFile) };
+      else if (opts.passphrase !== undefined) secret = { passphrase: opts.passphrase };
+      else {
+        throw new InvalidArgumentError(
+          `repository ${backend.location} is encrypted: give its passphrase (TIDEMARK_PASSPHRASE or --passphrase-file) or --key-file`,
+        );
+      }
+      const master = await unwrapMaster(config.encryption.keys, config.id, secret, backend.location);
+      keys = deriveKeys(master, config.id);
+      checkConfigMac(config, keys.configKey, backend.location);
+    }
+    const codec = await createCodec({ key: keys?.encKey ?? null, level: opts.compressionLevel, workers: opts.workers });
+    return new Repository(backend, config, keys, codec);
+  }
+
+  /** Aborts open backup sessions (releasing their locks) and stops the codec workers. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    for (const s of [...this.sessions]) await s.abort().catch(() => undefined);
+    await this.codec.close();
+    await this.backend.close();
+  }
+
+  private checkOpen(): void {
+    if (this.closed) throw new TidemarkError('CLOSED', `repository ${this.location} is closed`);
+  }
+
+  /** The id of a chunk (or index body): SHA-256, or HMAC-SHA-256 under the repository's id key when encrypted. */
+  hashId(data: Uint8Array): string {
+    return this.keys
+      ? createHmac('sha256', this.keys.idKey).update(data).digest('hex')
+      : createHash('sha256').update(data).digest('hex');
+  }
+
+  // ---------------------------------------------------------------------------------------------------------
+  // Objects
+
+  /** @internal */
+  async seal(type: ObjectType, key: string, plain: Uint8Array): Promise<Buffer> {
+    this.checkOpen();
+    return this.codec.seal(plain, { type, name: key, checksum: type === 'manifest' });
+  }
+
+  /** Reads and opens one object, turning every way it can fail into NOT_FOUND or a typed damage. */
+  private async load(
+    type: ObjectType,
+    key: string,
+    maxPlain: number,
+    what: string,
+    missing: 'damage' | 'not-found',
+  ): Promise<{ plain: Buffer; storedBytes: number }> {
+    this.checkOpen();
+    let stored: Buffer;
+    try {
+      stored = await this.backend.get(key, { maxBytes: maxPlain + MAX_OVERHEAD });
+    } catch (err) {
+      const code = (err as TidemarkError).code;
+      if (code === 'NOT_FOUND') {
+        if (missing === 'not-found') throw err;
+        throw damaged(type, key, 'missing', `${what} is missing (${key})`, err);
+      }
+      if (code === 'LIMIT_EXCEEDED')
+        throw damaged(type, key, 'corrupt', `${what} is damaged: ${(err as Error).message}`, err);
+      throw err;
+    }
+    try {
+      return { plain: await this.codec.open(stored, type, key, maxPlain), storedBytes: stored.length };
+    } catch (err) {
+      if (err instanceof CodecError) {
+        if (err.code === 'NOT_SUPPORTED') throw new TidemarkError('NOT_SUPPORTED', `${what}: ${err.message}`);
+        throw damaged(type, key, err.problem, `${what} is damaged (${key}): ${err.message}`, err);
+      }
+      throw err;
+    }
+  }
+
+  /**
+   * One chunk's plaintext, checked: it must open, hash to its id and, when given, have the slot's length.
+   * REPOSITORY_CORRUPT (details.problem: missing, truncated, corrupt) otherwise.
+   */
+  async readChunk(id: string, expectLength?: number): Promise<Buffer> {
+    return (await this.readChunkCounted(id, expectLength)).plain;
+  }
+
+  private async readChunkCounted(id: string, expectLength?: number): Promise<{ plain: Buffer; storedBytes: number }> {
+    if (!HEX_ID.test(id)) throw new InvalidArgumentError(`"${id}" is not a chunk id`);
+    const key = chunkKey(id);
+    const r = await this.load('chunk', key, this.chunkSize, `chunk ${id}`, 'damage');
+    if (expectLength !== undefined && r.plain.length !== expectLength) {
+      throw damaged(
+        'chunk',
+        key,
+        'corrupt',
+        `chunk ${id} holds ${r.plain.length} bytes where its slot has ${expectLength}`,
+      );
+    }
+    if (this.hashId(r.plain) !== id) {
+      throw damaged('chunk', key, 'corrupt', `chunk ${id} is damaged: its content does not hash to its name`);
+    }
+    return r;
+  }
+
+  /** A disk index by reference (or id); checked against its name and, from a ref, the geometry it promises. */
+  async readIndex(ref: IndexRef | string): Promise<DiskIndex> {
+    const id = typeof ref === 'string' ? ref : ref.id;
+    if (!HEX_ID.test(id)) throw new InvalidArgumentError(`"${id}" is not an index id`);
+    const key = indexKey(id);
+    const maxPlain =
+      typeof ref === 'string'
+        ? indexBodySize(MAX_INDEX_SLOTS)
+        : indexBodySize(Math.min(slotCountFor(ref.virtualSize, this.chunkSize), MAX_INDEX_SLOTS));
+    const { plain } = await this.load('index', key, maxPlain, `index ${id}`, 'damage');
+    let index: DiskIndex;
+    try {
+      index = decodeIndex(plain, this.chunkSize, typeof ref === 'string' ? undefined : ref.virtualSize);
+    } catch (err) {
+      if (err instanceof IndexFormatError) {
+        throw damaged('index', key, err.problem, `index ${id} is damaged: ${err.message}`, err);
+      }
+      throw err;
+    }
+    if (this.hashId(plain) !== id) {
+      throw damaged('index', key, 'corrupt', `index ${id} is damaged: its content does not hash to its name`);
+    }
+    return index;
+  }
+
+  // ---------------------------------------------------------------------------------------------------------
+  // Restore points
+
+  async listPointIds(): Promise<string[]> {
+    const ids: string[] = [];
+    for await (const o of this.backend.list('points/')) {
+      const id = o.key.slice('points/'.length);
+      if (POINT_ID.test(id)) ids.push(id);
+    }
+    return ids.sort();
+  }
+
+  /** A full point id from an id or a unique prefix of one. */
+  async resolvePoint(idOrPrefix: string): Promise<string> {
+    if (POINT_ID.test(idOrPrefix)) return idOrPrefix;
+    if (!/^[0-9a-f-]+$/.test(idOrPrefix)) throw new InvalidArgumentError(`"${idOrPrefix}" is not a restore point id`);
+    const matches = (await this.listPointIds()).filter((id) => id.startsWith(idOrPrefix));
+    if (matches.length === 1) return matches[0];
+    if (matches.length === 0) {
+      throw new TidemarkError('NOT_FOUND', `no restore point ${idOrPrefix} in ${this.location}`);
+    }
+    throw new InvalidArgumentError(`"${idOrPrefix}" names ${matches.length} restore points: give more of the id`);
+  }
+
+  async readPoint(idOrPrefix: string): Promise<PointManifest> {
+    const id = await this.resolvePoint(idOrPrefix);
+    const key = pointKey(id);
+    let plain: Buffer;
+    try {
+      ({ plain } = await this.load(
+        'manifest',
+        key,
+        MAX_MANIFEST_BYTES,
+        `manifest of restore point ${id}`,
+        'not-found',
+      ));
+    } catch (err) {
+      if ((err as TidemarkError).code === 'NOT_FOUND') {
+        throw new TidemarkError('NOT_FOUND', `no restore point ${id} in ${this.location}`);
+      }
+      throw err;
+    }
+    try {
+      return decodeManifest(plain, id);
+    } catch (err) {
+      if (err instanceof TidemarkError && err.code === 'REPOSITORY_CORRUPT') {
+        throw damaged('manifest', key, 'corrupt', err.message, err);
+      }
+      throw err;
+    }
+  }
+
+  /** Every restore point (oldest first), optionally only those holding a VM (by name or id). */
+  async listPoints(opts: { vm?: string } = {}): Promise<{ points: PointSummary[]; damaged: DamagedPoint[] }> {
+    const ids = await this.listPointIds();
+    const found = new Map<string, PointManifest | DamagedPoint>();
+    await forEachBounded(ids, 8, async (id) => {
+      try {
+        found.set(id, await this.readPoint(id));
+      } catch (err) {
+        if (!(err instanceof TidemarkError) || err.code === 'NOT_FOUND') {
+          if (err instanceof TidemarkError) return;
+          throw err;
+        }
+        found.set(id, { id, code: err.code, message: err.message });
+      }
+    });
+    const points: PointSummary[] = [];
+    const bad: DamagedPoint[] = [];
+    for (const id of ids) {
+      const m = found.get(id);
+      if (!m) continue;
+      if (!('vms' in m)) {
+        bad.push(m);
+        continue;
+      }
+      if (opts.vm !== undefined && !m.vms.some((v) => v.name === opts.vm || v.id === opts.vm)) continue;
+      points.push(summarize(m));
+    }
+    points.sort((a, b) => (a.time < b.time ? -1 : a.time > b.time ? 1 : a.id < b.id ? -1 : 1));
+    return { points, damaged: bad };
+  }
+
+  /** The newest restore point holding a VM (by name or id), or null: the base of the next incremental. */
+  async latestPoint(vm: string): Promise<PointManifest | null> {
+    const { points } = await this.listPoints({ vm });
+    const last = points.at(-1);
+    return last ? this.readPoint(last.id) : null;
+  }
+
+  /** Removes one restore point's manifest (exclusive lock): the way out for a point verify found damaged. */
+  async forgetPoint(idOrPrefix: string): Promise<string> {
+    const lock = await this.lock('exclusive', 'forget');
+    try {
+      const id = await this.resolvePoint(idOrPrefix);
+      if (!(await this.backend.exists(pointKey(id)))) {
+        throw new TidemarkError('NOT_FOUND', `no restore point ${id} in ${this.location}`);
+      }
+      await this.backend.delete(pointKey(id));
+      await this.backend.sync();
+      return id;
+    } finally {
+      await lock.release();
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------------------------
+  // Backup
+
+  private async lock(kind: 'shared' | 'exclusive', operation: string): Promise<RepositoryLock> {
+    this.checkOpen();
+    return acquireLock(this.backend, kind, operation);
+  }
+
+  /** A backup session under a shared lock: chunks and indexes, then commit() writes the manifest, or abort(). */
+  async startBackup(opts: { operation?: string } = {}): Promise<BackupSession> {
+    const lock = await this.lock('shared', opts.operation ?? 'backup');
+    const session = new BackupSession(this, lock, () => this.sessions.delete(session));
+    this.sessions.add(session);
+    return session;
+  }
+
+  /** @internal */
+  async commitManifest(m: PointManifest): Promise<void> {
+    const key = pointKey(m.id);
+    // Everything the manifest points at must be durable before the manifest exists.
+    await this.backend.sync();
+    const sealed = await this.seal('manifest', key, encodeManifest(m));
+    await this.backend.put(key, sealed, { sync: true });
+  }
+
+  // ---------------------------------------------------------------------------------------------------------
+  // Restore
+
+  /** Finds a disk of a point by its virtual disk id (or, failing that, its name). */
+  findDisk(m: PointManifest, disk: string): { vm: PointManifest['vms'][number]; disk: DiskEntry } {
+    for (const vm of m.vms) for (const d of vm.disks) if (d.diskId === disk) return { vm, disk: d };
+    const byName = m.vms.flatMap((vm) => vm.disks.filter((d) => d.name === disk).map((d) => ({ vm, disk: d })));
+    if (byName.length === 1) return byName[0];
+    const all = m.vms.flatMap((vm) => vm.disks.map((d) => `${d.diskId} (${vm.name}/${d.name})`));
+    throw new TidemarkError('NOT_FOUND', `restore point ${m.id} has no disk ${disk}; it has: ${all.join(', ')}`);
+  }
+
+  /**
+   * Writes a disk of a restore point to `sink`, fetching, opening and checking up to `parallel` chunks at once.
+   * Writes may arrive in any order; every byte of the disk is written once (zero slots through sink.zero, as zero
+   * bytes, or not at all with assumeZeroed).
+   */
+  async restoreDisk(
+    pointId: string,
+    diskId: string,
+    sink: RestoreSink,
+    opts: RestoreOptions = {},
+  ): Promise<RestoreResult> {
+    const started = Date.now();
+    const m = await this.readPoint(pointId);
+    const { disk } = this.findDisk(m, diskId);
+    const index = await this.readIndex(disk.index);
+    const parallel = Math.min(64, Math.max(1, opts.parallel ?? 8));
+    let done = 0;
+    let bytesWritten = 0;
+    let zeroBytes = 0;
+    let chunksRead = 0;
+    const slots = (function* () {
+      for (let s = 0; s < index.slotCount; s++) yield s;
+    })();
+    await forEachBounded(slots, parallel, async (slot) => {
+      const offset = index.slotOffset(slot);
+      const length = index.slotLength(slot);
+      const id = index.idAt(slot);
+      if (id === null) {
+        zeroBytes += length;
+        if (sink.zero) await sink.zero(offset, length);
+        else if (!opts.assumeZeroed) {
+          for (let at = 0; at < length; at += ZEROES.length) {
+            const n = Math.min(ZEROES.length, length - at);
+            await sink.write(offset + at, ZEROES.subarray(0, n));
+          }
+        }
+      } else {
+        const data = await this.readChunk(id, length);
+        chunksRead++;
+        await sink.write(offset, data);
+        bytesWritten += length;
+      }
+      done += length;
+      opts.onProgress?.(done, index.virtualSize);
+    });
+    return {
+      pointId: m.id,
+      diskId: disk.diskId,
+      virtualSize: index.virtualSize,
+      bytesWritten,
+      zeroBytes,
+      chunksRead,
+      durationMs: Date.now() - started,
+    };
+  }
+
+  // ---------------------------------------------------------------------------------------------------------
+  // Verify
+
+  /**
+   * Re-reads and re-hashes every chunk of one point (or of all), and reports each damaged or missing chunk, index
+   * and manifest with every restore point it affects — those outside the scope too.
+   */
+  async verify(
+    pointId?: string,
+    opts: { parallel?: number; onProgress?: (doneChunks: number, totalChunks: number) => void } = {},
+  ): Promise<VerifyReport> {
+    this.checkOpen();
+    const allIds = await this.listPointIds();
+    const scopeIds = pointId === undefined ? allIds : [await this.resolvePoint(pointId)];
+    if (pointId !== undefined && !allIds.includes(scopeIds[0])) {
+      throw new TidemarkError('NOT_FOUND', `no restore point ${scopeIds[0]} in ${this.location}`);
+    }
+    const inScope = new Set(scopeIds);
+    const damage: Damage[] = [];
+    const manifests = new Map<string, PointManifest>();
+    await forEachBounded(allIds, 8, async (id) => {
+      try {
+        manifests.set(id, await this.readPoint(id));
+      } catch (err) {
+        if (!inScope.has(id)) return;
+        if (isDamage(err)) {
+          const problem = err.details.problem as Damage['problem'];
+          damage.push({
+            object: 'manifest',
+            key: pointKey(id),
+            id,
+            problem,
+            message: err.message,
+            affects: [{ pointId: id }],
+          });
+        } else if (err instanceof TidemarkError && err.code === 'NOT_FOUND') {
+          damage.push({
+            object: 'manifest',
+            key: pointKey(id),
+            id,
+            problem: 'missing',
+            message: err.message,
+            affects: [{ pointId: id }],
+          });
+        } else throw err;
+      }
+    });
+
+    // Who uses each index: every point, so that damage names all the points it affects.
+    interface Use {
+      pointId: string;
+      vm: string;
+      disk: DiskEntry;
+    }
+    const users = new Map<string, Use[]>();
+    for (const [id, m] of manifests) {
+      for (const vm of m.vms) {
+        for (const disk of vm.disks) {
+          const u = users.get(disk.index.id) ?? [];
+          u.push({ pointId: id, vm: vm.name, disk });
+          users.set(disk.index.id, u);
+        }
+      }
+    }
+    const scopeIndexes = new Set<string>();
+    for (const [indexId, us] of users) if (us.some((u) => inScope.has(u.pointId))) scopeIndexes.add(indexId);
+
+    const indexes = new Map<string, DiskIndex>();
+    const badIndexes = new Set<string>();
+    const loadIndex = async (indexId: string, report: boolean) => {
+      const use = users.get(indexId)![0];
+      try {
+        indexes.set(indexId, await this.readIndex(use.disk.index));
+      } catch (err) {
+        if (!isDamage(err)) throw err;
+        badIndexes.add(indexId);
+        if (!report) return;
+        damage.push({
+          object: 'index',
+          key: indexKey(indexId),
+          id: indexId,
+          problem: err.details.problem as Damage['problem'],
+          message: err.message,
+          affects: users
+            .get(indexId)!
+            .map((u) => ({ pointId: u.pointId, vm: u.vm, diskId: u.disk.diskId, disk: u.disk.name })),
+        });
+      }
+    };
+    await forEachBounded(scopeIndexes, 4, (id) => loadIndex(id, true));
+
+    const chunkIds = new Set<string>();
+    for (const id of scopeIndexes) for (const c of indexes.get(id)?.chunkIds() ?? []) chunkIds.add(c);
+    const badChunks = new Map<string, { problem: Damage['problem']; message: string }>();
+    let storedBytes = 0;
+    let doneChunks = 0;
+    await forEachBounded(chunkIds, Math.max(1, opts.parallel ?? 8), async (id) => {
+      try {
+        storedBytes += (await this.readChunkCounted(id)).storedBytes;
+      } catch (err) {
+        if (!isDamage(err)) throw err;
+        badChunks.set(id, { problem: err.details.problem as Damage['problem'], message: err.message });
+      }
+      opts.onProgress?.(++doneChunks, chunkIds.size);
+    });
+
+    if (badChunks.size > 0) {
+      // Indexes outside the scope may hold the damaged chunks too: read them (not their chunks) to say so.
+      const others = [...users.keys()].filter((id) => !scopeIndexes.has(id));
+      await forEachBounded(others, 4, (id) => loadIndex(id, false));
+      const affects = new Map<string, Affected[]>();
+      for (const [indexId, index] of indexes) {
+        const hits = new Map<string, number[]>();
+        for (const c of index.chunks()) {
+          if (!badChunks.has(c.id)) continue;
+          const h = hits.get(c.id) ?? [];
+          h.push(c.offset);
+          hits.set(c.id, h);
+        }
+        for (const [chunkId, offsets] of hits) {
+          const list = affects.get(chunkId) ?? [];
+          for (const u of users.get(indexId)!) {
+            list.push({
+              pointId: u.pointId,
+              vm: u.vm,
+              diskId: u.disk.diskId,
+              disk: u.disk.name,
+              slots: offsets.length,
+              offsets: offsets.slice(0, 8),
+            });
+          }
+          affects.set(chunkId, list);
+        }
+      }
+      for (const [id, bad] of badChunks) {
+        const list = (affects.get(id) ?? []).sort((a, b) => (a.pointId < b.pointId ? -1 : 1));
+        damage.push({
+          object: 'chunk',
+          key: chunkKey(id),
+          id,
+          problem: bad.problem,
+          message: bad.message,
+          affects: list,
+        });
+      }
+    }
+
+    const affected = new Set<string>();
+    for (const d of damage) for (const a of d.affects) affected.add(a.pointId);
+    const order = { manifest: 0, index: 1, chunk: 2 };
+    damage.sort((a, b) => order[a.object] - order[b.object] || (a.id < b.id ? -1 : 1));
+    return {
+      ok: damage.length === 0,
+      scope: pointId === undefined ? 'all' : scopeIds[0],
+      checked: {
+        points: scopeIds.length,
+        indexes: scopeIndexes.size,
+        chunks: chunkIds.size,
+        storedBytes,
+      },
+      damage,
+      affectedPoints: [...affected].sort(),
+    };
+  }
+
+  // ---------------------------------------------------------------------------------------------------------
+  // Retention and garbage collection
+
+  /**
+   * Applies a retention policy (per group of points with the same VMs) and removes the manifests it does not keep,
+   * under an exclusive lock (none with dryRun). The chunks stay until gc().
+   */
+  async prune(opts: PruneOptions): Promise<PruneReport> {
+    const problem = checkPolicy(opts);
+    if (problem) throw new InvalidArgumentError(problem);
+    const dryRun = opts.dryRun === true;
+    const lock = dryRun ? null : await this.lock('exclusive', 'prune');
+    try {
+      const ids = await this.listPointIds();
+      const manifests: PointManifest[] = [];
+      const bad: DamagedPoint[] = [];
+      await forEachBounded(ids, 8, async (id) => {
+        try {
+          manifests.push(await this.readPoint(id));
+        } catch (err) {
+          if (!(err instanceof TidemarkError)) throw err;
+          bad.push({ id, code: err.code, message: err.message });
+        }
+      });
+      const vmsOf = new Map(manifests.map((m) => [m.id, m.vms.map((v) => v.name)]));
+      const decisions = applyRetention(
+        manifests.map((m) => ({
+          id: m.id,
+          time: new Date(m.time),
+          group: m.vms
+            .map((v) => v.id)
+            .sort()
+            .join(','),
+        })),
+        opts,
+      );
+      const entries = decisions.map((d) => ({ ...d, vms: vmsOf.get(d.id) ?? [] }));
+      const removed = entries.filter((d) => !d.keep);
+      if (!dryRun) {
+        for (const d of removed) await this.backend.delete(pointKey(d.id));
+        await this.backend.sync();
+      }
+      return {
+        dryRun,
+        kept: entries.filter((d) => d.keep),
+        removed,
+        damaged: bad.sort((a, b) => (a.id < b.id ? -1 : 1)),
+      };
+    } finally {
+      await lock?.release();
+    }
+  }
+
+  /**
+   * Mark and sweep, under an exclusive lock: mark every index the manifests name and every chunk those indexes
+   * name, then delete the indexes and chunks nobody marked. A backup holds a shared lock from before its first
+   * chunk until after its manifest, so no backup runs while gc does, and nothing a future manifest will name can
+   * be swept (docs/formats/repository.md §8). A manifest or index that cannot be read stops gc: it cannot know what
+   * that point references.
+   */
+  async gc(opts: { dryRun?: boolean } = {}): Promise<GcReport> {
+    const dryRun = opts.dryRun === true;
+    const lock = await this.lock('exclusive', 'gc');
+    try {
+      const ids = await this.listPointIds();
+      const markedIndexes = new Map<string, IndexRef>();
+      await forEachBounded(ids, 8, async (id) => {
+        let m: PointManifest;
+        try {
+          m = await this.readPoint(id);
+        } catch (err) {
+          if (err instanceof TidemarkError && err.code === 'NOT_FOUND') return;
+          throw new TidemarkError(
+            'REPOSITORY_CORRUPT',
+            `gc stopped: restore point ${id} cannot be read (${(err as Error).message}); gc cannot know what it references — check with \`tidemark verify\`, then remove the point with \`tidemark points forget ${id}\``,
+            { pointId: id },
+          );
+        }
+        for (const vm of m.vms) for (const d of vm.disks) markedIndexes.set(d.index.id, d.index);
+      });
+      const markedChunks = new Set<string>();
+      const missingIndexes: string[] = [];
+      await forEachBounded(markedIndexes.values(), 4, async (ref) => {
+        let index: DiskIndex;
+        try {
+          index = await this.readIndex(ref);
+        } catch (err) {
+          if (isDamage(err) && err.details.problem === 'missing') {
+            missingIndexes.push(ref.id);
+            return;
+          }
+          throw new TidemarkError(
+            'REPOSITORY_CORRUPT',
+            `gc stopped: index ${ref.id} cannot be read (${(err as Error).message}); check with \`tidemark verify\` and forget the points it names`,
+            { indexId: ref.id },
+          );
+        }
+        for (const c of index.chunks()) markedChunks.add(c.id);
+      });
+
+      const report: GcReport = {
+        dryRun,
+        points: ids.length,
+        indexesKept: 0,
+        indexesRemoved: 0,
+        chunksKept: 0,
+        chunksRemoved: 0,
+        bytesRemoved: 0,
+        temporaryRemoved: 0,
+        missingIndexes: missingIndexes.sort(),
+      };
+      const sweep: { key: string; size: number }[] = [];
+      for await (const o of this.backend.list('indexes/')) {
+        const id = o.key.slice('indexes/'.length);
+        if (!HEX_ID.test(id)) continue;
+        if (markedIndexes.has(id)) report.indexesKept++;
+        else {
+          report.indexesRemoved++;
+          sweep.push(o);
+        }
+      }
+      for await (const o of this.backend.list('chunks/')) {
+        const m = /^chunks\/([0-9a-f]{2})\/([0-9a-f]{64})$/.exec(o.key);
+        if (!m || !m[2].startsWith(m[1])) continue;
+        if (markedChunks.has(m[2])) report.chunksKept++;
+        else {
+          report.chunksRemoved++;
+          sweep.push(o);
+        }
+      }
+      for (const o of sweep) report.bytesRemoved += o.size;
+      if (!dryRun) {
+        await forEachBounded(sweep, 16, (o) => this.backend.delete(o.key));
+        report.temporaryRemoved = (await this.backend.sweepTemporary?.(TEMPORARY_GRACE_MS)) ?? 0;
+        await this.backend.sync();
+      }
+      return report;
+    } finally {
+      await lock.release();
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------------------------
+  // Info and locks
+
+  async info(): Promise<RepositoryInfo> {
+    this.checkOpen();
+    const count = async (prefix: string) => {
+      let n = 0;
+      let bytes = 0;
+      for await (const o of this.backend.list(prefix)) {
+        n++;
+        bytes += o.size;
+      }
+      return { count: n, bytes };
+    };
+    const c = this.config;
+    return {
+      location: this.location,
+      id: c.id,
+      formatVersion: c.version,
+      createdAt: c.createdAt,
+      chunkSize: c.chunkSize,
+      chunkId: c.chunkId,
+      compression: c.compression,
+      encryption: c.encryption ? { cipher: c.encryption.cipher, keySlots: c.encryption.keys.map((k) => k.kind) } : null,
+      points: (await this.listPointIds()).length,
+      indexes: await count('indexes/'),
+      chunks: await count('chunks/'),
+      locks: await listLocks(this.backend),
+    };
+  }
+
+  async locks(): Promise<LockEntry[]> {
+    return listLocks(this.backend);
+  }
+
+  /** Removes the locks of dead local processes; with force, every lock (only when no holder is alive!). */
+  async unlock(opts: { force?: boolean } = {}): Promise<LockEntry[]> {
+    if (!opts.force) return breakStaleLocks(this.backend);
+    const all = await listLocks(this.backend);
+    for (const l of all) await this.backend.delete(l.key);
+    return all;
+  }
+}
+
+function summarize(m: PointManifest): PointSummary {
+  return {
+    id: m.id,
+    time: m.time,
+    flow: m.flow,
+    parentId: m.parentId,
+    snapshots: m.snapshots,
+    statistics: m.statistics,
+    vms: m.vms.map((vm) => ({
+      name: vm.name,
+      id: vm.id,
+      consistency: vm.consistency,
+      freezeWindowMs: vm.freezeWindowMs,
+      disks: vm.disks.map((d) => ({
+        diskId: d.diskId,
+        name: d.name,
+        virtualSize: d.virtualSize,
+        read: d.read,
+        fullReason: d.fullReason,
+        rctId: d.rctId,
+        stats: d.stats,
+      })),
+    })),
+  };
+}
+
+async function checkEmptyDirectory(dir: string): Promise<void> {
+  try {
+    const st = await stat(dir);
+    if (!st.isDirectory()) throw new TidemarkError('ALREADY_EXISTS', `${dir} exists and is not a directory`);
+    const entries = await readdir(dir);
+    if (entries.includes(CONFIG_KEY)) throw new TidemarkError('ALREADY_EXISTS', `${dir} is already a repository`);
+    if (entries.length > 0) {
+      throw new TidemarkError('ALREADY_EXISTS', `${dir} is not empty: a repository needs a new or empty directory`);
+    }
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw err;
+  }
+}
+
+// -------------------------------------------------------------------------------------------------------------
+// Backup sessions
+
+type SessionState = 'open' | 'committed' | 'aborted';
+
+/**
+ * One backup in progress. Chunks and indexes go in first (each object durable before the manifest), commit()
+ * writes the manifest last and releases the shared lock. A session that never commits (abort, crash) leaves
+ * every earlier point as it was; what it wrote is garbage for gc.
+ */
+export class BackupSession {
+  readonly pointId: string;
+  readonly startedAt: Date;
+  private state: SessionState = 'open';
+  private readonly present = new Set<string>();
+  private readonly inflight = new Map<string, Promise<PutResult>>();
+  private readonly indexes = new Set<string>();
+
+  /** @internal */
+  constructor(
+    readonly repository: Repository,
+    private readonly lock: RepositoryLock,
+    private readonly onEnd: () => void,
+  ) {
+    this.startedAt = new Date();
+    this.pointId = newPointId(this.startedAt);
+  }
+
+  get isOpen(): boolean {
+    return this.state === 'open';
+  }
+
+  private checkOpen(): void {
+    if (this.state !== 'open') {
+      throw new TidemarkError('CLOSED', `backup session ${this.pointId} is ${this.state}`);
+    }
+  }
+
+  /**
+   * Stores one chunk's plaintext (at most the chunk size) unless the repository has it; an all-zero chunk is
+   * never stored (id null). Safe to call many times at once (that is how the codec workers are kept busy);
+   * `plaintext` must stay unchanged until the promise settles.
+   */
+  async putChunk(plaintext: Uint8Array): Promise<PutResult> {
+    this.checkOpen();
+    const repo = this.repository;
+    if (plaintext.length === 0 || plaintext.length > repo.chunkSize) {
+      throw new InvalidArgumentError(`a chunk holds 1 to ${repo.chunkSize} bytes, not ${plaintext.length}`);
+    }
+    if (isAllZero(plaintext)) return { id: null, isNew: false, storedBytes: 0 };
+    const id = repo.hashId(plaintext);
+    if (this.present.has(id)) return { id, isNew: false, storedBytes: 0 };
+    const running = this.inflight.get(id);
+    if (running) {
+      await running;
+      return { id, isNew: false, storedBytes: 0 };
+    }
+    const work = (async (): Promise<PutResult> => {
+      const key = chunkKey(id);
+      if (await repo.backend.exists(key)) return { id, isNew: false, storedBytes: 0 };
+      const sealed = await repo.seal('chunk', key, plaintext);
+      await repo.backend.put(key, sealed);
+      return { id, isNew: true, storedBytes: sealed.length };
+    })();
+    this.inflight.set(id, work);
+    try {
+      const r = await work;
+      this.present.add(id);
+      return r;
+    } finally {
+      this.inflight.delete(id);
+    }
+  }
+
+  /**
+   * The index of one disk of this point: a copy of `base` (the previous point's index of that disk, for an
+   * incremental) or all zero. Put the slots that changed; the others keep the base's chunks.
+   */
+  async openIndex(opts: { virtualSize: number; base?: IndexRef | string | null }): Promise<DiskWriter> {
+    this.checkOpen();
+    const repo = this.repository;
+    checkIndexGeometry(opts.virtualSize, repo.chunkSize);
+    let builder: IndexBuilder;
+    if (opts.base) {
+      const base = await repo.readIndex(opts.base);
+      if (base.virtualSize !== opts.virtualSize) {
+        throw new InvalidArgumentError(
+          `the base index covers ${base.virtualSize} bytes but the disk has ${opts.virtualSize}: read the disk in full`,
+        );
+      }
+      builder = IndexBuilder.from(base);
+    } else {
+      builder = IndexBuilder.empty(repo.chunkSize, opts.virtualSize);
+    }
+    return new DiskWriter(this, builder);
+  }
+
+  /** Stores a disk's index (unless an identical one exists) and returns the reference the manifest holds. */
+  async writeIndex(disk: DiskWriter): Promise<IndexRef> {
+    this.checkOpen();
+    const repo = this.repository;
+    const body = encodeIndex(disk.index);
+    const id = repo.hashId(body);
+    const key = indexKey(id);
+    if (!(await repo.backend.exists(key))) await repo.backend.put(key, await repo.seal('index', key, body));
+    this.indexes.add(id);
+    return {
+      id,
+      virtualSize: disk.index.virtualSize,
+      chunkSize: disk.index.chunkSize,
+      storedSlots: disk.index.nonZeroSlots(),
+    };
+  }
+
+  /**
+   * Writes the restore point's manifest (last, atomically, durably) and ends the session. A manifest that does
+   * not validate throws INVALID_ARGUMENT and leaves the session open; a failed write aborts it.
+   */
+  async commit(input: PointInput): Promise<PointManifest> {
+    this.checkOpen();
+    const repo = this.repository;
+    const sums = { bytesRead: 0, bytesNew: 0, bytesStored: 0 };
+    for (const vm of input.vms ?? []) {
+      for (const d of vm.disks ?? []) {
+        sums.bytesRead += d.stats?.bytesRead ?? 0;
+        sums.bytesNew += d.stats?.bytesNew ?? 0;
+        sums.bytesStored += d.stats?.bytesStored ?? 0;
+      }
+    }
+    const manifest = checkManifest({
+      ...input,
+      format: MANIFEST_FORMAT,
+      version: MANIFEST_VERSION,
+      id: this.pointId,
+      time: input.time ?? this.startedAt.toISOString(),
+      statistics: input.statistics ?? { ...sums, durationMs: Date.now() - this.startedAt.getTime() },
+    });
+    for (const vm of manifest.vms) {
+      for (const d of vm.disks) {
+        const where = `manifest: VM ${vm.name} disk ${d.name}`;
+        if (d.index.chunkSize !== repo.chunkSize) {
+          throw new InvalidArgumentError(`${where}: index chunk size ${d.index.chunkSize} is not ${repo.chunkSize}`);
+        }
+        if (d.index.virtualSize !== d.virtualSize) {
+          throw new InvalidArgumentError(
+            `${where}: index covers ${d.index.virtualSize} bytes, the disk has ${d.virtualSize}`,
+          );
+        }
+        if (!this.indexes.has(d.index.id) && !(await repo.backend.exists(indexKey(d.index.id)))) {
+          throw new InvalidArgumentError(`${where}: index ${d.index.id} does not exist`);
+        }
+      }
+    }
+    if (manifest.parentId !== null && !(await repo.backend.exists(pointKey(manifest.parentId)))) {
+      throw new InvalidArgumentError(`manifest: parent restore point ${manifest.parentId} does not exist`);
+    }
+    try {
+      await repo.commitManifest(manifest);
+    } catch (err) {
+      await this.abort().catch(() => undefined);
+      throw err;
+    }
+    this.state = 'committed';
+    await this.end();
+    return manifest;
+  }
+
+  /** Ends the session without a restore point; what it stored stays until gc. */
+  async abort(): Promise<void> {
+    if (this.state !== 'open') return;
+    this.state = 'aborted';
+    await this.end();
+  }
+
+  private async end(): Promise<void> {
+    this.onEnd();
+    await this.lock.release();
+  }
+}
+
+/** One disk's index being written in a session, with the disk's statistics. */
+export class DiskWriter {
+  private readonly counters: DiskWriteStats = {
+    bytesRead: 0,
+    bytesNew: 0,
+    bytesStored: 0,
+    chunksNew: 0,
+    chunksReused: 0,
+    zeroChunks: 0,
+  };
+
+  /** @internal */
+  constructor(
+    readonly session: BackupSession,
+    readonly index: IndexBuilder,
+  ) {}
+
+  get chunkSize(): number {
+    return this.index.chunkSize;
+  }
+
+  private slotOf(offset: number, length: number): number {
+    const slot = offset / this.chunkSize;
+    if (!Number.isInteger(slot) || slot < 0 || slot >= this.index.slotCount) {
+      throw new InvalidArgumentError(
+        `offset ${offset} is not a chunk boundary of the disk (chunks of ${this.chunkSize} bytes, disk of ${this.index.virtualSize})`,
+      );
+    }
+    if (length !== this.index.slotLength(slot)) {
+      throw new InvalidArgumentError(
+        `the chunk at offset ${offset} is ${this.index.slotLength(slot)} bytes, not ${length}: read whole chunks`,
+      );
+    }
+    return slot;
+  }
+
+  /** Stores the whole chunk at `offset` (chunk-aligned; the chunk size, or what is left at the end of the disk). */
+  async put(offset: number, data: Uint8Array): Promise<PutResult> {
+    const slot = this.slotOf(offset, data.length);
+    const r = await this.session.putChunk(data);
+    this.index.set(slot, r.id);
+    this.counters.bytesRead += data.length;
+    if (r.id === null) this.counters.zeroChunks++;
+    else if (r.isNew) {
+      this.counters.chunksNew++;
+      this.counters.bytesNew += data.length;
+      this.counters.bytesStored += r.storedBytes;
+    } else this.counters.chunksReused++;
+    return r;
+  }
+
+  /** Marks whole chunks as all zero without reading them (unallocated or discarded ranges). */
+  zero(offset: number, length: number): void {
+    if (length === 0) return;
+    const first = offset / this.chunkSize;
+    const end = offset + length;
+    if (!Number.isInteger(first) || first < 0 || !Number.isSafeInteger(length) || length < 0) {
+      throw new InvalidArgumentError(`zero range at ${offset} does not start on a chunk boundary`);
+    }
+    if (end > this.index.virtualSize || (end !== this.index.virtualSize && end % this.chunkSize !== 0)) {
+      throw new InvalidArgumentError(`zero range ending at ${end} does not end on a chunk boundary of the disk`);
+    }
+    const last = Math.ceil(end / this.chunkSize);
+    for (let s = first; s < last; s++) this.index.set(s, null);
+  }
+
+  stats(): DiskWriteStats {
+    return { ...this.counters };
+  }
+}
