@@ -26,6 +26,11 @@ export interface GetOptions {
 export interface PutOptions {
   /** durable when put() returns (a manifest, the config); otherwise durable after the next sync() */
   sync?: boolean;
+  /**
+   * May stay invisible to other processes until the next sync() (chunks written by a backup): lets a backend
+   * batch the flushes. This process sees it at once. Never used for locks, the config or manifests.
+   */
+  deferred?: boolean;
 }
 
 export interface Backend {

@@ -3,7 +3,12 @@
  * put() writes a temporary file in `ROOT/.tmp/`, makes it durable (fdatasync), then renames it over the key: a
  * reader or a crash sees the old object or the new one, never part of one. Directory entries become durable at
  * sync() (or at once with `{ sync: true }`), so a backup pays one directory fsync per directory, not per chunk.
+ * A `deferred` put (chunks) is staged instead: this process reads it at once under its key, but it takes its
+ * place only at the next sync(), after the data of the whole batch is durable (one syncfs of the file system,
+ * per-file fdatasync where syncfs is missing). A crash leaves only temporary files (sweepTemporary removes
+ * them), never a torn object under a key — so a later backup can never deduplicate against a damaged chunk.
  */
+import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdir, open, readdir, rename, stat, unlink } from 'node:fs/promises';
 import path from 'node:path';
@@ -11,12 +16,17 @@ import { TidemarkError, fromSystemError } from '../errors.js';
 import { checkKey, checkPrefix, type Backend, type GetOptions, type ObjectInfo, type PutOptions } from './backend.js';
 
 const TMP = '.tmp';
+/** Staged objects made durable and put in place together once this many wait (bounds memory and loss). */
+const MAX_STAGED = 4096;
 
 export class LocalBackend implements Backend {
   readonly location: string;
   private readonly tmpDir: string;
   private readonly knownDirs = new Set<string>();
   private dirtyDirs = new Set<string>();
+  /** key → temporary file written but not yet durable nor in place. */
+  private staged = new Map<string, string>();
+  private syncing: Promise<void> | undefined;
 
   constructor(root: string) {
     this.location = path.resolve(root);
@@ -29,7 +39,7 @@ export class LocalBackend implements Backend {
   }
 
   async get(key: string, opts: GetOptions = {}): Promise<Buffer> {
-    const file = this.pathOf(key);
+    const file = this.staged.get(key) ?? this.pathOf(key);
     let fh;
     try {
       fh = await open(file, 'r');
@@ -64,10 +74,9 @@ export class LocalBackend implements Backend {
 
   async put(key: string, data: Uint8Array, opts: PutOptions = {}): Promise<void> {
     const file = this.pathOf(key);
-    const dir = path.dirname(file);
-    await this.ensureDir(dir);
     await this.ensureDir(this.tmpDir);
     const tmp = path.join(this.tmpDir, `${randomBytes(12).toString('hex')}.tmp`);
+    const deferred = opts.deferred === true && !opts.sync;
     try {
       const fh = await open(tmp, 'wx', 0o600);
       try {
@@ -76,21 +85,41 @@ export class LocalBackend implements Backend {
           const { bytesWritten } = await fh.write(data, done, data.length - done, done);
           done += bytesWritten;
         }
-        await fh.datasync();
+        if (!deferred) await fh.datasync();
       } finally {
         await fh.close();
       }
-      await rename(tmp, file);
+      if (!deferred) {
+        await this.ensureDir(path.dirname(file));
+        await rename(tmp, file);
+      }
     } catch (err) {
       await unlink(tmp).catch(() => undefined);
       throw fromSystemError(err, 'write', path.join(this.location, key));
     }
-    this.dirtyDirs.add(dir);
+    if (deferred) {
+      const previous = this.staged.get(key);
+      this.staged.set(key, tmp);
+      if (previous) await unlink(previous).catch(() => undefined);
+      if (this.staged.size >= MAX_STAGED) await this.sync();
+      return;
+    }
+    const previous = this.staged.get(key);
+    if (previous) {
+      this.staged.delete(key);
+      await unlink(previous).catch(() => undefined);
+    }
+    this.dirtyDirs.add(path.dirname(file));
     if (opts.sync) await this.sync();
   }
 
   async delete(key: string): Promise<void> {
     const file = this.pathOf(key);
+    const staged = this.staged.get(key);
+    if (staged) {
+      this.staged.delete(key);
+      await unlink(staged).catch(() => undefined);
+    }
     try {
       await unlink(file);
     } catch (err) {
@@ -105,7 +134,7 @@ export class LocalBackend implements Backend {
   }
 
   async stat(key: string): Promise<ObjectInfo | null> {
-    const file = this.pathOf(key);
+    const file = this.staged.get(key) ?? this.pathOf(key);
     try {
       const st = await stat(file);
       return st.isFile() ? { key, size: st.size, mtimeMs: st.mtimeMs } : null;
@@ -120,7 +149,16 @@ export class LocalBackend implements Backend {
     checkPrefix(prefix);
     const slash = prefix.lastIndexOf('/');
     const base = slash < 0 ? '' : prefix.slice(0, slash);
-    yield* this.walk(base, prefix);
+    const seen = new Set<string>();
+    for (const [key, tmp] of [...this.staged]) {
+      if (!key.startsWith(prefix)) continue;
+      const info = await stat(tmp).catch(() => undefined);
+      if (info) {
+        seen.add(key);
+        yield { key, size: info.size, mtimeMs: info.mtimeMs };
+      }
+    }
+    for await (const info of this.walk(base, prefix)) if (!seen.has(info.key)) yield info;
   }
 
   private async *walk(dirKey: string, prefix: string): AsyncIterable<ObjectInfo> {
@@ -147,6 +185,28 @@ export class LocalBackend implements Backend {
   }
 
   async sync(): Promise<void> {
+    // One sync at a time; a caller arriving during one waits and then syncs what it staged.
+    while (this.syncing) await this.syncing;
+    this.syncing = this.syncNow().finally(() => (this.syncing = undefined));
+    return this.syncing;
+  }
+
+  private async syncNow(): Promise<void> {
+    const batch = [...this.staged];
+    if (batch.length > 0) {
+      await this.makeDurable(batch.map(([, tmp]) => tmp));
+      for (const [key, tmp] of batch) {
+        const file = this.pathOf(key);
+        await this.ensureDir(path.dirname(file));
+        try {
+          await rename(tmp, file);
+        } catch (err) {
+          throw fromSystemError(err, 'write', file);
+        }
+        if (this.staged.get(key) === tmp) this.staged.delete(key);
+        this.dirtyDirs.add(path.dirname(file));
+      }
+    }
     const dirs = [...this.dirtyDirs];
     this.dirtyDirs = new Set();
     for (const d of dirs) {
@@ -161,6 +221,31 @@ export class LocalBackend implements Backend {
         if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue;
         throw fromSystemError(err, 'flush', d);
       }
+    }
+  }
+
+  /** The data of these files durable: syncfs of the file system (coreutils `sync -f`), else each file. */
+  private async makeDurable(files: string[]): Promise<void> {
+    if (files.length > 8) {
+      const ok = await new Promise<boolean>((resolve) => execFile('sync', ['-f', this.tmpDir], (err) => resolve(!err)));
+      if (ok) return;
+    }
+    let next = 0;
+    const worker = async () => {
+      while (next < files.length) {
+        const f = files[next++];
+        const fh = await open(f, 'r+');
+        try {
+          await fh.datasync();
+        } finally {
+          await fh.close();
+        }
+      }
+    };
+    try {
+      await Promise.all(Array.from({ length: Math.min(16, files.length) }, worker));
+    } catch (err) {
+      throw fromSystemError(err, 'flush', this.tmpDir);
     }
   }
 

@@ -1119,7 +1119,7 @@ export class BackupSession {
       const key = chunkKey(id);
       if (await repo.backend.exists(key)) return { id, isNew: false, storedBytes: 0 };
       const sealed = await repo.seal('chunk', key, plaintext);
-      await repo.backend.put(key, sealed);
+      await repo.backend.put(key, sealed, { deferred: true });
       return { id, isNew: true, storedBytes: sealed.length };
     })();
     this.inflight.set(id, work);
@@ -1234,6 +1234,8 @@ export class BackupSession {
 
   private async end(): Promise<void> {
     this.onEnd();
+    // Staged chunks take their place before the lock goes (an aborted session's are orphans gc may then remove).
+    await this.repository.backend.sync().catch(() => undefined);
     await this.lock.release();
   }
 }
