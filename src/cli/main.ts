@@ -1,9 +1,14 @@
 /** The `tidemark` command: one Commander program, one exit status per outcome (docs/cli.md). */
 import { Command, CommanderError } from 'commander';
+import { backupCommand, restoreCommand } from './backup.js';
 import { demoCommand } from './demo.js';
+import { quickstartCommand } from './quickstart.js';
+import { guestAgentCommand } from './guest-agent.js';
 import { checkpointCommand, diskCommand, hostCommand, refpointCommand, vmCommand } from './host.js';
+import { nbdCommand } from './nbd.js';
 import { EXIT, reportError } from './output.js';
 import { rctCommand } from './rct.js';
+import { repoCommands } from './repo.js';
 import { vhdxCommand } from './vhdx.js';
 
 export async function main(argv: string[]): Promise<number> {
@@ -26,12 +31,18 @@ export async function main(argv: string[]): Promise<number> {
     .exitOverride();
   program.addCommand(vhdxCommand(run));
   program.addCommand(rctCommand(run));
+  program.addCommand(nbdCommand(run));
   program.addCommand(demoCommand(run));
+  program.addCommand(guestAgentCommand(run));
   program.addCommand(hostCommand(run));
   program.addCommand(vmCommand(run));
   program.addCommand(checkpointCommand(run));
   program.addCommand(refpointCommand(run));
   program.addCommand(diskCommand(run));
+  for (const c of repoCommands(run)) program.addCommand(c);
+  program.addCommand(backupCommand(run));
+  program.addCommand(restoreCommand(run));
+  program.addCommand(quickstartCommand(run));
   // Usage errors look like every other error: one line, `tidemark: INVALID_ARGUMENT: ...`, exit 2.
   const output = {
     writeErr: (s: string) => process.stderr.write(s),

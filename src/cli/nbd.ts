@@ -1,0 +1,138 @@
+/** `tidemark nbd serve`: serve VHDX disks to NBD clients until SIGINT or SIGTERM. */
+import path from 'node:path';
+import { Command } from 'commander';
+import { openVirtualDisk, type VirtualDisk } from '../disk/virtual-disk.js';
+import { InvalidArgumentError } from '../errors.js';
+import { NbdServer, type NbdAddress } from '../nbd/index.js';
+import { printJson, println } from './output.js';
+
+type Run = (fn: () => Promise<number | void>) => Promise<void>;
+
+const DEFAULT_PORT = 10809;
+
+interface ServeOptions {
+  socket?: string;
+  port?: string;
+  bind?: string;
+  readOnly?: boolean;
+  allowDir?: string[];
+  map?: string[];
+  json?: boolean;
+}
+
+function collect(value: string, previous: string[] = []): string[] {
+  return [...previous, value];
+}
+
+export function nbdCommand(run: Run): Command {
+  const nbd = new Command('nbd').description('serve virtual disks over NBD (QEMU, qemu-io, nbdcopy, nbdinfo...)');
+  nbd
+    .command('serve')
+    .description(
+      'export each DISK as NAME (its file name without extension) until SIGINT/SIGTERM; prints one URI per export',
+    )
+    .argument('<disk...>')
+    .option('--socket <path>', 'listen on this unix socket')
+    .option('--port <n>', `listen on this TCP port (default ${DEFAULT_PORT} when there is no --socket)`)
+    .option('--bind <addr>', 'the TCP address to listen on (default 127.0.0.1)')
+    .option('--read-only', 'refuse writes')
+    .option(
+      '--allow-dir <dir>',
+      "a directory parent disks may be opened from (repeatable; default: the disk's own directory)",
+      collect,
+    )
+    .option('--map <prefix=dir>', 'map a Windows drive, volume or share to a directory (repeatable)', collect)
+    .option('--json', 'print the exports as JSON')
+    .action((disks: string[], o: ServeOptions) => run(() => serve(disks, o)));
+  return nbd;
+}
+
+function listenOptions(o: ServeOptions): { socket?: string; port?: number; host?: string } {
+  if (o.socket !== undefined) {
+    if (o.port !== undefined || o.bind !== undefined) {
+      throw new InvalidArgumentError('--socket cannot be combined with --port or --bind');
+    }
+    return { socket: path.resolve(o.socket) };
+  }
+  let port = DEFAULT_PORT;
+  if (o.port !== undefined) {
+    port = Number(o.port);
+    if (!/^\d+$/.test(o.port) || port > 65535) throw new InvalidArgumentError(`--port ${o.port} is not a TCP port`);
+  }
+  return { port, host: o.bind ?? '127.0.0.1' };
+}
+
+function exportNames(disks: string[]): string[] {
+  const names = disks.map((d) => path.parse(d).name);
+  names.forEach((n, i) => {
+    const j = names.indexOf(n);
+    if (j !== i) throw new InvalidArgumentError(`${disks[j]} and ${disks[i]} would both be exported as "${n}"`);
+  });
+  return names;
+}
+
+function openOptions(o: ServeOptions, disk: string): { allowedRoots?: string[]; pathMap: Record<string, string> } {
+  const pathMap: Record<string, string> = {};
+  for (const m of o.map ?? []) {
+    const eq = m.indexOf('=');
+    if (eq <= 0) throw new InvalidArgumentError(`--map ${m}: expected PREFIX=DIR, e.g. D:=/mnt/d`);
+    pathMap[m.slice(0, eq)] = path.resolve(m.slice(eq + 1));
+  }
+  const allowedRoots = o.allowDir
+    ? [path.dirname(path.resolve(disk)), ...o.allowDir.map((d) => path.resolve(d))]
+    : undefined;
+  return { allowedRoots, pathMap };
+}
+
+/** Resolves on the first SIGINT or SIGTERM. */
+function untilSignal(): { stopped: Promise<string>; dispose: () => void } {
+  let dispose = () => {};
+  const stopped = new Promise<string>((resolve) => {
+    const on = (sig: string) => () => resolve(sig);
+    const int = on('SIGINT');
+    const term = on('SIGTERM');
+    process.once('SIGINT', int);
+    process.once('SIGTERM', term);
+    dispose = () => {
+      process.off('SIGINT', int);
+      process.off('SIGTERM', term);
+    };
+  });
+  return { stopped, dispose };
+}
+
+async function serve(disks: string[], o: ServeOptions): Promise<number> {
+  const where = listenOptions(o);
+  const names = exportNames(disks);
+  const signal = untilSignal();
+  const opened: VirtualDisk[] = [];
+  const server = new NbdServer();
+  try {
+    for (const disk of disks) {
+      opened.push(await openVirtualDisk(disk, { readOnly: !!o.readOnly, ...openOptions(o, disk) }));
+    }
+    opened.forEach((d, i) => server.addExport(names[i], d, { description: path.basename(disks[i]) }));
+    const address: NbdAddress = await server.listen(where);
+    const exports = opened.map((d, i) => ({
+      name: names[i],
+      uri: server.uri(names[i], address),
+      path: path.resolve(disks[i]),
+      size: d.size,
+      readOnly: d.readOnly,
+    }));
+    if (o.json) printJson({ address, exports });
+    else for (const e of exports) println(`${e.name}\t${e.uri}`);
+    process.stderr.write(`tidemark: serving ${exports.length} export(s); SIGINT or SIGTERM stops\n`);
+    const sig = await signal.stopped;
+    process.stderr.write(`tidemark: ${sig}: finishing requests in flight, flushing and closing the disks\n`);
+  } finally {
+    signal.dispose();
+    // Stop accepting, let requests in flight finish, then make every disk durable and close it.
+    await server.close();
+    for (const d of opened) {
+      await d.flush().catch(() => undefined);
+      await d.close();
+    }
+  }
+  return 0;
+}

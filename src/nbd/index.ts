@@ -1,0 +1,17 @@
+/** Tidemark's NBD server: exports BlockDevices to NBD clients (QEMU, qemu-io, nbdcopy, nbdinfo, the kernel). */
+export {
+  NbdServer,
+  nbdUri,
+  type ConnectionInfo,
+  type ExportInfo,
+  type ExportOptions,
+  type NbdAddress,
+  type NbdListenOptions,
+  type NbdServerOptions,
+  type NbdStats,
+} from './server.js';
+export type { NbdEvent } from './connection.js';
+export { NbdProtocolError, nbdErrorFor } from './errors.js';
+/** The wire format (constants and encode/decode pairs), for clients and tests. */
+export * as protocol from './protocol.js';
+export { ByteQueue } from './parser.js';
