@@ -45,6 +45,8 @@ export interface BlockDevice {
   readonly preferredBlockSize: number;
 
   read(offset: number, length: number): Promise<Buffer>;
+  /** Reads into the caller's buffer (lets a server reuse its buffers); optional. */
+  readInto?(dst: Uint8Array, offset: number): Promise<void>;
   write(offset: number, data: Uint8Array, opts?: WriteOptions): Promise<void>;
   /** Every write acknowledged before this call is durable when it resolves. */
   flush(): Promise<void>;

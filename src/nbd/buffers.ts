@@ -12,6 +12,8 @@ const MAX_RETAINED = 64 * 1024 * 1024;
 export class BufferPool {
   private readonly free: Buffer[][] = [];
   private retained = 0;
+  /** Buffers allocated because none of their class was free (a measure of the pool's hit rate). */
+  allocated = 0;
   /** The memory this pool handed out: nothing else is ever taken back. */
   private readonly mine = new WeakSet<ArrayBufferLike>();
 
@@ -28,6 +30,7 @@ export class BufferPool {
     else {
       b = Buffer.allocUnsafeSlow(2 ** c);
       this.mine.add(b.buffer);
+      this.allocated++;
     }
     return b.subarray(0, length);
   }

@@ -26,7 +26,9 @@ import { openExport, RawClient, sleep } from './raw-client.js';
 const MiB = 2 ** 20;
 const SIZE = 64 * MiB;
 const SEED = seedFrom('TIDEMARK_NBD_SEED', 9001);
-console.log(`nbd interop seed ${SEED} (set TIDEMARK_NBD_SEED to replay)`);
+/** qemu-io operations in the pattern test (TIDEMARK_NBD_CASES for long runs). */
+const CASES = Number(process.env.TIDEMARK_NBD_CASES ?? 60);
+console.log(`nbd interop seed ${SEED}, ${CASES} cases (set TIDEMARK_NBD_SEED / TIDEMARK_NBD_CASES to replay)`);
 
 const peers = requirePeers('qemu-io', 'qemu-img', 'nbdinfo', 'nbdcopy');
 
@@ -153,7 +155,7 @@ describe.skipIf(peers.skip)(`NBD interop with QEMU and libnbd (seed ${SEED})`, (
     const srv = await serve([{ name: 'disk', device: disk }]);
     const r = rng(SEED);
     const cmds: string[] = [];
-    for (let i = 0; i < 60; i++) {
+    for (let i = 0; i < CASES; i++) {
       const kind = r.int(10);
       const len = 1 + r.int(300 * 1024);
       const off = r.int(SIZE - len);

@@ -12,6 +12,7 @@ import * as P from '../../src/nbd/protocol.js';
 import { rng, seedFrom } from '../helpers/random.js';
 
 const SEED = seedFrom('TIDEMARK_NBD_SEED', 4242);
+const TRIALS = Number(process.env.TIDEMARK_NBD_CASES ?? 50);
 
 describe('handshake and options', () => {
   it('greeting: NBDMAGIC IHAVEOPT flags', () => {
@@ -219,7 +220,7 @@ describe('ClientParser', () => {
     return [...negotiation, ...feed(p, requests, pieces(requests.length))];
   }
 
-  it('yields the same messages whole, byte by byte, and in random pieces', () => {
+  it(`yields the same messages whole, byte by byte, and in random pieces (seed ${SEED})`, () => {
     const whole = parseAll((n) => [n]);
     expect(whole.map((m) => m.type)).toEqual(['clientFlags', 'option', 'option', 'request', 'request', 'request']);
     const write = whole[4] as Extract<ClientMessage, { type: 'request' }>;
@@ -227,7 +228,7 @@ describe('ClientParser', () => {
     expect(write.data!.equals(Buffer.alloc(1000, 7))).toBe(true);
     expect(parseAll((n) => Array(n).fill(1))).toEqual(whole);
     const r = rng(SEED);
-    for (let trial = 0; trial < 50; trial++) {
+    for (let trial = 0; trial < TRIALS; trial++) {
       const cut = (n: number) => {
         const out: number[] = [];
         for (let left = n; left > 0;) {
