@@ -61,6 +61,11 @@ export class VirtualDisk implements BlockDevice {
   private closed = false;
   /** Blocks of the head written while an online merge copies it (they are copied again). */
   private mergeDirty: Set<number> | undefined;
+  /**
+   * The next checkpoint's child, opened over the live head (its parent is this very head instance) so the
+   * switch re-opens nothing; `prepared` once its tracker seal recorded it.
+   */
+  private staged: { path: string; file: VhdxFile; prepared: boolean } | undefined;
 
   private constructor(
     private head: VhdxFile,
@@ -233,7 +238,9 @@ export class VirtualDisk implements BlockDevice {
     await this.gate.pause();
   }
 
+  /** Ends a pause. A child prepared but not switched to is given up (the checkpoint was abandoned). */
   resume(): void {
+    if (this.staged?.prepared) void this.dropStaged();
     this.gate.resume();
   }
 
@@ -251,24 +258,26 @@ export class VirtualDisk implements BlockDevice {
   }
 
   /**
-   * Creates `childPath` over the current head while I/O still runs (the slow part of a checkpoint). The
-   * head's DataWriteGuid is installed first, so the child's parent_linkage stays right whatever is written
-   * until the cut. `prepareChild` then only flushes and seals inside the pause.
+   * Creates `childPath` over the current head while I/O still runs (the slow part of a checkpoint) and
+   * opens it over this very head instance. The head's DataWriteGuid is installed first, so the child's
+   * parent_linkage stays right whatever is written until the cut. `prepareChild` then only flushes and
+   * seals inside the pause, and `switchHead` re-opens nothing.
    */
   async precreateChild(childPath: string, opts: { blockSize?: number } = {}): Promise<void> {
     this.assertOpen();
     this.checkWritable();
+    await this.dropStaged();
     await this.head.markDataChanged();
-    await createVhdx(childPath, {
-      parent: this.head.path,
-      blockSize: opts.blockSize ?? DEFAULT_CHILD_BLOCK_SIZE,
-      parentOpenOptions: { allowedRoots: this.opts.allowedRoots, pathMap: this.opts.pathMap },
-    });
+    await this.createChild(childPath, opts);
+    await this.stageChild(childPath);
+    // What the guest wrote so far is committed now, while it still writes: the pause has less to flush.
+    await this.head.flush();
   }
 
   /**
-   * With I/O paused: flushes the head, seals its id and (unless `precreateChild` made it) creates
-   * `childPath` over it, without switching onto it yet (the host records the checkpoint durably first).
+   * With I/O paused: (unless `precreateChild` made it) creates `childPath` over the head; then flushes the
+   * head, leaves its log clean and seals its id, recording the child's first DataWriteGuid in the same
+   * tracker persist. The head stays the head until `switchHead` (the host records the checkpoint first).
    */
   async prepareChild(
     childPath: string,
@@ -277,21 +286,49 @@ export class VirtualDisk implements BlockDevice {
     this.assertPaused();
     this.checkWritable();
     const parentPath = this.head.path;
-    await this.head.flush();
-    const id = this.tracker ? await this.tracker.seal() : undefined;
-    if (!opts.precreated) {
-      await createVhdx(childPath, {
-        parent: parentPath,
-        blockSize: opts.blockSize ?? DEFAULT_CHILD_BLOCK_SIZE,
-        parentOpenOptions: { allowedRoots: this.opts.allowedRoots, pathMap: this.opts.pathMap },
-      });
+    if (this.staged?.path !== path.resolve(childPath)) {
+      if (!opts.precreated) {
+        // As in precreateChild: the DataWriteGuid the child links to is the head's last one.
+        await this.head.markDataChanged();
+        await this.createChild(childPath, opts);
+      }
+      await this.stageChild(childPath);
     }
+    const staged = this.staged!;
+    let id: string | undefined;
+    if (this.tracker) id = await this.tracker.sealForChild(staged.file);
+    else await this.head.flush({ cleanLog: true });
+    staged.prepared = true;
     return { id, parentPath };
   }
 
-  /** With I/O paused: closes the head cleanly and continues on `filePath` (a child of it, or its parent). */
+  /**
+   * With I/O paused: continues on `filePath`, a child of the head or its parent. The child that
+   * `precreateChild`/`prepareChild` opened is switched to in place: the head is retired into its read-only
+   * parent and the tracker moves onto it, no file re-opened. Any other path: the head is closed cleanly
+   * and `filePath` opened with its chain.
+   */
   async switchHead(filePath: string): Promise<void> {
     this.assertPaused();
+    const staged = this.staged;
+    if (staged && staged.path === path.resolve(filePath)) {
+      this.staged = undefined;
+      try {
+        await this.head.retire();
+        await this.tracker?.moveTo(staged.file);
+      } catch (err) {
+        // Neither head can be trusted to be consistent in memory: give up as a crash would; a re-open recovers.
+        this.closed = true;
+        staged.file.parent = undefined;
+        await staged.file.abandon().catch(() => undefined);
+        await this.tracker?.abandon().catch(() => undefined);
+        await this.head.abandon().catch(() => undefined);
+        throw err;
+      }
+      this.head = staged.file;
+      return;
+    }
+    await this.dropStaged();
     await this.head.close();
     try {
       const next = await openHead(filePath, this.opts);
@@ -312,6 +349,7 @@ export class VirtualDisk implements BlockDevice {
   async mergeHeadOnline(opts: OnlineMergeOptions = {}): Promise<OnlineMergeResult> {
     this.assertOpen();
     this.checkWritable();
+    await this.dropStaged();
     const child = this.head;
     if (!child.parent || !child.parentLink) {
       throw new TidemarkError('INVALID_ARGUMENT', `${child.path} is not a differencing disk: nothing to merge`);
@@ -453,6 +491,7 @@ export class VirtualDisk implements BlockDevice {
     if (this.closed) return;
     await this.gate.pause();
     this.closed = true;
+    await this.dropStaged();
     await this.head.close();
   }
 
@@ -460,8 +499,43 @@ export class VirtualDisk implements BlockDevice {
   async abandon(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    await this.dropStaged({ abandon: true });
     await this.tracker?.abandon();
     await this.head.abandon();
+  }
+
+  // ---------------------------------------------------------------- the staged child
+
+  private createChild(childPath: string, opts: { blockSize?: number }): Promise<void> {
+    return createVhdx(childPath, {
+      parent: this.head.path,
+      blockSize: opts.blockSize ?? DEFAULT_CHILD_BLOCK_SIZE,
+      parentOpenOptions: { allowedRoots: this.opts.allowedRoots, pathMap: this.opts.pathMap },
+    });
+  }
+
+  /** Opens `childPath` over the live head instance (it must link to the head's current DataWriteGuid). */
+  private async stageChild(childPath: string): Promise<void> {
+    await this.dropStaged();
+    const file = await VhdxFile.open(childPath, {
+      writable: true,
+      parent: this.head,
+      allowedRoots: this.opts.allowedRoots,
+      pathMap: this.opts.pathMap,
+      openFile: this.opts.openFile,
+    });
+    this.staged = { path: path.resolve(childPath), file, prepared: false };
+  }
+
+  /** Closes a staged child that will not be switched to; the head (its parent) stays open and ours. */
+  private async dropStaged(opts: { abandon?: boolean } = {}): Promise<void> {
+    const staged = this.staged;
+    if (!staged) return;
+    this.staged = undefined;
+    this.tracker?.cancelChild(staged.file);
+    staged.file.parent = undefined;
+    if (opts.abandon) await staged.file.abandon().catch(() => undefined);
+    else await staged.file.close().catch(() => undefined);
   }
 
   // ---------------------------------------------------------------- helpers

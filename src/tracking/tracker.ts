@@ -98,9 +98,11 @@ export class ChangeTracker implements WriteObserver {
   private sessionMarked = new Set<number>();
   private mrtSequence = 0n;
   private closed = false;
+  /** A child whose first DataWriteGuid `sealForChild` recorded as pending, and the pending it replaced. */
+  private preparedChild: { disk: VhdxFile; previous: Binding | null } | undefined;
 
   private constructor(
-    readonly disk: VhdxFile,
+    private head: VhdxFile,
     readonly paths: { rct: string; mrt: string },
     private header: RctHeader,
     private map: Uint32Array,
@@ -108,6 +110,11 @@ export class ChangeTracker implements WriteObserver {
     private rct: NodeFile | undefined,
     private mrt: NodeFile | undefined,
   ) {}
+
+  /** The tracked disk: the head of the chain, whose changes are recorded. */
+  get disk(): VhdxFile {
+    return this.head;
+  }
 
   get granularity(): number {
     return this.header.granularity;
@@ -344,6 +351,78 @@ export class ChangeTracker implements WriteObserver {
       await this.persist();
       return formatId(this.header.epoch, id);
     });
+  }
+
+  /**
+   * `seal()` for a checkpoint that will continue on `child` (a new, unwritten differencing disk opened over
+   * the tracked disk; I/O paused). The same persist records, as pending, the DataWriteGuid the child's first
+   * write will install, so the switch (`moveTo`) needs no I/O; the disk's log is left clean meanwhile. A
+   * crash from here on finds the old head bound (binding) or the child written under tracking (pending);
+   * an unwritten child over the bound head is accepted by `checkBinding` as before.
+   */
+  async sealForChild(child: VhdxFile): Promise<string> {
+    this.assertWritable();
+    if (child.parent !== this.head)
+      throw new TidemarkError('INVALID_ARGUMENT', `${child.path} is not a child of ${this.head.path}`);
+    // The head's DataWriteGuid of this session goes in first (no I/O when a write already did it): should
+    // the checkpoint be abandoned and the head written on, no write installs one the tracker did not record.
+    await this.head.markDataChanged();
+    return this.head.flushAndHold(
+      async () => {
+        if (!child.linksToParent())
+          throw new TidemarkError('PARENT_MISMATCH', `${child.path} no longer matches ${this.head.path}`);
+        const next: Binding = { head: path.basename(child.path), dataWriteGuid: newGuid() };
+        child.setNextDataWriteGuid(next.dataWriteGuid);
+        const id = this.header.counter;
+        const previous = this.header.pending;
+        this.header.counter++;
+        this.header.lastSealAt = Date.now();
+        this.header.binding = currentBinding(this.head);
+        this.header.pending = next;
+        await this.persist();
+        this.preparedChild = { disk: child, previous };
+        return formatId(this.header.epoch, id);
+      },
+      { cleanLog: true },
+    );
+  }
+
+  /**
+   * Continues tracking on `child`, a differencing disk over the tracked disk, once the old head is retired
+   * (read-only: nothing can change it unseen) and before anything writes the child. Unless `sealForChild`
+   * recorded the child already, one persist records binding = the old head and pending = the child's first
+   * DataWriteGuid, before that write can happen.
+   */
+  async moveTo(child: VhdxFile): Promise<void> {
+    this.assertWritable();
+    const old = this.head;
+    if (child.parent !== old)
+      throw new TidemarkError('INVALID_ARGUMENT', `${child.path} is not a child of ${old.path}`);
+    if (old.writable) throw new TidemarkError('INVALID_ARGUMENT', `retire ${old.path} before tracking moves off it`);
+    if (!child.linksToParent())
+      throw new TidemarkError('PARENT_MISMATCH', `${child.path} no longer matches ${old.path}`);
+    if (child.observer)
+      throw new TidemarkError('INVALID_ARGUMENT', `a change tracker is already attached to ${child.path}`);
+    const prepared = this.preparedChild?.disk === child;
+    this.preparedChild = undefined;
+    if (!prepared) {
+      const next: Binding = { head: path.basename(child.path), dataWriteGuid: newGuid() };
+      child.setNextDataWriteGuid(next.dataWriteGuid);
+      this.header.binding = currentBinding(old);
+      this.header.pending = next;
+      await this.persist();
+    }
+    if (old.observer === this) old.observer = undefined;
+    this.head = child;
+    child.observer = this;
+  }
+
+  /** Forgets a child `sealForChild` recorded that will not be switched to (the checkpoint was abandoned). */
+  cancelChild(child: VhdxFile): void {
+    if (this.preparedChild?.disk !== child) return;
+    // In memory only: the persisted pending names a child nobody will write, which accepts nothing else.
+    this.header.pending = this.preparedChild.previous;
+    this.preparedChild = undefined;
   }
 
   /** Called by the disk after a clean close: the map is persisted and the tracker marked not in use. */

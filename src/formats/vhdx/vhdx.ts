@@ -3,6 +3,7 @@
  * write, trim, write-zeroes and flush. Every BAT, sector-bitmap and metadata change goes through the
  * metadata log at flush time (entry, flush, apply); payload data is written in place.
  */
+import { realpath } from 'node:fs/promises';
 import path from 'node:path';
 import { TidemarkError, VhdxCorruptError } from '../../errors.js';
 import { NodeFile, PatchedFile, type RandomAccessFile } from '../../util/file.js';
@@ -95,6 +96,13 @@ export interface OpenOptions {
    * so a chain is read as it was at the snapshot's instant.
    */
   openFile?: (path: string, writable: boolean) => Promise<RandomAccessFile>;
+  /**
+   * An open disk to use as the parent instead of opening the file the locator leads to (that file must be
+   * this disk's): a checkpoint opens its new child over the live head. Its DataWriteGuid, virtual size and
+   * logical sector size are checked as for a parent opened from disk. The child owns it from then on
+   * (closing the child closes it); the caller retires it (`retire`) before the child is written.
+   */
+  parent?: VhdxFile;
 }
 
 /** Told about every guest-visible change before it is issued to the file (the change tracker hooks in here). */
@@ -130,7 +138,6 @@ export interface Extent {
 
 export class VhdxFile {
   readonly path: string;
-  readonly writable: boolean;
   readonly identifier: FileIdentifier;
   /** Both header slots as decoded (a string says why a slot is invalid). */
   readonly headerSlots: [VhdxHeader | string, VhdxHeader | string];
@@ -153,6 +160,7 @@ export class VhdxFile {
   parentLink: ParentLink | undefined;
   observer: WriteObserver | undefined;
 
+  private canWrite: boolean;
   private file: RandomAccessFile;
   private headerState: HeaderState;
   private cache: MetaCache;
@@ -187,7 +195,7 @@ export class VhdxFile {
     fileWriteGuidChanged: boolean;
   }) {
     this.path = init.path;
-    this.writable = init.writable;
+    this.canWrite = init.writable;
     this.file = init.file;
     this.identifier = init.identifier;
     this.headerSlots = init.headerSlots;
@@ -235,6 +243,8 @@ export class VhdxFile {
     let disk: VhdxFile | undefined;
     try {
       disk = await VhdxFile.decode(filePath, base, writable);
+      if (opts.parent && !disk.params.hasParent)
+        throw new TidemarkError('INVALID_ARGUMENT', `${filePath} is not a differencing disk: it takes no parent`);
       if (disk.params.hasParent && !opts.noParent) {
         if (depth + 1 >= MAX_CHAIN_DEPTH) {
           throw new VhdxCorruptError(
@@ -243,7 +253,8 @@ export class VhdxFile {
             `chain deeper than ${MAX_CHAIN_DEPTH} disks (a locator loop?)`,
           );
         }
-        await disk.attachParent(opts, roots, depth);
+        if (opts.parent) await disk.adoptParent(opts.parent, opts, roots);
+        else await disk.attachParent(opts, roots, depth);
       }
       if (writable) {
         await disk.scanFileEnd();
@@ -251,6 +262,8 @@ export class VhdxFile {
       }
       return disk;
     } catch (err) {
+      // A parent the caller gave stays the caller's.
+      if (disk && opts.parent && disk.parent === opts.parent) disk.parent = undefined;
       if (disk) await disk.closeFiles().catch(() => undefined);
       else await base.close().catch(() => undefined);
       throw err;
@@ -529,7 +542,7 @@ export class VhdxFile {
       }
       let parent: VhdxFile;
       try {
-        parent = await VhdxFile.openInChain(r.path, { ...opts, writable: false }, roots, depth + 1);
+        parent = await VhdxFile.openInChain(r.path, { ...opts, writable: false, parent: undefined }, roots, depth + 1);
       } catch (err) {
         // Not a readable file (a directory, a device): try the next candidate. A damaged VHDX is reported.
         if (!(err instanceof TidemarkError) || (err.code !== 'IO_ERROR' && err.code !== 'NOT_FOUND')) throw err;
@@ -571,6 +584,64 @@ export class VhdxFile {
       );
     }
     throw new TidemarkError('PARENT_NOT_FOUND', `parent of ${this.path} not found: ${list}`, { tried });
+  }
+
+  /**
+   * Takes an open disk as the parent (see `OpenOptions.parent`): the locator must lead to its file, and it
+   * must match as a parent opened from disk would (DataWriteGuid), with the same size and sector size.
+   */
+  private async adoptParent(given: VhdxFile, opts: OpenOptions, roots: string[]): Promise<void> {
+    given.assertOpen();
+    if (given.chain().length + 1 > MAX_CHAIN_DEPTH) {
+      throw new VhdxCorruptError('parent locator', undefined, `chain deeper than ${MAX_CHAIN_DEPTH} disks`);
+    }
+    const loc = this.parentLocator!;
+    const linkage = parseLinkage(locatorGet(loc, 'parent_linkage'))!;
+    const linkage2 = parseLinkage(locatorGet(loc, 'parent_linkage2'));
+    let givenReal: string;
+    try {
+      givenReal = await realpath(given.path);
+    } catch {
+      throw new TidemarkError('PARENT_NOT_FOUND', `parent of ${this.path}: ${given.path} no longer exists`);
+    }
+    const tried: ParentLink['tried'] = [];
+    for (const c of parentCandidates(this.path, loc, { allowedRoots: roots, pathMap: opts.pathMap })) {
+      if (!c.hostPath) {
+        tried.push({ key: c.key, value: c.value, outcome: 'no host mapping' });
+        continue;
+      }
+      const r = await resolveInsideRoots(c.hostPath, roots);
+      if ('problem' in r) {
+        tried.push({ key: c.key, value: c.value, hostPath: c.hostPath, outcome: r.problem });
+        continue;
+      }
+      if (r.path !== givenReal) {
+        tried.push({ key: c.key, value: c.value, hostPath: r.path, outcome: 'not the given parent' });
+        continue;
+      }
+      const dwg = given.header.dataWriteGuid;
+      if (!guidEquals(dwg, linkage) && !(linkage2 && guidEquals(dwg, linkage2))) {
+        throw new TidemarkError(
+          'PARENT_MISMATCH',
+          `parent of ${this.path}: ${given.path} has DataWriteGuid ${formatLinkage(dwg)}, the locator expects ${formatLinkage(linkage)}${linkage2 ? ` or ${formatLinkage(linkage2)}` : ''}`,
+        );
+      }
+      if (given.logicalSectorSize !== this.logicalSectorSize || given.virtualSize !== this.virtualSize) {
+        throw new VhdxCorruptError(
+          'parent locator',
+          undefined,
+          `parent ${given.path} (${given.virtualSize} bytes, ${given.logicalSectorSize}-byte sectors) does not match this disk (${this.virtualSize} bytes, ${this.logicalSectorSize}-byte sectors)`,
+          'PARENT_MISMATCH',
+        );
+      }
+      tried.push({ key: c.key, value: c.value, hostPath: r.path, outcome: 'opened' });
+      this.parent = given;
+      this.parentLink = { path: r.path, foundBy: c.key, tried };
+      return;
+    }
+    const list = tried.map((t) => `${t.key}=${JSON.stringify(t.value)} (${t.outcome})`).join('; ');
+    const message = `parent of ${this.path}: no locator entry leads to ${given.path}: ${list}`;
+    throw new TidemarkError('PARENT_NOT_FOUND', message, { tried });
   }
 
   /**
@@ -631,6 +702,11 @@ export class VhdxFile {
     return this.headerState.header;
   }
 
+  /** Open for writing (false from the start, or once retired into a parent). */
+  get writable(): boolean {
+    return this.canWrite;
+  }
+
   get currentHeaderSlot(): 0 | 1 {
     return this.headerState.slot;
   }
@@ -646,6 +722,15 @@ export class VhdxFile {
 
   get fileSize(): number {
     return this.file.size();
+  }
+
+  /** Whether the open parent's DataWriteGuid is still one the parent locator accepts (the chain holds). */
+  linksToParent(): boolean {
+    if (!this.parent || !this.parentLocator) return false;
+    const dwg = this.parent.header.dataWriteGuid;
+    const linkage = parseLinkage(locatorGet(this.parentLocator, 'parent_linkage'));
+    const linkage2 = parseLinkage(locatorGet(this.parentLocator, 'parent_linkage2'));
+    return (!!linkage && guidEquals(dwg, linkage)) || (!!linkage2 && guidEquals(dwg, linkage2));
   }
 
   /** The chain from this disk to its base. */
@@ -1234,13 +1319,20 @@ export class VhdxFile {
 
   /**
    * Flush-and-hold: commits, then runs `fn` while every other read and write waits. What `fn` sees is
-   * durable and cannot change under it (seals and checkpoints cut their instant here).
+   * durable and cannot change under it (seals and checkpoints cut their instant here). With `cleanLog`
+   * the log is also left clean, as close leaves it, while `fn` runs (see `flush`).
    */
-  async flushAndHold<T>(fn: () => Promise<T>): Promise<T> {
+  async flushAndHold<T>(fn: () => Promise<T>, opts: { cleanLog?: boolean } = {}): Promise<T> {
     this.assertOpen();
     return this.lock.exclusive(async () => {
-      if (this.writable) await this.commit();
-      return fn();
+      if (!this.writable) return fn();
+      const applied = await this.commit();
+      if (!opts.cleanLog) return fn();
+      // Both run to the end before the hold is released, whichever fails.
+      const [out, clean] = await Promise.allSettled([fn(), this.cleanLog(applied)]);
+      if (out.status === 'rejected') throw out.reason;
+      if (clean.status === 'rejected') throw clean.reason;
+      return out.value;
     });
   }
 
@@ -1250,17 +1342,51 @@ export class VhdxFile {
     await this.lock.exclusive(() => this.beginChange(true));
   }
 
-  /** Commits pending metadata through the log and makes every completed write durable. */
-  async flush(): Promise<void> {
+  /**
+   * Commits pending metadata through the log and makes every completed write durable. With `cleanLog` the
+   * header then says the log is clean (LogGuid zero), as after a close, while the file stays open: a reader
+   * of the file alone needs no replay, and the next change starts a new log.
+   */
+  async flush(opts: { cleanLog?: boolean } = {}): Promise<void> {
     this.assertOpen();
     if (!this.writable) return;
-    await this.lock.exclusive(() => this.commit());
+    await this.lock.exclusive(async () => {
+      const applied = await this.commit();
+      if (opts.cleanLog) await this.cleanLog(applied);
+    });
   }
 
-  private async commit(): Promise<void> {
+  /**
+   * After a commit, with the lock held: the updates it applied in place made durable (unless it applied
+   * none: its first sync covered everything), then the log marked clean.
+   */
+  private async cleanLog(applied: boolean): Promise<void> {
+    if (!this.logWriter) return;
+    if (applied) await this.file.datasync();
+    await writeHeaders(this.file, this.headerState, { logGuid: GUID_ZERO });
+    this.logWriter = undefined;
+  }
+
+  /**
+   * Turns this writable disk into a read-only parent in place (a checkpoint's frozen point): what is
+   * pending is committed and the log left clean, as a close would, then every write is refused. The file
+   * stays open with its metadata cache, so a child opened over it (`OpenOptions.parent`) reads through it
+   * at once. No I/O when nothing changed since a `flush({ cleanLog: true })`.
+   */
+  async retire(): Promise<void> {
+    this.assertOpen();
+    if (!this.writable) return;
+    await this.lock.exclusive(async () => {
+      if (this.cache.dirtyCount > 0 || this.logWriter) await this.cleanLog(await this.commit());
+      this.canWrite = false;
+    });
+  }
+
+  /** Returns whether log entries were applied in place (then not yet durable there). */
+  private async commit(): Promise<boolean> {
     await this.file.datasync();
     const dirty = this.cache.dirtyOffsets();
-    if (dirty.length === 0) return;
+    if (dirty.length === 0) return false;
     const writer = this.logWriter!;
     const max = writer.maxDataOps;
     for (let i = 0; i < dirty.length; i += max) {
@@ -1274,6 +1400,7 @@ export class VhdxFile {
       // Before the ring can reuse this entry's space, its updates must be durable in place.
       if (i + max < dirty.length) await this.file.datasync();
     }
+    return true;
   }
 
   /** Rewrites `data` at `fileOffset` (metadata: region table, metadata region) through the log. */
