@@ -1,11 +1,13 @@
 /**
  * Conversion between raw images and VHDX: raw → VHDX, VHDX → raw, VHDX → VHDX (compacting, changing
- * block size or type, flattening a chain). Unallocated blocks are never read; all-zero pieces are
- * never written. Reads run ahead of writes so the two overlap.
+ * block size or type, flattening a chain). Unallocated blocks are never read, nor are the holes of a
+ * raw file when the file system reports them (src/util/holes.ts); all-zero pieces are never written.
+ * Reads run ahead of writes, and the output is written back to the disk during the copy.
  */
 import { unlink } from 'node:fs/promises';
 import { InvalidArgumentError } from '../../errors.js';
 import { NodeFile } from '../../util/file.js';
+import { dataExtents } from '../../util/holes.js';
 import { isAllZero } from '../../util/zero.js';
 import { MiB, SIG_FILE } from './constants.js';
 import { createVhdx, DEFAULT_BLOCK_SIZE } from './create.js';
@@ -75,7 +77,11 @@ async function openSource(path: string, opts: ConvertOptions): Promise<Source> {
   return {
     format: 'raw',
     size,
-    extents: async () => (size > 0 ? [{ offset: 0, length: size }] : []),
+    // Holes are skipped when the file system can tell where they are; otherwise all is read and scanned.
+    extents: async () => {
+      const data = await dataExtents(path, size);
+      return data ? roundExtents(data, ZERO_GRAIN, size) : size > 0 ? [{ offset: 0, length: size }] : [];
+    },
     read: (buf, offset) => file.read(buf, offset),
     close: () => file.close(),
   };
@@ -83,6 +89,43 @@ async function openSource(path: string, opts: ConvertOptions): Promise<Source> {
 
 function formatFromName(path: string): ImageFormat {
   return /\.a?vhdx$/i.test(path) ? 'vhdx' : 'raw';
+}
+
+/** Bytes written between two background writebacks. */
+const WRITEBACK_EVERY = 64 * MiB;
+
+/**
+ * Starts writing the output back to the disk while conversion goes on: one fdatasync in flight at a
+ * time, every WRITEBACK_EVERY bytes. The final flush then finds little left to do, so the disk works
+ * during the copy instead of after it. A failure is reported by drain().
+ */
+export class Writeback {
+  private pending = 0;
+  private inFlight: Promise<void> | undefined;
+  private error: unknown;
+
+  constructor(
+    private readonly sync: () => Promise<void>,
+    private readonly every = WRITEBACK_EVERY,
+  ) {}
+
+  wrote(bytes: number): void {
+    this.pending += bytes;
+    if (this.pending < this.every || this.inFlight || this.error !== undefined) return;
+    this.pending = 0;
+    this.inFlight = this.sync().then(
+      () => (this.inFlight = undefined),
+      (err) => {
+        this.error ??= err;
+        this.inFlight = undefined;
+      },
+    );
+  }
+
+  async drain(): Promise<void> {
+    await this.inFlight;
+    if (this.error !== undefined) throw this.error;
+  }
 }
 
 /** Splits extents into pieces aligned to `piece` boundaries. */
@@ -101,6 +144,23 @@ const READ_AHEAD = 8;
 const PIECE = 4 * MiB;
 /** All-zero runs this long (and aligned) are not written. */
 const ZERO_GRAIN = 64 * 1024;
+
+/**
+ * Extents widened to `grain` boundaries (clipped to `size`) and merged: a small gap costs less to read
+ * as zeros than a separate read and write would.
+ */
+export function roundExtents(extents: readonly Extent[], grain: number, size: number): Extent[] {
+  const out: Extent[] = [];
+  for (const e of extents) {
+    const from = Math.floor(e.offset / grain) * grain;
+    const to = Math.min(size, Math.ceil((e.offset + e.length) / grain) * grain);
+    if (to <= from) continue;
+    const last = out[out.length - 1];
+    if (last && from <= last.offset + last.length) last.length = Math.max(last.length, to - last.offset);
+    else out.push({ offset: from, length: to - from });
+  }
+  return out;
+}
 
 /** The runs of `buf` that hold a non-zero byte, at `grain` granularity, coalesced. */
 export function nonZeroRuns(buf: Buffer, grain: number): Extent[] {
@@ -144,6 +204,7 @@ export async function convertImage(
     let finish: () => Promise<void>;
     let abort: () => Promise<void>;
     let piece: number;
+    let writeback: () => Promise<void>;
     if (format === 'vhdx') {
       const blockSize = opts.blockSize ?? src.blockSize ?? DEFAULT_BLOCK_SIZE;
       await createVhdx(dstPath, {
@@ -155,17 +216,34 @@ export async function convertImage(
       });
       created = true;
       const dst = await VhdxFile.open(dstPath, { writable: true });
-      await opts.onDestinationOpen?.(dst);
+      // A second descriptor on the same file: fdatasync through it writes back payload already written
+      // without committing VHDX metadata (that happens once, at close).
+      let syncFile: NodeFile;
+      try {
+        await opts.onDestinationOpen?.(dst);
+        syncFile = await NodeFile.open(dstPath, 'r');
+      } catch (err) {
+        await dst.close().catch(() => undefined);
+        throw err;
+      }
       piece = Math.min(blockSize, PIECE);
       write = (buf, offset) => dst.write(buf, offset);
-      finish = () => dst.close();
-      abort = () => dst.close();
+      writeback = () => syncFile.datasync();
+      finish = async () => {
+        await syncFile.close();
+        await dst.close();
+      };
+      abort = async () => {
+        await syncFile.close().catch(() => undefined);
+        await dst.close();
+      };
     } else {
       const dst = await NodeFile.open(dstPath, 'wx');
       created = true;
       await dst.truncate(virtualSize);
       piece = PIECE;
       write = (buf, offset) => dst.write(buf, offset);
+      writeback = () => dst.datasync();
       finish = async () => {
         await dst.datasync();
         await dst.close();
@@ -173,6 +251,7 @@ export async function convertImage(
       abort = () => dst.close();
     }
 
+    const flusher = new Writeback(writeback);
     try {
       const extents = await src.extents();
       const total = extents.reduce((n, e) => n + e.length, 0);
@@ -202,14 +281,18 @@ export async function convertImage(
         await Promise.all(
           runs.map((run) => write(buf.subarray(run.offset, run.offset + run.length), extent.offset + run.offset)),
         );
-        for (const run of runs) result.bytesWritten += run.length;
+        const written = runs.reduce((n, run) => n + run.length, 0);
+        result.bytesWritten += written;
+        flusher.wrote(written);
         pool.push(Buffer.from(buf.buffer, buf.byteOffset, piece));
         done += extent.length;
         opts.onProgress?.(done, total);
       }
+      await flusher.drain();
       await finish();
       result.bytesSkipped = virtualSize - result.bytesWritten;
     } catch (err) {
+      await flusher.drain().catch(() => undefined);
       await abort().catch(() => undefined);
       throw err;
     }

@@ -1,0 +1,55 @@
+/**
+ * Where a file holds data, from lseek(SEEK_DATA / SEEK_HOLE) through the optional addon in native/seek
+ * (Node has no binding for them). Without the addon, or when the call fails, the answer is "unknown"
+ * and callers read the whole file. TIDEMARK_NO_SEEK_DATA=1 turns the addon off (tests, benchmarks).
+ */
+import { open } from 'node:fs/promises';
+import { createRequire } from 'node:module';
+
+export interface DataExtent {
+  offset: number;
+  length: number;
+}
+
+interface SeekAddon {
+  dataExtents(fd: number, size: number): number[];
+}
+
+let addon: SeekAddon | null | undefined;
+
+/** The addon, or null when it was not built or does not load here. Same path from src/ and dist/. */
+export function seekAddon(): SeekAddon | null {
+  if (addon === undefined) {
+    try {
+      addon = createRequire(import.meta.url)('../../native/seek/build/Release/seek.node') as SeekAddon;
+    } catch {
+      addon = null;
+    }
+  }
+  return process.env.TIDEMARK_NO_SEEK_DATA === '1' ? null : addon;
+}
+
+/**
+ * The data extents of `path` within [0, size), in order; what lies between them reads as zeros.
+ * undefined when that cannot be known (no addon, or the file system refused): read everything then.
+ */
+export async function dataExtents(path: string, size: number): Promise<DataExtent[] | undefined> {
+  const seek = seekAddon();
+  if (!seek) return undefined;
+  let handle;
+  try {
+    handle = await open(path, 'r');
+  } catch {
+    return undefined;
+  }
+  try {
+    const flat = seek.dataExtents(handle.fd, size);
+    const out: DataExtent[] = [];
+    for (let i = 0; i + 1 < flat.length; i += 2) out.push({ offset: flat[i], length: flat[i + 1] });
+    return out;
+  } catch {
+    return undefined;
+  } finally {
+    await handle.close();
+  }
+}
