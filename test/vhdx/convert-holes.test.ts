@@ -22,7 +22,10 @@ const seed = seedFrom('TIDEMARK_HOLES_SEED', 0x5eed);
 
 function noAddon(): boolean {
   if (seekAddon()) return false;
-  const reason = 'SEEK_DATA ADDON MISSING: native/seek is not built (npm run build:native)';
+  const reason =
+    process.env.TIDEMARK_NO_SEEK_DATA === '1'
+      ? 'SEEK_DATA ADDON OFF: TIDEMARK_NO_SEEK_DATA=1'
+      : 'SEEK_DATA ADDON MISSING: native/seek is not built (npm run build:native)';
   if (process.env.TIDEMARK_REQUIRE_PEERS === '1')
     throw new Error(`${reason}; TIDEMARK_REQUIRE_PEERS=1 forbids skipping`);
   console.warn(reason);
