@@ -41,21 +41,7 @@ trap cleanup EXIT
 SRC=$WORK/src.raw
 
 echo "nbd-serve: $SIZE_GIB GiB raw, random 1 MiB pieces on every other MiB, in $WORK"
-node --input-type=module - "$SRC" "$SIZE_GIB" <<'JS'
-import { createCipheriv, randomBytes } from 'node:crypto';
-import { closeSync, ftruncateSync, openSync, writeSync } from 'node:fs';
-const [file, gib] = [process.argv[2], Number(process.argv[3])];
-const MiB = 2 ** 20;
-const fd = openSync(file, 'wx');
-ftruncateSync(fd, gib * 1024 * MiB);
-const cipher = createCipheriv('aes-128-ctr', randomBytes(16), randomBytes(16));
-const zeros = Buffer.alloc(64 * MiB);
-for (let at = 0; at < gib * 1024 * MiB; ) {
-  const batch = cipher.update(zeros);
-  for (let p = 0; p < batch.length; p += MiB, at += 2 * MiB) writeSync(fd, batch, p, MiB, at);
-}
-closeSync(fd);
-JS
+node bench/lib/sparse-random.mjs "$SRC" "$SIZE_GIB"
 qemu-img convert -f raw -O vhdx -o subformat=dynamic "$SRC" "$WORK/ref.vhdx"
 sync
 cat "$WORK/ref.vhdx" >/dev/null # in the page cache for both servers alike, whichever reads first

@@ -30,22 +30,7 @@ trap 'rm -rf "$WORK"' EXIT
 SRC=$WORK/src.raw
 
 echo "vhdx-convert: $SIZE_GIB GiB raw, random 1 MiB pieces on every other MiB, in $WORK"
-# AES-CTR over zeros: incompressible bytes at GB/s, made in 64 MiB batches.
-node --input-type=module - "$SRC" "$SIZE_GIB" <<'JS'
-import { createCipheriv, randomBytes } from 'node:crypto';
-import { closeSync, ftruncateSync, openSync, writeSync } from 'node:fs';
-const [file, gib] = [process.argv[2], Number(process.argv[3])];
-const MiB = 2 ** 20;
-const fd = openSync(file, 'wx');
-ftruncateSync(fd, gib * 1024 * MiB);
-const cipher = createCipheriv('aes-128-ctr', randomBytes(16), randomBytes(16));
-const zeros = Buffer.alloc(64 * MiB);
-for (let at = 0; at < gib * 1024 * MiB; ) {
-  const batch = cipher.update(zeros);
-  for (let p = 0; p < batch.length; p += MiB, at += 2 * MiB) writeSync(fd, batch, p, MiB, at);
-}
-closeSync(fd);
-JS
+node bench/lib/sparse-random.mjs "$SRC" "$SIZE_GIB"
 sync
 
 # qemu-img's default block size for a dynamic VHDX of this size, so both tools use the same.

@@ -11,6 +11,7 @@ import { z } from 'zod';
 import { TidemarkError } from '../errors.js';
 import type { Host } from '../host/host.js';
 import type { JobInfo } from '../host/jobs.js';
+import { parseSize } from '../util/size.js';
 import {
   ChangesBody,
   CheckpointBody,
@@ -175,7 +176,6 @@ export function hostRoutes(host: Host, extra: RouteProvider[] = []): Route[] {
       body: CreateDiskBody,
       handler: async ({ body }) => {
         const b = body as z.infer<typeof CreateDiskBody>;
-        const { parseSize } = await import('../util/size.js');
         const size = typeof b.size === 'number' ? b.size : parseSize(b.size);
         return { path: await host.createDisk(b.path, { size, blockSize: b.blockSize }) };
       },

@@ -11,6 +11,7 @@ import { VirtualDisk } from '../disk/virtual-disk.js';
 import { TidemarkError } from '../errors.js';
 import { VhdxFile } from '../formats/vhdx/vhdx.js';
 import type { NbdServer } from '../nbd/index.js';
+import type { RandomAccessFile } from '../util/file.js';
 import { createProvider } from '../snapshot/index.js';
 import { BackupComponents, snapshotProviderAdapter, type SnapshotSetReport } from '../vss/index.js';
 import type { VmDefinition } from './definition.js';
@@ -149,35 +150,11 @@ export class SnapshotSets {
       if (failedVm) {
         throw new TidemarkError('NOT_SUPPORTED', failedVm.failure!.message ?? `component ${failedVm.name} failed`);
       }
-      const exports: SnapshotExport[] = [];
-      for (const m of members) {
-        for (const h of m.heads) {
-          const record = bc.snapshotOf(h.file);
-          if (!record?.storage) throw new TidemarkError('IO_ERROR', `the snapshot does not hold ${h.file}`);
-          const storage = record.storage;
-          const disk = await VirtualDisk.open(h.file, {
-            readOnly: true,
-            tracking: false,
-            allowedRoots: this.host.allowedRoots(m.def),
-            openFile: (p) => storage.openFile(p),
-          });
-          opened.push(disk);
-          const att = m.def.disks.find((d) => d.slot === h.slot)!;
-          const name = `snap-${id.slice(0, 8)}/${m.def.name}/${h.slot}`;
-          this.host.nbd.addExport(name, disk, {
-            readOnly: true,
-            description: `${m.def.name} ${h.slot} at snapshot ${id}`,
-          });
-          exports.push({
-            vm: m.def.name,
-            slot: h.slot,
-            virtualDiskId: att.virtualDiskId,
-            virtualSize: att.virtualSize,
-            export: name,
-            file: h.file,
-          });
-        }
-      }
+      const exports = await this.exportDisks(members, `snap-${id.slice(0, 8)}`, `at snapshot ${id}`, opened, (h) => {
+        const storage = bc.snapshotOf(h.file)?.storage;
+        if (!storage) throw new TidemarkError('IO_ERROR', `the snapshot does not hold ${h.file}`);
+        return (p: string) => storage.openFile(p);
+      });
       this.taken += report.snapshots.length;
       const info: SnapshotSetInfo = {
         id,
@@ -204,10 +181,7 @@ export class SnapshotSets {
       this.sets.set(id, { info, bc, disks: opened });
       return structuredClone(info);
     } catch (err) {
-      for (const d of opened) await d.close().catch(() => undefined);
-      for (const e of this.host.nbd.exports().filter((x) => x.name.startsWith(`snap-${id.slice(0, 8)}/`))) {
-        await this.host.nbd.removeExport(e.name).catch(() => undefined);
-      }
+      await this.unexport(id, opened);
       await bc.abortBackup().catch(() => undefined);
       await bc.dispose().catch(() => undefined);
       throw err;
@@ -217,32 +191,11 @@ export class SnapshotSets {
   /** The no-snapshot flow: the checkpoints' frozen files served as they are, read-only, while they exist. */
   private async exportLive(id: string, members: (VmInSet & { heads: { slot: string; file: string }[] })[]) {
     const opened: VirtualDisk[] = [];
-    const exports: SnapshotExport[] = [];
+    let exports: SnapshotExport[];
     try {
-      for (const m of members) {
-        for (const h of m.heads) {
-          const disk = await VirtualDisk.open(h.file, {
-            readOnly: true,
-            tracking: false,
-            allowedRoots: this.host.allowedRoots(m.def),
-          });
-          opened.push(disk);
-          const att = m.def.disks.find((d) => d.slot === h.slot)!;
-          const name = `frozen-${id.slice(0, 8)}/${m.def.name}/${h.slot}`;
-          this.host.nbd.addExport(name, disk, { readOnly: true, description: `${m.def.name} ${h.slot} frozen` });
-          exports.push({
-            vm: m.def.name,
-            slot: h.slot,
-            virtualDiskId: att.virtualDiskId,
-            virtualSize: att.virtualSize,
-            export: name,
-            file: h.file,
-          });
-        }
-      }
+      exports = await this.exportDisks(members, `frozen-${id.slice(0, 8)}`, 'frozen', opened, () => undefined);
     } catch (err) {
-      for (const e of exports) await this.host.nbd.removeExport(e.export).catch(() => undefined);
-      for (const d of opened) await d.close().catch(() => undefined);
+      await this.unexport(id, opened);
       throw err;
     }
     const info: SnapshotSetInfo = {
@@ -263,6 +216,54 @@ export class SnapshotSets {
     };
     this.sets.set(id, { info, bc: undefined, disks: opened });
     return structuredClone(info);
+  }
+
+  /**
+   * Opens each member's frozen disk read-only (through `viewOf`'s file opener, or the live files) and exports
+   * it as PREFIX/VM/SLOT. Disks opened are pushed to `opened` so a caller can close them on failure.
+   */
+  private async exportDisks(
+    members: (VmInSet & { heads: { slot: string; file: string }[] })[],
+    prefix: string,
+    what: string,
+    opened: VirtualDisk[],
+    viewOf: (h: { slot: string; file: string }) => ((p: string) => Promise<RandomAccessFile>) | undefined,
+  ): Promise<SnapshotExport[]> {
+    const exports: SnapshotExport[] = [];
+    for (const m of members) {
+      for (const h of m.heads) {
+        const disk = await VirtualDisk.open(h.file, {
+          readOnly: true,
+          tracking: false,
+          allowedRoots: this.host.allowedRoots(m.def),
+          openFile: viewOf(h),
+        });
+        opened.push(disk);
+        const att = m.def.disks.find((d) => d.slot === h.slot)!;
+        const name = `${prefix}/${m.def.name}/${h.slot}`;
+        this.host.nbd.addExport(name, disk, { readOnly: true, description: `${m.def.name} ${h.slot} ${what}` });
+        exports.push({
+          vm: m.def.name,
+          slot: h.slot,
+          virtualDiskId: att.virtualDiskId,
+          virtualSize: att.virtualSize,
+          export: name,
+          file: h.file,
+        });
+      }
+    }
+    return exports;
+  }
+
+  /** Undoes a partly made set: its exports removed, its disks closed. */
+  private async unexport(id: string, opened: VirtualDisk[]): Promise<void> {
+    const short = id.slice(0, 8);
+    for (const e of this.host.nbd.exports()) {
+      if (e.name.startsWith(`snap-${short}/`) || e.name.startsWith(`frozen-${short}/`)) {
+        await this.host.nbd.removeExport(e.name).catch(() => undefined);
+      }
+    }
+    for (const d of opened) await d.close().catch(() => undefined);
   }
 
   /** Closes the exports and releases the storage snapshot (its diff area is freed). */

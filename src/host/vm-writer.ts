@@ -5,7 +5,6 @@
  * between Freeze and Thaw; a guest that cannot freeze gives crash consistency, or fails the component when
  * the VM's policy demands application consistency ("production-only").
  */
-import path from 'node:path';
 import { GuestAgentClient } from '../guest/client.js';
 import type { Writer, WriterContext } from '../vss/index.js';
 import type { WriterMetadata } from '../vss/types.js';
@@ -156,8 +155,4 @@ export class VmWriter implements Writer {
     const ids = new Set(ctx.components.map((c) => c.name));
     return this.vms.filter((v) => ids.has(v.def.id));
   }
-}
-
-export function vmDirOf(store: string, name: string): string {
-  return path.join(store, 'vms', name);
 }
