@@ -1,6 +1,7 @@
 /**
  * The real files in ../shared/fixtures/vhdx (VHDX-NOTES.md §4), decompressed once per test process.
- * The shared directory is `../shared` beside the repository, or $TIDEMARK_SHARED.
+ * The shared directory is $TIDEMARK_SHARED, else `../shared` beside the repository, else (a fresh clone made
+ * elsewhere, e.g. in /tmp) `../shared` beside the local repository it was cloned from.
  */
 import { spawnSync } from 'node:child_process';
 import { closeSync, existsSync, mkdtempSync, openSync, renameSync, rmSync } from 'node:fs';
@@ -11,7 +12,20 @@ import { afterAll } from 'vitest';
 
 /** The repository root: this file is test/helpers/fixtures.ts (independent of the current directory). */
 export const REPO_ROOT = fileURLToPath(new URL('../..', import.meta.url));
-export const SHARED = path.resolve(process.env.TIDEMARK_SHARED ?? path.join(REPO_ROOT, '..', 'shared'));
+export const SHARED = path.resolve(process.env.TIDEMARK_SHARED ?? findShared());
+
+function findShared(): string {
+  const beside = path.join(REPO_ROOT, '..', 'shared');
+  if (existsSync(beside)) return beside;
+  const origin = spawnSync('git', ['-C', REPO_ROOT, 'config', '--get', 'remote.origin.url'], { encoding: 'utf8' });
+  const url = origin.status === 0 ? origin.stdout.trim() : '';
+  const local = url.startsWith('file://') ? fileURLToPath(url) : url;
+  if (local && path.isAbsolute(local)) {
+    const besideOrigin = path.join(local, '..', 'shared');
+    if (existsSync(besideOrigin)) return besideOrigin;
+  }
+  return beside;
+}
 export const FIXTURES = path.join(SHARED, 'fixtures', 'vhdx');
 
 let dir: string | undefined;
