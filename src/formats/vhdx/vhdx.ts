@@ -136,6 +136,15 @@ export interface Extent {
   length: number;
 }
 
+/** A block placed at `offset` and the byte ranges inside it never written since (sorted, disjoint). */
+interface FreshBlock {
+  offset: number;
+  gaps: [number, number][];
+}
+/** Blocks tracked as fresh at most (oldest forgotten first), and gaps per block: a bounded map. */
+const MAX_FRESH_BLOCKS = 4096;
+const MAX_FRESH_GAPS = 64;
+
 export class VhdxFile {
   readonly path: string;
   readonly identifier: FileIdentifier;
@@ -166,6 +175,13 @@ export class VhdxFile {
   private cache: MetaCache;
   private lock = new RwLock();
   private fileEnd = 0;
+  /**
+   * Payload blocks this instance allocated at the end of the file, with the byte ranges inside them
+   * never written since: those are holes of the host file and read as zeros, so zeroing them (nbdcopy
+   * and qemu-img zero every gap between data) writes nothing. Keyed by BAT index; an entry counts only
+   * while the BAT still maps that block FullyPresent at the same offset.
+   */
+  private readonly fresh = new Map<number, FreshBlock>();
   private logWriter: LogWriter | undefined;
   private fileWriteGuidChanged = false;
   private dataWriteGuidChanged = false;
@@ -758,6 +774,7 @@ export class VhdxFile {
   }
 
   private async setBatEntry(index: number, state: number, offset: number): Promise<void> {
+    this.fresh.delete(index); // whoever places a fresh block notes it again afterwards
     const { sector, at } = this.batSectorOf(index);
     const buf = await this.cache.load(
       sector,
@@ -1092,11 +1109,43 @@ export class VhdxFile {
     if (changes.dataWriteGuid) this.dataWriteGuidChanged = true;
   }
 
+  /** New space past the file's end (scanFileEnd starts there): a hole, so it reads as zeros. */
   private async allocate(length: number): Promise<number> {
     const offset = this.fileEnd;
     this.fileEnd += Math.ceil(length / MiB) * MiB;
     await this.file.truncate(this.fileEnd);
     return offset;
+  }
+
+  /** True when [from, to) of `block` (BAT `index`, FullyPresent at `offset`) was never written. */
+  private isFresh(index: number, offset: number, from: number, to: number): boolean {
+    const f = this.fresh.get(index);
+    if (!f) return false;
+    if (f.offset !== offset) {
+      this.fresh.delete(index);
+      return false;
+    }
+    return f.gaps.some(([a, b]) => a <= from && to <= b);
+  }
+
+  /** Records that [from, to) of the block at BAT `index` now holds written bytes. */
+  private noteWritten(index: number, from: number, to: number): void {
+    const f = this.fresh.get(index);
+    if (!f) return;
+    const gaps: [number, number][] = [];
+    for (const [a, b] of f.gaps) {
+      if (a < from) gaps.push([a, Math.min(b, from)]);
+      if (b > to) gaps.push([Math.max(a, to), b]);
+    }
+    if (gaps.length === 0 || gaps.length > MAX_FRESH_GAPS) this.fresh.delete(index);
+    else f.gaps = gaps;
+  }
+
+  /** Starts tracking a block just placed at `offset` with [from, to) written. */
+  private noteAllocated(index: number, offset: number, extent: number, from: number, to: number): void {
+    if (this.fresh.size >= MAX_FRESH_BLOCKS) this.fresh.delete(this.fresh.keys().next().value!);
+    this.fresh.set(index, { offset, gaps: [[0, extent]] });
+    this.noteWritten(index, from, to);
   }
 
   /** Writes `data` at virtual `offset`. Unaligned edges are completed from the current content. */
@@ -1154,6 +1203,7 @@ export class VhdxFile {
     if (e.state === BlockState.FullyPresent) {
       this.checkPayloadOffset(block, e.offset);
       await this.file.write(src, e.offset + inBlock);
+      this.noteWritten(index, inBlock, inBlock + src.length);
       return;
     }
     if (e.state === BlockState.PartiallyPresent) {
@@ -1212,6 +1262,7 @@ export class VhdxFile {
       await this.setBatEntry(index, BlockState.PartiallyPresent, offset);
     } else {
       await this.setBatEntry(index, BlockState.FullyPresent, offset);
+      if (!reuse && !whole) this.noteAllocated(index, offset, this.blockExtent(block), inBlock, inBlock + src.length);
     }
   }
 
@@ -1287,7 +1338,9 @@ export class VhdxFile {
             if (e.state === BlockState.PartiallyPresent)
               await this.setBatEntry(index, BlockState.FullyPresent, e.offset);
           } else {
-            await this.setBatEntry(index, BlockState.FullyPresent, await this.allocate(this.blockSize));
+            const at = await this.allocate(this.blockSize);
+            await this.setBatEntry(index, BlockState.FullyPresent, at);
+            this.noteAllocated(index, at, this.blockExtent(block), 0, 0);
           }
           return;
         }
@@ -1304,6 +1357,7 @@ export class VhdxFile {
           e.state === BlockState.Undefined ||
           (e.state === BlockState.NotPresent && !this.params.hasParent);
         if (readsZero) return;
+        if (e.state === BlockState.FullyPresent && this.isFresh(index, e.offset, inBlock, inBlock + n)) return;
         let at = inBlock;
         for (const z of zeroPieces(n)) {
           await this.writeBlock(block, at, z);
