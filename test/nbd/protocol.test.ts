@@ -188,6 +188,22 @@ describe('ByteQueue and BufferPool', () => {
     big.forEach((x) => pool.put(x));
     expect(pool.retainedBytes).toBe(1 << 20); // capped
   });
+
+  it('pool shrinks to its idle size once no buffer was taken for a while', async () => {
+    const pool = new BufferPool({ maxRetained: 4 << 20, idleRetained: 1 << 20, idleMs: 500 });
+    const burst = [0, 1, 2, 3].map(() => pool.get(1 << 20));
+    burst.forEach((x) => pool.put(x));
+    expect(pool.retainedBytes).toBe(4 << 20); // kept while I/O runs
+    await new Promise((r) => setTimeout(r, 100));
+    pool.put(pool.get(1 << 20)); // still busy: the trim waits
+    await new Promise((r) => setTimeout(r, 200));
+    expect(pool.retainedBytes).toBe(4 << 20);
+    await new Promise((r) => setTimeout(r, 1000));
+    expect(pool.retainedBytes).toBe(1 << 20);
+    const again = pool.get(1 << 20);
+    expect(pool.allocated).toBe(4); // the kept buffer is reused
+    pool.put(again);
+  });
 });
 
 function feed(parser: ClientParser, bytes: Buffer, pieces: number[]): ClientMessage[] {
