@@ -182,9 +182,9 @@ export class VirtualDisk implements BlockDevice {
       this.checkRange(offset, length);
       const out: AllocationExtent[] = [];
       let at = offset;
-      for (const e of await this.head.allocatedExtents(offset, length)) {
+      for (const e of await this.head.contentExtents(offset, length)) {
         if (e.offset > at) out.push({ offset: at, length: e.offset - at, hole: true, zero: true });
-        out.push({ offset: e.offset, length: e.length, hole: false, zero: false });
+        out.push({ offset: e.offset, length: e.length, hole: false, zero: e.zero });
         at = e.offset + e.length;
       }
       if (at < offset + length) out.push({ offset: at, length: offset + length - at, hole: true, zero: true });

@@ -17,6 +17,7 @@ import { open, stat, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { TidemarkError, fromSystemError } from '../errors.js';
 import { addFileWriteInterceptor, fileIdentity, type FileWriteInterceptor } from '../util/file.js';
+import { dataExtentsOf, mergeExtents, type DataExtent } from '../util/holes.js';
 import { checkFiles, checkRoot, createArea, normalizeFiles, recoverAreas, removeArea, usableRoot } from './area.js';
 import type {
   PreparedSnapshot,
@@ -296,6 +297,31 @@ class CowFile implements FileWriteInterceptor {
     }
   }
 
+  /**
+   * Where the file held data at the instant, within [offset, offset+length): every preserved extent, and
+   * the live file's data elsewhere. An extent gets its entry before any write to it is issued, and this
+   * runs without yielding, so an extent without one has not changed since the instant. undefined: unknown.
+   */
+  dataExtentsAt(offset: number, length: number): DataExtent[] | undefined {
+    const end = Math.min(offset + length, this.instantSize);
+    if (end <= offset) return [];
+    const live = dataExtentsOf(this.source.fd, offset, end);
+    if (!live) return undefined;
+    const E = this.snap.extentSize;
+    const first = Math.floor(offset / E);
+    const last = Math.floor((end - 1) / E);
+    const preserved = (e: number) => {
+      const from = Math.max(offset, e * E);
+      live.push({ offset: from, length: Math.min(end, (e + 1) * E) - from });
+    };
+    if (this.extents.size < last - first + 1) {
+      for (const e of this.extents.keys()) if (e >= first && e <= last) preserved(e);
+    } else {
+      for (let e = first; e <= last; e++) if (this.extents.has(e)) preserved(e);
+    }
+    return mergeExtents(live);
+  }
+
   /** The file as it was at the instant (zeros past its size then). */
   async readAt(buf: Uint8Array, position: number): Promise<void> {
     const end = Math.min(position + buf.length, this.instantSize);
@@ -419,7 +445,14 @@ class CowSnapshot implements StorageSnapshot, ViewOwner {
     const f = this.byPath.get(abs);
     if (!f)
       throw new TidemarkError('NOT_FOUND', `${abs} is not in snapshot ${this.id}`, { path: abs, snapshot: this.id });
-    return new SnapshotView(this, abs, f.instantSize, (buf, position) => f.readAt(buf, position));
+    return new SnapshotView(
+      this,
+      abs,
+      f.instantSize,
+      (buf, position) => f.readAt(buf, position),
+      undefined,
+      (offset, length) => f.dataExtentsAt(offset, length),
+    );
   }
 
   stats(): SnapshotStats {

@@ -186,6 +186,7 @@ class ReflinkSnapshot implements StorageSnapshot, ViewOwner {
       async () => {
         if (this.open.delete(file)) await file.close();
       },
+      (offset, length) => file.dataExtents(offset, length),
     );
   }
 

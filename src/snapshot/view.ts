@@ -5,6 +5,7 @@
 import type { FileHandle } from 'node:fs/promises';
 import { TidemarkError } from '../errors.js';
 import type { RandomAccessFile } from '../util/file.js';
+import type { DataExtent } from '../util/holes.js';
 
 /** The side of a snapshot a view needs. */
 export interface ViewOwner {
@@ -42,7 +43,15 @@ export class SnapshotView implements RandomAccessFile {
     private readonly length: number,
     private readonly reader: (buf: Uint8Array, position: number) => Promise<void>,
     private readonly onClose: () => Promise<void> = async () => undefined,
+    /** Where the file held data at the instant (see RandomAccessFile.dataExtents); absent: unknown. */
+    private readonly extents?: (offset: number, length: number) => DataExtent[] | undefined,
   ) {}
+
+  dataExtents(offset: number, length: number): DataExtent[] | undefined {
+    if (this.closed || !this.extents) return undefined;
+    this.owner.assertReadable();
+    return this.extents(offset, length);
+  }
 
   size(): number {
     return this.length;

@@ -1,6 +1,7 @@
 import { constants } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { TidemarkError, fromSystemError } from '../errors.js';
+import { dataExtentsOf, type DataExtent } from './holes.js';
 
 /** Node turns a position that is not a safe integer into "the current file position": refuse it instead. */
 function checkPosition(position: number, length: number, action: string, path: string): void {
@@ -22,6 +23,12 @@ export interface RandomAccessFile {
   truncate(size: number): Promise<void>;
   datasync(): Promise<void>;
   close(): Promise<void>;
+  /**
+   * Where [offset, offset+length) may hold bytes other than zeros, in order (the rest reads zeros), or
+   * undefined when the file cannot tell (then all of it may). Answered from file-system metadata
+   * (SEEK_DATA), so a caller can skip holes without reading them.
+   */
+  dataExtents?(offset: number, length: number): DataExtent[] | undefined;
 }
 
 /**
@@ -96,6 +103,11 @@ export class NodeFile implements RandomAccessFile {
 
   size(): number {
     return this.length;
+  }
+
+  dataExtents(offset: number, length: number): DataExtent[] | undefined {
+    // Past the end of the file everything reads zeros.
+    return dataExtentsOf(this.handle.fd, offset, Math.min(offset + length, this.length));
   }
 
   async read(buf: Uint8Array, position: number): Promise<void> {

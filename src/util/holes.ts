@@ -12,7 +12,7 @@ export interface DataExtent {
 }
 
 interface SeekAddon {
-  dataExtents(fd: number, size: number): number[];
+  dataExtents(fd: number, end: number, start?: number): number[];
 }
 
 let addon: SeekAddon | null | undefined;
@@ -52,4 +52,35 @@ export async function dataExtents(path: string, size: number): Promise<DataExten
   } finally {
     await handle.close();
   }
+}
+
+/**
+ * The data extents of the open file `fd` within [start, end), at once (lseek is a metadata lookup, no I/O
+ * wait worth a thread). undefined when that cannot be known: treat the whole range as data then.
+ */
+export function dataExtentsOf(fd: number, start: number, end: number): DataExtent[] | undefined {
+  const seek = seekAddon();
+  if (!seek || end <= start) return end <= start ? [] : undefined;
+  let flat: number[];
+  try {
+    flat = seek.dataExtents(fd, end, start);
+  } catch {
+    return undefined;
+  }
+  const out: DataExtent[] = [];
+  for (let i = 0; i + 1 < flat.length; i += 2) out.push({ offset: flat[i], length: flat[i + 1] });
+  return out;
+}
+
+/** `extents` sorted, with overlapping and touching ones joined. */
+export function mergeExtents(extents: DataExtent[]): DataExtent[] {
+  const sorted = [...extents].filter((e) => e.length > 0).sort((a, b) => a.offset - b.offset);
+  const out: DataExtent[] = [];
+  for (const e of sorted) {
+    const last = out[out.length - 1];
+    if (last && e.offset <= last.offset + last.length) {
+      last.length = Math.max(last.length, e.offset + e.length - last.offset);
+    } else out.push({ ...e });
+  }
+  return out;
 }

@@ -136,6 +136,13 @@ export interface Extent {
   length: number;
 }
 
+/** An allocated range of the virtual disk; `zero`: it is certain to read zeros. */
+export interface ContentExtent {
+  offset: number;
+  length: number;
+  zero: boolean;
+}
+
 /** A block placed at `offset` and the byte ranges inside it never written since (sorted, disjoint). */
 interface FreshBlock {
   offset: number;
@@ -993,29 +1000,61 @@ export class VhdxFile {
   async allocatedExtents(offset = 0, length = this.virtualSize - offset): Promise<Extent[]> {
     this.assertOpen();
     this.assertRange(offset, length);
-    const out: Extent[] = [];
-    await this.lock.shared(() => this.collectAllocated(offset, length, out));
+    const out: ContentExtent[] = [];
+    await this.lock.shared(() => this.collectAllocated(offset, length, out, false));
+    return out.map(({ offset: o, length: l }) => ({ offset: o, length: l }));
+  }
+
+  /**
+   * allocatedExtents with the ranges certain to read zeros marked `zero`: the parts of fully present
+   * blocks that are holes of the host file (blocks written in part, or zeroed while fresh), found with
+   * SEEK_DATA where the file can tell. What NBD block status and the backup reader skip.
+   */
+  async contentExtents(offset = 0, length = this.virtualSize - offset): Promise<ContentExtent[]> {
+    this.assertOpen();
+    this.assertRange(offset, length);
+    const out: ContentExtent[] = [];
+    await this.lock.shared(() => this.collectAllocated(offset, length, out, true));
     return out;
   }
 
-  private async collectAllocated(offset: number, length: number, out: Extent[]): Promise<void> {
+  private async collectAllocated(offset: number, length: number, out: ContentExtent[], refine: boolean): Promise<void> {
     const bs = this.blockSize;
-    const push = (o: number, l: number) => {
+    const push = (o: number, l: number, zero: boolean) => {
+      if (l <= 0) return;
       const last = out[out.length - 1];
-      if (last && last.offset + last.length === o) last.length += l;
-      else out.push({ offset: o, length: l });
+      if (last && last.offset + last.length === o && last.zero === zero) last.length += l;
+      else out.push({ offset: o, length: l, zero });
     };
     for (let pos = offset; pos < offset + length;) {
       const block = Math.floor(pos / bs);
       const n = Math.min((block + 1) * bs, offset + length) - pos;
       const e = await this.payloadEntry(block);
-      if (e.state === BlockState.FullyPresent || e.state === BlockState.PartiallyPresent) push(pos, n);
+      // A block reaching past the end of the file is a damage its reads report: no refining there.
+      const inFile = e.offset >= HEADER_SECTION_SIZE && e.offset + this.blockExtent(block) <= this.file.size();
+      if (e.state === BlockState.FullyPresent && refine && inFile && this.file.dataExtents) {
+        const fileAt = e.offset + (pos - block * bs);
+        const data = this.file.dataExtents(fileAt, n);
+        if (!data) push(pos, n, false);
+        else {
+          let at = fileAt;
+          for (const d of data) {
+            const from = Math.max(d.offset, at);
+            const to = Math.min(d.offset + d.length, fileAt + n);
+            if (to <= from) continue;
+            push(pos + (at - fileAt), from - at, true);
+            push(pos + (from - fileAt), to - from, false);
+            at = to;
+          }
+          push(pos + (at - fileAt), fileAt + n - at, true);
+        }
+      } else if (e.state === BlockState.FullyPresent || e.state === BlockState.PartiallyPresent) push(pos, n, false);
       else if (e.state === BlockState.NotPresent && this.parent) {
         const inside = Math.max(0, Math.min(n, this.parent.virtualSize - pos));
         if (inside > 0) {
-          const sub: Extent[] = [];
-          await this.parent.collectAllocated(pos, inside, sub);
-          for (const x of sub) push(x.offset, x.length);
+          const sub: ContentExtent[] = [];
+          await this.parent.collectAllocated(pos, inside, sub, refine);
+          for (const x of sub) push(x.offset, x.length, x.zero);
         }
       }
       pos += n;
