@@ -1,18 +1,25 @@
 /**
- * A small NBD client (fixed newstyle, NBD_OPT_GO, simple replies, many requests in flight): what the
- * project's own workload generator and the backup reader speak to Tidemark's (or any) NBD server.
+ * A small NBD client (fixed newstyle, NBD_OPT_GO, many requests in flight): what the project's own
+ * workload generator and the backup reader speak to Tidemark's (or any) NBD server. With `structured`
+ * (implied by `contexts`) it negotiates structured replies: reads then come back as data and hole chunks
+ * (holes cost 12 bytes on the wire), and blockStatus() answers for the meta contexts asked for
+ * (`base:allocation`, `qemu:dirty-bitmap:ID`), as pull-mode backup tools use them.
  */
 import net from 'node:net';
 import { TidemarkError } from '../errors.js';
 import {
   CMD,
   CMD_FLAG,
+  decodeChunkHeader,
+  decodeChunkPayload,
   decodeHandshake,
   decodeInfoReplyData,
+  decodeMetaContextReplyData,
   decodeOptionReplyHeader,
   decodeSimpleReply,
   encodeClientFlags,
   encodeInfoRequest,
+  encodeMetaContextRequest,
   encodeOption,
   encodeRequest,
   FLAG_C_FIXED_NEWSTYLE,
@@ -23,7 +30,12 @@ import {
   OPT,
   OPTION_REPLY_HEADER_LENGTH,
   REP,
+  REPLY_FLAG_DONE,
+  REPLY_TYPE,
   SIMPLE_REPLY_LENGTH,
+  SIMPLE_REPLY_MAGIC,
+  STRUCTURED_HEADER_LENGTH,
+  STRUCTURED_REPLY_MAGIC,
   TF,
 } from './protocol.js';
 
@@ -33,19 +45,46 @@ export interface NbdTarget {
   host?: string;
   port?: number;
   exportName: string;
+  /** Negotiate structured replies (hole chunks in reads). */
+  structured?: boolean;
+  /** Meta contexts to select for blockStatus(), e.g. `base:allocation`; implies `structured`. */
+  contexts?: string[];
+}
+
+/** One extent of a block-status answer: its length and the context's flags (STATE_HOLE/ZERO, STATE_DIRTY). */
+export interface StatusExtent {
+  offset: number;
+  length: number;
+  flags: number;
+}
+
+/** What a read into a caller's buffer found: bytes that came as holes (they were zero-filled). */
+export interface ReadResult {
+  holeBytes: number;
 }
 
 interface Pending {
-  resolve: (data: Buffer | undefined) => void;
+  command: number;
+  offset: number;
+  length: number;
+  resolve: (value: unknown) => void;
   reject: (err: Error) => void;
-  readLength: number;
+  /** READ: where the data goes. */
+  dst?: Buffer;
+  holeBytes: number;
+  /** BLOCK_STATUS: the context asked for, and its extents. */
+  contextId?: number;
+  extents?: StatusExtent[];
+  /** A structured reply's first error chunk: raised once the reply is done. */
+  error?: Error;
 }
 
 /** Reads exactly what it is asked for from a socket, however the bytes arrive. */
 class SocketReader {
   private chunks: Buffer[] = [];
   private have = 0;
-  private waiter: { n: number; resolve: (b: Buffer) => void; reject: (e: Error) => void } | undefined;
+  private waiter:
+    { n: number; dst: Buffer | undefined; resolve: (b: Buffer) => void; reject: (e: Error) => void } | undefined;
   private error: Error | undefined;
 
   constructor(socket: net.Socket) {
@@ -66,10 +105,20 @@ class SocketReader {
     socket.on('close', () => fail(new TidemarkError('CLOSED', 'the NBD server closed the connection')));
   }
 
+  /** The next `n` bytes (a view of what arrived when it came in one piece). */
   read(n: number): Promise<Buffer> {
+    return this.wait(n, undefined);
+  }
+
+  /** The next `dst.length` bytes, copied into `dst` (no intermediate buffer). */
+  readInto(dst: Buffer): Promise<Buffer> {
+    return this.wait(dst.length, dst);
+  }
+
+  private wait(n: number, dst: Buffer | undefined): Promise<Buffer> {
     if (this.error && this.have < n) return Promise.reject(this.error);
     return new Promise((resolve, reject) => {
-      this.waiter = { n, resolve, reject };
+      this.waiter = { n, dst, resolve, reject };
       this.pump();
     });
   }
@@ -78,11 +127,26 @@ class SocketReader {
     const w = this.waiter;
     if (!w || this.have < w.n) return;
     this.waiter = undefined;
-    const all = this.chunks.length === 1 ? this.chunks[0] : Buffer.concat(this.chunks);
-    const out = all.subarray(0, w.n);
-    const rest = all.subarray(w.n);
-    this.chunks = rest.length ? [rest] : [];
-    this.have = rest.length;
+    if (!w.dst && this.chunks[0].length >= w.n) {
+      const first = this.chunks[0];
+      const out = first.subarray(0, w.n);
+      if (first.length === w.n) this.chunks.shift();
+      else this.chunks[0] = first.subarray(w.n);
+      this.have -= w.n;
+      w.resolve(out);
+      return;
+    }
+    const out = w.dst ?? Buffer.allocUnsafe(w.n);
+    let at = 0;
+    while (at < w.n) {
+      const c = this.chunks[0];
+      const take = Math.min(c.length, w.n - at);
+      c.copy(out, at, 0, take);
+      at += take;
+      if (take === c.length) this.chunks.shift();
+      else this.chunks[0] = c.subarray(take);
+    }
+    this.have -= w.n;
     w.resolve(out);
   }
 }
@@ -98,6 +162,10 @@ export class NbdClient {
     private reader: SocketReader,
     readonly size: number,
     readonly flags: number,
+    /** Structured replies were negotiated. */
+    readonly structured: boolean,
+    /** The meta contexts the server selected, by name. */
+    private readonly contextIds: Map<string, number>,
   ) {
     void this.replyLoop();
   }
@@ -112,32 +180,59 @@ export class NbdClient {
       socket.once('error', (e) => reject(new TidemarkError('IO_ERROR', `cannot connect to NBD server: ${e.message}`)));
     });
     const reader = new SocketReader(socket);
-    try {
-      const hs = decodeHandshake(await reader.read(HANDSHAKE_LENGTH));
-      void hs;
-      socket.write(encodeClientFlags(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES));
-      socket.write(encodeOption(OPT.GO, encodeInfoRequest({ name: target.exportName, requests: [INFO.BLOCK_SIZE] })));
-      let size = -1;
-      let flags = 0;
+    /** Sends an option and collects its replies up to the final ACK (or throws on an error reply). */
+    const option = async (opt: number, data?: Buffer): Promise<{ type: number; data: Buffer }[]> => {
+      socket.write(encodeOption(opt, data));
+      const replies: { type: number; data: Buffer }[] = [];
       for (;;) {
         const h = decodeOptionReplyHeader(await reader.read(OPTION_REPLY_HEADER_LENGTH));
-        const data = h.length ? await reader.read(h.length) : Buffer.alloc(0);
+        const body = h.length ? Buffer.from(await reader.read(h.length)) : Buffer.alloc(0);
         if (isErrorReply(h.type)) {
+          const why = body.toString('utf8') || `error ${h.type >>> 0}`;
           throw new TidemarkError(
-            'NOT_FOUND',
-            `NBD server refused export "${target.exportName}": ${data.toString('utf8') || `error ${h.type}`}`,
+            opt === OPT.GO ? 'NOT_FOUND' : 'NOT_SUPPORTED',
+            opt === OPT.GO
+              ? `NBD server refused export "${target.exportName}": ${why}`
+              : `NBD server refused option ${opt}: ${why}`,
           );
         }
-        if (h.type === REP.INFO) {
-          const item = decodeInfoReplyData(data);
-          if (item.info === INFO.EXPORT && 'size' in item) {
-            size = item.size;
-            flags = item.flags;
-          }
-        } else if (h.type === REP.ACK) break;
+        if (h.type === REP.ACK) return replies;
+        replies.push({ type: h.type, data: body });
+      }
+    };
+    try {
+      decodeHandshake(await reader.read(HANDSHAKE_LENGTH));
+      socket.write(encodeClientFlags(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES));
+      const contexts = target.contexts ?? [];
+      const structured = target.structured === true || contexts.length > 0;
+      const contextIds = new Map<string, number>();
+      if (structured) await option(OPT.STRUCTURED_REPLY);
+      if (contexts.length > 0) {
+        const replies = await option(
+          OPT.SET_META_CONTEXT,
+          encodeMetaContextRequest({ name: target.exportName, queries: contexts }),
+        );
+        for (const r of replies) {
+          if (r.type !== REP.META_CONTEXT) continue;
+          const c = decodeMetaContextReplyData(r.data);
+          contextIds.set(c.name, c.id);
+        }
+      }
+      let size = -1;
+      let flags = 0;
+      for (const r of await option(
+        OPT.GO,
+        encodeInfoRequest({ name: target.exportName, requests: [INFO.BLOCK_SIZE] }),
+      )) {
+        if (r.type !== REP.INFO) continue;
+        const item = decodeInfoReplyData(r.data);
+        if (item.info === INFO.EXPORT && 'size' in item) {
+          size = item.size;
+          flags = item.flags;
+        }
       }
       if (size < 0) throw new TidemarkError('PROTOCOL_ERROR', 'NBD server sent no export information');
-      return new NbdClient(socket, reader, size, flags);
+      return new NbdClient(socket, reader, size, flags, structured, contextIds);
     } catch (err) {
       socket.destroy();
       throw err;
@@ -148,24 +243,50 @@ export class NbdClient {
     return (this.flags & TF.READ_ONLY) !== 0;
   }
 
-  read(offset: number, length: number): Promise<Buffer> {
-    return this.request(CMD.READ, 0, offset, length, undefined, length) as Promise<Buffer>;
+  /** True when the server selected meta context `name` (see NbdTarget.contexts). */
+  hasContext(name: string): boolean {
+    return this.contextIds.has(name);
+  }
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    const dst = Buffer.allocUnsafe(length);
+    await this.readInto(dst, offset);
+    return dst;
+  }
+
+  /** Reads `dst.length` bytes at `offset` into `dst`; says how many came as holes (zero-filled here). */
+  readInto(dst: Buffer, offset: number): Promise<ReadResult> {
+    return this.request(CMD.READ, 0, offset, dst.length, undefined, { dst }) as Promise<ReadResult>;
+  }
+
+  /**
+   * Block status of [offset, offset+length) in meta context `context`: extents from `offset` on, in
+   * order. The server may answer for less than asked (never nothing): ask again from where it ended.
+   */
+  blockStatus(offset: number, length: number, context: string): Promise<StatusExtent[]> {
+    const contextId = this.contextIds.get(context);
+    if (contextId === undefined) {
+      return Promise.reject(
+        new TidemarkError('NOT_SUPPORTED', `the NBD server did not select meta context "${context}"`),
+      );
+    }
+    return this.request(CMD.BLOCK_STATUS, 0, offset, length, undefined, { contextId }) as Promise<StatusExtent[]>;
   }
 
   async write(offset: number, data: Uint8Array, opts: { fua?: boolean } = {}): Promise<void> {
-    await this.request(CMD.WRITE, opts.fua ? CMD_FLAG.FUA : 0, offset, data.length, data, 0);
+    await this.request(CMD.WRITE, opts.fua ? CMD_FLAG.FUA : 0, offset, data.length, data);
   }
 
   async flush(): Promise<void> {
-    await this.request(CMD.FLUSH, 0, 0, 0, undefined, 0);
+    await this.request(CMD.FLUSH, 0, 0, 0, undefined);
   }
 
   async trim(offset: number, length: number): Promise<void> {
-    await this.request(CMD.TRIM, 0, offset, length, undefined, 0);
+    await this.request(CMD.TRIM, 0, offset, length, undefined);
   }
 
   async writeZeroes(offset: number, length: number): Promise<void> {
-    await this.request(CMD.WRITE_ZEROES, 0, offset, length, undefined, 0);
+    await this.request(CMD.WRITE_ZEROES, 0, offset, length, undefined);
   }
 
   /** Sends NBD_CMD_DISC and closes. */
@@ -187,12 +308,12 @@ export class NbdClient {
     offset: number,
     length: number,
     data: Uint8Array | undefined,
-    readLength: number,
-  ): Promise<Buffer | undefined> {
+    extra: { dst?: Buffer; contextId?: number } = {},
+  ): Promise<unknown> {
     if (this.closed) return Promise.reject(new TidemarkError('CLOSED', 'NBD connection is closed'));
     const handle = this.handles++;
-    const promise = new Promise<Buffer | undefined>((resolve, reject) => {
-      this.pending.set(handle, { resolve, reject, readLength });
+    const promise = new Promise<unknown>((resolve, reject) => {
+      this.pending.set(handle, { command, offset, length, resolve, reject, holeBytes: 0, ...extra });
       const header = encodeRequest({ flags, command, handle, offset, length });
       if (data) {
         this.socket.cork();
@@ -207,23 +328,93 @@ export class NbdClient {
     return promise;
   }
 
+  private take(handle: bigint): Pending {
+    const p = this.pending.get(handle);
+    if (!p) throw new TidemarkError('PROTOCOL_ERROR', `NBD reply for unknown handle ${handle}`);
+    return p;
+  }
+
+  private settle(handle: bigint, p: Pending): void {
+    this.pending.delete(handle);
+    if (p.error) p.reject(p.error);
+    else if (p.command === CMD.READ) p.resolve({ holeBytes: p.holeBytes } satisfies ReadResult);
+    else if (p.command === CMD.BLOCK_STATUS) {
+      if (!p.extents?.length) p.reject(new TidemarkError('PROTOCOL_ERROR', 'NBD block status reply without extents'));
+      else p.resolve(p.extents);
+    } else p.resolve(undefined);
+  }
+
   private async replyLoop(): Promise<void> {
     try {
       for (;;) {
-        const r = decodeSimpleReply(await this.reader.read(SIMPLE_REPLY_LENGTH));
-        const p = this.pending.get(r.handle);
-        if (!p) throw new TidemarkError('PROTOCOL_ERROR', `NBD reply for unknown handle ${r.handle}`);
-        this.pending.delete(r.handle);
-        if (r.error !== 0) {
-          p.reject(new TidemarkError('IO_ERROR', `NBD server answered error ${r.error}`, { errno: r.error }));
-          continue;
+        const magic = (await this.reader.read(4)).readUInt32BE(0);
+        if (magic === SIMPLE_REPLY_MAGIC) {
+          const head = Buffer.alloc(SIMPLE_REPLY_LENGTH);
+          head.writeUInt32BE(magic, 0);
+          (await this.reader.read(SIMPLE_REPLY_LENGTH - 4)).copy(head, 4);
+          const r = decodeSimpleReply(head);
+          const p = this.take(r.handle);
+          if (r.error !== 0) {
+            p.error = new TidemarkError('IO_ERROR', `NBD server answered error ${r.error}`, { errno: r.error });
+          } else if (p.command === CMD.READ && p.dst) await this.reader.readInto(p.dst);
+          this.settle(r.handle, p);
+        } else if (magic === STRUCTURED_REPLY_MAGIC && this.structured) {
+          const head = Buffer.alloc(STRUCTURED_HEADER_LENGTH);
+          head.writeUInt32BE(magic, 0);
+          (await this.reader.read(STRUCTURED_HEADER_LENGTH - 4)).copy(head, 4);
+          const h = decodeChunkHeader(head);
+          const p = this.take(h.handle);
+          await this.chunk(p, h.type, h.length);
+          if (h.flags & REPLY_FLAG_DONE) this.settle(h.handle, p);
+        } else {
+          throw new TidemarkError('PROTOCOL_ERROR', `NBD reply with bad magic 0x${magic.toString(16)}`);
         }
-        p.resolve(p.readLength ? await this.reader.read(p.readLength) : undefined);
       }
     } catch (err) {
       for (const p of this.pending.values()) p.reject(err as Error);
       this.pending.clear();
       this.socket.destroy();
     }
+  }
+
+  /** Takes one structured chunk's payload for request `p`. */
+  private async chunk(p: Pending, type: number, length: number): Promise<void> {
+    const bad = (why: string) => new TidemarkError('PROTOCOL_ERROR', `NBD structured reply: ${why}`);
+    if (type === REPLY_TYPE.OFFSET_DATA) {
+      if (p.command !== CMD.READ || !p.dst || length < 8) throw bad('a data chunk where none belongs');
+      const at = Number((await this.reader.read(8)).readBigUInt64BE(0)) - p.offset;
+      const n = length - 8;
+      if (at < 0 || at + n > p.length) throw bad(`data at ${at + p.offset}+${n} outside the read`);
+      await this.reader.readInto(p.dst.subarray(at, at + n));
+      return;
+    }
+    if (length > 1024 * 1024 + 64) throw bad(`a ${length}-byte chunk of type ${type}`);
+    const body = length ? await this.reader.read(length) : Buffer.alloc(0);
+    const c = decodeChunkPayload(type, body);
+    if ('unknown' in c) {
+      if (type & 0x8000) p.error ??= new TidemarkError('IO_ERROR', `NBD server answered error chunk ${type}`);
+      return;
+    }
+    if ('error' in c) {
+      p.error ??= new TidemarkError('IO_ERROR', `NBD server answered error ${c.error}: ${c.message}`, {
+        errno: c.error,
+      });
+    } else if ('descriptors' in c) {
+      if (p.command !== CMD.BLOCK_STATUS) throw bad('block status where none belongs');
+      if (c.contextId !== p.contextId) return;
+      let at = p.offset;
+      p.extents = [];
+      for (const d of c.descriptors) {
+        if (d.length === 0) continue;
+        p.extents.push({ offset: at, length: d.length, flags: d.flags });
+        at += d.length;
+      }
+    } else if ('length' in c) {
+      if (p.command !== CMD.READ || !p.dst) throw bad('a hole chunk where none belongs');
+      const at = c.offset - p.offset;
+      if (at < 0 || at + c.length > p.length) throw bad(`hole at ${c.offset}+${c.length} outside the read`);
+      p.dst.fill(0, at, at + c.length);
+      p.holeBytes += c.length;
+    } else if (c.type !== REPLY_TYPE.NONE) throw bad(`unexpected chunk type ${c.type}`);
   }
 }
