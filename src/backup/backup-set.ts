@@ -15,6 +15,7 @@ import type { HostClient } from '../api/client.js';
 import type { Checkpoint } from '../host/definition.js';
 import type { SnapshotSetInfo } from '../host/snapshot-sets.js';
 import { NbdClient } from '../nbd/client.js';
+import { CONTEXT_BASE_ALLOCATION } from '../nbd/protocol.js';
 import type { DiskEntry, PointManifest, Repository, VmEntry } from '../repository/index.js';
 import { TidemarkError } from '../errors.js';
 import { chunksTouched, copyChunks, type Range } from './disk-reader.js';
@@ -348,7 +349,8 @@ async function backupVm(
     }
     const writer = await session.openIndex({ virtualSize: d.virtualSize, base });
     const chunks = chunksTouched(ranges!, writer.chunkSize, d.virtualSize);
-    const nbd = await NbdClient.connect({ ...nbdTarget, exportName: exp.export });
+    // base:allocation: chunks the snapshot holds no data in are not read (pull mode, as libvirt's tools do).
+    const nbd = await NbdClient.connect({ ...nbdTarget, exportName: exp.export, contexts: [CONTEXT_BASE_ALLOCATION] });
     let done = 0;
     const total = chunks.reduce((n, c) => n + Math.min(writer.chunkSize, d.virtualSize - c * writer.chunkSize), 0);
     try {
