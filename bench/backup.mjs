@@ -2,7 +2,8 @@
 // Backup, incremental and restore: Tidemark against restic and borg, side by side on the same data.
 //
 // The data: a 4 GiB dynamic VHDX holding 2 GiB of random data in 1 MiB pieces on every other MiB, attached
-// to a VM of an in-process host. Then 80 MiB are rewritten in 80 scattered 1 MiB writes through the host
+// to a VM of a host running as its own process (`tidemark host`, as an administrator runs it: the backup
+// pulls the disks over NBD from it). Then 80 MiB are rewritten in 80 scattered 1 MiB writes through the host
 // (NBD). Timed, in one run:
 //   full backup       tidemark backup (2016 flow) | restic backup FILE | borg create REPO::a FILE
 //   incremental       the same after the rewrite (tidemark reads only the changed blocks; the others
@@ -13,15 +14,13 @@
 // Ratios are ours/peer (lower is better). Each peer uses its default compression; restic and borg
 // repositories are unencrypted-equivalent where possible (restic always encrypts; borg -e none).
 // Environment: BENCH_TMPDIR (default /tmp), BENCH_SIZE_GIB (4), BENCH_BIG_GIB (64).
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { createCipheriv, randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import path from 'node:path';
 
 const ROOT = new URL('..', import.meta.url).pathname;
 const imp = (p) => import(path.join(ROOT, 'dist', p));
-const { startHost } = await imp('host/daemon.js');
-const { HostLog } = await imp('host/log.js');
 const { HostClient } = await imp('api/client.js');
 const { NbdClient } = await imp('nbd/client.js');
 const { Repository } = await imp('repository/index.js');
@@ -35,7 +34,12 @@ const GiB = 1024 * MiB;
 const SIZE = Number(process.env.BENCH_SIZE_GIB ?? 4) * GiB;
 const BIG = Number(process.env.BENCH_BIG_GIB ?? 64) * GiB;
 const work = mkdtempSync(path.join(process.env.BENCH_TMPDIR ?? '/tmp', 'tidemark-bench-backup.'));
-const env = { ...process.env, RESTIC_PASSWORD: 'bench', BORG_PASSPHRASE: '', BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK: 'yes' };
+const env = {
+  ...process.env,
+  RESTIC_PASSWORD: 'bench',
+  BORG_PASSPHRASE: '',
+  BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK: 'yes',
+};
 const sh = (cmd, args) => execFileSync(cmd, args, { env, stdio: ['ignore', 'ignore', 'inherit'] });
 const time = async (fn) => {
   execFileSync('sync');
@@ -50,9 +54,10 @@ async function makeDisk(file, size, dataBytes) {
   const disk = await VhdxFile.open(file, { writable: true });
   const cipher = createCipheriv('aes-128-ctr', randomBytes(16), randomBytes(16));
   const batch = Buffer.alloc(64 * MiB);
-  for (let at = 0; at < dataBytes * 2; ) {
+  for (let at = 0; at < dataBytes * 2;) {
     const data = cipher.update(batch);
-    for (let p = 0; p < data.length && at < dataBytes * 2; p += MiB, at += 2 * MiB) await disk.write(data.subarray(p, p + MiB), at);
+    for (let p = 0; p < data.length && at < dataBytes * 2; p += MiB, at += 2 * MiB)
+      await disk.write(data.subarray(p, p + MiB), at);
   }
   await disk.close();
 }
@@ -60,17 +65,33 @@ async function makeDisk(file, size, dataBytes) {
 async function rewrite(nbd, size, seed) {
   const cipher = createCipheriv('aes-128-ctr', Buffer.alloc(16, seed), Buffer.alloc(16));
   for (let i = 0; i < 80; i++) {
-    const mib = Math.floor(((i * 2654435761 + seed) % 2 ** 32) / 2 ** 32 * (size / MiB - 1));
+    const mib = Math.floor((((i * 2654435761 + seed) % 2 ** 32) / 2 ** 32) * (size / MiB - 1));
     await nbd.write(mib * MiB, cipher.update(Buffer.alloc(MiB)));
   }
   await nbd.flush();
 }
 
+let host;
 try {
   console.log(`backup bench: ${SIZE / GiB} GiB VHDX, ${SIZE / GiB / 2} GiB random data, in ${work}`);
   const store = path.join(work, 'store');
-  const host = await startHost({ store, nbd: { socket: path.join(work, 'nbd.sock') }, log: HostLog.silent() });
-  const api = await HostClient.connect({ store });
+  host = spawn(
+    process.execPath,
+    [path.join(ROOT, 'bin/tidemark.js'), 'host', '--store', store, '--socket', path.join(work, 'nbd.sock')],
+    {
+      stdio: 'ignore', // its log would interleave with the results
+    },
+  );
+  const exited = new Promise((resolve) => host.once('exit', resolve));
+  let api;
+  for (let i = 0; !api; i++) {
+    try {
+      api = await HostClient.connect({ store });
+    } catch (err) {
+      if (i > 200 || host.exitCode !== null) throw err;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
   const disk4 = path.join(work, 'disk4.vhdx');
   await makeDisk(disk4, SIZE, SIZE / 2);
   await api.createVm({ name: 'bench', disks: [{ slot: 'scsi0-0', path: disk4 }] });
@@ -95,9 +116,19 @@ try {
   results.incRestic = await time(() => sh('restic', ['backup', '-q', '--repo', path.join(work, 'restic'), disk4]));
   results.incBorg = await time(() => sh('borg', ['create', `${path.join(work, 'borg')}::inc`, disk4]));
 
-  results.restoreOurs = await time(() => restorePoint(repo, summary.pointId, { to: path.join(work, 'restore-ours'), format: 'raw' }));
+  results.restoreOurs = await time(() =>
+    restorePoint(repo, summary.pointId, { to: path.join(work, 'restore-ours'), format: 'raw' }),
+  );
   results.restoreRestic = await time(() =>
-    sh('restic', ['restore', '-q', '--repo', path.join(work, 'restic'), 'latest', '--target', path.join(work, 'restore-restic')]),
+    sh('restic', [
+      'restore',
+      '-q',
+      '--repo',
+      path.join(work, 'restic'),
+      'latest',
+      '--target',
+      path.join(work, 'restore-restic'),
+    ]),
   );
 
   // The same incremental on a 64 GiB disk.
@@ -112,17 +143,29 @@ try {
   results.inc64Ours = await time(async () => (summary = await runBackupSet({ host: api, repo, vms: ['big'] })));
   if (!summary.ok) throw new Error(summary.errors.join('; '));
   await repo.close();
-  await host.close();
+  host.kill('SIGINT');
+  await exited;
 
   const r = (a, b) => (a / b).toFixed(3);
   const s = (x) => `${x.toFixed(2)} s`;
-  console.log(`full backup:   tidemark ${s(results.fullOurs)}  restic ${s(results.fullRestic)}  borg ${s(results.fullBorg)}`);
-  console.log(`  ours/restic ${r(results.fullOurs, results.fullRestic)} (goal ≤ 0.5)   ours/borg ${r(results.fullOurs, results.fullBorg)}`);
-  console.log(`incremental:   tidemark ${s(results.incOurs)}  restic ${s(results.incRestic)}  borg ${s(results.incBorg)}`);
-  console.log(`  ours/restic ${r(results.incOurs, results.incRestic)} (goal ≤ 0.05)   ours/borg ${r(results.incOurs, results.incBorg)}`);
+  console.log(
+    `full backup:   tidemark ${s(results.fullOurs)}  restic ${s(results.fullRestic)}  borg ${s(results.fullBorg)}`,
+  );
+  console.log(
+    `  ours/restic ${r(results.fullOurs, results.fullRestic)} (goal ≤ 0.5)   ours/borg ${r(results.fullOurs, results.fullBorg)}`,
+  );
+  console.log(
+    `incremental:   tidemark ${s(results.incOurs)}  restic ${s(results.incRestic)}  borg ${s(results.incBorg)}`,
+  );
+  console.log(
+    `  ours/restic ${r(results.incOurs, results.incRestic)} (goal ≤ 0.05)   ours/borg ${r(results.incOurs, results.incBorg)}`,
+  );
   console.log(`restore:       tidemark ${s(results.restoreOurs)}  restic ${s(results.restoreRestic)}`);
   console.log(`  ours/restic ${r(results.restoreOurs, results.restoreRestic)} (goal ≤ 0.5)`);
-  console.log(`64 GiB incremental: ${s(results.inc64Ours)}; 64 GiB / ${SIZE / GiB} GiB ${r(results.inc64Ours, results.incOurs)} (goal ≤ 1.3)`);
+  console.log(
+    `64 GiB incremental: ${s(results.inc64Ours)}; 64 GiB / ${SIZE / GiB} GiB ${r(results.inc64Ours, results.incOurs)} (goal ≤ 1.3)`,
+  );
 } finally {
+  if (host && host.exitCode === null) host.kill('SIGKILL');
   rmSync(work, { recursive: true, force: true });
 }
