@@ -223,6 +223,56 @@ export function providerConformance(
       expect(await readdir(root)).toEqual([]);
     });
 
+    it('views say where the file held data at the instant: what they call a hole reads zeros, whatever the writes since', async () => {
+      const r = rng(SEED + 7);
+      // Sparse files: a seeded half of 64 KiB pieces written, the rest holes of the file system.
+      const files: string[] = [];
+      const expected: Buffer[] = [];
+      await mkdir(filesDir, { recursive: true });
+      for (let i = 0; i < 2; i++) {
+        const f = path.join(filesDir, `sparse-${i}.img`);
+        const h = await open(f, 'wx');
+        const size = 32 * 64 * KiB + r.int(64 * KiB);
+        const content = Buffer.alloc(size);
+        await h.truncate(size);
+        for (let at = 0; at < size; at += 64 * KiB) {
+          if (r.next() < 0.5) continue;
+          const piece = r.bytes(Math.min(64 * KiB, size - at));
+          await h.write(piece, at);
+          piece.copy(content, at);
+        }
+        files.push(f);
+        expected.push(content);
+      }
+      const handles = await Promise.all(files.map((f) => open(f)));
+      const snap = await take(makeProvider(), files);
+      // Writes into holes and over data after the instant must not change the answer's truth.
+      for (let k = 0; k < 12; k++) {
+        const h = r.pick(handles);
+        await h.write(r.bytes(1 + r.int(8 * KiB)), r.int(h.size()));
+      }
+      for (let i = 0; i < files.length; i++) {
+        const view = await snap.openFile(files[i]);
+        try {
+          const data = view.dataExtents?.(0, view.size());
+          if (data === undefined) continue; // this file system (or a build without the addon) cannot tell
+          let at = 0;
+          let holeBytes = 0;
+          for (const d of [...data, { offset: view.size(), length: 0 }]) {
+            expect(d.offset).toBeGreaterThanOrEqual(at);
+            await expectRange(view, expected[i], at, d.offset - at); // the hole before d
+            if (d.offset > at) expect(expected[i].subarray(at, d.offset).every((b) => b === 0)).toBe(true);
+            holeBytes += d.offset - at;
+            at = d.offset + d.length;
+          }
+          if (process.env.TIDEMARK_NO_SEEK_DATA !== '1') expect(holeBytes).toBeGreaterThan(0);
+        } finally {
+          await view.close();
+        }
+      }
+      await expectInstant(snap, files, expected);
+    });
+
     it('views are read-only and sized as at the instant; after release they and openFile fail with CLOSED', async () => {
       const r = rng(SEED + 2);
       const files = await makeFiles(filesDir, 2, r);
