@@ -17,6 +17,7 @@ import { ChangeTracker } from '../../src/tracking/tracker.js';
 import { Workload } from '../../src/workload/generator.js';
 import { qemuImgCheck, requirePeers, tempDir } from '../helpers/peers.js';
 import { rng, seedFrom } from '../helpers/random.js';
+import { readWholeVhdx } from '../helpers/vhdx.js';
 
 const MiB = 2 ** 20;
 const SIZE = 64 * MiB;
@@ -29,15 +30,6 @@ beforeAll(async () => ({ dir, cleanup } = await tempDir('vdisk')));
 afterAll(async () => cleanup?.());
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-async function readAll(file: string): Promise<Buffer> {
-  const d = await VhdxFile.open(file);
-  try {
-    return await d.readAt(0, d.virtualSize);
-  } finally {
-    await d.close();
-  }
-}
 
 /** Applies a random unaligned write to both the disk and the model. */
 async function randomWrite(disk: VirtualDisk, model: Buffer, r: ReturnType<typeof rng>): Promise<void> {
@@ -108,8 +100,8 @@ describe(`VirtualDisk (seed ${SEED})`, () => {
     expect(disk.path).toBe(child);
     const after = Buffer.from(model);
     await disk.close();
-    expect((await readAll(base)).equals(frozen)).toBe(true);
-    expect((await readAll(child)).equals(after)).toBe(true);
+    expect((await readWholeVhdx(base)).equals(frozen)).toBe(true);
+    expect((await readWholeVhdx(child)).equals(after)).toBe(true);
     // The changes since the checkpoint's id cover everything written after it.
     const reopened = await VirtualDisk.open(child);
     const res = await reopened.changes(id!);
@@ -162,7 +154,7 @@ describe(`VirtualDisk (seed ${SEED})`, () => {
     }
     expect(disk.changeTracker!.status().state).toBe('valid');
     await disk.close();
-    expect((await readAll(base)).equals(model)).toBe(true);
+    expect((await readWholeVhdx(base)).equals(model)).toBe(true);
     if (!requirePeers('qemu-img').skip) expect((await qemuImgCheck(base)).ok).toBe(true);
   });
 

@@ -15,6 +15,7 @@ import { createVhdx } from '../../src/formats/vhdx/create.js';
 import { VhdxFile } from '../../src/formats/vhdx/vhdx.js';
 import { qemuImgConvertToRaw, requirePeers, tempDir } from '../helpers/peers.js';
 import { rng, seedFrom } from '../helpers/random.js';
+import { readWholeVhdx } from '../helpers/vhdx.js';
 
 const MiB = 2 ** 20;
 const SEED = seedFrom('TIDEMARK_ALLOC_SEED', 20261124);
@@ -24,15 +25,6 @@ let dir: string;
 let cleanup: () => Promise<void>;
 beforeAll(async () => ({ dir, cleanup } = await tempDir('alloc')));
 afterAll(async () => cleanup());
-
-async function readAll(file: string): Promise<Buffer> {
-  const disk = await VhdxFile.open(file);
-  try {
-    return await disk.readAt(0, disk.virtualSize);
-  } finally {
-    await disk.close();
-  }
-}
 
 /** Bytes the host file system holds for `file`. */
 const allocatedBytes = (file: string) => statSync(file).blocks * 512;
@@ -49,7 +41,7 @@ describe('block allocation', () => {
     await disk.close();
     const expected = Buffer.alloc(16 * MiB);
     data.copy(expected, 3 * MiB);
-    expect((await readAll(file)).equals(expected)).toBe(true);
+    expect((await readWholeVhdx(file)).equals(expected)).toBe(true);
   });
 
   it('zeroing the never-written parts of fresh blocks writes nothing; zeroing written bytes does', async () => {
@@ -81,7 +73,7 @@ describe('block allocation', () => {
     expected.fill(0, MiB + 8192, MiB + 8192 + 512);
     expect((await disk.readAt(0, 64 * MiB)).equals(expected)).toBe(true);
     await disk.close();
-    expect((await readAll(file)).equals(expected)).toBe(true);
+    expect((await readWholeVhdx(file)).equals(expected)).toBe(true);
   });
 
   it.skipIf(requirePeers('qemu-img').skip)(
@@ -117,7 +109,7 @@ describe('block allocation', () => {
         }
       }
       await disk.close();
-      expect((await readAll(file)).equals(expected)).toBe(true);
+      expect((await readWholeVhdx(file)).equals(expected)).toBe(true);
       const raw = path.join(dir, 'mix.raw');
       await qemuImgConvertToRaw(file, 'vhdx', raw);
       expect(readFileSync(raw).equals(expected)).toBe(true);

@@ -44,6 +44,7 @@ import {
 } from '../helpers/peers.js';
 import { rng, seedFrom } from '../helpers/random.js';
 import { scribble } from '../helpers/scribble.js';
+import { readWholeVhdx } from '../helpers/vhdx.js';
 
 const MiB = 2 ** 20;
 const SEED = seedFrom('TIDEMARK_CHAIN_SEED', 4242);
@@ -53,15 +54,6 @@ let dir: string;
 let cleanup: () => Promise<void>;
 beforeAll(async () => ({ dir, cleanup } = await tempDir('chain')));
 afterAll(async () => cleanup());
-
-async function readAll(file: string, opts = {}): Promise<Buffer> {
-  const disk = await VhdxFile.open(file, opts);
-  try {
-    return await disk.readAt(0, disk.virtualSize);
-  } finally {
-    await disk.close();
-  }
-}
 
 function firstDiff(a: Buffer, b: Buffer): string {
   if (a.length !== b.length) return `lengths ${a.length} and ${b.length}`;
@@ -186,7 +178,7 @@ describe.skipIf(requirePeers('qemu-img', 'qemu-io', '7zz', 'libvhdi', 'vhdiinfo'
       seed,
     );
     for (let i = 0; i < files.length; i++) {
-      expectSame(await readAll(files[i]), levels[i], `level ${i} through the engine ${where}`);
+      expectSame(await readWholeVhdx(files[i]), levels[i], `level ${i} through the engine ${where}`);
       const report = await checkVhdx(files[i]);
       expect(report.errors, `check level ${i}`).toEqual([]);
       expect(report.warnings, `check level ${i}`).toEqual([]);
@@ -217,7 +209,7 @@ describe.skipIf(requirePeers('qemu-img', 'qemu-io', '7zz', 'libvhdi', 'vhdiinfo'
       const info = await vhdxInfo(flat);
       expect(info.type).toBe(opts.type ?? 'dynamic');
       expect(info.hasParent).toBe(false);
-      expectSame(await readAll(flat), levels[3], `${name} through the engine`);
+      expectSame(await readWholeVhdx(flat), levels[3], `${name} through the engine`);
       const check = await qemuImgCheck(flat);
       expect(check.ok, `qemu-img check ${name}: ${check.output}`).toBe(true);
       const cmp = await qemuImgCompare(flat, 'vhdx', expectedRaw, 'raw');
@@ -230,7 +222,11 @@ describe.skipIf(requirePeers('qemu-img', 'qemu-io', '7zz', 'libvhdi', 'vhdiinfo'
       const r = await mergeIntoParent(files[i]);
       expect(r.parentPath).toBe(files[i - 1]);
       expect(existsSync(files[i]), `${files[i]} is gone after its merge`).toBe(false);
-      expectSame(await readAll(files[i - 1]), levels[3], `${path.basename(files[i - 1])} after merging ${i} ${where}`);
+      expectSame(
+        await readWholeVhdx(files[i - 1]),
+        levels[3],
+        `${path.basename(files[i - 1])} after merging ${i} ${where}`,
+      );
       expect((await checkVhdx(files[i - 1])).errors).toEqual([]);
       if (i > 1) {
         // The shortened chain still satisfies the peers' parent checks.
@@ -255,7 +251,7 @@ describe.skipIf(requirePeers('qemu-img', 'qemu-io', '7zz', 'libvhdi', 'vhdiinfo'
       seed,
     );
     for (let i = 0; i < files.length; i++) {
-      expectSame(await readAll(files[i]), levels[i], `level ${i} through the engine ${where}`);
+      expectSame(await readWholeVhdx(files[i]), levels[i], `level ${i} through the engine ${where}`);
       expect((await checkVhdx(files[i])).errors).toEqual([]);
     }
     for (let i = 1; i < files.length; i++) {
@@ -272,10 +268,10 @@ describe.skipIf(requirePeers('qemu-img', 'qemu-io', '7zz', 'libvhdi', 'vhdiinfo'
     expectSame(readFileSync(path.join(dir, 'k-flat.raw')), levels[3], 'flattened to raw');
     await convertImage(top, path.join(dir, 'k-flat.vhdx'));
     expect((await vhdxInfo(path.join(dir, 'k-flat.vhdx'))).logicalSectorSize).toBe(4096); // kept from the source
-    expectSame(await readAll(path.join(dir, 'k-flat.vhdx')), levels[3], 'flattened to VHDX');
+    expectSame(await readWholeVhdx(path.join(dir, 'k-flat.vhdx')), levels[3], 'flattened to VHDX');
     expectSame(await sevenZip(path.join(dir, 'k-flat.vhdx')), levels[3], '7zz reads the flattened VHDX');
     for (let i = 3; i >= 1; i--) await mergeIntoParent(files[i]);
-    expectSame(await readAll(files[0]), levels[3], `merged base ${where}`);
+    expectSame(await readWholeVhdx(files[0]), levels[3], `merged base ${where}`);
     const report = await checkVhdx(files[0]);
     expect(report.errors).toEqual([]);
     expect((await vhdxInfo(files[0])).type).toBe('fixed');
@@ -303,7 +299,7 @@ describe.skipIf(requirePeers('qemu-img', 'qemu-io', '7zz', 'libvhdi', 'vhdiinfo'
       await writeLevel(files[i], expected, seed + i);
       levels.push(Buffer.from(expected));
     }
-    expectSame(await readAll(files[2]), levels[2], `engine ${where}`);
+    expectSame(await readWholeVhdx(files[2]), levels[2], `engine ${where}`);
     expectSame(await sevenZip(files[2]), levels[2], `7zz ${where}`);
     (await vhdiLevels(files)).forEach((b, i) => expectSame(b, levels[i], `libvhdi level ${i} ${where}`));
     await mergeIntoParent(files[2]);
@@ -385,11 +381,11 @@ describe('parent locators', () => {
       const c = await VhdxFile.open(child, { writable: true });
       await c.write(Buffer.alloc(512, 7), 0);
       await c.close();
-      expect((await readAll(child)).subarray(0, 512).equals(Buffer.alloc(512, 7))).toBe(true);
+      expect((await readWholeVhdx(child)).subarray(0, 512).equals(Buffer.alloc(512, 7))).toBe(true);
       // Reading the parent changes nothing; opening it writable without writing changes nothing visible.
       const ro = await VhdxFile.open(parent, { writable: true });
       await ro.close();
-      await expect(readAll(child)).resolves.toBeDefined();
+      await expect(readWholeVhdx(child)).resolves.toBeDefined();
 
       const p = await VhdxFile.open(parent, { writable: true });
       await p.write(Buffer.alloc(512, 1), MiB);
@@ -414,7 +410,7 @@ describe('parent locators', () => {
       const w = await VhdxFile.open(path.join(dir, 'a', 'c.avhdx'), { writable: true });
       await w.write(Buffer.alloc(1000, 0x33), 700);
       await w.close();
-      const before = await readAll(path.join(dir, 'a', 'c.avhdx'));
+      const before = await readWholeVhdx(path.join(dir, 'a', 'c.avhdx'));
       renameSync(path.join(dir, 'a'), path.join(dir, 'moved'));
       const moved = path.join(dir, 'moved', 'c.avhdx');
       const d = await VhdxFile.open(moved);
@@ -424,7 +420,7 @@ describe('parent locators', () => {
       } finally {
         await d.close();
       }
-      expectSame(await readAll(moved), before, 'moved chain through the engine');
+      expectSame(await readWholeVhdx(moved), before, 'moved chain through the engine');
       expectSame(await sevenZip(moved), before, 'moved chain through 7zz');
       expectSame(await vhdi(moved), before, 'moved chain through libvhdi');
 
@@ -446,7 +442,7 @@ describe('parent locators', () => {
       );
       expect(await currentDataWriteGuid(moved)).toBe(dwgBefore);
       expect((await checkVhdx(moved)).errors).toEqual([]);
-      expectSame(await readAll(moved), before, 'refreshed chain through the engine');
+      expectSame(await readWholeVhdx(moved), before, 'refreshed chain through the engine');
       expectSame(await sevenZip(moved), before, 'refreshed chain through 7zz');
       expectSame(await vhdi(moved), before, 'refreshed chain through libvhdi');
 
@@ -486,7 +482,7 @@ describe('parent locators', () => {
     expect(report.repaired.join(' ')).toMatch(/header 1 rewritten/);
     expect(report.warnings).toEqual([]);
     // A repair is no guest-visible change: the DataWriteGuid, and so the child's linkage, still hold.
-    expect((await readAll(child)).subarray(0, 4096).equals(Buffer.alloc(4096, 0x42))).toBe(true);
+    expect((await readWholeVhdx(child)).subarray(0, 4096).equals(Buffer.alloc(4096, 0x42))).toBe(true);
     expect((await checkVhdx(child)).errors).toEqual([]);
   });
 

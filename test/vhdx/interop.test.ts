@@ -49,6 +49,7 @@ import {
 } from '../helpers/peers.js';
 import { rng, seedFrom } from '../helpers/random.js';
 import { scribble } from '../helpers/scribble.js';
+import { readWholeVhdx } from '../helpers/vhdx.js';
 
 const KiB = 1024;
 const MiB = 2 ** 20;
@@ -60,18 +61,6 @@ let dir: string;
 let cleanup: () => Promise<void>;
 beforeAll(async () => ({ dir, cleanup } = await tempDir('interop')));
 afterAll(async () => cleanup());
-
-async function readAll(file: string): Promise<Buffer> {
-  const disk = await VhdxFile.open(file);
-  try {
-    const out = Buffer.alloc(disk.virtualSize);
-    for (let at = 0; at < out.length; at += 64 * MiB)
-      await disk.read(out.subarray(at, Math.min(out.length, at + 64 * MiB)), at);
-    return out;
-  } finally {
-    await disk.close();
-  }
-}
 
 /** First differing byte of two buffers, for failure messages that say where. */
 function firstDiff(a: Buffer, b: Buffer): string {
@@ -152,7 +141,7 @@ describe.skipIf(allPeers)('files we write, read by the engine, qemu-img, 7zz and
     } finally {
       await disk.close();
     }
-    expectSame(await readAll(file), expected, `engine read-back ${where}`);
+    expectSame(await readWholeVhdx(file), expected, `engine read-back ${where}`);
     const report = await checkVhdx(file);
     expect(report.errors, `checkVhdx ${where}`).toEqual([]);
     expect(report.warnings, `checkVhdx ${where}`).toEqual([]);
@@ -189,7 +178,7 @@ describe.skipIf(allPeers)('files we write, read by the engine, qemu-img, 7zz and
       ];
       await qemuIoWrite(file, theirs);
       for (const w of theirs) expected.fill(w.pattern, w.offset, w.offset + w.length);
-      expectSame(await readAll(file), expected, `engine reads qemu-io's writes into our file ${where}`);
+      expectSame(await readWholeVhdx(file), expected, `engine reads qemu-io's writes into our file ${where}`);
       expect((await checkVhdx(file)).errors).toEqual([]);
       const again = await qemuImgCheck(file);
       expect(again.ok, again.output).toBe(true);
@@ -279,7 +268,7 @@ describe.skipIf(allPeers)('files qemu-img writes', () => {
       await qemuIoZero(file, 3 * MiB + 4096, 2 * MiB + 512);
       await qemuImgConvertToRaw(file, 'vhdx', viaQemu);
       const expected = readFileSync(viaQemu);
-      expectSame(await readAll(file), expected, `engine reads qemu-io's writes ${where}`);
+      expectSame(await readWholeVhdx(file), expected, `engine reads qemu-io's writes ${where}`);
       expect((await checkVhdx(file)).errors).toEqual([]);
 
       // Our writes into QEMU's file (QEMU's fixed files have ZERO entries with preallocated offsets).
@@ -301,7 +290,7 @@ describe.skipIf(allPeers)('files qemu-img writes', () => {
       await qemuIoWrite(file, qemuWrites(seed + 2, size, blockSize));
       rmSync(viaQemu);
       await qemuImgConvertToRaw(file, 'vhdx', viaQemu);
-      expectSame(await readAll(file), readFileSync(viaQemu), `engine after qemu-io wrote again ${where}`);
+      expectSame(await readWholeVhdx(file), readFileSync(viaQemu), `engine after qemu-io wrote again ${where}`);
       expect((await checkVhdx(file)).errors).toEqual([]);
     },
   );
