@@ -38,7 +38,8 @@ export interface Backend {
   readonly location: string;
   /** the whole object; NOT_FOUND when there is none; LIMIT_EXCEEDED above opts.maxBytes */
   get(key: string, opts?: GetOptions): Promise<Buffer>;
-  /** atomic: a reader sees the old object or the new one, never a mix; replaces an existing object */
+  /** atomic: a reader sees the old object or the new one, never a mix; replaces an existing object. `data` is not
+   * kept once the promise settles (the caller may reuse it). */
   put(key: string, data: Uint8Array, opts?: PutOptions): Promise<void>;
   /** idempotent: deleting what is not there is not an error */
   delete(key: string): Promise<void>;

@@ -76,7 +76,8 @@ export class EnvelopeCodec {
     if (key !== null && key.length !== 32) throw new Error('envelope key must be 32 bytes');
   }
 
-  seal(plain: Uint8Array, opts: SealOptions): Buffer {
+  /** Seals `plain`; the result goes into `into` when it is large enough (a buffer handed back for reuse). */
+  seal(plain: Uint8Array, opts: SealOptions, into?: ArrayBuffer): Buffer {
     if (plain.length > 0xffffffff) throw new RangeError('object larger than 4 GiB');
     this.cctx ??= new this.zstd.CCtx();
     const bound = this.zstd.compressBound(plain.length);
@@ -88,7 +89,10 @@ export class EnvelopeCodec {
     const encrypted = this.key !== null;
     const checksum = !encrypted && opts.checksum === true;
     const bodyLength = payload.length + (encrypted ? NONCE_SIZE + TAG_SIZE : 0) + (checksum ? CHECKSUM_SIZE : 0);
-    const out = Buffer.allocUnsafe(HEADER_SIZE + bodyLength);
+    const out =
+      into && into.byteLength >= HEADER_SIZE + bodyLength
+        ? Buffer.from(into, 0, HEADER_SIZE + bodyLength)
+        : Buffer.allocUnsafeSlow(HEADER_SIZE + bodyLength);
     MAGIC.copy(out, 0);
     out[4] = VERSION;
     out[5] = TYPE_CODE[opts.type];
@@ -216,29 +220,37 @@ export interface WorkerSetup {
   level: number;
 }
 
+/** `out`: a spare buffer for a seal's result (main keeps a few, so neither side allocates per chunk). */
 export type WorkerTask =
-  | { seq: number; op: 'seal'; data: Uint8Array; opts: SealOptions }
+  | { seq: number; op: 'seal'; data: Uint8Array; opts: SealOptions; out?: ArrayBuffer }
   | { seq: number; op: 'open'; data: Uint8Array; type: ObjectType; name: string; maxPlain: number };
 
-export type WorkerReply =
-  | { seq: number; ok: true; data: Uint8Array }
-  | { seq: number; ok: false; error: { code: string; problem: string; message: string; envelope: boolean } };
+/** `spares`: buffers the worker is done with (the task's input, an unused `out`), moved back to main. */
+export type WorkerReply = { seq: number; spares: ArrayBuffer[] } & (
+  | { ok: true; data: Uint8Array }
+  | { ok: false; error: { code: string; problem: string; message: string; envelope: boolean } }
+);
 
 function serveWorker(setup: WorkerSetup): void {
   const zstd = createRequire(setup.zstdPath)(setup.zstdPath) as ZstdBinding;
   const codec = new EnvelopeCodec(zstd, setup.key ? Buffer.from(setup.key) : null, setup.level);
   parentPort!.on('message', (task: WorkerTask) => {
     let reply: WorkerReply;
+    const spareOut = task.op === 'seal' ? task.out : undefined;
     try {
       const out =
         task.op === 'seal'
-          ? codec.seal(task.data, task.opts)
+          ? codec.seal(task.data, task.opts, spareOut)
           : codec.open(task.data, task.type, task.name, task.maxPlain);
-      reply = { seq: task.seq, ok: true, data: out };
+      // The input is done with (open never returns a view of it: see EnvelopeCodec.open); so is an unused out.
+      const spares = [task.data.buffer as ArrayBuffer];
+      if (spareOut && out.buffer !== spareOut) spares.push(spareOut);
+      reply = { seq: task.seq, spares, ok: true, data: out };
     } catch (err) {
       const e = err as EnvelopeError;
       reply = {
         seq: task.seq,
+        spares: [task.data.buffer as ArrayBuffer, ...(spareOut ? [spareOut] : [])],
         ok: false,
         error: {
           code: e.code ?? 'INTERNAL',
@@ -249,10 +261,14 @@ function serveWorker(setup: WorkerSetup): void {
       };
     }
     // A buffer that owns its whole ArrayBuffer can move instead of being copied (pooled small ones cannot).
-    const transfer =
-      reply.ok && reply.data.byteOffset === 0 && reply.data.byteLength === reply.data.buffer.byteLength
-        ? [reply.data.buffer as ArrayBuffer]
-        : [];
+    // A result in the spare `out`, or one owning its whole ArrayBuffer, moves instead of being copied (small
+    // ones carved from Node's shared pool cannot).
+    const transfer: ArrayBuffer[] = [...reply.spares];
+    if (reply.ok) {
+      const b = reply.data;
+      const own = b.buffer === spareOut || (b.byteOffset === 0 && b.byteLength === b.buffer.byteLength);
+      if (own && !transfer.includes(b.buffer as ArrayBuffer)) transfer.push(b.buffer as ArrayBuffer);
+    }
     parentPort!.postMessage(reply, transfer);
   });
 }

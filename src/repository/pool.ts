@@ -15,6 +15,7 @@ import { TidemarkError, type ErrorCode } from '../errors.js';
 import {
   EnvelopeCodec,
   EnvelopeError,
+  MAX_OVERHEAD,
   type ObjectType,
   type SealOptions,
   type WorkerReply,
@@ -58,6 +59,10 @@ export class CodecError extends Error {
 
 export interface Codec {
   seal(plain: Uint8Array, opts: SealOptions): Promise<Buffer>;
+  /** Hands back a buffer `seal` returned once nothing uses it any more, to be reused (others are ignored). */
+  recycle(buf: Uint8Array): void;
+  /** Transfer buffers allocated so far because no spare fitted (a measure of reuse). */
+  readonly buffersAllocated: number;
   open(stored: Uint8Array, type: ObjectType, name: string, maxPlain: number): Promise<Buffer>;
   close(): Promise<void>;
   readonly workers: number;
@@ -99,6 +104,8 @@ class InlineCodec implements Codec {
   async seal(plain: Uint8Array, opts: SealOptions): Promise<Buffer> {
     return this.codec.seal(plain, opts);
   }
+  recycle(): void {}
+  readonly buffersAllocated = 0;
   async open(stored: Uint8Array, type: ObjectType, name: string, maxPlain: number): Promise<Buffer> {
     try {
       return this.codec.open(stored, type, name, maxPlain);
@@ -154,6 +161,14 @@ interface Slot {
 
 /** Two tasks in flight per worker hide the message round trip; the rest wait in a queue. */
 const PER_WORKER = 2;
+/** Spare buffers are allocated in steps of this much, so one serves as a chunk's input and as its output. */
+const SPARE_STEP = 64 * 1024;
+/**
+ * Buffers handed back by the workers (inputs they are done with) and by callers (results they are done with),
+ * reused for the next tasks' inputs and results: a backup then allocates no memory per chunk, which spared
+ * V8 a mark-compact every few dozen chunks (external memory pressure).
+ */
+const MAX_SPARES = 32;
 
 class PoolCodec implements Codec {
   private slots: Slot[] = [];
@@ -161,6 +176,10 @@ class PoolCodec implements Codec {
   private seq = 0;
   private closed = false;
   private failure: Error | null = null;
+  private spares: ArrayBuffer[] = [];
+  buffersAllocated = 0;
+  /** Result buffers given to callers, which may come back through recycle(). */
+  private readonly issued = new WeakSet<ArrayBufferLike>();
 
   constructor(
     script: Script,
@@ -192,6 +211,24 @@ class PoolCodec implements Codec {
     return this.submit({ seq: ++this.seq, op: 'open', data: stored, type, name, maxPlain });
   }
 
+  recycle(buf: Uint8Array): void {
+    if (!this.issued.has(buf.buffer)) return;
+    this.issued.delete(buf.buffer);
+    this.keepSpare(buf.buffer as ArrayBuffer);
+  }
+
+  private keepSpare(ab: ArrayBuffer): void {
+    if (this.spares.length < MAX_SPARES && ab.byteLength >= SPARE_STEP) this.spares.push(ab); // a detached one has length 0
+  }
+
+  /** A spare of at least `bytes` (a new one when none fits). */
+  private takeSpare(bytes: number): ArrayBuffer {
+    const i = this.spares.findIndex((b) => b.byteLength >= bytes);
+    if (i >= 0) return this.spares.splice(i, 1)[0];
+    this.buffersAllocated++;
+    return new ArrayBuffer(Math.ceil(bytes / SPARE_STEP) * SPARE_STEP);
+  }
+
   private submit(task: WorkerTask): Promise<Buffer> {
     if (this.closed) return Promise.reject(new TidemarkError('CLOSED', 'the repository is closed'));
     if (this.failure) return Promise.reject(this.failure);
@@ -210,9 +247,15 @@ class PoolCodec implements Codec {
       best.pending.set(task.seq, pending);
       if (best.inFlight++ === 0) best.worker.ref();
       // A view would be cloned with its whole underlying ArrayBuffer (a slice of a 256 MiB image copies all of
-      // it): copy just the bytes and move the copy.
-      const data = new Uint8Array(task.data);
-      best.worker.postMessage({ ...task, data }, [data.buffer]);
+      // it): copy just the bytes into a spare and move that. A seal also gets a spare for its result.
+      const n = task.data.byteLength;
+      const input = this.takeSpare(Math.max(n, 1));
+      const data = new Uint8Array(input, 0, n);
+      data.set(task.data);
+      const transfer = [input];
+      let out: ArrayBuffer | undefined;
+      if (task.op === 'seal') transfer.push((out = this.takeSpare(n + MAX_OVERHEAD)));
+      best.worker.postMessage({ ...task, data, ...(out ? { out } : {}) }, transfer);
     }
   }
 
@@ -221,7 +264,9 @@ class PoolCodec implements Codec {
     if (!pending) return;
     slot.pending.delete(reply.seq);
     if (--slot.inFlight === 0) slot.worker.unref();
+    for (const ab of reply.spares) this.keepSpare(ab);
     if (reply.ok) {
+      this.issued.add(reply.data.buffer);
       pending.resolve(Buffer.from(reply.data.buffer, reply.data.byteOffset, reply.data.byteLength));
     } else if (reply.error.envelope) {
       pending.reject(

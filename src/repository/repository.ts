@@ -378,6 +378,11 @@ export class Repository {
   // Objects
 
   /** @internal */
+  /** Gives a sealed buffer back for reuse once nothing uses it any more. @internal */
+  recycle(sealed: Buffer): void {
+    this.codec.recycle(sealed);
+  }
+
   async seal(type: ObjectType, key: string, plain: Uint8Array): Promise<Buffer> {
     this.checkOpen();
     return this.codec.seal(plain, { type, name: key, checksum: type === 'manifest' });
@@ -1120,6 +1125,7 @@ export class BackupSession {
       if (await repo.backend.exists(key)) return { id, isNew: false, storedBytes: 0 };
       const sealed = await repo.seal('chunk', key, plaintext);
       await repo.backend.put(key, sealed, { deferred: true });
+      repo.recycle(sealed); // the backend is done with it (Backend.put keeps no reference)
       return { id, isNew: true, storedBytes: sealed.length };
     })();
     this.inflight.set(id, work);

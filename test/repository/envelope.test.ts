@@ -126,4 +126,33 @@ describe('codec pool', () => {
     }
     await expect(pool.seal(Buffer.alloc(1), { type: 'chunk', name: 'x' })).rejects.toMatchObject({ code: 'CLOSED' });
   });
+
+  it('results handed back for reuse serve later seals, and results still in use are never overwritten', async () => {
+    const r = rng(SEED + 3);
+    const pool = await createCodec({ key: KEY, workers: 2 });
+    const inline = await createCodec({ key: KEY, workers: 0 });
+    try {
+      const kept: { data: Buffer; sealed: Buffer; copy: Buffer; name: string }[] = [];
+      for (let round = 0; round < 6; round++) {
+        const datas = Array.from({ length: 8 }, (_, i) => (i % 3 ? r.bytes(300_000) : compressible(r, 300_000)));
+        const sealed = await Promise.all(datas.map((d, i) => pool.seal(d, { type: 'chunk', name: `r${round}-${i}` })));
+        sealed.forEach((s, i) => {
+          kept.push({ data: datas[i], sealed: s, copy: Buffer.from(s), name: `r${round}-${i}` });
+        });
+        // Half go back for reuse (as a backend is done with them); the others stay in use.
+        for (const k of kept.splice(-8).filter((_, i) => i % 2 === 0)) pool.recycle(k.sealed);
+        pool.recycle(Buffer.alloc(1 << 20)); // not the pool's: ignored
+      }
+      // Without reuse every seal would allocate an input and an output buffer: 96.
+      expect(pool.buffersAllocated).toBeGreaterThanOrEqual(16);
+      expect(pool.buffersAllocated).toBeLessThan(60);
+      for (const k of kept) {
+        expect(k.sealed.equals(k.copy), `${k.name} was overwritten while in use`).toBe(true);
+        expect((await inline.open(k.sealed, 'chunk', k.name, 300_000)).equals(k.data)).toBe(true);
+      }
+    } finally {
+      await pool.close();
+      await inline.close();
+    }
+  });
 });
