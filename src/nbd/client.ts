@@ -79,20 +79,33 @@ interface Pending {
   error?: Error;
 }
 
-/** Reads exactly what it is asked for from a socket, however the bytes arrive. */
+/**
+ * Reads exactly what it is asked for from a socket, however the bytes arrive. The socket reads into memory
+ * this class chooses (net's `onread`): straight into the buffer of a read in progress (reply data lands
+ * where the caller wants it, no copy), else into one reused scratch buffer whose bytes are copied out at
+ * once. So receiving allocates nothing per read, which spared V8 its external-memory collections.
+ */
 class SocketReader {
+  private readonly scratch = Buffer.allocUnsafe(64 * 1024);
   private chunks: Buffer[] = [];
   private have = 0;
   private waiter:
-    { n: number; dst: Buffer | undefined; resolve: (b: Buffer) => void; reject: (e: Error) => void } | undefined;
+    | { n: number; dst: Buffer | undefined; filled: number; resolve: (b: Buffer) => void; reject: (e: Error) => void }
+    | undefined;
+  /** The socket's current buffer is the waiter's `dst` from `filled` on. */
+  private direct = false;
   private error: Error | undefined;
 
-  constructor(socket: net.Socket) {
-    socket.on('data', (d: Buffer) => {
-      this.chunks.push(d);
-      this.have += d.length;
-      this.pump();
-    });
+  /** The `onread` option for net.connect that feeds this reader. */
+  readonly onread = {
+    buffer: (): Uint8Array => this.nextBuffer(),
+    callback: (nread: number): boolean => {
+      this.received(nread);
+      return true;
+    },
+  };
+
+  attach(socket: net.Socket): void {
     const fail = (e: Error) => {
       this.error ??= e;
       if (this.waiter) {
@@ -110,7 +123,7 @@ class SocketReader {
     return this.wait(n, undefined);
   }
 
-  /** The next `dst.length` bytes, copied into `dst` (no intermediate buffer). */
+  /** The next `dst.length` bytes, into `dst`. */
   readInto(dst: Buffer): Promise<Buffer> {
     return this.wait(dst.length, dst);
   }
@@ -118,17 +131,67 @@ class SocketReader {
   private wait(n: number, dst: Buffer | undefined): Promise<Buffer> {
     if (this.error && this.have < n) return Promise.reject(this.error);
     return new Promise((resolve, reject) => {
-      this.waiter = { n, dst, resolve, reject };
+      this.waiter = { n, dst, filled: 0, resolve, reject };
       this.pump();
     });
   }
 
+  /** Where the socket's next read goes: the rest of a waiting `dst` when nothing is queued before it. */
+  private nextBuffer(): Uint8Array {
+    const w = this.waiter;
+    this.direct = w?.dst !== undefined && this.have === 0 && w.filled < w.n;
+    return this.direct ? w!.dst!.subarray(w!.filled) : this.scratch;
+  }
+
+  private received(nread: number): void {
+    const w = this.waiter;
+    if (this.direct && w?.dst) {
+      w.filled += nread;
+      this.settleInto(w);
+      return;
+    }
+    let at = 0;
+    if (w?.dst && this.have === 0) {
+      at = Math.min(nread, w.n - w.filled);
+      this.scratch.copy(w.dst, w.filled, 0, at);
+      w.filled += at;
+      this.settleInto(w);
+    }
+    if (at < nread) {
+      const rest = Buffer.allocUnsafe(nread - at);
+      this.scratch.copy(rest, 0, at, nread);
+      this.chunks.push(rest);
+      this.have += rest.length;
+      this.pump();
+    }
+  }
+
+  private settleInto(w: NonNullable<SocketReader['waiter']>): void {
+    if (w.filled < w.n || this.waiter !== w) return;
+    this.waiter = undefined;
+    w.resolve(w.dst!);
+  }
+
   private pump(): void {
     const w = this.waiter;
-    if (!w || this.have < w.n) return;
+    if (!w) return;
+    if (w.dst) {
+      while (this.have > 0 && w.filled < w.n) {
+        const c = this.chunks[0];
+        const take = Math.min(c.length, w.n - w.filled);
+        c.copy(w.dst, w.filled, 0, take);
+        w.filled += take;
+        this.have -= take;
+        if (take === c.length) this.chunks.shift();
+        else this.chunks[0] = c.subarray(take);
+      }
+      this.settleInto(w);
+      return;
+    }
+    if (this.have < w.n) return;
     this.waiter = undefined;
-    if (!w.dst && this.chunks[0].length >= w.n) {
-      const first = this.chunks[0];
+    const first = this.chunks[0];
+    if (first.length >= w.n) {
       const out = first.subarray(0, w.n);
       if (first.length === w.n) this.chunks.shift();
       else this.chunks[0] = first.subarray(w.n);
@@ -136,7 +199,7 @@ class SocketReader {
       w.resolve(out);
       return;
     }
-    const out = w.dst ?? Buffer.allocUnsafe(w.n);
+    const out = Buffer.allocUnsafe(w.n);
     let at = 0;
     while (at < w.n) {
       const c = this.chunks[0];
@@ -171,15 +234,16 @@ export class NbdClient {
   }
 
   static async connect(target: NbdTarget): Promise<NbdClient> {
+    const reader = new SocketReader();
     const socket = target.socket
-      ? net.connect(target.socket)
-      : net.connect(target.port ?? 10809, target.host ?? '127.0.0.1');
+      ? net.connect({ path: target.socket, onread: reader.onread })
+      : net.connect({ port: target.port ?? 10809, host: target.host ?? '127.0.0.1', onread: reader.onread });
+    reader.attach(socket);
     socket.setNoDelay(true);
     await new Promise<void>((resolve, reject) => {
       socket.once('connect', resolve);
       socket.once('error', (e) => reject(new TidemarkError('IO_ERROR', `cannot connect to NBD server: ${e.message}`)));
     });
-    const reader = new SocketReader(socket);
     /** Sends an option and collects its replies up to the final ACK (or throws on an error reply). */
     const option = async (opt: number, data?: Buffer): Promise<{ type: number; data: Buffer }[]> => {
       socket.write(encodeOption(opt, data));
