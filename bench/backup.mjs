@@ -18,6 +18,9 @@ import { execFileSync, spawn } from 'node:child_process';
 import { createCipheriv, randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import path from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { URL } from 'node:url';
 
 const ROOT = new URL('..', import.meta.url).pathname;
 const imp = (p) => import(path.join(ROOT, 'dist', p));
@@ -89,7 +92,7 @@ try {
       api = await HostClient.connect({ store });
     } catch (err) {
       if (i > 200 || host.exitCode !== null) throw err;
-      await new Promise((r) => setTimeout(r, 50));
+      await sleep(50);
     }
   }
   const disk4 = path.join(work, 'disk4.vhdx');
