@@ -40,13 +40,20 @@ export async function zeroChunks(
   chunks: number[],
   chunkSize: number,
   size: number,
+  parallel = 8,
 ): Promise<Set<number>> {
   const zero = new Set<number>();
   if (!nbd.hasContext(CONTEXT_BASE_ALLOCATION)) return zero;
+  // Runs of consecutive chunks (an incremental's are many and short: they are asked several at a time).
+  const runs: [number, number][] = [];
   for (let i = 0; i < chunks.length;) {
-    // A run of consecutive chunks: its zero ranges (joined), then the chunks lying wholly inside one.
     let j = i + 1;
     while (j < chunks.length && chunks[j] === chunks[j - 1] + 1) j++;
+    runs.push([i, j]);
+    i = j;
+  }
+  const inspect = async ([i, j]: [number, number]) => {
+    // The run's zero ranges (joined), then the chunks lying wholly inside one.
     const start = chunks[i] * chunkSize;
     const end = Math.min(size, chunks[j - 1] * chunkSize + chunkSize);
     const zeros: Range[] = [];
@@ -71,8 +78,13 @@ export async function zeroChunks(
       while (z < zeros.length && zeros[z].offset + zeros[z].length < to) z++;
       if (z < zeros.length && zeros[z].offset <= from && zeros[z].offset + zeros[z].length >= to) zero.add(chunks[k]);
     }
-    i = j;
-  }
+  };
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: Math.min(Math.max(1, parallel), runs.length) }, async () => {
+      while (next < runs.length) await inspect(runs[next++]);
+    }),
+  );
   return zero;
 }
 
@@ -92,7 +104,7 @@ export async function copyChunks(
 ): Promise<number> {
   const cs = writer.chunkSize;
   const parallel = Math.max(1, opts.parallel ?? 8);
-  const zero = await zeroChunks(nbd, chunks, cs, opts.size);
+  const zero = await zeroChunks(nbd, chunks, cs, opts.size, parallel);
   const toRead: number[] = [];
   for (const c of chunks) {
     const offset = c * cs;
