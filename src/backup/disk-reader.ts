@@ -5,6 +5,7 @@
  */
 import type { NbdClient } from '../nbd/client.js';
 import { CONTEXT_BASE_ALLOCATION, STATE_ZERO } from '../nbd/protocol.js';
+import { forEachBounded } from '../repository/bounded.js';
 import type { DiskWriter } from '../repository/index.js';
 
 export interface Range {
@@ -79,12 +80,7 @@ export async function zeroChunks(
       if (z < zeros.length && zeros[z].offset <= from && zeros[z].offset + zeros[z].length >= to) zero.add(chunks[k]);
     }
   };
-  let next = 0;
-  await Promise.all(
-    Array.from({ length: Math.min(Math.max(1, parallel), runs.length) }, async () => {
-      while (next < runs.length) await inspect(runs[next++]);
-    }),
-  );
+  await forEachBounded(runs, parallel, inspect);
   return zero;
 }
 

@@ -377,12 +377,12 @@ export class Repository {
   // ---------------------------------------------------------------------------------------------------------
   // Objects
 
-  /** @internal */
   /** Gives a sealed buffer back for reuse once nothing uses it any more. @internal */
   recycle(sealed: Buffer): void {
     this.codec.recycle(sealed);
   }
 
+  /** @internal */
   async seal(type: ObjectType, key: string, plain: Uint8Array): Promise<Buffer> {
     this.checkOpen();
     return this.codec.seal(plain, { type, name: key, checksum: type === 'manifest' });

@@ -43,12 +43,7 @@ export async function dataExtents(path: string, size: number): Promise<DataExten
     return undefined;
   }
   try {
-    const flat = seek.dataExtents(handle.fd, size);
-    const out: DataExtent[] = [];
-    for (let i = 0; i + 1 < flat.length; i += 2) out.push({ offset: flat[i], length: flat[i + 1] });
-    return out;
-  } catch {
-    return undefined;
+    return dataExtentsOf(handle.fd, 0, size);
   } finally {
     await handle.close();
   }
@@ -59,8 +54,9 @@ export async function dataExtents(path: string, size: number): Promise<DataExten
  * wait worth a thread). undefined when that cannot be known: treat the whole range as data then.
  */
 export function dataExtentsOf(fd: number, start: number, end: number): DataExtent[] | undefined {
+  if (end <= start) return [];
   const seek = seekAddon();
-  if (!seek || end <= start) return end <= start ? [] : undefined;
+  if (!seek) return undefined;
   let flat: number[];
   try {
     flat = seek.dataExtents(fd, end, start);

@@ -143,9 +143,8 @@ export interface ContentExtent {
   zero: boolean;
 }
 
-/** A block placed at `offset` and the byte ranges inside it never written since (sorted, disjoint). */
+/** The byte ranges of a freshly placed block never written since (sorted, disjoint). */
 interface FreshBlock {
-  offset: number;
   gaps: [number, number][];
 }
 /** Blocks tracked as fresh at most (oldest forgotten first), and gaps per block: a bounded map. */
@@ -185,8 +184,8 @@ export class VhdxFile {
   /**
    * Payload blocks this instance allocated at the end of the file, with the byte ranges inside them
    * never written since: those are holes of the host file and read as zeros, so zeroing them (nbdcopy
-   * and qemu-img zero every gap between data) writes nothing. Keyed by BAT index; an entry counts only
-   * while the BAT still maps that block FullyPresent at the same offset.
+   * and qemu-img zero every gap between data) writes nothing. Keyed by BAT index; setBatEntry drops an
+   * entry, so one exists only while its block stays where it was placed.
    */
   private readonly fresh = new Map<number, FreshBlock>();
   private logWriter: LogWriter | undefined;
@@ -1156,15 +1155,9 @@ export class VhdxFile {
     return offset;
   }
 
-  /** True when [from, to) of `block` (BAT `index`, FullyPresent at `offset`) was never written. */
-  private isFresh(index: number, offset: number, from: number, to: number): boolean {
-    const f = this.fresh.get(index);
-    if (!f) return false;
-    if (f.offset !== offset) {
-      this.fresh.delete(index);
-      return false;
-    }
-    return f.gaps.some(([a, b]) => a <= from && to <= b);
+  /** True when [from, to) of the block at BAT `index` was never written since it was placed. */
+  private isFresh(index: number, from: number, to: number): boolean {
+    return this.fresh.get(index)?.gaps.some(([a, b]) => a <= from && to <= b) ?? false;
   }
 
   /** Records that [from, to) of the block at BAT `index` now holds written bytes. */
@@ -1180,10 +1173,10 @@ export class VhdxFile {
     else f.gaps = gaps;
   }
 
-  /** Starts tracking a block just placed at `offset` with [from, to) written. */
-  private noteAllocated(index: number, offset: number, extent: number, from: number, to: number): void {
+  /** Starts tracking a block just placed (in a hole past the old end of the file) with [from, to) written. */
+  private noteAllocated(index: number, extent: number, from: number, to: number): void {
     if (this.fresh.size >= MAX_FRESH_BLOCKS) this.fresh.delete(this.fresh.keys().next().value!);
-    this.fresh.set(index, { offset, gaps: [[0, extent]] });
+    this.fresh.set(index, { gaps: [[0, extent]] });
     this.noteWritten(index, from, to);
   }
 
@@ -1301,7 +1294,7 @@ export class VhdxFile {
       await this.setBatEntry(index, BlockState.PartiallyPresent, offset);
     } else {
       await this.setBatEntry(index, BlockState.FullyPresent, offset);
-      if (!reuse && !whole) this.noteAllocated(index, offset, this.blockExtent(block), inBlock, inBlock + src.length);
+      if (!reuse && !whole) this.noteAllocated(index, this.blockExtent(block), inBlock, inBlock + src.length);
     }
   }
 
@@ -1379,7 +1372,7 @@ export class VhdxFile {
           } else {
             const at = await this.allocate(this.blockSize);
             await this.setBatEntry(index, BlockState.FullyPresent, at);
-            this.noteAllocated(index, at, this.blockExtent(block), 0, 0);
+            this.noteAllocated(index, this.blockExtent(block), 0, 0);
           }
           return;
         }
@@ -1396,7 +1389,7 @@ export class VhdxFile {
           e.state === BlockState.Undefined ||
           (e.state === BlockState.NotPresent && !this.params.hasParent);
         if (readsZero) return;
-        if (e.state === BlockState.FullyPresent && this.isFresh(index, e.offset, inBlock, inBlock + n)) return;
+        if (e.state === BlockState.FullyPresent && this.isFresh(index, inBlock, inBlock + n)) return;
         let at = inBlock;
         for (const z of zeroPieces(n)) {
           await this.writeBlock(block, at, z);
