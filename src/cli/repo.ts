@@ -5,7 +5,7 @@
  */
 import { Command } from 'commander';
 import { readFile, writeFile } from 'node:fs/promises';
-import { fromSystemError, InvalidArgumentError } from '../errors.js';
+import { fromSystemError, InvalidArgumentError, TidemarkError } from '../errors.js';
 import {
   DEFAULT_SCRYPT_LOG_N,
   defaultWorkers,
@@ -187,6 +187,9 @@ export function repoCommands(run: Run): Command[] {
           println(`  restore points  ${i.points}`);
           println(`  indexes         ${i.indexes.count} (${formatSize(i.indexes.bytes)})`);
           println(`  chunks          ${i.chunks.count} (${formatSize(i.chunks.bytes)} stored)`);
+          println(
+            `  packs           ${i.packs.count} (${formatSize(i.packs.bytes)}), listed by ${i.packIndexes.count} pack index${i.packIndexes.count === 1 ? '' : 'es'}`,
+          );
           if (i.locks.length === 0) println('  locks           none');
           for (const l of i.locks) {
             println(
@@ -213,6 +216,25 @@ export function repoCommands(run: Run): Command[] {
               `${left.length} lock${left.length === 1 ? '' : 's'} left (held, or of another host: --force removes them)`,
             );
           }
+        }),
+      ),
+    );
+
+  withRepoOptions(repo.command('repair-index'))
+    .description("rebuild the pack indexes from the packs' own headers (after a damaged or lost pack index)")
+    .option('--json', 'machine-readable output')
+    .action((o) =>
+      run(() =>
+        withRepo(o, async (r) => {
+          const report = await r.repairPackIndexes();
+          if (o.json) return printJson(report);
+          println(`indexed ${report.chunks} chunks in ${report.packs} pack${report.packs === 1 ? '' : 's'}`);
+          for (const u of report.unreadable) println(`unreadable, left out: ${u.key}: ${u.message}`);
+          if (report.unreadable.length > 0)
+            throw new TidemarkError(
+              'REPOSITORY_CORRUPT',
+              `${report.unreadable.length} pack(s) cannot be read: run \`tidemark verify\``,
+            );
         }),
       ),
     );
@@ -392,6 +414,11 @@ export function repoCommands(run: Run): Command[] {
           println(
             `${verb} ${g.chunksRemoved} chunk${g.chunksRemoved === 1 ? '' : 's'} and ${g.indexesRemoved} index${g.indexesRemoved === 1 ? '' : 'es'} (${formatSize(g.bytesRemoved)}); kept ${g.chunksKept} chunks and ${g.indexesKept} indexes of ${g.points} restore point${g.points === 1 ? '' : 's'}`,
           );
+          if (g.packsRemoved > 0) {
+            println(
+              `${g.dryRun ? 'would delete' : 'deleted'} ${g.packsRemoved} pack${g.packsRemoved === 1 ? '' : 's'} (${g.packsRepacked} repacked${g.dryRun ? '' : ` into ${g.packsWritten}`}), kept ${g.packsKept}`,
+            );
+          }
           if (g.missingIndexes.length > 0) {
             println(
               `${g.missingIndexes.length} index(es) named by restore points are missing: run \`tidemark verify\``,

@@ -1,6 +1,6 @@
 /**
  * Where a repository's objects live. The interface is what an object store offers (S3 and alike): whole-object
- * get/put/delete, existence and size, and listing by key prefix. No appends, no renames, no partial writes, no
+ * get (whole or a byte range)/put/delete, existence and size, and listing by key prefix. No appends, no renames, no partial writes, no
  * compare-and-swap: the repository layer never needs them (locks work by write-then-list, see lock.ts).
  *
  * Keys are `/`-separated segments of `[A-Za-z0-9._-]`, each starting with a letter or digit: never absolute,
@@ -21,6 +21,11 @@ export interface GetOptions {
    * repositories must not make the reader allocate what a header claims.
    */
   maxBytes?: number;
+  /**
+   * Only the bytes [offset, offset + length) of the object (an HTTP range request); fewer when the object ends
+   * first. maxBytes then bounds `length`, not the object.
+   */
+  range?: { offset: number; length: number };
 }
 
 export interface PutOptions {
@@ -36,7 +41,7 @@ export interface PutOptions {
 export interface Backend {
   /** where the objects are, for messages (a path or a URL) */
   readonly location: string;
-  /** the whole object; NOT_FOUND when there is none; LIMIT_EXCEEDED above opts.maxBytes */
+  /** the whole object (or opts.range of it); NOT_FOUND when there is none; LIMIT_EXCEEDED above opts.maxBytes */
   get(key: string, opts?: GetOptions): Promise<Buffer>;
   /** atomic: a reader sees the old object or the new one, never a mix; replaces an existing object. `data` is not
    * kept once the promise settles (the caller may reuse it). */

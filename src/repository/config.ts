@@ -9,7 +9,8 @@ import { checkSlotParameters, hmac, type KeySlot } from './keys.js';
 
 export const CONFIG_KEY = 'config';
 export const FORMAT_NAME = 'tidemark-repository';
-export const FORMAT_VERSION = 1;
+/** 2: chunks in packs (version 1, one object per chunk, was written only by development builds) */
+export const FORMAT_VERSION = 2;
 export const DEFAULT_CHUNK_SIZE = 2 ** 20;
 export const MIN_CHUNK_SIZE = 64 * 1024;
 export const MAX_CHUNK_SIZE = 8 * 2 ** 20;
@@ -98,6 +99,12 @@ export function decodeConfig(raw: Buffer, where: string): RepositoryConfig {
       throw new TidemarkError(
         'NOT_SUPPORTED',
         `repository ${where} has format version ${o.version}; this Tidemark reads version ${FORMAT_VERSION}`,
+      );
+    }
+    if (o.format === FORMAT_NAME && o.version === 1) {
+      throw new TidemarkError(
+        'NOT_SUPPORTED',
+        `repository ${where} has format version 1 (a chunk per file, from a development build of Tidemark); this Tidemark reads version ${FORMAT_VERSION}: back up into a new repository`,
       );
     }
   }

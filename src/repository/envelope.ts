@@ -1,5 +1,5 @@
 /**
- * The object envelope: how every chunk, index and manifest is stored (docs/formats/repository.md §3).
+ * The object envelope: how every chunk, index, manifest, pack header and pack index is stored (docs/formats/repository.md §3).
  *
  *   0  magic "TMOB"   4  version u8 = 1   5  type u8   6  flags u8   7  reserved u8 = 0
  *   8  plainLength u32 LE   12  bodyLength u32 LE   16  body (bodyLength bytes)
@@ -27,8 +27,8 @@ const FLAG_GCM = 2;
 const FLAG_CHECKSUM = 4;
 const KNOWN_FLAGS = FLAG_ZSTD | FLAG_GCM | FLAG_CHECKSUM;
 
-export type ObjectType = 'chunk' | 'index' | 'manifest';
-const TYPE_CODE: Record<ObjectType, number> = { chunk: 1, index: 2, manifest: 3 };
+export type ObjectType = 'chunk' | 'index' | 'manifest' | 'pack-header' | 'pack-index';
+const TYPE_CODE: Record<ObjectType, number> = { chunk: 1, index: 2, manifest: 3, 'pack-header': 4, 'pack-index': 5 };
 
 /** The part of zstd-napi's low-level binding this file uses (single-shot calls into caller-sized buffers). */
 export interface ZstdBinding {

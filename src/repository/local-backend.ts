@@ -49,17 +49,20 @@ export class LocalBackend implements Backend {
     try {
       const st = await fh.stat();
       if (!st.isFile()) throw new TidemarkError('NOT_FOUND', `no object ${key} in ${this.location}`, { key });
-      if (opts.maxBytes !== undefined && st.size > opts.maxBytes) {
+      const start = opts.range?.offset ?? 0;
+      const size = opts.range ? Math.max(0, Math.min(opts.range.length, st.size - start)) : st.size;
+      const claimed = opts.range ? opts.range.length : st.size;
+      if (opts.maxBytes !== undefined && claimed > opts.maxBytes) {
         throw new TidemarkError(
           'LIMIT_EXCEEDED',
-          `object ${key} is ${st.size} bytes, more than the ${opts.maxBytes} it may have`,
-          { key, size: st.size, maxBytes: opts.maxBytes },
+          `${opts.range ? 'a read of' : 'object'} ${key} is ${claimed} bytes, more than the ${opts.maxBytes} it may have`,
+          { key, size: claimed, maxBytes: opts.maxBytes },
         );
       }
-      const buf = Buffer.allocUnsafe(st.size);
+      const buf = Buffer.allocUnsafe(size);
       let done = 0;
       while (done < buf.length) {
-        const { bytesRead } = await fh.read(buf, done, buf.length - done, done);
+        const { bytesRead } = await fh.read(buf, done, buf.length - done, start + done);
         if (bytesRead === 0) break;
         done += bytesRead;
       }

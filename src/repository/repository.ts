@@ -14,7 +14,7 @@ import { createHash, createHmac, randomUUID } from 'node:crypto';
 import { readdir, stat } from 'node:fs/promises';
 import { TidemarkError, InvalidArgumentError } from '../errors.js';
 import { isAllZero, ZEROES } from '../util/zero.js';
-import type { Backend } from './backend.js';
+import type { Backend, ObjectInfo } from './backend.js';
 import { forEachBounded } from './bounded.js';
 import {
   checkChunkSize,
@@ -69,6 +69,25 @@ import {
   type PointManifest,
   type PointStatistics,
 } from './manifest.js';
+import {
+  ChunkMap,
+  decodePackHeader,
+  decodePackIndex,
+  DEFAULT_PACK_SIZE,
+  encodePackIndexes,
+  MAX_PACK_SIZE,
+  MIN_PACK_SIZE,
+  MAX_PACK_HEADER_OBJECT,
+  MAX_PACK_INDEX_BYTES,
+  PACK_TRAILER_SIZE,
+  PackFormatError,
+  packIndexKey,
+  packKey,
+  PackWriter,
+  type PackContents,
+  type PackEntry,
+  type PackSink,
+} from './pack.js';
 import { CodecError, createCodec, type Codec } from './pool.js';
 import { applyRetention, checkPolicy, type RetentionDecision, type RetentionPolicy } from './retention.js';
 
@@ -76,6 +95,7 @@ const HEX_ID = /^[0-9a-f]{64}$/;
 /** how long a temporary file of an interrupted put must lie untouched before gc removes it */
 const TEMPORARY_GRACE_MS = 60 * 60 * 1000;
 
+/** The name a chunk is sealed under (bound into its encryption): chunks live in packs, not under this key. */
 export function chunkKey(id: string): string {
   return `chunks/${id.slice(0, 2)}/${id}`;
 }
@@ -101,6 +121,8 @@ export interface OpenOptions {
   workers?: number;
   /** zstd level for what this process writes; default 3 */
   compressionLevel?: number;
+  /** close the packs this process writes at this many bytes (4 KiB–256 MiB); default 16 MiB */
+  packSize?: number;
 }
 
 export interface PutResult {
@@ -176,19 +198,28 @@ export interface Affected {
 }
 
 export interface Damage {
-  object: 'chunk' | 'index' | 'manifest';
+  object: 'chunk' | 'index' | 'manifest' | 'pack-index' | 'pack';
+  /** the object holding the damage: for a chunk, its pack (or, when no pack index lists it, its name) */
   key: string;
+  /** where in its pack a damaged chunk lies */
+  range?: { offset: number; length: number };
   id: string;
   problem: 'missing' | 'truncated' | 'corrupt';
   message: string;
   affects: Affected[];
 }
 
+export interface VerifyOptions {
+  /** chunks read and checked at once; default 8 */
+  parallel?: number;
+  onProgress?: (doneChunks: number, totalChunks: number) => void;
+}
+
 export interface VerifyReport {
   ok: boolean;
   /** 'all', or the point verified */
   scope: string;
-  checked: { points: number; indexes: number; chunks: number; storedBytes: number };
+  checked: { points: number; indexes: number; chunks: number; packs: number; storedBytes: number };
   damage: Damage[];
   /** every restore point some damage affects, oldest first */
   affectedPoints: string[];
@@ -216,7 +247,15 @@ export interface GcReport {
   indexesKept: number;
   indexesRemoved: number;
   chunksKept: number;
+  /** chunks no restore point references, dropped from the packs (also those of packs no index lists) */
   chunksRemoved: number;
+  packsKept: number;
+  /** packs deleted: wholly unreferenced, repacked, or listed by no pack index (left by an interrupted backup) */
+  packsRemoved: number;
+  /** packs rewritten holding only their referenced chunks (the new packs are counted in packsWritten) */
+  packsRepacked: number;
+  packsWritten: number;
+  /** bytes of packs and indexes deleted, less the bytes of the packs written */
   bytesRemoved: number;
   temporaryRemoved: number;
   /** indexes the manifests name that do not exist (their points are damaged; verify names them) */
@@ -234,7 +273,10 @@ export interface RepositoryInfo {
   encryption: null | { cipher: 'aes-256-gcm'; keySlots: KeySlot['kind'][] };
   points: number;
   indexes: { count: number; bytes: number };
+  /** chunks the pack indexes list, and the bytes of their envelopes */
   chunks: { count: number; bytes: number };
+  packs: { count: number; bytes: number };
+  packIndexes: { count: number; bytes: number };
   locks: LockEntry[];
 }
 
@@ -249,19 +291,24 @@ function damaged(
   return new TidemarkError('REPOSITORY_CORRUPT', message, { object, key, problem }, { cause });
 }
 
-function isDamage(err: unknown): err is TidemarkError & { details: { object: string; key: string; problem: string } } {
+type DamageError = TidemarkError & { details: { object: string; key: string; problem: string } };
+
+function isDamage(err: unknown): err is DamageError {
   return err instanceof TidemarkError && err.code === 'REPOSITORY_CORRUPT' && typeof err.details.problem === 'string';
 }
 
 export class Repository {
   private readonly sessions = new Set<BackupSession>();
   private closed = false;
+  /** The pack indexes read so far (by object id) and the chunks they list; refreshed by packIndexes(). */
+  private packIndexState: { map: ChunkMap; loaded: Set<string> } | null = null;
 
   private constructor(
     readonly backend: Backend,
     readonly config: RepositoryConfig,
     private readonly keys: RepositoryKeys | null,
     private readonly codec: Codec,
+    private readonly packSize: number,
   ) {}
 
   get chunkSize(): number {
@@ -278,6 +325,7 @@ export class Repository {
 
   /** Creates a repository (an empty or missing directory, or an empty backend) and opens it. */
   static async init(location: string | Backend, opts: InitOptions & OpenOptions = {}): Promise<Repository> {
+    const packSize = checkPackSize(opts.packSize);
     const chunkSize = opts.chunkSize ?? DEFAULT_CHUNK_SIZE;
     const sizeProblem = checkChunkSize(chunkSize);
     if (sizeProblem) throw new InvalidArgumentError(sizeProblem);
@@ -315,10 +363,11 @@ export class Repository {
     await backend.put(CONFIG_KEY, encodeConfig(config), { sync: true });
     // Opened with the keys in hand: no second key derivation.
     const codec = await createCodec({ key: keys?.encKey ?? null, level: opts.compressionLevel, workers: opts.workers });
-    return new Repository(backend, config, keys, codec);
+    return new Repository(backend, config, keys, codec, packSize);
   }
 
   static async open(location: string | Backend, opts: OpenOptions = {}): Promise<Repository> {
+    const packSize = checkPackSize(opts.packSize);
     const backend = typeof location === 'string' ? new LocalBackend(location) : location;
     let raw: Buffer;
     try {
@@ -351,7 +400,7 @@ export class Repository {
       checkConfigMac(config, keys.configKey, backend.location);
     }
     const codec = await createCodec({ key: keys?.encKey ?? null, level: opts.compressionLevel, workers: opts.workers });
-    return new Repository(backend, config, keys, codec);
+    return new Repository(backend, config, keys, codec, packSize);
   }
 
   /** Aborts open backup sessions (releasing their locks) and stops the codec workers. */
@@ -388,37 +437,153 @@ export class Repository {
     return this.codec.seal(plain, { type, name: key, checksum: type === 'manifest' });
   }
 
-  /** Reads and opens one object, turning every way it can fail into NOT_FOUND or a typed damage. */
+  /** Reads and opens one object (or `at`, a range of one), turning every way it can fail into NOT_FOUND or a typed damage. */
   private async load(
     type: ObjectType,
     key: string,
     maxPlain: number,
     what: string,
     missing: 'damage' | 'not-found',
+    at?: { offset: number; length: number; name: string },
   ): Promise<{ plain: Buffer; storedBytes: number }> {
     this.checkOpen();
+    const object = type === 'pack-header' ? 'pack' : type;
     let stored: Buffer;
     try {
-      stored = await this.backend.get(key, { maxBytes: maxPlain + MAX_OVERHEAD });
+      stored = await this.backend.get(key, {
+        maxBytes: maxPlain + MAX_OVERHEAD,
+        ...(at ? { range: { offset: at.offset, length: at.length } } : {}),
+      });
     } catch (err) {
       const code = (err as TidemarkError).code;
       if (code === 'NOT_FOUND') {
         if (missing === 'not-found') throw err;
-        throw damaged(type, key, 'missing', `${what} is missing (${key})`, err);
+        throw damaged(object, key, 'missing', `${what} is missing (${key})`, err);
       }
       if (code === 'LIMIT_EXCEEDED')
-        throw damaged(type, key, 'corrupt', `${what} is damaged: ${(err as Error).message}`, err);
+        throw damaged(object, key, 'corrupt', `${what} is damaged: ${(err as Error).message}`, err);
       throw err;
     }
+    if (at && stored.length < at.length) {
+      throw damaged(
+        object,
+        key,
+        'truncated',
+        `${what} is damaged: ${key} ends inside it (at byte ${at.offset + stored.length})`,
+      );
+    }
     try {
-      return { plain: await this.codec.open(stored, type, key, maxPlain), storedBytes: stored.length };
+      return { plain: await this.codec.open(stored, type, at?.name ?? key, maxPlain), storedBytes: stored.length };
     } catch (err) {
       if (err instanceof CodecError) {
         if (err.code === 'NOT_SUPPORTED') throw new TidemarkError('NOT_SUPPORTED', `${what}: ${err.message}`);
-        throw damaged(type, key, err.problem, `${what} is damaged (${key}): ${err.message}`, err);
+        throw damaged(
+          object,
+          key,
+          err.problem,
+          `${what} is damaged (${key}${at ? ` at ${at.offset}` : ''}): ${err.message}`,
+          err,
+        );
       }
       throw err;
     }
+  }
+
+  /** The largest envelope a chunk can have. */
+  private get maxChunkObject(): number {
+    return this.chunkSize + MAX_OVERHEAD;
+  }
+
+  /**
+   * Where every chunk is: the pack indexes, read again where they changed since the last call (a backup elsewhere
+   * added one; gc replaced them all). Damaged pack indexes are left out and named in `damaged`: their chunks then
+   * look missing to readers (and a backup stores them again). `reread`: read every one again (verify and gc check
+   * what is stored, not what this process remembers).
+   */
+  async packIndexes(
+    opts: { reread?: boolean } = {},
+  ): Promise<{ map: ChunkMap; indexCount: number; damaged: DamageError[] }> {
+    this.checkOpen();
+    if (opts.reread) this.packIndexState = null;
+    const listed: string[] = [];
+    for await (const o of this.backend.list('packindex/')) {
+      const id = o.key.slice('packindex/'.length);
+      if (HEX_ID.test(id)) listed.push(id);
+    }
+    listed.sort();
+    const present = new Set(listed);
+    let state = this.packIndexState;
+    if (!state || [...state.loaded].some((id) => !present.has(id))) state = { map: new ChunkMap(), loaded: new Set() };
+    const fresh = listed.filter((id) => !state.loaded.has(id));
+    const read = new Map<string, PackContents[]>();
+    const damage: DamageError[] = [];
+    await forEachBounded(fresh, 8, async (id) => {
+      try {
+        read.set(id, await this.readPackIndex(id));
+      } catch (err) {
+        if (!isDamage(err)) throw err;
+        damage.push(err);
+      }
+    });
+    for (const id of fresh) {
+      const packs = read.get(id);
+      if (!packs) continue;
+      for (const p of packs) state.map.add(p);
+      state.loaded.add(id);
+    }
+    this.packIndexState = state;
+    return { map: state.map, indexCount: listed.length, damaged: damage };
+  }
+
+  private async readPackIndex(id: string): Promise<PackContents[]> {
+    const key = packIndexKey(id);
+    const { plain } = await this.load('pack-index', key, MAX_PACK_INDEX_BYTES, `pack index ${id}`, 'damage');
+    let packs: PackContents[];
+    try {
+      packs = decodePackIndex(plain, this.maxChunkObject);
+    } catch (err) {
+      if (err instanceof PackFormatError) {
+        throw damaged('pack-index', key, err.problem, `pack index ${id} is damaged: ${err.message}`, err);
+      }
+      throw err;
+    }
+    if (this.hashId(plain) !== id) {
+      throw damaged('pack-index', key, 'corrupt', `pack index ${id} is damaged: its content does not hash to its name`);
+    }
+    return packs;
+  }
+
+  /** Records packs a session (or gc) stored and indexed, so this process finds their chunks without a reload. */
+  private notePackIndex(indexIds: string[], packs: PackContents[]): void {
+    const state = this.packIndexState;
+    if (!state) return;
+    for (const p of packs) state.map.add(p);
+    for (const id of indexIds) state.loaded.add(id);
+  }
+
+  /** @internal Stores pack index objects for `packs`; their ids. */
+  async writePackIndexes(packs: PackContents[]): Promise<string[]> {
+    const ids: string[] = [];
+    for (const body of encodePackIndexes(packs)) {
+      const id = this.hashId(body);
+      const key = packIndexKey(id);
+      await this.backend.put(key, await this.seal('pack-index', key, body));
+      ids.push(id);
+    }
+    this.notePackIndex(ids, packs);
+    return ids;
+  }
+
+  /** @internal A pack writer storing into this repository. */
+  packWriter(): PackWriter {
+    const sink: PackSink = {
+      sealHeader: (key, plain) => this.seal('pack-header', key, plain),
+      recycle: (sealed) => this.recycle(sealed),
+      put: (key, data) => this.backend.put(key, data, { deferred: true }),
+      maxChunkObject: this.maxChunkObject,
+      packSize: this.packSize,
+    };
+    return new PackWriter(sink);
   }
 
   /**
@@ -426,13 +591,28 @@ export class Repository {
    * REPOSITORY_CORRUPT (details.problem: missing, truncated, corrupt) otherwise.
    */
   async readChunk(id: string, expectLength?: number): Promise<Buffer> {
-    return (await this.readChunkCounted(id, expectLength)).plain;
+    if (!HEX_ID.test(id)) throw new InvalidArgumentError(`"${id}" is not a chunk id`);
+    const map = this.packIndexState?.map.has(id) ? this.packIndexState.map : (await this.packIndexes()).map;
+    return (await this.readChunkIn(map, id, expectLength)).plain;
   }
 
-  private async readChunkCounted(id: string, expectLength?: number): Promise<{ plain: Buffer; storedBytes: number }> {
-    if (!HEX_ID.test(id)) throw new InvalidArgumentError(`"${id}" is not a chunk id`);
-    const key = chunkKey(id);
-    const r = await this.load('chunk', key, this.chunkSize, `chunk ${id}`, 'damage');
+  /** Where a chunk's envelope is stored: its pack's key and the byte range in it (null: no pack index lists it). */
+  async locateChunk(id: string): Promise<{ key: string; offset: number; length: number } | null> {
+    const loc = (await this.packIndexes()).map.get(id);
+    return loc ? { key: packKey(loc.pack), offset: loc.offset, length: loc.length } : null;
+  }
+
+  private async readChunkIn(
+    map: ChunkMap,
+    id: string,
+    expectLength?: number,
+  ): Promise<{ plain: Buffer; storedBytes: number }> {
+    const loc = map.get(id);
+    if (!loc) {
+      throw damaged('chunk', chunkKey(id), 'missing', `chunk ${id} is missing: no pack index lists it`);
+    }
+    const key = packKey(loc.pack);
+    const r = await this.load('chunk', key, this.chunkSize, `chunk ${id}`, 'damage', { ...loc, name: chunkKey(id) });
     if (expectLength !== undefined && r.plain.length !== expectLength) {
       throw damaged(
         'chunk',
@@ -589,7 +769,15 @@ export class Repository {
   /** A backup session under a shared lock: chunks and indexes, then commit() writes the manifest, or abort(). */
   async startBackup(opts: { operation?: string } = {}): Promise<BackupSession> {
     const lock = await this.lock('shared', opts.operation ?? 'backup');
-    const session = new BackupSession(this, lock, () => this.sessions.delete(session));
+    let known: ChunkMap;
+    try {
+      // Read under the lock: what a chunk is deduplicated against can no longer be removed by gc (§8).
+      known = (await this.packIndexes()).map;
+    } catch (err) {
+      await lock.release();
+      throw err;
+    }
+    const session = new BackupSession(this, lock, known, () => this.sessions.delete(session));
     this.sessions.add(session);
     return session;
   }
@@ -618,7 +806,7 @@ export class Repository {
   /**
    * Writes a disk of a restore point to `sink`, fetching, opening and checking up to `parallel` chunks at once.
    * Writes may arrive in any order; every byte of the disk is written once (zero slots through sink.zero, as zero
-   * bytes, or not at all with assumeZeroed).
+   * bytes, or not at all with assumeZeroed). Holds a shared lock: gc, which moves chunks between packs, waits.
    */
   async restoreDisk(
     pointId: string,
@@ -626,8 +814,23 @@ export class Repository {
     sink: RestoreSink,
     opts: RestoreOptions = {},
   ): Promise<RestoreResult> {
+    const lock = await this.lock('shared', 'restore');
+    try {
+      return await this.restoreDiskLocked(pointId, diskId, sink, opts);
+    } finally {
+      await lock.release();
+    }
+  }
+
+  private async restoreDiskLocked(
+    pointId: string,
+    diskId: string,
+    sink: RestoreSink,
+    opts: RestoreOptions,
+  ): Promise<RestoreResult> {
     const started = Date.now();
     const m = await this.readPoint(pointId);
+    const { map } = await this.packIndexes();
     const { disk } = this.findDisk(m, diskId);
     const index = await this.readIndex(disk.index);
     const parallel = Math.min(64, Math.max(1, opts.parallel ?? 8));
@@ -652,7 +855,7 @@ export class Repository {
           }
         }
       } else {
-        const data = await this.readChunk(id, length);
+        const { plain: data } = await this.readChunkIn(map, id, length);
         chunksRead++;
         await sink.write(offset, data);
         bytesWritten += length;
@@ -678,11 +881,17 @@ export class Repository {
    * Re-reads and re-hashes every chunk of one point (or of all), and reports each damaged or missing chunk, index
    * and manifest with every restore point it affects — those outside the scope too.
    */
-  async verify(
-    pointId?: string,
-    opts: { parallel?: number; onProgress?: (doneChunks: number, totalChunks: number) => void } = {},
-  ): Promise<VerifyReport> {
-    this.checkOpen();
+  async verify(pointId?: string, opts: VerifyOptions = {}): Promise<VerifyReport> {
+    // Shared, like a backup's: gc (which moves chunks between packs) must not run meanwhile.
+    const lock = await this.lock('shared', 'verify');
+    try {
+      return await this.verifyLocked(pointId, opts);
+    } finally {
+      await lock.release();
+    }
+  }
+
+  private async verifyLocked(pointId: string | undefined, opts: VerifyOptions): Promise<VerifyReport> {
     const allIds = await this.listPointIds();
     const scopeIds = pointId === undefined ? allIds : [await this.resolvePoint(pointId)];
     if (pointId !== undefined && !allIds.includes(scopeIds[0])) {
@@ -762,17 +971,45 @@ export class Repository {
     };
     await forEachBounded(scopeIndexes, 4, (id) => loadIndex(id, true));
 
+    const { map, damaged: badPackIndexes } = await this.packIndexes({ reread: true });
+    for (const err of badPackIndexes) {
+      // Its chunks are reported below as missing (no other index lists them), with the points they affect.
+      damage.push({
+        object: 'pack-index',
+        key: err.details.key,
+        id: err.details.key.slice('packindex/'.length),
+        problem: err.details.problem as Damage['problem'],
+        message: `${err.message} (rebuild the pack indexes with \`tidemark repo repair-index\`)`,
+        affects: [],
+      });
+    }
     const chunkIds = new Set<string>();
     for (const id of scopeIndexes) for (const c of indexes.get(id)?.chunkIds() ?? []) chunkIds.add(c);
-    const badChunks = new Map<string, { problem: Damage['problem']; message: string }>();
+    // In pack order, so that each pack is read from start to end.
+    const ordered = [...chunkIds].sort((a, b) => {
+      const la = map.get(a);
+      const lb = map.get(b);
+      if (!la || !lb) return la ? 1 : lb ? -1 : 0;
+      return la.pack < lb.pack ? -1 : la.pack > lb.pack ? 1 : la.offset - lb.offset;
+    });
+    const packs = new Set<string>();
+    for (const id of ordered) {
+      const loc = map.get(id);
+      if (loc) packs.add(loc.pack);
+    }
+    const badChunks = new Map<string, { key: string; problem: Damage['problem']; message: string }>();
     let storedBytes = 0;
     let doneChunks = 0;
-    await forEachBounded(chunkIds, Math.max(1, opts.parallel ?? 8), async (id) => {
+    await forEachBounded(ordered, Math.max(1, opts.parallel ?? 8), async (id) => {
       try {
-        storedBytes += (await this.readChunkCounted(id)).storedBytes;
+        storedBytes += (await this.readChunkIn(map, id)).storedBytes;
       } catch (err) {
         if (!isDamage(err)) throw err;
-        badChunks.set(id, { problem: err.details.problem as Damage['problem'], message: err.message });
+        badChunks.set(id, {
+          key: err.details.key,
+          problem: err.details.problem as Damage['problem'],
+          message: err.message,
+        });
       }
       opts.onProgress?.(++doneChunks, chunkIds.size);
     });
@@ -807,9 +1044,11 @@ export class Repository {
       }
       for (const [id, bad] of badChunks) {
         const list = (affects.get(id) ?? []).sort((a, b) => (a.pointId < b.pointId ? -1 : 1));
+        const loc = map.get(id);
         damage.push({
           object: 'chunk',
-          key: chunkKey(id),
+          key: bad.key,
+          ...(loc ? { range: { offset: loc.offset, length: loc.length } } : {}),
           id,
           problem: bad.problem,
           message: bad.message,
@@ -820,7 +1059,7 @@ export class Repository {
 
     const affected = new Set<string>();
     for (const d of damage) for (const a of d.affects) affected.add(a.pointId);
-    const order = { manifest: 0, index: 1, chunk: 2 };
+    const order = { manifest: 0, index: 1, 'pack-index': 2, pack: 3, chunk: 4 };
     damage.sort((a, b) => order[a.object] - order[b.object] || (a.id < b.id ? -1 : 1));
     return {
       ok: damage.length === 0,
@@ -829,6 +1068,7 @@ export class Repository {
         points: scopeIds.length,
         indexes: scopeIndexes.size,
         chunks: chunkIds.size,
+        packs: packs.size,
         storedBytes,
       },
       damage,
@@ -936,6 +1176,16 @@ export class Repository {
         for (const c of index.chunks()) markedChunks.add(c.id);
       });
 
+      const { map, indexCount, damaged: badPackIndexes } = await this.packIndexes({ reread: true });
+      if (badPackIndexes.length > 0) {
+        // Its packs would look unindexed, and unindexed packs are deleted: stop instead.
+        throw new TidemarkError(
+          'REPOSITORY_CORRUPT',
+          `gc stopped: ${badPackIndexes[0].message}; gc cannot know which packs it lists — rebuild the pack indexes from the packs with \`tidemark repo repair-index\``,
+          { key: badPackIndexes[0].details.key },
+        );
+      }
+
       const report: GcReport = {
         dryRun,
         points: ids.length,
@@ -943,6 +1193,10 @@ export class Repository {
         indexesRemoved: 0,
         chunksKept: 0,
         chunksRemoved: 0,
+        packsKept: 0,
+        packsRemoved: 0,
+        packsRepacked: 0,
+        packsWritten: 0,
         bytesRemoved: 0,
         temporaryRemoved: 0,
         missingIndexes: missingIndexes.sort(),
@@ -957,22 +1211,187 @@ export class Repository {
           sweep.push(o);
         }
       }
-      for await (const o of this.backend.list('chunks/')) {
-        const m = /^chunks\/([0-9a-f]{2})\/([0-9a-f]{64})$/.exec(o.key);
-        if (!m || !m[2].startsWith(m[1])) continue;
-        if (markedChunks.has(m[2])) report.chunksKept++;
-        else {
-          report.chunksRemoved++;
-          sweep.push(o);
+
+      // Each pack: kept whole (every chunk in it is referenced and found there), removed (none is), or repacked.
+      const stored = new Map<string, ObjectInfo>();
+      for await (const o of this.backend.list('packs/')) {
+        const m = /^packs\/([0-9a-f]{2})\/([0-9a-f]{64})$/.exec(o.key);
+        if (m && m[2].startsWith(m[1])) stored.set(m[2], o);
+      }
+      const keep: PackContents[] = [];
+      const repack: { packId: string; live: PackEntry[] }[] = [];
+      for (const packId of map.packIds()) {
+        const entries = map.entriesOf(packId);
+        const live = entries.filter((e) => markedChunks.has(e.id) && map.get(e.id)!.pack === packId);
+        const info = stored.get(packId);
+        stored.delete(packId);
+        report.chunksKept += live.length;
+        if (!info) {
+          // Damage (verify names it): keep the index's word for where the chunks were.
+          if (live.length > 0) keep.push({ packId, entries: [...live] });
+          continue;
+        }
+        report.chunksRemoved += entries.length - live.length;
+        if (live.length === entries.length) {
+          report.packsKept++;
+          keep.push({ packId, entries: [...entries] });
+        } else {
+          sweep.push(info);
+          report.packsRemoved++;
+          if (live.length > 0) {
+            report.packsRepacked++;
+            repack.push({ packId, live });
+          }
         }
       }
+      // What no pack index lists: packs of interrupted backups (no backup runs now: we hold the exclusive lock).
+      for (const info of stored.values()) {
+        sweep.push(info);
+        report.packsRemoved++;
+        report.chunksRemoved += await this.countPackEntries(info).catch(() => 0);
+      }
       for (const o of sweep) report.bytesRemoved += o.size;
+
+      const changed = repack.length > 0 || report.packsRemoved > 0 || indexCount > 1;
+      if (!dryRun && changed) {
+        // 1. The referenced chunks of the packs to repack, checked, into new packs.
+        const writer = this.packWriter();
+        for (const { packId, live } of repack) await this.copyChunks(packId, live, writer);
+        const written = await writer.finish();
+        await this.backend.sync(); // in place before an index names them
+        report.packsWritten = written.length;
+        for (const p of written) report.bytesRemoved -= p.entries.reduce((n, e) => n + e.length, 0);
+        // 2. One set of pack indexes for everything kept, durable before anything it replaces goes.
+        const previous = [...(this.packIndexState?.loaded ?? [])];
+        const fresh = new Set(await this.writePackIndexes([...keep, ...written]));
+        await this.backend.sync();
+        // 3. The old pack indexes, then the packs only they listed: a crash in between leaves unindexed packs.
+        await forEachBounded(
+          previous.filter((id) => !fresh.has(id)),
+          16,
+          (id) => this.backend.delete(packIndexKey(id)),
+        );
+        await this.backend.sync();
+        this.packIndexState = null;
+      }
       if (!dryRun) {
         await forEachBounded(sweep, 16, (o) => this.backend.delete(o.key));
         report.temporaryRemoved = (await this.backend.sweepTemporary?.(TEMPORARY_GRACE_MS)) ?? 0;
         await this.backend.sync();
       }
       return report;
+    } finally {
+      await lock.release();
+    }
+  }
+
+  /** Copies the referenced chunks of a pack into `writer`, each opened and checked on the way (damage stops gc). */
+  private async copyChunks(packId: string, live: readonly PackEntry[], writer: PackWriter): Promise<void> {
+    const key = packKey(packId);
+    const first = live[0].offset;
+    const last = live[live.length - 1];
+    const span = await this.backend.get(key, { range: { offset: first, length: last.offset + last.length - first } });
+    for (const e of live) {
+      const raw = span.subarray(e.offset - first, e.offset - first + e.length);
+      try {
+        if (raw.length < e.length) throw damaged('chunk', key, 'truncated', `chunk ${e.id} is cut off in ${key}`);
+        const plain = await this.codec.open(raw, 'chunk', chunkKey(e.id), this.chunkSize);
+        if (this.hashId(plain) !== e.id)
+          throw damaged('chunk', key, 'corrupt', `chunk ${e.id} does not hash to its name`);
+      } catch (err) {
+        throw new TidemarkError(
+          'REPOSITORY_CORRUPT',
+          `gc stopped before deleting anything: chunk ${e.id} in ${key} is damaged (${(err as Error).message}); run \`tidemark verify\` and forget the points it names`,
+          { key, chunk: e.id },
+          { cause: err },
+        );
+      }
+      await writer.add(e.id, raw);
+    }
+  }
+
+  /** The chunks a pack's own header lists (what rebuilds its index entry). */
+  async readPackHeader(packId: string, size: number): Promise<PackEntry[]> {
+    const key = packKey(packId);
+    const corrupt = (why: string) => damaged('pack', key, 'corrupt', `pack ${packId} is damaged: ${why}`);
+    if (size < PACK_TRAILER_SIZE) throw corrupt(`${size} bytes`);
+    const trailer = await this.backend.get(key, {
+      range: { offset: size - PACK_TRAILER_SIZE, length: PACK_TRAILER_SIZE },
+    });
+    if (trailer.length < PACK_TRAILER_SIZE) throw corrupt('shorter than listed');
+    const headerLength = trailer.readUInt32LE(0);
+    if (headerLength > MAX_PACK_HEADER_OBJECT || headerLength + PACK_TRAILER_SIZE > size) {
+      throw corrupt(`its header claims ${headerLength} bytes`);
+    }
+    const dataEnd = size - PACK_TRAILER_SIZE - headerLength;
+    const { plain } = await this.load(
+      'pack-header',
+      key,
+      MAX_PACK_HEADER_OBJECT,
+      `header of pack ${packId}`,
+      'damage',
+      {
+        offset: dataEnd,
+        length: headerLength,
+        name: key,
+      },
+    );
+    try {
+      return decodePackHeader(plain, this.maxChunkObject, dataEnd);
+    } catch (err) {
+      if (err instanceof PackFormatError) throw corrupt(err.message);
+      throw err;
+    }
+  }
+
+  private async countPackEntries(info: ObjectInfo): Promise<number> {
+    return (await this.readPackHeader(info.key.slice(-64), info.size)).length;
+  }
+
+  /**
+   * Rebuilds the pack indexes from the packs' own headers (exclusive lock): the way out when a pack index is
+   * damaged or lost. Every readable pack is listed again; a pack whose header cannot be read is reported and left.
+   */
+  async repairPackIndexes(): Promise<{
+    packs: number;
+    chunks: number;
+    unreadable: { key: string; message: string }[];
+  }> {
+    const lock = await this.lock('exclusive', 'repair-index');
+    try {
+      const packs: PackContents[] = [];
+      const unreadable: { key: string; message: string }[] = [];
+      const infos: ObjectInfo[] = [];
+      for await (const o of this.backend.list('packs/')) {
+        const m = /^packs\/([0-9a-f]{2})\/([0-9a-f]{64})$/.exec(o.key);
+        if (m && m[2].startsWith(m[1])) infos.push(o);
+      }
+      infos.sort((a, b) => (a.key < b.key ? -1 : 1));
+      await forEachBounded(infos, 8, async (o) => {
+        try {
+          packs.push({ packId: o.key.slice(-64), entries: await this.readPackHeader(o.key.slice(-64), o.size) });
+        } catch (err) {
+          if (!isDamage(err)) throw err;
+          unreadable.push({ key: o.key, message: err.message });
+        }
+      });
+      packs.sort((a, b) => (a.packId < b.packId ? -1 : 1));
+      const old: string[] = [];
+      for await (const o of this.backend.list('packindex/')) old.push(o.key);
+      const fresh = new Set((await this.writePackIndexes(packs.filter((p) => p.entries.length > 0))).map(packIndexKey));
+      await this.backend.sync();
+      await forEachBounded(
+        old.filter((k) => !fresh.has(k)),
+        16,
+        (k) => this.backend.delete(k),
+      );
+      await this.backend.sync();
+      this.packIndexState = null;
+      return {
+        packs: packs.length,
+        chunks: packs.reduce((n, p) => n + p.entries.length, 0),
+        unreadable: unreadable.sort((a, b) => (a.key < b.key ? -1 : 1)),
+      };
     } finally {
       await lock.release();
     }
@@ -1004,7 +1423,12 @@ export class Repository {
       encryption: c.encryption ? { cipher: c.encryption.cipher, keySlots: c.encryption.keys.map((k) => k.kind) } : null,
       points: (await this.listPointIds()).length,
       indexes: await count('indexes/'),
-      chunks: await count('chunks/'),
+      chunks: await (async () => {
+        const { map } = await this.packIndexes();
+        return { count: map.chunkCount, bytes: map.storedBytes() };
+      })(),
+      packs: await count('packs/'),
+      packIndexes: await count('packindex/'),
       locks: await listLocks(this.backend),
     };
   }
@@ -1048,6 +1472,14 @@ function summarize(m: PointManifest): PointSummary {
   };
 }
 
+function checkPackSize(size: number | undefined): number {
+  if (size === undefined) return DEFAULT_PACK_SIZE;
+  if (!Number.isSafeInteger(size) || size < MIN_PACK_SIZE || size > MAX_PACK_SIZE) {
+    throw new InvalidArgumentError(`pack size ${size} is not a byte count from ${MIN_PACK_SIZE} to ${MAX_PACK_SIZE}`);
+  }
+  return size;
+}
+
 async function checkEmptyDirectory(dir: string): Promise<void> {
   try {
     const st = await stat(dir);
@@ -1077,16 +1509,21 @@ export class BackupSession {
   readonly pointId: string;
   readonly startedAt: Date;
   private state: SessionState = 'open';
+  /** chunks this session stored */
   private readonly present = new Set<string>();
   private readonly inflight = new Map<string, Promise<PutResult>>();
   private readonly indexes = new Set<string>();
+  private readonly packs: PackWriter;
 
   /** @internal */
   constructor(
     readonly repository: Repository,
     private readonly lock: RepositoryLock,
+    /** the chunks the repository held when the session began (under its lock) */
+    private readonly known: ChunkMap,
     private readonly onEnd: () => void,
   ) {
+    this.packs = repository.packWriter();
     this.startedAt = new Date();
     this.pointId = newPointId(this.startedAt);
   }
@@ -1114,19 +1551,18 @@ export class BackupSession {
     }
     if (isAllZero(plaintext)) return { id: null, isNew: false, storedBytes: 0 };
     const id = repo.hashId(plaintext);
-    if (this.present.has(id)) return { id, isNew: false, storedBytes: 0 };
+    if (this.present.has(id) || this.known.has(id)) return { id, isNew: false, storedBytes: 0 };
     const running = this.inflight.get(id);
     if (running) {
       await running;
       return { id, isNew: false, storedBytes: 0 };
     }
     const work = (async (): Promise<PutResult> => {
-      const key = chunkKey(id);
-      if (await repo.backend.exists(key)) return { id, isNew: false, storedBytes: 0 };
-      const sealed = await repo.seal('chunk', key, plaintext);
-      await repo.backend.put(key, sealed, { deferred: true });
-      repo.recycle(sealed); // the backend is done with it (Backend.put keeps no reference)
-      return { id, isNew: true, storedBytes: sealed.length };
+      const sealed = await repo.seal('chunk', chunkKey(id), plaintext);
+      await this.packs.add(id, sealed);
+      const storedBytes = sealed.length;
+      repo.recycle(sealed); // copied into the pack
+      return { id, isNew: true, storedBytes };
     })();
     this.inflight.set(id, work);
     try {
@@ -1221,6 +1657,13 @@ export class BackupSession {
       throw new InvalidArgumentError(`manifest: parent restore point ${manifest.parentId} does not exist`);
     }
     try {
+      // The last pack; the packs durable and in place before the index that lists them can be seen (a crash in
+      // between leaves packs no index lists, which gc removes); commitManifest makes the index durable.
+      const written = await this.packs.finish();
+      if (written.length > 0) {
+        await repo.backend.sync();
+        await repo.writePackIndexes(written);
+      }
       await repo.commitManifest(manifest);
     } catch (err) {
       await this.abort().catch(() => undefined);
@@ -1240,7 +1683,8 @@ export class BackupSession {
 
   private async end(): Promise<void> {
     this.onEnd();
-    // Staged chunks take their place before the lock goes (an aborted session's are orphans gc may then remove).
+    await this.packs.abandon();
+    // Staged packs take their place before the lock goes (an aborted session's are orphans gc may then remove).
     await this.repository.backend.sync().catch(() => undefined);
     await this.lock.release();
   }

@@ -101,6 +101,25 @@ export function testBackend(name: string, make: () => Promise<BackendFixture>): 
     );
 
     it(
+      'get with a range reads exactly those bytes, fewer at the end of the object; maxBytes bounds the range',
+      withBackend(async (b) => {
+        const data = Buffer.from(Array.from({ length: 5000 }, (_, i) => (i * 7) & 0xff));
+        await b.put('ranged', data);
+        expect(
+          (await b.get('ranged', { range: { offset: 1234, length: 100 } })).equals(data.subarray(1234, 1334)),
+        ).toBe(true);
+        expect((await b.get('ranged', { range: { offset: 4990, length: 100 } })).equals(data.subarray(4990))).toBe(
+          true,
+        );
+        expect((await b.get('ranged', { range: { offset: 6000, length: 10 } })).length).toBe(0);
+        expect(await codeOf(b.get('ranged', { range: { offset: 0, length: 100 }, maxBytes: 99 }))).toBe(
+          'LIMIT_EXCEEDED',
+        );
+        expect(await codeOf(b.get('not/there', { range: { offset: 0, length: 1 } }))).toBe('NOT_FOUND');
+      }),
+    );
+
+    it(
       'list yields every key under a prefix with its size, and nothing else',
       withBackend(async (b) => {
         const keys = [

@@ -41,7 +41,7 @@ import { readFileSync } from 'node:fs';
 import { Repository } from LIB;
 const [repoPath, keyFile, specJson] = process.argv.slice(2);
 const spec = JSON.parse(specJson);
-const repo = await Repository.open(repoPath, { keyFile });
+const repo = await Repository.open(repoPath, { keyFile, ...(spec.packSize ? { packSize: spec.packSize } : {}) });
 const s = await repo.startBackup();
 const vms = [];
 for (const vm of spec.vms) {
@@ -100,6 +100,7 @@ interface Spec {
   vms: { name: string; id: string; disks: { diskId: string; name: string; file: string }[] }[];
   time?: string;
   hold?: boolean;
+  packSize?: number;
 }
 
 function writePoint(repo: string, keyFile: string, spec: Spec): string {
@@ -189,11 +190,12 @@ describe(`repository CLI (seed ${SEED})`, () => {
       (await lib.readIndex((await lib.readPoint(id)).vms[0].disks[0].index)).chunkIds();
     const others = new Set([...(await chunksOf(ids[1])), ...(await chunksOf(ids[2])), ...(await chunksOf(dbPoint))]);
     const victim = [...(await chunksOf(ids[0]))].find((c) => !others.has(c))!;
-    await lib.close();
     expect(victim).toBeDefined();
-    const victimFile = path.join(repo, 'chunks', victim.slice(0, 2), victim);
+    const where = (await lib.locateChunk(victim))!;
+    await lib.close();
+    const victimFile = path.join(repo, ...where.key.split('/'));
     const raw = readFileSync(victimFile);
-    raw[20] ^= 0xff;
+    raw[where.offset + 20] ^= 0xff;
     writeFileSync(victimFile, raw);
     const bad = tm(['verify', ...k], env);
     expect(bad.status).toBe(1);
@@ -230,7 +232,9 @@ describe(`repository CLI (seed ${SEED})`, () => {
       id: 'vm-new',
       disks: [{ diskId: 'disk-new', name: 'new.vhdx', file: img('new.img', 4 * 64 * KiB) }],
     };
-    const holder = spawn(process.execPath, [writer, repo, key, JSON.stringify({ vms: [fresh], hold: true })], {
+    // Packs of one chunk: the killed backup has stored some before it dies.
+    const spec = { vms: [fresh], hold: true, packSize: 64 * KiB };
+    const holder = spawn(process.execPath, [writer, repo, key, JSON.stringify(spec)], {
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     await new Promise<void>((resolve, reject) => {
@@ -249,7 +253,7 @@ describe(`repository CLI (seed ${SEED})`, () => {
     await exited;
     const after = json<{ chunksRemoved: number; indexesRemoved: number }>(tm(['gc', '--json', ...k], env));
     expect(after.indexesRemoved).toBe(1);
-    // Its chunks were staged (written, not yet in place): they are temporary files, never objects, and gc's
+    // Its packs were staged (written, not yet in place): they are temporary files, never objects, and gc's
     // grace period sweeps them later; no chunk of a crashed backup can be mistaken for a complete one.
     expect(after.chunksRemoved).toBe(0);
     expect((await readdir(path.join(repo, '.tmp'))).length).toBeGreaterThan(0);

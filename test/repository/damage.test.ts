@@ -1,16 +1,27 @@
 /**
- * Damaged repositories: a flipped byte in a chunk, a missing chunk, a truncated index, a manifest that does not
- * parse, an oversized chunk file, swapped chunks. verify names each damage and EVERY restore point it affects
- * (also when asked about one point); reads give typed errors (REPOSITORY_CORRUPT), never a crash.
+ * Damaged repositories: a flipped byte in a chunk, a missing pack, a truncated index, a manifest that does not
+ * parse, a lost or damaged pack index (rebuilt from the packs), a hostile pack index entry, a truncated pack,
+ * swapped chunks. verify names each damage and EVERY restore point it affects (also when asked about one point);
+ * reads give typed errors (REPOSITORY_CORRUPT), never a crash.
  */
-import { copyFile, readFile, rm, truncate, writeFile } from 'node:fs/promises';
+import { readFile, rm, stat, truncate, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { TidemarkError } from '../../src/errors.js';
-import { Repository, chunkKey, indexKey, type PointManifest } from '../../src/repository/index.js';
+import { Repository, indexKey, type PointManifest } from '../../src/repository/index.js';
+import { encodePackIndexes, packIndexKey } from '../../src/repository/pack.js';
 import { tempDir } from '../helpers/peers.js';
 import { rng, seedFrom } from '../helpers/random.js';
-import { backup, incremental, makeDiskImage, mutate, restoreToBuffer, vmSpec, type VmSpec } from './helpers.js';
+import {
+  backup,
+  incremental,
+  makeDiskImage,
+  mutate,
+  packFiles,
+  restoreToBuffer,
+  vmSpec,
+  type VmSpec,
+} from './helpers.js';
 
 const KiB = 1024;
 const CS = 64 * KiB;
@@ -83,9 +94,10 @@ for (const encrypted of [false, true]) {
       try {
         const index = await f.repo.readIndex(f.points[0].vms[0].disks[0].index);
         const victim = index.idAt(0)!;
-        const key = chunkKey(victim);
+        const loc = (await f.repo.locateChunk(victim))!;
+        const key = loc.key;
         const raw = await readFile(file(f, key));
-        raw[raw.length >> 1] ^= 0x04;
+        raw[loc.offset + (loc.length >> 1)] ^= 0x04;
         await writeFile(file(f, key), raw);
 
         for (const scope of [undefined, f.points[0].id, f.points[3].id]) {
@@ -93,7 +105,13 @@ for (const encrypted of [false, true]) {
           expect(report.ok).toBe(false);
           expect(report.damage).toHaveLength(1);
           const d = report.damage[0];
-          expect(d).toMatchObject({ object: 'chunk', id: victim, key, problem: 'corrupt' });
+          expect(d).toMatchObject({
+            object: 'chunk',
+            id: victim,
+            key,
+            range: { offset: loc.offset, length: loc.length },
+            problem: 'corrupt',
+          });
           expect(report.affectedPoints).toEqual(ids(f.points));
           const app = d.affects.find((a) => a.pointId === f.points[0].id)!;
           expect(app).toMatchObject({ vm: 'app', disk: 'os', diskId: f.vms[0].disks[0].diskId });
@@ -112,7 +130,7 @@ for (const encrypted of [false, true]) {
       }
     });
 
-    it('a missing chunk: verify says missing and names the points that hold it', async () => {
+    it('a missing pack: verify says each of its chunks is missing and names the points that hold them', async () => {
       const f = await fixture(encrypted);
       try {
         // A chunk only the last incremental of "app" has: the slot it changed.
@@ -130,13 +148,60 @@ for (const encrypted of [false, true]) {
           }
         }
         expect(victim).not.toBeNull();
-        await rm(file(f, chunkKey(victim!)));
+        // Its pack holds only what that incremental stored: chunks no other point has.
+        const loc = (await f.repo.locateChunk(victim!))!;
+        const inPack = (await f.repo.readPackHeader(loc.key.slice(-64), (await stat(file(f, loc.key))).size)).map(
+          (e) => e.id,
+        );
+        expect(inPack).toContain(victim);
+        await rm(file(f, loc.key));
         const report = await f.repo.verify();
-        expect(report.damage.map((d) => [d.object, d.problem, d.id])).toEqual([['chunk', 'missing', victim]]);
+        expect(report.damage.map((d) => [d.object, d.problem, d.key])).toEqual(
+          inPack.map(() => ['chunk', 'missing', loc.key]),
+        );
+        expect(report.damage.map((d) => d.id).sort()).toEqual([...inPack].sort());
         expect(report.affectedPoints).toEqual([f.points[2].id]);
         // Verifying an unaffected point finds nothing.
         expect((await f.repo.verify(f.points[0].id)).ok).toBe(true);
         expect((await codeOf(f.repo.readChunk(victim!))).details.problem).toBe('missing');
+      } finally {
+        await f.repo.close();
+      }
+    });
+
+    it('lost and damaged pack indexes: chunks look missing, gc refuses, repair-index rebuilds them from the packs', async () => {
+      const f = await fixture(encrypted);
+      try {
+        const listed = async () =>
+          (await f.repo.backend.list('packindex/')[Symbol.asyncIterator]().next()).value as { key: string };
+        // Damaged: verify names the pack index and, as missing, the chunks only it listed; gc will not guess.
+        const victim = (await listed()).key;
+        const raw = await readFile(file(f, victim));
+        raw[raw.length - 20] ^= 0x10;
+        await writeFile(file(f, victim), raw);
+        let report = await f.repo.verify();
+        expect(report.ok).toBe(false);
+        expect(report.damage[0]).toMatchObject({ object: 'pack-index', key: victim, problem: 'corrupt' });
+        expect(report.damage.slice(1).every((d) => d.object === 'chunk' && d.problem === 'missing')).toBe(true);
+        expect((await codeOf(f.repo.gc())).message).toMatch(/repair-index/);
+        // Lost: every pack index gone.
+        for (let o = await listed(); o; o = await listed()) await rm(file(f, o.key));
+        report = await f.repo.verify();
+        expect(report.damage.length).toBeGreaterThan(0);
+        expect(new Set(report.damage.map((d) => d.problem))).toEqual(new Set(['missing']));
+        expect(report.affectedPoints).toEqual(ids(f.points));
+        const repaired = await f.repo.repairPackIndexes();
+        expect(repaired.unreadable).toEqual([]);
+        expect(repaired.packs).toBe((await packFiles(f.where)).length);
+        expect((await f.repo.verify()).ok).toBe(true);
+        for (const p of f.points) {
+          for (const d of p === f.points[3] ? f.clone.disks : f.vms[0].disks) {
+            if (p === f.points[2] || p === f.points[3]) {
+              expect((await restoreToBuffer(f.repo, p.id, d.diskId)).equals(d.data)).toBe(true);
+            }
+          }
+        }
+        expect((await f.repo.gc()).packsRemoved).toBe(0);
       } finally {
         await f.repo.close();
       }
@@ -193,24 +258,61 @@ for (const encrypted of [false, true]) {
 }
 
 describe('hostile objects', () => {
-  it('an oversized chunk file is refused before it is read; swapped chunks are caught', async () => {
+  it('a pack index entry claiming an oversized chunk is refused before anything is read', async () => {
     for (const encrypted of [false, true]) {
       const f = await fixture(encrypted);
       try {
-        const index = await f.repo.readIndex(f.points[0].vms[0].disks[0].index);
-        const [a, b] = [...index.chunkIds()];
-        await writeFile(file(f, chunkKey(a)), Buffer.alloc(CS + 4096));
-        const e = await codeOf(f.repo.readChunk(a));
-        expect(e.code).toBe('REPOSITORY_CORRUPT');
-        expect(e.message).toMatch(/more than the/);
-        // Chunk b's file holds another chunk's (valid) object.
-        const c = [...(await f.repo.readIndex(f.points[0].vms[0].disks[1].index)).chunkIds()][0];
-        await copyFile(file(f, chunkKey(c)), file(f, chunkKey(b)));
-        const e2 = await codeOf(f.repo.readChunk(b));
-        expect(e2.code).toBe('REPOSITORY_CORRUPT');
-        expect(e2.message).toMatch(encrypted ? /authentication failed/ : /does not hash to its name|holds/);
+        const body = encodePackIndexes([
+          { packId: 'ab'.repeat(32), entries: [{ id: 'cd'.repeat(32), offset: 0, length: 2 ** 31 }] },
+        ])[0];
+        const key = packIndexKey(f.repo.hashId(body));
+        await writeFile(file(f, key), await f.repo.seal('pack-index', key, body));
         const report = await f.repo.verify();
-        expect(new Set(report.damage.map((d) => d.id))).toEqual(new Set([a, b]));
+        const d = report.damage.find((x) => x.object === 'pack-index')!;
+        expect(d).toMatchObject({ key, problem: 'corrupt' });
+        expect(d.message).toMatch(/entry 0 is 2147483648 bytes long/);
+        // The real pack indexes still serve: every point restores.
+        expect(
+          (await restoreToBuffer(f.repo, f.points[3].id, f.clone.disks[0].diskId)).equals(f.clone.disks[0].data),
+        ).toBe(true);
+      } finally {
+        await f.repo.close();
+      }
+    }
+  });
+
+  it('a truncated pack and swapped chunks are caught, named by chunk and pack', async () => {
+    for (const encrypted of [false, true]) {
+      const f = await fixture(encrypted);
+      try {
+        // Slot 0 of each disk is random (stored as is, so the two envelopes have one length).
+        const b = (await f.repo.readIndex(f.points[0].vms[0].disks[0].index)).idAt(0)!;
+        const c = (await f.repo.readIndex(f.points[0].vms[0].disks[1].index)).idAt(0)!;
+        const lb = (await f.repo.locateChunk(b))!;
+        const lc = (await f.repo.locateChunk(c))!;
+        expect(lb.length).toBe(lc.length);
+        // Chunk b's place holds chunk c's (valid) envelope.
+        const packB = await readFile(file(f, lb.key));
+        const packC = await readFile(file(f, lc.key));
+        packC.copy(packB, lb.offset, lc.offset, lc.offset + lc.length);
+        await writeFile(file(f, lb.key), packB);
+        const e = await codeOf(f.repo.readChunk(b));
+        expect(e.code).toBe('REPOSITORY_CORRUPT');
+        expect(e.message).toMatch(encrypted ? /authentication failed/ : /does not hash to its name|holds/);
+        // The pack of the last backup (the clone's) cut short inside its first chunk.
+        const clone = (await f.repo.readIndex(f.points[3].vms[0].disks[0].index)).chunkIds();
+        const own = [...clone].filter((id) => id !== b);
+        const victims = await Promise.all(own.map(async (id) => ({ id, loc: (await f.repo.locateChunk(id))! })));
+        const cut = victims.find((v) => v.loc.key !== lb.key && v.loc.key !== lc.key);
+        if (cut) {
+          await truncate(file(f, cut.loc.key), cut.loc.offset + 10);
+          expect((await codeOf(f.repo.readChunk(cut.id))).details.problem).toBe('truncated');
+        }
+        const report = await f.repo.verify();
+        expect(report.damage.map((d) => d.id)).toContain(b);
+        if (cut) {
+          expect(report.damage.find((d) => d.id === cut.id)).toMatchObject({ problem: 'truncated', key: cut.loc.key });
+        }
       } finally {
         await f.repo.close();
       }

@@ -13,12 +13,23 @@ import type { ObjectInfo } from '../../src/repository/backend.js';
 import { LocalBackend, Repository, type PointManifest } from '../../src/repository/index.js';
 import { tempDir } from '../helpers/peers.js';
 import { rng, seedFrom } from '../helpers/random.js';
-import { backup, incremental, makeDiskImage, mutate, restoreToBuffer, vmSpec, type VmSpec } from './helpers.js';
+import {
+  backup,
+  incremental,
+  makeDiskImage,
+  mutate,
+  packedChunkIds,
+  restoreToBuffer,
+  vmSpec,
+  type VmSpec,
+} from './helpers.js';
 
 const KiB = 1024;
 const CS = 64 * KiB;
 const SEED = seedFrom('TIDEMARK_REPO_SEED', 4242);
 const ROUNDS = Number(process.env.TIDEMARK_REPO_ROUNDS ?? 12);
+/** Packs of about three chunks: sessions leave whole packs behind, and gc has packs to repack. */
+const PACK = 3 * CS;
 
 let dir: string;
 let cleanup: () => Promise<void>;
@@ -87,7 +98,7 @@ describe(`gc (seed ${SEED}, ${ROUNDS} rounds)`, () => {
   it('after random backups, prunes and abandoned sessions, gc leaves no orphan and loses nothing', async () => {
     const r = rng(SEED);
     const where = fresh();
-    const repo = await Repository.init(where, { chunkSize: CS, workers: 0 });
+    const repo = await Repository.init(where, { chunkSize: CS, workers: 0, packSize: PACK });
     try {
       const a = makeDiskImage(r, 20 * CS + 777, CS);
       const b = makeDiskImage(r, 6 * CS, CS);
@@ -130,11 +141,13 @@ describe(`gc (seed ${SEED}, ${ROUNDS} rounds)`, () => {
         images.set(prev.id, [Buffer.from(a), Buffer.from(b)]);
       }
       expect([...done].sort()).toEqual([0, 1, 2, 3]);
-      await repo.gc();
-      // No orphan: exactly the referenced objects are left.
+      const last = await repo.gc();
+      expect(last.packsRepacked).toBeGreaterThan(0);
+      // No orphan: exactly the referenced chunks are left in the packs, each once, and the referenced indexes.
       const ref = await referenced(repo);
-      expect(await keysUnder(where, 'chunks')).toEqual(ref.chunks);
+      expect(await packedChunkIds(repo, where)).toEqual(ref.chunks);
       expect(await keysUnder(where, 'indexes')).toEqual(ref.indexes);
+      expect(await keysUnder(where, 'packindex')).toHaveLength(1);
       // Nothing lost: every remaining point verifies and restores exactly.
       expect((await repo.verify()).ok).toBe(true);
       for (const id of await repo.listPointIds()) {
@@ -144,7 +157,7 @@ describe(`gc (seed ${SEED}, ${ROUNDS} rounds)`, () => {
       }
       // A second gc finds nothing to do.
       const again = await repo.gc();
-      expect(again.chunksRemoved + again.indexesRemoved).toBe(0);
+      expect(again.chunksRemoved + again.indexesRemoved + again.packsRemoved + again.packsWritten).toBe(0);
     } finally {
       await repo.close();
     }
@@ -152,12 +165,13 @@ describe(`gc (seed ${SEED}, ${ROUNDS} rounds)`, () => {
 
   it('a crashed backup (its process gone, its lock left) leaves orphans that gc removes; points still verify', async () => {
     const where = fresh();
-    const repo = await Repository.init(where, { chunkSize: CS, workers: 0 });
+    // One chunk per pack: each chunk the crashed backup put is in a pack of its own before the crash.
+    const repo = await Repository.init(where, { chunkSize: CS, workers: 0, packSize: CS });
     try {
       const r = rng(SEED + 1);
       const vm = vmSpec('app', [{ name: 'os', data: makeDiskImage(r, 8 * CS, CS) }]);
       const p1 = await backup(repo, [vm]);
-      const before = await keysUnder(where, 'chunks');
+      const before = await packedChunkIds(repo, where);
       // The crashed backup: chunks and an index in the repository, a lock whose holder is dead, no manifest.
       const s = await repo.startBackup();
       const w = await s.openIndex({ virtualSize: 4 * CS });
@@ -173,12 +187,13 @@ describe(`gc (seed ${SEED}, ${ROUNDS} rounds)`, () => {
         createdAt: new Date().toISOString(),
       });
       await s.abort(); // our own lock goes; the dead process's stays
-      expect((await keysUnder(where, 'chunks')).length).toBe(before.length + 4);
+      expect(await packedChunkIds(repo, where)).toHaveLength(before.length + 4);
       expect(await repo.listPointIds()).toEqual([p1.id]);
       const report = await repo.gc();
       expect(report.chunksRemoved).toBe(4);
+      expect(report.packsRemoved).toBe(4);
       expect(report.indexesRemoved).toBe(1);
-      expect(await keysUnder(where, 'chunks')).toEqual(before);
+      expect(await packedChunkIds(repo, where)).toEqual(before);
       expect(await keysUnder(where, 'locks')).toEqual([]);
       expect((await repo.verify()).ok).toBe(true);
       expect((await restoreToBuffer(repo, p1.id, vm.disks[0].diskId)).equals(vm.disks[0].data)).toBe(true);

@@ -4,6 +4,8 @@
  * previous point's index with only changed chunks read), and a restore into memory.
  */
 import { randomUUID } from 'node:crypto';
+import { readdir, stat } from 'node:fs/promises';
+import path from 'node:path';
 import type { IndexRef, PointInput, PointManifest, Repository } from '../../src/repository/index.js';
 import type { rng as Rng } from '../helpers/random.js';
 
@@ -174,4 +176,28 @@ export async function restoreToBuffer(
     opts,
   );
   return out;
+}
+
+/**
+ * The chunks physically in the repository's packs, read from each pack's own header (not from the pack indexes
+ * the code under test keeps): one id per stored copy, sorted.
+ */
+export async function packedChunkIds(repo: Repository, root: string): Promise<string[]> {
+  const ids: string[] = [];
+  for (const p of await packFiles(root)) {
+    for (const e of await repo.readPackHeader(path.basename(p), (await stat(p)).size)) ids.push(e.id);
+  }
+  return ids.sort();
+}
+
+/** The pack files under a local repository's root. */
+export async function packFiles(root: string): Promise<string[]> {
+  try {
+    return (await readdir(path.join(root, 'packs'), { withFileTypes: true, recursive: true }))
+      .filter((e) => e.isFile())
+      .map((e) => path.join(e.parentPath, e.name))
+      .sort();
+  } catch {
+    return [];
+  }
 }

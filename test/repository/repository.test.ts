@@ -9,7 +9,7 @@ import { TidemarkError } from '../../src/errors.js';
 import { newKeyFileContents, Repository } from '../../src/repository/index.js';
 import { tempDir } from '../helpers/peers.js';
 import { rng, seedFrom } from '../helpers/random.js';
-import { backup, incremental, makeDiskImage, mutate, restoreToBuffer, vmSpec } from './helpers.js';
+import { backup, incremental, makeDiskImage, mutate, packedChunkIds, restoreToBuffer, vmSpec } from './helpers.js';
 
 const KiB = 1024;
 const MiB = 2 ** 20;
@@ -131,7 +131,7 @@ describe('dedup and zero chunks', () => {
       const vm = vmSpec('db', [{ name: 'a', data: img }]);
       const p1 = await backup(repo, [vm]);
       const stats1 = p1.vms[0].disks[0].stats;
-      expect((await files(where, 'chunks')).length).toBe(9);
+      expect(await packedChunkIds(repo, where)).toHaveLength(9);
       expect(p1.vms[0].disks[0].index.storedSlots).toBe(12);
       expect(stats1.bytesNew).toBe(9 * cs);
 
@@ -140,7 +140,7 @@ describe('dedup and zero chunks', () => {
       const p2 = await backup(repo, [copy]);
       expect(p2.vms[0].disks[0].stats.bytesNew).toBe(0);
       expect(p2.vms[0].disks[0].stats.bytesStored).toBe(0);
-      expect((await files(where, 'chunks')).length).toBe(9);
+      expect(await packedChunkIds(repo, where)).toHaveLength(9);
       // Identical disks share one index object.
       expect(p2.vms[0].disks[0].index.id).toBe(p1.vms[0].disks[0].index.id);
       expect((await files(where, 'indexes')).length).toBe(1);
@@ -152,7 +152,7 @@ describe('dedup and zero chunks', () => {
       expect(again.isNew).toBe(false);
       expect(again.id).toMatch(/^[0-9a-f]{64}$/);
       await s.abort();
-      expect((await files(where, 'chunks')).length).toBe(9);
+      expect(await packedChunkIds(repo, where)).toHaveLength(9);
       expect((await restoreToBuffer(repo, p2.id, copy.disks[0].diskId)).equals(img)).toBe(true);
     } finally {
       await repo.close();
@@ -169,7 +169,13 @@ describe('dedup and zero chunks', () => {
       expect(results.filter((x) => x.isNew)).toHaveLength(1);
       expect(new Set(results.map((x) => x.id)).size).toBe(1);
       await s.abort();
-      expect((await files(where, 'chunks')).length).toBe(1);
+      // An aborted session's last pack is never written.
+      expect(await packedChunkIds(repo, where)).toEqual([]);
+      // A backup of six copies, all put at once: one stored.
+      const img = Buffer.concat(Array.from({ length: 6 }, () => data));
+      const p = await backup(repo, [vmSpec('dup', [{ name: 'a', data: img }])], { inFlight: 6 });
+      expect(p.vms[0].disks[0].stats.bytesNew).toBe(64 * KiB);
+      expect(await packedChunkIds(repo, where)).toEqual([results[0].id]);
     } finally {
       await repo.close();
     }
