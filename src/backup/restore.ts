@@ -10,6 +10,7 @@ import { TidemarkError, fromSystemError } from '../errors.js';
 import { createVhdx } from '../formats/vhdx/create.js';
 import { VhdxFile } from '../formats/vhdx/vhdx.js';
 import type { Repository, RestoreSink } from '../repository/index.js';
+import { DIRECT_ALIGN, DIRECT_MIN_BYTES, DirectWriter, openDirect } from '../util/direct-io.js';
 
 export interface RestoreRequest {
   to: string;
@@ -107,6 +108,12 @@ export async function registerRestored(
 
 type ClosableSink = RestoreSink & { close(): Promise<void> };
 
+/**
+ * A raw image. Whole aligned pieces (the chunks, at chunk-aligned offsets) are copied into aligned memory and
+ * written past the page cache (util/direct-io.ts): a restore writes gigabytes nobody reads back at once, and
+ * copying them into the page cache was most of its CPU time. Anything else, or where direct I/O is refused, is
+ * written as usual.
+ */
 async function rawSink(file: string, size: number): Promise<ClosableSink> {
   let fh;
   try {
@@ -115,12 +122,46 @@ async function rawSink(file: string, size: number): Promise<ClosableSink> {
     throw fromSystemError(err, 'create', file);
   }
   await fh.truncate(size);
+  const direct = await openDirect(file).catch(() => null);
+  const memory = new DirectWriter(path.dirname(file));
+  const spare: Buffer[] = [];
+  let directOk = direct !== null;
+  const buffered = async (data: Buffer, offset: number) => {
+    let done = 0;
+    while (done < data.length) done += (await fh.write(data, done, data.length - done, offset + done)).bytesWritten;
+  };
   return {
     async write(offset, data) {
-      let done = 0;
-      while (done < data.length) done += (await fh.write(data, done, data.length - done, offset + done)).bytesWritten;
+      if (
+        !directOk ||
+        offset % DIRECT_ALIGN !== 0 ||
+        data.length % DIRECT_ALIGN !== 0 ||
+        data.length < DIRECT_MIN_BYTES
+      ) {
+        return buffered(data, offset);
+      }
+      let bounce = spare.pop();
+      if (!bounce || bounce.length < data.length) bounce = await memory.buffer(data.length);
+      try {
+        data.copy(bounce);
+        if (!memory.isAligned(bounce)) return await buffered(data, offset);
+        const piece = bounce.subarray(0, data.length);
+        let done = 0;
+        while (done < piece.length) {
+          done += (await direct!.write(piece, done, piece.length - done, offset + done)).bytesWritten;
+        }
+      } catch (err) {
+        const code = (err as NodeJS.ErrnoException).code;
+        if (code !== 'EINVAL') throw err;
+        directOk = false; // refused after all: the rest goes through the page cache
+        await buffered(data, offset);
+      } finally {
+        spare.push(bounce);
+      }
     },
     async close() {
+      await direct?.close();
+      await memory.close();
       await fh.datasync();
       await fh.close();
     },

@@ -10,7 +10,7 @@
  * This file is self-contained on purpose (node built-ins and the zstd binding handed in): it is also the entry of
  * the codec worker threads (pool.ts), which load it without the rest of the project.
  */
-import { createCipheriv, createDecipheriv, createHash, randomBytes } from 'node:crypto';
+import { createCipheriv, createDecipheriv, createHash, createHmac, randomBytes } from 'node:crypto';
 import { createRequire } from 'node:module';
 import { isMainThread, parentPort, workerData } from 'node:worker_threads';
 
@@ -206,6 +206,16 @@ export class EnvelopeCodec {
   }
 }
 
+/**
+ * Checks that an opened object's plaintext is what its name says: SHA-256, or HMAC-SHA-256 under `idKey` in an
+ * encrypted repository, equal to `expectId` (hex). Done where the object was opened (a worker, for chunks), so
+ * that a restore's main thread does not hash every byte it restores.
+ */
+export function checkContentId(plain: Uint8Array, expectId: string, idKey: Uint8Array | null): void {
+  const got = (idKey ? createHmac('sha256', idKey) : createHash('sha256')).update(plain).digest('hex');
+  if (got !== expectId) throw corrupt('its content does not hash to its name');
+}
+
 function additionalData(header: Buffer, name: string): Buffer {
   return Buffer.concat([header.subarray(0, HEADER_SIZE), Buffer.from(name, 'utf8')]);
 }
@@ -217,13 +227,15 @@ export interface WorkerSetup {
   tidemarkEnvelopeWorker: true;
   zstdPath: string;
   key: Uint8Array | null;
+  /** the chunk-id HMAC key (null: plain SHA-256 names) */
+  idKey: Uint8Array | null;
   level: number;
 }
 
 /** `out`: a spare buffer for a seal's result (main keeps a few, so neither side allocates per chunk). */
 export type WorkerTask =
   | { seq: number; op: 'seal'; data: Uint8Array; opts: SealOptions; out?: ArrayBuffer }
-  | { seq: number; op: 'open'; data: Uint8Array; type: ObjectType; name: string; maxPlain: number };
+  | { seq: number; op: 'open'; data: Uint8Array; type: ObjectType; name: string; maxPlain: number; expectId?: string };
 
 /** `spares`: buffers the worker is done with (the task's input, an unused `out`), moved back to main. */
 export type WorkerReply = { seq: number; spares: ArrayBuffer[] } & (
@@ -234,6 +246,7 @@ export type WorkerReply = { seq: number; spares: ArrayBuffer[] } & (
 function serveWorker(setup: WorkerSetup): void {
   const zstd = createRequire(setup.zstdPath)(setup.zstdPath) as ZstdBinding;
   const codec = new EnvelopeCodec(zstd, setup.key ? Buffer.from(setup.key) : null, setup.level);
+  const idKey = setup.idKey ? Buffer.from(setup.idKey) : null;
   parentPort!.on('message', (task: WorkerTask) => {
     let reply: WorkerReply;
     const spareOut = task.op === 'seal' ? task.out : undefined;
@@ -242,6 +255,7 @@ function serveWorker(setup: WorkerSetup): void {
         task.op === 'seal'
           ? codec.seal(task.data, task.opts, spareOut)
           : codec.open(task.data, task.type, task.name, task.maxPlain);
+      if (task.op === 'open' && task.expectId !== undefined) checkContentId(out, task.expectId, idKey);
       // The input is done with (open never returns a view of it: see EnvelopeCodec.open); so is an unused out.
       const spares = [task.data.buffer as ArrayBuffer];
       if (spareOut && out.buffer !== spareOut) spares.push(spareOut);

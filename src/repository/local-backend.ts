@@ -1,6 +1,7 @@
 /**
  * The embedded default backend: objects are files under a root directory, the key is the relative path.
- * put() writes a temporary file in `ROOT/.tmp/`, makes it durable (fdatasync), then renames it over the key: a
+ * put() writes a temporary file in `ROOT/.tmp/` (large ones from allocate()'d memory with O_DIRECT, past the page
+ * cache: see util/direct-io.ts), makes it durable (fdatasync), then renames it over the key: a
  * reader or a crash sees the old object or the new one, never part of one. Directory entries become durable at
  * sync() (or at once with `{ sync: true }`), so a backup pays one directory fsync per directory, not per chunk.
  * A `deferred` put (chunks) is staged instead: this process reads it at once under its key, but it takes its
@@ -13,6 +14,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdir, open, readdir, rename, stat, unlink } from 'node:fs/promises';
 import path from 'node:path';
 import { TidemarkError, fromSystemError } from '../errors.js';
+import { DirectWriter } from '../util/direct-io.js';
 import { checkKey, checkPrefix, type Backend, type GetOptions, type ObjectInfo, type PutOptions } from './backend.js';
 
 const TMP = '.tmp';
@@ -27,10 +29,19 @@ export class LocalBackend implements Backend {
   /** key → temporary file written but not yet durable nor in place. */
   private staged = new Map<string, string>();
   private syncing: Promise<void> | undefined;
+  /** large puts from allocate()'d memory skip the page cache */
+  private readonly direct: DirectWriter;
 
   constructor(root: string) {
     this.location = path.resolve(root);
     this.tmpDir = path.join(this.location, TMP);
+    this.direct = new DirectWriter(this.tmpDir);
+  }
+
+  /** Memory aligned for direct writes (when the file system takes them): a pack put from it skips the page cache. */
+  async allocate(size: number): Promise<Buffer> {
+    await this.ensureDir(this.tmpDir);
+    return this.direct.buffer(size);
   }
 
   private pathOf(key: string): string {
@@ -81,17 +92,7 @@ export class LocalBackend implements Backend {
     const tmp = path.join(this.tmpDir, `${randomBytes(12).toString('hex')}.tmp`);
     const deferred = opts.deferred === true && !opts.sync;
     try {
-      const fh = await open(tmp, 'wx', 0o600);
-      try {
-        let done = 0;
-        while (done < data.length) {
-          const { bytesWritten } = await fh.write(data, done, data.length - done, done);
-          done += bytesWritten;
-        }
-        if (!deferred) await fh.datasync();
-      } finally {
-        await fh.close();
-      }
+      await this.direct.writeNewFile(tmp, data, !deferred);
       if (!deferred) {
         await this.ensureDir(path.dirname(file));
         await rename(tmp, file);
@@ -277,6 +278,7 @@ export class LocalBackend implements Backend {
 
   async close(): Promise<void> {
     await this.sync();
+    await this.direct.close();
   }
 
   /** mkdir -p; a directory it creates is a new entry in its parent, which must become durable too. */

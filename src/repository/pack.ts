@@ -306,6 +306,8 @@ export interface PackSink {
   recycle(sealed: Buffer): void;
   /** stores a finished pack (durable at the next sync) */
   put(key: string, data: Uint8Array): Promise<void>;
+  /** memory for a pack buffer (the backend's fastest to write from) */
+  allocate(size: number): Promise<Buffer>;
   /** the largest chunk envelope there can be */
   readonly maxChunkObject: number;
   /** close a pack once it holds this many bytes */
@@ -335,11 +337,14 @@ export class PackWriter {
       await Promise.race(this.storing);
       this.checkFailure();
     }
-    this.current ??= new PackBuilder(
-      this.spareBuffers.pop() ??
-        Buffer.allocUnsafeSlow(PackBuilder.capacity(this.sink.maxChunkObject, this.sink.packSize)),
-      this.sink.packSize,
-    );
+    if (!this.current) {
+      const buf =
+        this.spareBuffers.pop() ??
+        (await this.sink.allocate(PackBuilder.capacity(this.sink.maxChunkObject, this.sink.packSize)));
+      // Another add may have begun a pack while this one waited for memory: keep the buffer for later.
+      if (this.current) this.spareBuffers.push(buf);
+      else this.current = new PackBuilder(buf, this.sink.packSize);
+    }
     this.current.add(id, sealed);
     if (this.current.full) this.store();
   }

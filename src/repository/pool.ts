@@ -13,6 +13,7 @@ import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { TidemarkError, type ErrorCode } from '../errors.js';
 import {
+  checkContentId,
   EnvelopeCodec,
   EnvelopeError,
   MAX_OVERHEAD,
@@ -63,13 +64,16 @@ export interface Codec {
   recycle(buf: Uint8Array): void;
   /** Transfer buffers allocated so far because no spare fitted (a measure of reuse). */
   readonly buffersAllocated: number;
-  open(stored: Uint8Array, type: ObjectType, name: string, maxPlain: number): Promise<Buffer>;
+  /** Opens an object; with `expectId`, also checks that the plaintext hashes to it (else a corrupt CodecError). */
+  open(stored: Uint8Array, type: ObjectType, name: string, maxPlain: number, expectId?: string): Promise<Buffer>;
   close(): Promise<void>;
   readonly workers: number;
 }
 
 export interface CodecOptions {
   key: Buffer | null;
+  /** the key chunk ids are HMACs under (null or absent: SHA-256 ids) */
+  idKey?: Buffer | null;
   /** zstd level (default 3) */
   level?: number;
   /** worker threads; 0 = inline; default: one per core, at most 4 */
@@ -85,10 +89,10 @@ export async function createCodec(opts: CodecOptions): Promise<Codec> {
   const workers = opts.workers ?? defaultWorkers();
   // Loaded here too when workers do the work: a missing binding fails now, with a message, not in a thread.
   const zstd = loadZstd();
-  if (workers <= 0) return new InlineCodec(new EnvelopeCodec(zstd, opts.key, level));
+  if (workers <= 0) return new InlineCodec(new EnvelopeCodec(zstd, opts.key, level), opts.idKey ?? null);
   return new PoolCodec(
     await workerScript(),
-    { tidemarkEnvelopeWorker: true, zstdPath: ZSTD_PATH, key: opts.key, level },
+    { tidemarkEnvelopeWorker: true, zstdPath: ZSTD_PATH, key: opts.key, idKey: opts.idKey ?? null, level },
     workers,
   );
 }
@@ -100,15 +104,20 @@ function wrap(err: unknown): never {
 
 class InlineCodec implements Codec {
   readonly workers = 0;
-  constructor(private readonly codec: EnvelopeCodec) {}
+  constructor(
+    private readonly codec: EnvelopeCodec,
+    private readonly idKey: Buffer | null,
+  ) {}
   async seal(plain: Uint8Array, opts: SealOptions): Promise<Buffer> {
     return this.codec.seal(plain, opts);
   }
   recycle(): void {}
   readonly buffersAllocated = 0;
-  async open(stored: Uint8Array, type: ObjectType, name: string, maxPlain: number): Promise<Buffer> {
+  async open(stored: Uint8Array, type: ObjectType, name: string, maxPlain: number, expectId?: string): Promise<Buffer> {
     try {
-      return this.codec.open(stored, type, name, maxPlain);
+      const plain = this.codec.open(stored, type, name, maxPlain);
+      if (expectId !== undefined) checkContentId(plain, expectId, this.idKey);
+      return plain;
     } catch (err) {
       wrap(err);
     }
@@ -207,8 +216,8 @@ class PoolCodec implements Codec {
     return this.submit({ seq: ++this.seq, op: 'seal', data: plain, opts });
   }
 
-  open(stored: Uint8Array, type: ObjectType, name: string, maxPlain: number): Promise<Buffer> {
-    return this.submit({ seq: ++this.seq, op: 'open', data: stored, type, name, maxPlain });
+  open(stored: Uint8Array, type: ObjectType, name: string, maxPlain: number, expectId?: string): Promise<Buffer> {
+    return this.submit({ seq: ++this.seq, op: 'open', data: stored, type, name, maxPlain, expectId });
   }
 
   recycle(buf: Uint8Array): void {

@@ -2,7 +2,7 @@
  * The object envelope and the codec pool: round trips, and damaged or hostile envelopes (flipped bytes, cut
  * short, lying headers) always give a typed error — never a crash, never wrong bytes, never a big allocation.
  */
-import { randomBytes } from 'node:crypto';
+import { createHash, createHmac, randomBytes } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
 import { EnvelopeCodec, EnvelopeError, HEADER_SIZE, MAX_OVERHEAD } from '../../src/repository/envelope.js';
 import { CodecError, createCodec, loadZstd } from '../../src/repository/pool.js';
@@ -120,6 +120,26 @@ describe('codec pool', () => {
       bad[bad.length - 1] ^= 0x80;
       await expect(pool.open(bad, 'chunk', 'c0', 65536)).rejects.toBeInstanceOf(CodecError);
       await expect(inline.open(bad, 'chunk', 'c0', 65536)).rejects.toBeInstanceOf(CodecError);
+      // The content check against the name happens where the object is opened: HMAC under the id key.
+      const idKey = Buffer.alloc(32, 9);
+      const keyed = await createCodec({ key: KEY, idKey, workers: 1 });
+      const keyedInline = await createCodec({ key: KEY, idKey, workers: 0 });
+      try {
+        const right = createHmac('sha256', idKey).update(datas[1]).digest('hex');
+        const plainId = createHash('sha256').update(datas[1]).digest('hex');
+        for (const c of [keyed, keyedInline]) {
+          expect((await c.open(outs[1], 'chunk', 'c1', 65536, right)).equals(datas[1])).toBe(true);
+          await expect(c.open(outs[1], 'chunk', 'c1', 65536, plainId)).rejects.toMatchObject({
+            problem: 'corrupt',
+            message: expect.stringMatching(/does not hash to its name/),
+          });
+        }
+        expect((await pool.open(outs[1], 'chunk', 'c1', 65536, plainId)).equals(datas[1])).toBe(true);
+        await expect(inline.open(outs[1], 'chunk', 'c1', 65536, right)).rejects.toBeInstanceOf(CodecError);
+      } finally {
+        await keyed.close();
+        await keyedInline.close();
+      }
     } finally {
       await pool.close();
       await inline.close();
