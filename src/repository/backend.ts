@@ -26,6 +26,8 @@ export interface GetOptions {
    * first. maxBytes then bounds `length`, not the object.
    */
   range?: { offset: number; length: number };
+  /** read into this buffer when it is large enough (the result is then a view of it): saves an allocation */
+  into?: Buffer;
 }
 
 export interface PutOptions {

@@ -124,7 +124,7 @@ export class EnvelopeCodec {
    * `maxPlain` bytes. Damage throws EnvelopeError (truncated or corrupt), never returns wrong bytes silently
    * (except unencrypted chunks, whose damage the caller catches by re-hashing against the name).
    */
-  open(stored: Uint8Array, type: ObjectType, name: string, maxPlain: number): Buffer {
+  open(stored: Uint8Array, type: ObjectType, name: string, maxPlain: number, allowView = false): Buffer {
     const buf = Buffer.from(stored.buffer, stored.byteOffset, stored.byteLength);
     if (buf.length < HEADER_SIZE) {
       throw new EnvelopeError(
@@ -192,7 +192,9 @@ export class EnvelopeCodec {
         if (!got.equals(want)) throw corrupt('checksum mismatch');
       }
     }
-    if (!zstd) return encrypted ? payload : Buffer.from(payload);
+    // A stored plaintext is copied out unless the caller may have a view of `stored` (the worker, whose input
+    // buffer then travels back as the result).
+    if (!zstd) return encrypted || allowView ? payload : Buffer.from(payload);
     this.dctx ??= new this.zstd.DCtx();
     const out = Buffer.allocUnsafe(plainLength);
     let n: number;
@@ -254,10 +256,10 @@ function serveWorker(setup: WorkerSetup): void {
       const out =
         task.op === 'seal'
           ? codec.seal(task.data, task.opts, spareOut)
-          : codec.open(task.data, task.type, task.name, task.maxPlain);
+          : codec.open(task.data, task.type, task.name, task.maxPlain, true);
       if (task.op === 'open' && task.expectId !== undefined) checkContentId(out, task.expectId, idKey);
-      // The input is done with (open never returns a view of it: see EnvelopeCodec.open); so is an unused out.
-      const spares = [task.data.buffer as ArrayBuffer];
+      // The input is done with, unless the result is a view of it; so is an unused out.
+      const spares = out.buffer === task.data.buffer ? [] : [task.data.buffer as ArrayBuffer];
       if (spareOut && out.buffer !== spareOut) spares.push(spareOut);
       reply = { seq: task.seq, spares, ok: true, data: out };
     } catch (err) {
@@ -280,7 +282,10 @@ function serveWorker(setup: WorkerSetup): void {
     const transfer: ArrayBuffer[] = [...reply.spares];
     if (reply.ok) {
       const b = reply.data;
-      const own = b.buffer === spareOut || (b.byteOffset === 0 && b.byteLength === b.buffer.byteLength);
+      const own =
+        b.buffer === spareOut ||
+        b.buffer === task.data.buffer ||
+        (b.byteOffset === 0 && b.byteLength === b.buffer.byteLength);
       if (own && !transfer.includes(b.buffer as ArrayBuffer)) transfer.push(b.buffer as ArrayBuffer);
     }
     parentPort!.postMessage(reply, transfer);

@@ -70,7 +70,7 @@ export class LocalBackend implements Backend {
           { key, size: claimed, maxBytes: opts.maxBytes },
         );
       }
-      const buf = Buffer.allocUnsafe(size);
+      const buf = opts.into && opts.into.length >= size ? opts.into.subarray(0, size) : Buffer.allocUnsafe(size);
       let done = 0;
       while (done < buf.length) {
         const { bytesRead } = await fh.read(buf, done, buf.length - done, start + done);

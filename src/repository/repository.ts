@@ -454,7 +454,7 @@ export class Repository {
     maxPlain: number,
     what: string,
     missing: 'damage' | 'not-found',
-    at?: { offset: number; length: number; name: string; expectId?: string },
+    at?: { offset: number; length: number; name: string; expectId?: string; into?: Buffer },
   ): Promise<{ plain: Buffer; storedBytes: number }> {
     this.checkOpen();
     const object = type === 'pack-header' ? 'pack' : type;
@@ -462,7 +462,7 @@ export class Repository {
     try {
       stored = await this.backend.get(key, {
         maxBytes: maxPlain + MAX_OVERHEAD,
-        ...(at ? { range: { offset: at.offset, length: at.length } } : {}),
+        ...(at ? { range: { offset: at.offset, length: at.length }, into: at.into } : {}),
       });
     } catch (err) {
       const code = (err as TidemarkError).code;
@@ -614,10 +614,15 @@ export class Repository {
     return loc ? { key: packKey(loc.pack), offset: loc.offset, length: loc.length } : null;
   }
 
+  /**
+   * A chunk's plaintext, checked (see readChunk). Large reads may go through a buffer of `scratch` (reused, one
+   * per read at a time); the caller may recycle() the plaintext once done with it.
+   */
   private async readChunkIn(
     map: ChunkMap,
     id: string,
     expectLength?: number,
+    scratch?: Buffer[],
   ): Promise<{ plain: Buffer; storedBytes: number }> {
     const loc = map.get(id);
     if (!loc) {
@@ -625,11 +630,18 @@ export class Repository {
     }
     const key = packKey(loc.pack);
     // The codec checks the content against the id where it opens it (a worker).
-    const r = await this.load('chunk', key, this.chunkSize, `chunk ${id}`, 'damage', {
-      ...loc,
-      name: chunkKey(id),
-      expectId: id,
-    });
+    const into = scratch ? (scratch.pop() ?? Buffer.allocUnsafeSlow(this.maxChunkObject)) : undefined;
+    let r;
+    try {
+      r = await this.load('chunk', key, this.chunkSize, `chunk ${id}`, 'damage', {
+        ...loc,
+        name: chunkKey(id),
+        expectId: id,
+        into,
+      });
+    } finally {
+      if (into) scratch!.push(into); // the codec has its own copy once open() settles
+    }
     if (expectLength !== undefined && r.plain.length !== expectLength) {
       throw damaged(
         'chunk',
@@ -847,6 +859,7 @@ export class Repository {
     const { map } = await this.packIndexes();
     const { disk } = this.findDisk(m, diskId);
     const index = await this.readIndex(disk.index);
+    const scratch: Buffer[] = [];
     const parallel = Math.min(64, Math.max(1, opts.parallel ?? 8));
     let done = 0;
     let bytesWritten = 0;
@@ -869,9 +882,10 @@ export class Repository {
           }
         }
       } else {
-        const { plain: data } = await this.readChunkIn(map, id, length);
+        const { plain: data } = await this.readChunkIn(map, id, length, scratch);
         chunksRead++;
         await sink.write(offset, data);
+        this.recycle(data);
         bytesWritten += length;
       }
       done += length;
