@@ -1,6 +1,6 @@
 /**
  * A disk index: the chunk of every chunk-sized slot of one disk in one restore point (docs/formats/repository.md
- * §4). Slot i covers bytes [i × chunkSize, min((i + 1) × chunkSize, virtualSize)); 32 zero bytes mean "all zero,
+ * §5). Slot i covers bytes [i × chunkSize, min((i + 1) × chunkSize, virtualSize)); 32 zero bytes mean "all zero,
  * nothing stored". Indexes are objects named by the hash of their encoding, so an unchanged disk shares its index
  * with the previous restore point.
  *

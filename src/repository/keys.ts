@@ -1,5 +1,5 @@
 /**
- * Key material of an encrypted repository (docs/formats/repository.md §5).
+ * Key material of an encrypted repository (docs/formats/repository.md §6).
  *
  * A random 32-byte master key is wrapped (AES-256-GCM) once per key slot by a key derived from a passphrase
  * (scrypt, memory-hard, parameters stored in the slot) or from a key file's contents (HKDF-SHA-256). The master key

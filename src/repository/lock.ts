@@ -1,5 +1,5 @@
 /**
- * Repository locks (docs/formats/repository.md §7). Backups take a shared lock (any number side by side); prune,
+ * Repository locks (docs/formats/repository.md §8). Backups, restores and verify take a shared lock (any number side by side); prune,
  * gc and forget take an exclusive one. A lock is an object `locks/<kind>-<random>` holding who took it.
  *
  * Taking a lock is write-then-list, which needs no compare-and-swap from the backend: write our lock, list the

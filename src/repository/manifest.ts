@@ -1,5 +1,5 @@
 /**
- * Restore-point manifests (docs/formats/repository.md §6): typed JSON, written last and atomically, naming every
+ * Restore-point manifests (docs/formats/repository.md §7): typed JSON, written last and atomically, naming every
  * VM and disk of the point and the index holding each disk's chunks. Objects are "loose": a reader keeps fields it
  * does not know, so later versions can add fields without breaking this one (a higher `version` is refused).
  */

@@ -444,7 +444,8 @@ export class Repository {
   /** @internal */
   async seal(type: ObjectType, key: string, plain: Uint8Array): Promise<Buffer> {
     this.checkOpen();
-    return this.codec.seal(plain, { type, name: key, checksum: type === 'manifest' });
+    // Objects not named by their hash get a checksum when not encrypted: manifests, pack headers.
+    return this.codec.seal(plain, { type, name: key, checksum: type === 'manifest' || type === 'pack-header' });
   }
 
   /** Reads and opens one object (or `at`, a range of one), turning every way it can fail into NOT_FOUND or a typed damage. */
@@ -797,7 +798,7 @@ export class Repository {
     const lock = await this.lock('shared', opts.operation ?? 'backup');
     let known: ChunkMap;
     try {
-      // Read under the lock: what a chunk is deduplicated against can no longer be removed by gc (§8).
+      // Read under the lock: what a chunk is deduplicated against can no longer be removed by gc (§9).
       known = (await this.packIndexes()).map;
     } catch (err) {
       await lock.release();
@@ -1161,7 +1162,7 @@ export class Repository {
    * Mark and sweep, under an exclusive lock: mark every index the manifests name and every chunk those indexes
    * name, then delete the indexes and chunks nobody marked. A backup holds a shared lock from before its first
    * chunk until after its manifest, so no backup runs while gc does, and nothing a future manifest will name can
-   * be swept (docs/formats/repository.md §8). A manifest or index that cannot be read stops gc: it cannot know what
+   * be swept (docs/formats/repository.md §9). A manifest or index that cannot be read stops gc: it cannot know what
    * that point references.
    */
   async gc(opts: { dryRun?: boolean } = {}): Promise<GcReport> {
@@ -1387,6 +1388,8 @@ export class Repository {
   }> {
     const lock = await this.lock('exclusive', 'repair-index');
     try {
+      // What the current pack indexes say still serves for a pack whose own header cannot be read.
+      const { map: before } = await this.packIndexes({ reread: true });
       const packs: PackContents[] = [];
       const unreadable: { key: string; message: string }[] = [];
       const infos: ObjectInfo[] = [];
@@ -1401,6 +1404,8 @@ export class Repository {
         } catch (err) {
           if (!isDamage(err)) throw err;
           unreadable.push({ key: o.key, message: err.message });
+          const id = o.key.slice(-64);
+          if (before.hasPack(id)) packs.push({ packId: id, entries: [...before.entriesOf(id)] });
         }
       });
       packs.sort((a, b) => (a.packId < b.packId ? -1 : 1));
