@@ -362,6 +362,16 @@ export class Repository {
     }
     await backend.put(CONFIG_KEY, encodeConfig(config), { sync: true });
     // Opened with the keys in hand: no second key derivation.
+    return Repository.withCodec(backend, config, keys, opts, packSize);
+  }
+
+  private static async withCodec(
+    backend: Backend,
+    config: RepositoryConfig,
+    keys: RepositoryKeys | null,
+    opts: OpenOptions,
+    packSize: number,
+  ): Promise<Repository> {
     const codec = await createCodec({
       key: keys?.encKey ?? null,
       idKey: keys?.idKey ?? null,
@@ -404,13 +414,7 @@ export class Repository {
       keys = deriveKeys(master, config.id);
       checkConfigMac(config, keys.configKey, backend.location);
     }
-    const codec = await createCodec({
-      key: keys?.encKey ?? null,
-      idKey: keys?.idKey ?? null,
-      level: opts.compressionLevel,
-      workers: opts.workers,
-    });
-    return new Repository(backend, config, keys, codec, packSize);
+    return Repository.withCodec(backend, config, keys, opts, packSize);
   }
 
   /** Aborts open backup sessions (releasing their locks) and stops the codec workers. */
