@@ -299,20 +299,20 @@ describe('hostile objects', () => {
         const e = await codeOf(f.repo.readChunk(b));
         expect(e.code).toBe('REPOSITORY_CORRUPT');
         expect(e.message).toMatch(encrypted ? /authentication failed/ : /does not hash to its name|holds/);
-        // The pack of the last backup (the clone's) cut short inside its first chunk.
-        const clone = (await f.repo.readIndex(f.points[3].vms[0].disks[0].index)).chunkIds();
-        const own = [...clone].filter((id) => id !== b);
-        const victims = await Promise.all(own.map(async (id) => ({ id, loc: (await f.repo.locateChunk(id))! })));
-        const cut = victims.find((v) => v.loc.key !== lb.key && v.loc.key !== lc.key);
-        if (cut) {
-          await truncate(file(f, cut.loc.key), cut.loc.offset + 10);
-          expect((await codeOf(f.repo.readChunk(cut.id))).details.problem).toBe('truncated');
-        }
+        // The last incremental's pack (not the pack of b and c) cut short inside its first chunk.
+        const earlier = (await f.repo.readIndex(f.points[1].vms[0].disks[0].index)).chunkIds();
+        const last = [...(await f.repo.readIndex(f.points[2].vms[0].disks[0].index)).chunkIds()].filter(
+          (id) => !earlier.has(id),
+        );
+        const located = await Promise.all(last.map(async (id) => ({ id, loc: (await f.repo.locateChunk(id))! })));
+        const cut = located.sort((x, y) => x.loc.offset - y.loc.offset)[0];
+        expect(cut, 'the last incremental stored a chunk').toBeDefined();
+        expect([lb.key, lc.key]).not.toContain(cut.loc.key);
+        await truncate(file(f, cut.loc.key), cut.loc.offset + 10);
+        expect((await codeOf(f.repo.readChunk(cut.id))).details.problem).toBe('truncated');
         const report = await f.repo.verify();
         expect(report.damage.map((d) => d.id)).toContain(b);
-        if (cut) {
-          expect(report.damage.find((d) => d.id === cut.id)).toMatchObject({ problem: 'truncated', key: cut.loc.key });
-        }
+        expect(report.damage.find((d) => d.id === cut.id)).toMatchObject({ problem: 'truncated', key: cut.loc.key });
       } finally {
         await f.repo.close();
       }
