@@ -11,6 +11,7 @@ import { createVhdx } from '../formats/vhdx/create.js';
 import { VhdxFile } from '../formats/vhdx/vhdx.js';
 import type { Repository, RestoreSink } from '../repository/index.js';
 import { DIRECT_ALIGN, DIRECT_MIN_BYTES, DirectWriter, openDirect } from '../util/direct-io.js';
+import { writeFully } from '../util/file.js';
 
 export interface RestoreRequest {
   to: string;
@@ -126,10 +127,7 @@ async function rawSink(file: string, size: number): Promise<ClosableSink> {
   const memory = new DirectWriter(path.dirname(file));
   const spare: Buffer[] = [];
   let directOk = direct !== null;
-  const buffered = async (data: Buffer, offset: number) => {
-    let done = 0;
-    while (done < data.length) done += (await fh.write(data, done, data.length - done, offset + done)).bytesWritten;
-  };
+  const buffered = (data: Buffer, offset: number) => writeFully(fh, data, offset);
   return {
     async write(offset, data) {
       if (
@@ -142,14 +140,13 @@ async function rawSink(file: string, size: number): Promise<ClosableSink> {
       }
       let bounce = spare.pop();
       if (!bounce || bounce.length < data.length) bounce = await memory.buffer(data.length);
+      if (!memory.isAligned(bounce)) {
+        directOk = false; // no aligned memory here: the rest goes through the page cache
+        return buffered(data, offset);
+      }
       try {
         data.copy(bounce);
-        if (!memory.isAligned(bounce)) return await buffered(data, offset);
-        const piece = bounce.subarray(0, data.length);
-        let done = 0;
-        while (done < piece.length) {
-          done += (await direct!.write(piece, done, piece.length - done, offset + done)).bytesWritten;
-        }
+        await writeFully(direct!, bounce.subarray(0, data.length), offset);
       } catch (err) {
         const code = (err as NodeJS.ErrnoException).code;
         if (code !== 'EINVAL') throw err;

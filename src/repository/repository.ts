@@ -1246,11 +1246,7 @@ export class Repository {
       }
 
       // Each pack: kept whole (every chunk in it is referenced and found there), removed (none is), or repacked.
-      const stored = new Map<string, ObjectInfo>();
-      for await (const o of this.backend.list('packs/')) {
-        const m = /^packs\/([0-9a-f]{2})\/([0-9a-f]{64})$/.exec(o.key);
-        if (m && m[2].startsWith(m[1])) stored.set(m[2], o);
-      }
+      const stored = await this.storedPacks();
       const keep: PackContents[] = [];
       const repack: { packId: string; live: PackEntry[] }[] = [];
       for (const packId of map.packIds()) {
@@ -1278,10 +1274,13 @@ export class Repository {
         }
       }
       // What no pack index lists: packs of interrupted backups (no backup runs now: we hold the exclusive lock).
-      for (const info of stored.values()) {
+      for (const [packId, info] of stored) {
         sweep.push(info);
         report.packsRemoved++;
-        report.chunksRemoved += await this.countPackEntries(info).catch(() => 0);
+        report.chunksRemoved += await this.readPackHeader(packId, info.size).then(
+          (e) => e.length,
+          () => 0,
+        );
       }
       for (const o of sweep) report.bytesRemoved += o.size;
 
@@ -1294,18 +1293,9 @@ export class Repository {
         await this.backend.sync(); // in place before an index names them
         report.packsWritten = written.length;
         for (const p of written) report.bytesRemoved -= p.entries.reduce((n, e) => n + e.length, 0);
-        // 2. One set of pack indexes for everything kept, durable before anything it replaces goes.
-        const previous = [...(this.packIndexState?.loaded ?? [])];
-        const fresh = new Set(await this.writePackIndexes([...keep, ...written]));
-        await this.backend.sync();
-        // 3. The old pack indexes, then the packs only they listed: a crash in between leaves unindexed packs.
-        await forEachBounded(
-          previous.filter((id) => !fresh.has(id)),
-          16,
-          (id) => this.backend.delete(packIndexKey(id)),
-        );
-        await this.backend.sync();
-        this.packIndexState = null;
+        // 2. One set of pack indexes for everything kept instead of the old ones; 3. (below) the old packs: a crash
+        // in between leaves packs no index lists.
+        await this.replacePackIndexes([...keep, ...written]);
       }
       if (!dryRun) {
         await forEachBounded(sweep, 16, (o) => this.backend.delete(o.key));
@@ -1377,8 +1367,32 @@ export class Repository {
     }
   }
 
-  private async countPackEntries(info: ObjectInfo): Promise<number> {
-    return (await this.readPackHeader(info.key.slice(-64), info.size)).length;
+  /** Every pack stored, by id. */
+  private async storedPacks(): Promise<Map<string, ObjectInfo>> {
+    const packs = new Map<string, ObjectInfo>();
+    for await (const o of this.backend.list('packs/')) {
+      const m = /^packs\/([0-9a-f]{2})\/([0-9a-f]{64})$/.exec(o.key);
+      if (m && m[2].startsWith(m[1])) packs.set(m[2], o);
+    }
+    return packs;
+  }
+
+  /**
+   * Pack indexes listing `packs` take the place of every pack index there is: the new ones durable before any old
+   * one goes (a crash in between leaves both, which list the same chunks in packs that all still exist).
+   */
+  private async replacePackIndexes(packs: PackContents[]): Promise<void> {
+    const old: string[] = [];
+    for await (const o of this.backend.list('packindex/')) old.push(o.key);
+    const fresh = new Set((await this.writePackIndexes(packs)).map(packIndexKey));
+    await this.backend.sync();
+    await forEachBounded(
+      old.filter((k) => !fresh.has(k)),
+      16,
+      (k) => this.backend.delete(k),
+    );
+    await this.backend.sync();
+    this.packIndexState = null;
   }
 
   /**
@@ -1396,34 +1410,17 @@ export class Repository {
       const { map: before } = await this.packIndexes({ reread: true });
       const packs: PackContents[] = [];
       const unreadable: { key: string; message: string }[] = [];
-      const infos: ObjectInfo[] = [];
-      for await (const o of this.backend.list('packs/')) {
-        const m = /^packs\/([0-9a-f]{2})\/([0-9a-f]{64})$/.exec(o.key);
-        if (m && m[2].startsWith(m[1])) infos.push(o);
-      }
-      infos.sort((a, b) => (a.key < b.key ? -1 : 1));
-      await forEachBounded(infos, 8, async (o) => {
+      await forEachBounded(await this.storedPacks(), 8, async ([packId, o]) => {
         try {
-          packs.push({ packId: o.key.slice(-64), entries: await this.readPackHeader(o.key.slice(-64), o.size) });
+          packs.push({ packId, entries: await this.readPackHeader(packId, o.size) });
         } catch (err) {
           if (!isDamage(err)) throw err;
           unreadable.push({ key: o.key, message: err.message });
-          const id = o.key.slice(-64);
-          if (before.hasPack(id)) packs.push({ packId: id, entries: [...before.entriesOf(id)] });
+          if (before.hasPack(packId)) packs.push({ packId, entries: [...before.entriesOf(packId)] });
         }
       });
       packs.sort((a, b) => (a.packId < b.packId ? -1 : 1));
-      const old: string[] = [];
-      for await (const o of this.backend.list('packindex/')) old.push(o.key);
-      const fresh = new Set((await this.writePackIndexes(packs.filter((p) => p.entries.length > 0))).map(packIndexKey));
-      await this.backend.sync();
-      await forEachBounded(
-        old.filter((k) => !fresh.has(k)),
-        16,
-        (k) => this.backend.delete(k),
-      );
-      await this.backend.sync();
-      this.packIndexState = null;
+      await this.replacePackIndexes(packs.filter((p) => p.entries.length > 0));
       return {
         packs: packs.length,
         chunks: packs.reduce((n, p) => n + p.entries.length, 0),

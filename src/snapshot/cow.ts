@@ -26,7 +26,8 @@ import type {
   SnapshotStats,
   StorageSnapshot,
 } from './provider.js';
-import { PendingWork, SnapshotView, readFully, releasedError, writeFully, type ViewOwner } from './view.js';
+import { readFully, writeFully } from '../util/file.js';
+import { PendingWork, SnapshotView, releasedError, type ViewOwner } from './view.js';
 
 export interface CowProviderOptions {
   /** Granularity of preservation in bytes: a power of two from 4 KiB to 8 MiB. Default 64 KiB. */

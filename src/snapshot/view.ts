@@ -1,8 +1,7 @@
 /**
- * What both providers share: the read-only view of one file of a snapshot, bounded reads on a FileHandle,
+ * What both providers share: the read-only view of one file of a snapshot
  * and the bookkeeping that lets `release` wait for the reads and copies still running.
  */
-import type { FileHandle } from 'node:fs/promises';
 import { TidemarkError } from '../errors.js';
 import type { RandomAccessFile } from '../util/file.js';
 import type { DataExtent } from '../util/holes.js';
@@ -79,25 +78,6 @@ export class SnapshotView implements RandomAccessFile {
     if (this.closed) return;
     this.closed = true;
     await this.onClose();
-  }
-}
-
-/** Reads `buf.length` bytes at `position`; what lies past the end of the file reads as zeros. */
-export async function readFully(handle: FileHandle, buf: Uint8Array, position: number): Promise<void> {
-  let done = 0;
-  while (done < buf.length) {
-    const { bytesRead } = await handle.read(buf, done, buf.length - done, position + done);
-    if (bytesRead === 0) break;
-    done += bytesRead;
-  }
-  if (done < buf.length) buf.fill(0, done);
-}
-
-export async function writeFully(handle: FileHandle, buf: Uint8Array, position: number): Promise<void> {
-  let done = 0;
-  while (done < buf.length) {
-    const { bytesWritten } = await handle.write(buf, done, buf.length - done, position + done);
-    done += bytesWritten;
   }
 }
 

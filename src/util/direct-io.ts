@@ -12,6 +12,7 @@ import { constants } from 'node:fs';
 import { open, unlink, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
+import { writeFully } from './file.js';
 
 /** Alignment that satisfies every block device (logical blocks of 512 or 4096 bytes). */
 export const DIRECT_ALIGN = 4096;
@@ -81,7 +82,7 @@ export class DirectWriter {
       let fh: FileHandle | undefined;
       try {
         fh = await open(file, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | (O_DIRECT ?? 0), 0o600);
-        await writeAll(fh, data.subarray(0, head), 0);
+        await writeFully(fh, data.subarray(0, head), 0);
         await fh.close();
         fh = undefined;
         await writeRest(file, data, head, sync);
@@ -94,7 +95,7 @@ export class DirectWriter {
     }
     const fh = await open(file, 'wx', 0o600);
     try {
-      await writeAll(fh, data, 0);
+      await writeFully(fh, data, 0);
       if (sync) await fh.datasync();
     } finally {
       await fh.close();
@@ -118,18 +119,10 @@ async function writeRest(file: string, data: Uint8Array, from: number, sync: boo
   if (from === data.length && !sync) return;
   const fh = await open(file, 'r+');
   try {
-    await writeAll(fh, data.subarray(from), from);
+    await writeFully(fh, data.subarray(from), from);
     if (sync) await fh.datasync();
   } finally {
     await fh.close();
-  }
-}
-
-async function writeAll(fh: FileHandle, data: Uint8Array, at: number): Promise<void> {
-  let done = 0;
-  while (done < data.length) {
-    const { bytesWritten } = await fh.write(data, done, data.length - done, at + done);
-    done += bytesWritten;
   }
 }
 

@@ -131,12 +131,8 @@ export class NodeFile implements RandomAccessFile {
     checkPosition(position, buf.length, 'write', this.path);
     const hooks = fileWriteInterceptors.size === 0 ? undefined : fileWriteInterceptors.get(this.identity);
     if (hooks) await runInterceptors(hooks, (i) => i.beforeWrite(position, buf.length));
-    let done = 0;
     try {
-      while (done < buf.length) {
-        const { bytesWritten } = await this.handle.write(buf, done, buf.length - done, position + done);
-        done += bytesWritten;
-      }
+      await writeFully(this.handle, buf, position);
     } catch (err) {
       throw fromSystemError(err, 'write', this.path);
     }
@@ -222,5 +218,25 @@ export class PatchedFile implements RandomAccessFile {
 
   async close(): Promise<void> {
     await this.base.close();
+  }
+}
+
+/** Reads `buf.length` bytes at `position`; what lies past the end of the file reads as zeros. */
+export async function readFully(handle: FileHandle, buf: Uint8Array, position: number): Promise<void> {
+  let done = 0;
+  while (done < buf.length) {
+    const { bytesRead } = await handle.read(buf, done, buf.length - done, position + done);
+    if (bytesRead === 0) break;
+    done += bytesRead;
+  }
+  if (done < buf.length) buf.fill(0, done);
+}
+
+/** Writes all of `buf` at `position` (one write may take only part). */
+export async function writeFully(handle: FileHandle, buf: Uint8Array, position: number): Promise<void> {
+  let done = 0;
+  while (done < buf.length) {
+    const { bytesWritten } = await handle.write(buf, done, buf.length - done, position + done);
+    done += bytesWritten;
   }
 }

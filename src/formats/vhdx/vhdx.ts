@@ -531,65 +531,82 @@ export class VhdxFile {
     });
   }
 
-  /** Finds, checks and opens the parent (relative, volume, absolute path; then the child's directory). */
-  private async attachParent(opts: OpenOptions, roots: string[], depth: number): Promise<void> {
-    const loc = this.parentLocator!;
-    const linkage = parseLinkage(locatorGet(loc, 'parent_linkage'))!;
-    const linkage2 = parseLinkage(locatorGet(loc, 'parent_linkage2'));
-    const tried: ParentLink['tried'] = [];
-    let mismatch: string | undefined;
-    let outside = false;
-    const seen = new Set<string>();
-    for (const c of parentCandidates(this.path, loc, { allowedRoots: roots, pathMap: opts.pathMap })) {
+  /**
+   * The parent locator's candidates (relative, volume, absolute path; then the child's directory) that resolve to
+   * an existing file inside the allowed roots, in order; the others are recorded in `tried` with why.
+   */
+  private async *resolvedParentCandidates(
+    opts: OpenOptions,
+    roots: string[],
+    tried: ParentLink['tried'],
+  ): AsyncGenerator<{ c: ParentCandidate; path: string }> {
+    for (const c of parentCandidates(this.path, this.parentLocator!, { allowedRoots: roots, pathMap: opts.pathMap })) {
       if (!c.hostPath) {
         tried.push({ key: c.key, value: c.value, outcome: 'no host mapping' });
         continue;
       }
       const r = await resolveInsideRoots(c.hostPath, roots);
       if ('problem' in r) {
-        if (r.problem === 'outside') outside = true;
-        tried.push({
-          key: c.key,
-          value: c.value,
-          hostPath: c.hostPath,
-          outcome: r.problem === 'missing' ? 'not found' : 'outside the allowed directories',
-        });
+        const outcome = r.problem === 'missing' ? 'not found' : 'outside the allowed directories';
+        tried.push({ key: c.key, value: c.value, hostPath: c.hostPath, outcome });
         continue;
       }
-      if (seen.has(r.path)) continue;
-      seen.add(r.path);
-      if (r.path === this.path) {
-        tried.push({ key: c.key, value: c.value, hostPath: r.path, outcome: 'names the disk itself' });
+      yield { c, path: r.path };
+    }
+  }
+
+  /** Whether a DataWriteGuid is one the parent locator's linkage names; `expected` says which for messages. */
+  private parentLinkage(): { matches: (dwg: Guid) => boolean; expected: string } {
+    const loc = this.parentLocator!;
+    const linkage = parseLinkage(locatorGet(loc, 'parent_linkage'))!;
+    const linkage2 = parseLinkage(locatorGet(loc, 'parent_linkage2'));
+    return {
+      matches: (dwg) => guidEquals(dwg, linkage) || (linkage2 !== undefined && guidEquals(dwg, linkage2)),
+      expected: `${formatLinkage(linkage)}${linkage2 ? ` or ${formatLinkage(linkage2)}` : ''}`,
+    };
+  }
+
+  /** Finds, checks and opens the parent. */
+  private async attachParent(opts: OpenOptions, roots: string[], depth: number): Promise<void> {
+    const linkage = this.parentLinkage();
+    const tried: ParentLink['tried'] = [];
+    let mismatch: string | undefined;
+    const seen = new Set<string>();
+    for await (const { c, path: found } of this.resolvedParentCandidates(opts, roots, tried)) {
+      if (seen.has(found)) continue;
+      seen.add(found);
+      if (found === this.path) {
+        tried.push({ key: c.key, value: c.value, hostPath: found, outcome: 'names the disk itself' });
         continue;
       }
       let parent: VhdxFile;
       try {
-        parent = await VhdxFile.openInChain(r.path, { ...opts, writable: false, parent: undefined }, roots, depth + 1);
+        parent = await VhdxFile.openInChain(found, { ...opts, writable: false, parent: undefined }, roots, depth + 1);
       } catch (err) {
         // Not a readable file (a directory, a device): try the next candidate. A damaged VHDX is reported.
         if (!(err instanceof TidemarkError) || (err.code !== 'IO_ERROR' && err.code !== 'NOT_FOUND')) throw err;
-        tried.push({ key: c.key, value: c.value, hostPath: r.path, outcome: 'not a readable file' });
+        tried.push({ key: c.key, value: c.value, hostPath: found, outcome: 'not a readable file' });
         continue;
       }
       const dwg = parent.header.dataWriteGuid;
-      if (guidEquals(dwg, linkage) || (linkage2 && guidEquals(dwg, linkage2))) {
+      if (linkage.matches(dwg)) {
         if (parent.logicalSectorSize !== this.logicalSectorSize) {
           await parent.close();
           throw new VhdxCorruptError(
             'parent locator',
             undefined,
-            `parent ${r.path} has ${parent.logicalSectorSize}-byte logical sectors, this disk ${this.logicalSectorSize}`,
+            `parent ${found} has ${parent.logicalSectorSize}-byte logical sectors, this disk ${this.logicalSectorSize}`,
             'PARENT_MISMATCH',
           );
         }
-        tried.push({ key: c.key, value: c.value, hostPath: r.path, outcome: 'opened' });
+        tried.push({ key: c.key, value: c.value, hostPath: found, outcome: 'opened' });
         this.parent = parent;
-        this.parentLink = { path: r.path, foundBy: c.key, tried };
+        this.parentLink = { path: found, foundBy: c.key, tried };
         return;
       }
       await parent.close();
-      mismatch = `${r.path} has DataWriteGuid ${formatLinkage(dwg)}, the locator expects ${formatLinkage(linkage)}${linkage2 ? ` or ${formatLinkage(linkage2)}` : ''} (the parent was modified after this disk was created)`;
-      tried.push({ key: c.key, value: c.value, hostPath: r.path, outcome: 'DataWriteGuid does not match' });
+      mismatch = `${found} has DataWriteGuid ${formatLinkage(dwg)}, the locator expects ${linkage.expected} (the parent was modified after this disk was created)`;
+      tried.push({ key: c.key, value: c.value, hostPath: found, outcome: 'DataWriteGuid does not match' });
     }
     if (mismatch) throw new TidemarkError('PARENT_MISMATCH', `parent of ${this.path}: ${mismatch}`, { tried });
     const list = tried
@@ -598,7 +615,7 @@ export class VhdxFile {
           `${t.key}=${JSON.stringify(t.value)}${t.hostPath ? ` -> ${JSON.stringify(t.hostPath)}` : ''} (${t.outcome})`,
       )
       .join('; ');
-    if (outside) {
+    if (tried.some((t) => t.outcome === 'outside the allowed directories')) {
       throw new TidemarkError(
         'PATH_NOT_ALLOWED',
         `parent of ${this.path} lies outside the allowed directories (${roots.join(', ')}): ${list}`,
@@ -617,9 +634,7 @@ export class VhdxFile {
     if (given.chain().length + 1 > MAX_CHAIN_DEPTH) {
       throw new VhdxCorruptError('parent locator', undefined, `chain deeper than ${MAX_CHAIN_DEPTH} disks`);
     }
-    const loc = this.parentLocator!;
-    const linkage = parseLinkage(locatorGet(loc, 'parent_linkage'))!;
-    const linkage2 = parseLinkage(locatorGet(loc, 'parent_linkage2'));
+    const linkage = this.parentLinkage();
     let givenReal: string;
     try {
       givenReal = await realpath(given.path);
@@ -627,25 +642,16 @@ export class VhdxFile {
       throw new TidemarkError('PARENT_NOT_FOUND', `parent of ${this.path}: ${given.path} no longer exists`);
     }
     const tried: ParentLink['tried'] = [];
-    for (const c of parentCandidates(this.path, loc, { allowedRoots: roots, pathMap: opts.pathMap })) {
-      if (!c.hostPath) {
-        tried.push({ key: c.key, value: c.value, outcome: 'no host mapping' });
-        continue;
-      }
-      const r = await resolveInsideRoots(c.hostPath, roots);
-      if ('problem' in r) {
-        tried.push({ key: c.key, value: c.value, hostPath: c.hostPath, outcome: r.problem });
-        continue;
-      }
-      if (r.path !== givenReal) {
-        tried.push({ key: c.key, value: c.value, hostPath: r.path, outcome: 'not the given parent' });
+    for await (const { c, path: found } of this.resolvedParentCandidates(opts, roots, tried)) {
+      if (found !== givenReal) {
+        tried.push({ key: c.key, value: c.value, hostPath: found, outcome: 'not the given parent' });
         continue;
       }
       const dwg = given.header.dataWriteGuid;
-      if (!guidEquals(dwg, linkage) && !(linkage2 && guidEquals(dwg, linkage2))) {
+      if (!linkage.matches(dwg)) {
         throw new TidemarkError(
           'PARENT_MISMATCH',
-          `parent of ${this.path}: ${given.path} has DataWriteGuid ${formatLinkage(dwg)}, the locator expects ${formatLinkage(linkage)}${linkage2 ? ` or ${formatLinkage(linkage2)}` : ''}`,
+          `parent of ${this.path}: ${given.path} has DataWriteGuid ${formatLinkage(dwg)}, the locator expects ${linkage.expected}`,
         );
       }
       if (given.logicalSectorSize !== this.logicalSectorSize || given.virtualSize !== this.virtualSize) {
@@ -656,9 +662,9 @@ export class VhdxFile {
           'PARENT_MISMATCH',
         );
       }
-      tried.push({ key: c.key, value: c.value, hostPath: r.path, outcome: 'opened' });
+      tried.push({ key: c.key, value: c.value, hostPath: found, outcome: 'opened' });
       this.parent = given;
-      this.parentLink = { path: r.path, foundBy: c.key, tried };
+      this.parentLink = { path: found, foundBy: c.key, tried };
       return;
     }
     const list = tried.map((t) => `${t.key}=${JSON.stringify(t.value)} (${t.outcome})`).join('; ');
