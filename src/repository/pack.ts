@@ -229,10 +229,6 @@ export class ChunkMap {
     return this.chunks.size;
   }
 
-  get packCount(): number {
-    return this.packs.size;
-  }
-
   /** The chunks' envelopes, in bytes (each chunk once). */
   storedBytes(): number {
     let n = 0;
@@ -268,10 +264,6 @@ export class PackBuilder {
 
   static capacity(maxChunkObject: number, target: number): number {
     return target + maxChunkObject + MAX_PACK_HEADER_OBJECT + PACK_TRAILER_SIZE;
-  }
-
-  get bytes(): number {
-    return this.used;
   }
 
   get full(): boolean {
