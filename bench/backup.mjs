@@ -11,6 +11,11 @@
 //   restore           tidemark restore (raw) | restic restore latest
 //   64 GiB            the same incremental on a 64 GiB disk with the same 80 MiB changed, against the
 //                     4 GiB one: incrementals cost what changed, not what exists
+//   audit cost        the 4 GiB incremental with the default tracking audit (1% of the disk's chunks, at least 16)
+//                     and with --audit off, each timed as the whole command (`tidemark backup bench`, a process of
+//                     its own, the host running, as restic and borg are timed), BENCH_REPS times each, alternating
+//                     which goes first; the cost is the difference of the medians over the incremental's median
+//                     with the audit, and the audit's own time (the run summary's audit.timeMs) is printed beside
 // Ratios are ours/peer (lower is better). Each peer uses its default compression; restic and borg
 // repositories are unencrypted-equivalent where possible (restic always encrypts; borg -e none).
 // Tidemark's incrementals are short, so each is timed BENCH_REPS times (a new rewrite before each) and the median
@@ -156,6 +161,51 @@ try {
   const inc64 = [];
   while (inc64.length < REPS) inc64.push(await incremental('big', big.disks[0].export, BIG, 9 + inc64.length));
   results.inc64Ours = median(inc64);
+  const audit64 = summary.vms[0].disks[0].audit;
+
+  // The audit's cost: the 4 GiB incremental as a command, with the default audit and with --audit off.
+  const backupCommand = async (audit, seed) => {
+    const nbd = await NbdClient.connect({ socket: path.join(work, 'nbd.sock'), exportName: vm.disks[0].export });
+    await rewrite(nbd, SIZE, seed);
+    await nbd.close();
+    let out = '';
+    const t = await time(() => {
+      out = execFileSync(
+        process.execPath,
+        [
+          path.join(ROOT, 'bin/tidemark.js'),
+          'backup',
+          'bench',
+          '--store',
+          store,
+          '--repo',
+          repoPath,
+          '--audit',
+          audit,
+          '--json',
+        ],
+        { env, encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'], maxBuffer: 64 * MiB },
+      );
+    });
+    const s = JSON.parse(out);
+    const d = s.vms[0].disks[0];
+    if (!s.ok || d.read !== 'incremental') throw new Error(`audit ${audit}: ${s.errors.join('; ') || d.fullReason}`);
+    if ((audit === 'off') !== (d.audit === null)) throw new Error(`audit ${audit}: unexpected audit figures`);
+    return { t, audit: d.audit };
+  };
+  const withAudit = [];
+  const withoutAudit = [];
+  for (let i = 0; i < REPS; i++) {
+    const order = i % 2 === 0 ? ['1%', 'off'] : ['off', '1%'];
+    for (const a of order)
+      (a === 'off' ? withoutAudit : withAudit).push(
+        await backupCommand(a, 31 + withAudit.length + withoutAudit.length),
+      );
+  }
+  results.incAudit = median(withAudit.map((x) => x.t));
+  results.incNoAudit = median(withoutAudit.map((x) => x.t));
+  results.auditMs = median(withAudit.map((x) => x.audit.timeMs));
+  const auditSample = withAudit[0].audit;
   await repo.close();
   host.kill('SIGINT');
   await exited;
@@ -178,6 +228,16 @@ try {
   console.log(`  ours/restic ${r(results.restoreOurs, results.restoreRestic)} (goal ≤ 0.5)`);
   console.log(
     `${BIG / GiB} GiB incremental: ${s(results.inc64Ours)}; ${BIG / GiB} GiB / ${SIZE / GiB} GiB ${r(results.inc64Ours, results.incOurs)} (goal ≤ 1.3)`,
+  );
+  console.log(
+    `audit cost:    ${(((results.incAudit - results.incNoAudit) / results.incAudit) * 100).toFixed(1)}% of the incremental (goal ≤ 10%): ` +
+      `tidemark backup with the default audit ${s(results.incAudit)}, --audit off ${s(results.incNoAudit)} (whole commands, medians of ${REPS})`,
+  );
+  console.log(
+    `  the audit itself: ${results.auditMs.toFixed(0)} ms = ${((results.auditMs / 1000 / results.incAudit) * 100).toFixed(1)}% of the incremental ` +
+      `(${auditSample.checked} of ${auditSample.unchanged} unchanged chunks checked, ${(auditSample.bytesRead / MiB).toFixed(0)} MiB read); ` +
+      `${BIG / GiB} GiB incremental's audit ${audit64.timeMs.toFixed(0)} ms = ${((audit64.timeMs / 1000 / results.inc64Ours) * 100).toFixed(1)}% ` +
+      `(${audit64.checked} chunks, ${(audit64.bytesRead / MiB).toFixed(0)} MiB read)`,
   );
   console.log(
     `(tidemark incrementals: medians of ${REPS}: ${SIZE / GiB} GiB ${inc4.map((x) => x.toFixed(2)).join('/')} s, ${BIG / GiB} GiB ${inc64.map((x) => x.toFixed(2)).join('/')} s)`,
