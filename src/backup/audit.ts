@@ -20,8 +20,9 @@ export const DEFAULT_AUDIT: AuditMode = { kind: 'sample', rate: DEFAULT_AUDIT_RA
 /** A sample has at least this many chunks (all of them when fewer are unchanged). */
 export const MIN_AUDIT_SAMPLE = 16;
 /**
- * The default time budget of a sampled audit, per disk: this share of the time the disk's changed chunks took,
- * but never less than the floor (an incremental with little to read still gets its sample checked).
+ * The default time budget of a sampled audit, per disk, counted from when the disk's changed chunks are all read
+ * (the audit runs alongside them): this share of the time they took, but never less than the floor (an
+ * incremental with little to read still gets its sample checked).
  */
 export const AUDIT_TIME_SHARE = 0.1;
 export const AUDIT_TIME_FLOOR_MS = 2000;
@@ -153,8 +154,8 @@ export interface CheckOptions {
   hashId: (data: Uint8Array) => string;
   /** reads in flight (default 8) */
   parallel?: number;
-  /** performance.now() after which no further chunk is started (default: none) */
-  deadline?: number;
+  /** performance.now() after which no further chunk is started (default: none); asked before every chunk */
+  deadline?: number | (() => number);
 }
 
 export interface CheckResult {
@@ -181,7 +182,8 @@ export async function checkChunks(
 ): Promise<CheckResult> {
   const cs = expected.chunkSize;
   const parallel = Math.max(1, opts.parallel ?? 8);
-  const deadline = opts.deadline ?? Infinity;
+  const d = opts.deadline ?? Infinity;
+  const late = typeof d === 'number' ? () => performance.now() > d : () => performance.now() > d();
   const r: CheckResult = { checked: 0, bytesRead: 0, mismatches: 0, firstMismatchOffset: null, stoppedEarly: false };
   const mismatch = (slot: number) => {
     r.mismatches++;
@@ -190,7 +192,7 @@ export async function checkChunks(
   };
   const buffers: Buffer[] = [];
   for (let b = 0; b < slots.length && r.mismatches === 0; b += BATCH) {
-    if (performance.now() > deadline) {
+    if (late()) {
       r.stoppedEarly = true;
       break;
     }
@@ -214,7 +216,7 @@ export async function checkChunks(
     const worker = async (w: number) => {
       const buf = (buffers[w] ??= Buffer.allocUnsafe(cs));
       while (next < toRead.length && r.mismatches === 0) {
-        if (performance.now() > deadline) {
+        if (late()) {
           r.stoppedEarly = true;
           return;
         }
@@ -245,14 +247,19 @@ export interface AuditDiskOptions {
   changed: readonly number[];
   hashId: (data: Uint8Array) => string;
   parallel?: number;
-  /** the time budget of a sampled audit (a full audit has none) */
-  timeBudgetMs: number;
+  /**
+   * A sampled audit's time bound: performance.now() after which no further chunk starts, asked before each
+   * (it may move: the backup sets it once the changed chunks are read). A full audit has none.
+   */
+  deadline?: () => number;
+  /** the budget to record (null: none) */
+  timeBudgetMs?: number | null;
 }
 
 /**
  * Audits one incremental disk: `previous` holds the previous restore point's id in every slot outside `changed`
- * (the index being built, once the changed chunks are in, does). Chunks are read from `nbd`, the same snapshot
- * export the incremental read.
+ * (so does the index being built: only the changed slots are replaced, and the audit may run alongside that).
+ * Chunks are read from `nbd`, the same snapshot export the incremental reads.
  */
 export async function auditDisk(nbd: NbdClient, previous: DiskIndex, o: AuditDiskOptions): Promise<AuditResult> {
   const started = performance.now();
@@ -262,12 +269,11 @@ export async function auditDisk(nbd: NbdClient, previous: DiskIndex, o: AuditDis
     o.mode.kind === 'full'
       ? unchangedSlots(previous.slotCount, o.changed)
       : auditSample(diskSeed(o.seed, o.diskId), previous.slotCount, o.changed, n);
-  const timeBudgetMs = o.mode.kind === 'full' ? null : o.timeBudgetMs;
   const r = await checkChunks(nbd, previous, slots, {
     size: o.size,
     hashId: o.hashId,
     parallel: o.parallel,
-    deadline: timeBudgetMs === null ? undefined : started + timeBudgetMs,
+    deadline: o.mode.kind === 'full' ? undefined : o.deadline,
   });
   return {
     mode: o.mode.kind,
@@ -281,7 +287,7 @@ export async function auditDisk(nbd: NbdClient, previous: DiskIndex, o: AuditDis
     firstMismatchOffset: r.firstMismatchOffset,
     missedChunks: null,
     timeMs: performance.now() - started,
-    timeBudgetMs,
+    timeBudgetMs: o.mode.kind === 'full' ? null : (o.timeBudgetMs ?? null),
     stoppedEarly: r.stoppedEarly,
   };
 }

@@ -59,7 +59,10 @@ export interface BackupSetOptions {
    * re-read and compared with the previous point. Default: 1% of the disk's chunks, at least 16.
    */
   audit?: AuditMode;
-  /** Time budget of a sampled audit, per disk (default: 10% of the time its changed chunks took, at least 2 s). */
+  /**
+   * Time budget of a sampled audit, per disk, counted once the disk's changed chunks are read (it runs alongside
+   * them): default 10% of the time they took, at least 2 s. A full audit has no time bound.
+   */
   auditTimeMs?: number;
   /** Seed of the audit samples (default: random; logged and recorded in the manifest, to replay a run). */
   auditSeed?: number;
@@ -415,21 +418,43 @@ async function backupVm(
     let audit: AuditResult | null = null;
     const passes = { bytesRead: 0, bytesNew: 0, bytesStored: 0 };
     try {
+      // The audit runs alongside the reading of the changed chunks (it reads other slots of the same export);
+      // once those are read, a sampled audit gets at most its time budget more.
       const copyStarted = performance.now();
-      await copy(chunks);
-      if (!fullReason && data.audit.kind !== 'off') {
-        // The writer's index still holds the previous point's id in every slot the copy did not touch.
-        audit = await auditDisk(nbd, writer.index, {
-          mode: data.audit,
-          seed: data.auditSeed,
-          diskId: d.virtualDiskId,
-          size: d.virtualSize,
-          changed: chunks,
-          hashId: (b) => opts.repo.hashId(b),
-          parallel: opts.readParallel,
-          timeBudgetMs:
-            opts.auditTimeMs ?? Math.max(AUDIT_TIME_FLOOR_MS, AUDIT_TIME_SHARE * (performance.now() - copyStarted)),
-        });
+      let copyEnded: number | null = null;
+      let budget = 0;
+      let abandon = false;
+      const deadline = () => (abandon ? 0 : copyEnded === null ? Infinity : copyEnded + budget);
+      const auditing =
+        fullReason || data.audit.kind === 'off'
+          ? null
+          : auditDisk(nbd, writer.index, {
+              mode: data.audit,
+              seed: data.auditSeed,
+              diskId: d.virtualDiskId,
+              size: d.virtualSize,
+              changed: chunks,
+              hashId: (b) => opts.repo.hashId(b),
+              parallel: opts.readParallel,
+              deadline,
+            }).then(
+              (result) => ({ result }),
+              (error: unknown) => ({ error }),
+            );
+      try {
+        await copy(chunks);
+      } catch (err) {
+        abandon = true;
+        await auditing;
+        throw err;
+      }
+      copyEnded = performance.now();
+      budget = opts.auditTimeMs ?? Math.max(AUDIT_TIME_FLOOR_MS, AUDIT_TIME_SHARE * (copyEnded - copyStarted));
+      const settled = await auditing;
+      if (settled && 'error' in settled) throw settled.error;
+      if (settled) {
+        audit = settled.result;
+        if (audit.mode === 'sample') audit.timeBudgetMs = budget;
         opts.events?.log?.(`${s.name} ${d.slot}: ${describeAudit(audit)}`);
         if (audit.mismatches > 0) {
           // Tracking is distrusted for this disk in this run: every chunk read again from the same snapshot

@@ -34,7 +34,7 @@ export function backupCommand(run: Run): Command {
       )
       .option(
         '--audit-time <seconds>',
-        'time budget of a sampled audit per disk (default: 10% of its read time, ≥ 2 s)',
+        'time budget of a sampled audit per disk after the changed chunks are read (default: 10% of their read time, at least 2 s)',
       )
       .option('--audit-seed <n>', 'seed of the audit samples (default: random; a run logs and records its seed)')
       .option('--json', 'print the summary as JSON'),
