@@ -21,6 +21,7 @@ import {
 import { NbdClient } from '../../src/nbd/client.js';
 import { CONTEXT_BASE_ALLOCATION } from '../../src/nbd/protocol.js';
 import { IndexBuilder } from '../../src/repository/index.js';
+import { decodeManifest, encodeManifest, type PointManifest } from '../../src/repository/manifest.js';
 import { TidemarkError } from '../../src/errors.js';
 import { rng, seedFrom } from '../helpers/random.js';
 import { startServer, type RunningServer } from '../nbd/fixture.js';
@@ -224,5 +225,84 @@ describe('checking chunks against an index over NBD', () => {
     // A deadline already past checks nothing.
     const none = await checkChunks(nbd, index, dataSlots, { size: SIZE, hashId: sha, deadline: 0 });
     expect(none).toMatchObject({ checked: 0, bytesRead: 0, stoppedEarly: true });
+  });
+});
+
+describe('audit figures in the manifest', () => {
+  const point = '20261206-120000-0badcafe';
+  const manifest = (audit?: unknown): PointManifest =>
+    ({
+      format: 'tidemark-point',
+      version: 1,
+      id: point,
+      time: '2026-12-06T12:00:00.000Z',
+      flow: '2016',
+      parentId: null,
+      snapshots: 1,
+      statistics: { bytesRead: 0, bytesNew: 0, bytesStored: 0, durationMs: 1 },
+      vms: [
+        {
+          name: 'v',
+          id: 'x',
+          definition: {},
+          consistency: 'crash',
+          freezeWindowMs: null,
+          ioPauseMs: null,
+          disks: [
+            {
+              diskId: 'd',
+              name: 'scsi0-0',
+              controller: { bus: 'scsi', controller: 0, location: 0 },
+              virtualSize: 4096,
+              logicalSectorSize: 512,
+              blockSize: 4096,
+              format: 'vhdx',
+              rctId: null,
+              read: 'incremental',
+              fullReason: null,
+              index: { id: 'a'.repeat(64), virtualSize: 4096, chunkSize: 4096, storedSlots: 1 },
+              stats: { bytesRead: 0, bytesNew: 0, bytesStored: 0 },
+              ...(audit === undefined ? {} : { audit }),
+            },
+          ],
+        },
+      ],
+    }) as PointManifest;
+  const figures = {
+    mode: 'sample',
+    rate: 0.01,
+    seed: 42,
+    unchanged: 60,
+    sampled: 16,
+    checked: 16,
+    bytesRead: 4096,
+    mismatches: 0,
+    firstMismatchOffset: null,
+    missedChunks: null,
+    timeMs: 3.5,
+    timeBudgetMs: 2000,
+    stoppedEarly: false,
+  };
+  const decode = (m: PointManifest) => decodeManifest(encodeManifest(m), point);
+
+  it('keeps the audit, reads manifests written before audits, and refuses damaged figures', () => {
+    expect(decode(manifest(figures)).vms[0].disks[0].audit).toEqual(figures);
+    expect(decode(manifest(null)).vms[0].disks[0].audit).toBeNull();
+    expect(decode(manifest()).vms[0].disks[0].audit).toBeUndefined();
+    for (const bad of [
+      { ...figures, checked: -1 },
+      { ...figures, mode: 'off' },
+      { ...figures, rate: 2 },
+      { ...figures, seed: 'x' },
+    ]) {
+      let err: unknown;
+      try {
+        decode(manifest(bad));
+      } catch (e) {
+        err = e;
+      }
+      expect((err as TidemarkError).code, JSON.stringify(bad)).toBe('REPOSITORY_CORRUPT');
+      expect((err as TidemarkError).message).toMatch(/is damaged: vms\.0\.disks\.0\.audit\./);
+    }
   });
 });
