@@ -156,6 +156,8 @@ export interface CheckOptions {
   parallel?: number;
   /** performance.now() after which no further chunk is started (default: none); asked before every chunk */
   deadline?: number | (() => number);
+  /** slots per batch (default 256) */
+  batch?: number;
 }
 
 export interface CheckResult {
@@ -166,8 +168,12 @@ export interface CheckResult {
   stoppedEarly: boolean;
 }
 
-/** Slots whose zero status is asked at once (one batch of block-status runs, then its reads). */
-const BATCH = 256;
+/**
+ * Slots whose zero status is asked at once (one batch of block-status runs, then its reads): a sample goes in
+ * small batches (the time bound may end it after any), a full audit in large ones (in disk order: long runs).
+ */
+const SAMPLE_BATCH = 256;
+const FULL_BATCH = 4096;
 
 /**
  * Compares the chunks at `slots` (in that order, a batch at a time) of the export with `expected`'s ids: a zero
@@ -191,12 +197,13 @@ export async function checkChunks(
     if (r.firstMismatchOffset === null || offset < r.firstMismatchOffset) r.firstMismatchOffset = offset;
   };
   const buffers: Buffer[] = [];
-  for (let b = 0; b < slots.length && r.mismatches === 0; b += BATCH) {
+  const size = Math.max(1, opts.batch ?? SAMPLE_BATCH);
+  for (let b = 0; b < slots.length && r.mismatches === 0; b += size) {
     if (late()) {
       r.stoppedEarly = true;
       break;
     }
-    const batch = slots.slice(b, b + BATCH);
+    const batch = slots.slice(b, b + size);
     const zero = await zeroChunks(
       nbd,
       [...batch].sort((x, y) => x - y),
@@ -274,6 +281,7 @@ export async function auditDisk(nbd: NbdClient, previous: DiskIndex, o: AuditDis
     hashId: o.hashId,
     parallel: o.parallel,
     deadline: o.mode.kind === 'full' ? undefined : o.deadline,
+    batch: o.mode.kind === 'full' ? FULL_BATCH : SAMPLE_BATCH,
   });
   return {
     mode: o.mode.kind,

@@ -168,7 +168,7 @@ describe('checking chunks against an index over NBD', () => {
 
   it('finds nothing on an honest index, reading only the slots block status cannot answer', async () => {
     const before = srv.server.stats();
-    const r = await checkChunks(nbd, index, all(), { size: SIZE, hashId: sha, parallel: 4 });
+    const r = await checkChunks(nbd, index, all(), { size: SIZE, hashId: sha, parallel: 4, batch: 7 });
     expect(r).toEqual({
       checked: SLOTS,
       bytesRead: expect.any(Number),
@@ -194,6 +194,10 @@ describe('checking chunks against an index over NBD', () => {
       expect(r.mismatches, `slot ${s}`).toBe(1);
       expect(r.firstMismatchOffset).toBe(s * CHUNK);
       expect(r.stoppedEarly).toBe(false);
+      // In batches: the audit ends with the batch that holds the mismatch.
+      const batched = await checkChunks(nbd, index, all(), { size: SIZE, hashId: sha, batch: 5 });
+      expect(batched).toMatchObject({ mismatches: 1, firstMismatchOffset: s * CHUNK, stoppedEarly: false });
+      expect(batched.checked).toBe(Math.min(SLOTS, (Math.floor(s / 5) + 1) * 5));
       // Not sampled: not found.
       const others = all().filter((x) => x !== s);
       expect((await checkChunks(nbd, index, others, { size: SIZE, hashId: sha })).mismatches).toBe(0);
