@@ -586,7 +586,7 @@ export class ChangeTracker implements WriteObserver {
       throw new TidemarkError('INVALID_ARGUMENT', `a change tracker is already attached to ${child.path}`);
     const prepared = this.preparedChild?.disk === child;
     this.preparedChild = undefined;
-    this.watch?.add(child.path);
+    this.watch?.add(child.path, { fresh: true }); // made by this process a moment ago
     if (!prepared) {
       const next: Binding = { head: path.basename(child.path), dataWriteGuid: newGuid() };
       child.setNextDataWriteGuid(next.dataWriteGuid);

@@ -182,7 +182,16 @@ export class FileWatch {
     // by header checks only): for file systems or sandboxes where fanotify misbehaves, and for tests.
     const off = process.env.TIDEMARK_NO_FANOTIFY === '1';
     const w = new FileWatch(off ? null : Group.get(), off ? 'turned off (TIDEMARK_NO_FANOTIFY=1)' : '');
-    for (const f of files) w.add(f);
+    for (const f of files) w.add(f, { fresh: true });
+    if (w.group) {
+      // Writers that opened a file before its mark: one look through /proc for all of them.
+      const ids = new Map([...w.files].map((f) => [w.group!.identityOf(f)!, f]));
+      for (const [id, pids] of writableOpenersOf(new Set(ids.keys()))) {
+        for (const pid of pids)
+          if (pid !== process.pid)
+            w.note({ file: ids.get(id)!, pid, program: programOf(pid), what: 'holds it open for writing' });
+      }
+    }
     return w;
   }
 
@@ -195,13 +204,17 @@ export class FileWatch {
     return this.group ? '' : this.off || Group.why;
   }
 
-  add(file: string): void {
+  /**
+   * Watches one more file. `fresh`: skip the look through /proc for writers that opened it before the mark
+   * (`start` does one for all its files; a file this process just created has none).
+   */
+  add(file: string, opts: { fresh?: boolean } = {}): void {
     if (this.closed || this.files.has(file)) return;
     this.files.add(file);
     if (!this.group) return;
     this.group.add(file, this);
-    const id = this.group.identityOf(file)!;
-    for (const pid of writableOpeners(id)) {
+    if (opts.fresh) return;
+    for (const pid of writableOpeners(this.group.identityOf(file)!)) {
       if (pid !== process.pid) this.note({ file, pid, program: programOf(pid), what: 'holds it open for writing' });
     }
   }
@@ -269,7 +282,12 @@ export function describeAccess(f: ForeignAccess): string {
 
 /** Pids (among `pids`, or every readable process) holding the file `identity` (`dev:ino`) open for writing. */
 export function writableOpeners(identity: string, pids?: number[]): number[] {
-  const out: number[] = [];
+  return writableOpenersOf(new Set([identity]), pids).get(identity) ?? [];
+}
+
+/** For each of `identities` (`dev:ino`), the pids (among `pids`, or all readable) holding it open for writing. */
+function writableOpenersOf(identities: Set<string>, pids?: number[]): Map<string, number[]> {
+  const out = new Map<string, number[]>();
   let candidates = pids;
   if (!candidates) {
     try {
@@ -292,11 +310,13 @@ export function writableOpeners(identity: string, pids?: number[]): number[] {
         // Cheap first: only descriptors naming a file (not sockets, pipes, anon inodes) are stat'ed.
         if (!readlinkSync(`/proc/${pid}/fd/${fd}`).startsWith('/')) continue;
         const st = statSync(`/proc/${pid}/fd/${fd}`, { bigint: true });
-        if (`${st.dev}:${st.ino}` !== identity) continue;
+        const id = `${st.dev}:${st.ino}`;
+        if (!identities.has(id)) continue;
         const flags = /flags:\s*([0-7]+)/.exec(readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8'));
         if (flags && (parseInt(flags[1], 8) & 3) !== 0) {
-          out.push(pid);
-          break;
+          const list = out.get(id) ?? [];
+          if (!list.includes(pid)) list.push(pid);
+          out.set(id, list);
         }
       } catch {
         // The descriptor closed meanwhile.
