@@ -15,7 +15,7 @@ import { vhdxInfo, type VhdxInfo } from '../formats/vhdx/info.js';
 import { VhdxFile } from '../formats/vhdx/vhdx.js';
 import { NbdServer } from '../nbd/index.js';
 import { mergeWithTracking } from '../tracking/merge.js';
-import { ChangeTracker, type ChangesResult } from '../tracking/tracker.js';
+import { ChangeTracker, type ChangesResult, type TrackingFiles } from '../tracking/tracker.js';
 import { guidToString } from '../util/guid.js';
 import { KeyedMutex, Mutex } from '../util/mutex.js';
 import { parseSize } from '../util/size.js';
@@ -815,6 +815,12 @@ export class Host {
   }
 
   private async openDisk(def: VmDefinition, att: DiskAttachment): Promise<void> {
+    if (supportsRct(def.configVersion)) {
+      // Tracking files lost while the VM was off (deleted, or never copied along): tracking starts again.
+      const base = this.abs(def, att.base);
+      if ((await enableTracking(base, 'the tracking files were missing when the VM started')) === 'none')
+        this.log.warn(`${def.name} ${att.slot}: the tracking files were missing; change tracking restarted`);
+    }
     const disk = await VirtualDisk.open(this.abs(def, att.head), this.diskOptions(def));
     this.running.get(def.name)!.set(att.slot, disk);
     this.nbd.addExport(exportName(def.name, att.slot), disk, { description: `${def.name} ${att.slot}` });
@@ -1046,13 +1052,21 @@ async function withVhdx<T>(file: string, allowedRoots: string[], fn: (d: VhdxFil
   }
 }
 
-async function enableTracking(file: string): Promise<void> {
+/**
+ * Starts Tidemark's change tracking on a disk that has none (`reason`: why it starts again). A disk another
+ * product tracks is left alone (its files are never modified): it is backed up in full until an
+ * administrator runs `rct enable --replace-foreign`. Returns what it found.
+ */
+async function enableTracking(file: string, reason?: string): Promise<TrackingFiles['state']> {
+  const found = await ChangeTracker.inspect(file);
+  if (found.state !== 'none') return found.state;
   const disk = await VhdxFile.open(file, { allowedRoots: [path.dirname(file)] });
   try {
-    if (!(await ChangeTracker.isEnabled(disk))) await ChangeTracker.enable(disk);
+    await ChangeTracker.enable(disk, undefined, { reason });
   } finally {
     await disk.close();
   }
+  return 'none';
 }
 
 async function exists(p: string): Promise<boolean> {
