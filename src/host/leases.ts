@@ -72,6 +72,8 @@ const Stored = z.object({
 export class Leases {
   private byVm = new Map<string, Lease>();
   private writes = new Mutex();
+  /** Check-then-take is one step: two acquirers never both see the VM free. */
+  private taking = new Mutex();
 
   private constructor(
     private readonly file: string,
@@ -140,6 +142,10 @@ export class Leases {
         `a lease lives 1 to ${MAX_LEASE_TTL_SECONDS} seconds, not ${ttlSeconds}`,
       );
     }
+    return this.taking.run(() => this.take(vm, owner, ttlSeconds));
+  }
+
+  private async take(vm: string, owner: LeaseOwner, ttlSeconds: number): Promise<LeaseInfo> {
     const held = await this.live(vm);
     if (held) throw busy(held);
     const now = Date.now();
@@ -210,18 +216,22 @@ export class Leases {
    * holds itself while it runs (so a backup starting meanwhile gets BUSY).
    */
   async during<T>(vm: string, lease: string | undefined, command: string, fn: () => Promise<T>): Promise<T> {
-    if ((await this.check(vm, lease)) !== undefined) return fn();
-    const now = Date.now();
-    const op: Lease = {
-      id: randomUUID(),
-      vm,
-      owner: { runId: `operation-${randomUUID().slice(0, 8)}`, pid: process.pid, hostname: os.hostname(), command },
-      acquiredAt: now,
-      renewedAt: now,
-      ttlMs: 0,
-      operation: true,
-    };
-    this.byVm.set(vm, op);
+    const op = await this.taking.run(async () => {
+      if ((await this.check(vm, lease)) !== undefined) return undefined;
+      const now = Date.now();
+      const taken: Lease = {
+        id: randomUUID(),
+        vm,
+        owner: { runId: `operation-${randomUUID().slice(0, 8)}`, pid: process.pid, hostname: os.hostname(), command },
+        acquiredAt: now,
+        renewedAt: now,
+        ttlMs: 0,
+        operation: true,
+      };
+      this.byVm.set(vm, taken);
+      return taken;
+    });
+    if (!op) return fn();
     try {
       return await fn();
     } finally {
