@@ -96,9 +96,11 @@ export class DiskPathPolicy {
   }
 
   private describe(): string {
-    return this.allowedDirs.length === 0
-      ? `the host's store ${this.store} (start the host with --allow-disk-dir DIR to allow another directory)`
-      : `the host's store ${this.store} or the allowed disk directories (${this.allowedDirs.join(', ')})`;
+    const where =
+      this.allowedDirs.length === 0
+        ? `the host's store ${this.store}`
+        : `the host's store ${this.store} and its allowed disk directories (${this.allowedDirs.join(', ')})`;
+    return `${where}; start the host with --allow-disk-dir DIR to allow another directory`;
   }
 
   /**
