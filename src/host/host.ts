@@ -328,15 +328,17 @@ export class Host {
     return this.locks.run(name, () =>
       this.leases.during(name, req.lease, 'vm set', async () => {
         const def = this.mustGet(name);
-        // Everything is checked before anything changes.
-        if (req.configVersion !== undefined) this.checkVersionChange(def, req.configVersion);
+        // Everything is checked before anything changes; naming the version it has is no change.
+        const version = req.configVersion !== undefined ? checkConfigVersion(req.configVersion) : undefined;
+        const newVersion = version !== undefined && version !== def.configVersion ? version : undefined;
+        if (newVersion !== undefined) this.checkVersionChange(def, newVersion);
         if ((req.attach?.length || req.detach?.length) && def.checkpoints.length > 0) {
           throw new TidemarkError(
             'CONFLICT',
             `${name} has checkpoints: delete them before attaching or detaching disks`,
           );
         }
-        if (req.configVersion !== undefined) await this.changeVersion(def, req.configVersion);
+        if (newVersion !== undefined) await this.changeVersion(def, newVersion);
         return this.applyModification(def, req);
       }),
     );

@@ -292,6 +292,8 @@ describe(`backup runs (seed ${SEED})`, () => {
     expect((await api.showVm('old')).configVersion).toBe('9.0');
     await start(g);
     expect((await api.showVm('old')).disks[0].tracking).toBe('enabled');
+    // Naming the version it has is no change, also while it runs.
+    expect((await api.modifyVm('old', { configVersion: '9.0' })).configVersion).toBe('9.0');
     const full = await run('full', /previous restore point has no change-tracking id/);
     expect(full.rctId).not.toBeNull();
     const inc = await run('incremental', null);

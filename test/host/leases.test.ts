@@ -11,6 +11,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { HostClient } from '../../src/api/client.js';
+import type { TidemarkError } from '../../src/errors.js';
 import { startHost, type RunningHost } from '../../src/host/daemon.js';
 import { HostLog } from '../../src/host/log.js';
 import { tempDir } from '../helpers/peers.js';
@@ -140,7 +141,7 @@ describe('leases', () => {
     });
     expect(set.runId).toBe('run-f');
     expect(set.vms[0].lease).toBe(lease.id);
-    const refused = await api.releaseSnapshotSet(set.id, false).catch((e) => e);
+    const refused = (await api.releaseSnapshotSet(set.id, false).catch((e) => e)) as TidemarkError;
     expect(refused.code).toBe('BUSY');
     expect(refused.message).toContain('run-f');
     expect((await api.listSnapshotSets()).map((s) => s.id)).toContain(set.id);
