@@ -470,7 +470,7 @@ describe('tidemark rct', () => {
     ok(['rct', 'enable', f, '--granularity', '64K']);
     fails(['rct', 'enable', f], 6, 'ALREADY_EXISTS');
     const id1 = ok(['rct', 'seal', f]).text.trim();
-    expect(id1).toMatch(/^rct1:[0-9a-f]{8}(:[0-9a-f]{4}){3}:[0-9a-f]{12}:00000001$/);
+    expect(id1).toMatch(/^rct2:[0-9a-f]{8}(:[0-9a-f]{4}){3}:[0-9a-f]{12}:00000001:[0-9a-f]{16}$/);
     ok(['vhdx', 'write', f, '--offset', '100000'], { input: Buffer.alloc(70000, 1) });
     ok(['vhdx', 'write', f, '--offset', '200M'], { input: Buffer.alloc(10, 1) });
     const ch = json(['rct', 'changes', f, '--since', id1]);

@@ -62,8 +62,11 @@ static napi_value data_extents(napi_env env, napi_callback_info info) {
   return out;
 }
 
+napi_status register_watch(napi_env env, napi_value exports);
+
 NAPI_MODULE_INIT(/* napi_env env, napi_value exports */) {
   napi_value fn;
+  if (register_watch(env, exports) != napi_ok) return NULL;
   if (napi_create_function(env, "dataExtents", NAPI_AUTO_LENGTH, data_extents, NULL, &fn) != napi_ok) return NULL;
   if (napi_set_named_property(env, exports, "dataExtents", fn) != napi_ok) return NULL;
   return exports;

@@ -8,10 +8,24 @@ import path from 'node:path';
 import { TidemarkError, type ErrorCode } from '../errors.js';
 import type { Checkpoint, ReferencePoint, VmDefinition } from '../host/definition.js';
 import type { VmSummary } from '../host/host.js';
+import type { ImportInfo } from '../host/imports.js';
 import type { JobInfo } from '../host/jobs.js';
+import type { LeaseInfo } from '../host/leases.js';
 import type { ChangesResult } from '../tracking/tracker.js';
 import type { SnapshotSetInfo } from '../host/snapshot-sets.js';
-import type { ChangesBody, CheckpointBody, CreateVmBody, ModifyVmBody, SnapshotBody } from './schemas.js';
+import type {
+  AcquireLeaseBody,
+  ChangesBody,
+  CheckpointBody,
+  CommitImportBody,
+  ConvertBody,
+  CreateRefpointBody,
+  CreateVmBody,
+  ModifyVmBody,
+  ReserveImportBody,
+  SnapshotBody,
+  UpgradeVmBody,
+} from './schemas.js';
 
 export interface HostAddress {
   /** `unix:/path/api.sock` or `http://127.0.0.1:PORT`. */
@@ -80,6 +94,40 @@ export class HostClient {
   stopVm(name: string): Promise<VmSummary> {
     return this.job('POST', `/v1/vms/${enc(name)}/stop`);
   }
+  /** Update-VMVersion (the VM off): to `version`, or the host's default. */
+  upgradeVm(name: string, body: UpgradeVmBody = {}): Promise<VmSummary> {
+    return this.job('POST', `/v1/vms/${enc(name)}/upgrade`, body);
+  }
+
+  // ---------------------------------------------------------------- leases
+
+  acquireLease(vm: string, body: AcquireLeaseBody): Promise<LeaseInfo> {
+    return this.call('POST', `/v1/vms/${enc(vm)}/lease`, body);
+  }
+  renewLease(id: string): Promise<LeaseInfo> {
+    return this.call('POST', `/v1/leases/${enc(id)}/renew`);
+  }
+  releaseLease(id: string): Promise<unknown> {
+    return this.call('DELETE', `/v1/leases/${enc(id)}`);
+  }
+  listLeases(): Promise<LeaseInfo[]> {
+    return this.call('GET', '/v1/leases');
+  }
+
+  // ---------------------------------------------------------------- imports (restore --register)
+
+  reserveImport(body: ReserveImportBody): Promise<ImportInfo> {
+    return this.call('POST', '/v1/imports', body);
+  }
+  commitImport(name: string, body: CommitImportBody): Promise<VmSummary> {
+    return this.call('POST', `/v1/imports/${enc(name)}/commit`, body);
+  }
+  cancelImport(name: string): Promise<unknown> {
+    return this.call('DELETE', `/v1/imports/${enc(name)}`);
+  }
+  listImports(): Promise<ImportInfo[]> {
+    return this.call('GET', '/v1/imports');
+  }
 
   // ---------------------------------------------------------------- checkpoints, reference points
 
@@ -89,20 +137,20 @@ export class HostClient {
   createCheckpoint(vm: string, body: CheckpointBody = {}): Promise<Checkpoint> {
     return this.job('POST', `/v1/vms/${enc(vm)}/checkpoints`, body);
   }
-  deleteCheckpoint(vm: string, cp: string): Promise<void> {
-    return this.job('DELETE', `/v1/vms/${enc(vm)}/checkpoints/${enc(cp)}`);
+  deleteCheckpoint(vm: string, cp: string, opts: { lease?: string } = {}): Promise<void> {
+    return this.job('DELETE', `/v1/vms/${enc(vm)}/checkpoints/${enc(cp)}${leaseQuery(opts.lease, '?')}`);
   }
-  applyCheckpoint(vm: string, cp: string): Promise<void> {
-    return this.job('POST', `/v1/vms/${enc(vm)}/checkpoints/${enc(cp)}/apply`);
+  applyCheckpoint(vm: string, cp: string, opts: { lease?: string } = {}): Promise<void> {
+    return this.job('POST', `/v1/vms/${enc(vm)}/checkpoints/${enc(cp)}/apply${leaseQuery(opts.lease, '?')}`);
   }
-  convertToReferencePoint(vm: string, cp: string): Promise<ReferencePoint> {
-    return this.job('POST', `/v1/vms/${enc(vm)}/checkpoints/${enc(cp)}/convert`);
+  convertToReferencePoint(vm: string, cp: string, body: ConvertBody = {}): Promise<ReferencePoint> {
+    return this.job('POST', `/v1/vms/${enc(vm)}/checkpoints/${enc(cp)}/convert`, body);
   }
   listReferencePoints(vm: string): Promise<ReferencePoint[]> {
     return this.call('GET', `/v1/vms/${enc(vm)}/refpoints`);
   }
-  createReferencePoint(vm: string): Promise<ReferencePoint> {
-    return this.job('POST', `/v1/vms/${enc(vm)}/refpoints`);
+  createReferencePoint(vm: string, body: CreateRefpointBody = {}): Promise<ReferencePoint> {
+    return this.job('POST', `/v1/vms/${enc(vm)}/refpoints`, body);
   }
   destroyReferencePoint(vm: string, id: string): Promise<unknown> {
     return this.call('DELETE', `/v1/vms/${enc(vm)}/refpoints/${enc(id)}`);
@@ -149,13 +197,17 @@ export class HostClient {
   listSnapshotSets(): Promise<SnapshotSetInfo[]> {
     return this.call('GET', '/v1/snapshot-sets');
   }
-  releaseSnapshotSet(id: string, succeeded = true): Promise<unknown> {
-    return this.call('DELETE', `/v1/snapshot-sets/${enc(id)}${succeeded ? '' : '?succeeded=false'}`);
+  /** `lease`: one of the leases of the run that made the set (needed while that run lives). */
+  releaseSnapshotSet(id: string, succeeded = true, lease?: string): Promise<unknown> {
+    const q = `${succeeded ? '' : '?succeeded=false'}`;
+    return this.call('DELETE', `/v1/snapshot-sets/${enc(id)}${q}${leaseQuery(lease, q ? '&' : '?')}`);
   }
   hostInfo(): Promise<{
     store: string;
     nbd: { socket?: string; host?: string; port?: number };
     snapshotsTaken: number;
+    allowedDiskDirs: string[];
+    configVersions: { supported: string[]; default: string };
   }> {
     return this.call('GET', '/v1/host');
   }
@@ -250,6 +302,10 @@ export class HostClient {
 
 function enc(s: string): string {
   return encodeURIComponent(s);
+}
+
+function leaseQuery(lease: string | undefined, sep: '?' | '&'): string {
+  return lease === undefined ? '' : `${sep}lease=${enc(lease)}`;
 }
 
 function splitHttp(ep: string): { host: string; port: number } {

@@ -3,9 +3,27 @@
  * OpenAPI document is generated from them, and the typed client takes their inferred types.
  */
 import { z } from 'zod';
-import { CheckpointPolicy, CheckpointType, Consistency, SLOT, VM_NAME } from '../host/definition.js';
+import { CONFIG_VERSIONS } from '../host/config-version.js';
+import {
+  CheckpointPolicy,
+  CheckpointType,
+  Consistency,
+  ReferencePointOwner,
+  SLOT,
+  VM_NAME,
+} from '../host/definition.js';
+import { ImportOwner } from '../host/imports.js';
+import { LeaseOwner, MAX_LEASE_TTL_SECONDS } from '../host/leases.js';
 
 const Size = z.union([z.number().int().positive(), z.string().regex(/^\d+(\.\d+)?\s*[KMGT]?i?B?$/i)]);
+
+/** A configuration version this host knows (the host checks it too, with the list in its message). */
+const ConfigVersion = z.string().refine((v) => (CONFIG_VERSIONS as readonly string[]).includes(v), {
+  message: `a configuration version is one of ${CONFIG_VERSIONS.join(', ')}`,
+});
+
+/** The id of the VM's lease the calling run holds. */
+const LeaseId = z.string().min(1).max(100);
 
 export const NewDiskBody = z
   .object({
@@ -21,10 +39,7 @@ export const CreateVmBody = z
   .object({
     name: z.string().regex(VM_NAME, "a VM name is 1–64 letters, digits, '.', '_' or '-'"),
     generation: z.union([z.literal(1), z.literal(2)]).optional(),
-    configVersion: z
-      .string()
-      .regex(/^\d+\.\d+$/)
-      .optional(),
+    configVersion: ConfigVersion.optional(),
     checkpointPolicy: CheckpointPolicy.optional(),
     guest: z.string().nullable().optional(),
     disks: z.array(NewDiskBody).max(68).optional(),
@@ -34,13 +49,43 @@ export const CreateVmBody = z
 export const ModifyVmBody = z
   .object({
     checkpointPolicy: CheckpointPolicy.optional(),
-    configVersion: z
-      .string()
-      .regex(/^\d+\.\d+$/)
-      .optional(),
+    configVersion: ConfigVersion.optional(),
     guest: z.string().nullable().optional(),
     attach: z.array(NewDiskBody).optional(),
     detach: z.array(z.string().regex(SLOT)).optional(),
+    lease: LeaseId.optional(),
+  })
+  .strict();
+
+export const UpgradeVmBody = z.object({ version: ConfigVersion.optional(), lease: LeaseId.optional() }).strict();
+
+export const AcquireLeaseBody = z
+  .object({
+    owner: LeaseOwner,
+    ttlSeconds: z.number().int().min(1).max(MAX_LEASE_TTL_SECONDS).optional(),
+  })
+  .strict();
+
+export const ConvertBody = z
+  .object({ owner: ReferencePointOwner.nullable().optional(), lease: LeaseId.optional() })
+  .strict();
+
+export const CreateRefpointBody = z.object({ owner: ReferencePointOwner.nullable().optional() }).strict();
+
+export const ReserveImportBody = z
+  .object({
+    name: z.string().regex(VM_NAME, "a VM name is 1–64 letters, digits, '.', '_' or '-'"),
+    owner: ImportOwner,
+  })
+  .strict();
+
+export const CommitImportBody = z
+  .object({
+    generation: z.union([z.literal(1), z.literal(2)]).optional(),
+    configVersion: ConfigVersion.optional(),
+    checkpointPolicy: CheckpointPolicy.optional(),
+    guest: z.string().nullable().optional(),
+    disks: z.array(z.object({ slot: z.string().regex(SLOT), path: z.string().min(1) }).strict()).max(68),
   })
   .strict();
 
@@ -50,6 +95,7 @@ export const CheckpointBody = z
     name: z.string().min(1).max(200).optional(),
     consistency: Consistency.optional(),
     requireConsistency: z.boolean().optional(),
+    lease: LeaseId.optional(),
   })
   .strict();
 
@@ -75,7 +121,7 @@ export const MergeDiskBody = z.object({ path: z.string().min(1) }).strict();
 export const SnapshotBody = z
   .object({
     vms: z
-      .array(z.object({ name: z.string(), checkpoint: z.string().optional() }).strict())
+      .array(z.object({ name: z.string(), checkpoint: z.string().optional(), lease: LeaseId.optional() }).strict())
       .min(1)
       .max(1000),
     provider: z.enum(['cow', 'reflink', 'none']).optional(),
@@ -87,3 +133,9 @@ export type ModifyVmBody = z.infer<typeof ModifyVmBody>;
 export type CheckpointBody = z.infer<typeof CheckpointBody>;
 export type ChangesBody = z.infer<typeof ChangesBody>;
 export type SnapshotBody = z.infer<typeof SnapshotBody>;
+export type UpgradeVmBody = z.infer<typeof UpgradeVmBody>;
+export type AcquireLeaseBody = z.infer<typeof AcquireLeaseBody>;
+export type ConvertBody = z.infer<typeof ConvertBody>;
+export type CreateRefpointBody = z.infer<typeof CreateRefpointBody>;
+export type ReserveImportBody = z.infer<typeof ReserveImportBody>;
+export type CommitImportBody = z.infer<typeof CommitImportBody>;

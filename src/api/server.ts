@@ -13,13 +13,19 @@ import type { Host } from '../host/host.js';
 import type { JobInfo } from '../host/jobs.js';
 import { parseSize } from '../util/size.js';
 import {
+  AcquireLeaseBody,
   ChangesBody,
   CheckpointBody,
+  CommitImportBody,
+  ConvertBody,
   CreateDiskBody,
+  CreateRefpointBody,
   CreateVmBody,
   MergeDiskBody,
   ModifyVmBody,
+  ReserveImportBody,
   SnapshotBody,
+  UpgradeVmBody,
 } from './schemas.js';
 
 const MAX_BODY = 1024 * 1024;
@@ -62,6 +68,8 @@ export function hostRoutes(host: Host, extra: RouteProvider[] = []): Route[] {
         nbd: host.nbd.address(),
         version: '1',
         snapshotsTaken: host.snapshots.taken,
+        allowedDiskDirs: host.diskPaths.allowedDirs,
+        configVersions: host.configVersions(),
       }),
     },
     { method: 'GET', path: '/v1/vms', summary: 'List VMs', handler: async () => host.listVms() },
@@ -87,6 +95,73 @@ export function hostRoutes(host: Host, extra: RouteProvider[] = []): Route[] {
       handler: async ({ params, query }) => {
         await host.deleteVm(params.vm, { removeFiles: query.get('removeFiles') === 'true' });
         return { deleted: params.vm };
+      },
+    },
+    {
+      method: 'POST',
+      path: '/v1/vms/:vm/upgrade',
+      summary: 'Update-VMVersion: raise the configuration version (VM off), enabling change tracking from 6.2 (job)',
+      body: UpgradeVmBody,
+      handler: async ({ params, body }) =>
+        job('upgrade', params.vm, () => host.upgradeVm(params.vm, body as UpgradeVmBody)),
+    },
+    {
+      method: 'POST',
+      path: '/v1/vms/:vm/lease',
+      summary: "Acquire the VM's lease for a backup run (BUSY naming the holder)",
+      body: AcquireLeaseBody,
+      handler: async ({ params, body }) => {
+        const b = body as AcquireLeaseBody;
+        host.getVm(params.vm);
+        return host.leases.acquire(params.vm, b.owner, b.ttlSeconds);
+      },
+    },
+    { method: 'GET', path: '/v1/leases', summary: 'Live leases', handler: async () => host.leases.list() },
+    {
+      method: 'POST',
+      path: '/v1/leases/:id/renew',
+      summary: 'Renew a lease (the heartbeat of its run)',
+      handler: async ({ params }) => host.leases.renew(params.id),
+    },
+    {
+      method: 'DELETE',
+      path: '/v1/leases/:id',
+      summary: 'Release a lease',
+      handler: async ({ params }) => {
+        await host.leases.release(params.id);
+        return { released: params.id };
+      },
+    },
+    {
+      method: 'GET',
+      path: '/v1/imports',
+      summary: 'Imports in progress (names reserved by restores)',
+      handler: async () => host.listImports(),
+    },
+    {
+      method: 'POST',
+      path: '/v1/imports',
+      summary: "Reserve a VM name for a restore and make the VM's folder (before anything is written)",
+      body: ReserveImportBody,
+      handler: async ({ body }) => {
+        const b = body as ReserveImportBody;
+        return host.reserveImport(b.name, b.owner);
+      },
+    },
+    {
+      method: 'POST',
+      path: '/v1/imports/:name/commit',
+      summary: "Register the restored disks (files in the import's folder) as the new VM",
+      body: CommitImportBody,
+      handler: async ({ params, body }) => host.commitImport(params.name, body as CommitImportBody),
+    },
+    {
+      method: 'DELETE',
+      path: '/v1/imports/:name',
+      summary: 'Cancel an import: its folder and everything written into it are removed',
+      handler: async ({ params }) => {
+        await host.cancelImport(params.name);
+        return { cancelled: params.name };
       },
     },
     {
@@ -118,23 +193,30 @@ export function hostRoutes(host: Host, extra: RouteProvider[] = []): Route[] {
     {
       method: 'DELETE',
       path: '/v1/vms/:vm/checkpoints/:cp',
-      summary: 'Delete a checkpoint, merging online (job)',
-      handler: async ({ params }) =>
-        job('delete-checkpoint', params.vm, () => host.deleteCheckpoint(params.vm, params.cp)),
+      summary: 'Delete a checkpoint, merging online (?lease= the run lease) (job)',
+      handler: async ({ params, query }) =>
+        job('delete-checkpoint', params.vm, () =>
+          host.deleteCheckpoint(params.vm, params.cp, { lease: query.get('lease') ?? undefined }),
+        ),
     },
     {
       method: 'POST',
       path: '/v1/vms/:vm/checkpoints/:cp/apply',
-      summary: 'Apply a checkpoint to a VM that is off (job)',
-      handler: async ({ params }) =>
-        job('apply-checkpoint', params.vm, () => host.applyCheckpoint(params.vm, params.cp)),
+      summary: 'Apply a checkpoint to a VM that is off (?lease= the run lease) (job)',
+      handler: async ({ params, query }) =>
+        job('apply-checkpoint', params.vm, () =>
+          host.applyCheckpoint(params.vm, params.cp, { lease: query.get('lease') ?? undefined }),
+        ),
     },
     {
       method: 'POST',
       path: '/v1/vms/:vm/checkpoints/:cp/convert',
-      summary: 'ConvertToReferencePoint: merge a recovery checkpoint back, keep its ids (job)',
-      handler: async ({ params }) =>
-        job('convert-to-reference-point', params.vm, () => host.convertToReferencePoint(params.vm, params.cp)),
+      summary: 'ConvertToReferencePoint: merge a recovery checkpoint back, keep its ids, record its owner (job)',
+      body: ConvertBody,
+      handler: async ({ params, body }) =>
+        job('convert-to-reference-point', params.vm, () =>
+          host.convertToReferencePoint(params.vm, params.cp, body as ConvertBody),
+        ),
     },
     {
       method: 'GET',
@@ -145,9 +227,12 @@ export function hostRoutes(host: Host, extra: RouteProvider[] = []): Route[] {
     {
       method: 'POST',
       path: '/v1/vms/:vm/refpoints',
-      summary: 'CreateReferencePoint without a checkpoint (job)',
-      handler: async ({ params }) =>
-        job('create-reference-point', params.vm, () => host.createReferencePoint(params.vm)),
+      summary: 'CreateReferencePoint without a checkpoint, with an owner (job)',
+      body: CreateRefpointBody,
+      handler: async ({ params, body }) =>
+        job('create-reference-point', params.vm, () =>
+          host.createReferencePoint(params.vm, body as CreateRefpointBody),
+        ),
     },
     {
       method: 'DELETE',
@@ -218,9 +303,13 @@ export function hostRoutes(host: Host, extra: RouteProvider[] = []): Route[] {
     {
       method: 'DELETE',
       path: '/v1/snapshot-sets/:id',
-      summary: 'Release a snapshot set (?succeeded=false when the backup failed)',
+      summary:
+        'Release a snapshot set (?succeeded=false when the backup failed; ?lease= a lease of the run that made it)',
       handler: async ({ params, query }) => {
-        await host.snapshots.release(params.id, { succeeded: query.get('succeeded') !== 'false' });
+        await host.snapshots.release(params.id, {
+          succeeded: query.get('succeeded') !== 'false',
+          lease: query.get('lease') ?? undefined,
+        });
         return { released: params.id };
       },
     },

@@ -6,10 +6,15 @@
  *   4. each recovery checkpoint converted to a reference point (merged back online, ids kept);
  *   5. data phase: per disk, the changes since the previous point's id (or everything allocated, and why)
  *      read from the snapshot's read-only NBD exports, chunked, hashed, stored; the manifest written last;
- *   6. release the snapshot; only after the commit, destroy the previous reference points.
+ *   6. release the snapshot; only after the commit, destroy this repository's previous reference points.
  * `per-vm` takes one snapshot per batch of N VMs (2012 R2); `no-snapshot` reads the frozen parents while the
  * checkpoints exist and converts afterwards. The run talks to the host only through its API and reads data
  * only through NBD, so it could run on another machine.
+ *
+ * A run holds each VM's lease from preflight to its end (run-leases.ts): a second run of the same VM gets
+ * BUSY (or waits), and the checkpoints and snapshot sets the run makes carry its lease, so clean-up of what
+ * a dead run left never touches a live run's. Reference points belong to the repository that made them
+ * (its id): other repositories' and people's are never destroyed.
  */
 import { randomInt } from 'node:crypto';
 import type { HostClient } from '../api/client.js';
@@ -30,6 +35,7 @@ import {
   type AuditResult,
 } from './audit.js';
 import { chunksTouched, copyChunks, type Range } from './disk-reader.js';
+import { RunLeases } from './run-leases.js';
 
 export type Flow = '2016' | 'per-vm' | 'no-snapshot';
 export type ConsistencyMode = 'app' | 'crash' | 'app-required';
@@ -67,6 +73,12 @@ export interface BackupSetOptions {
   /** Seed of the audit samples (default: random; logged and recorded in the manifest, to replay a run). */
   auditSeed?: number;
   events?: BackupEvents;
+  /** Seconds to wait for a VM another run holds (default: BUSY at once; Infinity: until it is free). */
+  wait?: number;
+  /** Seconds a VM's lease lives without this run's heartbeat (default 60). */
+  leaseTtlSeconds?: number;
+  /** The holder's description in other runs' BUSY messages (default `tidemark backup VM...`). */
+  command?: string;
 }
 
 export interface DiskRunSummary {
@@ -86,6 +98,8 @@ export interface VmRunSummary {
   name: string;
   status: 'ok' | 'failed';
   error: string | null;
+  /** The error's code (`BUSY`: another run holds the VM), or null. */
+  errorCode: string | null;
   consistency: 'application' | 'crash' | null;
   consistencyNote: string | null;
   freezeWindowMs: number | null;
@@ -123,7 +137,7 @@ interface VmState {
   summary: VmRunSummary;
   definition: unknown;
   id: string;
-  disks: { slot: string; virtualDiskId: string; virtualSize: number }[];
+  disks: { slot: string; virtualDiskId: string; virtualSize: number; tracking: string }[];
   configVersion: string;
   previous: PointManifest | null;
   checkpoint?: Checkpoint;
@@ -155,17 +169,57 @@ export async function runBackupSet(opts: BackupSetOptions): Promise<BackupSetSum
   const fail = (s: VmState, err: unknown) => {
     const msg = err instanceof Error ? err.message : String(err);
     s.summary.status = 'failed';
+    s.summary.errorCode ??= err instanceof TidemarkError ? err.code : null;
     s.summary.error ??= msg;
     errors.push(`${s.name}: ${msg}`);
     log(`${s.name}: failed: ${msg}`);
   };
+  const names = [...new Set(opts.vms)];
+  const leases = await RunLeases.acquire(opts.host, names, {
+    command: opts.command ?? `tidemark backup ${names.join(' ')}`,
+    ttlSeconds: opts.leaseTtlSeconds,
+    waitSeconds: opts.wait,
+    log,
+  });
+  try {
+    return await runLeased(opts, names, leases, { started, flow, log, errors, warnings, states, fail, data });
+  } finally {
+    await leases.release();
+  }
+}
+
+interface RunContext {
+  started: number;
+  flow: Flow;
+  log: (line: string) => void;
+  errors: string[];
+  warnings: string[];
+  states: VmState[];
+  fail: (s: VmState, err: unknown) => void;
+  data: DataPhase;
+}
+
+async function runLeased(
+  opts: BackupSetOptions,
+  names: string[],
+  leases: RunLeases,
+  { started, flow, log, errors, warnings, states, fail, data }: RunContext,
+): Promise<BackupSetSummary> {
+  // Nothing could be leased: the whole run is BUSY (exit 6), naming the holders.
+  if (names.length > 0 && names.every((n) => leases.refused.has(n))) {
+    const busy = names.map((n) => leases.refused.get(n)!);
+    if (busy.every((e) => e instanceof TidemarkError && e.code === 'BUSY')) {
+      throw new TidemarkError('BUSY', busy.map((e) => e.message).join('; '));
+    }
+  }
 
   // 1. Preflight.
-  for (const name of [...new Set(opts.vms)]) {
+  for (const name of names) {
     const summary: VmRunSummary = {
       name,
       status: 'ok',
       error: null,
+      errorCode: null,
       consistency: null,
       consistencyNote: null,
       freezeWindowMs: null,
@@ -178,6 +232,8 @@ export async function runBackupSet(opts: BackupSetOptions): Promise<BackupSetSum
     const s = { name, summary, converted: false, referencePointId: null } as VmState;
     states.push(s);
     try {
+      const refused = leases.refused.get(name);
+      if (refused) throw refused;
       const vm = await opts.host.showVm(name);
       if (vm.disks.length === 0) throw new TidemarkError('CONFLICT', `${name} has no disks`);
       if (vm.definition.pending)
@@ -185,9 +241,14 @@ export async function runBackupSet(opts: BackupSetOptions): Promise<BackupSetSum
       s.definition = vm.definition;
       s.id = vm.id;
       s.configVersion = vm.configVersion;
-      s.disks = vm.disks.map((d) => ({ slot: d.slot, virtualDiskId: d.virtualDiskId, virtualSize: d.virtualSize }));
+      s.disks = vm.disks.map((d) => ({
+        slot: d.slot,
+        virtualDiskId: d.virtualDiskId,
+        virtualSize: d.virtualSize,
+        tracking: d.tracking,
+      }));
       s.previous = await opts.repo.latestPoint(name);
-      await cleanLeftovers(opts.host, name, log);
+      await cleanLeftovers(opts.host, name, leases.lease(name), log);
     } catch (err) {
       fail(s, err);
     }
@@ -213,6 +274,7 @@ export async function runBackupSet(opts: BackupSetOptions): Promise<BackupSetSum
             name: `${CHECKPOINT_PREFIX} ${new Date().toISOString()}`,
             consistency: opts.consistency === 'crash' ? 'crash' : 'application',
             requireConsistency: opts.consistency === 'app-required',
+            lease: leases.lease(s.name),
           });
           s.checkpoint = cp;
           Object.assign(s.summary, {
@@ -233,7 +295,7 @@ export async function runBackupSet(opts: BackupSetOptions): Promise<BackupSetSum
       let set: SnapshotSetInfo | undefined;
       try {
         set = await opts.host.createSnapshotSet({
-          vms: ready.map((s) => ({ name: s.name, checkpoint: s.checkpoint!.id })),
+          vms: ready.map((s) => ({ name: s.name, checkpoint: s.checkpoint!.id, lease: leases.lease(s.name) })),
           provider: flow === 'no-snapshot' ? 'none' : (opts.provider ?? 'cow'),
         });
         snapshots += set.storageSnapshots;
@@ -244,14 +306,15 @@ export async function runBackupSet(opts: BackupSetOptions): Promise<BackupSetSum
         for (const s of ready) {
           fail(s, err);
           await opts.host
-            .deleteCheckpoint(s.name, s.checkpoint!.id)
+            .deleteCheckpoint(s.name, s.checkpoint!.id, { lease: leases.lease(s.name) })
             .catch((e) => log(`${s.name}: cleanup: ${e.message}`));
         }
         continue;
       }
       try {
         // 4. Reference points (after the data phase in the no-snapshot flow: the frozen files are read live).
-        if (flow !== 'no-snapshot') await convertAll(opts.host, ready, fail, log);
+        const owner = { kind: 'repository' as const, id: opts.repo.config.id };
+        if (flow !== 'no-snapshot') await convertAll(opts.host, ready, owner, leases, fail, log);
         // 5. Data phase.
         const nbdTarget = await nbdAddress(opts.host);
         for (const s of ready) {
@@ -263,7 +326,7 @@ export async function runBackupSet(opts: BackupSetOptions): Promise<BackupSetSum
           }
         }
         if (flow === 'no-snapshot') {
-          await convertAll(opts.host, ready, fail, log);
+          await convertAll(opts.host, ready, owner, leases, fail, log);
           for (const s of ready)
             if (s.entry) (s.entry as { referencePointId?: string | null }).referencePointId = s.referencePointId;
         }
@@ -272,6 +335,7 @@ export async function runBackupSet(opts: BackupSetOptions): Promise<BackupSetSum
           .releaseSnapshotSet(
             set.id,
             ready.every((s) => s.summary.status === 'ok'),
+            ready.map((s) => leases.lease(s.name)).find((l) => l !== undefined),
           )
           .catch((e) => errors.push(`release snapshot set: ${e.message}`));
       }
@@ -290,12 +354,14 @@ export async function runBackupSet(opts: BackupSetOptions): Promise<BackupSetSum
       session = undefined;
     }
 
-    // 6. Only after the commit, and only when nothing failed: destroy the previous reference points.
-    if (pointId && errors.length === 0) {
+    // 6. Only after the commit, per VM whose data it holds: destroy this repository's previous reference
+    // points (never another repository's, a person's, or an unowned one).
+    if (pointId) {
       for (const s of done) {
-        for (const rp of await opts.host.listReferencePoints(s.name)) {
-          if (rp.id !== s.referencePointId) await opts.host.destroyReferencePoint(s.name, rp.id);
-        }
+        if (!s.referencePointId) continue;
+        await destroyPreviousReferencePoints(opts.host, s.name, opts.repo.config.id, s.referencePointId, log).catch(
+          (e) => errors.push(`${s.name}: destroying previous reference points: ${e.message}`),
+        );
       }
     }
     return {
@@ -304,7 +370,7 @@ export async function runBackupSet(opts: BackupSetOptions): Promise<BackupSetSum
       flow,
       snapshots,
       durationMs: performance.now() - started,
-      auditSeed: audit.kind === 'off' ? null : data.auditSeed,
+      auditSeed: data.audit.kind === 'off' ? null : data.auditSeed,
       vms: states.map((s) => s.summary),
       errors,
       warnings,
@@ -318,35 +384,61 @@ export async function runBackupSet(opts: BackupSetOptions): Promise<BackupSetSum
 const CHECKPOINT_PREFIX = 'tidemark backup';
 
 /**
- * What a backup run that died left on the host for this VM: its snapshot sets (released) and its recovery
- * checkpoints (merged back, newest first). Leftover checkpoints block merges and pile up otherwise.
+ * What backup runs that ended (their leases expired, released, or reclaimed from an ended process) left on
+ * the host for this VM: their snapshot sets (released) and their recovery checkpoints (merged back, newest
+ * first); recovery checkpoints named by a run of a host older than leases count too. A live run's are never
+ * touched, nor sets made outside a run, nor a person's own checkpoints.
  */
-async function cleanLeftovers(host: HostClient, vm: string, log: (line: string) => void): Promise<void> {
+async function cleanLeftovers(
+  host: HostClient,
+  vm: string,
+  lease: string | undefined,
+  log: (line: string) => void,
+): Promise<void> {
+  const live = new Set((await host.listLeases()).map((l) => l.id));
   for (const set of await host.listSnapshotSets()) {
-    if (set.vms.some((v) => v.name === vm)) {
-      log(`${vm}: releasing snapshot set ${set.id.slice(0, 8)} left by an earlier run`);
-      await host.releaseSnapshotSet(set.id, false).catch((e) => log(`${vm}: ${e.message}`));
-    }
+    if (!set.vms.some((v) => v.name === vm)) continue;
+    const made = set.vms.map((v) => v.lease).filter((l): l is string => l !== null);
+    if (made.length === 0 || made.some((l) => live.has(l))) continue;
+    log(`${vm}: releasing snapshot set ${set.id.slice(0, 8)} left by run ${set.runId ?? '?'}, which has ended`);
+    await host.releaseSnapshotSet(set.id, false).catch((e) => log(`${vm}: ${e.message}`));
   }
   const stale = (await host.listCheckpoints(vm)).filter(
-    (c) => c.type === 'recovery' && c.name.startsWith(CHECKPOINT_PREFIX),
+    (c) => c.type === 'recovery' && (c.run ? !live.has(c.run.lease) : (c.name ?? '').startsWith(CHECKPOINT_PREFIX)),
   );
   for (const cp of stale.reverse()) {
-    log(`${vm}: removing recovery checkpoint ${cp.id.slice(0, 8)} left by an earlier run`);
-    await host.deleteCheckpoint(vm, cp.id).catch((e) => log(`${vm}: ${e.message}`));
+    log(`${vm}: removing recovery checkpoint ${cp.id.slice(0, 8)} left by run ${cp.run?.runId ?? '(before leases)'}`);
+    await host.deleteCheckpoint(vm, cp.id, { lease }).catch((e) => log(`${vm}: ${e.message}`));
+  }
+}
+
+/** Destroys the reference points of `vm` this repository made before `keep`; no one else's. */
+async function destroyPreviousReferencePoints(
+  host: HostClient,
+  vm: string,
+  repositoryId: string,
+  keep: string,
+  log: (line: string) => void,
+): Promise<void> {
+  for (const rp of await host.listReferencePoints(vm)) {
+    if (rp.id === keep || rp.owner?.kind !== 'repository' || rp.owner.id !== repositoryId) continue;
+    await host.destroyReferencePoint(vm, rp.id);
+    log(`${vm}: destroyed this repository's previous reference point ${rp.id.slice(0, 8)}`);
   }
 }
 
 async function convertAll(
   host: HostClient,
   ready: VmState[],
+  owner: { kind: 'repository'; id: string },
+  leases: RunLeases,
   fail: (s: VmState, err: unknown) => void,
   log: (line: string) => void,
 ): Promise<void> {
   for (const s of ready) {
     if (s.converted || !s.checkpoint) continue;
     try {
-      const rp = await host.convertToReferencePoint(s.name, s.checkpoint.id);
+      const rp = await host.convertToReferencePoint(s.name, s.checkpoint.id, { owner, lease: leases.lease(s.name) });
       s.converted = true;
       s.referencePointId = rp.id;
       log(`${s.name}: reference point ${rp.id.slice(0, 8)}`);
@@ -381,9 +473,14 @@ async function backupVm(
     let ranges: Range[];
     let fullReason: string | null = null;
     let base: DiskEntry['index'] | null = null;
-    if (!prevDisk) fullReason = s.previous ? 'the disk is new since the previous restore point' : 'first backup';
+    // The disk's own lack of tracking comes first: it is the reason every backup of it is full.
+    if (!cpDisk.rctId)
+      fullReason =
+        d.tracking === 'none'
+          ? `the disk has no change tracking (configuration version ${s.configVersion}; tracking needs 6.2 or later)`
+          : `the disk has no change tracking (its tracking files are missing; configuration version ${s.configVersion})`;
+    else if (!prevDisk) fullReason = s.previous ? 'the disk is new since the previous restore point' : 'first backup';
     else if (!prevDisk.rctId) fullReason = 'the previous restore point has no change-tracking id for this disk';
-    else if (!cpDisk.rctId) fullReason = `the disk has no change tracking (configuration version ${s.configVersion})`;
     else if (prevDisk.virtualSize !== d.virtualSize) fullReason = 'the disk was resized';
     if (!fullReason) {
       try {

@@ -1,15 +1,18 @@
 /**
  * Restore: every disk of a restore point (or one VM, or one disk) into a directory, as dynamic VHDX or raw
  * files, with chunks fetched and decompressed in parallel and all-zero chunks never written (the new file
- * already reads as zeros). `register` makes the restored VM a new VM of a host.
+ * already reads as zeros). `restoreRegistered` makes each restored VM a new VM of a host, all or nothing.
  */
-import { mkdir, open, writeFile } from 'node:fs/promises';
+import { chmod, copyFile, mkdir, open, rename, rm, unlink, writeFile } from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
 import type { HostClient } from '../api/client.js';
 import { TidemarkError, fromSystemError } from '../errors.js';
+import type { VmSummary } from '../host/host.js';
+import type { ImportInfo } from '../host/imports.js';
 import { createVhdx } from '../formats/vhdx/create.js';
 import { VhdxFile } from '../formats/vhdx/vhdx.js';
-import type { Repository, RestoreSink } from '../repository/index.js';
+import type { PointManifest, Repository, RestoreSink } from '../repository/index.js';
 import { DIRECT_ALIGN, DIRECT_MIN_BYTES, DirectWriter, openDirect } from '../util/direct-io.js';
 import { writeFully } from '../util/file.js';
 
@@ -54,57 +57,194 @@ export async function restorePoint(repo: Repository, point: string, req: Restore
     await mkdir(dir, { recursive: true });
     await writeFile(path.join(dir, 'vm.json'), JSON.stringify(vm.definition, null, 2) + '\n');
     for (const d of disks) {
-      const t0 = performance.now();
-      const file = path.join(dir, `${d.name}.${format}`);
-      const progress = req.onProgress ? (done: number, total: number) => req.onProgress!(file, done, total) : undefined;
-      const sink =
-        format === 'raw'
-          ? await rawSink(file, d.virtualSize)
-          : await vhdxSink(file, d.virtualSize, d.logicalSectorSize);
-      let bytes = 0;
-      try {
-        const r = await repo.restoreDisk(m.id, d.diskId, sink, {
-          parallel: req.parallel ?? 16,
-          assumeZeroed: true,
-          onProgress: progress,
-        });
-        bytes = r.bytesWritten;
-      } finally {
-        await sink.close();
-      }
-      out.push({
-        vm: vm.name,
-        slot: d.name,
-        diskId: d.diskId,
-        file,
-        virtualSize: d.virtualSize,
-        bytesWritten: bytes,
-        durationMs: performance.now() - t0,
-      });
+      out.push(await restoreDiskTo(repo, m, vm.name, d, path.join(dir, `${d.name}.${format}`), format, req));
     }
   }
   if (out.length === 0) throw new TidemarkError('NOT_FOUND', `restore point ${m.id} has no disk ${req.disk}`);
   return { pointId: m.id, time: m.time, disks: out, durationMs: performance.now() - started };
 }
 
-/** Registers restored disks as a new VM of the host (named NAME-restored unless `name` is given). */
-export async function registerRestored(
-  host: HostClient,
-  summary: RestoreSummary,
-  opts: { name?: string } = {},
-): Promise<string[]> {
-  const names: string[] = [];
-  const byVm = new Map<string, RestoredDisk[]>();
-  for (const d of summary.disks) byVm.set(d.vm, [...(byVm.get(d.vm) ?? []), d]);
-  for (const [vm, disks] of byVm) {
-    if (disks.some((d) => !d.file.endsWith('.vhdx'))) {
-      throw new TidemarkError('INVALID_ARGUMENT', 'only VHDX restores can be registered (use --format vhdx)');
-    }
-    const name = opts.name && byVm.size === 1 ? opts.name : `${vm}-restored`;
-    await host.createVm({ name, disks: disks.map((d) => ({ slot: d.slot, path: path.resolve(d.file) })) });
-    names.push(name);
+type PointDisk = PointManifest['vms'][number]['disks'][number];
+
+/** One disk of a point into a new file (which must not exist). */
+async function restoreDiskTo(
+  repo: Repository,
+  m: PointManifest,
+  vm: string,
+  d: PointDisk,
+  file: string,
+  format: 'vhdx' | 'raw',
+  req: Pick<RestoreRequest, 'parallel' | 'onProgress'>,
+  created?: string[],
+): Promise<RestoredDisk> {
+  const t0 = performance.now();
+  const progress = req.onProgress ? (done: number, total: number) => req.onProgress!(file, done, total) : undefined;
+  const sink =
+    format === 'raw' ? await rawSink(file, d.virtualSize) : await vhdxSink(file, d.virtualSize, d.logicalSectorSize);
+  created?.push(file);
+  let bytes = 0;
+  try {
+    const r = await repo.restoreDisk(m.id, d.diskId, sink, {
+      parallel: req.parallel ?? 16,
+      assumeZeroed: true,
+      onProgress: progress,
+    });
+    bytes = r.bytesWritten;
+  } finally {
+    await sink.close();
   }
-  return names;
+  return {
+    vm,
+    slot: d.name,
+    diskId: d.diskId,
+    file,
+    virtualSize: d.virtualSize,
+    bytesWritten: bytes,
+    durationMs: performance.now() - t0,
+  };
+}
+
+export interface RegisterRequest extends Omit<RestoreRequest, 'to' | 'format'> {
+  /** Restore into DIR/VM/SLOT.vhdx first, then move the disks into the new VM's folder (default: straight there). */
+  to?: string;
+  /** The new VM's name (one VM only); default VM-restored. */
+  name?: string;
+  /** The holder's description in the host's import list (default `tidemark restore POINT --register`). */
+  command?: string;
+}
+
+export interface RegisterSummary extends RestoreSummary {
+  registered: string[];
+}
+
+/**
+ * Restores VMs of a point as new VMs of a host, all or nothing: every name is checked and reserved (the host
+ * makes each new VM's folder) before anything is written; the disks are written straight into those folders
+ * (or, with `to`, there first and then moved in); the VMs are registered at the end. On any failure every file
+ * and folder it made is removed, and VMs it had registered are deleted again.
+ */
+export async function restoreRegistered(
+  repo: Repository,
+  host: HostClient,
+  point: string,
+  req: RegisterRequest,
+): Promise<RegisterSummary> {
+  const started = performance.now();
+  const m = await repo.readPoint(point);
+  const vms = m.vms
+    .filter((v) => !req.vm || v.name === req.vm)
+    .map((v) => ({ vm: v, disks: v.disks.filter((d) => !req.disk || d.diskId === req.disk || d.name === req.disk) }))
+    .filter((v) => v.disks.length > 0);
+  if (vms.length === 0) {
+    throw new TidemarkError(
+      'NOT_FOUND',
+      `restore point ${m.id} has no ${req.vm ? `VM ${req.vm}` : `disk ${req.disk}`}`,
+    );
+  }
+  if (req.name !== undefined && vms.length > 1) {
+    throw new TidemarkError(
+      'INVALID_ARGUMENT',
+      `--name names one VM, but restore point ${m.id} holds ${vms.length} (${vms.map((v) => v.vm.name).join(', ')}): add --vm`,
+    );
+  }
+  const versions = (await host.hostInfo()).configVersions?.supported;
+  const plans = vms.map(({ vm, disks }) => ({
+    vm,
+    disks,
+    name: req.name ?? `${vm.name}-restored`,
+    settings: definitionSettings(vm.definition, versions),
+    files: [] as { slot: string; path: string }[],
+  }));
+
+  const reserved: ImportInfo[] = [];
+  const created: string[] = [];
+  const createdDirs: string[] = [];
+  const registered: string[] = [];
+  const out: RestoredDisk[] = [];
+  const owner = {
+    pid: process.pid,
+    hostname: os.hostname(),
+    command: req.command ?? `tidemark restore ${m.id} --register`,
+  };
+  try {
+    // Every name is checked and reserved before a byte is written.
+    for (const p of plans) reserved.push(await host.reserveImport({ name: p.name, owner }));
+    for (const [i, p] of plans.entries()) {
+      const into = reserved[i].disksDir;
+      const staging = req.to === undefined ? undefined : path.join(req.to, p.vm.name);
+      if (staging) {
+        const made = await mkdir(staging, { recursive: true });
+        if (made) createdDirs.push(made);
+        const defFile = path.join(staging, 'vm.json');
+        await writeFile(defFile, JSON.stringify(p.vm.definition, null, 2) + '\n', { flag: 'wx' }).catch((err) => {
+          throw fromSystemError(err, 'create', defFile);
+        });
+        created.push(defFile);
+      }
+      for (const d of p.disks) {
+        const final = path.join(into, `${d.name}.vhdx`);
+        const first = staging ? path.join(staging, `${d.name}.vhdx`) : final;
+        const r = await restoreDiskTo(repo, m, p.vm.name, d, first, 'vhdx', req, created);
+        await chmod(first, 0o600);
+        if (first !== final) {
+          await move(first, final);
+          created.push(final);
+        }
+        out.push({ ...r, file: final });
+        p.files.push({ slot: d.name, path: final });
+      }
+    }
+    for (const p of plans) {
+      const vm: VmSummary = await host.commitImport(p.name, { ...p.settings, disks: p.files });
+      registered.push(vm.name);
+    }
+  } catch (err) {
+    for (const r of reserved) {
+      if (!registered.includes(r.name)) await host.cancelImport(r.name).catch(() => undefined);
+    }
+    for (const name of registered) await host.deleteVm(name, true).catch(() => undefined);
+    for (const f of created.reverse()) await unlink(f).catch(() => undefined);
+    // Folders it made under `to` hold nothing but what it wrote.
+    for (const d of createdDirs) await rm(d, { recursive: true, force: true }).catch(() => undefined);
+    throw err;
+  }
+  return { pointId: m.id, time: m.time, disks: out, durationMs: performance.now() - started, registered };
+}
+
+/** What the new VM keeps of the backed-up definition (not its guest channel: that belongs to the original). */
+function definitionSettings(
+  def: unknown,
+  supported: string[] | undefined,
+): { generation?: 1 | 2; configVersion?: string; checkpointPolicy?: VmSummary['checkpointPolicy'] } {
+  const d = (typeof def === 'object' && def !== null ? def : {}) as Record<string, unknown>;
+  const out: ReturnType<typeof definitionSettings> = {};
+  if (d.generation === 1 || d.generation === 2) out.generation = d.generation;
+  if (typeof d.configVersion === 'string') {
+    if (supported && !supported.includes(d.configVersion)) {
+      throw new TidemarkError(
+        'NOT_SUPPORTED',
+        `the VM was backed up at configuration version ${d.configVersion}, which this host does not support`,
+      );
+    }
+    out.configVersion = d.configVersion;
+  }
+  const policies = ['production-fallback', 'production-only', 'standard-only', 'disabled'];
+  if (typeof d.checkpointPolicy === 'string' && policies.includes(d.checkpointPolicy)) {
+    out.checkpointPolicy = d.checkpointPolicy as VmSummary['checkpointPolicy'];
+  }
+  return out;
+}
+
+/** Renames within a file system; copies then removes across file systems. */
+async function move(from: string, to: string): Promise<void> {
+  try {
+    await rename(from, to);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EXDEV') throw fromSystemError(err, 'move', from);
+    await copyFile(from, to);
+    await chmod(to, 0o600);
+    await unlink(from);
+  }
 }
 
 type ClosableSink = RestoreSink & { close(): Promise<void> };

@@ -6,7 +6,7 @@ import { Command } from 'commander';
 import { HostClient } from '../api/client.js';
 import { formatRate, parseAuditMode, parseAuditSeed, parseAuditTime, type AuditResult } from '../backup/audit.js';
 import { runBackupSet, type BackupSetSummary, type Flow } from '../backup/backup-set.js';
-import { registerRestored, restorePoint, type RestoreSummary } from '../backup/restore.js';
+import { restorePoint, restoreRegistered, type RestoreSummary } from '../backup/restore.js';
 import { TidemarkError } from '../errors.js';
 import { formatSize } from '../util/size.js';
 import { EXIT, printJson, println } from './output.js';
@@ -37,6 +37,7 @@ export function backupCommand(run: Run): Command {
         'time budget of a sampled audit per disk after the changed chunks are read (default: 10% of their read time, at least 2 s)',
       )
       .option('--audit-seed <n>', 'seed of the audit samples (default: random; a run logs and records its seed)')
+      .option('--wait [seconds]', 'wait for VMs another run holds (BUSY at once without it; no value: until free)')
       .option('--json', 'print the summary as JSON'),
   ).action((vms: string[], o: RepoOpts & Record<string, string | boolean | undefined>) =>
     run(async () => {
@@ -53,6 +54,7 @@ export function backupCommand(run: Run): Command {
         throw new TidemarkError('INVALID_ARGUMENT', `--audit-time bounds a sampled audit; --audit ${o.audit} has none`);
       }
       const auditSeed = o.auditSeed === undefined ? undefined : parseAuditSeed(o.auditSeed as string);
+      const wait = parseWait(o.wait);
       const host = await HostClient.connect({ store: o.store as string | undefined });
       const bars = progressBars(!o.json && process.stderr.isTTY === true);
       const summary = await withRepo(
@@ -69,6 +71,8 @@ export function backupCommand(run: Run): Command {
             audit,
             auditTimeMs,
             auditSeed,
+            wait,
+            command: `tidemark backup ${vms.join(' ')}`,
             events: {
               log: (line) => (process.stderr.isTTY ? undefined : process.stderr.write(`${line}\n`)),
               progress: (vm, slot, done, total) => bars.update(`${vm} ${slot}`, done, total),
@@ -81,6 +85,17 @@ export function backupCommand(run: Run): Command {
       return summary.ok ? EXIT.OK : EXIT.FAILED;
     }),
   );
+}
+
+/** `--wait` alone: until the VMs are free; `--wait N`: at most N seconds. */
+function parseWait(v: string | boolean | undefined): number | undefined {
+  if (v === undefined || v === false) return undefined;
+  if (v === true) return Infinity;
+  const n = Number(v);
+  if (!/^\d+(\.\d+)?$/.test(v) || !Number.isFinite(n)) {
+    throw new TidemarkError('INVALID_ARGUMENT', `--wait takes a number of seconds, not "${v}"`);
+  }
+  return n;
 }
 
 export function printBackupSummary(s: BackupSetSummary): void {
@@ -119,40 +134,47 @@ export function restoreCommand(run: Run): Command {
     new Command('restore')
       .description('restore the disks of a restore point (chunks fetched in parallel)')
       .argument('<point>', 'a restore point id (or a unique prefix)')
-      .requiredOption('--to <dir>', 'where to write DIR/VM/SLOT.vhdx')
+      .option('--to <dir>', 'where to write DIR/VM/SLOT.vhdx (with --register: first there, then moved into the store)')
       .option('--vm <name>', 'only this VM')
       .option('--disk <id>', 'only this disk (virtual disk id or slot)')
       .option('--format <f>', 'vhdx | raw', 'vhdx')
       .option('--parallel <n>', 'chunks fetched at once', '16')
-      .option('--register', 'make the restored VM a new VM of the host')
-      .option('--name <name>', 'name of the registered VM')
+      .option('--register', "make each restored VM a new VM of the host (disks written into the host's store)")
+      .option('--name <name>', 'name of the registered VM (one VM; default VM-restored)')
       .option('--store <dir>', "the host's store for --register (or TIDEMARK_HOST)")
       .option('--json', 'print JSON'),
   ).action((point: string, o: RepoOpts & Record<string, string | boolean | undefined>) =>
     run(async () => {
       if (o.format !== 'vhdx' && o.format !== 'raw')
         throw new TidemarkError('INVALID_ARGUMENT', '--format is vhdx or raw');
+      if (o.register && o.format !== 'vhdx')
+        throw new TidemarkError('INVALID_ARGUMENT', 'only VHDX restores can be registered (drop --format raw)');
+      if (!o.register && o.to === undefined)
+        throw new TidemarkError('INVALID_ARGUMENT', "give --to DIR (or --register to restore into the host's store)");
+      if (!o.register && o.name !== undefined)
+        throw new TidemarkError('INVALID_ARGUMENT', '--name names the VM --register makes');
+      // The host is reached before anything is read or written.
+      const host = o.register ? await HostClient.connect({ store: o.store as string | undefined }) : undefined;
       const bars = progressBars(!o.json && process.stderr.isTTY === true);
-      const summary: RestoreSummary = await withRepo(
+      const common = {
+        vm: o.vm as string | undefined,
+        disk: o.disk as string | undefined,
+        parallel: Number(o.parallel),
+        onProgress: (file: string, done: number, total: number) => bars.update(file, done, total),
+      };
+      const summary: RestoreSummary & { registered?: string[] } = await withRepo(
         o,
         (repo) =>
-          restorePoint(repo, point, {
-            to: o.to as string,
-            vm: o.vm as string | undefined,
-            disk: o.disk as string | undefined,
-            format: o.format as 'vhdx' | 'raw',
-            parallel: Number(o.parallel),
-            onProgress: (file, done, total) => bars.update(file, done, total),
-          }),
+          host
+            ? restoreRegistered(repo, host, point, {
+                ...common,
+                to: o.to as string | undefined,
+                name: o.name as string | undefined,
+              })
+            : restorePoint(repo, point, { ...common, to: o.to as string, format: o.format as 'vhdx' | 'raw' }),
         4,
       ).finally(() => bars.stop());
-      let registered: string[] = [];
-      if (o.register)
-        registered = await registerRestored(
-          await HostClient.connect({ store: o.store as string | undefined }),
-          summary,
-          { name: o.name as string | undefined },
-        );
+      const registered = summary.registered ?? [];
       if (o.json) return printJson({ ...summary, registered });
       println(`restored point ${summary.pointId} (${summary.time}) in ${(summary.durationMs / 1000).toFixed(1)} s`);
       for (const d of summary.disks) println(`  ${d.vm} ${d.slot}: ${d.file} (${formatSize(d.virtualSize)})`);

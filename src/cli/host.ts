@@ -2,10 +2,14 @@
  * `tidemark host` (the daemon) and its clients: `vm`, `checkpoint`, `refpoint`, `disk`. The clients reach
  * a running host through `--store DIR` (its host.json) or TIDEMARK_HOST (+ TIDEMARK_TOKEN).
  */
+import os from 'node:os';
+import path from 'node:path';
 import { Command } from 'commander';
 import { HostClient } from '../api/client.js';
 import { TidemarkError } from '../errors.js';
+import { CONFIG_VERSIONS, DEFAULT_CONFIG_VERSION } from '../host/config-version.js';
 import { startHost } from '../host/daemon.js';
+import { describeOwner, OWNER_NAME, type ReferencePointOwner } from '../host/definition.js';
 import type { NewDisk } from '../host/host.js';
 import { HostLog } from '../host/log.js';
 import { formatSize } from '../util/size.js';
@@ -28,7 +32,17 @@ function parseDisk(spec: string, kind: 'path' | 'size'): NewDisk {
     );
   const slot = spec.slice(0, i);
   const value = spec.slice(i + 1);
-  return kind === 'path' ? { slot, path: value } : { slot, size: value };
+  // A path is the caller's: relative to where the command runs, not to the host.
+  return kind === 'path' ? { slot, path: path.resolve(value) } : { slot, size: value };
+}
+
+/** `--owner NAME`, or the name of the user running the command. */
+function userOwner(name: string | undefined): ReferencePointOwner {
+  const n = name ?? os.userInfo().username;
+  if (!OWNER_NAME.test(n)) {
+    throw new TidemarkError('INVALID_ARGUMENT', `--owner must be 1–100 printable characters, not "${n}"`);
+  }
+  return { kind: 'user', name: n };
 }
 
 const collect = (v: string, prev: string[] = []) => [...prev, v];
@@ -41,12 +55,18 @@ export function hostCommand(run: Run): Command {
     .option('--nbd-port <n>', 'serve NBD on loopback TCP instead')
     .option('--nbd-bind <addr>', 'address for --nbd-port', '127.0.0.1')
     .option('--api-port <n>', 'serve the API on loopback TCP instead of STORE/api.sock')
+    .option(
+      '--allow-disk-dir <dir>',
+      'a directory VM disks may be attached from, besides the store (repeatable; give them at every start)',
+      collect,
+    )
     .action((o) =>
       run(async () => {
         const running = await startHost({
           store: o.store,
           nbd: o.nbdPort !== undefined ? { port: Number(o.nbdPort), host: o.nbdBind } : { socket: o.socket },
           apiPort: o.apiPort !== undefined ? Number(o.apiPort) : undefined,
+          allowDiskDirs: ((o.allowDiskDir as string[] | undefined) ?? []).map((d) => path.resolve(d)),
           log: new HostLog(),
         });
         running.host.log.info(`host ready: api ${running.endpoint}, nbd ${JSON.stringify(running.host.nbd.address())}`);
@@ -67,7 +87,10 @@ export function vmCommand(run: Run): Command {
     .argument('<name>')
     .option('--disk <slot:path>', 'attach an existing VHDX (repeatable)', collect)
     .option('--new-disk <slot:size>', 'create a new dynamic VHDX (repeatable)', collect)
-    .option('--config-version <v>', 'configuration version (RCT needs 6.2 or later)', '9.0')
+    .option(
+      '--config-version <v>',
+      `configuration version: ${CONFIG_VERSIONS.join(', ')} (default ${DEFAULT_CONFIG_VERSION}; RCT needs 6.2 or later)`,
+    )
     .option('--generation <n>', '1 or 2', '2')
     .option('--checkpoint-policy <p>', 'production-fallback | production-only | standard-only | disabled')
     .option('--guest <address>', 'the guest-agent channel, unix:PATH')
@@ -117,6 +140,11 @@ export function vmCommand(run: Run): Command {
         if (o.json) return printJson(v);
         println(`${v.name} (${v.id}): ${v.state}, generation ${v.generation}, configuration ${v.configVersion}`);
         println(`checkpoint policy ${v.checkpointPolicy}; guest ${v.guest ?? 'none'}`);
+        if (v.lease) {
+          println(
+            `leased by run ${v.lease.owner.runId} ("${v.lease.owner.command}", pid ${v.lease.owner.pid} on ${v.lease.owner.hostname}) since ${v.lease.acquiredAt}${v.lease.expiresAt ? `, expires ${v.lease.expiresAt} unless renewed` : ''}`,
+          );
+        }
         for (const d of v.disks) {
           println(
             `  ${d.slot}: ${d.head}${d.head !== d.base ? ` (base ${d.base})` : ''} id ${d.virtualDiskId} tracking ${d.tracking}${d.export ? ` export ${d.export}` : ''}`,
@@ -143,7 +171,7 @@ export function vmCommand(run: Run): Command {
   vm.command('set')
     .argument('<name>')
     .option('--checkpoint-policy <p>', 'production-fallback | production-only | standard-only | disabled')
-    .option('--config-version <v>', 'configuration version')
+    .option('--config-version <v>', 'raise the configuration version (the VM off; never lowered)')
     .option('--guest <address>', 'the guest-agent channel, unix:PATH ("none" removes it)')
     .option('--attach <slot:path>', 'attach an existing VHDX (repeatable)', collect)
     .option('--attach-new <slot:size>', 'attach a new VHDX (repeatable)', collect)
@@ -166,6 +194,20 @@ export function vmCommand(run: Run): Command {
         });
         if (o.json) return printJson(v);
         println(`${v.name} updated`);
+      }),
+    );
+  vm.command('upgrade')
+    .description('Update-VMVersion: raise the configuration version (the VM off); from 6.2 on, tracking starts')
+    .argument('<name>')
+    .option('--version <v>', `the version to move to (default: the host's default, ${DEFAULT_CONFIG_VERSION})`)
+    .option(...storeOption)
+    .option('--json', 'print JSON')
+    .action((name: string, o) =>
+      run(async () => {
+        const v = await (await client(o)).upgradeVm(name, { version: o.version });
+        if (o.json) return printJson(v);
+        println(`${v.name}: configuration version ${v.configVersion}`);
+        for (const d of v.disks) println(`  ${d.slot}: tracking ${d.tracking}`);
       }),
     );
   vm.command('delete')
@@ -223,7 +265,7 @@ export function checkpointCommand(run: Run): Command {
         };
         for (const c of list) {
           println(
-            `${'  '.repeat(depth(c.parentId))}${c.current ? '* ' : '  '}${c.name} (${c.id.slice(0, 8)}) ${c.type} ${c.consistency} ${c.createdAt} pause ${ms(c.ioPauseMs)} freeze ${ms(c.freezeWindowMs)}`,
+            `${'  '.repeat(depth(c.parentId))}${c.current ? '* ' : '  '}${c.name} (${c.id.slice(0, 8)}) ${c.type} ${c.consistency} ${c.createdAt} pause ${ms(c.ioPauseMs)} freeze ${ms(c.freezeWindowMs)}${c.run ? ` run ${c.run.runId}` : ''}`,
           );
         }
       }),
@@ -250,24 +292,28 @@ export function refpointCommand(run: Run): Command {
   rp.command('convert')
     .argument('<vm>')
     .argument('<checkpoint>', 'a recovery checkpoint (name or id)')
+    .option('--owner <name>', 'who the reference point belongs to (default: your user name)')
     .option(...storeOption)
     .option('--json', 'print JSON')
     .action((vmName: string, cp: string, o) =>
       run(async () => {
-        const r = await (await client(o)).convertToReferencePoint(vmName, cp);
+        const owner = userOwner(o.owner);
+        const r = await (await client(o)).convertToReferencePoint(vmName, cp, { owner });
         if (o.json) return printJson(r);
-        println(`reference point ${r.id}`);
+        println(`reference point ${r.id} (owner ${describeOwner(r.owner)})`);
       }),
     );
   rp.command('create')
     .argument('<vm>')
+    .option('--owner <name>', 'who the reference point belongs to (default: your user name)')
     .option(...storeOption)
     .option('--json', 'print JSON')
     .action((vmName: string, o) =>
       run(async () => {
-        const r = await (await client(o)).createReferencePoint(vmName);
+        const owner = userOwner(o.owner);
+        const r = await (await client(o)).createReferencePoint(vmName, { owner });
         if (o.json) return printJson(r);
-        println(`reference point ${r.id}`);
+        println(`reference point ${r.id} (owner ${describeOwner(r.owner)})`);
       }),
     );
   rp.command('list')
@@ -280,7 +326,9 @@ export function refpointCommand(run: Run): Command {
         if (o.json) return printJson(list);
         if (list.length === 0) return println('no reference points');
         for (const r of list) {
-          println(`${r.id} ${r.createdAt} ${r.consistency ?? ''}`);
+          println(
+            `${r.id} ${r.createdAt} owner ${describeOwner(r.owner ?? null)}${r.consistency ? ` ${r.consistency}` : ''}`,
+          );
           r.virtualDiskIdentifiers.forEach((d, i) =>
             println(`  ${d}: ${r.resilientChangeTrackingIdentifiers[i] ?? 'none'}`),
           );

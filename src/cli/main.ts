@@ -28,6 +28,8 @@ export async function main(argv: string[]): Promise<number> {
   const program = new Command('tidemark')
     .description('Tidemark: VHDX storage stack, change tracking and VM backup')
     .version(process.env.npm_package_version ?? '0.1.0')
+    // `--version` after a command is that command's own option (`vm upgrade NAME --version 9.0`).
+    .enablePositionalOptions()
     .exitOverride();
   program.addCommand(vhdxCommand(run));
   program.addCommand(rctCommand(run));

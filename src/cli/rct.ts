@@ -8,7 +8,14 @@ import { printJson, println } from './output.js';
 
 type Run = (fn: () => Promise<number | void>) => Promise<void>;
 
-function notEnabled(file: string): TidemarkError {
+async function notEnabled(file: string, disk?: VhdxFile): Promise<TidemarkError> {
+  const found = disk ? await ChangeTracker.inspect(disk.chain().at(-1)!.path) : { state: 'none' as const };
+  if (found.state === 'foreign') {
+    return new TidemarkError(
+      'TRACKING_NOT_ENABLED',
+      `${file} is tracked by another product (${found.detail}); Tidemark does not read or modify its files (tidemark rct enable --replace-foreign ${file})`,
+    );
+  }
   return new TidemarkError(
     'TRACKING_NOT_ENABLED',
     `change tracking is not enabled for ${file} (tidemark rct enable ${file})`,
@@ -35,11 +42,16 @@ export function rctCommand(run: Run): Command {
       '--granularity <size>',
       `tracking granularity, a power of two from 4K (default ${formatSize(DEFAULT_GRANULARITY)})`,
     )
+    .option(
+      '--replace-foreign',
+      "when another product's tracking files sit beside the disk (e.g. Hyper-V's), move them aside (NAME.foreign-TIME) and track with Tidemark's",
+    )
     .action((file: string, o) =>
       run(() =>
         withDisk(file, false, async (disk) => {
           const granularity = o.granularity ? parseSize(o.granularity, '--granularity') : DEFAULT_GRANULARITY;
-          await ChangeTracker.enable(disk, granularity);
+          const { movedAside } = await ChangeTracker.enable(disk, granularity, { replaceForeign: !!o.replaceForeign });
+          for (const f of movedAside) println(`moved another product's tracking file aside: ${f}`);
           const t = (await ChangeTracker.attach(disk, { writable: false }))!;
           println(
             `change tracking enabled for ${file}: granularity ${formatSize(granularity)}, epoch ${t.status().epoch}`,
@@ -56,7 +68,7 @@ export function rctCommand(run: Run): Command {
       run(() =>
         withDisk(file, false, async (disk) => {
           const base = disk.chain().at(-1)!.path;
-          if (!(await ChangeTracker.disable(base))) throw notEnabled(file);
+          if (!(await ChangeTracker.disable(base))) throw await notEnabled(file);
           println(`change tracking disabled for ${file}`);
         }),
       ),
@@ -72,7 +84,14 @@ export function rctCommand(run: Run): Command {
         withDisk(file, false, async (disk) => {
           const t = await ChangeTracker.attach(disk, { writable: false });
           if (!t) {
-            if (o.json) printJson({ enabled: false, trackingFiles: trackingPaths(disk.chain().at(-1)!.path) });
+            const base = disk.chain().at(-1)!.path;
+            const found = await ChangeTracker.inspect(base);
+            const foreign = found.state === 'foreign' ? found.detail : null;
+            if (o.json) printJson({ enabled: false, foreign, trackingFiles: trackingPaths(base) });
+            else if (foreign)
+              println(
+                `${file}: tracked by another product (${foreign}); Tidemark leaves its files alone (rct enable --replace-foreign takes over)`,
+              );
             else println(`${file}: change tracking not enabled`);
             return;
           }
@@ -98,7 +117,7 @@ export function rctCommand(run: Run): Command {
       run(() =>
         withDisk(file, true, async (disk) => {
           const t = await ChangeTracker.attach(disk, { writable: true });
-          if (!t) throw notEnabled(file);
+          if (!t) throw await notEnabled(file, disk);
           const id = await t.seal();
           if (o.json) printJson({ id, status: t.status() });
           else println(id);
@@ -119,7 +138,7 @@ export function rctCommand(run: Run): Command {
       run(() =>
         withDisk(file, false, async (disk) => {
           const t = await ChangeTracker.attach(disk, { writable: false });
-          if (!t) throw notEnabled(file);
+          if (!t) throw await notEnabled(file, disk);
           const offset = o.offset ? parseSize(o.offset, '--offset') : 0;
           const length = o.length ? parseSize(o.length, '--length') : disk.virtualSize - offset;
           let result: ChangesResult;

@@ -214,9 +214,12 @@ export class VirtualDisk implements BlockDevice {
   async changes(sinceId: string, offset = 0, length?: number, maxRanges?: number): Promise<ChangesResult> {
     this.assertOpen();
     if (!this.tracker) {
+      const found = await ChangeTracker.inspect(this.head.chain().at(-1)!.path);
       throw new TidemarkError(
         'MISSING_CHANGE_TRACKING_INFORMATION',
-        `${path.basename(this.head.path)} has no change tracking: read it in full`,
+        found.state === 'foreign'
+          ? `${path.basename(this.head.path)} is tracked by another product (${found.detail}): read it in full`
+          : `${path.basename(this.head.path)} has no change tracking: read it in full`,
         { id: sinceId },
       );
     }

@@ -46,8 +46,18 @@ export async function startHost(opts: DaemonOptions): Promise<RunningHost> {
   const nbd = host.nbd.address();
   await writeFileAtomic(
     path.join(store, 'host.json'),
-    JSON.stringify({ api: endpoint, token, pid: process.pid, nbd, startedAt: new Date().toISOString() }, null, 2) +
-      '\n',
+    JSON.stringify(
+      {
+        api: endpoint,
+        token,
+        pid: process.pid,
+        nbd,
+        allowedDiskDirs: host.diskPaths.allowedDirs,
+        startedAt: new Date().toISOString(),
+      },
+      null,
+      2,
+    ) + '\n',
     0o600,
   );
   let closing: Promise<void> | undefined;

@@ -8,6 +8,7 @@ import { z } from 'zod';
 import { TidemarkError } from '../errors.js';
 import { readFile } from 'node:fs/promises';
 import { writeFileAtomic } from '../util/atomic.js';
+export { supportsRct } from './config-version.js';
 
 export const DEFINITION_VERSION = 1;
 
@@ -41,6 +42,10 @@ export const CheckpointDisk = z.object({
   rctId: z.string().nullable(),
 });
 
+/** The backup run (lease) that made a checkpoint: leftover clean-up touches only checkpoints of ended runs. */
+export const CheckpointRun = z.object({ lease: z.string(), runId: z.string(), command: z.string() });
+export type CheckpointRun = z.infer<typeof CheckpointRun>;
+
 export const Checkpoint = z.object({
   id: z.string(),
   name: z.string(),
@@ -53,8 +58,27 @@ export const Checkpoint = z.object({
   freezeWindowMs: z.number().nullable(),
   ioPauseMs: z.number().nullable(),
   disks: z.array(CheckpointDisk),
+  /** Made by a backup run holding the VM's lease (null: by a person, or by a host older than leases). */
+  run: CheckpointRun.nullable().default(null),
 });
 export type Checkpoint = z.infer<typeof Checkpoint>;
+
+/** A reference-point owner name given by a person: 1–100 printable characters (no control characters). */
+export const OWNER_NAME = /^[\p{L}\p{M}\p{N}\p{P}\p{S} ]{1,100}$/u;
+
+/**
+ * Who a reference point belongs to: the repository (by id) whose backups made it, or a name a person gave.
+ * A backup destroys only its own repository's previous reference points; others are never touched.
+ */
+export const ReferencePointOwner = z.discriminatedUnion('kind', [
+  z.object({ kind: z.literal('repository'), id: z.string().min(1).max(100) }).strict(),
+  z.object({ kind: z.literal('user'), name: z.string().regex(OWNER_NAME) }).strict(),
+]);
+export type ReferencePointOwner = z.infer<typeof ReferencePointOwner>;
+
+export function describeOwner(o: ReferencePointOwner | null): string {
+  return o === null ? 'unowned' : o.kind === 'repository' ? `repository:${o.id}` : `user:${o.name}`;
+}
 
 export const ReferencePoint = z.object({
   id: z.string(),
@@ -65,6 +89,8 @@ export const ReferencePoint = z.object({
   /** Parallel arrays, as in Hyper-V: match disks by identifier, never by position. */
   virtualDiskIdentifiers: z.array(z.string()),
   resilientChangeTrackingIdentifiers: z.array(z.string().nullable()),
+  /** null: made before owners existed (older stores) or without one; never destroyed automatically. */
+  owner: ReferencePointOwner.nullable().default(null),
 });
 export type ReferencePoint = z.infer<typeof ReferencePoint>;
 
@@ -112,12 +138,6 @@ export const VmDefinition = z.object({
 });
 export type VmDefinition = z.infer<typeof VmDefinition>;
 
-/** RCT needs configuration version 6.2 or later (as in Hyper-V). */
-export function supportsRct(configVersion: string): boolean {
-  const [major, minor] = configVersion.split('.').map(Number);
-  return major > 6 || (major === 6 && minor >= 2);
-}
-
 export async function readDefinition(file: string): Promise<VmDefinition> {
   let text: string;
   try {
@@ -142,6 +162,7 @@ export async function readDefinition(file: string): Promise<VmDefinition> {
   return parsed.data;
 }
 
+/** Written private to the host's user (0600, whatever the umask). */
 export async function writeDefinition(file: string, def: VmDefinition): Promise<void> {
-  await writeFileAtomic(file, JSON.stringify(VmDefinition.parse(def), null, 2) + '\n');
+  await writeFileAtomic(file, JSON.stringify(VmDefinition.parse(def), null, 2) + '\n', 0o600);
 }

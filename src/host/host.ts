@@ -6,7 +6,7 @@
  * first, so a host killed at any point finishes or rolls it back when it starts again.
  */
 import { randomUUID } from 'node:crypto';
-import { access, mkdir, readdir, rm, unlink } from 'node:fs/promises';
+import { access, readdir, rm, unlink } from 'node:fs/promises';
 import path from 'node:path';
 import { VirtualDisk } from '../disk/virtual-disk.js';
 import { TidemarkError } from '../errors.js';
@@ -15,15 +15,22 @@ import { vhdxInfo, type VhdxInfo } from '../formats/vhdx/info.js';
 import { VhdxFile } from '../formats/vhdx/vhdx.js';
 import { NbdServer } from '../nbd/index.js';
 import { mergeWithTracking } from '../tracking/merge.js';
-import { ChangeTracker, type ChangesResult } from '../tracking/tracker.js';
+import { ChangeTracker, trackingPaths, type ChangesResult, type TrackingFiles } from '../tracking/tracker.js';
 import { guidToString } from '../util/guid.js';
 import { KeyedMutex, Mutex } from '../util/mutex.js';
 import { parseSize } from '../util/size.js';
 import {
+  checkConfigVersion,
+  compareConfigVersions,
+  CONFIG_VERSIONS,
+  DEFAULT_CONFIG_VERSION,
+  supportsRct,
+} from './config-version.js';
+import {
   DEFINITION_VERSION,
+  describeOwner,
   readDefinition,
   SLOT,
-  supportsRct,
   VM_NAME,
   writeDefinition,
   type Checkpoint,
@@ -32,12 +39,23 @@ import {
   type Consistency,
   type DiskAttachment,
   type ReferencePoint,
+  type ReferencePointOwner,
   type VmDefinition,
 } from './definition.js';
+import {
+  dropImportMarker,
+  importOwnerAlive,
+  readImportMarker,
+  writeImportMarker,
+  type ImportInfo,
+  type ImportOwner,
+} from './imports.js';
 import { JobManager } from './jobs.js';
+import { Leases, type LeaseInfo } from './leases.js';
 import { guestConsistency } from './guest-consistency.js';
 import { HostLog } from './log.js';
 import { SnapshotSets } from './snapshot-sets.js';
+import { DiskPathPolicy, privateDir, privateFiles, tightenStore } from './store-access.js';
 import { createProvider, PROVIDER_NAMES } from '../snapshot/index.js';
 
 export interface HostOptions {
@@ -47,6 +65,8 @@ export interface HostOptions {
   /** Application consistency for production and recovery checkpoints (the guest integration plugs in here). */
   consistency?: ConsistencyProvider;
   log?: HostLog;
+  /** Directories besides the store that VM disks may be attached from (`tidemark host --allow-disk-dir`). */
+  allowDiskDirs?: string[];
 }
 
 /** Freezes a VM's guest around a checkpoint's instant, or says why it cannot. */
@@ -78,19 +98,35 @@ export interface CreateVmRequest {
 
 export interface ModifyVmRequest {
   checkpointPolicy?: CheckpointPolicy;
+  /** Upwards only, with the VM off (as Update-VMVersion). */
   configVersion?: string;
   guest?: string | null;
   attach?: NewDisk[];
   detach?: string[];
 }
 
-export interface CheckpointRequest {
+/** A VM operation of a backup run: the id of the VM's lease the run holds. */
+export interface LeaseRef {
+  lease?: string;
+}
+
+export interface CheckpointRequest extends LeaseRef {
   type?: CheckpointType;
   name?: string;
   /** For recovery checkpoints (backup): the consistency wanted, and whether less is a failure. */
   consistency?: Consistency;
   requireConsistency?: boolean;
 }
+
+/** Registers a reserved import: the disks written into the import's folder, the definition's settings. */
+export type CommitImportRequest = Omit<CreateVmRequest, 'name'>;
+
+/**
+ * Per disk: `enabled` (the configuration version has change tracking and the disk's tracking files are there
+ * or, running, attached), `none` (a version before 6.2), `missing` (the version wants it but the disk has no
+ * tracking files: `vm upgrade` creates them).
+ */
+export type TrackingState = 'enabled' | 'none' | 'missing';
 
 export interface VmSummary {
   name: string;
@@ -107,11 +143,13 @@ export interface VmSummary {
     base: string;
     head: string;
     export: string | null;
-    tracking: 'enabled' | 'none';
+    tracking: TrackingState;
   }[];
   checkpoints: number;
   currentCheckpointId: string | null;
   referencePoints: number;
+  /** The run or operation holding the VM's lease, or null. */
+  lease: LeaseInfo | null;
 }
 
 const CHILD_EXT = '.avhdx';
@@ -127,12 +165,18 @@ export class Host {
   private createLock = new Mutex();
   private consistency: ConsistencyProvider;
   private closed = false;
+  /** Names reserved by imports (a restore registering a VM) until they are committed or cancelled. */
+  private imports = new Map<string, ImportInfo>();
   /** Storage snapshots of VM sets, served as read-only exports for backups. */
   readonly snapshots: SnapshotSets;
 
   private constructor(
     readonly store: string,
     private readonly opts: HostOptions,
+    /** One backup run or checkpoint operation per VM at a time. */
+    readonly leases: Leases,
+    /** Where disks may be attached from. */
+    readonly diskPaths: DiskPathPolicy,
   ) {
     this.consistency = opts.consistency ?? guestConsistency();
     this.log = opts.log ?? new HostLog();
@@ -145,14 +189,26 @@ export class Host {
       abs: (def, p) => this.abs(def, p),
       allowedRoots: (def) => this.diskOptions(def).allowedRoots,
       runningDisks: (name) => this.running.get(name),
+      checkLease: (vm, lease) => this.leases.check(vm, lease),
+      leaseLive: (id) => this.leases.isLive(id),
+      leaseHolder: (vm) => this.leases.holder(vm),
     });
   }
 
-  /** Opens the store (creating it if needed), recovers interrupted operations and restarts running VMs. */
+  /**
+   * Opens the store (creating it, private, if needed; tightening an older one), reloads the leases, recovers
+   * interrupted operations and imports, and restarts running VMs.
+   */
   static async open(opts: HostOptions): Promise<Host> {
     const store = path.resolve(opts.store);
-    await mkdir(path.join(store, 'vms'), { recursive: true });
-    const host = new Host(store, opts);
+    const log = opts.log ?? new HostLog();
+    await privateDir(store);
+    await privateDir(path.join(store, 'vms'));
+    const tightened = await tightenStore(store);
+    if (tightened > 0) log.info(`made ${tightened} file(s) and folder(s) of the store private (0600/0700)`);
+    const diskPaths = await DiskPathPolicy.create(store, opts.allowDiskDirs ?? []);
+    const leases = await Leases.load(path.join(store, 'leases.json'), log);
+    const host = new Host(store, { ...opts, log }, leases, diskPaths);
     // Diff areas of snapshots a killed host left behind: the live files were never touched; free the space.
     for (const provider of PROVIDER_NAMES) {
       const removed = await createProvider(provider).recover({ diffAreaRoot: path.join(store, 'snapshots') });
@@ -160,7 +216,13 @@ export class Host {
     }
     for (const name of (await readdir(path.join(store, 'vms'))).sort()) {
       const file = host.defPath(name);
-      if (!(await exists(file))) continue;
+      const marker = await readImportMarker(host.vmDir(name));
+      if (!(await exists(file))) {
+        if (marker) await host.recoverImport(name, marker);
+        continue;
+      }
+      // Registered, but the host stopped before the marker went: the import is complete.
+      if (marker) await dropImportMarker(host.vmDir(name));
       const def = await readDefinition(file);
       host.vms.set(def.name, def);
       await host.recover(def);
@@ -193,8 +255,17 @@ export class Host {
 
   // ---------------------------------------------------------------- VMs
 
-  listVms(): VmSummary[] {
-    return [...this.vms.values()].sort((a, b) => a.name.localeCompare(b.name)).map((d) => this.summary(d));
+  async listVms(): Promise<VmSummary[]> {
+    const out: VmSummary[] = [];
+    for (const d of [...this.vms.values()].sort((a, b) => a.name.localeCompare(b.name))) {
+      out.push(await this.summary(d));
+    }
+    return out;
+  }
+
+  /** Configuration versions this host supports (oldest first) and the one new VMs get. */
+  configVersions(): { supported: string[]; default: string } {
+    return { supported: [...CONFIG_VERSIONS], default: DEFAULT_CONFIG_VERSION };
   }
 
   getVm(name: string): VmDefinition {
@@ -203,86 +274,146 @@ export class Host {
     return structuredClone(def);
   }
 
-  showVm(name: string): VmSummary & { definition: VmDefinition } {
+  async showVm(name: string): Promise<VmSummary & { definition: VmDefinition }> {
     const def = this.getVm(name);
-    return { ...this.summary(def), definition: def };
+    return { ...(await this.summary(def)), definition: def };
   }
 
   async createVm(req: CreateVmRequest): Promise<VmSummary> {
-    if (!VM_NAME.test(req.name)) {
-      throw new TidemarkError(
-        'INVALID_ARGUMENT',
-        `VM name "${req.name}" must be 1–64 letters, digits, '.', '_' or '-'`,
-      );
-    }
+    checkVmName(req.name);
+    const configVersion = checkConfigVersion(req.configVersion ?? DEFAULT_CONFIG_VERSION);
     return this.createLock.run(async () => {
-      if (this.vms.has(req.name)) throw new TidemarkError('ALREADY_EXISTS', `a VM named ${req.name} exists`);
+      await this.assertNameFree(req.name);
       const dir = this.vmDir(req.name);
-      if (await exists(dir))
-        throw new TidemarkError('ALREADY_EXISTS', `${dir} exists; remove it or choose another name`);
-      await mkdir(path.join(dir, 'disks'), { recursive: true });
-      const def: VmDefinition = {
-        schemaVersion: DEFINITION_VERSION,
-        id: randomUUID(),
-        name: req.name,
-        generation: req.generation ?? 2,
-        configVersion: req.configVersion ?? '9.0',
-        checkpointPolicy: req.checkpointPolicy ?? 'production-fallback',
-        guest: req.guest ?? null,
-        state: 'Off',
-        createdAt: new Date().toISOString(),
-        disks: [],
-        checkpoints: [],
-        currentCheckpointId: null,
-        referencePoints: [],
-        pending: null,
-      };
-      try {
-        for (const d of req.disks ?? []) def.disks.push(await this.prepareDisk(def, d));
-        this.vms.set(def.name, def);
-        await this.save(def);
-      } catch (err) {
-        this.vms.delete(def.name);
-        await rm(dir, { recursive: true, force: true });
-        throw err;
-      }
+      await privateDir(dir);
+      await privateDir(path.join(dir, 'disks'));
+      const def = await this.register(newDefinition(req.name, { ...req, configVersion }), req.disks ?? [], dir);
       this.log.info(`created VM ${def.name} with ${def.disks.length} disk(s)`);
       return this.summary(def);
     });
   }
 
-  async modifyVm(name: string, req: ModifyVmRequest): Promise<VmSummary> {
-    return this.locks.run(name, async () => {
-      const def = this.mustGet(name);
-      if (req.configVersion !== undefined) {
-        if (!/^\d+\.\d+$/.test(req.configVersion))
-          throw new TidemarkError('INVALID_ARGUMENT', `configuration version "${req.configVersion}" is not N.N`);
-        def.configVersion = req.configVersion;
-      }
-      if (req.checkpointPolicy !== undefined) def.checkpointPolicy = req.checkpointPolicy;
-      if (req.guest !== undefined) def.guest = req.guest;
-      if ((req.attach?.length || req.detach?.length) && def.checkpoints.length > 0) {
-        throw new TidemarkError('CONFLICT', `${name} has checkpoints: delete them before attaching or detaching disks`);
-      }
-      for (const slot of req.detach ?? []) {
-        const i = def.disks.findIndex((d) => d.slot === slot);
-        if (i < 0) throw new TidemarkError('NOT_FOUND', `${name} has no disk at ${slot}`);
-        const open = this.running.get(name)?.get(slot);
-        if (open) {
-          await this.nbd.removeExport(exportName(name, slot));
-          await open.close();
-          this.running.get(name)!.delete(slot);
-        }
-        def.disks.splice(i, 1);
-      }
-      for (const d of req.attach ?? []) {
-        const att = await this.prepareDisk(def, d);
-        def.disks.push(att);
-        if (this.running.has(name)) await this.openDisk(def, att);
-      }
+  /** Prepares the disks, then writes the definition; on any failure the VM's folder is removed. */
+  private async register(def: VmDefinition, disks: NewDisk[], dir: string): Promise<VmDefinition> {
+    try {
+      for (const d of disks) def.disks.push(await this.prepareDisk(def, d));
+      this.vms.set(def.name, def);
       await this.save(def);
-      return this.summary(def);
-    });
+      return def;
+    } catch (err) {
+      this.vms.delete(def.name);
+      await rm(dir, { recursive: true, force: true });
+      throw err;
+    }
+  }
+
+  /** ALREADY_EXISTS when a VM, an import in progress or a folder holds the name. */
+  private async assertNameFree(name: string): Promise<void> {
+    if (this.vms.has(name)) throw new TidemarkError('ALREADY_EXISTS', `a VM named ${name} exists`);
+    const reserved = this.imports.get(name);
+    if (reserved) {
+      if (importOwnerAlive(reserved.owner)) {
+        throw new TidemarkError(
+          'ALREADY_EXISTS',
+          `${name} is being restored by pid ${reserved.owner.pid} on ${reserved.owner.hostname} ("${reserved.owner.command}") since ${reserved.createdAt}`,
+        );
+      }
+      await this.recoverImport(name, reserved);
+    }
+    const dir = this.vmDir(name);
+    if (await exists(dir)) throw new TidemarkError('ALREADY_EXISTS', `${dir} exists; remove it or choose another name`);
+  }
+
+  async modifyVm(name: string, req: ModifyVmRequest & LeaseRef): Promise<VmSummary> {
+    return this.locks.run(name, () =>
+      this.leases.during(name, req.lease, 'vm set', async () => {
+        const def = this.mustGet(name);
+        // Everything is checked before anything changes; naming the version it has is no change.
+        const version = req.configVersion !== undefined ? checkConfigVersion(req.configVersion) : undefined;
+        const newVersion = version !== undefined && version !== def.configVersion ? version : undefined;
+        if (newVersion !== undefined) this.checkVersionChange(def, newVersion);
+        if ((req.attach?.length || req.detach?.length) && def.checkpoints.length > 0) {
+          throw new TidemarkError(
+            'CONFLICT',
+            `${name} has checkpoints: delete them before attaching or detaching disks`,
+          );
+        }
+        if (newVersion !== undefined) await this.changeVersion(def, newVersion);
+        return this.applyModification(def, req);
+      }),
+    );
+  }
+
+  /**
+   * Update-VMVersion: the VM (off) moves to `version` (default: the host's default), never down. From 6.2 on,
+   * every disk's tracking files are created at once (and re-created where a disk lost them), so the next
+   * checkpoint seals an id.
+   */
+  async upgradeVm(name: string, opts: { version?: string } & LeaseRef = {}): Promise<VmSummary> {
+    return this.locks.run(name, () =>
+      this.leases.during(name, opts.lease, 'vm upgrade', async () => {
+        const def = this.mustGet(name);
+        const target = opts.version ?? DEFAULT_CONFIG_VERSION;
+        this.checkVersionChange(def, target);
+        await this.changeVersion(def, target);
+        return this.summary(def);
+      }),
+    );
+  }
+
+  private checkVersionChange(def: VmDefinition, target: string): void {
+    checkConfigVersion(target);
+    if (compareConfigVersions(target, def.configVersion) < 0) {
+      throw new TidemarkError(
+        'NOT_SUPPORTED',
+        `${def.name} has configuration version ${def.configVersion}; a configuration version cannot be lowered (to ${target})`,
+      );
+    }
+    if (this.running.has(def.name)) {
+      throw new TidemarkError('CONFLICT', `${def.name} is running: stop it to change its configuration version`);
+    }
+    this.assertNoPending(def);
+  }
+
+  private async changeVersion(def: VmDefinition, target: string): Promise<void> {
+    if (supportsRct(target)) {
+      // Tracking files first: a crash before the definition names the new version leaves files the tracker
+      // checks (and resets) when it first attaches, never a version that claims tracking without them.
+      for (const att of def.disks) {
+        if ((await enableTracking(this.abs(def, att.head), this.diskOptions(def).allowedRoots)) === 'none') {
+          this.log.info(`${def.name} ${att.slot}: change tracking enabled`);
+        }
+      }
+    }
+    if (target === def.configVersion) return;
+    const from = def.configVersion;
+    def.configVersion = target;
+    await this.save(def);
+    this.log.info(`${def.name}: configuration version ${from} -> ${target}`);
+  }
+
+  private async applyModification(def: VmDefinition, req: ModifyVmRequest): Promise<VmSummary> {
+    const name = def.name;
+    if (req.checkpointPolicy !== undefined) def.checkpointPolicy = req.checkpointPolicy;
+    if (req.guest !== undefined) def.guest = req.guest;
+    for (const slot of req.detach ?? []) {
+      const i = def.disks.findIndex((d) => d.slot === slot);
+      if (i < 0) throw new TidemarkError('NOT_FOUND', `${name} has no disk at ${slot}`);
+      const open = this.running.get(name)?.get(slot);
+      if (open) {
+        await this.nbd.removeExport(exportName(name, slot));
+        await open.close();
+        this.running.get(name)!.delete(slot);
+      }
+      def.disks.splice(i, 1);
+    }
+    for (const d of req.attach ?? []) {
+      const att = await this.prepareDisk(def, d);
+      def.disks.push(att);
+      if (this.running.has(name)) await this.openDisk(def, att);
+    }
+    await this.save(def);
+    return this.summary(def);
   }
 
   async startVm(name: string): Promise<VmSummary> {
@@ -308,18 +439,112 @@ export class Host {
   }
 
   async deleteVm(name: string, opts: { removeFiles?: boolean } = {}): Promise<void> {
-    return this.locks.run(name, async () => {
-      const def = this.mustGet(name);
-      if (this.running.has(name)) throw new TidemarkError('CONFLICT', `${name} is running: stop it first`);
-      this.vms.delete(name);
-      if (opts.removeFiles) {
-        await rm(this.vmDir(name), { recursive: true, force: true });
-      } else {
-        // Keep the disks (and the definition, renamed) where they are, as Hyper-V keeps VHDX files.
-        await rm(this.defPath(name), { force: true });
+    return this.locks.run(name, () =>
+      this.leases.during(name, undefined, 'vm delete', async () => {
+        const def = this.mustGet(name);
+        if (this.running.has(name)) throw new TidemarkError('CONFLICT', `${name} is running: stop it first`);
+        this.vms.delete(name);
+        if (opts.removeFiles) {
+          await rm(this.vmDir(name), { recursive: true, force: true });
+        } else {
+          // Keep the disks (and the definition, renamed) where they are, as Hyper-V keeps VHDX files.
+          await rm(this.defPath(name), { force: true });
+        }
+        this.log.info(`deleted VM ${def.name}${opts.removeFiles ? ' and its files' : ''}`);
+      }),
+    );
+  }
+
+  // ---------------------------------------------------------------- imports (restore --register)
+
+  /**
+   * Reserves a name for a restored VM and makes its (private) folder, before anything is restored: the
+   * restore writes the disks into `disksDir`, then commits or cancels.
+   */
+  async reserveImport(name: string, owner: ImportOwner): Promise<ImportInfo> {
+    checkVmName(name);
+    return this.createLock.run(async () => {
+      this.mustBeOpen();
+      await this.assertNameFree(name);
+      const dir = this.vmDir(name);
+      const info: ImportInfo = {
+        name,
+        dir,
+        disksDir: path.join(dir, 'disks'),
+        owner,
+        createdAt: new Date().toISOString(),
+      };
+      try {
+        await privateDir(dir);
+        await privateDir(info.disksDir);
+        await writeImportMarker(info);
+      } catch (err) {
+        await rm(dir, { recursive: true, force: true });
+        throw err;
       }
-      this.log.info(`deleted VM ${def.name}${opts.removeFiles ? ' and its files' : ''}`);
+      this.imports.set(name, info);
+      this.log.info(`reserved ${name} for a restore (pid ${owner.pid} on ${owner.hostname})`);
+      return structuredClone(info);
     });
+  }
+
+  listImports(): ImportInfo[] {
+    return [...this.imports.values()].map((i) => structuredClone(i));
+  }
+
+  /**
+   * Registers the restored disks (each inside the import's folder) as the new VM. On any failure the folder
+   * and everything in it is removed: the import ends either way.
+   */
+  async commitImport(name: string, req: CommitImportRequest): Promise<VmSummary> {
+    return this.createLock.run(async () => {
+      this.mustBeOpen();
+      const info = this.imports.get(name);
+      if (!info) throw new TidemarkError('NOT_FOUND', `no import reserves ${name}`);
+      try {
+        const configVersion = checkConfigVersion(req.configVersion ?? DEFAULT_CONFIG_VERSION);
+        for (const d of req.disks ?? []) {
+          const p = d.path === undefined ? undefined : path.resolve(info.disksDir, d.path);
+          if (p === undefined || path.dirname(p) !== info.disksDir) {
+            throw new TidemarkError(
+              'PATH_NOT_ALLOWED',
+              `disk ${d.slot} of import ${name} must be a file in ${info.disksDir}, not ${d.path ?? '(none)'}`,
+            );
+          }
+        }
+        const def = await this.register(newDefinition(name, { ...req, configVersion }), req.disks ?? [], info.dir);
+        await dropImportMarker(info.dir);
+        this.log.info(`registered restored VM ${name} with ${def.disks.length} disk(s)`);
+        return await this.summary(def);
+      } catch (err) {
+        await rm(info.dir, { recursive: true, force: true });
+        throw err;
+      } finally {
+        this.imports.delete(name);
+      }
+    });
+  }
+
+  /** Ends an import without registering it: its folder and everything written into it are removed. */
+  async cancelImport(name: string): Promise<void> {
+    return this.createLock.run(async () => {
+      const info = this.imports.get(name);
+      if (!info) throw new TidemarkError('NOT_FOUND', `no import reserves ${name}`);
+      this.imports.delete(name);
+      await rm(info.dir, { recursive: true, force: true });
+      this.log.info(`cancelled the import of ${name}: its folder was removed`);
+    });
+  }
+
+  /** An import a stopped host or an ended restore left: kept while its process lives, removed otherwise. */
+  private async recoverImport(name: string, info: ImportInfo): Promise<void> {
+    if (importOwnerAlive(info.owner)) {
+      this.imports.set(name, info);
+      return;
+    }
+    this.imports.delete(name);
+    await rm(info.dir, { recursive: true, force: true });
+    this.log.warn(`removed the unfinished import of ${name} (its restore, pid ${info.owner.pid}, has ended)`);
   }
 
   /** The open virtual disk of a running VM's slot (for in-process workloads and backup exports). */
@@ -342,198 +567,213 @@ export class Host {
    * resume, (thaw). The parents are from then on the frozen, consistent point.
    */
   async createCheckpoint(name: string, req: CheckpointRequest = {}): Promise<Checkpoint> {
-    return this.locks.run(name, async () => {
-      const def = this.mustGet(name);
-      this.assertNoPending(def);
-      if (def.checkpointPolicy === 'disabled') {
-        throw new TidemarkError('CONFLICT', `checkpoints are disabled for ${name} (checkpoint policy "disabled")`);
-      }
-      if (def.disks.length === 0) throw new TidemarkError('CONFLICT', `${name} has no disks to checkpoint`);
-      let type: CheckpointType = req.type ?? (def.checkpointPolicy === 'standard-only' ? 'standard' : 'production');
-      if (type === 'production' && def.checkpointPolicy === 'standard-only') {
-        throw new TidemarkError('CONFLICT', `${name} allows standard checkpoints only (policy "standard-only")`);
-      }
-      const id = randomUUID();
-      const running = this.running.get(name);
-      const cpName = req.name ?? `${name} - (${new Date().toISOString().replace('T', ' ').slice(0, 19)})`;
-      const children = def.disks.map((d) => ({
-        disk: d,
-        child: path.join(this.vmDir(name), 'disks', `${d.slot}_${id.slice(0, 8)}${CHILD_EXT}`),
-      }));
-      def.pending = { op: 'checkpoint', checkpointId: id, created: children.map((c) => this.rel(def, c.child)) };
-      await this.save(def);
+    return this.locks.run(name, () =>
+      this.leases.during(name, req.lease, 'checkpoint create', () => this.cutCheckpoint(name, req)),
+    );
+  }
 
-      const sealed = new Map<string, string | undefined>();
-      const commitDef = () => {
-        const cp: Checkpoint = {
-          id,
-          name: cpName,
-          type,
-          parentId: def.currentCheckpointId,
-          createdAt: new Date().toISOString(),
-          consistency: 'crash',
-          consistencyNote: null,
-          freezeWindowMs: null,
-          ioPauseMs: null,
-          disks: children.map((c) => ({
-            slot: c.disk.slot,
-            virtualDiskId: c.disk.virtualDiskId,
-            file: c.disk.head,
-            rctId: sealed.get(c.disk.slot) ?? null,
-          })),
-        };
-        for (const c of children) c.disk.head = this.rel(def, c.child);
-        def.checkpoints.push(cp);
-        def.currentCheckpointId = id;
-        def.pending = null;
+  private async cutCheckpoint(name: string, req: CheckpointRequest): Promise<Checkpoint> {
+    const def = this.mustGet(name);
+    this.assertNoPending(def);
+    const holder = req.lease !== undefined ? await this.leases.holder(name) : undefined;
+    if (def.checkpointPolicy === 'disabled') {
+      throw new TidemarkError('CONFLICT', `checkpoints are disabled for ${name} (checkpoint policy "disabled")`);
+    }
+    if (def.disks.length === 0) throw new TidemarkError('CONFLICT', `${name} has no disks to checkpoint`);
+    let type: CheckpointType = req.type ?? (def.checkpointPolicy === 'standard-only' ? 'standard' : 'production');
+    if (type === 'production' && def.checkpointPolicy === 'standard-only') {
+      throw new TidemarkError('CONFLICT', `${name} allows standard checkpoints only (policy "standard-only")`);
+    }
+    const id = randomUUID();
+    const running = this.running.get(name);
+    const cpName = req.name ?? `${name} - (${new Date().toISOString().replace('T', ' ').slice(0, 19)})`;
+    const children = def.disks.map((d) => ({
+      disk: d,
+      child: path.join(this.vmDir(name), 'disks', `${d.slot}_${id.slice(0, 8)}${CHILD_EXT}`),
+    }));
+    def.pending = { op: 'checkpoint', checkpointId: id, created: children.map((c) => this.rel(def, c.child)) };
+    await this.save(def);
+
+    const sealed = new Map<string, string | undefined>();
+    const commitDef = () => {
+      const cp: Checkpoint = {
+        id,
+        name: cpName,
+        type,
+        parentId: def.currentCheckpointId,
+        createdAt: new Date().toISOString(),
+        consistency: 'crash',
+        consistencyNote: null,
+        freezeWindowMs: null,
+        ioPauseMs: null,
+        disks: children.map((c) => ({
+          slot: c.disk.slot,
+          virtualDiskId: c.disk.virtualDiskId,
+          file: c.disk.head,
+          rctId: sealed.get(c.disk.slot) ?? null,
+        })),
+        run: holder ? { lease: holder.id, runId: holder.owner.runId, command: holder.owner.command } : null,
       };
+      for (const c of children) c.disk.head = this.rel(def, c.child);
+      def.checkpoints.push(cp);
+      def.currentCheckpointId = id;
+      def.pending = null;
+    };
 
-      const cut = async () => {
-        let started = performance.now();
-        if (running) {
-          const disks = children.map((c) => running.get(c.disk.slot)!);
-          // The children are made while the guest still writes; the pause only flushes, seals and switches.
-          await Promise.all(children.map((c, i) => disks[i].precreateChild(c.child)));
-          started = performance.now();
-          await Promise.all(disks.map((d) => d.pause()));
-          try {
-            await Promise.all(
-              children.map(async (c, i) =>
-                sealed.set(c.disk.slot, (await disks[i].prepareChild(c.child, { precreated: true })).id),
-              ),
-            );
-            commitDef();
-            await this.save(def);
-            await Promise.all(children.map((c, i) => disks[i].switchHead(c.child)));
-          } finally {
-            for (const d of disks) d.resume();
-          }
-        } else {
-          for (const c of children) {
-            const disk = await VirtualDisk.open(this.abs(def, c.disk.head), this.diskOptions(def));
-            try {
-              await disk.pause();
-              sealed.set(c.disk.slot, (await disk.prepareChild(c.child)).id);
-              disk.resume();
-            } finally {
-              await disk.close();
-            }
-          }
+    const cut = async () => {
+      let started = performance.now();
+      if (running) {
+        const disks = children.map((c) => running.get(c.disk.slot)!);
+        // The children are made while the guest still writes; the pause only flushes, seals and switches.
+        await Promise.all(children.map((c, i) => disks[i].precreateChild(c.child)));
+        await privateFiles(...children.map((c) => c.child));
+        started = performance.now();
+        await Promise.all(disks.map((d) => d.pause()));
+        try {
+          await Promise.all(
+            children.map(async (c, i) =>
+              sealed.set(c.disk.slot, (await disks[i].prepareChild(c.child, { precreated: true })).id),
+            ),
+          );
           commitDef();
           await this.save(def);
+          await Promise.all(children.map((c, i) => disks[i].switchHead(c.child)));
+        } finally {
+          for (const d of disks) d.resume();
         }
-        return { ioPauseMs: running ? performance.now() - started : null };
-      };
+      } else {
+        for (const c of children) {
+          const disk = await VirtualDisk.open(this.abs(def, c.disk.head), this.diskOptions(def));
+          try {
+            await disk.pause();
+            sealed.set(c.disk.slot, (await disk.prepareChild(c.child)).id);
+            disk.resume();
+          } finally {
+            await disk.close();
+          }
+        }
+        await privateFiles(...children.map((c) => c.child));
+        commitDef();
+        await this.save(def);
+      }
+      return { ioPauseMs: running ? performance.now() - started : null };
+    };
 
-      try {
-        let outcome: {
-          result: { ioPauseMs: number | null };
-          consistency: Consistency;
-          freezeWindowMs: number | null;
-          note: string;
+    try {
+      let outcome: {
+        result: { ioPauseMs: number | null };
+        consistency: Consistency;
+        freezeWindowMs: number | null;
+        note: string;
+      };
+      if (!running) {
+        outcome = { result: await cut(), consistency: 'application', freezeWindowMs: null, note: 'the VM is off' };
+      } else if (type === 'standard') {
+        outcome = {
+          result: await cut(),
+          consistency: 'crash',
+          freezeWindowMs: null,
+          note: 'standard checkpoint of a running VM (no guest freeze)',
         };
-        if (!running) {
-          outcome = { result: await cut(), consistency: 'application', freezeWindowMs: null, note: 'the VM is off' };
-        } else if (type === 'standard') {
+      } else {
+        const wantApp = type === 'production' || (req.consistency ?? 'application') === 'application';
+        if (!wantApp) {
           outcome = {
             result: await cut(),
             consistency: 'crash',
             freezeWindowMs: null,
-            note: 'standard checkpoint of a running VM (no guest freeze)',
+            note: 'crash consistency requested',
           };
         } else {
-          const wantApp = type === 'production' || (req.consistency ?? 'application') === 'application';
-          if (!wantApp) {
-            outcome = {
-              result: await cut(),
-              consistency: 'crash',
-              freezeWindowMs: null,
-              note: 'crash consistency requested',
-            };
-          } else {
-            const fallback =
-              type === 'production'
-                ? def.checkpointPolicy === 'production-only'
-                  ? 'fail'
-                  : 'crash'
-                : req.requireConsistency
-                  ? 'fail'
-                  : 'crash';
-            outcome = await this.consistency.around(def, cut, { fallback });
-            if (type === 'production' && outcome.consistency === 'crash') type = 'standard';
-          }
+          const fallback =
+            type === 'production'
+              ? def.checkpointPolicy === 'production-only'
+                ? 'fail'
+                : 'crash'
+              : req.requireConsistency
+                ? 'fail'
+                : 'crash';
+          outcome = await this.consistency.around(def, cut, { fallback });
+          if (type === 'production' && outcome.consistency === 'crash') type = 'standard';
         }
-        const cp = def.checkpoints.find((c) => c.id === id)!;
-        cp.type = type;
-        cp.consistency = outcome.consistency;
-        cp.consistencyNote = outcome.note;
-        cp.freezeWindowMs = outcome.freezeWindowMs;
-        cp.ioPauseMs = outcome.result.ioPauseMs;
-        await this.save(def);
-        this.log.info(
-          `checkpoint ${cp.name} of ${name}: ${type}, ${cp.consistency}-consistent, I/O pause ${fmtMs(cp.ioPauseMs)}, freeze ${fmtMs(cp.freezeWindowMs)}`,
-        );
-        return structuredClone(cp);
-      } catch (err) {
-        if (def.pending?.op === 'checkpoint') {
-          for (const c of children) await unlink(c.child).catch(() => undefined);
-          def.pending = null;
-          await this.save(def);
-        }
-        throw err;
       }
-    });
+      const cp = def.checkpoints.find((c) => c.id === id)!;
+      cp.type = type;
+      cp.consistency = outcome.consistency;
+      cp.consistencyNote = outcome.note;
+      cp.freezeWindowMs = outcome.freezeWindowMs;
+      cp.ioPauseMs = outcome.result.ioPauseMs;
+      await this.save(def);
+      this.log.info(
+        `checkpoint ${cp.name} of ${name}: ${type}, ${cp.consistency}-consistent, I/O pause ${fmtMs(cp.ioPauseMs)}, freeze ${fmtMs(cp.freezeWindowMs)}`,
+      );
+      return structuredClone(cp);
+    } catch (err) {
+      if (def.pending?.op === 'checkpoint') {
+        for (const c of children) await unlink(c.child).catch(() => undefined);
+        def.pending = null;
+        await this.save(def);
+      }
+      throw err;
+    }
   }
 
   /** Deletes a checkpoint whose files no newer checkpoint needs, merging online when the VM runs on it. */
-  async deleteCheckpoint(name: string, checkpoint: string): Promise<void> {
-    return this.locks.run(name, async () => {
-      const def = this.mustGet(name);
-      const cp = this.findCheckpoint(def, checkpoint);
-      await this.removeCheckpoint(def, cp, 'delete', null);
-    });
+  async deleteCheckpoint(name: string, checkpoint: string, opts: LeaseRef = {}): Promise<void> {
+    return this.locks.run(name, () =>
+      this.leases.during(name, opts.lease, 'checkpoint delete', async () => {
+        const def = this.mustGet(name);
+        const cp = this.findCheckpoint(def, checkpoint);
+        await this.removeCheckpoint(def, cp, 'delete', null);
+      }),
+    );
   }
 
   /** Applies a checkpoint to a VM that is off: the VM continues from a new child of the checkpoint's files. */
-  async applyCheckpoint(name: string, checkpoint: string): Promise<void> {
-    return this.locks.run(name, async () => {
-      const def = this.mustGet(name);
-      this.assertNoPending(def);
-      if (this.running.has(name))
-        throw new TidemarkError('CONFLICT', `${name} is running: stop it to apply a checkpoint`);
-      const cp = this.findCheckpoint(def, checkpoint);
-      const suffix = randomUUID().slice(0, 8);
-      const created = cp.disks.map((d) => path.join(this.vmDir(name), 'disks', `${d.slot}_${suffix}${CHILD_EXT}`));
-      // The current state is discarded unless a checkpoint holds it.
-      const frozen = new Set(def.checkpoints.flatMap((c) => c.disks.map((d) => d.file)));
-      const discard = def.disks.map((d) => d.head).filter((h) => !frozen.has(h) && h !== this.baseOf(def, h));
-      def.pending = { op: 'apply', checkpointId: cp.id, created: created.map((c) => this.rel(def, c)), discard };
-      await this.save(def);
-      try {
-        for (let i = 0; i < cp.disks.length; i++) {
-          await createVhdx(created[i], {
-            parent: this.abs(def, cp.disks[i].file),
-            parentOpenOptions: this.diskOptions(def),
-          });
-        }
-      } catch (err) {
-        for (const c of created) await unlink(c).catch(() => undefined);
-        def.pending = null;
-        await this.save(def);
-        throw err;
-      }
+  async applyCheckpoint(name: string, checkpoint: string, opts: LeaseRef = {}): Promise<void> {
+    return this.locks.run(name, () =>
+      this.leases.during(name, opts.lease, 'checkpoint apply', () => this.applyCheckpointNow(name, checkpoint)),
+    );
+  }
+
+  private async applyCheckpointNow(name: string, checkpoint: string): Promise<void> {
+    const def = this.mustGet(name);
+    this.assertNoPending(def);
+    if (this.running.has(name))
+      throw new TidemarkError('CONFLICT', `${name} is running: stop it to apply a checkpoint`);
+    const cp = this.findCheckpoint(def, checkpoint);
+    const suffix = randomUUID().slice(0, 8);
+    const created = cp.disks.map((d) => path.join(this.vmDir(name), 'disks', `${d.slot}_${suffix}${CHILD_EXT}`));
+    // The current state is discarded unless a checkpoint holds it.
+    const frozen = new Set(def.checkpoints.flatMap((c) => c.disks.map((d) => d.file)));
+    const discard = def.disks.map((d) => d.head).filter((h) => !frozen.has(h) && h !== this.baseOf(def, h));
+    def.pending = { op: 'apply', checkpointId: cp.id, created: created.map((c) => this.rel(def, c)), discard };
+    await this.save(def);
+    try {
       for (let i = 0; i < cp.disks.length; i++) {
-        const att = def.disks.find((d) => d.slot === cp.disks[i].slot);
-        if (att) att.head = this.rel(def, created[i]);
+        await createVhdx(created[i], {
+          parent: this.abs(def, cp.disks[i].file),
+          parentOpenOptions: this.diskOptions(def),
+        });
+        await privateFiles(created[i]);
       }
-      def.currentCheckpointId = cp.id;
-      def.pending = { op: 'delete-files', files: discard };
-      await this.save(def);
-      for (const f of discard) await unlink(this.abs(def, f)).catch(() => undefined);
+    } catch (err) {
+      for (const c of created) await unlink(c).catch(() => undefined);
       def.pending = null;
       await this.save(def);
-      this.log.info(`applied checkpoint ${cp.name} to ${name}`);
-    });
+      throw err;
+    }
+    for (let i = 0; i < cp.disks.length; i++) {
+      const att = def.disks.find((d) => d.slot === cp.disks[i].slot);
+      if (att) att.head = this.rel(def, created[i]);
+    }
+    def.currentCheckpointId = cp.id;
+    def.pending = { op: 'delete-files', files: discard };
+    await this.save(def);
+    for (const f of discard) await unlink(this.abs(def, f)).catch(() => undefined);
+    def.pending = null;
+    await this.save(def);
+    this.log.info(`applied checkpoint ${cp.name} to ${name}`);
   }
 
   // ---------------------------------------------------------------- reference points
@@ -546,31 +786,39 @@ export class Host {
    * ConvertToReferencePoint: the recovery checkpoint's .avhdx files are merged back online (the VM stops
    * running on differencing disks) and the ids sealed at the checkpoint are kept per virtual disk.
    */
-  async convertToReferencePoint(name: string, checkpoint: string): Promise<ReferencePoint> {
-    return this.locks.run(name, async () => {
-      const def = this.mustGet(name);
-      const cp = this.findCheckpoint(def, checkpoint);
-      if (cp.type !== 'recovery') {
-        throw new TidemarkError(
-          'CONFLICT',
-          `checkpoint ${cp.name} is a ${cp.type} checkpoint; only recovery checkpoints convert`,
-        );
-      }
-      const rp: ReferencePoint = {
-        id: randomUUID(),
-        createdAt: cp.createdAt,
-        fromCheckpoint: cp.id,
-        consistency: cp.consistency,
-        virtualDiskIdentifiers: cp.disks.map((d) => d.virtualDiskId),
-        resilientChangeTrackingIdentifiers: cp.disks.map((d) => d.rctId),
-      };
-      await this.removeCheckpoint(def, cp, 'refpoint', rp);
-      return structuredClone(rp);
-    });
+  async convertToReferencePoint(
+    name: string,
+    checkpoint: string,
+    opts: { owner?: ReferencePointOwner | null } & LeaseRef = {},
+  ): Promise<ReferencePoint> {
+    return this.locks.run(name, () =>
+      this.leases.during(name, opts.lease, 'refpoint convert', async () => {
+        const def = this.mustGet(name);
+        const cp = this.findCheckpoint(def, checkpoint);
+        if (cp.type !== 'recovery') {
+          throw new TidemarkError(
+            'CONFLICT',
+            `checkpoint ${cp.name} is a ${cp.type} checkpoint; only recovery checkpoints convert`,
+          );
+        }
+        const rp: ReferencePoint = {
+          id: randomUUID(),
+          createdAt: cp.createdAt,
+          fromCheckpoint: cp.id,
+          consistency: cp.consistency,
+          virtualDiskIdentifiers: cp.disks.map((d) => d.virtualDiskId),
+          resilientChangeTrackingIdentifiers: cp.disks.map((d) => d.rctId),
+          owner: opts.owner ?? null,
+        };
+        await this.removeCheckpoint(def, cp, 'refpoint', rp);
+        this.log.info(`reference point ${rp.id.slice(0, 8)} of ${name} for ${describeOwner(rp.owner)}`);
+        return structuredClone(rp);
+      }),
+    );
   }
 
   /** CreateReferencePoint without a checkpoint: seals every disk's id now. */
-  async createReferencePoint(name: string): Promise<ReferencePoint> {
+  async createReferencePoint(name: string, opts: { owner?: ReferencePointOwner | null } = {}): Promise<ReferencePoint> {
     return this.locks.run(name, async () => {
       const def = this.mustGet(name);
       this.assertNoPending(def);
@@ -595,6 +843,7 @@ export class Host {
         consistency: null,
         virtualDiskIdentifiers: def.disks.map((d) => d.virtualDiskId),
         resilientChangeTrackingIdentifiers: ids,
+        owner: opts.owner ?? null,
       };
       def.referencePoints.push(rp);
       await this.save(def);
@@ -701,7 +950,8 @@ export class Host {
   async createDisk(file: string, opts: { size: number; blockSize?: number; tracking?: boolean }): Promise<string> {
     const p = this.inStore(file);
     await createVhdx(p, { size: opts.size, blockSize: opts.blockSize });
-    if (opts.tracking !== false) await enableTracking(p);
+    await privateFiles(p);
+    if (opts.tracking !== false) await enableTracking(p, [path.dirname(p)]);
     return p;
   }
 
@@ -737,8 +987,20 @@ export class Host {
 
   // ---------------------------------------------------------------- internals
 
-  private summary(def: VmDefinition): VmSummary {
+  private async summary(def: VmDefinition): Promise<VmSummary> {
     const running = this.running.get(def.name);
+    const disks: VmSummary['disks'] = [];
+    for (const d of def.disks) {
+      disks.push({
+        slot: d.slot,
+        virtualDiskId: d.virtualDiskId,
+        virtualSize: d.virtualSize,
+        base: this.abs(def, d.base),
+        head: this.abs(def, d.head),
+        export: running ? exportName(def.name, d.slot) : null,
+        tracking: await this.trackingState(def, d),
+      });
+    }
     return {
       name: def.name,
       id: def.id,
@@ -747,19 +1009,20 @@ export class Host {
       configVersion: def.configVersion,
       checkpointPolicy: def.checkpointPolicy,
       guest: def.guest,
-      disks: def.disks.map((d) => ({
-        slot: d.slot,
-        virtualDiskId: d.virtualDiskId,
-        virtualSize: d.virtualSize,
-        base: this.abs(def, d.base),
-        head: this.abs(def, d.head),
-        export: running ? exportName(def.name, d.slot) : null,
-        tracking: supportsRct(def.configVersion) ? 'enabled' : 'none',
-      })),
+      disks,
       checkpoints: def.checkpoints.length,
       currentCheckpointId: def.currentCheckpointId,
       referencePoints: def.referencePoints.length,
+      lease: (await this.leases.holder(def.name)) ?? null,
     };
+  }
+
+  /** Whether a disk's changes are really tracked: the running disk's tracker, or the files beside its base. */
+  private async trackingState(def: VmDefinition, att: DiskAttachment): Promise<TrackingState> {
+    if (!supportsRct(def.configVersion)) return 'none';
+    const open = this.running.get(def.name)?.get(att.slot);
+    if (open) return open.changeTracker ? 'enabled' : 'missing';
+    return (await exists(trackingPaths(this.abs(def, att.base)).rct)) ? 'enabled' : 'missing';
   }
 
   private async prepareDisk(def: VmDefinition, d: NewDisk): Promise<DiskAttachment> {
@@ -770,8 +1033,8 @@ export class Host {
       throw new TidemarkError('ALREADY_EXISTS', `${def.name} already has a disk at ${d.slot}`);
     let file: string;
     if (d.path) {
-      file = path.resolve(d.path);
-      if (!(await exists(file))) throw new TidemarkError('NOT_FOUND', `disk ${file} does not exist`);
+      // Confined before anything is opened or written beside it (tracking files).
+      file = await this.diskPaths.check(d.path);
       for (const other of this.vms.values()) {
         if (other.disks.some((x) => this.abs(other, x.base) === file)) {
           throw new TidemarkError('CONFLICT', `${file} is already attached to VM ${other.name}`);
@@ -781,6 +1044,7 @@ export class Host {
       const size = typeof d.size === 'number' ? d.size : parseSize(d.size);
       file = path.join(this.vmDir(def.name), 'disks', `${d.slot}.vhdx`);
       await createVhdx(file, { size, blockSize: d.blockSize });
+      await privateFiles(file);
     } else {
       throw new TidemarkError('INVALID_ARGUMENT', `disk ${d.slot}: give a path or a size`);
     }
@@ -798,7 +1062,7 @@ export class Host {
     } finally {
       await probe.close();
     }
-    if (supportsRct(def.configVersion)) await enableTracking(file);
+    if (supportsRct(def.configVersion)) await enableTracking(file, [path.dirname(file)]);
     const rel = this.rel(def, file);
     return { slot: d.slot, base: rel, head: rel, virtualDiskId, virtualSize };
   }
@@ -815,6 +1079,16 @@ export class Host {
   }
 
   private async openDisk(def: VmDefinition, att: DiskAttachment): Promise<void> {
+    if (supportsRct(def.configVersion)) {
+      // Tracking files lost while the VM was off (deleted, or never copied along): tracking starts again.
+      const found = await enableTracking(
+        this.abs(def, att.head),
+        this.diskOptions(def).allowedRoots,
+        'the tracking files were missing when the VM started',
+      );
+      if (found === 'none')
+        this.log.warn(`${def.name} ${att.slot}: the tracking files were missing; change tracking restarted`);
+    }
     const disk = await VirtualDisk.open(this.abs(def, att.head), this.diskOptions(def));
     this.running.get(def.name)!.set(att.slot, disk);
     this.nbd.addExport(exportName(def.name, att.slot), disk, { description: `${def.name} ${att.slot}` });
@@ -973,8 +1247,12 @@ export class Host {
     }
   }
 
-  private mustGet(name: string): VmDefinition {
+  private mustBeOpen(): void {
     if (this.closed) throw new TidemarkError('CLOSED', 'the host is shutting down');
+  }
+
+  private mustGet(name: string): VmDefinition {
+    this.mustBeOpen();
     const def = this.vms.get(name);
     if (!def) throw new TidemarkError('NOT_FOUND', `no VM named ${name}`);
     return def;
@@ -1015,6 +1293,34 @@ export class Host {
   }
 }
 
+function checkVmName(name: string): void {
+  if (!VM_NAME.test(name)) {
+    throw new TidemarkError('INVALID_ARGUMENT', `VM name "${name}" must be 1–64 letters, digits, '.', '_' or '-'`);
+  }
+}
+
+function newDefinition(
+  name: string,
+  req: Omit<CreateVmRequest, 'name' | 'disks'> & { configVersion: string },
+): VmDefinition {
+  return {
+    schemaVersion: DEFINITION_VERSION,
+    id: randomUUID(),
+    name,
+    generation: req.generation ?? 2,
+    configVersion: req.configVersion,
+    checkpointPolicy: req.checkpointPolicy ?? 'production-fallback',
+    guest: req.guest ?? null,
+    state: 'Off',
+    createdAt: new Date().toISOString(),
+    disks: [],
+    checkpoints: [],
+    currentCheckpointId: null,
+    referencePoints: [],
+    pending: null,
+  };
+}
+
 export function exportName(vm: string, slot: string): string {
   return `${vm}/${slot}`;
 }
@@ -1046,10 +1352,26 @@ async function withVhdx<T>(file: string, allowedRoots: string[], fn: (d: VhdxFil
   }
 }
 
-async function enableTracking(file: string): Promise<void> {
-  const disk = await VhdxFile.open(file, { allowedRoots: [path.dirname(file)] });
+/**
+ * Starts Tidemark's change tracking on the chain whose head is `file` (its files beside the base, made private)
+ * when it has none (`reason`: why it starts again). A disk another product tracks is left alone (its files are
+ * never modified): it is backed up in full until an administrator runs `rct enable --replace-foreign`.
+ * Returns what it found: 'none' means it created them now.
+ */
+async function enableTracking(
+  file: string,
+  allowedRoots: string[],
+  reason?: string,
+): Promise<TrackingFiles['state']> {
+  const disk = await VhdxFile.open(file, { allowedRoots });
   try {
-    if (!(await ChangeTracker.isEnabled(disk))) await ChangeTracker.enable(disk);
+    const base = disk.chain().at(-1)!.path;
+    const found = await ChangeTracker.inspect(base);
+    if (found.state !== 'none') return found.state;
+    await ChangeTracker.enable(disk, undefined, { reason });
+    const files = trackingPaths(base);
+    await privateFiles(files.rct, files.mrt);
+    return 'none';
   } finally {
     await disk.close();
   }

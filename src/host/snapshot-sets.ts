@@ -4,6 +4,9 @@
  * storage provider, writes held while the provider commits), then served as read-only NBD exports of the
  * frozen disks as they were at the instant (pull mode: the reader may sit on another machine). Releasing
  * the set closes the exports and frees the diff area.
+ *
+ * A set records the run (the VMs' leases) that made it: while one of those leases lives, only that run may
+ * release it, so a second run never tears down a first run's snapshot.
  */
 import { randomUUID } from 'node:crypto';
 import path from 'node:path';
@@ -15,10 +18,12 @@ import type { RandomAccessFile } from '../util/file.js';
 import { createProvider } from '../snapshot/index.js';
 import { BackupComponents, snapshotProviderAdapter, type SnapshotSetReport } from '../vss/index.js';
 import type { VmDefinition } from './definition.js';
+import type { LeaseInfo } from './leases.js';
 import { VM_WRITER_NAME, VmWriter, type VmInSet, type VmOutcome } from './vm-writer.js';
 
 export interface SnapshotSetRequest {
-  vms: { name: string; checkpoint?: string }[];
+  /** `lease`: the VM's lease the calling run holds (needed while the VM is leased). */
+  vms: { name: string; checkpoint?: string; lease?: string }[];
   /** 'none': no storage snapshot, the frozen files are exported as they are (the no-snapshot flow). */
   provider?: 'cow' | 'reflink' | 'none';
 }
@@ -40,7 +45,10 @@ export interface SnapshotSetInfo {
   createdAt: string;
   /** Storage snapshots this set took (1: one for the whole set, whatever the number of VMs). */
   storageSnapshots: number;
-  vms: ({ name: string; checkpoint: string | null } & VmOutcome)[];
+  /** The run that made it (its leases' run id), or null when made outside a run. */
+  runId: string | null;
+  /** `lease`: the VM's lease the making run held, or null. */
+  vms: ({ name: string; checkpoint: string | null; lease: string | null } & VmOutcome)[];
   exports: SnapshotExport[];
   timings: { holdMs: number | null; commitMs: number | null; totalMs: number };
   warnings: string[];
@@ -56,6 +64,10 @@ export interface SnapshotHostAccess {
   allowedRoots(def: VmDefinition): string[];
   runningDisks(name: string): Map<string, VirtualDisk> | undefined;
   diffAreaRoot: string;
+  /** The VM's live lease after checking the caller may work on the VM (Leases.check). */
+  checkLease(vm: string, lease: string | undefined): Promise<LeaseInfo | undefined>;
+  leaseLive(id: string): Promise<boolean>;
+  leaseHolder(vm: string): Promise<LeaseInfo | undefined>;
 }
 
 interface LiveSet {
@@ -80,10 +92,13 @@ export class SnapshotSets {
     if (req.vms.length === 0) throw new TidemarkError('INVALID_ARGUMENT', 'a snapshot set needs at least one VM');
     const id = randomUUID();
     const providerName = req.provider ?? 'cow';
-    const members: (VmInSet & { heads: { slot: string; file: string }[] })[] = [];
+    const members: (VmInSet & { heads: { slot: string; file: string }[]; lease: string | null })[] = [];
     const files = new Set<string>();
-    for (const { name, checkpoint } of req.vms) {
+    let runId: string | null = null;
+    for (const { name, checkpoint, lease } of req.vms) {
       const def = this.host.definition(name);
+      const held = await this.host.checkLease(name, lease);
+      if (held) runId ??= held.owner.runId;
       const cp = checkpoint ? def.checkpoints.find((c) => c.id === checkpoint || c.name === checkpoint) : undefined;
       if (checkpoint && !cp) throw new TidemarkError('NOT_FOUND', `${name} has no checkpoint "${checkpoint}"`);
       const heads = def.disks.map((d) => ({
@@ -105,10 +120,11 @@ export class SnapshotSets {
           ? { id: cp.id, consistency: cp.consistency, note: cp.consistencyNote, freezeWindowMs: cp.freezeWindowMs }
           : undefined,
         heads,
+        lease: held?.id ?? null,
       });
     }
 
-    if (providerName === 'none') return this.exportLive(id, members);
+    if (providerName === 'none') return this.exportLive(id, members, runId);
     const writer = new VmWriter(members);
     const bc = new BackupComponents({
       writers: [writer],
@@ -161,9 +177,11 @@ export class SnapshotSets {
         provider: providerName,
         createdAt: new Date().toISOString(),
         storageSnapshots: report.snapshots.length,
+        runId,
         vms: members.map((m) => ({
           name: m.def.name,
           checkpoint: m.checkpoint?.id ?? null,
+          lease: m.lease,
           ...(writer.outcomes.get(m.def.name) ?? {
             consistency: 'crash' as const,
             note: 'no writer outcome',
@@ -189,7 +207,11 @@ export class SnapshotSets {
   }
 
   /** The no-snapshot flow: the checkpoints' frozen files served as they are, read-only, while they exist. */
-  private async exportLive(id: string, members: (VmInSet & { heads: { slot: string; file: string }[] })[]) {
+  private async exportLive(
+    id: string,
+    members: (VmInSet & { heads: { slot: string; file: string }[]; lease: string | null })[],
+    runId: string | null,
+  ) {
     const opened: VirtualDisk[] = [];
     let exports: SnapshotExport[];
     try {
@@ -203,9 +225,11 @@ export class SnapshotSets {
       provider: 'none',
       createdAt: new Date().toISOString(),
       storageSnapshots: 0,
+      runId,
       vms: members.map((m) => ({
         name: m.def.name,
         checkpoint: m.checkpoint?.id ?? null,
+        lease: m.lease,
         consistency: m.checkpoint?.consistency ?? 'crash',
         note: m.checkpoint?.note ?? 'no checkpoint',
         freezeWindowMs: m.checkpoint?.freezeWindowMs ?? null,
@@ -266,11 +290,27 @@ export class SnapshotSets {
     for (const d of opened) await d.close().catch(() => undefined);
   }
 
-  /** Closes the exports and releases the storage snapshot (its diff area is freed). */
-  async release(id: string, opts: { succeeded?: boolean } = {}): Promise<void> {
+  /**
+   * Closes the exports and releases the storage snapshot (its diff area is freed). While a lease of the run
+   * that made the set lives, `lease` must be one of that run's leases (BUSY otherwise).
+   */
+  async release(id: string, opts: { succeeded?: boolean; lease?: string } = {}): Promise<void> {
     const set = this.sets.get(id);
     if (!set) throw new TidemarkError('NOT_FOUND', `no snapshot set ${id}`);
-    this.sets.delete(id);
+    const own = set.info.vms.map((v) => v.lease).filter((l): l is string => l !== null);
+    if (opts.lease === undefined || !own.includes(opts.lease)) {
+      for (const v of set.info.vms) {
+        if (v.lease !== null && (await this.host.leaseLive(v.lease))) {
+          const holder = await this.host.leaseHolder(v.name);
+          throw new TidemarkError(
+            'BUSY',
+            `snapshot set ${id} belongs to a live run: ${v.name} is leased by run ${holder?.owner.runId ?? '?'} (pid ${holder?.owner.pid ?? '?'} on ${holder?.owner.hostname ?? '?'}) since ${holder?.acquiredAt ?? '?'}`,
+          );
+        }
+      }
+    }
+    // Released once: a second caller finds it gone.
+    if (!this.sets.delete(id)) throw new TidemarkError('NOT_FOUND', `no snapshot set ${id}`);
     for (const e of set.info.exports) await this.host.nbd.removeExport(e.export).catch(() => undefined);
     for (const d of set.disks) await d.close().catch(() => undefined);
     if (!set.bc) return;
@@ -290,7 +330,11 @@ export class SnapshotSets {
     }
   }
 
+  /** Host shutdown: every set goes, whoever made it (a restarted host holds no storage snapshot). */
   async releaseAll(): Promise<void> {
-    for (const id of [...this.sets.keys()]) await this.release(id, { succeeded: false }).catch(() => undefined);
+    for (const [id, set] of [...this.sets]) {
+      const lease = set.info.vms.find((v) => v.lease !== null)?.lease ?? undefined;
+      await this.release(id, { succeeded: false, lease }).catch(() => undefined);
+    }
   }
 }

@@ -11,6 +11,7 @@
 import { randomBytes } from 'node:crypto';
 import os from 'node:os';
 import { TidemarkError } from '../errors.js';
+import { pidAlive } from '../util/process.js';
 import type { Backend } from './backend.js';
 
 export type LockKind = 'shared' | 'exclusive';
@@ -32,15 +33,6 @@ export interface LockEntry extends Partial<LockInfo> {
 }
 
 const MAX_LOCK_BYTES = 4096;
-
-export function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
 
 function parseLock(key: string, raw: Buffer): LockEntry {
   try {

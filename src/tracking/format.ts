@@ -6,10 +6,20 @@
 import { crc32c, crc32cWithZeroedField } from '../util/crc32c.js';
 import { guidToString, parseGuid, type Guid } from '../util/guid.js';
 
-export const RCT_SIGNATURE = 'tdmkrct1';
+export const RCT_SIGNATURE = 'tdmkrct2';
+/** Earlier Tidemark formats, recognised as ours (so never taken for another product's) and replaced. */
+export const OLD_RCT_SIGNATURES = ['tdmkrct1'];
 export const MRT_SIGNATURE = 'tdmkmrt1';
-export const RCT_VERSION = 1;
-export const HEADER_SLOT = 4096;
+export const RCT_VERSION = 2;
+/** Bytes of the fixed fields at the start of a header slot. */
+const FIELDS = 4096;
+/** Chain records: one per file of the chain (head first), 64 bytes each. */
+export const MAX_CHAIN_RECORDS = 64;
+const RECORD = 64;
+/** Seal nonces kept: ids older than this many seals are refused (too old to prove their lineage). */
+export const SEAL_HISTORY = 4096;
+/** A header slot: fields, chain records, seal history; one CRC over all of it. */
+export const HEADER_SLOT = FIELDS + MAX_CHAIN_RECORDS * RECORD + SEAL_HISTORY * 8;
 const NAME_MAX = 255;
 const REASON_MAX = 511;
 
@@ -18,6 +28,23 @@ export interface Binding {
   /** File name (no directory) of the chain's head, the file that receives writes. */
   head: string;
   dataWriteGuid: Guid;
+}
+
+/**
+ * One file instance as the file system names it: device, inode and birth time tell a file from a copy of
+ * it; modification time and size tell whether anything wrote it since (compared only when the record was
+ * taken at a clean close: while a session writes, they move). The change time is kept for diagnosis.
+ */
+export interface FileRecord {
+  /** First 8 bytes of SHA-256 of the file's name (no directory), hex; '' for the tracking files' own. */
+  nameHash: string;
+  dev: bigint;
+  ino: bigint;
+  /** Nanoseconds since 1970; 0 when the file system does not keep a birth time. */
+  birthNs: bigint;
+  ctimeNs: bigint;
+  mtimeNs: bigint;
+  size: bigint;
 }
 
 export interface RctHeader {
@@ -40,6 +67,15 @@ export interface RctHeader {
   lastSealAt: number;
   /** Why the current epoch began, when it began by a reset rather than by `enable`. */
   resetReason: string;
+  /** The chain's files (head first) when this header was written. */
+  chain: FileRecord[];
+  /** The chain records' times and sizes are final: written at a clean close, nothing of ours writes since. */
+  closedClean: boolean;
+  /** The `.rct` file itself and its `.mrt`, as instances (a copied tracking file is not this lineage's). */
+  rctFile: FileRecord | null;
+  mrtFile: FileRecord | null;
+  /** Seal nonces by counter modulo SEAL_HISTORY: an id names its counter AND the nonce of that seal. */
+  nonces: BigUint64Array;
 }
 
 function writeString(b: Buffer, at: number, max: number, text: string): void {
@@ -54,7 +90,7 @@ function readString(b: Buffer, at: number, max: number): string | undefined {
   return b.toString('utf8', at + 2, at + 2 + n);
 }
 
-// Fixed offsets inside the 4 KiB header.
+// Fixed offsets inside the header slot's fields.
 const H = {
   sig: 0,
   crc: 8,
@@ -77,14 +113,54 @@ const H = {
   bindingHead: 144,
   pendingHead: 144 + 2 + NAME_MAX,
   resetReason: 144 + 2 * (2 + NAME_MAX),
+  // 144 + 2 * 257 + 513 = 1171: the lineage fields start on the next 8-byte boundary.
+  chainCount: 1176,
+  rctFile: 1184,
+  mrtFile: 1184 + RECORD,
+  records: FIELDS,
+  nonces: FIELDS + MAX_CHAIN_RECORDS * RECORD,
 } as const;
 
+const FLAG_IN_USE = 1;
+const FLAG_CLOSED_CLEAN = 2;
+const FLAG_RCT_FILE = 4;
+const FLAG_MRT_FILE = 8;
+
+function encodeRecord(b: Buffer, at: number, r: FileRecord): void {
+  Buffer.from(r.nameHash.padEnd(16, '0').slice(0, 16), 'hex').copy(b, at);
+  b.writeBigUInt64LE(r.dev, at + 8);
+  b.writeBigUInt64LE(r.ino, at + 16);
+  b.writeBigInt64LE(r.birthNs, at + 24);
+  b.writeBigInt64LE(r.ctimeNs, at + 32);
+  b.writeBigInt64LE(r.mtimeNs, at + 40);
+  b.writeBigUInt64LE(r.size, at + 48);
+}
+
+function decodeRecord(b: Buffer, at: number): FileRecord {
+  return {
+    nameHash: b.toString('hex', at, at + 8),
+    dev: b.readBigUInt64LE(at + 8),
+    ino: b.readBigUInt64LE(at + 16),
+    birthNs: b.readBigInt64LE(at + 24),
+    ctimeNs: b.readBigInt64LE(at + 32),
+    mtimeNs: b.readBigInt64LE(at + 40),
+    size: b.readBigUInt64LE(at + 48),
+  };
+}
+
 export function encodeRctHeader(h: RctHeader): Buffer {
+  if (h.chain.length > MAX_CHAIN_RECORDS) throw new RangeError(`a chain of ${h.chain.length} files is too long`);
   const b = Buffer.alloc(HEADER_SLOT);
   b.write(RCT_SIGNATURE, H.sig, 'latin1');
   b.writeUInt32LE(RCT_VERSION, H.version);
   b.writeBigUInt64LE(h.sequence, H.sequence);
-  b.writeUInt32LE(h.inUse ? 1 : 0, H.flags);
+  b.writeUInt32LE(
+    (h.inUse ? FLAG_IN_USE : 0) |
+      (h.closedClean ? FLAG_CLOSED_CLEAN : 0) |
+      (h.rctFile ? FLAG_RCT_FILE : 0) |
+      (h.mrtFile ? FLAG_MRT_FILE : 0),
+    H.flags,
+  );
   b.writeUInt32LE(h.granularity, H.granularity);
   h.epoch.copy(b, H.epoch);
   b.writeUInt32LE(h.counter, H.counter);
@@ -103,6 +179,11 @@ export function encodeRctHeader(h: RctHeader): Buffer {
   b.writeDoubleLE(h.lastSealAt, H.lastSealAt);
   writeString(b, H.bindingHead, NAME_MAX, h.binding.head);
   writeString(b, H.resetReason, REASON_MAX, h.resetReason);
+  b.writeUInt32LE(h.chain.length, H.chainCount);
+  if (h.rctFile) encodeRecord(b, H.rctFile, h.rctFile);
+  if (h.mrtFile) encodeRecord(b, H.mrtFile, h.mrtFile);
+  h.chain.forEach((r, i) => encodeRecord(b, H.records + i * RECORD, r));
+  Buffer.from(h.nonces.buffer, h.nonces.byteOffset, h.nonces.byteLength).copy(b, H.nonces);
   b.writeUInt32LE(crc32cWithZeroedField(b, H.crc), H.crc);
   return b;
 }
@@ -110,7 +191,9 @@ export function encodeRctHeader(h: RctHeader): Buffer {
 /** Decodes one header slot; a string says why the slot is not valid. */
 export function decodeRctHeader(b: Buffer): RctHeader | string {
   if (b.length < HEADER_SLOT) return 'short header';
-  if (b.toString('latin1', 0, 8) !== RCT_SIGNATURE) return 'bad signature';
+  const sig = b.toString('latin1', 0, 8);
+  if (OLD_RCT_SIGNATURES.includes(sig)) return `an older Tidemark tracking format (${sig})`;
+  if (sig !== RCT_SIGNATURE) return 'bad signature';
   if (b.readUInt32LE(H.crc) !== crc32cWithZeroedField(b.subarray(0, HEADER_SLOT), H.crc)) return 'checksum mismatch';
   if (b.readUInt32LE(H.version) !== RCT_VERSION) return `version ${b.readUInt32LE(H.version)} is not ${RCT_VERSION}`;
   const granularity = b.readUInt32LE(H.granularity);
@@ -127,9 +210,14 @@ export function decodeRctHeader(b: Buffer): RctHeader | string {
   const pendingHead = readString(b, H.pendingHead, NAME_MAX);
   const resetReason = readString(b, H.resetReason, REASON_MAX);
   if (head === undefined || pendingHead === undefined || resetReason === undefined) return 'bad string length';
+  const chainCount = b.readUInt32LE(H.chainCount);
+  if (chainCount > MAX_CHAIN_RECORDS) return `bad chain record count ${chainCount}`;
+  const flags = b.readUInt32LE(H.flags);
+  const nonces = new BigUint64Array(SEAL_HISTORY);
+  Buffer.from(nonces.buffer).set(b.subarray(H.nonces, H.nonces + SEAL_HISTORY * 8));
   return {
     sequence: b.readBigUInt64LE(H.sequence),
-    inUse: (b.readUInt32LE(H.flags) & 1) === 1,
+    inUse: (flags & FLAG_IN_USE) !== 0,
     granularity,
     epoch: Buffer.from(b.subarray(H.epoch, H.epoch + 16)),
     counter,
@@ -146,12 +234,23 @@ export function decodeRctHeader(b: Buffer): RctHeader | string {
     epochStartedAt: b.readDoubleLE(H.epochStartedAt),
     lastSealAt: b.readDoubleLE(H.lastSealAt),
     resetReason,
+    chain: Array.from({ length: chainCount }, (_, i) => decodeRecord(b, H.records + i * RECORD)),
+    closedClean: (flags & FLAG_CLOSED_CLEAN) !== 0,
+    rctFile: flags & FLAG_RCT_FILE ? decodeRecord(b, H.rctFile) : null,
+    mrtFile: flags & FLAG_MRT_FILE ? decodeRecord(b, H.mrtFile) : null,
+    nonces,
   };
+}
+
+/** Whether a slot's first bytes are a Tidemark tracking header of any version (damaged or not). */
+export function isTidemarkRct(slotStart: Buffer): boolean {
+  const sig = slotStart.toString('latin1', 0, 8);
+  return sig === RCT_SIGNATURE || OLD_RCT_SIGNATURES.includes(sig);
 }
 
 /** Bytes of one map slot: a u32 counter per granule, padded to 4 KiB. */
 export function mapSlotLength(granules: number): number {
-  return Math.ceil((granules * 4) / HEADER_SLOT) * HEADER_SLOT;
+  return Math.ceil((granules * 4) / 4096) * 4096;
 }
 
 export function mapSlotOffset(granules: number, slot: 0 | 1): number {
@@ -177,7 +276,7 @@ export interface MrtSlot {
 const MRT_FIXED = 64;
 
 export function mrtSlotLength(regions: number): number {
-  return Math.ceil((MRT_FIXED + Math.ceil(regions / 8)) / HEADER_SLOT) * HEADER_SLOT;
+  return Math.ceil((MRT_FIXED + Math.ceil(regions / 8)) / 4096) * 4096;
 }
 
 export function encodeMrtSlot(s: MrtSlot): Buffer {
@@ -211,19 +310,28 @@ export function decodeMrtSlot(b: Buffer, regions: number): MrtSlot | string {
 
 // ---------------------------------------------------------------- ids
 
-export const ID_PREFIX = 'rct1';
+export const ID_PREFIX = 'rct2';
 
-/** `rct1:5bfde23b:ce75:4303:b54f:6c18394f105c:00000007`: the epoch GUID with colons, then the counter in hex. */
-export function formatId(epoch: Guid, counter: number): string {
-  return `${ID_PREFIX}:${guidToString(epoch).replace(/-/g, ':')}:${counter.toString(16).padStart(8, '0')}`;
+/**
+ * `rct2:5bfde23b:ce75:4303:b54f:6c18394f105c:00000007:9f3c5e7a12b04d66`: the epoch GUID with colons, the
+ * counter in hex, and the nonce drawn at that seal (the lineage: a copy or an older state of the file seals
+ * the same counter with another nonce).
+ */
+export function formatId(epoch: Guid, counter: number, nonce: bigint): string {
+  return `${ID_PREFIX}:${guidToString(epoch).replace(/-/g, ':')}:${counter.toString(16).padStart(8, '0')}:${nonce.toString(16).padStart(16, '0')}`;
 }
 
-export function parseId(id: string): { epoch: Guid; counter: number } | undefined {
-  const m = /^rct1:([0-9a-f]{8}):([0-9a-f]{4}):([0-9a-f]{4}):([0-9a-f]{4}):([0-9a-f]{12}):([0-9a-f]{8})$/i.exec(
-    id.trim(),
-  );
-  if (!m) return undefined;
-  const epoch = parseGuid(m.slice(1, 6).join('-'));
-  const counter = parseInt(m[6], 16);
-  return epoch && counter > 0 ? { epoch, counter } : undefined;
+export type ParsedId =
+  { version: 2; epoch: Guid; counter: number; nonce: bigint } | { version: 1; epoch: Guid; counter: number };
+
+export function parseId(id: string): ParsedId | undefined {
+  const m =
+    /^rct([12]):([0-9a-f]{8}):([0-9a-f]{4}):([0-9a-f]{4}):([0-9a-f]{4}):([0-9a-f]{12}):([0-9a-f]{8})(?::([0-9a-f]{16}))?$/i.exec(
+      id.trim(),
+    );
+  if (!m || (m[1] === '2') !== (m[8] !== undefined)) return undefined;
+  const epoch = parseGuid(m.slice(2, 7).join('-'));
+  const counter = parseInt(m[7], 16);
+  if (!epoch || counter <= 0) return undefined;
+  return m[1] === '2' ? { version: 2, epoch, counter, nonce: BigInt(`0x${m[8]}`) } : { version: 1, epoch, counter };
 }

@@ -15,8 +15,8 @@ export async function mergeWithTracking(childPath: string, opts: MergeOptions = 
     allowedRoots: opts.allowedRoots,
     pathMap: opts.pathMap,
   });
-  const chain = disk.chain();
-  const basePath = chain[chain.length - 1].path;
+  const chain = disk.chain().map((f) => f.path);
+  const basePath = chain[chain.length - 1];
   let tracked = false;
   try {
     tracked = (await ChangeTracker.attach(disk, { writable: true })) !== undefined;
@@ -24,18 +24,33 @@ export async function mergeWithTracking(childPath: string, opts: MergeOptions = 
     await disk.close();
   }
   if (!tracked) return mergeIntoParent(childPath, opts);
+  // In use while the merge writes the parent: should it be interrupted, the next open knows the files
+  // changed under a session of ours (and checks them as after a crash), not behind Tidemark's back.
+  await updateIdleHeader(basePath, (h) => {
+    h.inUse = true;
+  });
   const result = await mergeIntoParent(childPath, {
     ...opts,
     beforeParentChange: async (parentPath, next) => {
-      await updateIdleHeader(basePath, (h) => {
-        h.pending = { head: path.basename(parentPath), dataWriteGuid: next };
-      });
+      await updateIdleHeader(
+        basePath,
+        (h) => {
+          h.pending = { head: path.basename(parentPath), dataWriteGuid: next };
+        },
+        { inUse: true },
+      );
       await opts.beforeParentChange?.(parentPath, next);
     },
   });
-  await updateIdleHeader(basePath, (h) => {
-    if (h.pending) h.binding = h.pending;
-    h.pending = null;
-  });
+  // The merged chain, as it is now, is what the next open compares with.
+  await updateIdleHeader(
+    basePath,
+    (h) => {
+      if (h.pending) h.binding = h.pending;
+      h.pending = null;
+      h.inUse = false;
+    },
+    { inUse: true, chain: chain.filter((f) => f !== path.resolve(childPath)) },
+  );
   return result;
 }

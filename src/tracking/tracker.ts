@@ -8,28 +8,44 @@
  * - The coarse map (`BASE.vhdx.mrt`) is written ahead of data: before the first write into a coarse
  *   region since the last persist, the region is durably marked. After an unclean close every marked
  *   region counts as changed at the current counter, so earlier ids stay valid.
- * - The binding (the head file's name and DataWriteGuid) catches foreign writers: a disk written by
- *   another program, or an older copy put back, resets the epoch and every earlier id is refused.
+ * - Lineage: an id names the one file instance that sealed it. Every seal draws a nonce the id carries and
+ *   the tracking file keeps; a copy of the files, an older state put back or any other fork seals the same
+ *   counter with another nonce, so an id from one branch is refused on every other. The chain's files are
+ *   recorded as instances (device, inode, birth time; and at a clean close their change times and sizes):
+ *   a copy, a replacement, or a write while Tidemark had the file closed resets the epoch.
+ * - Foreign writers: the binding (the head file's name and DataWriteGuid) catches programs that install
+ *   new write GUIDs (QEMU's tools, Windows); while a session writes, other processes opening the chain's
+ *   files for writing are watched (fanotify, src/util/file-watch.ts) and the head's headers are compared
+ *   with what we wrote, before any id is sealed or answered. What cannot be vouched for resets the epoch.
+ * - Tracking files Tidemark did not write (another product's, e.g. Hyper-V's own `.rct`) are never modified;
+ *   the disk counts as untracked until `enable({ replaceForeign: true })`. Reads never write.
  */
-import { access, unlink } from 'node:fs/promises';
+import { createHash, randomBytes } from 'node:crypto';
+import { access, lstat, open, rename, stat, unlink } from 'node:fs/promises';
 import path from 'node:path';
 import { TidemarkError } from '../errors.js';
 import type { VhdxFile, WriteObserver } from '../formats/vhdx/vhdx.js';
+import { describeAccess, FileWatch } from '../util/file-watch.js';
 import { NodeFile } from '../util/file.js';
 import { guidEquals, guidToString, newGuid } from '../util/guid.js';
 import {
   HEADER_SLOT,
+  MAX_CHAIN_RECORDS,
+  MRT_SIGNATURE,
+  SEAL_HISTORY,
   decodeMrtSlot,
   decodeRctHeader,
   encodeMrtSlot,
   encodeRctHeader,
   formatId,
+  isTidemarkRct,
   mapCrc,
   mapSlotLength,
   mapSlotOffset,
   mrtSlotLength,
   parseId,
   type Binding,
+  type FileRecord,
   type MrtSlot,
   type RctHeader,
 } from './format.js';
@@ -68,7 +84,15 @@ export interface TrackerStatus {
   epochStartedAt: string;
   lastSealAt: string | null;
   trackingFiles: { rct: string; mrt: string };
+  /**
+   * While this tracker writes: whether other processes' writes to the chain's files are watched, and if
+   * not, why (then they are caught at the next open and by header checks only).
+   */
+  foreignWriterWatch: { active: boolean; why: string | null } | null;
 }
+
+/** What sits beside a disk: no tracking files, Tidemark's, or files of another product (never modified). */
+export type TrackingFiles = { state: 'none' } | { state: 'ours' } | { state: 'foreign'; detail: string };
 
 export function trackingPaths(basePath: string): { rct: string; mrt: string } {
   return { rct: `${basePath}.rct`, mrt: `${basePath}.mrt` };
@@ -94,12 +118,65 @@ function sameBinding(a: Binding, b: Binding): boolean {
   return a.head === b.head && guidEquals(a.dataWriteGuid, b.dataWriteGuid);
 }
 
+/** A non-zero random 64-bit nonce for a seal. */
+function newNonce(): bigint {
+  for (;;) {
+    const n = randomBytes(8).readBigUInt64LE(0);
+    if (n !== 0n) return n;
+  }
+}
+
+function nameHash(file: string): string {
+  return createHash('sha256').update(path.basename(file)).digest('hex').slice(0, 16);
+}
+
+/** The file at `p` as an instance (stat follows no link: a tracking file that is a link is refused earlier). */
+async function fileRecord(p: string, named = true): Promise<FileRecord> {
+  const st = await stat(p, { bigint: true });
+  return {
+    nameHash: named ? nameHash(p) : '',
+    dev: st.dev,
+    ino: st.ino,
+    birthNs: st.birthtimeNs,
+    ctimeNs: st.ctimeNs,
+    mtimeNs: st.mtimeNs,
+    size: st.size,
+  };
+}
+
+function sameInstance(a: FileRecord, b: FileRecord): boolean {
+  return a.dev === b.dev && a.ino === b.ino && a.birthNs === b.birthNs;
+}
+
+/**
+ * Unchanged since recorded: the modification time and the size. Not the change time: a rename (moving the
+ * disk with its tracking files, which keeps them valid) changes it too.
+ */
+function sameContent(a: FileRecord, b: FileRecord): boolean {
+  return a.mtimeNs === b.mtimeNs && a.size === b.size;
+}
+
+function nsToIso(ns: bigint): string {
+  return new Date(Number(ns / 1_000_000n)).toISOString();
+}
+
+async function chainRecords(disk: VhdxFile): Promise<FileRecord[]> {
+  return Promise.all(
+    disk
+      .chain()
+      .slice(0, MAX_CHAIN_RECORDS)
+      .map((f) => fileRecord(f.path)),
+  );
+}
+
 export class ChangeTracker implements WriteObserver {
   private sessionMarked = new Set<number>();
   private mrtSequence = 0n;
   private closed = false;
   /** A child whose first DataWriteGuid `sealForChild` recorded as pending, and the pending it replaced. */
   private preparedChild: { disk: VhdxFile; previous: Binding | null } | undefined;
+  /** Found by the last check before a clean close: recorded as a reset by `afterClose`. */
+  private resetAtClose: string | undefined;
 
   private constructor(
     private head: VhdxFile,
@@ -109,6 +186,8 @@ export class ChangeTracker implements WriteObserver {
     private readonly writable: boolean,
     private rct: NodeFile | undefined,
     private mrt: NodeFile | undefined,
+    /** Other processes writing the chain's or the tracking files (writable trackers only). */
+    private readonly watch: FileWatch | undefined,
   ) {}
 
   /** The tracked disk: the head of the chain, whose changes are recorded. */
@@ -130,8 +209,17 @@ export class ChangeTracker implements WriteObserver {
 
   // ---------------------------------------------------------------- enable / disable
 
-  /** Creates the tracking files for `disk` (closed elsewhere, or about to be written) and a new epoch. */
-  static async enable(disk: VhdxFile, granularity = DEFAULT_GRANULARITY): Promise<void> {
+  /**
+   * Creates the tracking files for `disk` (closed elsewhere, or about to be written) and a new epoch
+   * (`reason`: why tracking starts again, when it had been tracked before and its files were lost).
+   * Tracking files another product wrote are refused, or with `replaceForeign` moved aside to
+   * `NAME.foreign-TIME` (never deleted) first.
+   */
+  static async enable(
+    disk: VhdxFile,
+    granularity = DEFAULT_GRANULARITY,
+    opts: { replaceForeign?: boolean; reason?: string } = {},
+  ): Promise<{ movedAside: string[] }> {
     if (
       !Number.isSafeInteger(granularity) ||
       granularity < 4096 ||
@@ -147,18 +235,44 @@ export class ChangeTracker implements WriteObserver {
         `granularity ${granularity} needs a ${granules * 4}-byte map for this disk; choose a larger one`,
       );
     }
-    const paths = trackingPaths(baseOf(disk).path);
-    if ((await exists(paths.rct)) || (await exists(paths.mrt))) {
+    const basePath = baseOf(disk).path;
+    const paths = trackingPaths(basePath);
+    const found = await ChangeTracker.inspect(basePath);
+    const movedAside: string[] = [];
+    if (found.state === 'foreign') {
+      if (!opts.replaceForeign) {
+        throw new TidemarkError(
+          'CONFLICT',
+          `${path.basename(basePath)} is tracked by another product (${found.detail}); Tidemark never modifies its files: enable with --replace-foreign to move them aside and track with Tidemark's`,
+        );
+      }
+      const stamp = new Date().toISOString().replace(/[:.]/g, '-');
+      for (const p of [paths.rct, paths.mrt]) {
+        if (
+          await lstat(p).then(
+            () => true,
+            () => false,
+          )
+        ) {
+          const aside = `${p}.foreign-${stamp}`;
+          await rename(p, aside);
+          movedAside.push(aside);
+        }
+      }
+    } else if (found.state === 'ours') {
       throw new TidemarkError(
         'ALREADY_EXISTS',
-        `change tracking is already enabled for ${baseOf(disk).path} (${paths.rct}); disable it first`,
+        `change tracking is already enabled for ${basePath} (${paths.rct}); disable it first`,
       );
     }
-    const header = newEpochHeader(disk, granularity, '');
+    const header = newEpochHeader(disk, granularity, opts.reason ?? '');
     const rct = await NodeFile.open(paths.rct, 'wx');
     try {
       await rct.truncate(mapSlotOffset(granules, 1) + mapSlotLength(granules));
       header.mapCrc = mapCrc(new Uint32Array(granules));
+      // Instances, but no clean-close times yet: the caller may still be writing the disk.
+      header.chain = await chainRecords(disk);
+      header.rctFile = await fileRecord(paths.rct, false);
       await rct.write(encodeRctHeader(header), 0);
       await rct.write(encodeRctHeader({ ...header, sequence: header.sequence + 1n }), HEADER_SLOT);
       await rct.datasync();
@@ -182,33 +296,63 @@ export class ChangeTracker implements WriteObserver {
     } finally {
       await mrt.close();
     }
+    return { movedAside };
   }
 
-  /** Removes the tracking files of the chain whose base is `basePath`. */
+  /** Removes Tidemark's tracking files of the chain whose base is `basePath` (never another product's). */
   static async disable(basePath: string): Promise<boolean> {
+    const found = await ChangeTracker.inspect(basePath);
+    if (found.state === 'foreign') {
+      throw new TidemarkError(
+        'CONFLICT',
+        `${path.basename(basePath)} is tracked by another product (${found.detail}); Tidemark does not remove its files`,
+      );
+    }
     const paths = trackingPaths(basePath);
-    let found = false;
+    let removed = false;
     for (const p of [paths.rct, paths.mrt]) {
       try {
         await unlink(p);
-        found = true;
+        removed = true;
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
       }
     }
-    return found;
+    return removed;
   }
 
   static async isEnabled(disk: VhdxFile): Promise<boolean> {
-    return exists(trackingPaths(baseOf(disk).path).rct);
+    return (await ChangeTracker.inspect(baseOf(disk).path)).state === 'ours';
+  }
+
+  /**
+   * Whose tracking files sit beside the base disk `basePath`, by reading a few bytes (nothing is written):
+   * Tidemark's own (of any version, damaged or not), none, or another product's. A file that is not a
+   * regular file (a link, a FIFO) is not taken for ours either.
+   */
+  static async inspect(basePath: string): Promise<TrackingFiles> {
+    const paths = trackingPaths(basePath);
+    const rct = await sidecarSignatures(paths.rct, [0, 4096, HEADER_SLOT], isTidemarkRct);
+    const mrt = await sidecarSignatures(paths.mrt, [], (b) => b.toString('latin1', 0, 8) === MRT_SIGNATURE);
+    if (rct === 'missing' && mrt === 'missing') return { state: 'none' };
+    for (const [file, found] of [
+      [paths.rct, rct],
+      [paths.mrt, mrt],
+    ] as const) {
+      if (found !== 'ours' && found !== 'missing' && found !== 'empty')
+        return { state: 'foreign', detail: `${path.basename(file)} ${found}` };
+    }
+    if (rct === 'missing') return { state: 'none' }; // a lone coarse map of ours tracks nothing
+    return { state: 'ours' };
   }
 
   // ---------------------------------------------------------------- open
 
   /**
-   * Binds to an open disk. Returns undefined when the disk has no tracking files. With `writable`
-   * (the disk must be writable too) every change to the disk is tracked from now on, and the tracker
-   * is closed when the disk closes cleanly.
+   * Binds to an open disk. Returns undefined when the disk has no Tidemark tracking files (none, or another
+   * product's: `inspect` tells). With `writable` (the disk must be writable too) every change to the disk is
+   * tracked from now on, and the tracker is closed when the disk closes cleanly. A read-only tracker never
+   * writes: a reset it finds lives in memory (every old id refused, status says why) until a writer records it.
    */
   static async attach(disk: VhdxFile, opts: { writable?: boolean } = {}): Promise<ChangeTracker | undefined> {
     const writable = opts.writable ?? disk.writable;
@@ -216,17 +360,27 @@ export class ChangeTracker implements WriteObserver {
       throw new TidemarkError('INVALID_ARGUMENT', `a change tracker is already attached to ${disk.path}`);
     }
     const paths = trackingPaths(baseOf(disk).path);
-    if (!(await exists(paths.rct))) return undefined;
+    if ((await ChangeTracker.inspect(baseOf(disk).path)).state !== 'ours') return undefined;
     const rct = await NodeFile.open(paths.rct, writable ? 'r+' : 'r');
     let mrt: NodeFile | undefined;
+    let watch: FileWatch | undefined;
     try {
       const loaded = await loadState(rct, disk);
       let reason = loaded.problem;
+      if (!reason) reason = await checkInstances(loaded.header!, disk, paths, 'identity');
       if (!reason && loaded.header!.inUse) {
         // Unclean close: everything the coarse map marked since the last persist counts as changed now.
         reason = await recoverFromCoarseMap(paths.mrt, loaded.header!, loaded.map);
       }
       if (!reason) reason = await checkBinding(loaded.header!, disk);
+      if (!reason && loaded.header!.closedClean) reason = await checkInstances(loaded.header!, disk, paths, 'content');
+      if (writable) {
+        mrt = await openOrCreate(paths.mrt);
+        // From now on other processes' writes to these files are seen; one already writing is a reason.
+        watch = FileWatch.start([...disk.chain().map((f) => f.path), paths.rct, paths.mrt]);
+        const found = watch.findings();
+        if (!reason && found.length > 0) reason = describeFindings(found);
+      }
       let state = { header: loaded.header!, map: loaded.map };
       if (reason) {
         // A new epoch: every earlier id is refused from now on, and status says why.
@@ -235,7 +389,6 @@ export class ChangeTracker implements WriteObserver {
         header.sequence = (loaded.header?.sequence ?? 0n) + 1n;
         state = { header, map: new Uint32Array(granulesOf(disk, granularity)) };
       }
-      if (writable) mrt = await openOrCreate(paths.mrt);
       const tracker = new ChangeTracker(
         disk,
         paths,
@@ -244,19 +397,19 @@ export class ChangeTracker implements WriteObserver {
         writable,
         writable ? rct : undefined,
         mrt,
+        watch,
       );
-      const needed = mapSlotOffset(state.map.length, 1) + mapSlotLength(state.map.length);
       if (writable) {
+        const needed = mapSlotOffset(state.map.length, 1) + mapSlotLength(state.map.length);
         if (rct.size() < needed) await rct.truncate(needed);
         await tracker.startSession();
         disk.observer = tracker;
       } else {
         await rct.close();
-        // A reset found by a reader is recorded too, so every later look sees the same new epoch.
-        if (reason) await tracker.recordReset(paths.rct, needed);
       }
       return tracker;
     } catch (err) {
+      watch?.close();
       await rct.close().catch(() => undefined);
       await mrt?.close().catch(() => undefined);
       throw err;
@@ -271,23 +424,6 @@ export class ChangeTracker implements WriteObserver {
     this.header.pending = pending;
     this.header.inUse = true;
     await this.persist();
-  }
-
-  private async recordReset(rctPath: string, needed: number): Promise<void> {
-    let rct: NodeFile;
-    try {
-      rct = await NodeFile.open(rctPath, 'r+');
-    } catch {
-      return; // a read-only location: the reset stays in memory, ids are refused all the same
-    }
-    try {
-      if (rct.size() < needed) await rct.truncate(needed);
-      this.rct = rct;
-      await this.persist();
-    } finally {
-      this.rct = undefined;
-      await rct.close();
-    }
   }
 
   // ---------------------------------------------------------------- the write path
@@ -337,6 +473,42 @@ export class ChangeTracker implements WriteObserver {
     await this.mrt!.datasync();
   }
 
+  // ---------------------------------------------------------------- vouching
+
+  /**
+   * Why this session can no longer vouch for the disk's history, or undefined: another process opened one
+   * of its files for writing or wrote it, or the head's headers on disk are not the ones we wrote (a writer
+   * that ignores locks). `held`: our own metadata writes are held off (inside `flushAndHold`).
+   */
+  private async unvouched(held: boolean): Promise<string | undefined> {
+    const found = this.watch?.findings() ?? [];
+    if (found.length > 0) return describeFindings(found);
+    if (this.head.writable) return held ? this.head.headersOnDiskDiffer() : this.head.verifyHeadersOnDisk();
+    return undefined;
+  }
+
+  /** Checks, and on a doubt starts a new epoch now (persisted): every earlier id is refused from here on. */
+  private async vouch(held: boolean): Promise<void> {
+    if (!this.writable || this.closed) return;
+    const why = await this.unvouched(held);
+    if (why) await this.restartEpoch(why);
+  }
+
+  private async restartEpoch(reason: string): Promise<void> {
+    const h = this.header;
+    const fresh = newEpochHeader(this.head, h.granularity, reason);
+    this.header = {
+      ...fresh,
+      sequence: h.sequence,
+      inUse: h.inUse,
+      binding: h.binding,
+      pending: h.pending,
+      mapSlot: h.mapSlot,
+    };
+    this.map = new Uint32Array(this.map.length);
+    if (this.rct) await this.persist();
+  }
+
   // ---------------------------------------------------------------- seal, close
 
   /** Makes the disk's current state durable and returns its id; later writes belong to later ids. */
@@ -344,13 +516,23 @@ export class ChangeTracker implements WriteObserver {
     this.assertWritable();
     // Writes are held off from the flush to the persisted header: none can slip between the two.
     return this.disk.flushAndHold(async () => {
-      const id = this.header.counter;
-      this.header.counter++;
-      this.header.lastSealAt = Date.now();
+      await this.vouch(true);
+      const id = this.sealCounter();
       this.header.binding = currentBinding(this.disk);
       await this.persist();
-      return formatId(this.header.epoch, id);
+      return id;
     });
+  }
+
+  /** Takes the current counter as a sealed id (nonce drawn and recorded); later writes get the next one. */
+  private sealCounter(): string {
+    const h = this.header;
+    const c = h.counter;
+    const nonce = newNonce();
+    h.nonces[c % SEAL_HISTORY] = nonce;
+    h.counter++;
+    h.lastSealAt = Date.now();
+    return formatId(h.epoch, c, nonce);
   }
 
   /**
@@ -371,17 +553,16 @@ export class ChangeTracker implements WriteObserver {
       async () => {
         if (!child.linksToParent())
           throw new TidemarkError('PARENT_MISMATCH', `${child.path} no longer matches ${this.head.path}`);
+        await this.vouch(true);
         const next: Binding = { head: path.basename(child.path), dataWriteGuid: newGuid() };
         child.setNextDataWriteGuid(next.dataWriteGuid);
-        const id = this.header.counter;
         const previous = this.header.pending;
-        this.header.counter++;
-        this.header.lastSealAt = Date.now();
+        const id = this.sealCounter();
         this.header.binding = currentBinding(this.head);
         this.header.pending = next;
         await this.persist();
         this.preparedChild = { disk: child, previous };
-        return formatId(this.header.epoch, id);
+        return id;
       },
       { cleanLog: true },
     );
@@ -405,6 +586,7 @@ export class ChangeTracker implements WriteObserver {
       throw new TidemarkError('INVALID_ARGUMENT', `a change tracker is already attached to ${child.path}`);
     const prepared = this.preparedChild?.disk === child;
     this.preparedChild = undefined;
+    this.watch?.add(child.path, { fresh: true }); // made by this process a moment ago
     if (!prepared) {
       const next: Binding = { head: path.basename(child.path), dataWriteGuid: newGuid() };
       child.setNextDataWriteGuid(next.dataWriteGuid);
@@ -425,16 +607,31 @@ export class ChangeTracker implements WriteObserver {
     this.preparedChild = undefined;
   }
 
-  /** Called by the disk after a clean close: the map is persisted and the tracker marked not in use. */
+  /** Called by the disk as a clean close begins: the last look for foreign writers while it is open. */
+  async beforeClose(): Promise<void> {
+    if (this.closed || !this.writable) return;
+    this.resetAtClose = await this.unvouched(false);
+  }
+
+  /**
+   * Called by the disk after a clean close: the map is persisted, the chain's files recorded as they are
+   * now (so a write by anything else before the next open is seen), and the tracker marked not in use.
+   */
   async afterClose(): Promise<void> {
     if (this.closed) return;
-    if (this.writable) {
-      this.header.binding = currentBinding(this.disk);
-      this.header.pending = null;
-      this.header.inUse = false;
-      await this.persist();
+    try {
+      if (this.writable) {
+        const found = this.watch?.findings() ?? [];
+        const why = this.resetAtClose ?? (found.length > 0 ? describeFindings(found) : undefined);
+        if (why) await this.restartEpoch(why);
+        this.header.binding = currentBinding(this.disk);
+        this.header.pending = null;
+        this.header.inUse = false;
+        await this.persist({ closedClean: true });
+      }
+    } finally {
+      await this.closeFiles();
     }
-    await this.closeFiles();
   }
 
   /** Stops tracking without a clean close (the next open recovers through the coarse map). */
@@ -445,6 +642,7 @@ export class ChangeTracker implements WriteObserver {
   private async closeFiles(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.watch?.close();
     if (this.disk.observer === this) this.disk.observer = undefined;
     await this.rct?.close();
     await this.mrt?.close();
@@ -453,11 +651,16 @@ export class ChangeTracker implements WriteObserver {
   /**
    * Writes the map into the slot the current header does not use, then the next header (sequence + 1).
    * The map always goes with the header: coarse marks made under the previous header are then covered
-   * by the persisted map, and marking starts afresh.
+   * by the persisted map, and marking starts afresh. The chain's files and the tracking files are recorded
+   * as instances each time; `closedClean` says their times are final (a clean close).
    */
-  private async persist(): Promise<void> {
+  private async persist(opts: { closedClean?: boolean } = {}): Promise<void> {
     const rct = this.rct!;
     const h = this.header;
+    h.chain = await chainRecords(this.head);
+    h.rctFile = await fileRecord(this.paths.rct, false);
+    h.mrtFile = this.mrt ? await fileRecord(this.paths.mrt, false) : h.mrtFile;
+    h.closedClean = opts.closedClean ?? false;
     const slot: 0 | 1 = h.mapSlot === 0 ? 1 : 0;
     await rct.write(
       new Uint8Array(this.map.buffer, this.map.byteOffset, this.map.byteLength),
@@ -485,16 +688,23 @@ export class ChangeTracker implements WriteObserver {
     const h = this.header;
     const why = h.resetReason ? ` (tracking restarted: ${h.resetReason})` : '';
     if (!parsed) return `"${id}" is not a change tracking id`;
+    if (parsed.version === 1)
+      return `${id} was sealed by an older Tidemark tracking format that cannot prove its lineage${why}`;
     if (!guidEquals(parsed.epoch, h.epoch))
       return `${id} belongs to another tracking epoch; the current epoch is ${guidToString(h.epoch)}${why}`;
     if (parsed.counter < h.firstCounter || parsed.counter >= h.counter) return `${id} was never sealed in this epoch`;
+    if (parsed.counter < h.counter - SEAL_HISTORY)
+      return `${id} is older than the last ${SEAL_HISTORY} seals, whose lineage the tracking file keeps`;
+    if (h.nonces[parsed.counter % SEAL_HISTORY] !== parsed.nonce)
+      return `${id} was sealed on another copy or another state of this disk (its lineage is not this file's: a copy, a restore or an older copy put back)`;
     return undefined;
   }
 
   /**
    * QueryChangesVirtualDisk: granularity-aligned, coalesced ranges of [offset, offset+length) changed
    * since `sinceId`, at most `maxRanges` of them; `processedLength` tells where to continue.
-   * `sinceId` "*" answers every allocated range (for a first full backup).
+   * `sinceId` "*" answers every allocated range (for a first full backup). A writing tracker first checks
+   * that nothing else wrote the disk; if something did, the epoch restarts and the id is refused.
    */
   async changes(sinceId: string, offset = 0, length?: number, maxRanges = Infinity): Promise<ChangesResult> {
     const size = this.header.virtualSize;
@@ -504,6 +714,7 @@ export class ChangeTracker implements WriteObserver {
     }
     if (maxRanges < 1) throw new TidemarkError('INVALID_ARGUMENT', 'maxRanges must be at least 1');
     if (sinceId === '*') return limitRanges(await this.disk.allocatedExtents(offset, len), offset, len, maxRanges);
+    await this.vouch(false);
     const refused = this.refusal(sinceId);
     if (refused) throw new TidemarkError('MISSING_CHANGE_TRACKING_INFORMATION', refused, { id: sinceId });
     const since = parseId(sinceId)!.counter;
@@ -532,12 +743,15 @@ export class ChangeTracker implements WriteObserver {
   sealedIds(limit = 64): string[] {
     const h = this.header;
     const out: string[] = [];
-    for (let c = Math.max(h.firstCounter, h.counter - limit); c < h.counter; c++) out.push(formatId(h.epoch, c));
+    const from = Math.max(h.firstCounter, h.counter - Math.min(limit, SEAL_HISTORY));
+    for (let c = from; c < h.counter; c++) out.push(formatId(h.epoch, c, h.nonces[c % SEAL_HISTORY]));
     return out;
   }
 
   status(): TrackerStatus {
     const h = this.header;
+    const last = h.counter - 1;
+    const first = Math.max(h.firstCounter, h.counter - SEAL_HISTORY);
     return {
       enabled: true,
       // A reset epoch is 'reset' until its first seal; the reason stays for the whole epoch.
@@ -546,13 +760,16 @@ export class ChangeTracker implements WriteObserver {
       epoch: guidToString(h.epoch),
       granularity: h.granularity,
       counter: h.counter,
-      firstId: h.counter > h.firstCounter ? formatId(h.epoch, h.firstCounter) : null,
-      lastId: h.counter > h.firstCounter ? formatId(h.epoch, h.counter - 1) : null,
+      firstId: h.counter > h.firstCounter ? formatId(h.epoch, first, h.nonces[first % SEAL_HISTORY]) : null,
+      lastId: h.counter > h.firstCounter ? formatId(h.epoch, last, h.nonces[last % SEAL_HISTORY]) : null,
       inUse: h.inUse,
       binding: { head: h.binding.head, dataWriteGuid: guidToString(h.binding.dataWriteGuid) },
       epochStartedAt: new Date(h.epochStartedAt).toISOString(),
       lastSealAt: h.lastSealAt ? new Date(h.lastSealAt).toISOString() : null,
       trackingFiles: this.paths,
+      foreignWriterWatch: this.watch
+        ? { active: this.watch.available, why: this.watch.available ? null : this.watch.why }
+        : null,
     };
   }
 
@@ -560,17 +777,20 @@ export class ChangeTracker implements WriteObserver {
   get mapBytes(): number {
     return this.map.byteLength;
   }
-
-  // ---------------------------------------------------------------- merge support
 }
 
 /**
- * Rewrites the current header of a tracker that is not in use (nothing else is open): the merge uses
- * it to record the binding the merged parent will carry.
+ * Rewrites the current header of a tracker no session holds (an offline merge: nothing else has the
+ * files open). `mutate` changes it; the chain's files are recorded again when `chainOf` gives the disk's
+ * files as they are now (after the merge, with their final times: `closedClean`).
  */
-export async function updateIdleHeader(basePath: string, mutate: (h: RctHeader) => void): Promise<boolean> {
+export async function updateIdleHeader(
+  basePath: string,
+  mutate: (h: RctHeader) => void,
+  opts: { chain?: string[]; inUse?: boolean } = {},
+): Promise<boolean> {
   const paths = trackingPaths(basePath);
-  if (!(await exists(paths.rct))) return false;
+  if ((await ChangeTracker.inspect(basePath)).state !== 'ours') return false;
   const rct = await NodeFile.open(paths.rct, 'r+');
   try {
     const slots = Buffer.alloc(2 * HEADER_SLOT);
@@ -579,8 +799,12 @@ export async function updateIdleHeader(basePath: string, mutate: (h: RctHeader) 
       decodeRctHeader(slots.subarray(0, HEADER_SLOT)),
       decodeRctHeader(slots.subarray(HEADER_SLOT)),
     );
-    if (!cur || cur.inUse) return false;
+    if (!cur || cur.inUse !== (opts.inUse ?? false)) return false;
     mutate(cur);
+    if (opts.chain) {
+      cur.chain = await Promise.all(opts.chain.slice(0, MAX_CHAIN_RECORDS).map((f) => fileRecord(f)));
+      cur.closedClean = !cur.inUse;
+    } else if (cur.inUse) cur.closedClean = false;
     cur.sequence++;
     await rct.write(encodeRctHeader(cur), Number(cur.sequence % 2n) * HEADER_SLOT);
     await rct.datasync();
@@ -628,6 +852,11 @@ function newEpochHeader(disk: VhdxFile, granularity: number, reason: string): Rc
     epochStartedAt: now,
     lastSealAt: 0,
     resetReason: reason,
+    chain: [],
+    closedClean: false,
+    rctFile: null,
+    mrtFile: null,
+    nonces: new BigUint64Array(SEAL_HISTORY),
   };
 }
 
@@ -645,7 +874,8 @@ async function loadState(
     return {
       header: undefined,
       map: new Uint32Array(0),
-      problem: `the tracking file is damaged (header 1: ${a}; header 2: ${b})`,
+      problem:
+        a === b ? `the tracking file holds ${a}` : `the tracking file is damaged (header 1: ${a}; header 2: ${b})`,
     };
   }
   const granules = Math.ceil(header.virtualSize / header.granularity);
@@ -665,9 +895,40 @@ async function loadState(
   return { header, map };
 }
 
+/**
+ * Are these the file instances tracking last saw? 'identity': the tracking file itself and every file of the
+ * chain it recorded must be the same instance (a copy, a restore or a replacement is another lineage).
+ * 'content' (after a clean close): they must also be unchanged, nothing having written them while Tidemark
+ * had them closed. Files new to the chain (a checkpoint's child) are left to `checkBinding`. Returns why
+ * not, or undefined.
+ */
+async function checkInstances(
+  header: RctHeader,
+  disk: VhdxFile,
+  paths: { rct: string; mrt: string },
+  what: 'identity' | 'content',
+): Promise<string | undefined> {
+  if (what === 'identity' && header.rctFile && !sameInstance(header.rctFile, await fileRecord(paths.rct, false)))
+    return `${path.basename(paths.rct)} is a copy or a replacement of the tracking file that recorded this epoch`;
+  for (const f of disk.chain()) {
+    const now = await fileRecord(f.path);
+    const then = header.chain.find((r) => r.nameHash === now.nameHash);
+    if (!then) continue;
+    const name = path.basename(f.path);
+    if (what === 'identity' && !sameInstance(then, now))
+      return `${name} is another file than the one tracking last saw (a copy, a restore or a replacement: inode ${then.ino} → ${now.ino})`;
+    if (what === 'content' && !sameContent(then, now)) {
+      return `${name} was written by another program while Tidemark had it closed (modified ${nsToIso(then.mtimeNs)} → ${nsToIso(now.mtimeNs)}, ${then.size} → ${now.size} bytes)`;
+    }
+  }
+  return undefined;
+}
+
 /** After an unclean close: stamps every region the coarse map marked since the last persist. */
 async function recoverFromCoarseMap(mrtPath: string, header: RctHeader, map: Uint32Array): Promise<string | undefined> {
   if (!(await exists(mrtPath))) return 'the disk was not closed cleanly and its coarse change map is missing';
+  if (header.mrtFile && !sameInstance(header.mrtFile, await fileRecord(mrtPath, false)))
+    return 'the disk was not closed cleanly and its coarse change map is a copy or a replacement';
   const regionSize = Math.max(COARSE_REGION, header.granularity);
   const regions = Math.ceil(header.virtualSize / regionSize);
   const len = mrtSlotLength(regions);
@@ -754,4 +1015,43 @@ async function openOrCreate(p: string): Promise<NodeFile> {
     if (err instanceof TidemarkError && err.code === 'NOT_FOUND') return NodeFile.open(p, 'wx');
     throw err;
   }
+}
+
+function describeFindings(found: ReturnType<FileWatch['findings']>): string {
+  const first = describeAccess(found[0]);
+  return found.length > 1 ? `${first} (and ${found.length - 1} more)` : first;
+}
+
+/**
+ * What a sidecar is, by its first bytes at `offsets` (and at 4 KiB steps within its first MiB when no
+ * offsets are given): 'missing', 'empty', 'ours', or a phrase saying why it is not ours.
+ */
+async function sidecarSignatures(
+  file: string,
+  offsets: number[],
+  isOurs: (first: Buffer) => boolean,
+): Promise<'missing' | 'empty' | 'ours' | string> {
+  let st;
+  try {
+    st = await lstat(file);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return 'missing';
+    throw err;
+  }
+  if (st.isSymbolicLink()) return 'is a symbolic link, not a tracking file';
+  if (!st.isFile()) return 'is not a regular file';
+  if (st.size === 0) return 'empty';
+  const handle = await open(file, 'r');
+  try {
+    const at = offsets.length > 0 ? offsets : Array.from({ length: 256 }, (_, i) => i * 4096);
+    const probe = Buffer.alloc(8);
+    for (const o of at) {
+      if (o + 8 > st.size) continue;
+      const { bytesRead } = await handle.read(probe, 0, 8, o);
+      if (bytesRead === 8 && isOurs(probe)) return 'ours';
+    }
+  } finally {
+    await handle.close();
+  }
+  return "was not written by Tidemark (another product's tracking file, e.g. Hyper-V's own)";
 }

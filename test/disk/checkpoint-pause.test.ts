@@ -93,7 +93,7 @@ describe(`checkpoint I/O pause (seed ${SEED})`, () => {
         // The writers stop between rounds only so checking the cut stays cheap (the log grows otherwise).
         await sleep(20);
         await Promise.all(loads.map((w) => w.stop()));
-        expect(ids.every((id) => id?.startsWith('rct1:'))).toBe(true);
+        expect(ids.every((id) => id?.startsWith('rct2:'))).toBe(true);
         expect(disks.map((d) => d.path)).toEqual(children);
         // Each frozen parent holds exactly what its writer had acknowledged at the cut.
         for (const [i, p] of parents.entries()) {
@@ -155,7 +155,7 @@ describe(`checkpoint I/O pause (seed ${SEED})`, () => {
       await disk.precreateChild(child);
       await disk.pause();
       if (!moment.includes('unprepared')) ({ id } = await disk.prepareChild(child, { precreated: true }));
-      expect(id).toMatch(/^rct1:/);
+      expect(id).toMatch(/^rct2:/);
       const after = new Workload(disk, { seed: SEED + 200 + k, flushEvery: 8 });
       let crashedAt = performance.now();
       if (moment.startsWith('switched')) {

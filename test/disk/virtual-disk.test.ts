@@ -95,7 +95,7 @@ describe(`VirtualDisk (seed ${SEED})`, () => {
     await sleep(20);
     stop = true;
     await writer;
-    expect(id).toMatch(/^rct1:/);
+    expect(id).toMatch(/^rct2:/);
     expect(parentPath).toBe(base);
     expect(disk.path).toBe(child);
     const after = Buffer.from(model);

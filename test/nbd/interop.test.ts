@@ -191,7 +191,7 @@ describe.skipIf(peers.skip)(`NBD interop with QEMU and libnbd (seed ${SEED})`, (
     const disk = await openVirtualDisk(file);
     await disk.write(40 * MiB, Buffer.alloc(3 * MiB, 1));
     const id = (await disk.seal())!;
-    expect(id).toMatch(/^rct1:/);
+    expect(id).toMatch(/^rct2:/);
     const other = await openVirtualDisk((await newDisk('other')).file, { readOnly: true });
     const srv = await serve([
       { name: 'tracked', device: disk },

@@ -9,6 +9,10 @@
  * that seal (recomputed from the seed) and the content read from the disk now. Never a silent miss; and
  * since SIGKILL leaves the coarse map intact, a crash must not reset the epoch at all.
  *
+ * Each trial starts from a copy of a template made before its tracked session: a copy is another file
+ * instance (another lineage), so the trial's first session resets the epoch (the copy) and seals the
+ * template's id itself, in the trial's own lineage.
+ *
  * The worker (crash-worker.mjs) runs the built engine in dist/: `npm test` builds first.
  * Environment: TIDEMARK_CRASH_TRIALS (default 200), TIDEMARK_CRASH_SEED, TIDEMARK_CRASH_ONLY=<trial>.
  */
@@ -44,9 +48,9 @@ let cleanup: () => Promise<void>;
 
 interface Template {
   granularity: number;
+  /** Tracking enabled, before the tracked session (`trackedSession` runs it on each copy). */
   file: string;
-  /** The id the template sealed, and the content at it. */
-  id0: string;
+  /** The content at the id the tracked session seals. */
   content0: Buffer;
   /** The template's content (what every trial starts from). */
   content: Buffer;
@@ -201,6 +205,7 @@ async function checkDisk(
   trial: number,
   file: string,
   tpl: Template,
+  id0: string,
   sessions: { session: Session; start: Buffer }[],
 ): Promise<Outcome> {
   const out: Outcome = {
@@ -246,7 +251,7 @@ async function checkDisk(
       }
     };
 
-    await check(tpl.id0, tpl.content0, undefined, 'template id');
+    await check(id0, tpl.content0, undefined, 'template id');
     for (const [n, { session, start }] of sessions.entries()) {
       // The content at each seal, as pages over the session's start: a seal's pages differ from the start
       // only where its operations wrote, and the current content is compared with the start in full once,
@@ -282,6 +287,28 @@ async function checkDisk(
   return out;
 }
 
+/** The template's tracked session on `file`: writes, a sealed id, more writes, a clean close. */
+async function trackedSession(file: string, granularity: number): Promise<{ id0: string; content0: Buffer }> {
+  const tseed = (SEED + granularity) >>> 0;
+  const disk = await VhdxFile.open(file, { writable: true });
+  try {
+    const tracker = (await ChangeTracker.attach(disk, { writable: true }))!;
+    for (const op of templateOps(tseed, 30, 45)) await applyToDisk(disk, op, () => opData(op));
+    const content0 = await disk.readAt(0, SIZE);
+    const id0 = await tracker.seal();
+    for (const op of templateOps(tseed, 45, 60)) await applyToDisk(disk, op, () => opData(op));
+    return { id0, content0 };
+  } finally {
+    await disk.close();
+  }
+}
+
+function templateOps(tseed: number, from: number, to: number): PlannedOp[] {
+  return Array.from({ length: to - from }, (_, i) => planOp(tseed, from + i, SIZE)).filter(
+    (o) => o.kind !== 'flush' && o.kind !== 'seal',
+  );
+}
+
 async function runTrial(trial: number): Promise<Outcome> {
   const r = words((SEED ^ Math.imul(trial + 1, 0x2545f491)) >>> 0);
   const tpl = templates[trial % templates.length];
@@ -290,6 +317,7 @@ async function runTrial(trial: number): Promise<Outcome> {
   const file = path.join(tdir, 'disk.vhdx');
   try {
     await copySet(tpl.file, file);
+    const { id0 } = await trackedSession(file, tpl.granularity);
     const sessions: { session: Session; start: Buffer }[] = [];
     const s1 = await runWorker(file, r(), pickKill(r, tpl));
     sessions.push({ session: s1, start: tpl.content });
@@ -299,7 +327,7 @@ async function runTrial(trial: number): Promise<Outcome> {
       const s2 = await runWorker(file, r(), pickKill(r, tpl));
       sessions.push({ session: s2, start });
     }
-    return await checkDisk(trial, file, tpl, sessions);
+    return await checkDisk(trial, file, tpl, id0, sessions);
   } finally {
     await rm(tdir, { recursive: true, force: true });
   }
@@ -328,44 +356,37 @@ beforeAll(async () => {
     await mkdir(path.join(dir, `template-${granularity}`));
     const file = path.join(dir, `template-${granularity}`, 'disk.vhdx');
     await createVhdx(file, { size: SIZE, blockSize: MiB });
-    const tseed = (SEED + granularity) >>> 0;
-    const ops = (from: number, to: number) =>
-      Array.from({ length: to - from }, (_, i) => planOp(tseed, from + i, SIZE)).filter(
-        (o) => o.kind !== 'flush' && o.kind !== 'seal',
-      );
-    // Content from before tracking, then tracked content, a sealed id, and changes after it.
+    // Content from before tracking, then (trackedSession) tracked content, a sealed id, and changes after it.
     let disk = await VhdxFile.open(file, { writable: true });
-    for (const op of ops(0, 30)) await applyToDisk(disk, op, () => opData(op));
+    for (const op of templateOps((SEED + granularity) >>> 0, 0, 30)) await applyToDisk(disk, op, () => opData(op));
     await disk.close();
     disk = await VhdxFile.open(file);
     await ChangeTracker.enable(disk, granularity);
     await disk.close();
-    disk = await VhdxFile.open(file, { writable: true });
-    const tracker = (await ChangeTracker.attach(disk, { writable: true }))!;
-    for (const op of ops(30, 45)) await applyToDisk(disk, op, () => opData(op));
-    const content0 = await disk.readAt(0, SIZE);
-    const id0 = await tracker.seal();
-    for (const op of ops(45, 60)) await applyToDisk(disk, op, () => opData(op));
-    await disk.close();
-    const content = await readContent(file);
+    // The tracked session, once on a scratch copy: the contents at its seal and at its end.
+    await mkdir(path.join(dir, `scratch-${granularity}`));
+    const scratch = path.join(dir, `scratch-${granularity}`, 'disk.vhdx');
+    await copySet(file, scratch);
+    const { content0 } = await trackedSession(scratch, granularity);
+    const content = await readContent(scratch);
 
     // A run without a kill: how long a session takes and how many file operations it makes.
     await mkdir(path.join(dir, `calibrate-${granularity}`));
     const cal = path.join(dir, `calibrate-${granularity}`, 'disk.vhdx');
     await copySet(file, cal);
+    const { id0 } = await trackedSession(cal, granularity);
     const full = await runWorker(cal, 1, { how: 'none' });
     if (!full.ended) throw new Error('the calibration run did not finish');
     const tpl: Template = {
       granularity,
       file,
-      id0,
       content0,
       content,
       fullMs: full.ms,
       fullFileOps: full.fileOps,
       fullSeals: full.sealed.length,
     };
-    const o = await checkDisk(-1, cal, tpl, [{ session: full, start: content }]);
+    const o = await checkDisk(-1, cal, tpl, id0, [{ session: full, start: content }]);
     if (o.problems.length > 0 || o.refused > 0)
       throw new Error(`an uninterrupted run fails its own check: ${JSON.stringify(o.problems)}`);
     console.log(

@@ -6,14 +6,17 @@
  * - Foreign writer: qemu-io writes into a tracked VHDX → old ids refused, status says another program
  *   wrote; a foreign reader (qemu-img check, qemu-io read) costs nothing.
  * - An older copy of the disk put back → old ids refused.
- * - Travel: disk + .rct + .mrt copied elsewhere answer the same; the disk copied alone has no tracking.
+ * - Travel: disk + .rct + .mrt moved elsewhere (the same file instances) answer the same; copied, they are
+ *   another lineage: every id is refused and status says it is a copy; the disk alone has no tracking.
  * - Damaged tracking files (truncated, bad CRC, random bytes, deleted, from another disk, rolled back),
  *   after a clean and after an unclean close, opened read-only and writable: a TidemarkError or a reset
- *   (ids refused), never an answer that misses a change (checked against a model of the content).
+ *   (ids refused), never an answer that misses a change (checked against a model of the content). Each
+ *   case works on a copy whose tracking file is made to name the copy's file instances (`adoptCopy`), as
+ *   if the damage had happened in place: the damage, not the copy, is what is judged.
  */
 import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { copyFile, mkdir, open, readFile, rm, stat, truncate, unlink, writeFile } from 'node:fs/promises';
+import { copyFile, mkdir, open, readFile, rename, rm, stat, truncate, unlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
@@ -21,12 +24,15 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { TidemarkError } from '../../src/errors.js';
 import { createVhdx } from '../../src/formats/vhdx/create.js';
 import { VhdxFile } from '../../src/formats/vhdx/vhdx.js';
+import { createHash } from 'node:crypto';
 import {
   decodeMrtSlot,
   decodeRctHeader,
+  encodeRctHeader,
   HEADER_SLOT,
   mapSlotOffset,
   mrtSlotLength,
+  type FileRecord,
 } from '../../src/tracking/format.js';
 import { mergeWithTracking } from '../../src/tracking/merge.js';
 import { ChangeTracker, COARSE_REGION, trackingPaths, type ChangeRange } from '../../src/tracking/tracker.js';
@@ -81,6 +87,43 @@ async function copyDisk(file: string, toDir: string, alone = false): Promise<str
   return to;
 }
 
+/**
+ * Makes a copy's tracking file name the copy's own file instances (device, inode, birth time, and times
+ * and sizes), as the original's named the original's: the copy then stands for the original with its
+ * damage done in place. Header slots that do not decode are left as they are.
+ */
+async function adoptCopy(file: string): Promise<void> {
+  const { rct, mrt } = trackingPaths(file);
+  const record = async (p: string, named: boolean): Promise<FileRecord> => {
+    const st = await stat(p, { bigint: true });
+    return {
+      nameHash: named ? createHash('sha256').update(path.basename(p)).digest('hex').slice(0, 16) : '',
+      dev: st.dev,
+      ino: st.ino,
+      birthNs: st.birthtimeNs,
+      ctimeNs: st.ctimeNs,
+      mtimeNs: st.mtimeNs,
+      size: st.size,
+    };
+  };
+  const disk = await record(file, true);
+  const f = await open(rct, 'r+');
+  try {
+    for (const slot of [0, 1]) {
+      const b = Buffer.alloc(HEADER_SLOT);
+      await f.read(b, 0, HEADER_SLOT, slot * HEADER_SLOT);
+      const h = decodeRctHeader(b);
+      if (typeof h === 'string') continue;
+      h.chain = h.chain.map((r) => (r.nameHash === disk.nameHash ? disk : r));
+      h.rctFile = await record(rct, false);
+      h.mrtFile = existsSync(mrt) ? await record(mrt, false) : h.mrtFile;
+      await f.write(encodeRctHeader(h), 0, HEADER_SLOT, slot * HEADER_SLOT);
+    }
+  } finally {
+    await f.close();
+  }
+}
+
 async function withTracker<T>(
   file: string,
   writable: boolean,
@@ -133,7 +176,7 @@ describe('rct on the command line', () => {
     const s1 = await cli('rct', 'seal', disk, '--json');
     expect(s1.code, s1.stderr).toBe(0);
     const id1 = JSON.parse(s1.stdout).id as string;
-    expect(id1).toMatch(/^rct1:[0-9a-f]{8}(:[0-9a-f]{4}){3}:[0-9a-f]{12}:00000001$/);
+    expect(id1).toMatch(/^rct2:[0-9a-f]{8}(:[0-9a-f]{4}){3}:[0-9a-f]{12}:00000001:[0-9a-f]{16}$/);
 
     // Two separate writes after id1: [10M+5, +100000) and [40M, +1).
     const data2 = path.join(d, 'data2');
@@ -171,17 +214,28 @@ describe('rct on the command line', () => {
     expect(star.ranges.some((r: ChangeRange) => r.offset <= MiB + 7 && r.offset + r.length >= MiB + 3007)).toBe(true);
 
     const id2 = (await cli('rct', 'seal', disk)).stdout.trim();
-    expect(id2).toMatch(/:00000002$/);
+    expect(id2).toMatch(/:00000002:[0-9a-f]{16}$/);
     expect(JSON.parse((await cli('rct', 'changes', disk, '--since', id2, '--json')).stdout).ranges).toEqual([]);
     st = JSON.parse((await cli('rct', 'status', disk, '--json')).stdout);
     expect(st).toMatchObject({ state: 'valid', firstId: id1, lastId: id2, inUse: false });
 
-    // Malformed and never-sealed ids: refused with the code, one line on stderr.
-    for (const bad of ['nonsense', id2.replace(/00000002$/, '00000009')]) {
+    // Malformed, never-sealed, other-lineage (a sealed counter with another nonce: what a copy seals) and
+    // older-format ids: refused with the code, one line on stderr.
+    const otherNonce = id2.replace(
+      /:([0-9a-f]{16})$/,
+      (_m, n: string) => `:${(BigInt(`0x${n}`) ^ 1n).toString(16).padStart(16, '0')}`,
+    );
+    for (const [bad, why] of [
+      ['nonsense', /not a change tracking id/],
+      [id2.replace(/:00000002:/, ':00000009:'), /never sealed/],
+      [otherNonce, /another copy or another state/],
+      [id2.replace(/^rct2:/, 'rct1:').replace(/:[0-9a-f]{16}$/, ''), /older Tidemark tracking format/],
+    ] as const) {
       const r = await cli('rct', 'changes', disk, '--since', bad);
       expect(r.code).toBe(6);
       expect(r.stderr.trim().split('\n')).toHaveLength(1);
       expect(r.stderr).toMatch(/MISSING_CHANGE_TRACKING_INFORMATION/);
+      expect(r.stderr).toMatch(why);
     }
 
     const dis = await cli('rct', 'disable', disk);
@@ -534,8 +588,8 @@ describe('a replaced disk resets the epoch', () => {
 
 // -------------------------------------------------------------------------------------------- travel
 
-describe('tracking travels with the disk', () => {
-  it('disk + .rct + .mrt copied elsewhere answer the same queries; the disk copied alone has no tracking', async () => {
+describe('tracking travels with the disk, and a copy is another lineage', () => {
+  it('disk + .rct + .mrt moved elsewhere answer the same queries; copied, every id is refused; the disk alone has no tracking', async () => {
     const d = await sub('travel');
     const file = path.join(d, 'vm.vhdx');
     await createVhdx(file, { size: 64 * MiB, blockSize: MiB });
@@ -553,36 +607,61 @@ describe('tracking travels with the disk', () => {
     await disk.write(r.bytes(777), 33 * MiB + 3);
     await disk.close();
 
-    const far = await copyDisk(file, await sub('travel-far'));
     const answers = async (f: string) =>
       withTracker(f, false, async (tr) => ({
         status: { ...tr.status(), trackingFiles: undefined },
         changes: await Promise.all(ids.map((id) => allChanges(tr, id))),
       }));
     const here1 = await answers(file);
+    expect(here1.changes.every((c) => c.length > 0)).toBe(true);
+
+    // A copy (disk and tracking files together) is another file instance: nothing it says can be vouched for.
+    const copy = await copyDisk(file, await sub('travel-copy'));
+    await withTracker(copy, false, async (tr) => {
+      for (const id of ids)
+        expect((await refusal(tr.changes(id)))?.code, id).toBe('MISSING_CHANGE_TRACKING_INFORMATION');
+      expect(tr.status()).toMatchObject({ state: 'reset' });
+      expect(tr.status().reason).toMatch(/copy/);
+    });
+    const cc = await cli('rct', 'changes', copy, '--since', ids[4]);
+    expect(cc.code).toBe(6);
+    expect(cc.stderr).toMatch(/MISSING_CHANGE_TRACKING_INFORMATION: .*copy/);
+
+    // Moved (renamed into another directory of the same file system): the same instances, the same answers.
+    const farDir = await sub('travel-far');
+    const far = path.join(farDir, path.basename(file));
+    for (const [a, b] of [
+      [file, far],
+      [`${file}.rct`, `${far}.rct`],
+      [`${file}.mrt`, `${far}.mrt`],
+    ])
+      await rename(a, b);
     const there = await answers(far);
     expect(there).toEqual(here1);
-    expect(here1.changes.every((c) => c.length > 0)).toBe(true);
-    // The CLI agrees, byte for byte.
-    for (const id of [ids[0], ids[4]]) {
-      const a = await cli('rct', 'changes', file, '--since', id, '--json');
-      const b = await cli('rct', 'changes', far, '--since', id, '--json');
-      expect(b.stdout).toBe(a.stdout);
-    }
+    // The CLI agrees.
+    const a = await cli('rct', 'changes', far, '--since', ids[4], '--json');
+    expect(a.code, a.stderr).toBe(0);
+    expect(JSON.parse(a.stdout).ranges).toEqual(here1.changes[4]);
 
-    // The copy goes on by itself: new writes there do not show here.
-    const farId = await withTracker(far, true, async (tr, dk) => {
+    // The copy goes on by itself in its own lineage: its ids are refused on the original, and the other way round.
+    const copyId = await withTracker(copy, true, async (tr, dk) => {
       const id = await tr.seal();
       await dk.write(Buffer.alloc(100, 9), 60 * MiB);
       return id;
     });
-    await withTracker(far, false, async (tr) =>
-      expect(await allChanges(tr, farId)).toEqual([{ offset: 60 * MiB, length: 16 * KiB }]),
+    await withTracker(copy, false, async (tr) =>
+      expect(await allChanges(tr, copyId)).toEqual([{ offset: 60 * MiB, length: 16 * KiB }]),
     );
-    await withTracker(file, false, async (tr) => expect(await allChanges(tr, ids[4])).toEqual(here1.changes[4]));
+    const farId = await withTracker(far, true, async (tr) => tr.seal());
+    await withTracker(far, false, async (tr) =>
+      expect((await refusal(tr.changes(copyId)))?.code).toBe('MISSING_CHANGE_TRACKING_INFORMATION'),
+    );
+    await withTracker(copy, false, async (tr) =>
+      expect((await refusal(tr.changes(farId)))?.code).toBe('MISSING_CHANGE_TRACKING_INFORMATION'),
+    );
 
     // The disk copied alone: no tracking (status says so, queries say so), nothing invented.
-    const alone = await copyDisk(file, await sub('travel-alone'), true);
+    const alone = await copyDisk(far, await sub('travel-alone'), true);
     const st = await cli('rct', 'status', alone, '--json');
     expect(st.code).toBe(0);
     expect(JSON.parse(st.stdout)).toMatchObject({ enabled: false });
@@ -594,7 +673,7 @@ describe('tracking travels with the disk', () => {
     await dk.close();
   });
 
-  it('a chain (base, child, tracking files beside the base) travels too', async () => {
+  it('a chain (base, child, tracking files beside the base) travels when moved; copied, it is refused', async () => {
     const d = await sub('travel-chain');
     const base = path.join(d, 'base.vhdx');
     const child = path.join(d, 'base-1.avhdx');
@@ -613,14 +692,22 @@ describe('tracking travels with the disk', () => {
       await dk.write(Buffer.alloc(1000, 3), 19 * MiB);
       return id;
     });
-    const far = await sub('travel-chain-far');
-    await copyDisk(base, far);
-    await copyFile(child, path.join(far, path.basename(child)));
     const q = (f: string) =>
       withTracker(f, false, async (t) => [await allChanges(t, id1), await allChanges(t, id2), t.status().state]);
     const a = await q(child);
-    expect(await q(path.join(far, path.basename(child)))).toEqual(a);
     expect(a[2]).toBe('valid');
+
+    const copied = await sub('travel-chain-copy');
+    await copyDisk(base, copied);
+    await copyFile(child, path.join(copied, path.basename(child)));
+    await withTracker(path.join(copied, path.basename(child)), false, async (t) => {
+      expect((await refusal(t.changes(id2)))?.code).toBe('MISSING_CHANGE_TRACKING_INFORMATION');
+      expect(t.status().reason).toMatch(/copy/);
+    });
+
+    const far = await sub('travel-chain-far');
+    for (const f of [base, `${base}.rct`, `${base}.mrt`, child]) await rename(f, path.join(far, path.basename(f)));
+    expect(await q(path.join(far, path.basename(child)))).toEqual(a);
     disk = await VhdxFile.open(path.join(far, path.basename(child)));
     expect(disk.chain()).toHaveLength(2);
     await disk.close();
@@ -903,6 +990,7 @@ describe('damaged tracking files: a clear error or a reset, never a wrong answer
     for (const writable of [false, true]) {
       const d = await sub(`dmg-${which}-${name.replace(/[^a-z0-9]+/gi, '-')}-${writable ? 'w' : 'r'}`);
       const file = await copyDisk(set.file, d);
+      await adoptCopy(file);
       const { rct, mrt } = trackingPaths(file);
       await fn(rct, mrt, set);
       const o = await judge(set, file, writable);
@@ -925,6 +1013,7 @@ describe('damaged tracking files: a clear error or a reset, never a wrong answer
       const set = sets[which];
       const d = await sub(`fuzz-${i}`);
       const file = await copyDisk(set.file, d);
+      await adoptCopy(file);
       const { rct, mrt } = trackingPaths(file);
       const target = r.next() < 0.6 ? rct : mrt;
       const size = (await stat(target)).size;

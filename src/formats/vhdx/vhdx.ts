@@ -108,6 +108,8 @@ export interface OpenOptions {
 /** Told about every guest-visible change before it is issued to the file (the change tracker hooks in here). */
 export interface WriteObserver {
   beforeChange(offset: number, length: number): Promise<void> | void;
+  /** At the start of a clean close, while the file is still open (not before `abandon`). */
+  beforeClose?(): Promise<void>;
   /** After a clean close (not after `abandon`). */
   afterClose?(): Promise<void>;
 }
@@ -1110,6 +1112,42 @@ export class VhdxFile {
     if (!this.writable) throw new TidemarkError('READ_ONLY', `${this.path} is open read-only`);
   }
 
+  /**
+   * Why the headers on disk are not the ones this instance last read or wrote (another program wrote the
+   * file: QEMU's tools and Windows install new write GUIDs and sequence numbers), or undefined. The caller
+   * holds off our own header writes (`flushAndHold`), or uses `verifyHeadersOnDisk`.
+   */
+  async headersOnDiskDiffer(): Promise<string | undefined> {
+    this.assertOpen();
+    const slots = Buffer.alloc(2 * HEADER_SIZE);
+    await this.file.read(slots.subarray(0, HEADER_SIZE), HEADER_OFFSETS[0]);
+    await this.file.read(slots.subarray(HEADER_SIZE), HEADER_OFFSETS[1]);
+    const picked = pickCurrentHeader(
+      decodeHeader(slots.subarray(0, HEADER_SIZE), HEADER_OFFSETS[0]),
+      decodeHeader(slots.subarray(HEADER_SIZE), HEADER_OFFSETS[1]),
+    );
+    const name = path.basename(this.path);
+    if (!picked) return `the headers of ${name} on disk are no longer valid`;
+    // Another instance in this process may have written the file since (a merge writes a parent that a
+    // chain holds open read-only): what this process wrote last is what must be there.
+    const written = headersWritten.get(this.path);
+    const ours =
+      written && written.sequenceNumber > this.headerState.header.sequenceNumber ? written : this.headerState.header;
+    const theirs = picked.header;
+    if (theirs.sequenceNumber !== ours.sequenceNumber)
+      return `another program rewrote the headers of ${name} (sequence number ${ours.sequenceNumber} → ${theirs.sequenceNumber})`;
+    for (const k of ['fileWriteGuid', 'dataWriteGuid', 'logGuid'] as const) {
+      if (!guidEquals(theirs[k], ours[k]))
+        return `another program rewrote the headers of ${name} (${k} ${guidToString(ours[k])} → ${guidToString(theirs[k])})`;
+    }
+    return undefined;
+  }
+
+  /** `headersOnDiskDiffer` with our own metadata changes held off meanwhile. */
+  verifyHeadersOnDisk(): Promise<string | undefined> {
+    return this.lock.shared(() => this.headersOnDiskDiffer());
+  }
+
   /** The DataWriteGuid the next guest-visible change installs (merge uses it; see parent_linkage2). */
   setNextDataWriteGuid(g: Guid): void {
     if (this.dataWriteGuidChanged)
@@ -1589,6 +1627,7 @@ export class VhdxFile {
   /** Flushes, marks the log clean and closes this file and its parents. */
   async close(): Promise<void> {
     if (this.closed) return;
+    await this.observer?.beforeClose?.();
     try {
       if (this.writable && this.logWriter) {
         await this.lock.exclusive(async () => {
@@ -1622,6 +1661,9 @@ export class VhdxFile {
   }
 }
 
+/** The headers this process wrote last, by file path (any instance): see `headersOnDiskDiffer`. */
+const headersWritten = new Map<string, VhdxHeader>();
+
 /** Header update (MS-VHDX 2.2.2.1): write the non-current slot with seq+1, flush; then the other, flush. */
 async function writeHeaders(file: RandomAccessFile, state: HeaderState, changes: Partial<VhdxHeader>): Promise<void> {
   if (state.header.sequenceNumber >= (1n << 64n) - 2n) {
@@ -1644,6 +1686,7 @@ async function writeHeaders(file: RandomAccessFile, state: HeaderState, changes:
     await file.datasync();
     state.header = next;
     state.slot = slot;
+    headersWritten.set(file.path, next);
   }
 }
 
