@@ -12,7 +12,8 @@
  *   default reads exactly its sample; the time bound stops a long audit and says so (library and CLI);
  * - no false positives: many incrementals of an encrypted repository (keyed chunk ids) with guests writing,
  *   standard checkpoints created and merged, VMs stopped and started, and the host restarted, each audited in
- *   full: never a mismatch, and the last point restores exactly.
+ *   full: never a mismatch, and the last point restores exactly. (A disk whose tracking refuses its id is read in
+ *   full without an audit: counted, printed, and at least 3/4 of the disk-rounds must have been audited.)
  *
  * Seed: TIDEMARK_AUDIT_SEED; trials: TIDEMARK_AUDIT_TRIALS (default 30); rounds: TIDEMARK_AUDIT_ROUNDS (default 8).
  */
@@ -382,6 +383,8 @@ describe(`tracking audit (seed ${SEED})`, () => {
       expect(s.warnings, label).toEqual([]);
       return s;
     };
+    let audits = 0;
+    const refused: string[] = [];
     try {
       await startGuests();
       await new Promise((r) => setTimeout(r, 100));
@@ -413,15 +416,23 @@ describe(`tracking audit (seed ${SEED})`, () => {
         await new Promise((r) => setTimeout(r, 80));
         const s = await audited(`round ${round} (${event})`);
         for (const d of s.vms[0].disks) {
-          expect(d.read, `round ${round} (${event}) ${d.slot}: ${d.fullReason}`).toBe('incremental');
-          expect(d.audit, `round ${round} (${event}) ${d.slot}`).toMatchObject({
-            mode: 'full',
-            mismatches: 0,
-            stoppedEarly: false,
-          });
-          expect(d.audit!.checked).toBe(d.audit!.unchanged);
+          const where = `round ${round} (${event}) ${d.slot}`;
+          if (d.read === 'full') {
+            // Tracking refused its id (it restarts its epoch when in doubt): a full read, no audit. Never the
+            // audit's doing: it found nothing (no warning, reason not the audit's).
+            expect(d.fullReason, where).not.toMatch(/tracking audit/);
+            expect(d.audit, where).toBeNull();
+            refused.push(`${where}: ${d.fullReason}`);
+            continue;
+          }
+          expect(d.audit, where).toMatchObject({ mode: 'full', mismatches: 0, stoppedEarly: false });
+          expect(d.audit!.checked, where).toBe(d.audit!.unchanged);
+          audits++;
         }
       }
+      if (refused.length > 0) console.log(`tracking refused its id (full reads, no audit):\n  ${refused.join('\n  ')}`);
+      // The audit ran on (nearly) every disk of every round: the absence of mismatches means something.
+      expect(audits).toBeGreaterThanOrEqual(Math.ceil(ROUNDS * SIZES.length * 0.75));
       await stopGuests();
       const last = await audited('last');
       const out = await restorePoint(enc, last.pointId!, { to: path.join(dir, 'restore-honest'), format: 'raw' });
