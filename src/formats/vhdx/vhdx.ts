@@ -1129,18 +1129,22 @@ export class VhdxFile {
     const name = path.basename(this.path);
     if (!picked) return `the headers of ${name} on disk are no longer valid`;
     // Another instance in this process may have written the file since (a merge writes a parent that a
-    // chain holds open read-only): what this process wrote last is what must be there.
-    const written = headersWritten.get(this.path);
-    const ours =
-      written && written.sequenceNumber > this.headerState.header.sequenceNumber ? written : this.headerState.header;
+    // chain holds open read-only), or be writing it now (a header update writes two slots in turn, and a
+    // flush that cleans the log may run beside the caller): any of the headers this process wrote last
+    // may be the current one.
     const theirs = picked.header;
-    if (theirs.sequenceNumber !== ours.sequenceNumber)
-      return `another program rewrote the headers of ${name} (sequence number ${ours.sequenceNumber} → ${theirs.sequenceNumber})`;
-    for (const k of ['fileWriteGuid', 'dataWriteGuid', 'logGuid'] as const) {
-      if (!guidEquals(theirs[k], ours[k]))
-        return `another program rewrote the headers of ${name} (${k} ${guidToString(ours[k])} → ${guidToString(theirs[k])})`;
-    }
-    return undefined;
+    const ours = [this.headerState.header, ...(headersWritten.get(this.path) ?? [])];
+    const same = (h: VhdxHeader) =>
+      h.sequenceNumber === theirs.sequenceNumber &&
+      guidEquals(h.fileWriteGuid, theirs.fileWriteGuid) &&
+      guidEquals(h.dataWriteGuid, theirs.dataWriteGuid) &&
+      guidEquals(h.logGuid, theirs.logGuid);
+    if (ours.some(same)) return undefined;
+    const last = ours.reduce((a, b) => (b.sequenceNumber > a.sequenceNumber ? b : a));
+    if (theirs.sequenceNumber !== last.sequenceNumber)
+      return `another program rewrote the headers of ${name} (sequence number ${last.sequenceNumber} → ${theirs.sequenceNumber})`;
+    const k = (['fileWriteGuid', 'dataWriteGuid', 'logGuid'] as const).find((f) => !guidEquals(theirs[f], last[f]))!;
+    return `another program rewrote the headers of ${name} (${k} ${guidToString(last[k])} → ${guidToString(theirs[k])})`;
   }
 
   /** `headersOnDiskDiffer` with our own metadata changes held off meanwhile. */
@@ -1661,8 +1665,10 @@ export class VhdxFile {
   }
 }
 
-/** The headers this process wrote last, by file path (any instance): see `headersOnDiskDiffer`. */
-const headersWritten = new Map<string, VhdxHeader>();
+/** The headers this process wrote last (or is writing), by file path (any instance): see `headersOnDiskDiffer`. */
+const headersWritten = new Map<string, VhdxHeader[]>();
+/** Two per header update (both slots), and the update before. */
+const RECENT_HEADERS = 4;
 
 /** Header update (MS-VHDX 2.2.2.1): write the non-current slot with seq+1, flush; then the other, flush. */
 async function writeHeaders(file: RandomAccessFile, state: HeaderState, changes: Partial<VhdxHeader>): Promise<void> {
@@ -1682,11 +1688,13 @@ async function writeHeaders(file: RandomAccessFile, state: HeaderState, changes:
       checksum: 0,
     };
     const slot: 0 | 1 = state.slot === 0 ? 1 : 0;
+    // Known before it lands: a check that reads the file meanwhile finds one of ours.
+    const recent = headersWritten.get(file.path) ?? [];
+    headersWritten.set(file.path, [...recent.slice(-(RECENT_HEADERS - 1)), next]);
     await file.write(encodeHeader(next), HEADER_OFFSETS[slot]);
     await file.datasync();
     state.header = next;
     state.slot = slot;
-    headersWritten.set(file.path, next);
   }
 }
 
