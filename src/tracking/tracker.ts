@@ -155,7 +155,7 @@ export class ChangeTracker implements WriteObserver {
       );
     }
     const header = newEpochHeader(disk, granularity, '');
-    const rct = await NodeFile.open(paths.rct, 'wx');
+    const rct = await NodeFile.openSidecar(paths.rct, 'wx');
     try {
       await rct.truncate(mapSlotOffset(granules, 1) + mapSlotLength(granules));
       header.mapCrc = mapCrc(new Uint32Array(granules));
@@ -165,7 +165,7 @@ export class ChangeTracker implements WriteObserver {
     } finally {
       await rct.close();
     }
-    const mrt = await NodeFile.open(paths.mrt, 'wx');
+    const mrt = await NodeFile.openSidecar(paths.mrt, 'wx');
     try {
       const regions = Math.ceil(disk.virtualSize / Math.max(COARSE_REGION, granularity));
       const slot = encodeMrtSlot({
@@ -217,7 +217,7 @@ export class ChangeTracker implements WriteObserver {
     }
     const paths = trackingPaths(baseOf(disk).path);
     if (!(await exists(paths.rct))) return undefined;
-    const rct = await NodeFile.open(paths.rct, writable ? 'r+' : 'r');
+    const rct = await NodeFile.openSidecar(paths.rct, writable ? 'r+' : 'r');
     let mrt: NodeFile | undefined;
     try {
       const loaded = await loadState(rct, disk);
@@ -276,7 +276,7 @@ export class ChangeTracker implements WriteObserver {
   private async recordReset(rctPath: string, needed: number): Promise<void> {
     let rct: NodeFile;
     try {
-      rct = await NodeFile.open(rctPath, 'r+');
+      rct = await NodeFile.openSidecar(rctPath, 'r+');
     } catch {
       return; // a read-only location: the reset stays in memory, ids are refused all the same
     }
@@ -571,7 +571,7 @@ export class ChangeTracker implements WriteObserver {
 export async function updateIdleHeader(basePath: string, mutate: (h: RctHeader) => void): Promise<boolean> {
   const paths = trackingPaths(basePath);
   if (!(await exists(paths.rct))) return false;
-  const rct = await NodeFile.open(paths.rct, 'r+');
+  const rct = await NodeFile.openSidecar(paths.rct, 'r+');
   try {
     const slots = Buffer.alloc(2 * HEADER_SLOT);
     await rct.read(slots, 0);
@@ -671,7 +671,7 @@ async function recoverFromCoarseMap(mrtPath: string, header: RctHeader, map: Uin
   const regionSize = Math.max(COARSE_REGION, header.granularity);
   const regions = Math.ceil(header.virtualSize / regionSize);
   const len = mrtSlotLength(regions);
-  const f = await NodeFile.open(mrtPath, 'r');
+  const f = await NodeFile.openSidecar(mrtPath, 'r');
   const slots = Buffer.alloc(2 * len);
   const size = f.size();
   try {
@@ -749,9 +749,9 @@ async function ownsData(disk: VhdxFile): Promise<boolean> {
 
 async function openOrCreate(p: string): Promise<NodeFile> {
   try {
-    return await NodeFile.open(p, 'r+');
+    return await NodeFile.openSidecar(p, 'r+');
   } catch (err) {
-    if (err instanceof TidemarkError && err.code === 'NOT_FOUND') return NodeFile.open(p, 'wx');
+    if (err instanceof TidemarkError && err.code === 'NOT_FOUND') return NodeFile.openSidecar(p, 'wx');
     throw err;
   }
 }
