@@ -18,6 +18,7 @@ import { mergeWithTracking } from '../tracking/merge.js';
 import { ChangeTracker, type ChangesResult } from '../tracking/tracker.js';
 import { guidToString } from '../util/guid.js';
 import { KeyedMutex, Mutex } from '../util/mutex.js';
+import { checkFileType } from '../util/safe-open.js';
 import { parseSize } from '../util/size.js';
 import {
   DEFINITION_VERSION,
@@ -215,6 +216,8 @@ export class Host {
         `VM name "${req.name}" must be 1–64 letters, digits, '.', '_' or '-'`,
       );
     }
+    // What the disk paths name is checked before the lock: no VM creation waits behind a hostile path.
+    await checkDiskPaths(req.disks);
     return this.createLock.run(async () => {
       if (this.vms.has(req.name)) throw new TidemarkError('ALREADY_EXISTS', `a VM named ${req.name} exists`);
       const dir = this.vmDir(req.name);
@@ -252,6 +255,7 @@ export class Host {
   }
 
   async modifyVm(name: string, req: ModifyVmRequest): Promise<VmSummary> {
+    await checkDiskPaths(req.attach);
     return this.locks.run(name, async () => {
       const def = this.mustGet(name);
       if (req.configVersion !== undefined) {
@@ -1053,6 +1057,11 @@ async function enableTracking(file: string): Promise<void> {
   } finally {
     await disk.close();
   }
+}
+
+/** Disks attached by path must be disk files (not a FIFO, a socket, a directory): checked without opening them. */
+async function checkDiskPaths(disks: NewDisk[] | undefined): Promise<void> {
+  for (const d of disks ?? []) if (d.path) await checkFileType(path.resolve(d.path), 'disk');
 }
 
 async function exists(p: string): Promise<boolean> {
