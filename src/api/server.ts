@@ -272,7 +272,7 @@ export function openApi(routes: Route[]): unknown {
         '400': { description: 'Invalid request: { error: { code, message } }' },
         '401': { description: 'Missing or wrong token' },
         '404': { description: 'Not found' },
-        '409': { description: 'Conflict / busy' },
+        '409': { description: 'Conflict / busy / locked (image locks)' },
       },
       security: [{ bearer: [] }],
     };
