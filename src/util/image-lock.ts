@@ -86,7 +86,7 @@ class LockedFile {
   readonly users = new Map<object, ImageLockMode>();
 
   constructor(
-    readonly key: string,
+    /** The process's lock descriptor of the file (a duplicate of its first open's). */
     readonly fd: number,
     readonly file: { dev: bigint; ino: bigint },
   ) {}
@@ -102,47 +102,65 @@ class LockedFile {
 
   /**
    * Holds exactly `want`: locks the new bytes, tests for conflicts as QEMU does, unlocks what is no longer
-   * wanted. On a conflict everything is left as it was and the refusal returned. Synchronous: no other
-   * open of this process can interleave.
+   * wanted. On a conflict (or a failing fcntl) everything is left as it was. Synchronous: no other open of
+   * this process can interleave.
    */
   apply(want: ImagePermissions): Refusal | undefined {
-    const native = nativeFs();
     const have = new Set(lockBytes(this.held));
     const need = lockBytes(want);
     const added: number[] = [];
-    const undo = () => {
-      for (const b of added) native.setLock(this.fd, b, 1, LOCK_UNLOCK);
-    };
-    for (const b of need) {
-      if (have.has(b)) continue;
-      if (!native.setLock(this.fd, b, 1, LOCK_SHARED)) {
-        undo();
-        return { byte: b, what: `failed to lock byte ${b}`, conflict: native.testLock(this.fd, b, 1, LOCK_SHARED) };
-      }
-      added.push(b);
+    let refusal: Refusal | undefined;
+    try {
+      refusal = this.lockNew(need, have, added);
+      // Nothing new claimed (a user left, a writer became a reader): nothing to test.
+      if (!refusal && added.length > 0) refusal = this.conflict(want);
+    } catch (err) {
+      this.unlock(added);
+      throw err;
     }
-    if (added.length > 0) {
-      for (let i = 0; i < BLK_PERM_COUNT; i++) {
-        if (!(want.perm & (1 << i))) continue;
-        const conflict = native.testLock(this.fd, RAW_LOCK_SHARED_BASE + i, 1, LOCK_EXCLUSIVE);
-        if (conflict) {
-          undo();
-          return { byte: RAW_LOCK_SHARED_BASE + i, what: `failed to get "${PERM_NAMES[i]}" lock`, conflict };
-        }
-      }
-      for (let i = 0; i < BLK_PERM_COUNT; i++) {
-        if (!(want.unshared & (1 << i))) continue;
-        const conflict = native.testLock(this.fd, RAW_LOCK_PERM_BASE + i, 1, LOCK_EXCLUSIVE);
-        if (conflict) {
-          undo();
-          return { byte: RAW_LOCK_PERM_BASE + i, what: `failed to get shared "${PERM_NAMES[i]}" lock`, conflict };
-        }
-      }
+    if (refusal) {
+      this.unlock(added);
+      return refusal;
     }
-    const keep = new Set(need);
-    for (const b of have) if (!keep.has(b)) native.setLock(this.fd, b, 1, LOCK_UNLOCK);
+    this.unlock([...have].filter((b) => !need.includes(b)));
     this.held = want;
     return undefined;
+  }
+
+  /** Takes the shared locks of `need` not in `have`, noting each in `added`; a byte someone holds exclusively refuses. */
+  private lockNew(need: number[], have: Set<number>, added: number[]): Refusal | undefined {
+    const native = nativeFs();
+    for (const b of need) {
+      if (have.has(b)) continue;
+      if (!native.setLock(this.fd, b, 1, LOCK_SHARED))
+        return { byte: b, what: `failed to lock byte ${b}`, conflict: native.testLock(this.fd, b, 1, LOCK_SHARED) };
+      added.push(b);
+    }
+    return undefined;
+  }
+
+  /**
+   * QEMU's raw_check_lock_bytes: nobody else may hold the "not shared" byte of a permission `want` uses, nor
+   * the permission byte of one it does not share. (This description's own locks never conflict.)
+   */
+  private conflict(want: ImagePermissions): Refusal | undefined {
+    const native = nativeFs();
+    for (let i = 0; i < BLK_PERM_COUNT; i++) {
+      if (!(want.perm & (1 << i))) continue;
+      const conflict = native.testLock(this.fd, RAW_LOCK_SHARED_BASE + i, 1, LOCK_EXCLUSIVE);
+      if (conflict) return { byte: RAW_LOCK_SHARED_BASE + i, what: `failed to get "${PERM_NAMES[i]}" lock`, conflict };
+    }
+    for (let i = 0; i < BLK_PERM_COUNT; i++) {
+      if (!(want.unshared & (1 << i))) continue;
+      const conflict = native.testLock(this.fd, RAW_LOCK_PERM_BASE + i, 1, LOCK_EXCLUSIVE);
+      if (conflict)
+        return { byte: RAW_LOCK_PERM_BASE + i, what: `failed to get shared "${PERM_NAMES[i]}" lock`, conflict };
+    }
+    return undefined;
+  }
+
+  private unlock(bytes: number[]): void {
+    for (const b of bytes) nativeFs().setLock(this.fd, b, 1, LOCK_UNLOCK);
   }
 }
 
@@ -184,8 +202,16 @@ export async function lockImage(
   const key = `${st.dev}:${st.ino}`;
   let f = registry.get(key);
   const fresh = !f;
-  if (!f) f = new LockedFile(key, nativeFs().dupFd(fd), { dev: st.dev, ino: st.ino });
-  const refused = f.apply(f.wanted(mode));
+  let refused: Refusal | undefined;
+  try {
+    if (!f) f = new LockedFile(nativeFs().dupFd(fd), { dev: st.dev, ino: st.ino });
+    refused = f.apply(f.wanted(mode));
+  } catch (err) {
+    if (fresh && f) closeSync(f.fd);
+    throw err instanceof TidemarkError
+      ? err
+      : new TidemarkError('IO_ERROR', `cannot lock ${path}: ${(err as Error).message}`, { path }, { cause: err });
+  }
   if (refused) {
     if (fresh) closeSync(f.fd);
     throw await refusalError(path, mode, f, refused);
