@@ -187,6 +187,31 @@ describe.skipIf(peers.skip)('image locks', () => {
     await d.close();
   });
 
+  it('an exclusive POSIX lock on a lock byte (another program) refuses the open, naming its owner', async () => {
+    const file = await newDisk();
+    const script =
+      'import fcntl, os, sys, time\n' +
+      'fd = os.open(sys.argv[1], os.O_RDWR)\n' +
+      'fcntl.lockf(fd, fcntl.LOCK_EX, 1, 100)\n' +
+      'print("ready", flush=True)\n' +
+      'time.sleep(60)\n';
+    const py = spawn('python3', ['-c', script, file], { stdio: ['ignore', 'pipe', 'ignore'] });
+    try {
+      await new Promise<void>((resolve, reject) => {
+        py.stdout!.once('data', () => resolve());
+        py.once('exit', () => reject(new Error('python3 exited')));
+      });
+      const err = await openError(file, false);
+      expect(err.code).toBe('LOCKED');
+      expect(err.message).toBe(
+        `cannot open ${file} for reading: failed to lock byte 100: held by python3 (pid ${py.pid})`,
+      );
+      expect(imageLockState(identity(file))).toBeUndefined();
+    } finally {
+      await stop(py, 'SIGKILL');
+    }
+  });
+
   it('a process killed with SIGKILL while it holds a disk leaves no lock behind', async () => {
     const file = await newDisk();
     const before = await sha256File(file);
