@@ -117,6 +117,25 @@ describe('tracking files that are symbolic links are never followed', () => {
   }
 });
 
+describe('repository objects that are symbolic links are never followed', () => {
+  it('a config linked to a real one elsewhere: points list refuses it', async () => {
+    const repo = path.join(dir, 'repo-link');
+    const init = await tm(['repo', 'init', repo]);
+    expect(init.status, init.stderr).toBe(0);
+    const real = path.join(dir, 'config.elsewhere');
+    renameSync(path.join(repo, 'config'), real);
+    symlinkSync(real, path.join(repo, 'config'));
+    const before = hash(real);
+    expectRefused(
+      await tm(['points', 'list', '--repo', repo]),
+      6,
+      'PATH_NOT_ALLOWED',
+      /config is a symbolic link; it is not followed/,
+    );
+    expect(hash(real)).toBe(before);
+  });
+});
+
 describe('FIFOs where files are expected: every command ends at once with a typed error', () => {
   it('a FIFO as the disk', async () => {
     const fifo = path.join(dir, 'fifo.vhdx');
