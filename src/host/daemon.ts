@@ -67,7 +67,7 @@ export async function startHost(opts: DaemonOptions): Promise<RunningHost> {
 }
 
 /** host.json holds an address, a token and a pid: a few hundred bytes. */
-export const HOST_FILE_MAX = 64 * 1024;
+const HOST_FILE_MAX = 64 * 1024;
 
 async function refuseSecondHost(store: string): Promise<void> {
   let pid: number | undefined;
