@@ -7,6 +7,7 @@ import { realpath } from 'node:fs/promises';
 import path from 'node:path';
 import { TidemarkError, VhdxCorruptError } from '../../errors.js';
 import { NodeFile, PatchedFile, type RandomAccessFile } from '../../util/file.js';
+import { FileTypeError } from '../../util/safe-open.js';
 import { GUID_ZERO, guidEquals, guidToString, isZeroGuid, newGuid, type Guid } from '../../util/guid.js';
 import { RwLock } from '../../util/rwlock.js';
 import { zeroPieces } from '../../util/zero.js';
@@ -261,9 +262,11 @@ export class VhdxFile {
     depth: number,
   ): Promise<VhdxFile> {
     const writable = opts.writable ?? false;
+    // The live file takes QEMU's image locks (writer, or reader for a read-only open and every parent);
+    // a storage snapshot's view reads a copy and takes none.
     const base = opts.openFile
       ? await opts.openFile(filePath, writable)
-      : await NodeFile.open(filePath, writable ? 'r+' : 'r');
+      : await NodeFile.open(filePath, writable ? 'r+' : 'r', { lock: writable ? 'writer' : 'reader' });
     let disk: VhdxFile | undefined;
     try {
       disk = await VhdxFile.decode(filePath, base, writable);
@@ -585,7 +588,12 @@ export class VhdxFile {
       try {
         parent = await VhdxFile.openInChain(found, { ...opts, writable: false, parent: undefined }, roots, depth + 1);
       } catch (err) {
-        // Not a readable file (a directory, a device): try the next candidate. A damaged VHDX is reported.
+        // Not a readable file (a directory, a FIFO, a device): try the next candidate. A damaged VHDX, or
+        // a parent another program holds (LOCKED), is reported.
+        if (err instanceof FileTypeError) {
+          tried.push({ key: c.key, value: c.value, hostPath: found, outcome: `a ${err.type}, not a disk file` });
+          continue;
+        }
         if (!(err instanceof TidemarkError) || (err.code !== 'IO_ERROR' && err.code !== 'NOT_FOUND')) throw err;
         tried.push({ key: c.key, value: c.value, hostPath: found, outcome: 'not a readable file' });
         continue;
@@ -1514,6 +1522,9 @@ export class VhdxFile {
       if (this.cache.dirtyCount > 0 || this.logWriter) await this.cleanLog(await this.commit());
       this.canWrite = false;
     });
+    // A frozen parent now: other writers stay out, readers (qemu-img info) are let in, as QEMU does for
+    // a backing file.
+    await this.file.relock?.('reader');
   }
 
   /** Returns whether log entries were applied in place (then not yet durable there). */
