@@ -48,9 +48,9 @@ if (r.status === 0) {
 }
 if (why) {
   console.error(`tidemark: ERROR: the native addon native/fs could not be built (${why}).`);
-  console.error('tidemark: it is required (image locks, SEEK_DATA); install g++, make, python3 and the Node headers');
+  console.error('tidemark: it is required (image locks, SEEK_DATA, fanotify); install g++, make, python3 and the Node headers');
   console.error('tidemark: (the headers come with nodejs from nodesource/nodejs.org, or Debian libnode-dev),');
   console.error('tidemark: then run: npm run build:native');
   process.exit(1);
 }
-console.log('tidemark: built the native addon (native/fs): image locks, SEEK_DATA');
+console.log('tidemark: built the native addon (native/fs): image locks, SEEK_DATA, fanotify');
