@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Every benchmark in bench/ (*.sh with bash, *.mjs with node), after a build.
+# Every benchmark in bench/ (*.sh with bash, *.mjs with node), after a build (TypeScript and the native addon).
 # Usage: npm run bench [-- NAME...]   (NAME: a benchmark's file name, with or without its extension;
 # default: all of them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 npm run build --silent
+npm run build:native --silent
 status=0
 ran=0
 for b in bench/*.sh bench/*.mjs; do

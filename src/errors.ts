@@ -24,6 +24,7 @@ export type ErrorCode =
   | 'PROTOCOL_ERROR'
   | 'CONFLICT'
   | 'BUSY'
+  | 'LOCKED'
   | 'GUEST_AGENT_ERROR'
   | 'UNAUTHORIZED'
   | 'BAD_STATE'

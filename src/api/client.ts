@@ -2,7 +2,6 @@
  * The typed client of the host's management API: the CLI and the backup application talk to a host only
  * through it. Errors come back as TidemarkErrors with the server's code; jobs can be waited on.
  */
-import { readFile } from 'node:fs/promises';
 import http from 'node:http';
 import path from 'node:path';
 import { TidemarkError, type ErrorCode } from '../errors.js';
@@ -13,6 +12,7 @@ import type { JobInfo } from '../host/jobs.js';
 import type { LeaseInfo } from '../host/leases.js';
 import type { ChangesResult } from '../tracking/tracker.js';
 import type { SnapshotSetInfo } from '../host/snapshot-sets.js';
+import { readSmallFile } from '../util/safe-open.js';
 import type {
   AcquireLeaseBody,
   ChangesBody,
@@ -53,8 +53,10 @@ export async function readHostFile(store: string): Promise<HostAddress> {
   const file = path.join(path.resolve(store), 'host.json');
   let info: { api?: string; token?: string };
   try {
-    info = JSON.parse(await readFile(file, 'utf8'));
-  } catch {
+    info = JSON.parse((await readSmallFile(file, { maxBytes: 64 * 1024 })).toString('utf8'));
+  } catch (err) {
+    // A FIFO or an oversized file in its place is said as such; a missing or unreadable one means no host.
+    if (err instanceof TidemarkError && (err.code === 'INVALID_ARGUMENT' || err.code === 'LIMIT_EXCEEDED')) throw err;
     throw new TidemarkError(
       'NOT_FOUND',
       `no host is running for store ${store} (cannot read ${file}); start one: tidemark host --store ${store}`,

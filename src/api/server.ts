@@ -361,7 +361,7 @@ export function openApi(routes: Route[]): unknown {
         '400': { description: 'Invalid request: { error: { code, message } }' },
         '401': { description: 'Missing or wrong token' },
         '404': { description: 'Not found' },
-        '409': { description: 'Conflict / busy' },
+        '409': { description: 'Conflict / busy / locked (image locks)' },
       },
       security: [{ bearer: [] }],
     };
@@ -382,6 +382,7 @@ const STATUS: Record<string, number> = {
   ALREADY_EXISTS: 409,
   CONFLICT: 409,
   BUSY: 409,
+  LOCKED: 409,
   READ_ONLY: 409,
   PATH_NOT_ALLOWED: 403,
   MISSING_CHANGE_TRACKING_INFORMATION: 422,

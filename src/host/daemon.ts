@@ -3,11 +3,12 @@
  * `STORE/host.json` (mode 0600). One host per store: a second one is refused while the first lives.
  */
 import { randomBytes } from 'node:crypto';
-import { readFile, unlink } from 'node:fs/promises';
+import { unlink } from 'node:fs/promises';
 import path from 'node:path';
 import { ApiServer, hostRoutes, type RouteProvider } from '../api/server.js';
 import { TidemarkError } from '../errors.js';
 import { writeFileAtomic } from '../util/atomic.js';
+import { readSmallFile } from '../util/safe-open.js';
 import { Host, type HostOptions } from './host.js';
 
 export interface DaemonOptions extends HostOptions {
@@ -75,10 +76,13 @@ export async function startHost(opts: DaemonOptions): Promise<RunningHost> {
   };
 }
 
+/** host.json holds an address, a token and a pid: a few hundred bytes. */
+const HOST_FILE_MAX = 64 * 1024;
+
 async function refuseSecondHost(store: string): Promise<void> {
   let pid: number | undefined;
   try {
-    pid = JSON.parse(await readFile(path.join(store, 'host.json'), 'utf8')).pid;
+    pid = JSON.parse((await readSmallFile(path.join(store, 'host.json'), { maxBytes: HOST_FILE_MAX })).toString()).pid;
   } catch {
     return;
   }

@@ -6,8 +6,8 @@
  */
 import { z } from 'zod';
 import { TidemarkError } from '../errors.js';
-import { readFile } from 'node:fs/promises';
 import { writeFileAtomic } from '../util/atomic.js';
+import { readSmallFile } from '../util/safe-open.js';
 export { supportsRct } from './config-version.js';
 
 export const DEFINITION_VERSION = 1;
@@ -138,11 +138,17 @@ export const VmDefinition = z.object({
 });
 export type VmDefinition = z.infer<typeof VmDefinition>;
 
+/** A definition larger than this is refused unread (it lists disks, checkpoints and reference points). */
+const MAX_DEFINITION_BYTES = 16 * 1024 * 1024;
+
 export async function readDefinition(file: string): Promise<VmDefinition> {
   let text: string;
   try {
-    text = await readFile(file, 'utf8');
+    text = (await readSmallFile(file, { maxBytes: MAX_DEFINITION_BYTES })).toString('utf8');
   } catch (err) {
+    // A FIFO, a directory or an oversized file keeps its own code; anything else reads as missing.
+    if (err instanceof TidemarkError && err.code !== 'NOT_FOUND' && err.code !== 'IO_ERROR')
+      throw new TidemarkError(err.code, `VM definition ${err.message}`, err.details);
     throw new TidemarkError('NOT_FOUND', `cannot read VM definition ${file}: ${(err as Error).message}`);
   }
   let json: unknown;

@@ -18,6 +18,7 @@ import { mergeWithTracking } from '../tracking/merge.js';
 import { ChangeTracker, trackingPaths, type ChangesResult, type TrackingFiles } from '../tracking/tracker.js';
 import { guidToString } from '../util/guid.js';
 import { KeyedMutex, Mutex } from '../util/mutex.js';
+import { checkFileType } from '../util/safe-open.js';
 import { parseSize } from '../util/size.js';
 import {
   checkConfigVersion,
@@ -282,6 +283,8 @@ export class Host {
   async createVm(req: CreateVmRequest): Promise<VmSummary> {
     checkVmName(req.name);
     const configVersion = checkConfigVersion(req.configVersion ?? DEFAULT_CONFIG_VERSION);
+    // What the disk paths name is checked before the lock: no VM creation waits behind a hostile path.
+    await checkDiskPaths(req.disks);
     return this.createLock.run(async () => {
       await this.assertNameFree(req.name);
       const dir = this.vmDir(req.name);
@@ -325,6 +328,7 @@ export class Host {
   }
 
   async modifyVm(name: string, req: ModifyVmRequest & LeaseRef): Promise<VmSummary> {
+    await checkDiskPaths(req.attach);
     return this.locks.run(name, () =>
       this.leases.during(name, req.lease, 'vm set', async () => {
         const def = this.mustGet(name);
@@ -1375,6 +1379,11 @@ async function enableTracking(
   } finally {
     await disk.close();
   }
+}
+
+/** Disks attached by path must be disk files (not a FIFO, a socket, a directory): checked without opening them. */
+async function checkDiskPaths(disks: NewDisk[] | undefined): Promise<void> {
+  for (const d of disks ?? []) if (d.path) await checkFileType(path.resolve(d.path), 'disk');
 }
 
 async function exists(p: string): Promise<boolean> {

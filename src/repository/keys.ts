@@ -8,7 +8,7 @@
  * WRONG_KEY, never garbage.
  */
 import { createCipheriv, createDecipheriv, createHmac, hkdfSync, randomBytes, scrypt } from 'node:crypto';
-import { open } from 'node:fs/promises';
+import { FileTypeError, readSmallFile } from '../util/safe-open.js';
 import { TidemarkError, InvalidArgumentError, fromSystemError } from '../errors.js';
 
 export const MASTER_KEY_SIZE = 32;
@@ -169,16 +169,12 @@ export function hmac(key: Buffer, ...parts: (string | Uint8Array)[]): Buffer {
 export async function readKeyFile(file: string): Promise<Buffer> {
   let raw: Buffer;
   try {
-    const fh = await open(file, 'r');
-    try {
-      const st = await fh.stat();
-      if (!st.isFile()) throw new InvalidArgumentError(`key file ${file} is not a regular file`);
-      if (st.size > MAX_KEY_FILE) throw new InvalidArgumentError(`key file ${file} is larger than 64 KiB`);
-      raw = await fh.readFile();
-    } finally {
-      await fh.close();
-    }
+    raw = await readSmallFile(file, { maxBytes: MAX_KEY_FILE });
   } catch (err) {
+    if (err instanceof FileTypeError)
+      throw new InvalidArgumentError(`key file ${file} is not a regular file (a ${err.type})`);
+    if (err instanceof TidemarkError && err.code === 'LIMIT_EXCEEDED')
+      throw new InvalidArgumentError(`key file ${file} is larger than 64 KiB`);
     throw fromSystemError(err, 'read key file', file);
   }
   let end = raw.length;

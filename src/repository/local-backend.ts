@@ -11,10 +11,12 @@
  */
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdir, open, readdir, rename, stat, unlink } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import { lstat, mkdir, open, readdir, rename, stat, unlink } from 'node:fs/promises';
 import path from 'node:path';
 import { TidemarkError, fromSystemError } from '../errors.js';
 import { DirectWriter } from '../util/direct-io.js';
+import { FileTypeError, openChecked } from '../util/safe-open.js';
 import { checkKey, checkPrefix, type Backend, type GetOptions, type ObjectInfo, type PutOptions } from './backend.js';
 
 const TMP = '.tmp';
@@ -52,17 +54,21 @@ export class LocalBackend implements Backend {
   async get(key: string, opts: GetOptions = {}): Promise<Buffer> {
     const file = this.staged.get(key) ?? this.pathOf(key);
     let fh;
+    let st;
     try {
-      fh = await open(file, 'r');
+      // Never through a link, never waiting on a FIFO: an object is a regular file under the root.
+      ({ handle: fh, stat: st } = await openChecked(file, constants.O_RDONLY, { noFollow: true, action: 'read' }));
     } catch (err) {
+      // A directory is a "folder" of keys, not an object.
+      if (err instanceof FileTypeError && err.type === 'directory')
+        throw new TidemarkError('NOT_FOUND', `no object ${key} in ${this.location}`, { key });
       throw this.notFoundOr(err, 'read', key);
     }
     try {
-      const st = await fh.stat();
-      if (!st.isFile()) throw new TidemarkError('NOT_FOUND', `no object ${key} in ${this.location}`, { key });
       const start = opts.range?.offset ?? 0;
-      const size = opts.range ? Math.max(0, Math.min(opts.range.length, st.size - start)) : st.size;
-      const claimed = opts.range ? opts.range.length : st.size;
+      const fileSize = Number(st.size);
+      const size = opts.range ? Math.max(0, Math.min(opts.range.length, fileSize - start)) : fileSize;
+      const claimed = opts.range ? opts.range.length : fileSize;
       if (opts.maxBytes !== undefined && claimed > opts.maxBytes) {
         throw new TidemarkError(
           'LIMIT_EXCEEDED',
@@ -140,7 +146,8 @@ export class LocalBackend implements Backend {
   async stat(key: string): Promise<ObjectInfo | null> {
     const file = this.staged.get(key) ?? this.pathOf(key);
     try {
-      const st = await stat(file);
+      // lstat: a link is not an object (get refuses to follow it).
+      const st = await lstat(file);
       return st.isFile() ? { key, size: st.size, mtimeMs: st.mtimeMs } : null;
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
@@ -300,7 +307,8 @@ export class LocalBackend implements Backend {
   }
 
   private notFoundOr(err: unknown, action: string, key: string): TidemarkError {
-    const code = (err as NodeJS.ErrnoException).code;
+    // A system error, or one openChecked already typed (its errno is in the details).
+    const code = err instanceof TidemarkError ? err.details.errno : (err as NodeJS.ErrnoException).code;
     if (code === 'ENOENT' || code === 'ENOTDIR') {
       return new TidemarkError('NOT_FOUND', `no object ${key} in ${this.location}`, { key }, { cause: err });
     }

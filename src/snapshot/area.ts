@@ -8,11 +8,14 @@
  */
 import { randomUUID } from 'node:crypto';
 import { constants, readFileSync } from 'node:fs';
-import { access, mkdir, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
+import { access, mkdir, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { TidemarkError, fromSystemError } from '../errors.js';
+import { readSmallFile } from '../util/safe-open.js';
 
 export const MANIFEST = 'snapshot.json';
+/** A manifest lists the snapshot's files: this bounds what reading a damaged one allocates. */
+const MAX_MANIFEST_BYTES = 16 * 1024 * 1024;
 
 export interface AreaManifest {
   format: 'tidemark-snapshot-area/1';
@@ -156,7 +159,8 @@ async function ownerAlive(dir: string, pid: number): Promise<boolean> {
   if (!processAlive(pid)) return false;
   let manifest: Partial<AreaManifest>;
   try {
-    manifest = JSON.parse(await readFile(path.join(dir, MANIFEST), 'utf8')) as Partial<AreaManifest>;
+    const text = await readSmallFile(path.join(dir, MANIFEST), { maxBytes: MAX_MANIFEST_BYTES, noFollow: true });
+    manifest = JSON.parse(text.toString('utf8')) as Partial<AreaManifest>;
   } catch {
     return true; // maybe still being created by that process: leave it for a later recovery
   }

@@ -13,11 +13,13 @@
  * (preserved extents appended in the order they were preserved). The extent map lives in memory: a
  * snapshot does not outlive its process, and recovery only deletes.
  */
+import { constants } from 'node:fs';
 import { open, stat, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { TidemarkError, fromSystemError } from '../errors.js';
 import { addFileWriteInterceptor, fileIdentity, type FileWriteInterceptor } from '../util/file.js';
 import { dataExtentsOf, mergeExtents, type DataExtent } from '../util/holes.js';
+import { openChecked } from '../util/safe-open.js';
 import { checkFiles, checkRoot, createArea, normalizeFiles, recoverAreas, removeArea, usableRoot } from './area.js';
 import type {
   PreparedSnapshot,
@@ -108,20 +110,9 @@ interface Source {
 }
 
 async function openSource(p: string): Promise<Source> {
-  let handle: FileHandle;
-  try {
-    handle = await open(p, 'r');
-  } catch (err) {
-    throw fromSystemError(err, 'snapshot', p);
-  }
-  try {
-    const st = await handle.stat({ bigint: true });
-    if (!st.isFile()) throw new TidemarkError('INVALID_ARGUMENT', `${p} is not a regular file`, { path: p });
-    return { path: p, handle, identity: fileIdentity(st) };
-  } catch (err) {
-    await handle.close().catch(() => undefined);
-    throw fromSystemError(err, 'snapshot', p);
-  }
+  // Non-blocking and type-checked: a file replaced by a FIFO since checkFiles is refused, not waited on.
+  const { handle, stat: st } = await openChecked(p, constants.O_RDONLY, { action: 'snapshot' });
+  return { path: p, handle, identity: fileIdentity(st) };
 }
 
 async function closeAll(handles: FileHandle[]): Promise<void> {

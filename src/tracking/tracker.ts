@@ -266,7 +266,7 @@ export class ChangeTracker implements WriteObserver {
       );
     }
     const header = newEpochHeader(disk, granularity, opts.reason ?? '');
-    const rct = await NodeFile.open(paths.rct, 'wx');
+    const rct = await NodeFile.openSidecar(paths.rct, 'wx');
     try {
       await rct.truncate(mapSlotOffset(granules, 1) + mapSlotLength(granules));
       header.mapCrc = mapCrc(new Uint32Array(granules));
@@ -279,7 +279,7 @@ export class ChangeTracker implements WriteObserver {
     } finally {
       await rct.close();
     }
-    const mrt = await NodeFile.open(paths.mrt, 'wx');
+    const mrt = await NodeFile.openSidecar(paths.mrt, 'wx');
     try {
       const regions = Math.ceil(disk.virtualSize / Math.max(COARSE_REGION, granularity));
       const slot = encodeMrtSlot({
@@ -361,7 +361,7 @@ export class ChangeTracker implements WriteObserver {
     }
     const paths = trackingPaths(baseOf(disk).path);
     if ((await ChangeTracker.inspect(baseOf(disk).path)).state !== 'ours') return undefined;
-    const rct = await NodeFile.open(paths.rct, writable ? 'r+' : 'r');
+    const rct = await NodeFile.openSidecar(paths.rct, writable ? 'r+' : 'r');
     let mrt: NodeFile | undefined;
     let watch: FileWatch | undefined;
     try {
@@ -791,7 +791,7 @@ export async function updateIdleHeader(
 ): Promise<boolean> {
   const paths = trackingPaths(basePath);
   if ((await ChangeTracker.inspect(basePath)).state !== 'ours') return false;
-  const rct = await NodeFile.open(paths.rct, 'r+');
+  const rct = await NodeFile.openSidecar(paths.rct, 'r+');
   try {
     const slots = Buffer.alloc(2 * HEADER_SLOT);
     await rct.read(slots, 0);
@@ -932,7 +932,7 @@ async function recoverFromCoarseMap(mrtPath: string, header: RctHeader, map: Uin
   const regionSize = Math.max(COARSE_REGION, header.granularity);
   const regions = Math.ceil(header.virtualSize / regionSize);
   const len = mrtSlotLength(regions);
-  const f = await NodeFile.open(mrtPath, 'r');
+  const f = await NodeFile.openSidecar(mrtPath, 'r');
   const slots = Buffer.alloc(2 * len);
   const size = f.size();
   try {
@@ -1010,9 +1010,9 @@ async function ownsData(disk: VhdxFile): Promise<boolean> {
 
 async function openOrCreate(p: string): Promise<NodeFile> {
   try {
-    return await NodeFile.open(p, 'r+');
+    return await NodeFile.openSidecar(p, 'r+');
   } catch (err) {
-    if (err instanceof TidemarkError && err.code === 'NOT_FOUND') return NodeFile.open(p, 'wx');
+    if (err instanceof TidemarkError && err.code === 'NOT_FOUND') return NodeFile.openSidecar(p, 'wx');
     throw err;
   }
 }

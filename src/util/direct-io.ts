@@ -130,7 +130,8 @@ async function writeRest(file: string, data: Uint8Array, from: number, sync: boo
 export async function openDirect(file: string): Promise<FileHandle | null> {
   if (O_DIRECT === undefined) return null;
   try {
-    return await open(file, constants.O_WRONLY | O_DIRECT);
+    // O_NONBLOCK: a FIFO put in the file's place fails (ENXIO) instead of waiting for a reader.
+    return await open(file, constants.O_WRONLY | O_DIRECT | constants.O_NONBLOCK);
   } catch (err) {
     if (isRefusal(err)) return null;
     throw err;

@@ -3,7 +3,7 @@
  * finds the ones that do not (dd, qemu-io with locking=off, a copy tool writing in place), so the change
  * tracker can refuse to vouch for a disk another process wrote.
  *
- * One fanotify group per process (native addon, native/seek/watch.c) with a mark per watched file: an open
+ * One fanotify group per process (native addon, native/fs/watch.c) with a mark per watched file: an open
  * or a close-after-write by any other process is queued with its pid. The queue is drained every few
  * seconds (so it never overflows) and whenever a watcher asks. An open by another process counts only if
  * that process holds the file open for writing (read from /proc), so readers (`qemu-img info -U`) are
@@ -11,8 +11,8 @@
  * Without fanotify (no addon, or refused) a watch says so: `available` is false and `why` tells.
  */
 import { readdirSync, readFileSync, readlinkSync, statSync } from 'node:fs';
-import { createRequire } from 'node:module';
 import path from 'node:path';
+import { nativeFs, type NativeFs } from './native.js';
 
 /** Something another process did to a watched file. */
 export interface ForeignAccess {
@@ -23,32 +23,10 @@ export interface ForeignAccess {
   what: 'wrote' | 'holds it open for writing' | 'replaced or removed it' | 'events were lost';
 }
 
-interface WatchAddon {
-  watchInit(): { fd: number; mode: 'fid' | 'fd' };
-  watchAdd(fd: number, mode: string, path: string): string;
-  watchRemove(fd: number, mode: string, path: string): void;
-  watchDrain(fd: number, mode: string): (number | string)[];
-}
-
 const FAN_OPEN = 0x20;
 const FAN_CLOSE_WRITE = 0x08;
 const FAN_Q_OVERFLOW = 0x4000;
 const DRAIN_EVERY_MS = 5000;
-
-let addon: WatchAddon | null | undefined;
-let addonError = '';
-
-function loadAddon(): WatchAddon | null {
-  if (addon === undefined) {
-    try {
-      addon = createRequire(import.meta.url)('../../native/seek/build/Release/seek.node') as WatchAddon;
-    } catch (err) {
-      addon = null;
-      addonError = `the native addon is not built (${(err as Error).message.split('\n')[0]})`;
-    }
-  }
-  return addon;
-}
 
 interface Mark {
   path: string;
@@ -65,7 +43,7 @@ class Group {
   private timer: NodeJS.Timeout | undefined;
 
   private constructor(
-    private readonly native: WatchAddon,
+    private readonly native: NativeFs,
     private readonly fd: number,
     private readonly mode: 'fid' | 'fd',
   ) {}
@@ -75,18 +53,13 @@ class Group {
 
   static get(): Group | null {
     if (Group.instance === undefined) {
-      const native = loadAddon();
-      if (!native) {
+      try {
+        const native = nativeFs();
+        const { fd, mode } = native.watchInit();
+        Group.instance = new Group(native, fd, mode);
+      } catch (err) {
         Group.instance = null;
-        Group.why = addonError;
-      } else {
-        try {
-          const { fd, mode } = native.watchInit();
-          Group.instance = new Group(native, fd, mode);
-        } catch (err) {
-          Group.instance = null;
-          Group.why = `fanotify is not available here (${(err as Error).message})`;
-        }
+        Group.why = `fanotify is not available here (${(err as Error).message})`;
       }
     }
     return Group.instance;

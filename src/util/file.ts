@@ -1,7 +1,9 @@
 import { constants } from 'node:fs';
-import { open, type FileHandle } from 'node:fs/promises';
+import type { FileHandle } from 'node:fs/promises';
 import { TidemarkError, fromSystemError } from '../errors.js';
 import { dataExtentsOf, type DataExtent } from './holes.js';
+import { lockImage, type ImageLock, type ImageLockMode } from './image-lock.js';
+import { openChecked, type FileKind } from './safe-open.js';
 
 /** Node turns a position that is not a safe integer into "the current file position": refuse it instead. */
 function checkPosition(position: number, length: number, action: string, path: string): void {
@@ -29,6 +31,11 @@ export interface RandomAccessFile {
    * (SEEK_DATA), so a caller can skip holes without reading them.
    */
   dataExtents?(offset: number, length: number): DataExtent[] | undefined;
+  /**
+   * Holds the file's image locks as `mode` from now on (a disk that became a read-only parent keeps other
+   * writers out but lets readers in). Only files opened with a lock have it.
+   */
+  relock?(mode: ImageLockMode): Promise<void>;
 }
 
 /**
@@ -69,6 +76,18 @@ async function runInterceptors(
   for (const i of [...set]) await call(i);
 }
 
+export interface NodeFileOptions {
+  /**
+   * Take QEMU-compatible image locks (image-lock.ts) for as long as the file is open: LOCKED, naming the
+   * holder, when another program uses the file in a way this mode cannot share. Default: none.
+   */
+  lock?: ImageLockMode;
+  /** Refuse a symbolic link as the last path component (files Tidemark owns, such as tracking files). */
+  noFollow?: boolean;
+  /** What the path must name (default `disk`: a regular file or a block device). */
+  kind?: FileKind;
+}
+
 export class NodeFile implements RandomAccessFile {
   private constructor(
     readonly path: string,
@@ -77,28 +96,54 @@ export class NodeFile implements RandomAccessFile {
     private length: number,
     /** fileIdentity() of the open file: the key of fileWriteInterceptors. */
     readonly identity: string,
+    private imageLock: ImageLock | undefined,
   ) {}
 
-  static async open(path: string, mode: 'r' | 'r+' | 'w' | 'wx'): Promise<NodeFile> {
-    let handle: FileHandle;
+  /**
+   * Opens without ever waiting on a FIFO (O_NONBLOCK) and refuses what is not a `kind` file with a typed
+   * error; 'wx' creates with O_EXCL (never through an existing link).
+   */
+  static async open(path: string, mode: 'r' | 'r+' | 'w' | 'wx', opts: NodeFileOptions = {}): Promise<NodeFile> {
+    // Shared (read) locks need a descriptor open for reading: a locked file being created is opened read-write.
+    const writeOnly = opts.lock ? constants.O_RDWR : constants.O_WRONLY;
+    // 'w' truncates through truncate() below instead of O_TRUNC, so interceptors see it.
+    const flags =
+      mode === 'r'
+        ? constants.O_RDONLY
+        : mode === 'r+'
+          ? constants.O_RDWR
+          : mode === 'w'
+            ? writeOnly | constants.O_CREAT
+            : writeOnly | constants.O_CREAT | constants.O_EXCL;
+    const { handle, stat: st } = await openChecked(path, flags, {
+      kind: opts.kind ?? 'disk',
+      noFollow: opts.noFollow,
+      action: mode === 'wx' || mode === 'w' ? 'create' : 'open',
+    });
+    let lock: ImageLock | undefined;
     try {
-      // 'w' truncates through truncate() below instead of O_TRUNC, so interceptors see it.
-      handle = await open(path, mode === 'w' ? constants.O_WRONLY | constants.O_CREAT : mode);
-    } catch (err) {
-      throw fromSystemError(err, mode === 'wx' || mode === 'w' ? 'create' : 'open', path);
-    }
-    try {
-      const st = await handle.stat({ bigint: true });
-      if (!st.isFile() && !st.isBlockDevice()) {
-        throw fromSystemError(Object.assign(new Error('not a regular file'), { code: 'EINVAL' }), 'open', path);
-      }
-      const file = new NodeFile(path, mode !== 'r', handle, Number(st.size), fileIdentity(st));
+      if (opts.lock) lock = await lockImage(handle.fd, st, path, opts.lock);
+      const file = new NodeFile(path, mode !== 'r', handle, Number(st.size), fileIdentity(st), lock);
       if (mode === 'w' && st.size > 0n) await file.truncate(0);
       return file;
     } catch (err) {
       await handle.close().catch(() => undefined);
+      lock?.release();
       throw fromSystemError(err, 'open', path);
     }
+  }
+
+  /**
+   * Opens a file Tidemark keeps beside a disk (the tracking files .rct and .mrt): a regular file, never
+   * through a symbolic link (a link there would have Tidemark overwrite whatever it names), created with
+   * O_EXCL, and locked like a disk (writer when writable): two processes never both write it.
+   */
+  static openSidecar(path: string, mode: 'r' | 'r+' | 'wx'): Promise<NodeFile> {
+    return NodeFile.open(path, mode, { noFollow: true, kind: 'file', lock: mode === 'r' ? 'reader' : 'writer' });
+  }
+
+  async relock(mode: ImageLockMode): Promise<void> {
+    await this.imageLock?.setMode(mode);
   }
 
   size(): number {
@@ -159,7 +204,11 @@ export class NodeFile implements RandomAccessFile {
   }
 
   async close(): Promise<void> {
-    await this.handle.close();
+    try {
+      await this.handle.close();
+    } finally {
+      this.imageLock?.release();
+    }
   }
 }
 
@@ -218,6 +267,10 @@ export class PatchedFile implements RandomAccessFile {
 
   async close(): Promise<void> {
     await this.base.close();
+  }
+
+  async relock(mode: ImageLockMode): Promise<void> {
+    await this.base.relock?.(mode);
   }
 }
 

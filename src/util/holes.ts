@@ -1,44 +1,33 @@
 /**
- * Where a file holds data, from lseek(SEEK_DATA / SEEK_HOLE) through the optional addon in native/seek
- * (Node has no binding for them). Without the addon, or when the call fails, the answer is "unknown"
- * and callers read the whole file. TIDEMARK_NO_SEEK_DATA=1 turns the addon off (tests, benchmarks).
+ * Where a file holds data, from lseek(SEEK_DATA / SEEK_HOLE) through the native addon (native/fs, seek.c;
+ * Node has no binding for them). When the call fails the answer is "unknown" and callers read the whole
+ * file. TIDEMARK_NO_SEEK_DATA=1 turns hole detection off (tests, benchmarks).
  */
+import { constants } from 'node:fs';
 import { open } from 'node:fs/promises';
-import { createRequire } from 'node:module';
+import { nativeFs, type NativeFs } from './native.js';
 
 export interface DataExtent {
   offset: number;
   length: number;
 }
 
-interface SeekAddon {
-  dataExtents(fd: number, end: number, start?: number): number[];
-}
-
-let addon: SeekAddon | null | undefined;
-
-/** The addon, or null when it was not built or does not load here. Same path from src/ and dist/. */
-export function seekAddon(): SeekAddon | null {
-  if (addon === undefined) {
-    try {
-      addon = createRequire(import.meta.url)('../../native/seek/build/Release/seek.node') as SeekAddon;
-    } catch {
-      addon = null;
-    }
-  }
-  return process.env.TIDEMARK_NO_SEEK_DATA === '1' ? null : addon;
+/** The SEEK_DATA call of the addon, or null when TIDEMARK_NO_SEEK_DATA=1 turns it off. */
+export function seekAddon(): Pick<NativeFs, 'dataExtents'> | null {
+  return process.env.TIDEMARK_NO_SEEK_DATA === '1' ? null : nativeFs();
 }
 
 /**
  * The data extents of `path` within [0, size), in order; what lies between them reads as zeros.
- * undefined when that cannot be known (no addon, or the file system refused): read everything then.
+ * undefined when that cannot be known (turned off, or the file system refused): read everything then.
  */
 export async function dataExtents(path: string, size: number): Promise<DataExtent[] | undefined> {
   const seek = seekAddon();
   if (!seek) return undefined;
   let handle;
   try {
-    handle = await open(path, 'r');
+    // O_NONBLOCK: a FIFO put in place of the file must not hold this open.
+    handle = await open(path, constants.O_RDONLY | constants.O_NONBLOCK);
   } catch {
     return undefined;
   }

@@ -8,6 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll } from 'vitest';
+import { copyEngine } from '../helpers/engine-copy.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const DIST = path.resolve(process.env.TIDEMARK_SNAPSHOT_DIST ?? path.join(here, '../../dist'));
@@ -49,7 +50,7 @@ function workerPath(): string {
     if (!existsSync(path.join(DIST, 'snapshot/index.js')))
       throw new Error(`${DIST}/snapshot is missing: run \`npm run build\` first (npm test does)`);
     copy = mkdtempSync(path.join(os.tmpdir(), 'tidemark-snapworker-'));
-    cpSync(DIST, path.join(copy, 'dist'), { recursive: true, filter: (f) => !/\.(map|d\.ts)$/.test(f) });
+    copyEngine(DIST, copy);
     for (const f of ['snapshot-worker.mjs', 'worker-plan.mjs']) cpSync(path.join(here, f), path.join(copy, f));
   }
   return copy;

@@ -44,6 +44,7 @@ import { checkVhdx } from '../../src/formats/vhdx/check.js';
 import { createVhdx } from '../../src/formats/vhdx/create.js';
 import { mergeIntoParent } from '../../src/formats/vhdx/merge.js';
 import { VhdxFile } from '../../src/formats/vhdx/vhdx.js';
+import { copyEngine } from '../helpers/engine-copy.js';
 import { hasPeer, missingPeers, qemuImgCheck, run, sevenZipExtract } from '../helpers/peers.js';
 import { rng, seedFrom } from '../helpers/random.js';
 import { scribble } from '../helpers/scribble.js';
@@ -355,7 +356,7 @@ async function calibrate(): Promise<void> {
 function snapshotWorker(): string {
   for (let attempt = 1; ; attempt++) {
     const snap = `${dir}/snapshot-${attempt}`;
-    cpSync(DIST, `${snap}/dist`, { recursive: true, filter: (f) => !/\.(map|d\.ts)$/.test(f) });
+    copyEngine(DIST, snap);
     for (const f of ['crash-worker.mjs', 'crash-plan.mjs']) cpSync(path.join(here, f), `${snap}/test/vhdx/${f}`);
     const worker = `${snap}/test/vhdx/crash-worker.mjs`;
     const probe = spawnSync(process.execPath, [worker, '{"mode":"none"}'], { encoding: 'utf8' });

@@ -72,7 +72,7 @@ async function openSource(path: string, opts: ConvertOptions): Promise<Source> {
       close: () => disk.close(),
     };
   }
-  const file = await NodeFile.open(path, 'r');
+  const file = await NodeFile.open(path, 'r', { lock: 'reader' });
   const size = file.size();
   return {
     format: 'raw',
@@ -238,7 +238,7 @@ export async function convertImage(
         await dst.close();
       };
     } else {
-      const dst = await NodeFile.open(dstPath, 'wx');
+      const dst = await NodeFile.open(dstPath, 'wx', { lock: 'writer' });
       created = true;
       await dst.truncate(virtualSize);
       piece = PIECE;

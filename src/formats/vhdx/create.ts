@@ -195,7 +195,8 @@ export async function createVhdx(filePath: string, opts: CreateOptions): Promise
     { guid: REGION_METADATA, fileOffset: METADATA_OFFSET, length: metadataLength, required: true },
   ]);
 
-  const file = await NodeFile.open(filePath, 'wx');
+  // Locked as a writer from its creation: no QEMU tool opens it half written.
+  const file = await NodeFile.open(filePath, 'wx', { lock: 'writer' });
   let ok = false;
   try {
     await file.write(encodeFileIdentifier({ creator: opts.creator ?? CREATOR }), 0);

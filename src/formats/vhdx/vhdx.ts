@@ -7,6 +7,7 @@ import { realpath } from 'node:fs/promises';
 import path from 'node:path';
 import { TidemarkError, VhdxCorruptError } from '../../errors.js';
 import { NodeFile, PatchedFile, type RandomAccessFile } from '../../util/file.js';
+import { FileTypeError } from '../../util/safe-open.js';
 import { GUID_ZERO, guidEquals, guidToString, isZeroGuid, newGuid, type Guid } from '../../util/guid.js';
 import { RwLock } from '../../util/rwlock.js';
 import { zeroPieces } from '../../util/zero.js';
@@ -261,9 +262,11 @@ export class VhdxFile {
     depth: number,
   ): Promise<VhdxFile> {
     const writable = opts.writable ?? false;
+    // The live file takes QEMU's image locks (writer, or reader for a read-only open and every parent);
+    // a storage snapshot's view reads a copy and takes none.
     const base = opts.openFile
       ? await opts.openFile(filePath, writable)
-      : await NodeFile.open(filePath, writable ? 'r+' : 'r');
+      : await NodeFile.open(filePath, writable ? 'r+' : 'r', { lock: writable ? 'writer' : 'reader' });
     let disk: VhdxFile | undefined;
     try {
       disk = await VhdxFile.decode(filePath, base, writable);
@@ -585,7 +588,12 @@ export class VhdxFile {
       try {
         parent = await VhdxFile.openInChain(found, { ...opts, writable: false, parent: undefined }, roots, depth + 1);
       } catch (err) {
-        // Not a readable file (a directory, a device): try the next candidate. A damaged VHDX is reported.
+        // Not a readable file (a directory, a FIFO, a device): try the next candidate. A damaged VHDX, or
+        // a parent another program holds (LOCKED), is reported.
+        if (err instanceof FileTypeError) {
+          tried.push({ key: c.key, value: c.value, hostPath: found, outcome: `a ${err.type}, not a disk file` });
+          continue;
+        }
         if (!(err instanceof TidemarkError) || (err.code !== 'IO_ERROR' && err.code !== 'NOT_FOUND')) throw err;
         tried.push({ key: c.key, value: c.value, hostPath: found, outcome: 'not a readable file' });
         continue;
@@ -1129,18 +1137,22 @@ export class VhdxFile {
     const name = path.basename(this.path);
     if (!picked) return `the headers of ${name} on disk are no longer valid`;
     // Another instance in this process may have written the file since (a merge writes a parent that a
-    // chain holds open read-only): what this process wrote last is what must be there.
-    const written = headersWritten.get(this.path);
-    const ours =
-      written && written.sequenceNumber > this.headerState.header.sequenceNumber ? written : this.headerState.header;
+    // chain holds open read-only), or be writing it now (a header update writes two slots in turn, and a
+    // flush that cleans the log may run beside the caller): any of the headers this process wrote last
+    // may be the current one.
     const theirs = picked.header;
-    if (theirs.sequenceNumber !== ours.sequenceNumber)
-      return `another program rewrote the headers of ${name} (sequence number ${ours.sequenceNumber} → ${theirs.sequenceNumber})`;
-    for (const k of ['fileWriteGuid', 'dataWriteGuid', 'logGuid'] as const) {
-      if (!guidEquals(theirs[k], ours[k]))
-        return `another program rewrote the headers of ${name} (${k} ${guidToString(ours[k])} → ${guidToString(theirs[k])})`;
-    }
-    return undefined;
+    const ours = [this.headerState.header, ...(headersWritten.get(this.path) ?? [])];
+    const same = (h: VhdxHeader) =>
+      h.sequenceNumber === theirs.sequenceNumber &&
+      guidEquals(h.fileWriteGuid, theirs.fileWriteGuid) &&
+      guidEquals(h.dataWriteGuid, theirs.dataWriteGuid) &&
+      guidEquals(h.logGuid, theirs.logGuid);
+    if (ours.some(same)) return undefined;
+    const last = ours.reduce((a, b) => (b.sequenceNumber > a.sequenceNumber ? b : a));
+    if (theirs.sequenceNumber !== last.sequenceNumber)
+      return `another program rewrote the headers of ${name} (sequence number ${last.sequenceNumber} → ${theirs.sequenceNumber})`;
+    const k = (['fileWriteGuid', 'dataWriteGuid', 'logGuid'] as const).find((f) => !guidEquals(theirs[f], last[f]))!;
+    return `another program rewrote the headers of ${name} (${k} ${guidToString(last[k])} → ${guidToString(theirs[k])})`;
   }
 
   /** `headersOnDiskDiffer` with our own metadata changes held off meanwhile. */
@@ -1510,6 +1522,9 @@ export class VhdxFile {
       if (this.cache.dirtyCount > 0 || this.logWriter) await this.cleanLog(await this.commit());
       this.canWrite = false;
     });
+    // A frozen parent now: other writers stay out, readers (qemu-img info) are let in, as QEMU does for
+    // a backing file.
+    await this.file.relock?.('reader');
   }
 
   /** Returns whether log entries were applied in place (then not yet durable there). */
@@ -1661,8 +1676,10 @@ export class VhdxFile {
   }
 }
 
-/** The headers this process wrote last, by file path (any instance): see `headersOnDiskDiffer`. */
-const headersWritten = new Map<string, VhdxHeader>();
+/** The headers this process wrote last (or is writing), by file path (any instance): see `headersOnDiskDiffer`. */
+const headersWritten = new Map<string, VhdxHeader[]>();
+/** Two per header update (both slots), and the update before. */
+const RECENT_HEADERS = 4;
 
 /** Header update (MS-VHDX 2.2.2.1): write the non-current slot with seq+1, flush; then the other, flush. */
 async function writeHeaders(file: RandomAccessFile, state: HeaderState, changes: Partial<VhdxHeader>): Promise<void> {
@@ -1682,11 +1699,13 @@ async function writeHeaders(file: RandomAccessFile, state: HeaderState, changes:
       checksum: 0,
     };
     const slot: 0 | 1 = state.slot === 0 ? 1 : 0;
+    // Known before it lands: a check that reads the file meanwhile finds one of ours.
+    const recent = headersWritten.get(file.path) ?? [];
+    headersWritten.set(file.path, [...recent.slice(-(RECENT_HEADERS - 1)), next]);
     await file.write(encodeHeader(next), HEADER_OFFSETS[slot]);
     await file.datasync();
     state.header = next;
     state.slot = slot;
-    headersWritten.set(file.path, next);
   }
 }
 

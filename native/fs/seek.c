@@ -7,17 +7,8 @@
 #define _GNU_SOURCE
 #define _FILE_OFFSET_BITS 64
 #include <errno.h>
-#include <stdio.h>
-#include <string.h>
 #include <unistd.h>
-#include <node_api.h>
-
-static napi_value fail(napi_env env, const char *what, int err) {
-  char msg[160];
-  snprintf(msg, sizeof msg, "%s: %s", what, strerror(err));
-  napi_throw_error(env, NULL, msg);
-  return NULL;
-}
+#include "addon.h"
 
 static napi_value data_extents(napi_env env, napi_callback_info info) {
   size_t argc = 3;
@@ -42,13 +33,13 @@ static napi_value data_extents(napi_env env, napi_callback_info info) {
     off_t data = lseek(fd, at, SEEK_DATA);
     if (data < 0) {
       if (errno == ENXIO) break; /* no data from `at` to the end of the file */
-      return fail(env, "lseek(SEEK_DATA)", errno);
+      return tm_throw_errno(env, "lseek(SEEK_DATA)", errno);
     }
     if (data >= size) break;
     off_t hole = lseek(fd, data, SEEK_HOLE);
     if (hole < 0) {
       /* The file shrank between the two calls: its end is the end of the data. */
-      if (errno != ENXIO) return fail(env, "lseek(SEEK_HOLE)", errno);
+      if (errno != ENXIO) return tm_throw_errno(env, "lseek(SEEK_HOLE)", errno);
       hole = size;
     }
     if (hole > size) hole = size;
@@ -62,12 +53,6 @@ static napi_value data_extents(napi_env env, napi_callback_info info) {
   return out;
 }
 
-napi_status register_watch(napi_env env, napi_value exports);
-
-NAPI_MODULE_INIT(/* napi_env env, napi_value exports */) {
-  napi_value fn;
-  if (register_watch(env, exports) != napi_ok) return NULL;
-  if (napi_create_function(env, "dataExtents", NAPI_AUTO_LENGTH, data_extents, NULL, &fn) != napi_ok) return NULL;
-  if (napi_set_named_property(env, exports, "dataExtents", fn) != napi_ok) return NULL;
-  return exports;
+int tm_init_seek(napi_env env, napi_value exports) {
+  return tm_export(env, exports, "dataExtents", data_extents);
 }

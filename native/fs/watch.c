@@ -26,17 +26,10 @@
 #include <sys/statfs.h>
 #include <unistd.h>
 #include <node_api.h>
+#include "addon.h"
 
 /* No FAN_MODIFY: it would cost every write of our own; a writer opened before the mark is found in /proc. */
 #define WATCH_MASK (FAN_OPEN | FAN_CLOSE_WRITE)
-
-static napi_value throw_errno(napi_env env, const char *what, int err) {
-  char msg[200], code[32];
-  snprintf(msg, sizeof msg, "%s: %s", what, strerror(err));
-  snprintf(code, sizeof code, "E%d", err);
-  napi_throw_error(env, code, msg);
-  return NULL;
-}
 
 static int get_mode(napi_env env, napi_value v, int *fid) {
   char buf[8];
@@ -74,7 +67,7 @@ static napi_value watch_init(napi_env env, napi_callback_info info) {
   if (fd < 0) {
     int first = errno;
     fd = fanotify_init(FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK, O_RDONLY | O_LARGEFILE);
-    if (fd < 0) return throw_errno(env, "fanotify_init", first == EINVAL ? errno : first);
+    if (fd < 0) return tm_throw_errno(env, "fanotify_init", first == EINVAL ? errno : first);
     mode = "fd";
   }
   napi_value out, v;
@@ -114,16 +107,16 @@ static napi_value watch_add(napi_env env, napi_callback_info info) {
     } h;
     int mount_id;
     h.fh.handle_bytes = MAX_HANDLE_SZ;
-    if (name_to_handle_at(AT_FDCWD, path, &h.fh, &mount_id, 0) != 0) return throw_errno(env, path, errno);
+    if (name_to_handle_at(AT_FDCWD, path, &h.fh, &mount_id, 0) != 0) return tm_throw_errno(env, path, errno);
     struct statfs sfs;
-    if (statfs(path, &sfs) != 0) return throw_errno(env, path, errno);
+    if (statfs(path, &sfs) != 0) return tm_throw_errno(env, path, errno);
     fid_key(key, sizeof key, &sfs.f_fsid, &h.fh);
   } else {
     struct stat st;
-    if (stat(path, &st) != 0) return throw_errno(env, path, errno);
+    if (stat(path, &st) != 0) return tm_throw_errno(env, path, errno);
     snprintf(key, sizeof key, "i:%llu:%llu", (unsigned long long)st.st_dev, (unsigned long long)st.st_ino);
   }
-  if (fanotify_mark(fd, FAN_MARK_ADD, WATCH_MASK, AT_FDCWD, path) != 0) return throw_errno(env, path, errno);
+  if (fanotify_mark(fd, FAN_MARK_ADD, WATCH_MASK, AT_FDCWD, path) != 0) return tm_throw_errno(env, path, errno);
   napi_value out;
   if (napi_create_string_utf8(env, key, NAPI_AUTO_LENGTH, &out) != napi_ok) return NULL;
   return out;
@@ -138,7 +131,7 @@ static napi_value watch_remove(napi_env env, napi_callback_info info) {
   }
   /* A file already gone, or never marked, has nothing to remove. */
   if (fanotify_mark(fd, FAN_MARK_REMOVE, WATCH_MASK, AT_FDCWD, path) != 0 && errno != ENOENT && errno != ENOTDIR)
-    return throw_errno(env, path, errno);
+    return tm_throw_errno(env, path, errno);
   return NULL;
 }
 
@@ -158,7 +151,7 @@ static napi_value watch_drain(napi_env env, napi_callback_info info) {
     if (len < 0) {
       if (errno == EAGAIN || errno == EWOULDBLOCK) break;
       if (errno == EINTR) continue;
-      return throw_errno(env, "read(fanotify)", errno);
+      return tm_throw_errno(env, "read(fanotify)", errno);
     }
     if (len == 0) break;
     struct fanotify_event_metadata *m = (struct fanotify_event_metadata *)buf;
@@ -199,17 +192,10 @@ static napi_value watch_drain(napi_env env, napi_callback_info info) {
   return out;
 }
 
-napi_status register_watch(napi_env env, napi_value exports) {
-  static const struct {
-    const char *name;
-    napi_callback cb;
-  } fns[] = {{"watchInit", watch_init}, {"watchAdd", watch_add}, {"watchRemove", watch_remove}, {"watchDrain", watch_drain}};
-  for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
-    napi_value fn;
-    napi_status s = napi_create_function(env, fns[i].name, NAPI_AUTO_LENGTH, fns[i].cb, NULL, &fn);
-    if (s != napi_ok) return s;
-    s = napi_set_named_property(env, exports, fns[i].name, fn);
-    if (s != napi_ok) return s;
-  }
-  return napi_ok;
+int tm_init_watch(napi_env env, napi_value exports) {
+  if (tm_export(env, exports, "watchInit", watch_init) != 0) return -1;
+  if (tm_export(env, exports, "watchAdd", watch_add) != 0) return -1;
+  if (tm_export(env, exports, "watchRemove", watch_remove) != 0) return -1;
+  if (tm_export(env, exports, "watchDrain", watch_drain) != 0) return -1;
+  return 0;
 }
