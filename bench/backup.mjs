@@ -93,7 +93,16 @@ try {
   const store = path.join(work, 'store');
   host = spawn(
     process.execPath,
-    [path.join(ROOT, 'bin/tidemark.js'), 'host', '--store', store, '--socket', path.join(work, 'nbd.sock')],
+    [
+      path.join(ROOT, 'bin/tidemark.js'),
+      'host',
+      '--store',
+      store,
+      '--socket',
+      path.join(work, 'nbd.sock'),
+      '--allow-disk-dir',
+      work, // the bench's disks live beside the store
+    ],
     {
       stdio: 'ignore', // its log would interleave with the results
     },
