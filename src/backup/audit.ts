@@ -10,7 +10,7 @@ import type { NbdClient } from '../nbd/client.js';
 import type { DiskAudit, DiskIndex } from '../repository/index.js';
 import { TidemarkError } from '../errors.js';
 import { isAllZero } from '../util/zero.js';
-import { zeroChunks } from './disk-reader.js';
+import { CONTEXT_BASE_ALLOCATION, STATE_ZERO } from '../nbd/protocol.js';
 
 /** What to audit: nothing, a sample (a fraction of the disk's chunks), or every chunk tracking calls unchanged. */
 export type AuditMode = { kind: 'off' } | { kind: 'sample'; rate: number } | { kind: 'full' };
@@ -168,6 +168,66 @@ export interface CheckResult {
   stoppedEarly: boolean;
 }
 
+/** Block-status requests ask for at most this much (the length is 32 bits). */
+const MAX_STATUS_REQUEST = 2 ** 31;
+
+/**
+ * The slots of `sorted` (distinct, ascending) that read as zeros all through, from the export's `base:allocation`
+ * status; empty when the server offers no such context. A sample is scattered: each request spans from the first
+ * slot not yet known to the farthest one within reach (one request can answer many slots of a sparse disk), and
+ * the next starts at the first slot its answer did not reach, so there are never more requests than slots.
+ */
+export async function zeroSlots(
+  nbd: NbdClient,
+  sorted: readonly number[],
+  chunkSize: number,
+  size: number,
+  parallel = 8,
+): Promise<Set<number>> {
+  const zero = new Set<number>();
+  if (!nbd.hasContext(CONTEXT_BASE_ALLOCATION) || sorted.length === 0) return zero;
+  const slotEnd = (s: number) => Math.min(size, (s + 1) * chunkSize);
+  const walk = async (from: number, to: number) => {
+    for (let i = from; i < to;) {
+      const start = sorted[i] * chunkSize;
+      let j = i;
+      while (j + 1 < to && slotEnd(sorted[j + 1]) - start <= MAX_STATUS_REQUEST) j++;
+      const extents = await nbd.blockStatus(start, slotEnd(sorted[j]) - start, CONTEXT_BASE_ALLOCATION);
+      // Zero ranges (neighbours joined) of what the answer covers, contiguously from `start`.
+      const zeros: [number, number][] = [];
+      let reached = start;
+      for (const e of extents) {
+        if (e.offset > reached) break;
+        const end = e.offset + e.length;
+        if (end <= reached) continue;
+        if ((e.flags & STATE_ZERO) !== 0) {
+          const last = zeros[zeros.length - 1];
+          if (last && last[1] === reached) last[1] = end;
+          else zeros.push([reached, end]);
+        }
+        reached = end;
+      }
+      if (reached <= start) throw new TidemarkError('PROTOCOL_ERROR', `block status at ${start} answered nothing`);
+      const first = i;
+      let z = 0;
+      for (; i <= j && slotEnd(sorted[i]) <= reached; i++) {
+        const a = sorted[i] * chunkSize;
+        const b = slotEnd(sorted[i]);
+        while (z < zeros.length && zeros[z][1] < b) z++;
+        if (z < zeros.length && zeros[z][0] <= a && zeros[z][1] >= b) zero.add(sorted[i]);
+      }
+      // The next request starts at the first slot the answer did not reach whole. Should an answer not cover even
+      // its first slot, that slot is left out (it is read instead): every request settles at least one slot.
+      if (i === first) i++;
+    }
+  };
+  // Contiguous shares of the slots, walked side by side.
+  const shares = Math.max(1, Math.min(parallel, sorted.length));
+  const per = Math.ceil(sorted.length / shares);
+  await Promise.all(Array.from({ length: shares }, (_, k) => walk(k * per, Math.min(sorted.length, (k + 1) * per))));
+  return zero;
+}
+
 /**
  * Slots whose zero status is asked at once (one batch of block-status runs, then its reads): a sample goes in
  * small batches (the time bound may end it after any), a full audit in large ones (in disk order: long runs).
@@ -204,7 +264,7 @@ export async function checkChunks(
       break;
     }
     const batch = slots.slice(b, b + size);
-    const zero = await zeroChunks(
+    const zero = await zeroSlots(
       nbd,
       [...batch].sort((x, y) => x - y),
       cs,
