@@ -197,74 +197,78 @@ describe(`tracking audit (seed ${SEED})`, () => {
     }
   });
 
-  it(`at the default rate finds the change exactly when its replayed sample holds it: ${TRIALS} trials`, async () => {
-    const SIZE = 16 * MiB;
-    const SLOTS = SIZE / CHUNK;
-    const { nbd, diskId } = await vmWithDisk('sampled', SIZE);
-    const r = rng(SEED + 1);
-    try {
-      for (let s = 0; s < SLOTS; s++) if (r.int(2) === 0) await guestWrite(nbd, s * CHUNK, r.bytes(CHUNK));
-      let rct = (await backup(['sampled'])).vms[0].disks[0].rctId!;
-      let detected = 0;
-      let expected = 0;
-      let variance = 0;
-      for (let t = 0; t < TRIALS; t++) {
-        // Some tracked guest writes, then one change below the tracker in another chunk.
-        const written = new Set<number>();
-        for (let k = r.int(4); k > 0; k--) {
-          const s = r.int(SLOTS);
-          written.add(s);
-          await guestWrite(nbd, s * CHUNK, r.bytes(CHUNK));
+  it(
+    `at the default rate finds the change exactly when its replayed sample holds it: ${TRIALS} trials`,
+    { timeout: 120_000 + TRIALS * 5_000 },
+    async () => {
+      const SIZE = 16 * MiB;
+      const SLOTS = SIZE / CHUNK;
+      const { nbd, diskId } = await vmWithDisk('sampled', SIZE);
+      const r = rng(SEED + 1);
+      try {
+        for (let s = 0; s < SLOTS; s++) if (r.int(2) === 0) await guestWrite(nbd, s * CHUNK, r.bytes(CHUNK));
+        let rct = (await backup(['sampled'])).vms[0].disks[0].rctId!;
+        let detected = 0;
+        let expected = 0;
+        let variance = 0;
+        for (let t = 0; t < TRIALS; t++) {
+          // Some tracked guest writes, then one change below the tracker in another chunk.
+          const written = new Set<number>();
+          for (let k = r.int(4); k > 0; k--) {
+            const s = r.int(SLOTS);
+            written.add(s);
+            await guestWrite(nbd, s * CHUNK, r.bytes(CHUNK));
+          }
+          let hiddenSlot: number;
+          do hiddenSlot = r.int(SLOTS);
+          while (written.has(hiddenSlot));
+          const at = hiddenSlot * CHUNK + 512 * r.int((CHUNK - 4096) / 512); // sector-aligned (the guest reads it)
+          const old = await nbd.read(at, 4096);
+          await writeBelowTracker('sampled', at, r.bytes(4096));
+          const auditSeed = r.int(2 ** 32);
+          const s = await backup(['sampled'], { auditSeed, auditTimeMs: 600_000 });
+          const d = s.vms[0].disks[0];
+          const a = d.audit!;
+          // Replay the sample from the seed the run recorded, over the chunks tracking reported.
+          const changed = await trackedChunks('sampled', rct, SIZE);
+          expect(changed.includes(hiddenSlot), `trial ${t}: tracking saw the hidden write`).toBe(false);
+          expect(a.unchanged, `trial ${t}`).toBe(SLOTS - changed.length);
+          expect(a.seed).toBe(auditSeed);
+          const n = sampleSize(DEFAULT_AUDIT, SLOTS, a.unchanged);
+          expect(a.sampled).toBe(n);
+          const inSample = auditSample(diskSeed(auditSeed, diskId), SLOTS, changed, n).includes(hiddenSlot);
+          const found = a.mismatches > 0;
+          expect(found, `trial ${t}: slot ${hiddenSlot}, seed ${auditSeed}`).toBe(inSample);
+          if (found) {
+            expect(d.read).toBe('full');
+            expect(a.firstMismatchOffset).toBe(hiddenSlot * CHUNK);
+            expect(a.missedChunks).toBe(1);
+            detected++;
+          } else {
+            expect(d.read).toBe('incremental');
+            expect(a.checked).toBe(n);
+            // Put the old bytes back below the tracker: the disk again holds what the repository says it does.
+            await writeBelowTracker('sampled', at, old);
+          }
+          const p = n / a.unchanged;
+          expected += p;
+          variance += p * (1 - p);
+          rct = d.rctId!;
         }
-        let hiddenSlot: number;
-        do hiddenSlot = r.int(SLOTS);
-        while (written.has(hiddenSlot));
-        const at = hiddenSlot * CHUNK + 512 * r.int((CHUNK - 4096) / 512); // sector-aligned (the guest reads it)
-        const old = await nbd.read(at, 4096);
-        await writeBelowTracker('sampled', at, r.bytes(4096));
-        const auditSeed = r.int(2 ** 32);
-        const s = await backup(['sampled'], { auditSeed, auditTimeMs: 600_000 });
-        const d = s.vms[0].disks[0];
-        const a = d.audit!;
-        // Replay the sample from the seed the run recorded, over the chunks tracking reported.
-        const changed = await trackedChunks('sampled', rct, SIZE);
-        expect(changed.includes(hiddenSlot), `trial ${t}: tracking saw the hidden write`).toBe(false);
-        expect(a.unchanged, `trial ${t}`).toBe(SLOTS - changed.length);
-        expect(a.seed).toBe(auditSeed);
-        const n = sampleSize(DEFAULT_AUDIT, SLOTS, a.unchanged);
-        expect(a.sampled).toBe(n);
-        const inSample = auditSample(diskSeed(auditSeed, diskId), SLOTS, changed, n).includes(hiddenSlot);
-        const found = a.mismatches > 0;
-        expect(found, `trial ${t}: slot ${hiddenSlot}, seed ${auditSeed}`).toBe(inSample);
-        if (found) {
-          expect(d.read).toBe('full');
-          expect(a.firstMismatchOffset).toBe(hiddenSlot * CHUNK);
-          expect(a.missedChunks).toBe(1);
-          detected++;
-        } else {
-          expect(d.read).toBe('incremental');
-          expect(a.checked).toBe(n);
-          // Put the old bytes back below the tracker: the disk again holds what the repository says it does.
-          await writeBelowTracker('sampled', at, old);
-        }
-        const p = n / a.unchanged;
-        expected += p;
-        variance += p * (1 - p);
-        rct = d.rctId!;
+        // The detection count lies in the 99.9% interval of its Poisson-binomial distribution (normal approximation).
+        const half = 3.29 * Math.sqrt(variance);
+        console.log(
+          `audit trials: ${detected} of ${TRIALS} found; expected ${expected.toFixed(1)} ± ${half.toFixed(1)} (99.9%)`,
+        );
+        expect(Math.abs(detected - expected)).toBeLessThanOrEqual(half);
+        // Every missed change was put back: a full audit now finds nothing.
+        const check = await backup(['sampled'], { audit: { kind: 'full' } });
+        expect(check.vms[0].disks[0].audit).toMatchObject({ mismatches: 0, stoppedEarly: false });
+      } finally {
+        await nbd.close();
       }
-      // The detection count lies in the 99.9% interval of its Poisson-binomial distribution (normal approximation).
-      const half = 3.29 * Math.sqrt(variance);
-      console.log(
-        `audit trials: ${detected} of ${TRIALS} found; expected ${expected.toFixed(1)} ± ${half.toFixed(1)} (99.9%)`,
-      );
-      expect(Math.abs(detected - expected)).toBeLessThanOrEqual(half);
-      // Every missed change was put back: a full audit now finds nothing.
-      const check = await backup(['sampled'], { audit: { kind: 'full' } });
-      expect(check.vms[0].disks[0].audit).toMatchObject({ mismatches: 0, stoppedEarly: false });
-    } finally {
-      await nbd.close();
-    }
-  });
+    },
+  );
 
   it('--audit off reads nothing extra and finds nothing; the default reads its sample; the time bound stops', async () => {
     const SIZE = 32 * MiB;
@@ -343,116 +347,121 @@ describe(`tracking audit (seed ${SEED})`, () => {
     }
   });
 
-  it(`never a false positive on an honest tracker: ${ROUNDS} audited incrementals with writes, checkpoints, reopenings`, async () => {
-    const enc = await Repository.init(path.join(dir, 'repo-enc'), {
-      chunkSize: 128 * 1024,
-      passphrase: 'audit',
-      scryptLogN: MIN_SCRYPT_LOG_N,
-    });
-    const SIZES = [12 * MiB, 8 * MiB];
-    const SLOTS = ['scsi0-0', 'scsi0-1'];
-    await api.createVm({ name: 'honest', disks: SIZES.map((size, i) => ({ slot: SLOTS[i], size })) });
-    let guests: { nbd: NbdClient; w: Workload }[] = [];
-    let seed = SEED + 100;
-    const startGuests = async () => {
-      const vm = await api.startVm('honest');
-      guests = [];
-      for (const d of vm.disks) {
-        const nbd = await NbdClient.connect({ socket: running.host.nbdSocket, exportName: d.export! });
-        const w = new Workload(nbd, { seed: seed++, concurrency: 2, flushEvery: 8, delayMs: 5 });
-        w.start();
-        guests.push({ nbd, w });
-      }
-    };
-    const stopGuests = async () => {
-      for (const g of guests) {
-        await g.w.stop();
-        await g.nbd.close();
-      }
-      guests = [];
-    };
-    const audited = async (label: string) => {
-      const s = await runBackupSet({
-        host: api,
-        repo: enc,
-        vms: ['honest'],
-        consistency: 'crash',
-        audit: { kind: 'full' },
+  it(
+    `never a false positive on an honest tracker: ${ROUNDS} audited incrementals with writes, checkpoints, reopenings`,
+    { timeout: 120_000 + ROUNDS * 15_000 },
+    async () => {
+      const enc = await Repository.init(path.join(dir, 'repo-enc'), {
+        chunkSize: 128 * 1024,
+        passphrase: 'audit',
+        scryptLogN: MIN_SCRYPT_LOG_N,
       });
-      expect(s.errors, label).toEqual([]);
-      expect(s.warnings, label).toEqual([]);
-      return s;
-    };
-    let audits = 0;
-    const refused: string[] = [];
-    try {
-      await startGuests();
-      await new Promise((r) => setTimeout(r, 100));
-      await audited('first');
-      for (let round = 0; round < ROUNDS; round++) {
-        const event = ['writes', 'standard checkpoint', 'VM restart', 'host restart'][round % 4];
-        if (event === 'standard checkpoint') {
-          const cp = await api.createCheckpoint('honest', { type: 'standard', consistency: 'crash' });
-          await new Promise((r) => setTimeout(r, 60));
-          await api.deleteCheckpoint('honest', cp.id); // merged back online while the guests write
-        } else if (event === 'VM restart') {
-          await stopGuests();
-          await api.stopVm('honest');
-          await startGuests();
-        } else if (event === 'host restart') {
-          await stopGuests();
-          await running.close();
-          running = await startHost({ store, log: HostLog.silent() });
-          api = await HostClient.connect({ store });
-          if ((await api.showVm('honest')).state !== 'Running') await api.startVm('honest');
-          const vm = await api.showVm('honest');
-          for (const d of vm.disks) {
-            const nbd = await NbdClient.connect({ socket: running.host.nbdSocket, exportName: d.export! });
-            const w = new Workload(nbd, { seed: seed++, concurrency: 2, flushEvery: 8, delayMs: 5 });
-            w.start();
-            guests.push({ nbd, w });
-          }
+      const SIZES = [12 * MiB, 8 * MiB];
+      const SLOTS = ['scsi0-0', 'scsi0-1'];
+      await api.createVm({ name: 'honest', disks: SIZES.map((size, i) => ({ slot: SLOTS[i], size })) });
+      let guests: { nbd: NbdClient; w: Workload }[] = [];
+      let seed = SEED + 100;
+      const startGuests = async () => {
+        const vm = await api.startVm('honest');
+        guests = [];
+        for (const d of vm.disks) {
+          const nbd = await NbdClient.connect({ socket: running.host.nbdSocket, exportName: d.export! });
+          const w = new Workload(nbd, { seed: seed++, concurrency: 2, flushEvery: 8, delayMs: 5 });
+          w.start();
+          guests.push({ nbd, w });
         }
-        await new Promise((r) => setTimeout(r, 80));
-        const s = await audited(`round ${round} (${event})`);
-        for (const d of s.vms[0].disks) {
-          const where = `round ${round} (${event}) ${d.slot}`;
-          if (d.read === 'full') {
-            // Tracking refused its id (it restarts its epoch when in doubt): a full read, no audit. Never the
-            // audit's doing: it found nothing (no warning, reason not the audit's).
-            expect(d.fullReason, where).not.toMatch(/tracking audit/);
-            expect(d.audit, where).toBeNull();
-            refused.push(`${where}: ${d.fullReason}`);
-            continue;
-          }
-          expect(d.audit, where).toMatchObject({ mode: 'full', mismatches: 0, stoppedEarly: false });
-          expect(d.audit!.checked, where).toBe(d.audit!.unchanged);
-          audits++;
+      };
+      const stopGuests = async () => {
+        for (const g of guests) {
+          await g.w.stop();
+          await g.nbd.close();
         }
-      }
-      if (refused.length > 0) console.log(`tracking refused its id (full reads, no audit):\n  ${refused.join('\n  ')}`);
-      // The audit ran on (nearly) every disk of every round: the absence of mismatches means something.
-      expect(audits).toBeGreaterThanOrEqual(Math.ceil(ROUNDS * SIZES.length * 0.75));
-      await stopGuests();
-      const last = await audited('last');
-      const out = await restorePoint(enc, last.pointId!, { to: path.join(dir, 'restore-honest'), format: 'raw' });
-      const vm = await api.showVm('honest');
-      for (const [i, d] of last.vms[0].disks.entries()) {
-        expect(d.audit!.mismatches).toBe(0);
-        const img = await readFile(out.disks.find((x) => x.slot === d.slot)!.file);
-        const nbd = await NbdClient.connect({
-          socket: running.host.nbdSocket,
-          exportName: vm.disks.find((x) => x.slot === d.slot)!.export!,
+        guests = [];
+      };
+      const audited = async (label: string) => {
+        const s = await runBackupSet({
+          host: api,
+          repo: enc,
+          vms: ['honest'],
+          consistency: 'crash',
+          audit: { kind: 'full' },
         });
-        try {
-          expect(img.equals(await nbd.read(0, SIZES[i])), d.slot).toBe(true);
-        } finally {
-          await nbd.close();
+        expect(s.errors, label).toEqual([]);
+        expect(s.warnings, label).toEqual([]);
+        return s;
+      };
+      let audits = 0;
+      const refused: string[] = [];
+      try {
+        await startGuests();
+        await new Promise((r) => setTimeout(r, 100));
+        await audited('first');
+        for (let round = 0; round < ROUNDS; round++) {
+          const event = ['writes', 'standard checkpoint', 'VM restart', 'host restart'][round % 4];
+          if (event === 'standard checkpoint') {
+            const cp = await api.createCheckpoint('honest', { type: 'standard', consistency: 'crash' });
+            await new Promise((r) => setTimeout(r, 60));
+            await api.deleteCheckpoint('honest', cp.id); // merged back online while the guests write
+          } else if (event === 'VM restart') {
+            await stopGuests();
+            await api.stopVm('honest');
+            await startGuests();
+          } else if (event === 'host restart') {
+            await stopGuests();
+            await running.close();
+            running = await startHost({ store, log: HostLog.silent() });
+            api = await HostClient.connect({ store });
+            if ((await api.showVm('honest')).state !== 'Running') await api.startVm('honest');
+            const vm = await api.showVm('honest');
+            for (const d of vm.disks) {
+              const nbd = await NbdClient.connect({ socket: running.host.nbdSocket, exportName: d.export! });
+              const w = new Workload(nbd, { seed: seed++, concurrency: 2, flushEvery: 8, delayMs: 5 });
+              w.start();
+              guests.push({ nbd, w });
+            }
+          }
+          await new Promise((r) => setTimeout(r, 80));
+          const s = await audited(`round ${round} (${event})`);
+          for (const d of s.vms[0].disks) {
+            const where = `round ${round} (${event}) ${d.slot}`;
+            if (d.read === 'full') {
+              // Tracking refused its id (it restarts its epoch when in doubt): a full read, no audit. Never the
+              // audit's doing: it found nothing (no warning, reason not the audit's).
+              expect(d.fullReason, where).not.toMatch(/tracking audit/);
+              expect(d.audit, where).toBeNull();
+              refused.push(`${where}: ${d.fullReason}`);
+              continue;
+            }
+            expect(d.audit, where).toMatchObject({ mode: 'full', mismatches: 0, stoppedEarly: false });
+            expect(d.audit!.checked, where).toBe(d.audit!.unchanged);
+            audits++;
+          }
         }
+        if (refused.length > 0)
+          console.log(`tracking refused its id (full reads, no audit):\n  ${refused.join('\n  ')}`);
+        // The audit ran on (nearly) every disk of every round: the absence of mismatches means something.
+        expect(audits).toBeGreaterThanOrEqual(Math.ceil(ROUNDS * SIZES.length * 0.75));
+        await stopGuests();
+        const last = await audited('last');
+        const out = await restorePoint(enc, last.pointId!, { to: path.join(dir, 'restore-honest'), format: 'raw' });
+        const vm = await api.showVm('honest');
+        for (const [i, d] of last.vms[0].disks.entries()) {
+          expect(d.audit!.mismatches).toBe(0);
+          const img = await readFile(out.disks.find((x) => x.slot === d.slot)!.file);
+          const nbd = await NbdClient.connect({
+            socket: running.host.nbdSocket,
+            exportName: vm.disks.find((x) => x.slot === d.slot)!.export!,
+          });
+          try {
+            expect(img.equals(await nbd.read(0, SIZES[i])), d.slot).toBe(true);
+          } finally {
+            await nbd.close();
+          }
+        }
+      } finally {
+        await stopGuests().catch(() => undefined);
+        await enc.close();
       }
-    } finally {
-      await stopGuests().catch(() => undefined);
-      await enc.close();
-    }
-  });
+    },
+  );
 });
