@@ -9,6 +9,7 @@ import { nbdCommand } from './nbd.js';
 import { EXIT, reportError } from './output.js';
 import { rctCommand } from './rct.js';
 import { repoCommands } from './repo.js';
+import { vhdCommand } from './vhd.js';
 import { vhdxCommand } from './vhdx.js';
 
 export async function main(argv: string[]): Promise<number> {
@@ -30,6 +31,7 @@ export async function main(argv: string[]): Promise<number> {
     .version(process.env.npm_package_version ?? '0.1.0')
     .exitOverride();
   program.addCommand(vhdxCommand(run));
+  program.addCommand(vhdCommand(run));
   program.addCommand(rctCommand(run));
   program.addCommand(nbdCommand(run));
   program.addCommand(demoCommand(run));
