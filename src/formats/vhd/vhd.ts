@@ -901,6 +901,22 @@ export class VhdFile {
     });
   }
 
+  /**
+   * The unit writes are made of: the 512-byte sector, and in a differencing disk 4 KiB, one bitmap byte:
+   * sectors are copied from the parent so that every byte of a bitmap is 0x00 or 0xff. libvhdi 20210425
+   * (Debian 12) misreads bytes with a 1 followed by a 0 (it shifts without masking: the rest of such a byte
+   * reads as present); bitmaps of whole bytes read the same everywhere.
+   */
+  private get writeUnit(): number {
+    return this.diskType === 'differencing' ? 8 * SECTOR : SECTOR;
+  }
+
+  /** [offset, offset + length) widened to whole write units, within the disk. */
+  private unitRange(offset: number, length: number): [number, number] {
+    const unit = this.writeUnit;
+    return [Math.floor(offset / unit) * unit, Math.min(this.virtualSize, Math.ceil((offset + length) / unit) * unit)];
+  }
+
   /** Writes `data` at virtual `offset`. Unaligned edges are completed from the current content. */
   async write(data: Uint8Array, offset: number): Promise<void> {
     this.assertWritable();
@@ -908,13 +924,15 @@ export class VhdFile {
     if (data.length === 0) return;
     await this.lock.exclusive(async () => {
       await this.beginChange();
-      const start = Math.floor(offset / SECTOR) * SECTOR;
-      const end = Math.ceil((offset + data.length) / SECTOR) * SECTOR;
+      const [start, end] = this.unitRange(offset, data.length);
       let buf = data;
       if (start !== offset || end !== offset + data.length) {
+        // Edges completed from the current content (in a child: the parent's, copied into this file).
         const aligned = Buffer.alloc(end - start);
-        await this.readVirtual(aligned.subarray(0, SECTOR), start);
-        if (end - SECTOR > start) await this.readVirtual(aligned.subarray(aligned.length - SECTOR), end - SECTOR);
+        const unit = this.writeUnit;
+        if (start < offset) await this.readVirtual(aligned.subarray(0, Math.min(unit, end - start)), start);
+        const tail = Math.max(start, Math.floor((offset + data.length) / unit) * unit);
+        if (end > offset + data.length) await this.readVirtual(aligned.subarray(tail - start), tail);
         aligned.set(data, offset - start);
         buf = aligned;
       }
@@ -1001,7 +1019,12 @@ export class VhdFile {
     }
     const bm = Buffer.alloc(l.bitmapBytes);
     if (this.diskType === 'dynamic') bm.fill(0xff);
-    else setBitmapRange(bm, present[0], present[1], true);
+    else {
+      setBitmapRange(bm, present[0], present[1], true);
+      // Padding bits past the block's sectors set: libvhdi 20210425 lets the last run of a bitmap go on
+      // into the padding, and past the block, unless the padding starts a run of its own.
+      setBitmapRange(bm, l.sectorsPerBlock, l.bitmapBytes * 8, true);
+    }
     if (this.file.size() > at) await this.file.truncate(at);
     await this.file.truncate(end + FOOTER_SIZE);
     await this.file.write(bm, at);
@@ -1019,15 +1042,16 @@ export class VhdFile {
     if (length === 0) return;
     await this.lock.exclusive(async () => {
       await this.beginChange();
-      const start = Math.floor(offset / SECTOR) * SECTOR;
-      const end = Math.ceil((offset + length) / SECTOR) * SECTOR;
-      // Unaligned edges keep their other bytes: those sectors are rewritten.
+      const [start, end] = this.unitRange(offset, length);
+      // Unaligned edges keep their other bytes: those units are rewritten.
+      const unit = this.writeUnit;
       const edges: [number, Buffer][] = [];
-      for (const s of new Set([start, end - SECTOR])) {
-        if (s < offset || s + SECTOR > offset + length) {
-          const b = Buffer.alloc(SECTOR);
+      for (const s of new Set([start, Math.max(start, end - unit)])) {
+        const e = Math.min(s + unit, end);
+        if (s < offset || e > offset + length) {
+          const b = Buffer.alloc(e - s);
           await this.readVirtual(b, s);
-          b.fill(0, Math.max(offset, s) - s, Math.min(offset + length, s + SECTOR) - s);
+          b.fill(0, Math.max(offset, s) - s, Math.min(offset + length, e) - s);
           edges.push([s, b]);
         }
       }
