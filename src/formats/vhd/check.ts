@@ -210,17 +210,13 @@ async function checkOpened(disk: VhdFile, add: (f: Finding) => void): Promise<vo
       message: p.message,
     });
   }
-  const beyond: number[] = [];
-  for (let b = disk.layout!.dataBlocks; b < h.maxTableEntries && beyond.length < 1; b++) {
-    if ((await disk.blockOffset(b)) !== undefined) beyond.push(b);
-  }
-  if (beyond.length) {
+  if (scan.beyondSize !== undefined) {
     add({
       severity: 'warning',
       code: 'BAT_BEYOND_SIZE',
       structure: 'BAT entry',
-      offset: h.tableOffset + beyond[0] * 4,
-      message: `block ${beyond[0]} is allocated past the end of the ${disk.virtualSize}-byte disk (never read)`,
+      offset: h.tableOffset + scan.beyondSize * 4,
+      message: `block ${scan.beyondSize} is allocated past the end of the ${disk.virtualSize}-byte disk (never read)`,
     });
   }
   for (const l of disk.locators) {

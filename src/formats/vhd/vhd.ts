@@ -551,7 +551,13 @@ export class VhdFile {
    * Every allocated BAT entry (all of the table, not only the blocks the size needs): where the data
    * ends, and the entries that lie outside the file, inside a structure, or over another block.
    */
-  async scanBlocks(stopEarly = false): Promise<{ dataEnd: number; allocated: number; problems: BlockProblem[] }> {
+  async scanBlocks(stopEarly = false): Promise<{
+    dataEnd: number;
+    allocated: number;
+    problems: BlockProblem[];
+    /** The first allocated entry past the blocks the size needs (never read), if any. */
+    beyondSize: number | undefined;
+  }> {
     const h = this.header!;
     const span = this.layout!.bitmapBytes + h.blockSize;
     const limit = this.endFooterAt ?? this.file.size();
@@ -560,6 +566,7 @@ export class VhdFile {
     const starts: number[] = [];
     const blocks: number[] = [];
     const piece = Buffer.alloc(64 * 1024);
+    let beyondSize: number | undefined;
     for (let first = 0; first < h.maxTableEntries; first += piece.length / 4) {
       const n = Math.min(piece.length / 4, h.maxTableEntries - first);
       const view = piece.subarray(0, n * 4);
@@ -568,6 +575,7 @@ export class VhdFile {
         const raw = view.readUInt32BE(i * 4);
         if (raw === BAT_UNUSED) continue;
         const block = first + i;
+        if (block >= this.layout!.dataBlocks) beyondSize ??= block;
         const at = raw * SECTOR;
         const s: Span = { start: at, end: at + span, what: `block ${block}` };
         const inside = this.structures.find((x) => overlaps(x, s));
@@ -588,7 +596,7 @@ export class VhdFile {
           blocks.push(block);
           dataEnd = Math.max(dataEnd, s.end);
         }
-        if (stopEarly && problems.length > 0) return { dataEnd, allocated: starts.length, problems };
+        if (stopEarly && problems.length > 0) return { dataEnd, allocated: starts.length, problems, beyondSize };
       }
     }
     // Blocks are all the same length: sorted by start, neighbours closer than that overlap.
@@ -605,7 +613,7 @@ export class VhdFile {
         if (stopEarly) break;
       }
     }
-    return { dataEnd, allocated: starts.length, problems };
+    return { dataEnd, allocated: starts.length, problems, beyondSize };
   }
 
   // ---------------------------------------------------------------- properties
