@@ -9,6 +9,7 @@ import { nbdCommand } from './nbd.js';
 import { EXIT, reportError } from './output.js';
 import { rctCommand } from './rct.js';
 import { repoCommands } from './repo.js';
+import { vhdCommand } from './vhd.js';
 import { vhdxCommand } from './vhdx.js';
 
 export async function main(argv: string[]): Promise<number> {
@@ -32,6 +33,7 @@ export async function main(argv: string[]): Promise<number> {
     .enablePositionalOptions()
     .exitOverride();
   program.addCommand(vhdxCommand(run));
+  program.addCommand(vhdCommand(run));
   program.addCommand(rctCommand(run));
   program.addCommand(nbdCommand(run));
   program.addCommand(demoCommand(run));
