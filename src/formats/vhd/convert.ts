@@ -123,7 +123,7 @@ export async function openImageSource(
       close: () => disk.close(),
     };
   }
-  const file = await NodeFile.open(path, 'r');
+  const file = await NodeFile.open(path, 'r', { lock: 'reader' });
   const size = file.size();
   return {
     format,
@@ -154,7 +154,7 @@ interface Sink {
 
 async function openSink(dstPath: string, format: ImageFormat, size: number, src: ImageSource, opts: VhdConvertOptions) {
   if (format === 'raw') {
-    const dst = await NodeFile.open(dstPath, 'wx');
+    const dst = await NodeFile.open(dstPath, 'wx', { lock: 'writer' });
     await dst.truncate(size);
     return {
       piece: PIECE,

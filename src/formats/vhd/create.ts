@@ -158,7 +158,7 @@ export async function createVhd(filePath: string, opts: VhdCreateOptions): Promi
     path.dirname(target),
     `.${path.basename(target)}.tidemark-tmp-${process.pid}-${randomBytes(4).toString('hex')}`,
   );
-  const file = await NodeFile.open(tmp, 'wx');
+  const file = await NodeFile.open(tmp, 'wx', { lock: 'writer' });
   let ok = false;
   try {
     if (type === DiskType.Fixed) {

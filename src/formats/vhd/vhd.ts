@@ -190,7 +190,7 @@ export class VhdFile {
     const writable = opts.writable ?? false;
     const base = opts.openFile
       ? await opts.openFile(filePath, writable)
-      : await NodeFile.open(filePath, writable ? 'r+' : 'r');
+      : await NodeFile.open(filePath, writable ? 'r+' : 'r', { lock: writable ? 'writer' : 'reader' });
     let disk: VhdFile | undefined;
     try {
       disk = await VhdFile.decode(filePath, base, writable, opts.keepTimeStamp ?? false);
