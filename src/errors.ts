@@ -12,6 +12,9 @@ export type ErrorCode =
   | 'VHDX_CORRUPT'
   | 'VHDX_UNSUPPORTED'
   | 'VHDX_TRUNCATED'
+  | 'VHD_CORRUPT'
+  | 'VHD_UNSUPPORTED'
+  | 'VHD_TRUNCATED'
   | 'PARENT_NOT_FOUND'
   | 'PARENT_MISMATCH'
   | 'PATH_NOT_ALLOWED'
@@ -52,6 +55,20 @@ export class VhdxCorruptError extends TidemarkError {
     const where = offset === undefined ? structure : `${structure} at offset ${offset}`;
     super(code, `${where}: ${problem}`, { structure, offset });
     this.name = 'VhdxCorruptError';
+    this.structure = structure;
+    this.offset = offset;
+  }
+}
+
+/** A legacy VHD structure failed validation: names the structure and its file offset. */
+export class VhdCorruptError extends TidemarkError {
+  readonly structure: string;
+  readonly offset: number | undefined;
+
+  constructor(structure: string, offset: number | undefined, problem: string, code: ErrorCode = 'VHD_CORRUPT') {
+    const where = offset === undefined ? structure : `${structure} at offset ${offset}`;
+    super(code, `${where}: ${problem}`, { structure, offset });
+    this.name = 'VhdCorruptError';
     this.structure = structure;
     this.offset = offset;
   }

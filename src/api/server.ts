@@ -388,6 +388,9 @@ const STATUS: Record<string, number> = {
   MISSING_CHANGE_TRACKING_INFORMATION: 422,
   NOT_SUPPORTED: 422,
   LIMIT_EXCEEDED: 413,
+  VHD_CORRUPT: 422,
+  VHD_TRUNCATED: 422,
+  VHD_UNSUPPORTED: 422,
 };
 
 export interface ApiServerOptions {

@@ -8,7 +8,6 @@ import { Command } from 'commander';
 import { HostClient } from '../api/client.js';
 import { TidemarkError } from '../errors.js';
 import { CONFIG_VERSIONS, DEFAULT_CONFIG_VERSION } from '../host/config-version.js';
-import { startHost } from '../host/daemon.js';
 import { describeOwner, OWNER_NAME, type ReferencePointOwner } from '../host/definition.js';
 import type { NewDisk } from '../host/host.js';
 import { HostLog } from '../host/log.js';
@@ -62,6 +61,8 @@ export function hostCommand(run: Run): Command {
     )
     .action((o) =>
       run(async () => {
+        // Loaded here: the other commands of this module are API clients and need none of the host's stack.
+        const { startHost } = await import('../host/daemon.js');
         const running = await startHost({
           store: o.store,
           nbd: o.nbdPort !== undefined ? { port: Number(o.nbdPort), host: o.nbdBind } : { socket: o.socket },

@@ -1,15 +1,49 @@
 /** The `tidemark` command: one Commander program, one exit status per outcome (docs/cli.md). */
 import { Command, CommanderError } from 'commander';
-import { backupCommand, restoreCommand } from './backup.js';
-import { demoCommand } from './demo.js';
-import { quickstartCommand } from './quickstart.js';
-import { guestAgentCommand } from './guest-agent.js';
-import { checkpointCommand, diskCommand, hostCommand, refpointCommand, vmCommand } from './host.js';
-import { nbdCommand } from './nbd.js';
 import { EXIT, reportError } from './output.js';
-import { rctCommand } from './rct.js';
-import { repoCommands } from './repo.js';
-import { vhdxCommand } from './vhdx.js';
+
+type Run = (fn: () => Promise<number | void>) => Promise<void>;
+
+/**
+ * The top-level commands and the module that builds each: only the module of the command being run is
+ * loaded (a `vm list` does not load the VHDX engine or the repository), so start-up stays short. Help and
+ * unknown commands load them all.
+ */
+const COMMANDS: Record<string, (run: Run) => Promise<Command[]>> = {
+  vhdx: async (run) => [(await import('./vhdx.js')).vhdxCommand(run)],
+  vhd: async (run) => [(await import('./vhd.js')).vhdCommand(run)],
+  rct: async (run) => [(await import('./rct.js')).rctCommand(run)],
+  nbd: async (run) => [(await import('./nbd.js')).nbdCommand(run)],
+  demo: async (run) => [(await import('./demo.js')).demoCommand(run)],
+  'guest-agent': async (run) => [(await import('./guest-agent.js')).guestAgentCommand(run)],
+  host: async (run) => [(await import('./host.js')).hostCommand(run)],
+  vm: async (run) => [(await import('./host.js')).vmCommand(run)],
+  checkpoint: async (run) => [(await import('./host.js')).checkpointCommand(run)],
+  refpoint: async (run) => [(await import('./host.js')).refpointCommand(run)],
+  disk: async (run) => [(await import('./host.js')).diskCommand(run)],
+  backup: async (run) => [(await import('./backup.js')).backupCommand(run)],
+  restore: async (run) => [(await import('./backup.js')).restoreCommand(run)],
+  quickstart: async (run) => [(await import('./quickstart.js')).quickstartCommand(run)],
+};
+/** The repository's commands come from one module. */
+const REPO_COMMANDS = ['repo', 'points', 'verify', 'prune', 'gc'];
+
+/** The commands `argv` needs: the one it names, or every command (help, no command, an unknown one). */
+async function commandsFor(argv: string[], run: Run): Promise<Command[]> {
+  const name = argv.find((a) => !a.startsWith('-'));
+  if (!name && (argv.includes('--version') || argv.includes('-V'))) return [];
+  if (name && COMMANDS[name]) return COMMANDS[name](run);
+  if (name && REPO_COMMANDS.includes(name)) {
+    const all = (await import('./repo.js')).repoCommands(run);
+    return all.filter((c) => c.name() === name);
+  }
+  const out: Command[] = [];
+  for (const build of Object.values(COMMANDS)) {
+    for (const c of await build(run)) if (!out.some((o) => o.name() === c.name())) out.push(c);
+  }
+  out.push(...(await import('./repo.js')).repoCommands(run));
+  return out;
+}
 
 export async function main(argv: string[]): Promise<number> {
   // A reader that goes away (`| head`) ends the output, not the program with a stack trace.
@@ -31,20 +65,7 @@ export async function main(argv: string[]): Promise<number> {
     // `--version` after a command is that command's own option (`vm upgrade NAME --version 9.0`).
     .enablePositionalOptions()
     .exitOverride();
-  program.addCommand(vhdxCommand(run));
-  program.addCommand(rctCommand(run));
-  program.addCommand(nbdCommand(run));
-  program.addCommand(demoCommand(run));
-  program.addCommand(guestAgentCommand(run));
-  program.addCommand(hostCommand(run));
-  program.addCommand(vmCommand(run));
-  program.addCommand(checkpointCommand(run));
-  program.addCommand(refpointCommand(run));
-  program.addCommand(diskCommand(run));
-  for (const c of repoCommands(run)) program.addCommand(c);
-  program.addCommand(backupCommand(run));
-  program.addCommand(restoreCommand(run));
-  program.addCommand(quickstartCommand(run));
+  for (const c of await commandsFor(argv, run)) program.addCommand(c);
   // Usage errors look like every other error: one line, `tidemark: INVALID_ARGUMENT: ...`, exit 2.
   const output = {
     writeErr: (s: string) => process.stderr.write(s),

@@ -284,7 +284,7 @@ export class Host {
     checkVmName(req.name);
     const configVersion = checkConfigVersion(req.configVersion ?? DEFAULT_CONFIG_VERSION);
     // What the disk paths name is checked before the lock: no VM creation waits behind a hostile path.
-    await checkDiskPaths(req.disks);
+    await checkDiskPaths(this.store, req.disks);
     return this.createLock.run(async () => {
       await this.assertNameFree(req.name);
       const dir = this.vmDir(req.name);
@@ -328,7 +328,7 @@ export class Host {
   }
 
   async modifyVm(name: string, req: ModifyVmRequest & LeaseRef): Promise<VmSummary> {
-    await checkDiskPaths(req.attach);
+    await checkDiskPaths(this.store, req.attach);
     return this.locks.run(name, () =>
       this.leases.during(name, req.lease, 'vm set', async () => {
         const def = this.mustGet(name);
@@ -1382,8 +1382,9 @@ async function enableTracking(
 }
 
 /** Disks attached by path must be disk files (not a FIFO, a socket, a directory): checked without opening them. */
-async function checkDiskPaths(disks: NewDisk[] | undefined): Promise<void> {
-  for (const d of disks ?? []) if (d.path) await checkFileType(path.resolve(d.path), 'disk');
+/** What each named disk path is (relative paths are relative to the store), checked before any lock is taken. */
+async function checkDiskPaths(store: string, disks: NewDisk[] | undefined): Promise<void> {
+  for (const d of disks ?? []) if (d.path) await checkFileType(path.resolve(store, d.path), 'disk');
 }
 
 async function exists(p: string): Promise<boolean> {

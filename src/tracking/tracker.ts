@@ -27,6 +27,7 @@ import { TidemarkError } from '../errors.js';
 import type { VhdxFile, WriteObserver } from '../formats/vhdx/vhdx.js';
 import { describeAccess, FileWatch } from '../util/file-watch.js';
 import { NodeFile } from '../util/file.js';
+import { FileTypeError, fileTypeName, SymlinkRefusedError } from '../util/safe-open.js';
 import { guidEquals, guidToString, newGuid } from '../util/guid.js';
 import {
   HEADER_SLOT,
@@ -327,8 +328,8 @@ export class ChangeTracker implements WriteObserver {
 
   /**
    * Whose tracking files sit beside the base disk `basePath`, by reading a few bytes (nothing is written):
-   * Tidemark's own (of any version, damaged or not), none, or another product's. A file that is not a
-   * regular file (a link, a FIFO) is not taken for ours either.
+   * Tidemark's own (of any version, damaged or not), none, or another product's. A link or a FIFO there is
+   * refused (PATH_NOT_ALLOWED, INVALID_ARGUMENT): it is nobody's tracking file, and it is never followed.
    */
   static async inspect(basePath: string): Promise<TrackingFiles> {
     const paths = trackingPaths(basePath);
@@ -1038,8 +1039,9 @@ async function sidecarSignatures(
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return 'missing';
     throw err;
   }
-  if (st.isSymbolicLink()) return 'is a symbolic link, not a tracking file';
-  if (!st.isFile()) return 'is not a regular file';
+  // A link or a FIFO where a tracking file belongs is hostile, not another product's: refused, never followed.
+  if (st.isSymbolicLink()) throw new SymlinkRefusedError(file);
+  if (!st.isFile()) throw new FileTypeError(file, fileTypeName(st), 'file');
   if (st.size === 0) return 'empty';
   const handle = await open(file, 'r');
   try {
