@@ -238,7 +238,7 @@ describe(`tracking audit (seed ${SEED})`, () => {
           expect(a.sampled).toBe(n);
           const inSample = auditSample(diskSeed(auditSeed, diskId), SLOTS, changed, n).includes(hiddenSlot);
           const found = a.mismatches > 0;
-          expect(found, `trial ${t}: slot ${hiddenSlot}, seed ${auditSeed}`).toBe(inSample);
+          expect(found, `trial ${t}: slot ${hiddenSlot}, seed ${auditSeed}, disk ${diskId}`).toBe(inSample);
           if (found) {
             expect(d.read).toBe('full');
             expect(a.firstMismatchOffset).toBe(hiddenSlot * CHUNK);
@@ -258,7 +258,7 @@ describe(`tracking audit (seed ${SEED})`, () => {
         // The detection count lies in the 99.9% interval of its Poisson-binomial distribution (normal approximation).
         const half = 3.29 * Math.sqrt(variance);
         console.log(
-          `audit trials: ${detected} of ${TRIALS} found; expected ${expected.toFixed(1)} ± ${half.toFixed(1)} (99.9%)`,
+          `audit trials: ${detected} of ${TRIALS} found; expected ${expected.toFixed(1)} ± ${half.toFixed(1)} (99.9%); disk ${diskId} (samples derive from it and each trial's seed)`,
         );
         expect(Math.abs(detected - expected)).toBeLessThanOrEqual(half);
         // Every missed change was put back: a full audit now finds nothing.
