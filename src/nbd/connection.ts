@@ -196,6 +196,8 @@ export class NbdConnection {
   /** Replies handed to the socket and not yet written, and when the last one was. */
   private unsent = 0;
   private writeProgressAt = now();
+  /** What the socket's handle had left to write when last looked at (see sampleWriteQueue). */
+  private writeQueue = 0;
   /** When bytes last arrived, and when the connection last did anything at all. */
   private dataAt = now();
   private activityAt = now();
@@ -287,6 +289,7 @@ export class NbdConnection {
   /** What the connection is doing (for the server's eviction and idle policies). */
   activity(at = now()): Activity {
     if (this.phase === 'negotiating') return { kind: 'negotiating' };
+    this.sampleWriteQueue(at);
     const receiving = this.parser.receiving !== undefined;
     if (
       (this.unsent > 0 && at - this.writeProgressAt >= STALLED_AFTER_MS) ||
@@ -302,6 +305,7 @@ export class NbdConnection {
   /** Drops a client that owes progress and made none for the stall timeout (the server calls this often). */
   checkStall(at = now()): void {
     if (this.closing) return;
+    this.sampleWriteQueue(at);
     const limit = this.host.limits.stallTimeoutMs;
     if (this.unsent > 0 && at - this.writeProgressAt >= limit) {
       this.beginClose(`the client took none of its replies for ${limit / 1000} s`, true);
@@ -314,6 +318,19 @@ export class NbdConnection {
         true,
       );
     }
+  }
+
+  /**
+   * Write callbacks come when a whole writev is done, which takes long for big replies on a slow link:
+   * the handle's queue shrinking (libuv's count of bytes not yet taken by the kernel) is progress too.
+   * Read where Node exposes it; without it, only whole writes count.
+   */
+  private sampleWriteQueue(at: number): void {
+    const handle = (this.socket as unknown as { _handle?: { writeQueueSize?: unknown } })._handle;
+    const q = handle?.writeQueueSize;
+    if (typeof q !== 'number') return;
+    if (q < this.writeQueue) this.writeProgressAt = at;
+    this.writeQueue = q;
   }
 
   // ---------------------------------------------------------------------------------------------
