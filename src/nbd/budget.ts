@@ -1,23 +1,28 @@
 /**
  * The NBD server's memory budget. Memory is counted as the buffers it really occupies, not as payload
- * bytes: a pooled buffer costs its power-of-two class, and every buffer a socket holds costs
- * BUFFER_OVERHEAD besides its bytes (so a flood of 16-byte replies is counted at what it costs).
+ * bytes: data lives in CHUNK-sized buffers (a 4 KiB read holds a whole chunk), and every buffer a
+ * socket holds costs BUFFER_OVERHEAD besides its bytes (so a flood of 16-byte replies is counted at
+ * what it costs).
  *
  * Every message a client sends reserves what it will cost before the server reads or runs it (a
  * write's payload before its first byte is read, a read's data and reply before the device is asked),
  * and the reservation is released only when the socket has written the reply, not when it is queued.
  * A reservation is refused, and the connection stops reading until memory is released, when it would
  * take the connection over its own budget, or the server over its budget. The last eighth of the
- * server's budget is kept for light connections (holding at most a 1/16 of that eighth), so that
- * heavy clients that stall (half-sent payloads, replies nobody reads) cannot keep a new client
- * from being served while the stall timeout runs.
+ * server's budget is kept for light connections (holding little), so that heavy clients that stall
+ * (half-sent payloads, replies nobody reads) do not at once keep a new client from being served; the
+ * server also drops stalled holders when someone starves (server.ts).
  *
- * The server's free pooled buffers count too: they are trimmed to make room, so that what is in use
- * plus what the pool keeps never exceeds the budget. One message is always admitted when nothing at
- * all is in use, so a budget smaller than the largest message still makes progress.
+ * Why one buffer size: a buffer the pool lets go is freed only when V8 next collects garbage, which
+ * may be tens of megabytes later. With one size, every free buffer the pool keeps serves any request,
+ * so the pool never has to let one go to make another: the chunks allocated never exceed the most
+ * ever in use at once, which the budget bounds. One message is always admitted when nothing at all is
+ * in use, so a budget smaller than the largest message still makes progress.
  */
 import type { BufferPool } from './buffers.js';
-import { pooledSize } from './buffers.js';
+
+/** The one size of data buffers: the preferred block size, and the smallest VHDX block size. */
+export const CHUNK = 1024 * 1024;
 
 /**
  * What a buffer costs besides its bytes while a socket holds it: the Buffer object, the write request
@@ -28,13 +33,18 @@ export const BUFFER_OVERHEAD = 320;
 /** The cost of a small buffer of `length` bytes queued on a socket. */
 export const bufferCost = (length: number): number => length + BUFFER_OVERHEAD;
 
-/** The cost of a buffer of `length` bytes taken from the pool. */
-export const pooledCost = (length: number): number => pooledSize(length) + BUFFER_OVERHEAD;
+/** Chunks that hold `length` bytes. */
+export const chunksFor = (length: number): number => Math.ceil(length / CHUNK);
+
+/** The cost of the chunks that hold `length` bytes of data. */
+export const dataCost = (length: number): number => chunksFor(length) * (CHUNK + BUFFER_OVERHEAD);
 
 /** One holder's share of the budget (a connection). */
 export class MemoryAccount {
   /** Bytes this holder has reserved and not released. */
   held = 0;
+  /** Why the last reservation was refused: its own budget, or the server's (others hold the memory). */
+  refusedBy: 'own' | 'server' | undefined;
   constructor(readonly limit: number) {}
 }
 
@@ -53,11 +63,16 @@ export class MemoryBudget {
     private readonly pool: BufferPool,
   ) {
     this.reserved = Math.floor(limit / 8);
-    this.light = Math.floor(this.reserved / 16);
+    this.light = Math.max(Math.floor(this.reserved / 16), 2 * (CHUNK + BUFFER_OVERHEAD));
   }
 
   get used(): number {
     return this.usedBytes;
+  }
+
+  /** Free chunks the pool keeps for reuse (never more than the most ever in use at once). */
+  get pooled(): number {
+    return this.pool.retainedBytes;
   }
 
   /**
@@ -66,11 +81,17 @@ export class MemoryBudget {
    * budget goes, and to anyone when nothing at all is in use.
    */
   tryReserve(account: MemoryAccount, bytes: number, limit = account.limit): boolean {
-    if (account.held > 0 && account.held + bytes > limit) return false;
+    account.refusedBy = undefined;
+    if (account.held > 0 && account.held + bytes > limit) {
+      account.refusedBy = 'own';
+      return false;
+    }
     if (this.usedBytes > 0) {
       const after = this.usedBytes + bytes;
-      if (after > this.limit) return false;
-      if (after > this.limit - this.reserved && account.held + bytes > this.light) return false;
+      if (after > this.limit || (after > this.limit - this.reserved && account.held + bytes > this.light)) {
+        account.refusedBy = 'server';
+        return false;
+      }
     }
     this.charge(account, bytes);
     return true;
@@ -80,17 +101,23 @@ export class MemoryBudget {
   charge(account: MemoryAccount, bytes: number): void {
     account.held += bytes;
     this.usedBytes += bytes;
-    if (bytes > 0) {
-      // Free pooled buffers give way to memory in use.
-      const over = this.usedBytes + this.pool.retainedBytes - this.limit;
-      if (over > 0) this.pool.trim(Math.max(0, this.pool.retainedBytes - over));
-    } else if (bytes < 0) {
-      this.wakeWaiters();
-    }
+    if (bytes < 0) this.wakeWaiters();
   }
 
   release(account: MemoryAccount, bytes: number): void {
     if (bytes !== 0) this.charge(account, -bytes);
+  }
+
+  /** The chunks for `length` bytes of data (the last one cut to size), reserved as dataCost(length). */
+  takeChunks(length: number): Buffer[] {
+    const out: Buffer[] = [];
+    for (let at = 0; at < length; at += CHUNK) out.push(this.pool.get(CHUNK).subarray(0, Math.min(CHUNK, length - at)));
+    return out;
+  }
+
+  /** Gives chunks from takeChunks back to the pool (the caller releases their cost). */
+  giveBack(chunks: readonly Buffer[]): void {
+    for (const c of chunks) this.pool.put(c);
   }
 
   /** `wake` is called (once, soon) after memory is next released. */

@@ -20,11 +20,16 @@
 import type { Socket } from 'node:net';
 import type { AllocationExtent, BlockDevice, DirtyExtent } from '../disk/device.js';
 import { TidemarkError } from '../errors.js';
-import type { BufferPool } from './buffers.js';
-import { pooledSize } from './buffers.js';
-import { BUFFER_OVERHEAD, bufferCost, MemoryAccount, pooledCost, type MemoryBudget } from './budget.js';
+import { BUFFER_OVERHEAD, bufferCost, CHUNK, dataCost, MemoryAccount, type MemoryBudget } from './budget.js';
 import { nbdErrorFor, NbdProtocolError } from './errors.js';
-import { MAX_REQUESTS_IN_FLIGHT, NEGOTIATION_MEMORY, STALLED_AFTER_MS, type NbdLimits } from './limits.js';
+import {
+  MAX_OPTIONS,
+  MAX_REQUESTS_IN_FLIGHT,
+  NEGOTIATION_MEMORY,
+  PRESSURE_STALL_MS,
+  STALLED_AFTER_MS,
+  type NbdLimits,
+} from './limits.js';
 import { ClientParser, type ClientMessage } from './parser.js';
 import {
   CMD,
@@ -108,7 +113,6 @@ export interface ConnectionHost {
   event(e: NbdEvent): void;
   readonly limits: NbdLimits;
   readonly budget: MemoryBudget;
-  readonly pool: BufferPool;
   /** Set when the server requires TLS. */
   readonly tls: TlsCredentials | undefined;
 }
@@ -121,7 +125,8 @@ export type NbdEvent =
 
 /** What a connection is doing, as the server's eviction and idle policies see it. */
 export type Activity =
-  | { kind: 'negotiating' }
+  /** For `sinceMs` (since it connected). */
+  | { kind: 'negotiating'; sinceMs: number }
   | { kind: 'busy' }
   /** It owes progress (payload, taking replies) and made none for STALLED_AFTER_MS. */
   | { kind: 'stalled' }
@@ -137,8 +142,8 @@ interface MetaContext {
 type Phase = 'negotiating' | 'transmission' | 'closing' | 'closed';
 
 interface SendOptions {
-  /** Buffers from the pool to give back once written (the data slices sent are views of them). */
-  pooled?: Buffer[];
+  /** Chunks to give back to the pool once written (the data slices sent are views of them). */
+  chunks?: Buffer[];
   /** What was reserved for this reply; the difference to its real cost is charged or returned. */
   prepaid?: number;
   /** Called once the socket has written it. */
@@ -163,7 +168,6 @@ export class NbdConnection {
   private phase: Phase = 'negotiating';
   private readonly account: MemoryAccount;
   private readonly budget: MemoryBudget;
-  private readonly pool: BufferPool;
   private parser = new ClientParser((h) => this.payloadFor(h));
   private exp: ExportEntry | undefined;
   private flags = 0;
@@ -175,6 +179,9 @@ export class NbdConnection {
   private contexts: MetaContext[] = [];
   private contextsFor: ExportEntry | undefined;
   private optionBusy = false;
+  /** Options this client may still send before entering transmission. */
+  private optionsLeft = MAX_OPTIONS;
+  private listed = false;
   /** Reserved for the option being answered; its replies use it up. */
   private optionCredit = 0;
   private inFlight = 0;
@@ -184,6 +191,8 @@ export class NbdConnection {
   private waiting: ClientMessage | undefined;
   /** The last reservation refused (set by payloadFor, which the parser calls). */
   private memoryBlocked = false;
+  /** Since when the connection has been waiting for memory that others hold (undefined: it is not). */
+  private memoryWaitSince: number | undefined;
   /** Reserved by payloadFor for the write whose payload is arriving. */
   private writeCost = 0;
   /** While answering buffered requests at shutdown, writes are refused rather than received. */
@@ -201,6 +210,7 @@ export class NbdConnection {
   /** When bytes last arrived, and when the connection last did anything at all. */
   private dataAt = now();
   private activityAt = now();
+  private readonly connectedAt = now();
   private socketClosed = false;
   /** Once closed, the whole account was returned: late write callbacks return nothing more. */
   private accountClosed = false;
@@ -218,7 +228,6 @@ export class NbdConnection {
     this.id = id;
     this.socket = socket;
     this.budget = host.budget;
-    this.pool = host.pool;
     this.account = new MemoryAccount(host.limits.maxConnectionMemory);
     const tcp = socket.remoteAddress !== undefined;
     this.remote = tcp ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix socket client';
@@ -288,7 +297,7 @@ export class NbdConnection {
 
   /** What the connection is doing (for the server's eviction and idle policies). */
   activity(at = now()): Activity {
-    if (this.phase === 'negotiating') return { kind: 'negotiating' };
+    if (this.phase === 'negotiating') return { kind: 'negotiating', sinceMs: at - this.connectedAt };
     this.sampleWriteQueue(at);
     const receiving = this.parser.receiving !== undefined;
     if (
@@ -300,6 +309,25 @@ export class NbdConnection {
     if (this.inFlight > 0 || this.unsent > 0 || receiving || this.waiting || this.memoryBlocked)
       return { kind: 'busy' };
     return { kind: 'idle', sinceMs: at - this.activityAt };
+  }
+
+  /** How long the connection has owed progress (a payload, taking its replies) without making any; 0 if it owes none. */
+  stalledFor(at = now()): number {
+    if (this.closing) return 0;
+    this.sampleWriteQueue(at);
+    let ms = 0;
+    if (this.unsent > 0) ms = at - this.writeProgressAt;
+    if (this.parser.receiving) ms = Math.max(ms, at - this.dataAt);
+    return ms;
+  }
+
+  /**
+   * Whether the connection waits for memory that other connections hold, through no fault of its own
+   * (it has not stalled itself): for that long, in ms, or undefined.
+   */
+  starvingFor(at = now()): number | undefined {
+    if (this.memoryWaitSince === undefined || this.closing) return undefined;
+    return this.stalledFor(at) >= PRESSURE_STALL_MS ? undefined : at - this.memoryWaitSince;
   }
 
   /** Drops a client that owes progress and made none for the stall timeout (the server calls this often). */
@@ -433,6 +461,9 @@ export class NbdConnection {
       }
     }
     if (this.closing) return;
+    // Waiting for its own replies to drain is its own business; waiting for others' memory is starving.
+    if (needMemory && this.account.refusedBy === 'server') this.memoryWaitSince ??= now();
+    else this.memoryWaitSince = undefined;
     if (blocked) {
       this.socket.pause();
       if (needMemory) this.budget.waitFor(this.wakeFn);
@@ -448,7 +479,13 @@ export class NbdConnection {
         this.negotiate(msg);
         return true;
       }
-      if (!this.reserve(OPTION_ESTIMATE, NEGOTIATION_MEMORY)) return false;
+      if (this.optionsLeft-- === 0) {
+        throw new NbdProtocolError(`more than ${MAX_OPTIONS} options without entering transmission`);
+      }
+      if (!this.reserve(OPTION_ESTIMATE, NEGOTIATION_MEMORY)) {
+        this.optionsLeft++; // not taken yet
+        return false;
+      }
       this.optionCredit = OPTION_ESTIMATE;
       try {
         this.negotiate(msg);
@@ -480,10 +517,11 @@ export class NbdConnection {
     }
     let cost = 0;
     for (const b of buffers) cost += bufferCost(b.length);
-    for (const p of o.pooled ?? []) cost += pooledSize(p.length) - p.length;
+    // The data slices were counted at their length: a chunk holds CHUNK bytes whatever it carries.
+    for (const c of o.chunks ?? []) cost += CHUNK - c.length;
     this.charge(cost - prepaid);
     const done = () => {
-      for (const p of o.pooled ?? []) this.pool.put(p);
+      if (o.chunks) this.budget.giveBack(o.chunks);
       this.release(cost);
       o.onWritten?.();
     };
@@ -593,9 +631,13 @@ export class NbdConnection {
         return;
       case OPT.LIST: {
         if (data.length > 0) return this.optionReply(option, REP.ERR_INVALID, 'NBD_OPT_LIST takes no data');
-        const replies = this.host
-          .listExports()
-          .map((e) => encodeOptionReply(option, REP.SERVER, encodeServerReplyData(e.name, e.description)));
+        const exports = this.host.listExports();
+        // Once: a client may then ask about each export.
+        if (!this.listed) this.optionsLeft += MAX_OPTIONS * exports.length;
+        this.listed = true;
+        const replies = exports.map((e) =>
+          encodeOptionReply(option, REP.SERVER, encodeServerReplyData(e.name, e.description)),
+        );
         this.send([...replies, encodeOptionReply(option, REP.ACK)]);
         return;
       }
@@ -765,7 +807,7 @@ export class NbdConnection {
     switch (h.command) {
       case CMD.READ:
       case CMD.WRITE:
-        return REPLY_ESTIMATE + (h.length > 0 ? pooledCost(h.length) : 0);
+        return REPLY_ESTIMATE + dataCost(h.length);
       case CMD.BLOCK_STATUS: {
         const descriptors = Math.min(MAX_DESCRIPTORS, Math.ceil(h.length / 512) + 1);
         return REPLY_ESTIMATE + Math.max(1, this.contexts.length) * (BUFFER_OVERHEAD + descriptors * DESCRIPTOR_COST);
@@ -776,7 +818,7 @@ export class NbdConnection {
   }
 
   /** The parser asks where a write's payload goes: refused (null), not now (undefined), or a reserved buffer. */
-  private payloadFor(h: RequestHeader): Buffer | null | undefined {
+  private payloadFor(h: RequestHeader): Buffer[] | null | undefined {
     if (this.refusingWrites || this.validate(h)) return null;
     const cost = this.costOf(h);
     if (!this.reserve(cost)) {
@@ -785,7 +827,7 @@ export class NbdConnection {
     }
     this.writeCost = cost;
     this.dataAt = now(); // the stall clock of the payload starts when the server starts reading it
-    return this.pool.get(h.length);
+    return this.budget.takeChunks(h.length);
   }
 
   /** Takes one message of the transmission phase, if its memory can be reserved. */
@@ -795,12 +837,13 @@ export class NbdConnection {
     }
     const h = msg.header;
     if (msg.type === 'request' && h.command === CMD.WRITE && h.length > 0) {
-      // Its memory was reserved before its payload was read (payloadFor).
-      const cost = this.writeCost;
+      // Its memory was reserved before its payload was read (payloadFor): the reply's share is what
+      // remains beside the payload buffer.
+      const replyCost = this.writeCost - dataCost(h.length);
       this.writeCost = 0;
       this.host.count(h.command);
       this.counters.requests++;
-      this.run(h, msg.data, cost);
+      this.run(h, msg.data, replyCost);
       return true;
     }
     if (h.command === CMD.DISC && msg.type === 'request') {
@@ -835,12 +878,13 @@ export class NbdConnection {
     return true;
   }
 
-  private run(h: RequestHeader, data: Buffer | undefined, cost: number): void {
+  /** Runs a request; `cost` was reserved for its reply (and for a read, its data); a write's payload is paid apart. */
+  private run(h: RequestHeader, data: Buffer[] | undefined, cost: number): void {
     if (h.command === CMD.READ && h.length > 0) return this.addToBatch(h, cost);
     this.inFlight++;
-    // A write's payload buffer is returned once the device has it; the rest of the reservation pays the reply.
-    const dataCost = data && data.length > 0 ? pooledCost(data.length) : 0;
-    const prepaid = cost - dataCost;
+    // A write's payload chunks are returned once the device has them.
+    const payloadCost = data && data.length > 0 ? dataCost(h.length) : 0;
+    const prepaid = cost;
     this.execute(h, data)
       .then(
         (reply) => this.send(reply, { prepaid }),
@@ -851,9 +895,9 @@ export class NbdConnection {
         },
       )
       .finally(() => {
-        if (dataCost > 0) {
-          this.pool.put(data!);
-          this.release(dataCost);
+        if (payloadCost > 0) {
+          this.budget.giveBack(data!);
+          this.release(payloadCost);
         }
         this.inFlight--;
         this.activityAt = now();
@@ -960,14 +1004,15 @@ export class NbdConnection {
   }
 
   /** Runs one request (reads of length > 0 go through readBatch) and returns its reply. */
-  private async execute(h: RequestHeader, data: Buffer | undefined): Promise<Buffer[]> {
+  private async execute(h: RequestHeader, data: Buffer[] | undefined): Promise<Buffer[]> {
     const dev = this.exp!.device;
     const fua = (h.flags & CMD_FLAG.FUA) !== 0;
     switch (h.command) {
       case CMD.READ: // length 0 (others are batched)
         return this.okReply(h);
       case CMD.WRITE:
-        await dev.write(h.offset, data!, { fua });
+        if (data!.length === 1) await dev.write(h.offset, data![0], { fua });
+        else await writeChunks(dev, h.offset, data!, fua);
         this.counters.bytesWritten += h.length;
         return this.okReply(h);
       case CMD.FLUSH:
@@ -993,9 +1038,10 @@ export class NbdConnection {
   }
 
   /**
-   * Serves a batch of contiguous reads with one device read per data run. With structured replies,
-   * ranges that read as zeros go out as OFFSET_HOLE chunks (12 bytes instead of their zeros) unless the
-   * client asked for one chunk (DF). Nothing is sent unless every read succeeded.
+   * Serves a batch of contiguous reads: the data runs are read into chunks laid end to end (a run may
+   * go on from one chunk into the next), one device read per chunk-sized piece. With structured
+   * replies, ranges that read as zeros go out as OFFSET_HOLE chunks (12 bytes instead of their zeros)
+   * unless the client asked for one chunk (DF). Nothing is sent unless every read succeeded.
    */
   private async readBatch(dev: BlockDevice, b: ReadBatch): Promise<void> {
     const holes = this.structured && !b.df;
@@ -1008,46 +1054,50 @@ export class NbdConnection {
     // Whatever the status did not cover is read as data: every byte asked for must be answered.
     const covered = runs.reduce((n, r) => n + r.length, 0);
     if (covered < length) runs.push({ length: length - covered, flags: 0 });
+    // Where each run is on the disk and, for data, where its bytes are in the chunks.
     let at = b.start;
-    const pieces = runs.map((r) => {
-      const piece = {
-        at,
-        end: at + r.length,
-        zero: (r.flags & STATE_ZERO) !== 0,
-        data: undefined as Buffer | undefined,
-      };
+    let dataBytes = 0;
+    const segments = runs.map((r) => {
+      const zero = holes && (r.flags & STATE_ZERO) !== 0;
+      const seg = { at, end: at + r.length, data: zero ? -1 : dataBytes };
       at += r.length;
-      return piece;
+      if (!zero) dataBytes += r.length;
+      return seg;
     });
-    const reads = await Promise.allSettled(
-      pieces.map(async (p) => {
-        if (!holes || !p.zero) p.data = await readData(dev, this.pool, p.at, p.end - p.at);
-      }),
-    );
-    const pooled = pieces.flatMap((p) => (p.data ? [p.data] : []));
-    const failed = reads.find((r) => r.status === 'rejected');
+    const chunks = this.budget.takeChunks(dataBytes);
+    const reads: Promise<void>[] = [];
+    for (const seg of segments) {
+      if (seg.data < 0) continue;
+      for (const [i, from, to] of chunkRanges(seg.data, seg.data + seg.end - seg.at)) {
+        reads.push(readPiece(dev, chunks[i].subarray(from, to), seg.at + i * CHUNK + from - seg.data));
+      }
+    }
+    const failed = (await Promise.allSettled(reads)).find((r) => r.status === 'rejected');
     if (failed) {
-      pooled.forEach((x) => this.pool.put(x));
+      this.budget.giveBack(chunks);
       throw (failed as PromiseRejectedResult).reason;
     }
+    const slices = (from: number, to: number) => chunkRanges(from, to).map(([i, f, t]) => chunks[i].subarray(f, t));
     const out: Buffer[] = [];
     for (const h of b.reqs) {
       const from = h.offset;
       const to = h.offset + h.length;
-      const parts = pieces.filter((p) => p.at < to && p.end > from);
+      const parts = segments.filter((p) => p.at < to && p.end > from);
       if (!this.structured) out.push(encodeSimpleReply(0, h.handle));
       parts.forEach((p, i) => {
         const s0 = Math.max(p.at, from);
         const s1 = Math.min(p.end, to);
         const flags = i === parts.length - 1 ? REPLY_FLAG_DONE : 0;
-        const data = p.data?.subarray(s0 - p.at, s1 - p.at);
-        if (!this.structured) out.push(data!);
-        else if (data) out.push(encodeOffsetDataHeader(flags, h.handle, s0, s1 - s0), data);
-        else out.push(encodeOffsetHole(flags, h.handle, s0, s1 - s0));
+        if (p.data < 0) {
+          out.push(encodeOffsetHole(flags, h.handle, s0, s1 - s0));
+          return;
+        }
+        if (this.structured) out.push(encodeOffsetDataHeader(flags, h.handle, s0, s1 - s0));
+        out.push(...slices(p.data + s0 - p.at, p.data + s1 - p.at));
       });
     }
     this.counters.bytesRead += length;
-    this.send(out, { pooled, prepaid: b.costs.reduce((n, c) => n + c, 0) });
+    this.send(out, { chunks, prepaid: b.costs.reduce((n, c) => n + c, 0) });
   }
 
   private async blockStatus(dev: BlockDevice, h: RequestHeader): Promise<Buffer[]> {
@@ -1126,9 +1176,9 @@ export class NbdConnection {
     try {
       for (let msg = this.parser.next(); msg; msg = this.parser.next()) {
         if (msg.type === 'request' && msg.header.command === CMD.WRITE && msg.data && msg.data.length > 0) {
-          // A payload that was being received when the shutdown came.
-          this.pool.put(msg.data);
+          // A payload that was being received when the shutdown came: its reservation goes back.
           this.release(this.writeCost);
+          this.budget.giveBack(msg.data);
           this.writeCost = 0;
         }
         if ('header' in msg && msg.header.command !== CMD.DISC) refuse(msg.header);
@@ -1178,7 +1228,7 @@ export class NbdConnection {
     clearTimeout(this.closeTimer);
     // Whatever is still held (replies the socket never wrote, a half-received payload) is returned now.
     const partial = this.parser.abandonPayload();
-    if (partial) this.pool.put(partial);
+    if (partial) this.budget.giveBack(partial);
     this.budget.release(this.account, this.account.held);
     this.accountClosed = true;
     this.host.detach(this);
@@ -1225,18 +1275,38 @@ export function matchContexts(query: string, available: string[], list: boolean)
   return available.includes(query) ? [query] : [];
 }
 
-/** Reads into a pooled buffer when the device can (VirtualDisk.readInto), else takes the device's own. */
-async function readData(dev: BlockDevice, pool: BufferPool, offset: number, length: number): Promise<Buffer> {
-  const into = (dev as { readInto?: (dst: Uint8Array, offset: number) => Promise<void> }).readInto;
-  if (typeof into !== 'function') return dev.read(offset, length);
-  const buf = pool.get(length);
-  try {
-    await into.call(dev, buf, offset);
-  } catch (err) {
-    pool.put(buf);
-    throw err;
+/** [chunk index, from, to) within each chunk for bytes [from, to) of data laid end to end in chunks. */
+function chunkRanges(from: number, to: number): [number, number, number][] {
+  const out: [number, number, number][] = [];
+  for (let at = from; at < to;) {
+    const i = Math.floor(at / CHUNK);
+    const end = Math.min(to, (i + 1) * CHUNK);
+    out.push([i, at - i * CHUNK, end - i * CHUNK]);
+    at = end;
   }
-  return buf;
+  return out;
+}
+
+/** Reads into `dst` (a chunk's slice) when the device can (VirtualDisk.readInto), else copies its own buffer. */
+async function readPiece(dev: BlockDevice, dst: Buffer, offset: number): Promise<void> {
+  if (dev.readInto) return dev.readInto(dst, offset);
+  (await dev.read(offset, dst.length)).copy(dst);
+}
+
+/**
+ * Writes a payload held in several chunks: one device write per chunk, all at once; FUA then flushes
+ * once. Every write has ended (landed or failed) before this settles: the chunks go back to the pool after.
+ */
+async function writeChunks(dev: BlockDevice, offset: number, data: Buffer[], fua: boolean): Promise<void> {
+  let at = offset;
+  const writes = data.map((piece) => {
+    const w = dev.write(at, piece);
+    at += piece.length;
+    return w;
+  });
+  const failed = (await Promise.allSettled(writes)).find((r) => r.status === 'rejected');
+  if (failed) throw (failed as PromiseRejectedResult).reason;
+  if (fua) await dev.flush();
 }
 
 async function allocationQuery(dev: BlockDevice, offset: number, length: number) {

@@ -3,7 +3,9 @@
  * connections are closed under pressure. The rules, in order:
  *
  * 1. Only connections that serve nobody can be chosen: stalled ones (they owe progress and made none
- *    for a second), ones still negotiating, idle ones. A connection with requests running never is.
+ *    for a second), ones still negotiating, idle ones, the last two once they have been so for a
+ *    moment (SETTLED_MS: not a client between its handshake and its first request). A connection
+ *    with requests running never is.
  * 2. The peer holding the most connections gives way first: a flood from one address cannot push out
  *    the others. (TCP peers are told apart by address; every unix-socket client is one peer, since
  *    Node does not expose SO_PEERCRED, and the socket is 0600, so they all run as the server's user.)

@@ -40,10 +40,29 @@ export const DEFAULT_LIMITS: Readonly<NbdLimits> = Object.freeze({
 
 /** Requests of one connection running at once (nbdcopy keeps 64 in flight, QEMU 16). */
 export const MAX_REQUESTS_IN_FLIGHT = 128;
+/**
+ * Options a client may send before it enters transmission (as nbdkit: real clients send a handful),
+ * and as many more per export after NBD_OPT_LIST (a client may ask about each). Beyond: dropped.
+ */
+export const MAX_OPTIONS = 32;
 /** Option replies a negotiating client may leave unread before the server stops reading its options. */
 export const NEGOTIATION_MEMORY = 64 * KiB;
 /** A connection that made no progress for this long is stalled: the first to make room for a new client. */
 export const STALLED_AFTER_MS = 1_000;
+/**
+ * A connection gives way to a new client only once it has been idle, or negotiating, for this long:
+ * a client between its GO and its first request, or in the middle of its handshake, is not pushed out
+ * by a flood of newcomers.
+ */
+export const SETTLED_MS = 100;
+/**
+ * While a client that is not stalled waits for memory, a connection holding memory that has made no
+ * progress for this long is dropped (the one holding the most first): stalled clients cannot keep
+ * others waiting until the stall timeout.
+ */
+export const PRESSURE_STALL_MS = 500;
+/** How often the server looks for stalls, starving clients and idle connections. */
+export const SWEEP_MS = 100;
 /** The share of maxConnections in use from which idle connections are closed after idleTimeoutMs. */
 export const IDLE_PRESSURE = 3 / 4;
 

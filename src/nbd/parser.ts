@@ -5,11 +5,11 @@
  * over MAX_OPTION_DATA, writes over MAX_PAYLOAD) are skipped as they arrive, never buffered, and reported
  * so the connection can answer with an error and stay in step with the client.
  *
- * A write's payload goes into a buffer the connection hands over when the request's header has
+ * A write's payload goes into buffers the connection hands over when the request's header has
  * arrived (`payloadFor`), before any of its bytes are read: the connection reserves the memory first,
  * or refuses the write (its payload is then skipped as it arrives), or says "not now" (the header
- * stays unread until `next` is called again). Received pieces are copied into that buffer at once, so
- * a half-sent payload holds exactly the memory that was reserved for it.
+ * stays unread until `next` is called again). Received pieces are copied into those buffers at once,
+ * so a half-sent payload holds exactly the memory that was reserved for it.
  */
 import { NbdProtocolError } from './errors.js';
 import {
@@ -31,17 +31,18 @@ export type ClientMessage =
   | { type: 'option'; option: number; data: Buffer }
   /** An option whose data was over MAX_OPTION_DATA: skipped. */
   | { type: 'oversizeOption'; option: number; length: number }
-  | { type: 'request'; header: RequestHeader; data?: Buffer }
+  /** A request; a write's payload comes as the buffers `payloadFor` gave, filled in order. */
+  | { type: 'request'; header: RequestHeader; data?: Buffer[] }
   /** A write whose payload was over MAX_PAYLOAD: skipped. */
   | { type: 'oversizeRequest'; header: RequestHeader }
   /** A write the connection refused (`payloadFor` answered null): its payload was skipped. */
   | { type: 'refusedWrite'; header: RequestHeader };
 
 /**
- * Where a write's payload goes: a buffer of exactly `header.length` bytes, null to refuse the write
- * (its payload is skipped), or undefined for "not now" (the header is left unread).
+ * Where a write's payload goes: buffers of `header.length` bytes in all, filled in order; null to
+ * refuse the write (its payload is skipped), or undefined for "not now" (the header is left unread).
  */
-export type PayloadFor = (header: RequestHeader) => Buffer | null | undefined;
+export type PayloadFor = (header: RequestHeader) => Buffer[] | null | undefined;
 
 export type ParserPhase = 'clientFlags' | 'options' | 'transmission';
 
@@ -148,11 +149,11 @@ export class ClientParser {
   private discard = 0;
   /** The write whose payload is being skipped because the connection refused it. */
   private refused: RequestHeader | undefined;
-  /** The write whose payload is arriving, its buffer and how much of it is filled. */
-  private payload: { header: RequestHeader; data: Buffer; filled: number } | undefined;
+  /** The write whose payload is arriving, its buffers, which one is being filled and how much in all. */
+  private payload: { header: RequestHeader; data: Buffer[]; index: number; at: number; filled: number } | undefined;
 
-  /** `payloadFor` gives the buffer of each write's payload (by default, a new one). */
-  constructor(private readonly payloadFor: PayloadFor = (h) => Buffer.allocUnsafe(h.length)) {}
+  /** `payloadFor` gives the buffers of each write's payload (by default, one new one). */
+  constructor(private readonly payloadFor: PayloadFor = (h) => [Buffer.allocUnsafe(h.length)]) {}
 
   push(chunk: Buffer): void {
     this.queue.push(chunk);
@@ -168,8 +169,8 @@ export class ClientParser {
     return this.payload && { header: this.payload.header, received: this.payload.filled };
   }
 
-  /** Gives up the buffer of a write whose payload will never arrive (the connection closes). */
-  abandonPayload(): Buffer | undefined {
+  /** Gives up the buffers of a write whose payload will never arrive (the connection closes). */
+  abandonPayload(): Buffer[] | undefined {
     const data = this.payload?.data;
     this.payload = undefined;
     return data;
@@ -194,8 +195,16 @@ export class ClientParser {
     const q = this.queue;
     if (this.payload) {
       const p = this.payload;
-      p.filled += q.copyInto(p.data, p.filled);
-      if (p.filled < p.data.length) return undefined;
+      while (p.index < p.data.length && q.length > 0) {
+        const n = q.copyInto(p.data[p.index], p.at);
+        p.at += n;
+        p.filled += n;
+        if (p.at === p.data[p.index].length) {
+          p.index++;
+          p.at = 0;
+        }
+      }
+      if (p.filled < p.header.length) return undefined;
       this.payload = undefined;
       return { type: 'request', header: p.header, data: p.data };
     }
@@ -243,7 +252,7 @@ export class ClientParser {
         }
         if (header.length === 0) {
           q.skip(REQUEST_HEADER_LENGTH);
-          return { type: 'request', header, data: EMPTY };
+          return { type: 'request', header, data: [] };
         }
         const data = this.payloadFor(header);
         if (data === undefined) return undefined;
@@ -252,8 +261,10 @@ export class ClientParser {
           this.refused = header;
           this.discard = header.length;
         } else {
-          if (data.length !== header.length) throw new RangeError('payload buffer of the wrong length');
-          this.payload = { header, data, filled: 0 };
+          if (data.reduce((n, b) => n + b.length, 0) !== header.length) {
+            throw new RangeError('payload buffers of the wrong length');
+          }
+          this.payload = { header, data, index: 0, at: 0, filled: 0 };
         }
         return this.next();
       }

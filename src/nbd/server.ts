@@ -21,7 +21,7 @@ import { BufferPool } from './buffers.js';
 import { MemoryBudget } from './budget.js';
 import { NbdConnection, type ConnectionHost, type ExportEntry, type NbdEvent } from './connection.js';
 import { chooseVictim, type Candidate, type VictimKind } from './fairness.js';
-import { IDLE_PRESSURE, resolveLimits, type NbdLimits } from './limits.js';
+import { IDLE_PRESSURE, PRESSURE_STALL_MS, resolveLimits, SETTLED_MS, SWEEP_MS, type NbdLimits } from './limits.js';
 import { listenTcp, listenUnix } from './listen.js';
 import { commandName, MAX_STRING } from './protocol.js';
 import type { TlsCredentials } from './tls.js';
@@ -128,7 +128,8 @@ export class NbdServer extends EventEmitter {
     const { tls, ...limits } = opts;
     this.limits = Object.freeze(resolveLimits(limits));
     this.tls = tls;
-    this.pool = new BufferPool({ maxRetained: Math.min(256 * 1024 * 1024, Math.floor(this.limits.maxMemory / 2)) });
+    // The pool may keep as much as the budget allows: what it keeps counts against the budget.
+    this.pool = new BufferPool({ maxRetained: Math.min(256 * 1024 * 1024, this.limits.maxMemory) });
     this.budget = new MemoryBudget(this.limits.maxMemory, this.pool);
     this.host = this.makeHost();
   }
@@ -316,22 +317,27 @@ export class NbdServer extends EventEmitter {
   }
 
   /**
-   * Connections that may give way: to make room, any that serves nobody (stalled, negotiating, idle);
-   * under idle pressure, those idle for the idle timeout.
+   * Connections that may give way: to make room, any that serves nobody (stalled, or negotiating or
+   * idle for SETTLED_MS); under idle pressure, those idle for the idle timeout.
    */
   private candidates(open: NbdConnection[], why: 'room' | 'idle', at = performance.now()): Candidate<NbdConnection>[] {
     const out: Candidate<NbdConnection>[] = [];
     for (const c of open) {
       const a = c.activity(at);
-      const eligible = why === 'room' ? a.kind !== 'busy' : a.kind === 'idle' && a.sinceMs >= this.limits.idleTimeoutMs;
+      const eligible =
+        why === 'room'
+          ? a.kind === 'stalled' || ((a.kind === 'idle' || a.kind === 'negotiating') && a.sinceMs >= SETTLED_MS)
+          : a.kind === 'idle' && a.sinceMs >= this.limits.idleTimeoutMs;
       if (eligible) out.push({ item: c, peer: c.peer, kind: a.kind as VictimKind, id: c.id });
     }
     return out;
   }
 
   /**
-   * Runs often while listening: drops clients that stalled for the stall timeout and, under pressure,
-   * connections idle for longer than the idle timeout (fairness.ts order), down to the pressure mark.
+   * Runs often while listening: drops clients that stalled for the stall timeout; while a client that
+   * has not stalled waits for memory, drops the stalled connection holding the most (stalled for
+   * PRESSURE_STALL_MS); under connection pressure, closes connections idle for longer than the idle
+   * timeout (fairness.ts order), down to the pressure mark.
    */
   private sweep(): void {
     const at = performance.now();
@@ -340,6 +346,27 @@ export class NbdServer extends EventEmitter {
       c.checkStall(at);
       if (c.closing) this.totals.stalled++;
     }
+    this.relieveMemory(at);
+    this.closeIdle(at);
+  }
+
+  private relieveMemory(at: number): void {
+    const open = this.open();
+    const starving = open.filter((c) => c.starvingFor(at) !== undefined);
+    if (starving.length === 0) return;
+    let victim: NbdConnection | undefined;
+    for (const c of open) {
+      if (starving.includes(c) || c.memory === 0 || c.stalledFor(at) < PRESSURE_STALL_MS) continue;
+      if (!victim || c.memory > victim.memory) victim = c;
+    }
+    if (!victim) return;
+    this.totals.stalled++;
+    victim.drop(
+      `made no progress for ${PRESSURE_STALL_MS} ms while holding ${victim.memory} bytes other clients were waiting for`,
+    );
+  }
+
+  private closeIdle(at: number): void {
     if (this.limits.idleTimeoutMs === 0) return;
     const mark = Math.ceil(this.limits.maxConnections * IDLE_PRESSURE);
     let open = this.open();
@@ -354,9 +381,7 @@ export class NbdServer extends EventEmitter {
 
   private startSweeping(): void {
     if (this.sweepTimer) return;
-    const l = this.limits;
-    const every = Math.min(1000, Math.max(50, Math.min(l.stallTimeoutMs, l.idleTimeoutMs || Infinity) / 4));
-    this.sweepTimer = setInterval(() => this.sweep(), every);
+    this.sweepTimer = setInterval(() => this.sweep(), SWEEP_MS);
     this.sweepTimer.unref();
   }
 
@@ -364,7 +389,6 @@ export class NbdServer extends EventEmitter {
     return {
       limits: this.limits,
       budget: this.budget,
-      pool: this.pool,
       tls: this.tls,
       findExport: (name) => {
         if (name !== '') return this.registry.get(name);

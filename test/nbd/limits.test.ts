@@ -10,11 +10,11 @@ import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { pooledCost } from '../../src/nbd/budget.js';
+import { dataCost } from '../../src/nbd/budget.js';
 import { REPLY_ESTIMATE } from '../../src/nbd/connection.js';
 import { chooseVictim, type Candidate } from '../../src/nbd/fairness.js';
 import { NbdServer, type NbdServerOptions } from '../../src/nbd/index.js';
-import { NEGOTIATION_MEMORY } from '../../src/nbd/limits.js';
+import { MAX_OPTIONS, NEGOTIATION_MEMORY } from '../../src/nbd/limits.js';
 import {
   CMD,
   encodeInfoRequest,
@@ -22,6 +22,7 @@ import {
   encodeRequest,
   INFO,
   MAX_PAYLOAD,
+  MAX_STRING,
   NBD_ERR,
   OPT,
   REP,
@@ -74,38 +75,68 @@ afterEach(async () => {
 });
 
 describe('memory', () => {
-  it('a client flooding options without reading the replies stops being read at 64 KiB of replies', async () => {
+  it('a client that does not read its option replies stops being read once 64 KiB of them wait', async () => {
     await serve({});
+    // Big replies: 100 exports with 4 KiB names and descriptions make a LIST answer of ~820 KB,
+    // more than the kernel's socket buffers hold.
+    const names = Array.from({ length: 100 }, (_, i) => `${i}`.padStart(MAX_STRING, 'n'));
+    for (const name of names) srv!.server.addExport(name, disk, { description: 'd'.repeat(MAX_STRING) });
     const c = await RawClient.connect({ path: srv!.socket });
     clients.push(c);
     await c.handshake();
     c.socket.pause();
-    const info = encodeOption(OPT.INFO, encodeInfoRequest({ name: 'disk', requests: [INFO.NAME, INFO.BLOCK_SIZE] }));
-    const n = 5000; // ~150 KB of options, ~9 MB of replies if they were all queued
+    c.write(encodeOption(OPT.LIST));
+    await sleep(200);
+    const held = srv!.server.connections()[0].memory;
+    expect(held).toBeGreaterThan(NEGOTIATION_MEMORY); // the one answer that is always sent, partly unwritten
+    // Further options are not read, so not answered: the memory held does not grow.
+    const info = encodeOption(OPT.INFO, encodeInfoRequest({ name: names[7], requests: [INFO.NAME, INFO.DESCRIPTION] }));
+    const n = 20;
     c.write(Buffer.concat(Array<Buffer>(n).fill(info)));
     await sleep(300);
-    const [conn] = srv!.server.connections();
-    expect(conn.state).toBe('negotiating');
-    expect(conn.memory).toBeGreaterThan(0);
-    expect(conn.memory).toBeLessThanOrEqual(NEGOTIATION_MEMORY);
-    expect(srv!.server.stats().memory.used).toBe(conn.memory);
+    expect(srv!.server.connections()[0]).toMatchObject({ state: 'negotiating', memory: held });
+    expect(srv!.server.stats().memory.used).toBe(held);
     // Reading again: every option is answered, in order, and the session goes on.
     c.socket.resume();
+    expect((await c.readOptionReplies()).length).toBe(names.length + 3); // disk, ro, the 100, ACK
     for (let i = 0; i < n; i++) {
       const replies = await c.readOptionReplies();
-      expect(replies.at(-1)!.type).toBe(REP.ACK);
+      expect(replies.map((r) => r.type)).toEqual([REP.INFO, REP.INFO, REP.INFO, REP.INFO, REP.ACK]);
     }
     await c.go('disk');
-    expect(srv!.server.stats().memory.used).toBe(0);
+    await until(() => srv!.server.stats().memory.used === 0, 1000, 'memory back');
+  });
+
+  it(`more than ${MAX_OPTIONS} options (and ${MAX_OPTIONS} per export after LIST) lose the connection`, async () => {
+    await serve({});
+    const info = encodeOption(OPT.INFO, encodeInfoRequest({ name: 'disk', requests: [] }));
+    const plain = await RawClient.connect({ path: srv!.socket });
+    clients.push(plain);
+    await plain.handshake();
+    for (let i = 0; i < MAX_OPTIONS; i++)
+      expect((await plain.option(OPT.INFO, info.subarray(16))).at(-1)!.type).toBe(REP.ACK);
+    plain.write(info);
+    expect(await plain.closesWithin(2000)).toBe(true);
+    // After LIST (two exports here), 2 × MAX_OPTIONS more are allowed.
+    const lister = await RawClient.connect({ path: srv!.socket });
+    clients.push(lister);
+    await lister.handshake();
+    await lister.option(OPT.LIST);
+    await lister.option(OPT.LIST); // a second LIST gives nothing more
+    for (let i = 0; i < 3 * MAX_OPTIONS - 3; i++) await lister.option(OPT.INFO, info.subarray(16));
+    await lister.go('disk'); // the last one allowed
+    lister.request({ command: CMD.FLUSH, handle: 1n });
+    expect(await lister.reply()).toMatchObject({ kind: 'simple', handle: 1n, error: 0 });
+    expect(lister.isClosed).toBe(false);
   });
 
   it("a write's payload is reserved before it is read: a second big write waits, a light client is served", async () => {
-    // 8 MiB: 1 MiB kept for light connections (up to 64 KiB each).
-    await serve({ maxMemory: 8 * MiB, maxConnectionMemory: 6 * MiB });
+    // 6 MiB: a 3 MiB write takes 3 chunks (3 MiB and a little); a second one cannot fit beside it.
+    await serve({ maxMemory: 6 * MiB, maxConnectionMemory: 4 * MiB });
     const a = await open();
     const b = await open();
-    const len = 3 * MiB; // a 4 MiB buffer from the pool
-    const cost = pooledCost(len) + REPLY_ESTIMATE;
+    const len = 3 * MiB;
+    const cost = dataCost(len) + REPLY_ESTIMATE;
     const payload = (byte: number) => Buffer.alloc(len, byte);
     const req = (handle: bigint, offset: number, byte: number) =>
       encodeRequest({ flags: 0, command: CMD.WRITE, handle, offset, length: len }, payload(byte));
@@ -211,6 +242,7 @@ describe('the connection limit', () => {
   it('a new client takes the place of the youngest idle connection; busy ones are never dropped', async () => {
     await serve({ maxConnections: 4 });
     const first = [await open(), await open(), await open(), await open()];
+    await sleep(150); // a connection gives way only once it has been idle a moment (SETTLED_MS)
     const fifth = await open();
     fifth.request({ command: CMD.READ, handle: 1n, offset: 0, length: 4096 });
     expect((await fifth.structuredReply())[0].type).toBe(REPLY_TYPE.OFFSET_DATA);
@@ -244,6 +276,7 @@ describe('the connection limit', () => {
       };
       const b = [await from('127.0.0.2'), await from('127.0.0.2'), await from('127.0.0.2')];
       const a = await from('127.0.0.1'); // the youngest, but its peer holds one connection only
+      await sleep(150);
       await from('127.0.0.1');
       expect(await b[2].closesWithin(1000)).toBe(true);
       expect([a.isClosed, b[0].isClosed, b[1].isClosed]).toEqual([false, false, false]);
