@@ -171,7 +171,6 @@ export class NbdConnection {
   private parser = new ClientParser((h) => this.payloadFor(h));
   private exp: ExportEntry | undefined;
   private flags = 0;
-  private fixedNewstyle = false;
   private structured = false;
   private noZeroes = false;
   private tlsActive = false;
@@ -298,16 +297,10 @@ export class NbdConnection {
   /** What the connection is doing (for the server's eviction and idle policies). */
   activity(at = now()): Activity {
     if (this.phase === 'negotiating') return { kind: 'negotiating', sinceMs: at - this.connectedAt };
-    this.sampleWriteQueue(at);
-    const receiving = this.parser.receiving !== undefined;
-    if (
-      (this.unsent > 0 && at - this.writeProgressAt >= STALLED_AFTER_MS) ||
-      (receiving && at - this.dataAt >= STALLED_AFTER_MS)
-    ) {
-      return { kind: 'stalled' };
-    }
-    if (this.inFlight > 0 || this.unsent > 0 || receiving || this.waiting || this.memoryBlocked)
+    if (this.stalledFor(at) >= STALLED_AFTER_MS) return { kind: 'stalled' };
+    if (this.inFlight > 0 || this.unsent > 0 || this.parser.receiving || this.waiting || this.memoryBlocked) {
       return { kind: 'busy' };
+    }
     return { kind: 'idle', sinceMs: at - this.activityAt };
   }
 
@@ -555,10 +548,9 @@ export class NbdConnection {
         if (msg.flags & ~(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)) {
           throw new NbdProtocolError(`unknown client flags 0x${msg.flags.toString(16)}`);
         }
-        this.fixedNewstyle = (msg.flags & FLAG_C_FIXED_NEWSTYLE) !== 0;
         this.noZeroes = (msg.flags & FLAG_C_NO_ZEROES) !== 0;
         // TLS needs fixed newstyle (the protocol): such a client can never meet this server's policy.
-        if (this.host.tls && !this.fixedNewstyle) {
+        if (this.host.tls && !(msg.flags & FLAG_C_FIXED_NEWSTYLE)) {
           throw new NbdProtocolError('this server requires TLS, which needs fixed newstyle negotiation');
         }
         return;
@@ -851,24 +843,17 @@ export class NbdConnection {
       this.beginClose('client disconnected');
       return true;
     }
-    const cost = msg.type === 'request' ? this.costOf(h) : REPLY_ESTIMATE;
+    // Refused requests reserve only their error reply (a read of 4 GiB is refused, not waited for).
+    // A refused write was refused by validate() before its payload was skipped: the same answer again.
+    const refusal =
+      msg.type === 'oversizeRequest'
+        ? { errno: NBD_ERR.EOVERFLOW, message: `a write of ${h.length} bytes is over the ${MAX_PAYLOAD}-byte maximum` }
+        : (this.validate(h) ??
+          (msg.type === 'refusedWrite' ? { errno: NBD_ERR.EINVAL, message: 'the write was refused' } : undefined));
+    const cost = refusal ? REPLY_ESTIMATE : this.costOf(h);
     if (!this.reserve(cost)) return false;
     this.host.count(h.command);
     this.counters.requests++;
-    if (msg.type === 'oversizeRequest') {
-      this.counters.errors++;
-      this.replyError(
-        h,
-        NBD_ERR.EOVERFLOW,
-        `a write of ${h.length} bytes is over the ${MAX_PAYLOAD}-byte maximum`,
-        cost,
-      );
-      return true;
-    }
-    // A refused write was refused by validate() before its payload was skipped: the same answer again.
-    const refusal =
-      this.validate(h) ??
-      (msg.type === 'refusedWrite' ? { errno: NBD_ERR.EINVAL, message: 'the write was refused' } : undefined);
     if (refusal) {
       this.counters.errors++;
       this.replyError(h, refusal.errno, refusal.message, cost);

@@ -163,6 +163,19 @@ describe('memory', () => {
     await until(() => srv!.server.stats().memory.used === 0, 2000, 'all memory back');
   });
 
+  it('a request that will be refused reserves only its error reply, whatever its length', async () => {
+    await serve({ maxMemory: 4 * MiB });
+    const busy = await open();
+    const release = disk.holdWhere((e) => e.startsWith('read'));
+    busy.request({ command: CMD.READ, handle: 1n, offset: 0, length: 2 * MiB });
+    await disk.untilRunning(1);
+    const c = await open();
+    c.request({ command: CMD.READ, handle: 2n, offset: 0, length: 0xffffffff });
+    expect((await c.structuredReply(2000))[0].payload).toMatchObject({ error: NBD_ERR.EOVERFLOW });
+    release();
+    expect((await busy.structuredReply())[0].type).toBe(REPLY_TYPE.OFFSET_DATA);
+  });
+
   it('a refused write is skipped as it arrives, never buffered', async () => {
     await serve({});
     const c = await open('ro');
