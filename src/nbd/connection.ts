@@ -660,10 +660,7 @@ export class NbdConnection {
     if (data.length > 0) return this.optionReply(option, REP.ERR_INVALID, 'NBD_OPT_STARTTLS takes no data');
     // A client must wait for the ACK: bytes already sent would be plaintext injected into the TLS session.
     if (this.parser.buffered > 0) throw new NbdProtocolError('data sent after NBD_OPT_STARTTLS before its reply');
-    await new Promise<void>((resolve) =>
-      this.send([encodeOptionReply(option, REP.ACK)], { prepaid: this.optionCredit, onWritten: resolve }),
-    );
-    this.optionCredit = 0;
+    await new Promise<void>((resolve) => this.send([encodeOptionReply(option, REP.ACK)], { onWritten: resolve }));
     if (this.closing) return;
     const plain = this.socket;
     this.detachSocket();

@@ -369,13 +369,17 @@ export class NbdServer extends EventEmitter {
   private closeIdle(at: number): void {
     if (this.limits.idleTimeoutMs === 0) return;
     const mark = Math.ceil(this.limits.maxConnections * IDLE_PRESSURE);
-    let open = this.open();
-    while (open.length >= mark) {
-      const victim = chooseVictim(this.candidates(open, 'idle', at), peerSizes(open));
+    const open = this.open();
+    if (open.length < mark) return;
+    const sizes = peerSizes(open);
+    let candidates = this.candidates(open, 'idle', at);
+    for (let count = open.length; count >= mark; count--) {
+      const victim = chooseVictim(candidates, sizes);
       if (!victim) return;
       this.totals.evicted++;
       victim.drop(`idle for over ${this.limits.idleTimeoutMs / 1000} s while the server is near its connection limit`);
-      open = open.filter((c) => c !== victim);
+      candidates = candidates.filter((c) => c.item !== victim);
+      sizes.set(victim.peer, sizes.get(victim.peer)! - 1);
     }
   }
 
