@@ -15,6 +15,7 @@ declare -A PACKAGE_OF=(
   [bzip2]=bzip2 # the fixtures are .bz2
   [restic]=restic [borg]=borgbackup # backup benchmarks' peers
   [mkfs.xfs]=xfsprogs               # the reflink snapshot provider's test file system
+  [openssl]=openssl                 # test certificates for NBD over TLS
 )
 
 missing_packages=()

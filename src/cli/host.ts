@@ -11,6 +11,7 @@ import { CONFIG_VERSIONS, DEFAULT_CONFIG_VERSION } from '../host/config-version.
 import { describeOwner, OWNER_NAME, type ReferencePointOwner } from '../host/definition.js';
 import type { NewDisk } from '../host/host.js';
 import { HostLog } from '../host/log.js';
+import { isLoopback } from '../nbd/index.js';
 import { formatSize } from '../util/size.js';
 import { printJson, println } from './output.js';
 
@@ -50,9 +51,9 @@ export function hostCommand(run: Run): Command {
   return new Command('host')
     .description('run the host: VM store, NBD exports of running VMs, checkpoints, management API')
     .requiredOption('--store <dir>', 'the store directory (created if missing)')
-    .option('--socket <path>', 'NBD unix socket (default STORE/nbd.sock)')
+    .option('--socket <path>', 'NBD unix socket, created mode 0600 (default STORE/nbd.sock)')
     .option('--nbd-port <n>', 'serve NBD on loopback TCP instead')
-    .option('--nbd-bind <addr>', 'address for --nbd-port', '127.0.0.1')
+    .option('--nbd-bind <addr>', 'address for --nbd-port (anything but loopback serves the disks without TLS: warned)')
     .option('--api-port <n>', 'serve the API on loopback TCP instead of STORE/api.sock')
     .option(
       '--allow-disk-dir <dir>',
@@ -65,7 +66,7 @@ export function hostCommand(run: Run): Command {
         const { startHost } = await import('../host/daemon.js');
         const running = await startHost({
           store: o.store,
-          nbd: o.nbdPort !== undefined ? { port: Number(o.nbdPort), host: o.nbdBind } : { socket: o.socket },
+          nbd: nbdListen(o),
           apiPort: o.apiPort !== undefined ? Number(o.apiPort) : undefined,
           allowDiskDirs: ((o.allowDiskDir as string[] | undefined) ?? []).map((d) => path.resolve(d)),
           log: new HostLog(),
@@ -80,6 +81,31 @@ export function hostCommand(run: Run): Command {
         await running.close();
       }),
     );
+}
+
+/** The host's NBD listener from its options: a unix socket, or TCP on loopback unless --nbd-bind says otherwise. */
+function nbdListen(o: { socket?: string; nbdPort?: string; nbdBind?: string }): {
+  socket?: string;
+  port?: number;
+  host?: string;
+} {
+  if (o.nbdPort === undefined) {
+    if (o.nbdBind !== undefined) throw new TidemarkError('INVALID_ARGUMENT', '--nbd-bind needs --nbd-port');
+    return { socket: o.socket };
+  }
+  if (o.socket !== undefined)
+    throw new TidemarkError('INVALID_ARGUMENT', '--socket cannot be combined with --nbd-port');
+  const port = Number(o.nbdPort);
+  if (!/^\d+$/.test(o.nbdPort) || port > 65535) {
+    throw new TidemarkError('INVALID_ARGUMENT', `--nbd-port ${o.nbdPort} is not a TCP port`);
+  }
+  const host = o.nbdBind ?? '127.0.0.1';
+  if (!isLoopback(host)) {
+    process.stderr.write(
+      `tidemark: warning: serving NBD without TLS on ${host}: anyone who can reach it can read and write the VMs' disks (the host's NBD has no TLS: keep it on loopback or the unix socket)\n`,
+    );
+  }
+  return { port, host };
 }
 
 export function vmCommand(run: Run): Command {
