@@ -173,7 +173,12 @@ export function repoCommands(run: Run): Command[] {
       run(() =>
         withRepo(o, async (r) => {
           const i = await r.info();
-          if (o.json) return printJson(i);
+          // Entries that cannot be read are damage: named, and the exit status says so (1).
+          const status = i.damage.length > 0 ? EXIT.FAILED : EXIT.OK;
+          if (o.json) {
+            printJson(i);
+            return status;
+          }
           println(`repository ${i.location}`);
           println(`  id              ${i.id}`);
           println(`  created         ${when(i.createdAt)}`);
@@ -196,6 +201,10 @@ export function repoCommands(run: Run): Command[] {
               `  lock            ${l.damaged ? `${l.key} (unreadable)` : `${l.operation}, ${l.kind}, pid ${l.pid} on ${l.hostname} since ${l.createdAt}`}${l.stale ? ' (stale)' : ''}`,
             );
           }
+          for (const d of i.damage) println(`DAMAGED ${d.object} ${d.key} (${d.problem}): ${d.message}`);
+          if (i.damage.length > 0)
+            println(`${i.damage.length} damaged entr${i.damage.length === 1 ? 'y' : 'ies'}: run \`tidemark verify\``);
+          return status;
         }),
       ),
     );
@@ -250,7 +259,12 @@ export function repoCommands(run: Run): Command[] {
       run(() =>
         withRepo(o, async (r) => {
           const { points: list, damaged } = await r.listPoints({ vm: o.vm });
-          if (o.json) return printJson({ points: list, damaged });
+          // A point that cannot be read is listed as damaged, and the exit status says so (1).
+          const status = damaged.length > 0 ? EXIT.FAILED : EXIT.OK;
+          if (o.json) {
+            printJson({ points: list, damaged });
+            return status;
+          }
           if (list.length === 0) println(o.vm ? `no restore point holds VM ${o.vm}` : 'no restore points');
           else {
             const rows = [['ID', 'TIME', 'FLOW', 'VMS', 'DISKS', 'READ', 'NEW', 'STORED']];
@@ -269,6 +283,7 @@ export function repoCommands(run: Run): Command[] {
             for (const line of pad(rows)) println(line);
           }
           for (const d of damaged) println(`DAMAGED ${d.id}: ${d.message}`);
+          return status;
         }),
       ),
     );
@@ -328,7 +343,8 @@ export function repoCommands(run: Run): Command[] {
           o,
           async (r) => {
             const progress = o.json ? { update() {}, end() {} } : progressReporter('verify');
-            const report = await r.verify(id, { onProgress: (d, t) => progress.update(d, t) });
+            // Stored bytes read, so the rate shown is the real read throughput.
+            const report = await r.verify(id, { onProgress: (p) => progress.update(p.doneBytes, p.totalBytes) });
             progress.end();
             if (o.json) printJson(report);
             else {

@@ -204,15 +204,28 @@ export interface Damage {
   /** where in its pack a damaged chunk lies */
   range?: { offset: number; length: number };
   id: string;
-  problem: 'missing' | 'truncated' | 'corrupt';
+  /** unreadable: the entry is not an object (a symlink, FIFO, directory, …) or the backend cannot read it */
+  problem: 'missing' | 'truncated' | 'corrupt' | 'unreadable';
   message: string;
   affects: Affected[];
+}
+
+/** A repository entry that cannot be read, as `repo info` reports it. */
+export interface EntryDamage {
+  object: Damage['object'];
+  key: string;
+  problem: Damage['problem'];
+  message: string;
 }
 
 export interface VerifyOptions {
   /** chunks read and checked at once; default 8 */
   parallel?: number;
-  onProgress?: (doneChunks: number, totalChunks: number) => void;
+  /**
+   * After each chunk: the stored bytes read so far of those the pack indexes list for the chunks to check (a
+   * throughput, for a progress bar), and the chunks done of all.
+   */
+  onProgress?: (p: { doneBytes: number; totalBytes: number; doneChunks: number; totalChunks: number }) => void;
 }
 
 export interface VerifyReport {
@@ -278,6 +291,8 @@ export interface RepositoryInfo {
   packs: { count: number; bytes: number };
   packIndexes: { count: number; bytes: number };
   locks: LockEntry[];
+  /** entries under points/, indexes/, packs/ and packindex/ that are not objects, and pack indexes that do not read */
+  damage: EntryDamage[];
 }
 
 /** A stored object that cannot be used: REPOSITORY_CORRUPT with what verify needs in `details`. */
@@ -287,11 +302,29 @@ function damaged(
   problem: Damage['problem'],
   message: string,
   cause?: unknown,
-): TidemarkError {
-  return new TidemarkError('REPOSITORY_CORRUPT', message, { object, key, problem }, { cause });
+): DamageError {
+  return new TidemarkError('REPOSITORY_CORRUPT', message, { object, key, problem }, { cause }) as DamageError;
 }
 
 type DamageError = TidemarkError & { details: { object: string; key: string; problem: string } };
+
+/** Failures of the machine rather than of the object: they stop a command instead of being reported as damage. */
+const TRANSIENT_ERRNO = new Set(['EMFILE', 'ENFILE', 'ENOMEM', 'EAGAIN', 'EINTR', 'ENOSPC']);
+
+/**
+ * Whether a backend's failure to read one object is damage to that object (an unreadable file, an entry the
+ * safe opener refuses: a symlink, a FIFO, a directory) rather than a reason to stop (a closed repository, a bug).
+ */
+function isUnreadableEntry(err: unknown): boolean {
+  if (!(err instanceof TidemarkError)) return false;
+  if (err.code === 'CLOSED' || err.code === 'INVALID_ARGUMENT' || err.code === 'BUSY') return false;
+  return !TRANSIENT_ERRNO.has(String(err.details.errno ?? ''));
+}
+
+/** The message for an entry that stands where an object belongs but is not one. */
+function unusableMessage(what: string, o: ObjectInfo): string {
+  return `${what} (${o.key}) cannot be read: it is ${o.unusable}, not an object`;
+}
 
 function isDamage(err: unknown): err is DamageError {
   return err instanceof TidemarkError && err.code === 'REPOSITORY_CORRUPT' && typeof err.details.problem === 'string';
@@ -477,6 +510,9 @@ export class Repository {
       }
       if (code === 'LIMIT_EXCEEDED')
         throw damaged(object, key, 'corrupt', `${what} is damaged: ${(err as Error).message}`, err);
+      if (isUnreadableEntry(err)) {
+        throw damaged(object, key, 'unreadable', `${what} cannot be read (${key}): ${(err as Error).message}`, err);
+      }
       throw err;
     }
     if (at && stored.length < at.length) {
@@ -522,9 +558,12 @@ export class Repository {
     this.checkOpen();
     if (opts.reread) this.packIndexState = null;
     const listed: string[] = [];
-    for await (const o of this.backend.list('packindex/')) {
+    const damage: DamageError[] = [];
+    for await (const o of this.backend.list('packindex/', { unusable: true })) {
       const id = o.key.slice('packindex/'.length);
-      if (HEX_ID.test(id)) listed.push(id);
+      if (!HEX_ID.test(id)) continue;
+      if (o.unusable) damage.push(damaged('pack-index', o.key, 'unreadable', unusableMessage(`pack index ${id}`, o)));
+      else listed.push(id);
     }
     listed.sort();
     const present = new Set(listed);
@@ -532,7 +571,6 @@ export class Repository {
     if (!state || [...state.loaded].some((id) => !present.has(id))) state = { map: new ChunkMap(), loaded: new Set() };
     const fresh = listed.filter((id) => !state.loaded.has(id));
     const read = new Map<string, PackContents[]>();
-    const damage: DamageError[] = [];
     await forEachBounded(fresh, 8, async (id) => {
       try {
         read.set(id, await this.readPackIndex(id));
@@ -548,6 +586,7 @@ export class Repository {
       state.loaded.add(id);
     }
     this.packIndexState = state;
+    damage.sort((a, b) => (a.details.key < b.details.key ? -1 : 1));
     return { map: state.map, indexCount: listed.length, damaged: damage };
   }
 
@@ -686,13 +725,50 @@ export class Repository {
   // ---------------------------------------------------------------------------------------------------------
   // Restore points
 
+  /** The id of every entry under points/ (oldest first), also those that are not objects (see pointEntries). */
   async listPointIds(): Promise<string[]> {
+    return (await this.pointEntries()).ids;
+  }
+
+  /**
+   * Every entry under points/ named like a restore point, and of those, the ones that are not objects (a
+   * symlink, a FIFO, a directory, …) with the message that reports them: damage, never skipped.
+   */
+  async pointEntries(): Promise<{ ids: string[]; unusable: Map<string, string> }> {
     const ids: string[] = [];
-    for await (const o of this.backend.list('points/')) {
+    const unusable = new Map<string, string>();
+    for await (const o of this.backend.list('points/', { unusable: true })) {
       const id = o.key.slice('points/'.length);
-      if (POINT_ID.test(id)) ids.push(id);
+      if (!POINT_ID.test(id)) continue;
+      ids.push(id);
+      if (o.unusable) unusable.set(id, unusableMessage(`restore point ${id}`, o));
     }
-    return ids.sort();
+    return { ids: ids.sort(), unusable };
+  }
+
+  /**
+   * Entries under `prefix` named like the objects `shape` matches (its first group: the id) that are not objects,
+   * each as damage to `object`.
+   */
+  private async unusableEntries(
+    prefix: string,
+    shape: RegExp,
+    object: Damage['object'],
+    what: string,
+  ): Promise<Map<string, EntryDamage & { id: string }>> {
+    const out = new Map<string, EntryDamage & { id: string }>();
+    for await (const o of this.backend.list(prefix, { unusable: true })) {
+      const m = shape.exec(o.key);
+      if (!m || !o.unusable) continue;
+      out.set(m[1], {
+        object,
+        key: o.key,
+        id: m[1],
+        problem: 'unreadable',
+        message: unusableMessage(`${what} ${m[1]}`, o),
+      });
+    }
+    return out;
   }
 
   /** A full point id from an id or a unique prefix of one. */
@@ -737,9 +813,14 @@ export class Repository {
 
   /** Every restore point (oldest first), optionally only those holding a VM (by name or id). */
   async listPoints(opts: { vm?: string } = {}): Promise<{ points: PointSummary[]; damaged: DamagedPoint[] }> {
-    const ids = await this.listPointIds();
+    const { ids, unusable } = await this.pointEntries();
     const found = new Map<string, PointManifest | DamagedPoint>();
     await forEachBounded(ids, 8, async (id) => {
+      const why = unusable.get(id);
+      if (why !== undefined) {
+        found.set(id, { id, code: 'REPOSITORY_CORRUPT', message: why });
+        return;
+      }
       try {
         found.set(id, await this.readPoint(id));
       } catch (err) {
@@ -925,41 +1006,36 @@ export class Repository {
   }
 
   private async verifyLocked(pointId: string | undefined, opts: VerifyOptions): Promise<VerifyReport> {
-    const allIds = await this.listPointIds();
+    const { ids: allIds, unusable: unusablePoints } = await this.pointEntries();
     const scopeIds = pointId === undefined ? allIds : [await this.resolvePoint(pointId)];
     if (pointId !== undefined && !allIds.includes(scopeIds[0])) {
       throw new TidemarkError('NOT_FOUND', `no restore point ${scopeIds[0]} in ${this.location}`);
     }
+    const all = pointId === undefined;
     const inScope = new Set(scopeIds);
     const damage: Damage[] = [];
     const manifests = new Map<string, PointManifest>();
+    const manifestDamage = (id: string, problem: Damage['problem'], message: string) =>
+      damage.push({ object: 'manifest', key: pointKey(id), id, problem, message, affects: [{ pointId: id }] });
     await forEachBounded(allIds, 8, async (id) => {
+      const why = unusablePoints.get(id);
+      if (why !== undefined) {
+        if (inScope.has(id)) manifestDamage(id, 'unreadable', why);
+        return;
+      }
       try {
         manifests.set(id, await this.readPoint(id));
       } catch (err) {
+        if (!(err instanceof TidemarkError) || err.code === 'CLOSED') throw err;
         if (!inScope.has(id)) return;
-        if (isDamage(err)) {
-          const problem = err.details.problem as Damage['problem'];
-          damage.push({
-            object: 'manifest',
-            key: pointKey(id),
-            id,
-            problem,
-            message: err.message,
-            affects: [{ pointId: id }],
-          });
-        } else if (err instanceof TidemarkError && err.code === 'NOT_FOUND') {
-          damage.push({
-            object: 'manifest',
-            key: pointKey(id),
-            id,
-            problem: 'missing',
-            message: err.message,
-            affects: [{ pointId: id }],
-          });
-        } else throw err;
+        // A manifest this Tidemark cannot read (a newer version, say) is reported too: verify never stops at one.
+        const problem = isDamage(err) ? (err.details.problem as Damage['problem']) : 'unreadable';
+        manifestDamage(id, err.code === 'NOT_FOUND' ? 'missing' : problem, err.message);
       }
     });
+    // Entries that stand where an index or a pack belongs but are not objects: reported, never opened.
+    const unusableIndexes = await this.unusableEntries('indexes/', /^indexes\/([0-9a-f]{64})$/, 'index', 'index');
+    const unusablePacks = await this.unusableEntries('packs/', /^packs\/[0-9a-f]{2}\/([0-9a-f]{64})$/, 'pack', 'pack');
 
     // Who uses each index: every point, so that damage names all the points it affects.
     interface Use {
@@ -982,27 +1058,39 @@ export class Repository {
 
     const indexes = new Map<string, DiskIndex>();
     const badIndexes = new Set<string>();
+    const indexDamage = (indexId: string, problem: Damage['problem'], message: string) =>
+      damage.push({
+        object: 'index',
+        key: indexKey(indexId),
+        id: indexId,
+        problem,
+        message,
+        affects: (users.get(indexId) ?? []).map((u) => ({
+          pointId: u.pointId,
+          vm: u.vm,
+          diskId: u.disk.diskId,
+          disk: u.disk.name,
+        })),
+      });
     const loadIndex = async (indexId: string, report: boolean) => {
       const use = users.get(indexId)![0];
+      const unusable = unusableIndexes.get(indexId);
+      if (unusable) {
+        badIndexes.add(indexId);
+        if (report) indexDamage(indexId, 'unreadable', unusable.message);
+        return;
+      }
       try {
         indexes.set(indexId, await this.readIndex(use.disk.index));
       } catch (err) {
         if (!isDamage(err)) throw err;
         badIndexes.add(indexId);
-        if (!report) return;
-        damage.push({
-          object: 'index',
-          key: indexKey(indexId),
-          id: indexId,
-          problem: err.details.problem as Damage['problem'],
-          message: err.message,
-          affects: users
-            .get(indexId)!
-            .map((u) => ({ pointId: u.pointId, vm: u.vm, diskId: u.disk.diskId, disk: u.disk.name })),
-        });
+        if (report) indexDamage(indexId, err.details.problem as Damage['problem'], err.message);
       }
     };
     await forEachBounded(scopeIndexes, 4, (id) => loadIndex(id, true));
+    // An unusable entry no point names is damage too (when verifying everything).
+    if (all) for (const [id, e] of unusableIndexes) if (!users.has(id)) indexDamage(id, e.problem, e.message);
 
     const { map, damaged: badPackIndexes } = await this.packIndexes({ reread: true });
     for (const err of badPackIndexes) {
@@ -1031,11 +1119,20 @@ export class Repository {
       if (loc) packs.add(loc.pack);
     }
     const badChunks = new Map<string, { key: string; problem: Damage['problem']; message: string }>();
+    let totalBytes = 0;
+    for (const id of ordered) totalBytes += map.get(id)?.length ?? 0;
     let storedBytes = 0;
+    let doneBytes = 0;
     let doneChunks = 0;
     await forEachBounded(ordered, Math.max(1, opts.parallel ?? 8), async (id) => {
+      const loc = map.get(id);
+      const unusable = loc ? unusablePacks.get(loc.pack) : undefined;
       try {
-        storedBytes += (await this.readChunkIn(map, id)).storedBytes;
+        if (unusable) throw damaged('chunk', unusable.key, 'unreadable', `chunk ${id}: ${unusable.message}`);
+        // Added after the await: `storedBytes += await …` would read storedBytes before it and lose the other
+        // workers' additions.
+        const { storedBytes: n } = await this.readChunkIn(map, id);
+        storedBytes += n;
       } catch (err) {
         if (!isDamage(err)) throw err;
         badChunks.set(id, {
@@ -1044,7 +1141,8 @@ export class Repository {
           message: err.message,
         });
       }
-      opts.onProgress?.(++doneChunks, chunkIds.size);
+      doneBytes += loc?.length ?? 0;
+      opts.onProgress?.({ doneBytes, totalBytes, doneChunks: ++doneChunks, totalChunks: chunkIds.size });
     });
 
     if (badChunks.size > 0) {
@@ -1090,6 +1188,13 @@ export class Repository {
       }
     }
 
+    if (all) {
+      // Unusable packs none of the chunks above lie in.
+      for (const [id, e] of unusablePacks) {
+        if (!packs.has(id)) damage.push({ ...e, affects: [] });
+      }
+    }
+
     const affected = new Set<string>();
     for (const d of damage) for (const a of d.affects) affected.add(a.pointId);
     const order = { manifest: 0, index: 1, 'pack-index': 2, pack: 3, chunk: 4 };
@@ -1122,10 +1227,15 @@ export class Repository {
     const dryRun = opts.dryRun === true;
     const lock = dryRun ? null : await this.lock('exclusive', 'prune');
     try {
-      const ids = await this.listPointIds();
+      const { ids, unusable } = await this.pointEntries();
       const manifests: PointManifest[] = [];
       const bad: DamagedPoint[] = [];
       await forEachBounded(ids, 8, async (id) => {
+        const why = unusable.get(id);
+        if (why !== undefined) {
+          bad.push({ id, code: 'REPOSITORY_CORRUPT', message: why });
+          return;
+        }
         try {
           manifests.push(await this.readPoint(id));
         } catch (err) {
@@ -1173,11 +1283,13 @@ export class Repository {
     const dryRun = opts.dryRun === true;
     const lock = await this.lock('exclusive', 'gc');
     try {
-      const ids = await this.listPointIds();
+      const { ids, unusable: unusablePoints } = await this.pointEntries();
       const markedIndexes = new Map<string, IndexRef>();
       await forEachBounded(ids, 8, async (id) => {
         let m: PointManifest;
         try {
+          const why = unusablePoints.get(id);
+          if (why !== undefined) throw new TidemarkError('REPOSITORY_CORRUPT', why);
           m = await this.readPoint(id);
         } catch (err) {
           if (err instanceof TidemarkError && err.code === 'NOT_FOUND') return;
@@ -1235,9 +1347,10 @@ export class Repository {
         missingIndexes: missingIndexes.sort(),
       };
       const sweep: { key: string; size: number }[] = [];
-      for await (const o of this.backend.list('indexes/')) {
+      for await (const o of this.backend.list('indexes/', { unusable: true })) {
         const id = o.key.slice('indexes/'.length);
         if (!HEX_ID.test(id)) continue;
+        if (o.unusable) throw this.gcStopsAt(unusableMessage(`index ${id}`, o), o.key);
         if (markedIndexes.has(id)) report.indexesKept++;
         else {
           report.indexesRemoved++;
@@ -1246,7 +1359,9 @@ export class Repository {
       }
 
       // Each pack: kept whole (every chunk in it is referenced and found there), removed (none is), or repacked.
-      const stored = await this.storedPacks();
+      const { packs: stored, unusable: unusablePacks } = await this.storedPacks();
+      const firstUnusable = unusablePacks.values().next().value;
+      if (firstUnusable) throw this.gcStopsAt(firstUnusable.message, firstUnusable.key);
       const keep: PackContents[] = [];
       const repack: { packId: string; live: PackEntry[] }[] = [];
       for (const packId of map.packIds()) {
@@ -1308,6 +1423,15 @@ export class Repository {
     }
   }
 
+  /** gc's refusal to go on past an entry it cannot read (before it deletes anything). */
+  private gcStopsAt(why: string, key: string): TidemarkError {
+    return new TidemarkError(
+      'REPOSITORY_CORRUPT',
+      `gc stopped before deleting anything: ${why}; check with \`tidemark verify\`, then move it out of the repository`,
+      { key },
+    );
+  }
+
   /** Copies the referenced chunks of a pack into `writer`, each opened and checked on the way (damage stops gc). */
   private async copyChunks(packId: string, live: readonly PackEntry[], writer: PackWriter): Promise<void> {
     const key = packKey(packId);
@@ -1367,14 +1491,20 @@ export class Repository {
     }
   }
 
-  /** Every pack stored, by id. */
-  private async storedPacks(): Promise<Map<string, ObjectInfo>> {
+  /** Every pack stored, by id; and the entries named like packs that are not objects, with their messages. */
+  private async storedPacks(): Promise<{
+    packs: Map<string, ObjectInfo>;
+    unusable: Map<string, { key: string; message: string }>;
+  }> {
     const packs = new Map<string, ObjectInfo>();
-    for await (const o of this.backend.list('packs/')) {
+    const unusable = new Map<string, { key: string; message: string }>();
+    for await (const o of this.backend.list('packs/', { unusable: true })) {
       const m = /^packs\/([0-9a-f]{2})\/([0-9a-f]{64})$/.exec(o.key);
-      if (m && m[2].startsWith(m[1])) packs.set(m[2], o);
+      if (!m || !m[2].startsWith(m[1])) continue;
+      if (o.unusable) unusable.set(m[2], { key: o.key, message: unusableMessage(`pack ${m[2]}`, o) });
+      else packs.set(m[2], o);
     }
-    return packs;
+    return { packs, unusable };
   }
 
   /**
@@ -1383,6 +1513,7 @@ export class Repository {
    */
   private async replacePackIndexes(packs: PackContents[]): Promise<void> {
     const old: string[] = [];
+    // Only objects: an entry that is not one (reported as damage) is left for a person to look at.
     for await (const o of this.backend.list('packindex/')) old.push(o.key);
     const fresh = new Set((await this.writePackIndexes(packs)).map(packIndexKey));
     await this.backend.sync();
@@ -1409,8 +1540,13 @@ export class Repository {
       // What the current pack indexes say still serves for a pack whose own header cannot be read.
       const { map: before } = await this.packIndexes({ reread: true });
       const packs: PackContents[] = [];
-      const unreadable: { key: string; message: string }[] = [];
-      await forEachBounded(await this.storedPacks(), 8, async ([packId, o]) => {
+      const stored = await this.storedPacks();
+      // An entry that is not a pack cannot be read; the current pack indexes' word for it, if any, is kept.
+      const unreadable: { key: string; message: string }[] = [...stored.unusable.values()];
+      for (const packId of stored.unusable.keys()) {
+        if (before.hasPack(packId)) packs.push({ packId, entries: [...before.entriesOf(packId)] });
+      }
+      await forEachBounded(stored.packs, 8, async ([packId, o]) => {
         try {
           packs.push({ packId, entries: await this.readPackHeader(packId, o.size) });
         } catch (err) {
@@ -1434,18 +1570,45 @@ export class Repository {
   // ---------------------------------------------------------------------------------------------------------
   // Info and locks
 
+  /**
+   * What the repository is and holds. Reads the config, lists every prefix and reads the pack indexes (for the
+   * chunk counts): entries among them that cannot be read are reported in `damage`, not left out silently.
+   */
   async info(): Promise<RepositoryInfo> {
     this.checkOpen();
-    const count = async (prefix: string) => {
+    const damage: EntryDamage[] = [];
+    const count = async (prefix: string, shape: RegExp, object: Damage['object'], what: string) => {
       let n = 0;
       let bytes = 0;
-      for await (const o of this.backend.list(prefix)) {
+      for await (const o of this.backend.list(prefix, { unusable: true })) {
+        const m = shape.exec(o.key);
+        if (o.unusable) {
+          if (m)
+            damage.push({ object, key: o.key, problem: 'unreadable', message: unusableMessage(`${what} ${m[1]}`, o) });
+          continue;
+        }
         n++;
         bytes += o.size;
       }
       return { count: n, bytes };
     };
     const c = this.config;
+    const points = await count('points/', /^points\/(\d{8}-\d{6}-[0-9a-f]{8})$/, 'manifest', 'restore point');
+    const indexes = await count('indexes/', /^indexes\/([0-9a-f]{64})$/, 'index', 'index');
+    const packs = await count('packs/', /^packs\/[0-9a-f]{2}\/([0-9a-f]{64})$/, 'pack', 'pack');
+    const packIndexes = await count('packindex/', /^packindex\/([0-9a-f]{64})$/, 'pack-index', 'pack index');
+    const { map, damaged: badPackIndexes } = await this.packIndexes();
+    for (const err of badPackIndexes) {
+      // Entries that are not objects were counted above already.
+      if (err.details.problem === 'unreadable' && damage.some((d) => d.key === err.details.key)) continue;
+      damage.push({
+        object: 'pack-index',
+        key: err.details.key,
+        problem: err.details.problem as Damage['problem'],
+        message: `${err.message} (rebuild the pack indexes with \`tidemark repo repair-index\`)`,
+      });
+    }
+    damage.sort((a, b) => (a.key < b.key ? -1 : 1));
     return {
       location: this.location,
       id: c.id,
@@ -1455,15 +1618,13 @@ export class Repository {
       chunkId: c.chunkId,
       compression: c.compression,
       encryption: c.encryption ? { cipher: c.encryption.cipher, keySlots: c.encryption.keys.map((k) => k.kind) } : null,
-      points: (await this.listPointIds()).length,
-      indexes: await count('indexes/'),
-      chunks: await (async () => {
-        const { map } = await this.packIndexes();
-        return { count: map.chunkCount, bytes: map.storedBytes() };
-      })(),
-      packs: await count('packs/'),
-      packIndexes: await count('packindex/'),
+      points: points.count,
+      indexes,
+      chunks: { count: map.chunkCount, bytes: map.storedBytes() },
+      packs,
+      packIndexes,
       locks: await listLocks(this.backend),
+      damage,
     };
   }
 

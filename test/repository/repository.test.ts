@@ -206,6 +206,45 @@ describe('dedup and zero chunks', () => {
   });
 });
 
+describe('verify counts', () => {
+  it("verify's totals equal repo info's with parallel workers, and its progress counts the stored bytes read", async () => {
+    const r = rng(SEED + 9);
+    const cs = 64 * KiB;
+    const repo = await Repository.init(fresh(), { chunkSize: cs, workers: 2 });
+    try {
+      // Random (stored as is) and compressible chunks: envelopes of many lengths.
+      let vms = [vmSpec('app', [{ name: 'scsi0-0', data: makeDiskImage(r, 40 * cs + 777, cs) }])];
+      const p1 = await backup(repo, vms);
+      const img = Buffer.from(vms[0].disks[0].data);
+      vms = incremental(
+        p1,
+        [{ ...vms[0], disks: [{ ...vms[0].disks[0], data: img }] }],
+        new Map([[vms[0].disks[0].diskId, mutate(r, img, cs, 6)]]),
+      );
+      await backup(repo, vms, { parentId: p1.id });
+      const info = await repo.info();
+      const progress: { doneBytes: number; totalBytes: number; doneChunks: number; totalChunks: number }[] = [];
+      const report = await repo.verify(undefined, { parallel: 8, onProgress: (p) => progress.push(p) });
+      expect(report.ok).toBe(true);
+      // No garbage: every chunk the pack indexes list is referenced, so the two counts must agree exactly.
+      expect(report.checked.chunks).toBe(info.chunks.count);
+      expect(report.checked.storedBytes).toBe(info.chunks.bytes);
+      expect(progress).toHaveLength(info.chunks.count);
+      const last = progress.at(-1)!;
+      expect(last).toEqual({
+        doneBytes: info.chunks.bytes,
+        totalBytes: info.chunks.bytes,
+        doneChunks: info.chunks.count,
+        totalChunks: info.chunks.count,
+      });
+      for (let i = 1; i < progress.length; i++)
+        expect(progress[i].doneBytes).toBeGreaterThan(progress[i - 1].doneBytes);
+    } finally {
+      await repo.close();
+    }
+  });
+});
+
 describe('incremental index copies', () => {
   it('an incremental copies the previous index and replaces only the changed slots', async () => {
     const r = rng(SEED + 4);
