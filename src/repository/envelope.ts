@@ -121,8 +121,10 @@ export class EnvelopeCodec {
 
   /**
    * Opens an envelope: every length is checked before anything is allocated, the plaintext may be at most
-   * `maxPlain` bytes. Damage throws EnvelopeError (truncated or corrupt), never returns wrong bytes silently
-   * (except unencrypted chunks, whose damage the caller catches by re-hashing against the name).
+   * `maxPlain` bytes. Damage to an encrypted or checksummed envelope, or to any header, throws EnvelopeError
+   * (truncated or corrupt). An unencrypted envelope without a checksum (chunks, indexes, pack indexes) may open
+   * after damage to its payload — to other bytes, or to the original ones — and its caller must re-hash the result
+   * against the object's name (checkContentId): that check, not this one, is what refuses damage there.
    */
   open(stored: Uint8Array, type: ObjectType, name: string, maxPlain: number, allowView = false): Buffer {
     const buf = Buffer.from(stored.buffer, stored.byteOffset, stored.byteLength);
