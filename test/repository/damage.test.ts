@@ -61,11 +61,11 @@ async function fixture(encrypted: boolean): Promise<Fixture> {
   r.bytes(CS).copy(b, 0);
   let vms = [
     vmSpec('app', [
-      { name: 'os', data: a },
-      { name: 'data', data: b },
+      { name: 'scsi0-0', data: a },
+      { name: 'scsi0-1', data: b },
     ]),
   ];
-  const clone = vmSpec('clone', [{ name: 'os', data: Buffer.from(a) }]);
+  const clone = vmSpec('clone', [{ name: 'scsi0-0', data: Buffer.from(a) }]);
   const points: PointManifest[] = [await backup(repo, vms)];
   for (let i = 0; i < 2; i++) {
     // Never slot 0 of disk a: the damaged chunk below must stay shared by every point.
@@ -116,7 +116,7 @@ for (const encrypted of [false, true]) {
           });
           expect(report.affectedPoints).toEqual(ids(f.points));
           const app = d.affects.find((a) => a.pointId === f.points[0].id)!;
-          expect(app).toMatchObject({ vm: 'app', disk: 'os', diskId: f.vms[0].disks[0].diskId });
+          expect(app).toMatchObject({ vm: 'app', disk: 'scsi0-0', diskId: f.vms[0].disks[0].diskId });
           expect(app.offsets).toContain(0);
           expect(d.affects.find((a) => a.pointId === f.points[3].id)?.vm).toBe('clone');
         }
