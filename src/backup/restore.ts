@@ -3,13 +3,14 @@
  * files, with chunks fetched and decompressed in parallel and all-zero chunks never written (the new file
  * already reads as zeros). `register` makes the restored VM a new VM of a host.
  */
-import { mkdir, open, writeFile } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
+import { lstat, mkdir, open, rename, unlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { HostClient } from '../api/client.js';
 import { TidemarkError, fromSystemError } from '../errors.js';
 import { createVhdx } from '../formats/vhdx/create.js';
 import { VhdxFile } from '../formats/vhdx/vhdx.js';
-import type { Repository, RestoreSink } from '../repository/index.js';
+import type { DiskEntry, Repository, RestoreSink, VmEntry } from '../repository/index.js';
 import { DIRECT_ALIGN, DIRECT_MIN_BYTES, DirectWriter, openDirect } from '../util/direct-io.js';
 import { writeFully } from '../util/file.js';
 
@@ -40,22 +41,70 @@ export interface RestoreSummary {
   durationMs: number;
 }
 
+/**
+ * Where each selected VM and disk of a point goes. Every name comes from a manifest, which an attacker with write
+ * access to an unencrypted repository may have forged: each is resolved against the target and must stay a single
+ * entry inside it (the manifest's validation already refuses such names; this is the second check, before any
+ * file is created).
+ */
+interface RestorePlan {
+  vm: VmEntry;
+  dir: string;
+  disks: { disk: DiskEntry; file: string }[];
+}
+
+/** `root/name`, refused (PATH_NOT_ALLOWED) unless it is one entry directly inside root. */
+function inside(root: string, name: string, what: string): string {
+  const p = path.resolve(root, name);
+  if (name.length === 0 || path.dirname(p) !== root || path.basename(p) !== name || name === '.' || name === '..') {
+    throw new TidemarkError('PATH_NOT_ALLOWED', `${what} "${name}" would be written outside ${root}: refused`, {
+      root,
+      name,
+    });
+  }
+  return p;
+}
+
 export async function restorePoint(repo: Repository, point: string, req: RestoreRequest): Promise<RestoreSummary> {
   const started = performance.now();
   const m = await repo.readPoint(point);
   const vms = m.vms.filter((v) => !req.vm || v.name === req.vm);
   if (vms.length === 0) throw new TidemarkError('NOT_FOUND', `restore point ${m.id} has no VM ${req.vm}`);
   const format = req.format ?? 'vhdx';
-  const out: RestoredDisk[] = [];
+  const to = path.resolve(req.to);
+  const plan: RestorePlan[] = [];
   for (const vm of vms) {
     const disks = vm.disks.filter((d) => !req.disk || d.diskId === req.disk || d.name === req.disk);
     if (disks.length === 0) continue;
-    const dir = path.join(req.to, vm.name);
-    await mkdir(dir, { recursive: true });
-    await writeFile(path.join(dir, 'vm.json'), JSON.stringify(vm.definition, null, 2) + '\n');
-    for (const d of disks) {
+    const dir = inside(to, vm.name, `restore point ${m.id}: VM`);
+    plan.push({
+      vm,
+      dir,
+      disks: disks.map((d) => ({ disk: d, file: inside(dir, `${d.name}.${format}`, `restore point ${m.id}: disk`) })),
+    });
+  }
+  if (plan.length === 0) throw new TidemarkError('NOT_FOUND', `restore point ${m.id} has no disk ${req.disk}`);
+  // Every disk's index read and checked against the disk (one at a time: an index can be large) before a file is
+  // created: a disk claiming more than its index holds, or an index that cannot be read, fails with nothing written.
+  for (const p of plan) {
+    for (const { disk } of p.disks) {
+      if (format === 'vhdx' && (disk.virtualSize === 0 || disk.virtualSize % disk.logicalSectorSize !== 0)) {
+        throw new TidemarkError(
+          'INVALID_ARGUMENT',
+          `disk ${p.vm.name}/${disk.name} of restore point ${m.id} has ${disk.virtualSize} bytes, not a whole number of ${disk.logicalSectorSize}-byte sectors: restore it with --format raw`,
+        );
+      }
+      await repo.readIndex(disk.index);
+    }
+  }
+
+  await mkdir(to, { recursive: true });
+  const out: RestoredDisk[] = [];
+  for (const { vm, dir, disks } of plan) {
+    await makeDirectory(dir);
+    await writeDefinition(dir, vm.definition);
+    for (const { disk: d, file } of disks) {
       const t0 = performance.now();
-      const file = path.join(dir, `${d.name}.${format}`);
       const progress = req.onProgress ? (done: number, total: number) => req.onProgress!(file, done, total) : undefined;
       const sink =
         format === 'raw'
@@ -69,8 +118,12 @@ export async function restorePoint(repo: Repository, point: string, req: Restore
           onProgress: progress,
         });
         bytes = r.bytesWritten;
-      } finally {
         await sink.close();
+      } catch (err) {
+        // A disk that did not restore whole is not left to look like one: the file was ours (created exclusively).
+        await sink.close().catch(() => undefined);
+        await unlink(file).catch(() => undefined);
+        throw err;
       }
       out.push({
         vm: vm.name,
@@ -83,8 +136,33 @@ export async function restorePoint(repo: Repository, point: string, req: Restore
       });
     }
   }
-  if (out.length === 0) throw new TidemarkError('NOT_FOUND', `restore point ${m.id} has no disk ${req.disk}`);
   return { pointId: m.id, time: m.time, disks: out, durationMs: performance.now() - started };
+}
+
+/** A VM's directory in the target: created, or one that exists as a real directory (never through a symlink). */
+async function makeDirectory(dir: string): Promise<void> {
+  try {
+    await mkdir(dir);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw fromSystemError(err, 'create directory', dir);
+    const st = await lstat(dir);
+    if (!st.isDirectory()) {
+      throw new TidemarkError('ALREADY_EXISTS', `cannot restore into ${dir}: it exists and is not a directory`);
+    }
+  }
+}
+
+/** vm.json: written to a new file and renamed into place, so an existing symlink there is replaced, not followed. */
+async function writeDefinition(dir: string, definition: unknown): Promise<void> {
+  const file = path.join(dir, 'vm.json');
+  const tmp = path.join(dir, `.vm.json.${randomBytes(6).toString('hex')}.tmp`);
+  try {
+    await writeFile(tmp, JSON.stringify(definition, null, 2) + '\n', { flag: 'wx' });
+    await rename(tmp, file);
+  } catch (err) {
+    await unlink(tmp).catch(() => undefined);
+    throw fromSystemError(err, 'write', file);
+  }
 }
 
 /** Registers restored disks as a new VM of the host (named NAME-restored unless `name` is given). */
@@ -122,7 +200,14 @@ async function rawSink(file: string, size: number): Promise<ClosableSink> {
   } catch (err) {
     throw fromSystemError(err, 'create', file);
   }
-  await fh.truncate(size);
+  try {
+    await fh.truncate(size);
+  } catch (err) {
+    // Larger than the file system takes: the file was ours, created just now.
+    await fh.close();
+    await unlink(file).catch(() => undefined);
+    throw fromSystemError(err, 'size', file);
+  }
   const direct = await openDirect(file).catch(() => null);
   const memory = new DirectWriter(path.dirname(file));
   const spare: Buffer[] = [];
