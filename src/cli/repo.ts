@@ -10,6 +10,8 @@ import {
   DEFAULT_SCRYPT_LOG_N,
   defaultWorkers,
   newKeyFileContents,
+  parseTrustEntry,
+  readSmallFile,
   Repository,
   type Damage,
   type OpenOptions,
@@ -65,13 +67,30 @@ async function secrets(o: RepoOpts): Promise<OpenOptions> {
  * Opens the repository of a command's options for `fn` and closes it after. `workers`: codec worker threads, for
  * commands that seal or open many chunks (backup, restore, verify); the others work inline.
  */
-export async function withRepo<T>(o: RepoOpts, fn: (repo: Repository) => Promise<T>, workers = 0): Promise<T> {
+export async function withRepo<T>(
+  o: RepoOpts,
+  fn: (repo: Repository) => Promise<T>,
+  workers = 0,
+  opts: { quiet?: boolean } = {},
+): Promise<T> {
   const repo = await Repository.open(repoPath(o), { ...(await secrets(o)), workers });
+  if (!opts.quiet) warnUnauthenticated(repo);
   try {
     return await fn(repo);
   } finally {
     await repo.close();
   }
+}
+
+/** Says so on stderr, once per command, when a forged restore point could not be told from a real one. */
+function warnUnauthenticated(repo: Repository): void {
+  const i = repo.integrity;
+  if (i.authenticated) return;
+  process.stderr.write(
+    i.keyMissing
+      ? `tidemark: warning: this machine does not hold the integrity key of repository ${repo.location}, so its restore points cannot be authenticated here (a forged one would not be noticed); copy the key from a machine that has it: \`tidemark repo key export FILE\` there, \`tidemark repo key import FILE\` here\n`
+      : `tidemark: warning: repository ${repo.location} has no integrity key (made by an older Tidemark): a forged restore point would not be noticed\n`,
+  );
 }
 
 function count(text: string, what: string): number {
@@ -150,11 +169,19 @@ export function repoCommands(run: Run): Command[] {
             encryption: r.config.encryption ? r.config.encryption.keys.map((k) => k.kind) : null,
             keyFile: o.keyFile ?? null,
             keyFileCreated,
+            integrityKeyFile: r.integrity.mode === 'hmac-sha256' ? r.integrity.trustFile : null,
           };
           if (o.json) return printJson(info);
           println(`created repository ${r.location} (chunks of ${formatSize(r.chunkSize)})`);
           if (info.encryption) println(`encrypted (AES-256-GCM); opens with: ${info.encryption.join(', ')}`);
-          else println('not encrypted');
+          else {
+            println(
+              `not encrypted; its restore points are authenticated with an integrity key kept in ${info.integrityKeyFile}`,
+            );
+            println(
+              'every other machine that reads or writes it needs that key: `tidemark repo key export FILE` here, `tidemark repo key import FILE` there',
+            );
+          }
           if (keyFileCreated) {
             println(
               `created key file ${o.keyFile}: keep a copy in a safe place, the repository cannot be read without it`,
@@ -188,6 +215,17 @@ export function repoCommands(run: Run): Command[] {
           );
           println(
             `  encryption      ${i.encryption ? `${i.encryption.cipher}, opens with: ${i.encryption.keySlots.join(', ')}` : 'none'}`,
+          );
+          println(
+            `  integrity       ${
+              i.integrity.mode === 'aes-256-gcm'
+                ? 'authenticated by the encryption'
+                : i.integrity.mode === 'hmac-sha256'
+                  ? i.integrity.authenticated
+                    ? `restore points authenticated with the integrity key held here (${r.integrity.trustFile})`
+                    : 'NOT authenticated here: this machine does not hold the integrity key (`tidemark repo key import`)'
+                  : 'NONE: no integrity key (made by an older Tidemark)'
+            }`,
           );
           println(`  restore points  ${i.points}`);
           println(`  indexes         ${i.indexes.count} (${formatSize(i.indexes.bytes)})`);
@@ -226,6 +264,52 @@ export function repoCommands(run: Run): Command[] {
             );
           }
         }),
+      ),
+    );
+
+  const key = repo
+    .command('key')
+    .description("an unencrypted repository's integrity key: copy it to every machine that reads or writes it");
+  withRepoOptions(key.command('export'))
+    .description("write this machine's integrity key of the repository to FILE (created, mode 0600)")
+    .argument('<file>')
+    .option('--json', 'machine-readable output')
+    .action((file: string, o) =>
+      run(() =>
+        withRepo(o, async (r) => {
+          const entry = r.exportTrust();
+          try {
+            await writeFile(file, JSON.stringify(entry, null, 2) + '\n', { flag: 'wx', mode: 0o600 });
+          } catch (err) {
+            throw fromSystemError(err, 'create', file);
+          }
+          if (o.json) return printJson({ repository: entry.repository, file });
+          println(
+            `wrote the integrity key of repository ${entry.repository} to ${file}: keep it secret, like a key file`,
+          );
+        }),
+      ),
+    );
+  withRepoOptions(key.command('import'))
+    .description("keep the repository's integrity key from FILE (written by `repo key export`) on this machine")
+    .argument('<file>')
+    .option('--json', 'machine-readable output')
+    .action((file: string, o) =>
+      run(() =>
+        withRepo(
+          o,
+          async (r) => {
+            const raw = await readSmallFile(file, 'key file');
+            if (raw === null) throw new TidemarkError('NOT_FOUND', `no key file ${file}`);
+            const stored = await r.importTrust(parseTrustEntry(raw, file));
+            if (o.json) return printJson({ repository: r.config.id, file: stored });
+            println(
+              `this machine now authenticates the restore points of repository ${r.location} (key kept in ${stored})`,
+            );
+          },
+          0,
+          { quiet: true },
+        ),
       ),
     );
 

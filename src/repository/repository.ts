@@ -26,8 +26,20 @@ import {
   encodeConfig,
   FORMAT_NAME,
   FORMAT_VERSION,
+  integrityConfigMac,
+  integrityMacMatches,
   type RepositoryConfig,
 } from './config.js';
+import {
+  defaultTrustDir,
+  integrityKeyOf,
+  newIntegrityKey,
+  readTrust,
+  trustEntry,
+  trustFile,
+  writeTrust,
+  type TrustEntry,
+} from './trust.js';
 import {
   checkIndexGeometry,
   decodeIndex,
@@ -39,8 +51,9 @@ import {
   MAX_INDEX_SLOTS,
   slotCountFor,
 } from './disk-index.js';
-import { MAX_OVERHEAD, type ObjectType } from './envelope.js';
+import { MAX_MANIFEST_OVERHEAD, MAX_OVERHEAD, type ObjectType } from './envelope.js';
 import {
+  deriveIntegrityKeys,
   deriveKeys,
   makeSlot,
   newMasterKey,
@@ -114,6 +127,21 @@ export interface InitOptions {
   scryptLogN?: number;
 }
 
+/**
+ * How a repository's restore points are authenticated on this machine (docs/formats/repository.md §6a):
+ * encrypted (AES-256-GCM and the config's MAC), or unencrypted with the integrity key this machine holds, or not
+ * at all — an unencrypted repository whose key this machine does not hold, or one made before integrity keys.
+ */
+export interface IntegrityState {
+  mode: 'aes-256-gcm' | 'hmac-sha256' | 'none';
+  /** a forged manifest is refused (false: one cannot be told from a real one) */
+  authenticated: boolean;
+  /** the repository has an integrity key that this machine does not hold */
+  keyMissing: boolean;
+  /** where this machine keeps what it knows about the repository */
+  trustFile: string;
+}
+
 export interface OpenOptions {
   passphrase?: string;
   keyFile?: string;
@@ -123,6 +151,8 @@ export interface OpenOptions {
   compressionLevel?: number;
   /** close the packs this process writes at this many bytes (4 KiB–256 MiB); default 16 MiB */
   packSize?: number;
+  /** where this machine keeps integrity keys and what it knows of repositories (trust.ts); default defaultTrustDir() */
+  trustDir?: string;
 }
 
 export interface PutResult {
@@ -230,6 +260,8 @@ export interface VerifyOptions {
 
 export interface VerifyReport {
   ok: boolean;
+  /** restore points are authenticated on this machine (false: a forged one would pass as real; see repo info) */
+  authenticated: boolean;
   /** 'all', or the point verified */
   scope: string;
   checked: { points: number; indexes: number; chunks: number; packs: number; storedBytes: number };
@@ -284,6 +316,8 @@ export interface RepositoryInfo {
   chunkId: 'sha256' | 'hmac-sha256';
   compression: 'zstd';
   encryption: null | { cipher: 'aes-256-gcm'; keySlots: KeySlot['kind'][] };
+  /** how restore points are authenticated on this machine */
+  integrity: { mode: IntegrityState['mode']; authenticated: boolean; keyMissing: boolean };
   points: number;
   indexes: { count: number; bytes: number };
   /** chunks the pack indexes list, and the bytes of their envelopes */
@@ -342,6 +376,10 @@ export class Repository {
     private readonly keys: RepositoryKeys | null,
     private readonly codec: Codec,
     private readonly packSize: number,
+    readonly integrity: IntegrityState,
+    /** the integrity key this machine holds for the repository (unencrypted repositories), for `repo key export` */
+    private readonly integrityKey: Buffer | null,
+    private readonly trustDir: string,
   ) {}
 
   get chunkSize(): number {
@@ -385,6 +423,8 @@ export class Repository {
       encryption: null,
     };
     let keys: RepositoryKeys | null = null;
+    let integrityKey: Buffer | null = null;
+    const trustDir = opts.trustDir ?? defaultTrustDir();
     if (secrets.length > 0) {
       const master = newMasterKey();
       const slots: KeySlot[] = [];
@@ -392,26 +432,47 @@ export class Repository {
       keys = deriveKeys(master, id);
       config.encryption = { cipher: 'aes-256-gcm', keys: slots, mac: '' };
       config.encryption.mac = configMac(config, keys.configKey);
+      // Remembered so that a config rewritten to say "not encrypted" is refused here; not needed to open it.
+      await writeTrust(
+        trustDir,
+        trustEntry({ repositoryId: id, location: backend.location, integrityKey: null }),
+      ).catch(() => undefined);
+    } else {
+      // Kept by this machine before the config names it: a repository whose key was lost is never made.
+      integrityKey = newIntegrityKey();
+      await writeTrust(trustDir, trustEntry({ repositoryId: id, location: backend.location, integrityKey }));
+      const { configKey } = deriveIntegrityKeys(integrityKey, id);
+      config.integrity = { algorithm: 'hmac-sha256', mac: integrityConfigMac(config, configKey) };
     }
     await backend.put(CONFIG_KEY, encodeConfig(config), { sync: true });
     // Opened with the keys in hand: no second key derivation.
-    return Repository.withCodec(backend, config, keys, opts, packSize);
+    return Repository.withCodec(backend, config, keys, integrityKey, trustDir, opts, packSize);
   }
 
   private static async withCodec(
     backend: Backend,
     config: RepositoryConfig,
     keys: RepositoryKeys | null,
+    integrityKey: Buffer | null,
+    trustDir: string,
     opts: OpenOptions,
     packSize: number,
   ): Promise<Repository> {
+    const macKey = integrityKey ? deriveIntegrityKeys(integrityKey, config.id).manifestKey : null;
     const codec = await createCodec({
       key: keys?.encKey ?? null,
       idKey: keys?.idKey ?? null,
+      macKey,
       level: opts.compressionLevel,
       workers: opts.workers,
     });
-    return new Repository(backend, config, keys, codec, packSize);
+    const integrity: IntegrityState = {
+      mode: keys ? 'aes-256-gcm' : config.integrity ? 'hmac-sha256' : 'none',
+      authenticated: keys !== null || integrityKey !== null,
+      keyMissing: !keys && !!config.integrity && integrityKey === null,
+      trustFile: trustFile(trustDir, config.id),
+    };
+    return new Repository(backend, config, keys, codec, packSize, integrity, integrityKey, trustDir);
   }
 
   static async open(location: string | Backend, opts: OpenOptions = {}): Promise<Repository> {
@@ -447,7 +508,88 @@ export class Repository {
       keys = deriveKeys(master, config.id);
       checkConfigMac(config, keys.configKey, backend.location);
     }
-    return Repository.withCodec(backend, config, keys, opts, packSize);
+    const trustDir = opts.trustDir ?? defaultTrustDir();
+    const integrityKey = keys ? null : await Repository.checkIntegrity(config, trustDir, backend.location);
+    return Repository.withCodec(backend, config, keys, integrityKey, trustDir, opts, packSize);
+  }
+
+  /**
+   * The integrity key this machine holds for an unencrypted repository (null: none), checked against its config:
+   * a config that no longer matches what this machine knows of the repository is refused (REPOSITORY_CORRUPT).
+   */
+  private static async checkIntegrity(
+    config: RepositoryConfig,
+    trustDir: string,
+    location: string,
+  ): Promise<Buffer | null> {
+    const trust = await readTrust(trustDir, config.id);
+    const file = trustFile(trustDir, config.id);
+    if (trust?.encrypted) {
+      throw new TidemarkError(
+        'REPOSITORY_CORRUPT',
+        `repository ${location} (${config.id}) was encrypted when this machine made it (${file}), but its config now says it is not: refused — someone rewrote the config`,
+      );
+    }
+    const key = trust ? integrityKeyOf(trust) : null;
+    if (key === null) return null;
+    if (!config.integrity) {
+      throw new TidemarkError(
+        'REPOSITORY_CORRUPT',
+        `this machine holds an integrity key for repository ${location} (${file}), but its config names none: refused — someone rewrote the config`,
+      );
+    }
+    if (!integrityMacMatches(config, deriveIntegrityKeys(key, config.id).configKey)) {
+      throw new TidemarkError(
+        'REPOSITORY_CORRUPT',
+        `config of repository ${location} does not match the integrity key this machine holds for it (${file}): the config was modified`,
+      );
+    }
+    return key;
+  }
+
+  /**
+   * What another machine needs to authenticate this repository's restore points: this machine's entry for it
+   * (its integrity key). NOT_FOUND when this machine holds no key (encrypted repositories need none).
+   */
+  exportTrust(): TrustEntry {
+    if (this.integrityKey === null) {
+      throw new TidemarkError(
+        'NOT_FOUND',
+        this.keys
+          ? `repository ${this.location} is encrypted: its passphrase or key file is all another machine needs`
+          : `this machine holds no integrity key for repository ${this.location}`,
+      );
+    }
+    return trustEntry({ repositoryId: this.config.id, location: this.location, integrityKey: this.integrityKey });
+  }
+
+  /**
+   * Keeps an integrity key (from `repo key export` on another machine) for this repository on this machine, once
+   * it is shown to be this repository's (its config's MAC matches). The file it was stored in.
+   */
+  async importTrust(entry: TrustEntry): Promise<string> {
+    if (entry.repository !== this.config.id) {
+      throw new InvalidArgumentError(
+        `that key is for repository ${entry.repository}; ${this.location} is repository ${this.config.id}`,
+      );
+    }
+    const key = integrityKeyOf(entry);
+    if (this.keys || key === null) {
+      throw new InvalidArgumentError(`repository ${this.location} is encrypted: it has no integrity key to import`);
+    }
+    if (!this.config.integrity) {
+      throw new InvalidArgumentError(`repository ${this.location} was made without an integrity key`);
+    }
+    if (!integrityMacMatches(this.config, deriveIntegrityKeys(key, this.config.id).configKey)) {
+      throw new TidemarkError(
+        'WRONG_KEY',
+        `that key is not repository ${this.location}'s integrity key (the config's MAC does not match)`,
+      );
+    }
+    return writeTrust(
+      this.trustDir,
+      trustEntry({ repositoryId: entry.repository, location: this.location, integrityKey: key }),
+    );
   }
 
   /** Aborts open backup sessions (releasing their locks) and stops the codec workers. */
@@ -499,7 +641,7 @@ export class Repository {
     let stored: Buffer;
     try {
       stored = await this.backend.get(key, {
-        maxBytes: maxPlain + MAX_OVERHEAD,
+        maxBytes: maxPlain + (type === 'manifest' ? MAX_MANIFEST_OVERHEAD : MAX_OVERHEAD),
         ...(at ? { range: { offset: at.offset, length: at.length }, into: at.into } : {}),
       });
     } catch (err) {
@@ -802,7 +944,18 @@ export class Repository {
       throw err;
     }
     try {
-      return decodeManifest(plain, id);
+      const m = decodeManifest(plain, id);
+      for (const [i, vm] of m.vms.entries()) {
+        for (const [j, d] of vm.disks.entries()) {
+          if (d.index.chunkSize !== this.chunkSize) {
+            throw new TidemarkError(
+              'REPOSITORY_CORRUPT',
+              `manifest of restore point ${id} is damaged: vms.${i}.disks.${j}.index.chunkSize: ${d.index.chunkSize}, the repository's is ${this.chunkSize}`,
+            );
+          }
+        }
+      }
+      return m;
     } catch (err) {
       if (err instanceof TidemarkError && err.code === 'REPOSITORY_CORRUPT') {
         throw damaged('manifest', key, 'corrupt', err.message, err);
@@ -880,6 +1033,12 @@ export class Repository {
 
   /** A backup session under a shared lock: chunks and indexes, then commit() writes the manifest, or abort(). */
   async startBackup(opts: { operation?: string } = {}): Promise<BackupSession> {
+    if (this.integrity.keyMissing) {
+      // Its manifest could not carry the MAC: every machine that holds the key would refuse it as forged.
+      throw new InvalidArgumentError(
+        `repository ${this.location} authenticates its restore points with an integrity key this machine does not hold: copy it from a machine that does (\`tidemark repo key export FILE\`, then here \`tidemark repo key import FILE\`)`,
+      );
+    }
     const lock = await this.lock('shared', opts.operation ?? 'backup');
     let known: ChunkMap;
     try {
@@ -1201,6 +1360,7 @@ export class Repository {
     damage.sort((a, b) => order[a.object] - order[b.object] || (a.id < b.id ? -1 : 1));
     return {
       ok: damage.length === 0,
+      authenticated: this.integrity.authenticated,
       scope: pointId === undefined ? 'all' : scopeIds[0],
       checked: {
         points: scopeIds.length,
@@ -1618,6 +1778,11 @@ export class Repository {
       chunkId: c.chunkId,
       compression: c.compression,
       encryption: c.encryption ? { cipher: c.encryption.cipher, keySlots: c.encryption.keys.map((k) => k.kind) } : null,
+      integrity: {
+        mode: this.integrity.mode,
+        authenticated: this.integrity.authenticated,
+        keyMissing: this.integrity.keyMissing,
+      },
       points: points.count,
       indexes,
       chunks: { count: map.chunkCount, bytes: map.storedBytes() },
