@@ -53,8 +53,8 @@ interface RestorePlan {
   disks: { disk: DiskEntry; file: string }[];
 }
 
-/** `root/name`, refused (PATH_NOT_ALLOWED) unless it is one entry directly inside root. */
-function inside(root: string, name: string, what: string): string {
+/** `root/name` (root absolute), refused (PATH_NOT_ALLOWED) unless it is one entry directly inside root. */
+export function inside(root: string, name: string, what: string): string {
   const p = path.resolve(root, name);
   if (name.length === 0 || path.dirname(p) !== root || path.basename(p) !== name || name === '.' || name === '..') {
     throw new TidemarkError('PATH_NOT_ALLOWED', `${what} "${name}" would be written outside ${root}: refused`, {

@@ -87,7 +87,7 @@ export const diskEntrySchema = z
     logicalSectorSize: z
       .number()
       .int()
-      .refine((n) => n === 512 || n === 4096, { message: 'not 512 or 4096' }),
+      .refine((n) => [512, 4096].includes(n), { message: 'not 512 or 4096' }),
     blockSize: count.max(256 * 2 ** 20),
     /** 'vhdx', 'vhd', 'vhds', ... */
     format: regex(TOKEN, 'a disk format'),
