@@ -6,6 +6,7 @@
 import { z } from 'zod';
 import { TidemarkError } from '../errors.js';
 import { checkSlotParameters, hmac, type KeySlot } from './keys.js';
+import { printable } from './text.js';
 
 export const CONFIG_KEY = 'config';
 export const FORMAT_NAME = 'tidemark-repository';
@@ -110,13 +111,15 @@ export function encodeConfig(c: RepositoryConfig): Buffer {
 
 export function decodeConfig(raw: Buffer, where: string): RepositoryConfig {
   const bad = (why: string) =>
-    new TidemarkError('REPOSITORY_CORRUPT', `config of repository ${where} is damaged: ${why}`, { where });
+    new TidemarkError('REPOSITORY_CORRUPT', `config of repository ${where} is damaged: ${printable(why, 1000)}`, {
+      where,
+    });
   if (raw.length > MAX_CONFIG_BYTES) throw bad(`${raw.length} bytes`);
   let json: unknown;
   try {
     json = JSON.parse(raw.toString('utf8'));
   } catch (err) {
-    throw bad(`not JSON (${(err as Error).message})`);
+    throw bad(`not JSON (${printable((err as Error).message)})`);
   }
   if (typeof json === 'object' && json !== null) {
     const o = json as Record<string, unknown>;

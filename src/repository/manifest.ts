@@ -6,6 +6,7 @@
 import { randomBytes } from 'node:crypto';
 import { z } from 'zod';
 import { TidemarkError } from '../errors.js';
+import { hasControl, printable } from './text.js';
 
 export const MANIFEST_FORMAT = 'tidemark-point';
 export const MANIFEST_VERSION = 1;
@@ -16,8 +17,11 @@ const HEX_ID = /^[0-9a-f]{64}$/;
 
 // Names become paths on restore (TO/VM/SLOT.vhdx), so they are held to what the host allows (src/host/definition.ts
 // keeps the same rules; the repository does not import the host): no separators, no `..`, no device names.
-/** A VM's name: 1–64 of A–Z a–z 0–9 . _ -, and not `.` or `..`. */
-export const VM_NAME = /^(?!\.{1,2}$)[A-Za-z0-9._-]{1,64}$/;
+/**
+ * A VM's name: 1–64 of A–Z a–z 0–9 . _ -, and not `.`, `..` or a device name (CON, NUL, COM1, … with or without an
+ * extension: a restore target may be a file system that treats them as devices).
+ */
+export const VM_NAME = /^(?!\.{1,2}$)(?!(?:CON|PRN|AUX|NUL|COM[1-9]|LPT[1-9])(?:\.|$))[A-Za-z0-9._-]{1,64}$/i;
 /** A disk's name is its slot: `ide0-1`, `scsi2-13` (IDE 0–1:0–1, SCSI 0–3:0–63). */
 export const SLOT = /^(ide[01]-[01]|scsi[0-3]-([0-9]|[1-5][0-9]|6[0-3]))$/;
 /** VM and virtual disk ids: GUIDs in text form. */
@@ -28,15 +32,6 @@ export const RCT_ID = /^rct1:[0-9a-f]{8}:[0-9a-f]{4}:[0-9a-f]{4}:[0-9a-f]{4}:[0-
 const TOKEN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$/;
 /** Text a person reads (`points show`): no control characters, which could rewrite a terminal. */
 const TEXT = { test: (t: string) => t.length <= 4096 && !hasControl(t) };
-
-/** Whether text holds a C0 or C1 control character (an escape sequence, a carriage return, …). */
-function hasControl(text: string): boolean {
-  for (let i = 0; i < text.length; i++) {
-    const c = text.charCodeAt(i);
-    if (c < 0x20 || (c >= 0x7f && c <= 0x9f)) return true;
-  }
-  return false;
-}
 
 /** The largest virtual disk there can be: VHDX's 64 TiB. */
 export const MAX_VIRTUAL_SIZE = 64 * 2 ** 40;
@@ -108,7 +103,7 @@ const jsonValue = z.json();
 
 export const vmEntrySchema = z
   .object({
-    name: regex(VM_NAME, 'a VM name (1 to 64 of A-Z a-z 0-9 . _ -, not . or ..)'),
+    name: regex(VM_NAME, 'a VM name (1 to 64 of A-Z a-z 0-9 . _ -, not . or .. or a device name)'),
     id: regex(GUID, 'a GUID'),
     /** the VM's definition as the host had it (opaque JSON) */
     definition: jsonValue,
@@ -264,13 +259,6 @@ export function encodeManifest(m: PointManifest): Buffer {
   return Buffer.from(JSON.stringify(m), 'utf8');
 }
 
-/** Control characters out of text that came from a stored object and goes into a message. */
-function printable(text: string): string {
-  let out = '';
-  for (const ch of text) out += hasControl(ch) ? '?' : ch;
-  return out;
-}
-
 /**
  * Decodes a stored manifest: REPOSITORY_CORRUPT (or NOT_SUPPORTED for a newer version) naming the point and the
  * field. Every field is checked (docs/formats/repository.md §7): a name that would leave the restore target, a size
@@ -278,14 +266,14 @@ function printable(text: string): string {
  */
 export function decodeManifest(body: Buffer, id: string): PointManifest {
   const bad = (why: string) =>
-    new TidemarkError('REPOSITORY_CORRUPT', `manifest of restore point ${id} is damaged: ${why}`, {
+    new TidemarkError('REPOSITORY_CORRUPT', `manifest of restore point ${id} is damaged: ${printable(why, 1000)}`, {
       pointId: id,
     });
   let json: unknown;
   try {
     json = JSON.parse(body.toString('utf8'));
   } catch (err) {
-    throw bad(`not JSON (${printable((err as Error).message).slice(0, 200)})`);
+    throw bad(`not JSON (${printable((err as Error).message)})`);
   }
   const o = json as Partial<PointManifest> | null;
   if (o && o.format === MANIFEST_FORMAT && typeof o.version === 'number' && o.version > MANIFEST_VERSION) {

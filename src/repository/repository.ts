@@ -32,6 +32,7 @@ import {
 } from './config.js';
 import {
   defaultTrustDir,
+  findTrustByLocation,
   integrityKeyOf,
   newIntegrityKey,
   readTrust,
@@ -483,6 +484,15 @@ export class Repository {
       raw = await backend.get(CONFIG_KEY, { maxBytes: 64 * 1024 });
     } catch (err) {
       if ((err as TidemarkError).code === 'NOT_FOUND') {
+        // Something there that is not an object (a directory, a dangling link) is a damaged repository, not none.
+        for await (const o of backend.list('config', { unusable: true })) {
+          if (o.key === CONFIG_KEY && o.unusable) {
+            throw new TidemarkError(
+              'REPOSITORY_CORRUPT',
+              `config of repository ${backend.location} cannot be read: it is ${o.unusable}, not an object`,
+            );
+          }
+        }
         throw new TidemarkError(
           'NOT_FOUND',
           `no repository at ${backend.location} (create one with: tidemark repo init ${backend.location})`,
@@ -490,6 +500,14 @@ export class Repository {
       }
       if ((err as TidemarkError).code === 'LIMIT_EXCEEDED') {
         throw new TidemarkError('REPOSITORY_CORRUPT', `config of repository ${backend.location} is too large`);
+      }
+      if (isUnreadableEntry(err)) {
+        throw new TidemarkError(
+          'REPOSITORY_CORRUPT',
+          `config of repository ${backend.location} cannot be read: ${(err as Error).message}`,
+          {},
+          { cause: err },
+        );
       }
       throw err;
     }
@@ -529,6 +547,15 @@ export class Repository {
         'REPOSITORY_CORRUPT',
         `repository ${location} (${config.id}) was encrypted when this machine made it (${file}), but its config now says it is not: refused — someone rewrote the config`,
       );
+    }
+    if (!trust) {
+      const known = await findTrustByLocation(trustDir, location);
+      if (known && known.repository !== config.id) {
+        throw new TidemarkError(
+          'REPOSITORY_CORRUPT',
+          `this machine knows the repository at ${location} as ${known.repository} (${trustFile(trustDir, known.repository)}), but its config now says ${config.id}: refused — someone replaced the config (if a new repository really was made there elsewhere, remove that file)`,
+        );
+      }
     }
     const key = trust ? integrityKeyOf(trust) : null;
     if (key === null) return null;
@@ -647,6 +674,9 @@ export class Repository {
     } catch (err) {
       const code = (err as TidemarkError).code;
       if (code === 'NOT_FOUND') {
+        // Something there that is not an object (a directory, a dangling link) is not "missing": it is damage.
+        const entry = at ? null : await this.unusableEntry(key);
+        if (entry) throw damaged(object, key, 'unreadable', unusableMessage(what, entry), err);
         if (missing === 'not-found') throw err;
         throw damaged(object, key, 'missing', `${what} is missing (${key})`, err);
       }
@@ -681,6 +711,12 @@ export class Repository {
       }
       throw err;
     }
+  }
+
+  /** The entry under `key` when it stands where an object belongs but is not one, else null. */
+  private async unusableEntry(key: string): Promise<ObjectInfo | null> {
+    for await (const o of this.backend.list(key, { unusable: true })) if (o.key === key && o.unusable) return o;
+    return null;
   }
 
   /** The largest envelope a chunk can have. */
@@ -1443,6 +1479,18 @@ export class Repository {
     const dryRun = opts.dryRun === true;
     const lock = await this.lock('exclusive', 'gc');
     try {
+      // Listed before anything is read: an entry that is not an object stops gc here, never opened (a FIFO would
+      // block the read).
+      const listedIndexes: ObjectInfo[] = [];
+      for await (const o of this.backend.list('indexes/', { unusable: true })) {
+        const id = o.key.slice('indexes/'.length);
+        if (!HEX_ID.test(id)) continue;
+        if (o.unusable) throw this.gcStopsAt(unusableMessage(`index ${id}`, o), o.key);
+        listedIndexes.push(o);
+      }
+      const { packs: stored, unusable: unusablePacks } = await this.storedPacks();
+      const firstUnusable = unusablePacks.values().next().value;
+      if (firstUnusable) throw this.gcStopsAt(firstUnusable.message, firstUnusable.key);
       const { ids, unusable: unusablePoints } = await this.pointEntries();
       const markedIndexes = new Map<string, IndexRef>();
       await forEachBounded(ids, 8, async (id) => {
@@ -1507,10 +1555,8 @@ export class Repository {
         missingIndexes: missingIndexes.sort(),
       };
       const sweep: { key: string; size: number }[] = [];
-      for await (const o of this.backend.list('indexes/', { unusable: true })) {
+      for (const o of listedIndexes) {
         const id = o.key.slice('indexes/'.length);
-        if (!HEX_ID.test(id)) continue;
-        if (o.unusable) throw this.gcStopsAt(unusableMessage(`index ${id}`, o), o.key);
         if (markedIndexes.has(id)) report.indexesKept++;
         else {
           report.indexesRemoved++;
@@ -1519,9 +1565,6 @@ export class Repository {
       }
 
       // Each pack: kept whole (every chunk in it is referenced and found there), removed (none is), or repacked.
-      const { packs: stored, unusable: unusablePacks } = await this.storedPacks();
-      const firstUnusable = unusablePacks.values().next().value;
-      if (firstUnusable) throw this.gcStopsAt(firstUnusable.message, firstUnusable.key);
       const keep: PackContents[] = [];
       const repack: { packId: string; live: PackEntry[] }[] = [];
       for (const packId of map.packIds()) {

@@ -8,7 +8,7 @@
  * $TIDEMARK_CONFIG_DIR/repositories, else $XDG_CONFIG_HOME/tidemark/repositories, else ~/.config/tidemark/repositories.
  */
 import { randomBytes } from 'node:crypto';
-import { lstat, mkdir, open, rename, unlink, writeFile } from 'node:fs/promises';
+import { lstat, mkdir, open, readdir, rename, unlink, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { z } from 'zod';
@@ -105,6 +105,33 @@ export async function readTrust(dir: string, repositoryId: string): Promise<Trus
   const file = trustFile(dir, repositoryId);
   const raw = await readSmallFile(file, 'repository key');
   return raw === null ? null : parseTrustEntry(raw, file);
+}
+
+/**
+ * The entry this machine keeps for whatever repository it knew at `location` (as ssh knows a host by its name):
+ * with it, a repository whose config now gives another id is recognised as a replaced config, not a new
+ * repository. Null when none (malformed entries are passed over: this is a lookup, not a check of them).
+ */
+export async function findTrustByLocation(dir: string, location: string): Promise<TrustEntry | null> {
+  let names: string[];
+  try {
+    names = await readdir(dir);
+  } catch {
+    return null;
+  }
+  for (const name of names.slice(0, 100_000)) {
+    if (!name.endsWith('.json') || name.startsWith('.')) continue;
+    const raw = await readSmallFile(path.join(dir, name), 'repository key').catch(() => null);
+    if (raw === null) continue;
+    let entry: TrustEntry;
+    try {
+      entry = parseTrustEntry(raw, name);
+    } catch {
+      continue;
+    }
+    if (entry.location === location) return entry;
+  }
+  return null;
 }
 
 /** The integrity key of an entry (null for an encrypted repository's). */

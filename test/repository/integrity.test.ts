@@ -199,6 +199,12 @@ describe('unencrypted repositories: the integrity key', () => {
       e = await rewrite((c) => delete c.integrity);
       expect(e.message).toMatch(/names none/);
       expect(e.code).toBe('REPOSITORY_CORRUPT');
+      // Another id, so that this machine would hold no key for it: it knows the repository by where it is.
+      e = await rewrite((c) => {
+        c.id = '00000000-0000-4000-8000-000000000000';
+        delete c.integrity;
+      });
+      expect(e.message).toMatch(/knows the repository at .* as .*, but its config now says 00000000-/);
       await writeFile(configFile, original);
       await (await Repository.open(f.where, { workers: 0, trustDir: f.home })).close();
     } finally {

@@ -93,6 +93,8 @@ const CASES: [string, (m: M) => void, RegExp][] = [
   ['an empty VM name', (m) => (m.vms[0].name = ''), /vms\.0\.name/],
   ['a VM name of 65 characters', (m) => (m.vms[0].name = 'x'.repeat(65)), /vms\.0\.name/],
   ['a VM name with a NUL', (m) => (m.vms[0].name = 'web\u0000'), /vms\.0\.name/],
+  ['a device name', (m) => (m.vms[0].name = 'con'), /vms\.0\.name/],
+  ['a device name with an extension', (m) => (m.vms[0].name = 'LPT1.txt'), /vms\.0\.name/],
   ['a disk name that climbs out', (m) => (m.vms[0].disks[0].name = '../../ESCAPED-DISK'), /disks\.0\.name: not a slot/],
   ['a disk name that is not a slot', (m) => (m.vms[0].disks[0].name = 'os.vhdx'), /disks\.0\.name/],
   ['a slot that does not exist', (m) => (m.vms[0].disks[0].name = 'scsi4-0'), /disks\.0\.name/],
