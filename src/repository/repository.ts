@@ -15,7 +15,7 @@ import { readdir, stat } from 'node:fs/promises';
 import { TidemarkError, InvalidArgumentError } from '../errors.js';
 import { isAllZero, ZEROES } from '../util/zero.js';
 import type { Backend, ObjectInfo } from './backend.js';
-import { forEachBounded } from './bounded.js';
+import { forEachBounded, MemoryBudget } from './bounded.js';
 import {
   checkChunkSize,
   checkConfigMac,
@@ -106,6 +106,11 @@ import { CodecError, createCodec, type Codec } from './pool.js';
 import { applyRetention, checkPolicy, type RetentionDecision, type RetentionPolicy } from './retention.js';
 
 const HEX_ID = /^[0-9a-f]{64}$/;
+/**
+ * Bytes of disk-index slot tables read at once by verify and gc (an index holds up to 512 MiB: a larger one is read
+ * alone), so that reading many indexes side by side cannot add up to more than this.
+ */
+const INDEX_MEMORY_BUDGET = 256 * 2 ** 20;
 /** how long a temporary file of an interrupted put must lie untouched before gc removes it */
 const TEMPORARY_GRACE_MS = 60 * 60 * 1000;
 
@@ -1003,7 +1008,8 @@ export class Repository {
   /** Every restore point (oldest first), optionally only those holding a VM (by name or id). */
   async listPoints(opts: { vm?: string } = {}): Promise<{ points: PointSummary[]; damaged: DamagedPoint[] }> {
     const { ids, unusable } = await this.pointEntries();
-    const found = new Map<string, PointManifest | DamagedPoint>();
+    // Summaries only are kept (a manifest's definitions may make it 16 MiB).
+    const found = new Map<string, PointSummary | DamagedPoint>();
     await forEachBounded(ids, 8, async (id) => {
       const why = unusable.get(id);
       if (why !== undefined) {
@@ -1011,7 +1017,7 @@ export class Repository {
         return;
       }
       try {
-        found.set(id, await this.readPoint(id));
+        found.set(id, summarize(await this.readPoint(id)));
       } catch (err) {
         if (!(err instanceof TidemarkError) || err.code === 'NOT_FOUND') {
           if (err instanceof TidemarkError) return;
@@ -1030,7 +1036,7 @@ export class Repository {
         continue;
       }
       if (opts.vm !== undefined && !m.vms.some((v) => v.name === opts.vm || v.id === opts.vm)) continue;
-      points.push(summarize(m));
+      points.push(m);
     }
     points.sort((a, b) => (a.time < b.time ? -1 : a.time > b.time ? 1 : a.id < b.id ? -1 : 1));
     return { points, damaged: bad };
@@ -1209,7 +1215,16 @@ export class Repository {
     const all = pointId === undefined;
     const inScope = new Set(scopeIds);
     const damage: Damage[] = [];
-    const manifests = new Map<string, PointManifest>();
+    // Who uses each index: every point, so that damage names all the points it affects. Only this is kept of a
+    // manifest (not its definitions: a manifest may be 16 MiB).
+    interface Use {
+      pointId: string;
+      vm: string;
+      diskId: string;
+      disk: string;
+      index: IndexRef;
+    }
+    const users = new Map<string, Use[]>();
     const manifestDamage = (id: string, problem: Damage['problem'], message: string) =>
       damage.push({ object: 'manifest', key: pointKey(id), id, problem, message, affects: [{ pointId: id }] });
     await forEachBounded(allIds, 8, async (id) => {
@@ -1219,7 +1234,14 @@ export class Repository {
         return;
       }
       try {
-        manifests.set(id, await this.readPoint(id));
+        const m = await this.readPoint(id);
+        for (const vm of m.vms) {
+          for (const d of vm.disks) {
+            const u = users.get(d.index.id) ?? [];
+            u.push({ pointId: id, vm: vm.name, diskId: d.diskId, disk: d.name, index: d.index });
+            users.set(d.index.id, u);
+          }
+        }
       } catch (err) {
         if (!(err instanceof TidemarkError) || err.code === 'CLOSED') throw err;
         if (!inScope.has(id)) return;
@@ -1232,26 +1254,9 @@ export class Repository {
     const unusableIndexes = await this.unusableEntries('indexes/', /^indexes\/([0-9a-f]{64})$/, 'index', 'index');
     const unusablePacks = await this.unusableEntries('packs/', /^packs\/[0-9a-f]{2}\/([0-9a-f]{64})$/, 'pack', 'pack');
 
-    // Who uses each index: every point, so that damage names all the points it affects.
-    interface Use {
-      pointId: string;
-      vm: string;
-      disk: DiskEntry;
-    }
-    const users = new Map<string, Use[]>();
-    for (const [id, m] of manifests) {
-      for (const vm of m.vms) {
-        for (const disk of vm.disks) {
-          const u = users.get(disk.index.id) ?? [];
-          u.push({ pointId: id, vm: vm.name, disk });
-          users.set(disk.index.id, u);
-        }
-      }
-    }
     const scopeIndexes = new Set<string>();
     for (const [indexId, us] of users) if (us.some((u) => inScope.has(u.pointId))) scopeIndexes.add(indexId);
 
-    const indexes = new Map<string, DiskIndex>();
     const badIndexes = new Set<string>();
     const indexDamage = (indexId: string, problem: Damage['problem'], message: string) =>
       damage.push({
@@ -1263,27 +1268,39 @@ export class Repository {
         affects: (users.get(indexId) ?? []).map((u) => ({
           pointId: u.pointId,
           vm: u.vm,
-          diskId: u.disk.diskId,
-          disk: u.disk.name,
+          diskId: u.diskId,
+          disk: u.disk,
         })),
       });
-    const loadIndex = async (indexId: string, report: boolean) => {
-      const use = users.get(indexId)![0];
+    // Indexes are read, used and dropped, a few at a time within a memory budget: never all held at once.
+    const budget = new MemoryBudget(INDEX_MEMORY_BUDGET);
+    const withIndex = async (indexId: string, report: boolean, use: (index: DiskIndex) => void) => {
+      const ref = users.get(indexId)![0].index;
       const unusable = unusableIndexes.get(indexId);
       if (unusable) {
         badIndexes.add(indexId);
         if (report) indexDamage(indexId, 'unreadable', unusable.message);
         return;
       }
-      try {
-        indexes.set(indexId, await this.readIndex(use.disk.index));
-      } catch (err) {
-        if (!isDamage(err)) throw err;
-        badIndexes.add(indexId);
-        if (report) indexDamage(indexId, err.details.problem as Damage['problem'], err.message);
-      }
+      await budget.run(indexBodySize(slotCountFor(ref.virtualSize, this.chunkSize)), async () => {
+        let index: DiskIndex;
+        try {
+          index = await this.readIndex(ref);
+        } catch (err) {
+          if (!isDamage(err)) throw err;
+          badIndexes.add(indexId);
+          if (report) indexDamage(indexId, err.details.problem as Damage['problem'], err.message);
+          return;
+        }
+        use(index);
+      });
     };
-    await forEachBounded(scopeIndexes, 4, (id) => loadIndex(id, true));
+    const chunkIds = new Set<string>();
+    await forEachBounded(scopeIndexes, 4, (id) =>
+      withIndex(id, true, (index) => {
+        for (const c of index.chunks()) chunkIds.add(c.id);
+      }),
+    );
     // An unusable entry no point names is damage too (when verifying everything).
     if (all) for (const [id, e] of unusableIndexes) if (!users.has(id)) indexDamage(id, e.problem, e.message);
 
@@ -1299,8 +1316,6 @@ export class Repository {
         affects: [],
       });
     }
-    const chunkIds = new Set<string>();
-    for (const id of scopeIndexes) for (const c of indexes.get(id)?.chunkIds() ?? []) chunkIds.add(c);
     // In pack order, so that each pack is read from start to end.
     const ordered = [...chunkIds].sort((a, b) => {
       const la = map.get(a);
@@ -1341,33 +1356,34 @@ export class Repository {
     });
 
     if (badChunks.size > 0) {
-      // Indexes outside the scope may hold the damaged chunks too: read them (not their chunks) to say so.
-      const others = [...users.keys()].filter((id) => !scopeIndexes.has(id));
-      await forEachBounded(others, 4, (id) => loadIndex(id, false));
+      // Every index that reads (those outside the scope too) is read again to say where the damaged chunks are used.
       const affects = new Map<string, Affected[]>();
-      for (const [indexId, index] of indexes) {
-        const hits = new Map<string, number[]>();
-        for (const c of index.chunks()) {
-          if (!badChunks.has(c.id)) continue;
-          const h = hits.get(c.id) ?? [];
-          h.push(c.offset);
-          hits.set(c.id, h);
-        }
-        for (const [chunkId, offsets] of hits) {
-          const list = affects.get(chunkId) ?? [];
-          for (const u of users.get(indexId)!) {
-            list.push({
-              pointId: u.pointId,
-              vm: u.vm,
-              diskId: u.disk.diskId,
-              disk: u.disk.name,
-              slots: offsets.length,
-              offsets: offsets.slice(0, 8),
-            });
+      const readable = [...users.keys()].filter((id) => !badIndexes.has(id));
+      await forEachBounded(readable, 4, (indexId) =>
+        withIndex(indexId, false, (index) => {
+          const hits = new Map<string, number[]>();
+          for (const c of index.chunks()) {
+            if (!badChunks.has(c.id)) continue;
+            const h = hits.get(c.id) ?? [];
+            h.push(c.offset);
+            hits.set(c.id, h);
           }
-          affects.set(chunkId, list);
-        }
-      }
+          for (const [chunkId, offsets] of hits) {
+            const list = affects.get(chunkId) ?? [];
+            for (const u of users.get(indexId)!) {
+              list.push({
+                pointId: u.pointId,
+                vm: u.vm,
+                diskId: u.diskId,
+                disk: u.disk,
+                slots: offsets.length,
+                offsets: offsets.slice(0, 8),
+              });
+            }
+            affects.set(chunkId, list);
+          }
+        }),
+      );
       for (const [id, bad] of badChunks) {
         const list = (affects.get(id) ?? []).sort((a, b) => (a.pointId < b.pointId ? -1 : 1));
         const loc = map.get(id);
@@ -1424,7 +1440,8 @@ export class Repository {
     const lock = dryRun ? null : await this.lock('exclusive', 'prune');
     try {
       const { ids, unusable } = await this.pointEntries();
-      const manifests: PointManifest[] = [];
+      // What retention needs of each manifest, no more (a manifest may be 16 MiB).
+      const manifests: { id: string; time: string; vms: { name: string; id: string }[] }[] = [];
       const bad: DamagedPoint[] = [];
       await forEachBounded(ids, 8, async (id) => {
         const why = unusable.get(id);
@@ -1433,7 +1450,8 @@ export class Repository {
           return;
         }
         try {
-          manifests.push(await this.readPoint(id));
+          const m = await this.readPoint(id);
+          manifests.push({ id: m.id, time: m.time, vms: m.vms.map((v) => ({ name: v.name, id: v.id })) });
         } catch (err) {
           if (!(err instanceof TidemarkError)) throw err;
           bad.push({ id, code: err.code, message: err.message });
@@ -1511,10 +1529,13 @@ export class Repository {
       });
       const markedChunks = new Set<string>();
       const missingIndexes: string[] = [];
+      const budget = new MemoryBudget(INDEX_MEMORY_BUDGET);
       await forEachBounded(markedIndexes.values(), 4, async (ref) => {
-        let index: DiskIndex;
         try {
-          index = await this.readIndex(ref);
+          // Its chunks marked within the memory budget; the index itself is not kept.
+          await budget.run(indexBodySize(slotCountFor(ref.virtualSize, this.chunkSize)), async () => {
+            for (const c of (await this.readIndex(ref)).chunks()) markedChunks.add(c.id);
+          });
         } catch (err) {
           if (isDamage(err) && err.details.problem === 'missing') {
             missingIndexes.push(ref.id);
@@ -1526,7 +1547,6 @@ export class Repository {
             { indexId: ref.id },
           );
         }
-        for (const c of index.chunks()) markedChunks.add(c.id);
       });
 
       const { map, indexCount, damaged: badPackIndexes } = await this.packIndexes({ reread: true });
