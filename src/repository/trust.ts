@@ -13,6 +13,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { z } from 'zod';
 import { TidemarkError, fromSystemError } from '../errors.js';
+import { integrityMacMatches, type RepositoryConfig } from './config.js';
+import { deriveIntegrityKeys } from './keys.js';
 
 export const TRUST_FORMAT = 'tidemark-trusted-repository';
 export const INTEGRITY_KEY_SIZE = 32;
@@ -185,4 +187,47 @@ export async function writeTrust(dir: string, entry: TrustEntry): Promise<string
     throw fromSystemError(err, 'write repository key', file);
   }
   return file;
+}
+
+/**
+ * The integrity key this machine holds for an unencrypted repository (null: none), checked against its config:
+ * a config that no longer matches what this machine knows of the repository is refused (REPOSITORY_CORRUPT).
+ */
+export async function integrityKeyFor(
+  config: RepositoryConfig,
+  trustDir: string,
+  location: string,
+): Promise<Buffer | null> {
+  const trust = await readTrust(trustDir, config.id);
+  const file = trustFile(trustDir, config.id);
+  if (trust?.encrypted) {
+    throw new TidemarkError(
+      'REPOSITORY_CORRUPT',
+      `repository ${location} (${config.id}) was encrypted when this machine made it (${file}), but its config now says it is not: refused — someone rewrote the config`,
+    );
+  }
+  if (!trust) {
+    const known = await findTrustByLocation(trustDir, location);
+    if (known && known.repository !== config.id) {
+      throw new TidemarkError(
+        'REPOSITORY_CORRUPT',
+        `this machine knows the repository at ${location} as ${known.repository} (${trustFile(trustDir, known.repository)}), but its config now says ${config.id}: refused — someone replaced the config (if a new repository really was made there elsewhere, remove that file)`,
+      );
+    }
+  }
+  const key = trust ? integrityKeyOf(trust) : null;
+  if (key === null) return null;
+  if (!config.integrity) {
+    throw new TidemarkError(
+      'REPOSITORY_CORRUPT',
+      `this machine holds an integrity key for repository ${location} (${file}), but its config names none: refused — someone rewrote the config`,
+    );
+  }
+  if (!integrityMacMatches(config, deriveIntegrityKeys(key, config.id).configKey)) {
+    throw new TidemarkError(
+      'REPOSITORY_CORRUPT',
+      `config of repository ${location} does not match the integrity key this machine holds for it (${file}): the config was modified`,
+    );
+  }
+  return key;
 }
