@@ -9,6 +9,7 @@ import {
   EnvelopeCodec,
   EnvelopeError,
   HEADER_SIZE,
+  MAX_MANIFEST_OVERHEAD,
   MAX_OVERHEAD,
 } from '../../src/repository/envelope.js';
 import { CodecError, createCodec, loadZstd } from '../../src/repository/pool.js';
@@ -129,6 +130,40 @@ describe('envelope', () => {
     console.log(
       `envelope fuzz: ${CASES} cases, seed ${SEED}; ${openedAfterDamage} unprotected envelopes opened after damage, ${openedToOriginal} of them to the original bytes`,
     );
+  });
+
+  it('manifests with the MAC trailer: opened only under their key and name; a reader without the key still checks the checksum', () => {
+    const macKey = randomBytes(32);
+    const keyed = new EnvelopeCodec(zstd, null, 3, macKey);
+    const data = Buffer.from(JSON.stringify({ format: 'tidemark-point', vms: ['x'.repeat(500)] }));
+    const out = keyed.seal(data, { type: 'manifest', name: 'points/a' });
+    expect(out[6] & 0b1100).toBe(0b1100);
+    expect(out.length).toBeLessThanOrEqual(data.length + MAX_MANIFEST_OVERHEAD);
+    expect(keyed.open(out, 'manifest', 'points/a', 1 << 20).equals(data)).toBe(true);
+    expect(plain.open(out, 'manifest', 'points/a', 1 << 20).equals(data)).toBe(true); // keyless: MAC skipped
+    expect(() => keyed.open(out, 'manifest', 'points/b', 1 << 20)).toThrow(/MAC does not match/);
+    expect(() => new EnvelopeCodec(zstd, null, 3, randomBytes(32)).open(out, 'manifest', 'points/a', 1 << 20)).toThrow(
+      /MAC does not match/,
+    );
+    const unkeyed = plain.seal(data, { type: 'manifest', name: 'points/a', checksum: true });
+    expect(() => keyed.open(unkeyed, 'manifest', 'points/a', 1 << 20)).toThrow(/not authenticated/);
+    // Only a manifest with the checksum may carry the flag.
+    const wrongType = Buffer.from(out);
+    wrongType[5] = 2;
+    expect(() => keyed.open(wrongType, 'index', 'points/a', 1 << 20)).toThrow(/MAC flag on a index/);
+    // Keyed readers catch any damage (checksum or MAC); keyless ones any damage but to the MAC itself, which they
+    // cannot check — and which leaves them the original bytes.
+    const r = rng(SEED + 6);
+    const macAt = out.length - 32;
+    for (let i = 0; i < CASES; i++) {
+      const bad = Buffer.from(out);
+      const at = r.int(bad.length);
+      bad[at] ^= 1 << r.int(8);
+      expect(() => keyed.open(bad, 'manifest', 'points/a', 1 << 20), `case ${i} at ${at}`).toThrow(EnvelopeError);
+      if (at < macAt) {
+        expect(() => plain.open(bad, 'manifest', 'points/a', 1 << 20), `case ${i} at ${at}`).toThrow(EnvelopeError);
+      } else expect(plain.open(bad, 'manifest', 'points/a', 1 << 20).equals(data), `case ${i}`).toBe(true);
+    }
   });
 
   it('a flipped bit the zstd frame ignores can open an unprotected envelope to the original bytes (the case the name check covers)', () => {
