@@ -1641,9 +1641,19 @@ export class Repository {
     const key = packKey(packId);
     const corrupt = (why: string) => damaged('pack', key, 'corrupt', `pack ${packId} is damaged: ${why}`);
     if (size < PACK_TRAILER_SIZE) throw corrupt(`${size} bytes`);
-    const trailer = await this.backend.get(key, {
-      range: { offset: size - PACK_TRAILER_SIZE, length: PACK_TRAILER_SIZE },
-    });
+    let trailer: Buffer;
+    try {
+      trailer = await this.backend.get(key, {
+        range: { offset: size - PACK_TRAILER_SIZE, length: PACK_TRAILER_SIZE },
+      });
+    } catch (err) {
+      if ((err as TidemarkError).code === 'NOT_FOUND')
+        throw damaged('pack', key, 'missing', `pack ${packId} is missing`);
+      if (isUnreadableEntry(err)) {
+        throw damaged('pack', key, 'unreadable', `pack ${packId} cannot be read: ${(err as Error).message}`, err);
+      }
+      throw err;
+    }
     if (trailer.length < PACK_TRAILER_SIZE) throw corrupt('shorter than listed');
     const headerLength = trailer.readUInt32LE(0);
     if (headerLength > MAX_PACK_HEADER_OBJECT || headerLength + PACK_TRAILER_SIZE > size) {
