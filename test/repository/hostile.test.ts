@@ -10,6 +10,9 @@
  * in process (the process's peak RSS is checked at the end); a sample of cases also runs through the CLI in child
  * processes, whose peak RSS, exit status and stderr are checked.
  *
+ * A seed fixes each case's plan (which object, which field, which change); the bytes of objects named or sealed at
+ * random (point and pack ids, nonces, times) differ between runs, so a byte-level change may land elsewhere.
+ *
  * TIDEMARK_HOSTILE_REPO_SEED (default 1414), TIDEMARK_HOSTILE_REPO_CASES (default 1000),
  * TIDEMARK_HOSTILE_REPO_CLI_CASES (default 4: one case of each kind), TIDEMARK_HOSTILE_REPO_CASE=N runs case N alone (in process and CLI).
  */
@@ -80,7 +83,10 @@ interface Base {
   repo: Repository;
   keyFile?: string;
   points: PointManifest[];
-  /** stored bytes of every object, by key */
+  /**
+   * stored bytes of every object, by key, in the order the objects were made (the backups in turn; within one, by
+   * key): not by name, since pack and point names are random — so that a seed picks the same objects every run
+   */
   objects: Map<string, Buffer>;
   /** every index's slots (chunk id or null) and size, by index id */
   indexes: Map<string, { virtualSize: number; slots: (string | null)[] }>;
@@ -116,7 +122,13 @@ async function makeBase(name: Base['name'], r: R): Promise<Base> {
     { name: 'scsi0-1', data: makeDiskImage(r, 3 * CS + 512, CS) },
   ]);
   const db = vmSpec('db', [{ name: 'ide0-0', data: makeDiskImage(r, 4 * CS, CS) }]);
+  const made: string[] = [];
+  const step = async () => {
+    for (const k of (await walkFiles(where)).sort()) if (!made.includes(k)) made.push(k);
+  };
+  await step();
   const p1 = await backup(repo, [app]);
+  await step();
   const img = Buffer.from(app.disks[0].data);
   const changed = mutate(r, img, CS, 1);
   const next = incremental(
@@ -125,7 +137,9 @@ async function makeBase(name: Base['name'], r: R): Promise<Base> {
     new Map([[app.disks[0].diskId, changed]]),
   );
   const p2 = await backup(repo, next, { parentId: p1.id });
+  await step();
   const p3 = await backup(repo, [db]);
+  await step();
   const base: Base = {
     name,
     where,
@@ -137,7 +151,7 @@ async function makeBase(name: Base['name'], r: R): Promise<Base> {
     chunks: new Map(),
     packs: [],
   };
-  for (const k of await walkFiles(where)) base.objects.set(k, await readFile(path.join(where, k)));
+  for (const k of made) base.objects.set(k, await readFile(path.join(where, k)));
   const datas = [
     [p1, [app.disks[0].data, app.disks[1].data]],
     [p2, [img, app.disks[1].data]],
@@ -158,6 +172,8 @@ async function makeBase(name: Base['name'], r: R): Promise<Base> {
   }
   const { map } = await repo.packIndexes({ reread: true });
   for (const p of map.packIds()) base.packs.push({ packId: p, entries: [...map.entriesOf(p)] });
+  const order = (id: string) => made.indexOf(`packs/${id.slice(0, 2)}/${id}`);
+  base.packs.sort((a, b) => order(a.packId) - order(b.packId));
   return base;
 }
 
@@ -871,6 +887,16 @@ async function pointEntries(c: Case): Promise<string[]> {
   }
 }
 
+/** The point a case restores: picked from the base's points in the order they were made, then forged ones. */
+function pickTarget(c: Case, r: R, ids: string[]): string {
+  const rank = (id: string) => {
+    const i = c.base.points.findIndex((p) => p.id === id);
+    return i < 0 ? c.base.points.length : i;
+  };
+  const ordered = [...ids].sort((a, b) => rank(a) - rank(b) || (a < b ? -1 : 1));
+  return r.pick(ordered.length > 0 ? ordered : [c.base.points[0].id]);
+}
+
 interface Results {
   open: Outcome<Repository>;
   list: Outcome<Awaited<ReturnType<Repository['listPoints']>>>;
@@ -889,7 +915,7 @@ function opensFifo(c: Case, keys: string[]): boolean {
 
 async function runInProcess(c: Case, r: R): Promise<Results> {
   const ids = await pointEntries(c);
-  const target = r.pick(ids.length > 0 ? ids : [c.base.points[0].id]);
+  const target = pickTarget(c, r, ids);
   const skipAll = opensFifo(c, ['config']);
   const skipped = { skipped: true } as const;
   const open: Outcome<Repository> = skipAll
@@ -1111,7 +1137,7 @@ async function runCaseCli(i: number): Promise<void> {
   const hook = path.join(root, 'rss-hook.cjs');
   if (!existsSync(hook)) await writeFile(hook, RSS_HOOK);
   const ids = await pointEntries(c);
-  const target = r.pick(ids.length > 0 ? ids : [c.base.points[0].id]);
+  const target = pickTarget(c, r, ids);
   const before = await snapshot(c.dir);
   const repoArgs = ['--repo', c.repo, ...(c.base.keyFile ? ['--key-file', c.base.keyFile] : [])];
   const commands: [string, string[], string[]][] = [
