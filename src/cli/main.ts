@@ -4,6 +4,7 @@ import { backupCommand, restoreCommand } from './backup.js';
 import { demoCommand } from './demo.js';
 import { quickstartCommand } from './quickstart.js';
 import { guestAgentCommand } from './guest-agent.js';
+import { guestImageCommand } from './guest-image.js';
 import { checkpointCommand, diskCommand, hostCommand, refpointCommand, vmCommand } from './host.js';
 import { nbdCommand } from './nbd.js';
 import { EXIT, reportError } from './output.js';
@@ -36,6 +37,7 @@ export async function main(argv: string[]): Promise<number> {
   program.addCommand(nbdCommand(run));
   program.addCommand(demoCommand(run));
   program.addCommand(guestAgentCommand(run));
+  program.addCommand(guestImageCommand(run));
   program.addCommand(hostCommand(run));
   program.addCommand(vmCommand(run));
   program.addCommand(checkpointCommand(run));
