@@ -387,6 +387,8 @@ const STATUS: Record<string, number> = {
   MISSING_CHANGE_TRACKING_INFORMATION: 422,
   NOT_SUPPORTED: 422,
   LIMIT_EXCEEDED: 413,
+  QMP_ERROR: 502,
+  QEMU_FAILED: 502,
 };
 
 export interface ApiServerOptions {
