@@ -54,10 +54,11 @@ export async function main(argv: string[]): Promise<number> {
       write(`tidemark: INVALID_ARGUMENT: ${s.replace(/^error: /, '').trim()} (see --help)\n`),
   };
   program.configureOutput(output).showHelpAfterError(false);
-  for (const c of program.commands) {
+  const configure = (c: Command): void => {
     c.exitOverride().configureOutput(output);
-    for (const sub of c.commands) sub.exitOverride().configureOutput(output);
-  }
+    for (const sub of c.commands) configure(sub);
+  };
+  for (const c of program.commands) configure(c);
   try {
     await program.parseAsync(argv, { from: 'user' });
   } catch (err) {

@@ -57,6 +57,12 @@ import { HostLog } from './log.js';
 import { SnapshotSets } from './snapshot-sets.js';
 import { DiskPathPolicy, privateDir, privateFiles, tightenStore } from './store-access.js';
 import { createProvider, PROVIDER_NAMES } from '../snapshot/index.js';
+// vm-runtime: QEMU processes (all QEMU-specific logic lives in vm-runtime.ts; the host only calls it)
+import { readFile as readFileFs, open as openFile } from 'node:fs/promises';
+import type { AccelRequest } from './accel.js';
+import { DEFAULT_MEMORY_MIB, type BootDefinition } from './definition.js';
+import { parseSlot, type NbdAddress as QemuNbdAddress } from './qemu-command.js';
+import { VmRuntime, type ExitInfo, type StopOptions, type StopOutcome, type VmState } from './vm-runtime.js';
 
 export interface HostOptions {
   store: string;
@@ -67,6 +73,8 @@ export interface HostOptions {
   log?: HostLog;
   /** Directories besides the store that VM disks may be attached from (`tidemark host --allow-disk-dir`). */
   allowDiskDirs?: string[];
+  /** vm-runtime: how VMs with a boot source run (QEMU binary, accelerator, NBD reconnect delay, stop limits). */
+  qemu?: { binary?: string; accel?: AccelRequest; reconnectDelay?: number; stop?: StopOptions };
 }
 
 /** Freezes a VM's guest around a checkpoint's instant, or says why it cannot. */
@@ -94,6 +102,16 @@ export interface CreateVmRequest {
   checkpointPolicy?: CheckpointPolicy;
   guest?: string | null;
   disks?: NewDisk[];
+  // vm-runtime: what QEMU runs
+  memoryMiB?: number;
+  cpus?: number;
+  scsiControllers?: number;
+  boot?: BootDefinition | null;
+  /** a guest image folder (`tidemark guest-image build`): its vmlinux, initrd.img and command line */
+  image?: string;
+  /** with `image`: the workload on the kernel command line (sqlite, shell, none) */
+  workload?: string;
+  accel?: AccelRequest;
 }
 
 export interface ModifyVmRequest {
@@ -131,7 +149,7 @@ export type TrackingState = 'enabled' | 'none' | 'missing';
 export interface VmSummary {
   name: string;
   id: string;
-  state: 'Off' | 'Running';
+  state: VmState;
   generation: 1 | 2;
   configVersion: string;
   checkpointPolicy: CheckpointPolicy;
@@ -143,8 +161,19 @@ export interface VmSummary {
     base: string;
     head: string;
     export: string | null;
+    /** vm-runtime: the export's NBD URI while the VM runs */
+    nbdUri: string | null;
     tracking: TrackingState;
   }[];
+  // vm-runtime
+  memoryMiB: number;
+  cpus: number;
+  scsiControllers: number;
+  boot: BootDefinition | null;
+  image: string | null;
+  /** the QEMU process, while one runs */
+  qemu: { pid: number | null; qmp: string; console: string; accel: string | null; accelReason: string | null } | null;
+  lastExit: ExitInfo | null;
   checkpoints: number;
   currentCheckpointId: string | null;
   referencePoints: number;
@@ -160,6 +189,8 @@ export class Host {
   readonly log: HostLog;
   private vms = new Map<string, VmDefinition>();
   private running = new Map<string, Map<string, VirtualDisk>>();
+  /** vm-runtime: the QEMU of each VM with a boot source */
+  private runtimes = new Map<string, VmRuntime>();
   private locks = new KeyedMutex();
   private defWrites = new KeyedMutex();
   private createLock = new Mutex();
@@ -241,6 +272,7 @@ export class Host {
           await host.save(def);
         }
       }
+      if (def.boot) await host.adoptRuntime(def); // vm-runtime
     }
     return host;
   }
@@ -281,6 +313,7 @@ export class Host {
 
   async createVm(req: CreateVmRequest): Promise<VmSummary> {
     checkVmName(req.name);
+    req = await resolveBoot(req); // vm-runtime: --image DIR → its kernel, initrd and command line
     const configVersion = checkConfigVersion(req.configVersion ?? DEFAULT_CONFIG_VERSION);
     return this.createLock.run(async () => {
       await this.assertNameFree(req.name);
@@ -337,6 +370,15 @@ export class Host {
             'CONFLICT',
             `${name} has checkpoints: delete them before attaching or detaching disks`,
           );
+        }
+        const qemuRuns = this.qemuRunning(name);
+        for (const slot of [...(req.detach ?? []), ...(req.attach ?? []).map((d) => d.slot)]) {
+          if (qemuRuns && /^scsi|^ide/.test(slot) && parseSlot(slot).kind === 'ide') {
+            throw new TidemarkError(
+              'CONFLICT',
+              `${name} is running: IDE disks (${slot}) change only with the VM off, as in Hyper-V`,
+            );
+          }
         }
         if (newVersion !== undefined) await this.changeVersion(def, newVersion);
         return this.applyModification(def, req);
@@ -400,6 +442,7 @@ export class Host {
       const i = def.disks.findIndex((d) => d.slot === slot);
       if (i < 0) throw new TidemarkError('NOT_FOUND', `${name} has no disk at ${slot}`);
       const open = this.running.get(name)?.get(slot);
+      if (this.qemuRunning(name)) await this.runtimes.get(name)!.detachDisk(slot); // vm-runtime: hot-unplug first
       if (open) {
         await this.nbd.removeExport(exportName(name, slot));
         await open.close();
@@ -411,6 +454,7 @@ export class Host {
       const att = await this.prepareDisk(def, d);
       def.disks.push(att);
       if (this.running.has(name)) await this.openDisk(def, att);
+      if (this.qemuRunning(name)) await this.runtimes.get(name)!.attachDisk(att.slot, exportName(name, att.slot)); // vm-runtime
     }
     await this.save(def);
     return this.summary(def);
@@ -420,6 +464,7 @@ export class Host {
     return this.locks.run(name, async () => {
       const def = this.mustGet(name);
       if (!this.running.has(name)) await this.openDisks(def);
+      if (def.boot) await this.launchRuntime(def); // vm-runtime: QEMU on the exports just opened
       def.state = 'Running';
       await this.save(def);
       this.log.info(`started ${name}: ${def.disks.map((d) => exportName(name, d.slot)).join(', ')}`);
@@ -427,9 +472,19 @@ export class Host {
     });
   }
 
-  async stopVm(name: string): Promise<VmSummary> {
+  async stopVm(name: string, opts: { turnOff?: boolean } = {}): Promise<VmSummary> {
     return this.locks.run(name, async () => {
       const def = this.mustGet(name);
+      const rt = this.runtimes.get(name);
+      if (rt?.state === 'Saved') await rt.dropSavedState(); // stopping a saved VM discards its saved state
+      if (rt && rt.state !== 'Off' && rt.state !== 'Saved') {
+        // vm-runtime: the guest shuts down (agent, ACPI, quit), or is turned off, before its disks close
+        if (opts.turnOff) await rt.turnOff();
+        else {
+          const how: StopOutcome = await rt.stop(this.opts.qemu?.stop);
+          this.log.info(`${name}: stopped by ${how.by} in ${(how.ms / 1000).toFixed(1)} s`);
+        }
+      }
       await this.closeDisks(name);
       def.state = 'Off';
       await this.save(def);
@@ -444,6 +499,7 @@ export class Host {
         const def = this.mustGet(name);
         if (this.running.has(name)) throw new TidemarkError('CONFLICT', `${name} is running: stop it first`);
         this.vms.delete(name);
+        this.runtimes.delete(name);
         if (opts.removeFiles) {
           await rm(this.vmDir(name), { recursive: true, force: true });
         } else {
@@ -976,6 +1032,8 @@ export class Host {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    // vm-runtime: QEMU keeps running (its NBD client reconnects to the next host); only QMP is let go.
+    for (const rt of this.runtimes.values()) await rt.detach().catch((e) => this.log.warn(String(e)));
     await this.jobs.drain();
     await this.snapshots.releaseAll();
     await this.nbd.close();
@@ -998,13 +1056,14 @@ export class Host {
         base: this.abs(def, d.base),
         head: this.abs(def, d.head),
         export: running ? exportName(def.name, d.slot) : null,
+        nbdUri: running && this.nbd.address() ? this.nbd.uri(exportName(def.name, d.slot)) : null,
         tracking: await this.trackingState(def, d),
       });
     }
     return {
       name: def.name,
       id: def.id,
-      state: running ? 'Running' : 'Off',
+      state: this.vmState(def),
       generation: def.generation,
       configVersion: def.configVersion,
       checkpointPolicy: def.checkpointPolicy,
@@ -1014,7 +1073,171 @@ export class Host {
       currentCheckpointId: def.currentCheckpointId,
       referencePoints: def.referencePoints.length,
       lease: (await this.leases.holder(def.name)) ?? null,
+      memoryMiB: def.memoryMiB,
+      cpus: def.cpus,
+      scsiControllers: def.scsiControllers,
+      boot: def.boot,
+      image: def.image,
+      qemu: this.qemuSummary(def.name),
+      lastExit: this.runtimes.get(def.name)?.lastExit ?? null,
     };
+  }
+
+  // ---------------------------------------------------------------- vm-runtime (QEMU): thin integration
+
+  /** Hyper-V's state: the QEMU's when the VM has one, else Running while its disks are exported. */
+  private vmState(def: VmDefinition): VmState {
+    const rt = this.runtimes.get(def.name);
+    if (rt && rt.state !== 'Off') return rt.state;
+    if (def.state === 'Saved') return 'Saved';
+    return this.running.has(def.name) ? 'Running' : 'Off';
+  }
+
+  private qemuRunning(name: string): boolean {
+    const s = this.runtimes.get(name)?.state;
+    return s !== undefined && s !== 'Off' && s !== 'Saved';
+  }
+
+  private qemuSummary(name: string): VmSummary['qemu'] {
+    const rt = this.runtimes.get(name);
+    if (!rt) return null;
+    return {
+      pid: rt.pid,
+      qmp: rt.files.qmp,
+      console: rt.files.console,
+      accel: rt.accel?.accel ?? null,
+      accelReason: rt.accel?.reason ?? null,
+    };
+  }
+
+  /** The VM's runtime (made once), wired so that QEMU ending by itself (guest power-off, crash) closes the disks. */
+  runtime(name: string): VmRuntime {
+    const def = this.mustGet(name);
+    let rt = this.runtimes.get(name);
+    if (!rt) {
+      rt = new VmRuntime({
+        dir: this.vmDir(name),
+        runDir: path.join(this.store, 'run'),
+        name,
+        id: def.id,
+        log: this.log,
+        qemuBinary: this.opts.qemu?.binary,
+        guestSocket: def.guest,
+      });
+      rt.on('exit', (info: ExitInfo) => {
+        if (this.closed) return;
+        void this.locks
+          .run(name, async () => {
+            const d = this.vms.get(name);
+            if (!d || this.qemuRunning(name)) return;
+            await this.closeDisks(name);
+            d.state = info.reason === 'saved' ? 'Saved' : 'Off';
+            await this.save(d);
+            this.log.info(`${name}: ${d.state} (${info.detail})`);
+          })
+          .catch((e) => this.log.warn(`${name}: after QEMU ended: ${(e as Error).message}`));
+      });
+      this.runtimes.set(name, rt);
+    }
+    return rt;
+  }
+
+  private async launchRuntime(def: VmDefinition): Promise<void> {
+    const rt = this.runtime(def.name);
+    if (this.qemuRunning(def.name)) return;
+    const a = this.nbd.address();
+    if (!a) throw new TidemarkError('CLOSED', 'the NBD server is not listening');
+    const nbd: QemuNbdAddress = a.type === 'unix' ? a : { type: 'inet', host: a.host, port: a.port };
+    try {
+      await rt.start({
+        generation: def.generation,
+        memoryMiB: def.memoryMiB,
+        cpus: def.cpus,
+        scsiControllers: def.scsiControllers,
+        boot: def.boot!,
+        disks: def.disks.map((d) => ({ slot: d.slot, export: exportName(def.name, d.slot) })),
+        nbd,
+        reconnectDelay: this.opts.qemu?.reconnectDelay,
+        accel: def.accel !== 'auto' ? def.accel : (this.opts.qemu?.accel ?? 'auto'),
+      });
+    } catch (err) {
+      await this.closeDisks(def.name);
+      throw err;
+    }
+    // The guest-agent channel is wired automatically: checkpoints freeze through it.
+    if (!def.guest) def.guest = `unix:${rt.guestSocket}`;
+  }
+
+  /** After a host restart: the QEMU a previous host launched is adopted through its QMP socket. */
+  private async adoptRuntime(def: VmDefinition): Promise<void> {
+    const rt = this.runtime(def.name);
+    let state: VmState;
+    try {
+      state = await rt.adopt();
+    } catch (err) {
+      this.log.warn(`${def.name}: ${(err as Error).message}`);
+      state = 'Off';
+    }
+    const live = state !== 'Off' && state !== 'Saved';
+    if (!live && def.state === 'Running') {
+      this.log.warn(`${def.name}: its QEMU is gone (${rt.lastExit?.detail ?? 'not found'}); the VM is ${state}`);
+      await this.closeDisks(def.name);
+    }
+    const persisted = live ? 'Running' : state === 'Saved' ? 'Saved' : 'Off';
+    if (def.state !== persisted) {
+      def.state = persisted;
+      await this.save(def);
+    }
+  }
+
+  /** Saves a running VM's memory and device state and ends its QEMU (Saved); `vm start` restores it. */
+  async saveVm(name: string): Promise<VmSummary> {
+    return this.locks.run(name, async () => {
+      const def = this.mustGet(name);
+      if (!this.qemuRunning(name)) throw new TidemarkError('CONFLICT', `${name} has no running QEMU to save`);
+      const r = await this.runtimes.get(name)!.save();
+      await this.closeDisks(name);
+      def.state = 'Saved';
+      await this.save(def);
+      this.log.info(`${name}: saved (${(r.bytes / 2 ** 20).toFixed(1)} MiB in ${(r.ms / 1000).toFixed(1)} s)`);
+      return this.summary(def);
+    });
+  }
+
+  /** Pauses or resumes a VM's QEMU. */
+  async pauseVm(name: string, pause: boolean): Promise<VmSummary> {
+    return this.locks.run(name, async () => {
+      const def = this.mustGet(name);
+      if (!this.qemuRunning(name)) throw new TidemarkError('CONFLICT', `${name} has no running QEMU`);
+      const rt = this.runtimes.get(name)!;
+      if (pause) await rt.pause();
+      else await rt.resume();
+      return this.summary(def);
+    });
+  }
+
+  /**
+   * The serial console log from `offset` (at most `max` bytes): `{ data, offset: next, size }`. The log is
+   * appended by QEMU, kept across runs, and read-only here.
+   */
+  async readConsole(name: string, offset = 0, max = 65536): Promise<{ data: string; offset: number; size: number }> {
+    const rt = this.runtime(name);
+    let fh;
+    try {
+      fh = await openFile(rt.files.console, 'r');
+    } catch {
+      return { data: '', offset: 0, size: 0 };
+    }
+    try {
+      const { size } = await fh.stat();
+      const from = Math.min(Math.max(0, offset), size);
+      const n = Math.min(size - from, Math.max(0, Math.min(max, 1 << 20)));
+      const buf = Buffer.alloc(n);
+      if (n > 0) await fh.read(buf, 0, n, from);
+      return { data: buf.toString('utf8'), offset: from + n, size };
+    } finally {
+      await fh.close();
+    }
   }
 
   /** Whether a disk's changes are really tracked: the running disk's tracker, or the files beside its base. */
@@ -1318,6 +1541,12 @@ function newDefinition(
     currentCheckpointId: null,
     referencePoints: [],
     pending: null,
+    memoryMiB: req.memoryMiB ?? DEFAULT_MEMORY_MIB,
+    cpus: req.cpus ?? 1,
+    scsiControllers: req.scsiControllers ?? ((req.generation ?? 2) === 2 ? 1 : 0),
+    boot: req.boot ?? null,
+    image: req.image ?? null,
+    accel: req.accel ?? 'auto',
   };
 }
 
@@ -1358,11 +1587,7 @@ async function withVhdx<T>(file: string, allowedRoots: string[], fn: (d: VhdxFil
  * never modified): it is backed up in full until an administrator runs `rct enable --replace-foreign`.
  * Returns what it found: 'none' means it created them now.
  */
-async function enableTracking(
-  file: string,
-  allowedRoots: string[],
-  reason?: string,
-): Promise<TrackingFiles['state']> {
+async function enableTracking(file: string, allowedRoots: string[], reason?: string): Promise<TrackingFiles['state']> {
   const disk = await VhdxFile.open(file, { allowedRoots });
   try {
     const base = disk.chain().at(-1)!.path;
@@ -1375,6 +1600,63 @@ async function enableTracking(
   } finally {
     await disk.close();
   }
+}
+
+/**
+ * vm-runtime: a VM made from a guest image boots its kernel and initrd with the image's command line (the
+ * workload chosen); boot files must exist; memory, vCPUs and controllers are checked here, before anything is made.
+ */
+async function resolveBoot(req: CreateVmRequest): Promise<CreateVmRequest> {
+  const out = { ...req };
+  if (
+    out.memoryMiB !== undefined &&
+    (!Number.isInteger(out.memoryMiB) || out.memoryMiB < 16 || out.memoryMiB > 1024 * 1024)
+  ) {
+    throw new TidemarkError('INVALID_ARGUMENT', `memory must be 16 MiB to 1 TiB, not ${out.memoryMiB} MiB`);
+  }
+  if (out.cpus !== undefined && (!Number.isInteger(out.cpus) || out.cpus < 1 || out.cpus > 64)) {
+    throw new TidemarkError('INVALID_ARGUMENT', `vCPUs must be 1–64, not ${out.cpus}`);
+  }
+  if (
+    out.scsiControllers !== undefined &&
+    (!Number.isInteger(out.scsiControllers) || out.scsiControllers < 0 || out.scsiControllers > 4)
+  ) {
+    throw new TidemarkError('INVALID_ARGUMENT', `SCSI controllers must be 0–4, not ${out.scsiControllers}`);
+  }
+  if (out.image !== undefined) {
+    if (out.boot) throw new TidemarkError('INVALID_ARGUMENT', 'give an image or a boot source, not both');
+    const dir = path.resolve(out.image);
+    let manifest: { cmdline?: string; workloads?: string[] };
+    try {
+      manifest = JSON.parse(await readFileFs(path.join(dir, 'manifest.json'), 'utf8'));
+    } catch {
+      throw new TidemarkError(
+        'NOT_FOUND',
+        `${dir} is not a guest image (no readable manifest.json): run tidemark guest-image build ${dir}`,
+      );
+    }
+    const workloads = manifest.workloads ?? [];
+    if (out.workload !== undefined && !workloads.includes(out.workload)) {
+      throw new TidemarkError(
+        'INVALID_ARGUMENT',
+        `workload "${out.workload}" is not one of the image's: ${workloads.join(', ')}`,
+      );
+    }
+    let append = manifest.cmdline ?? 'console=ttyS0';
+    if (out.workload !== undefined)
+      append = append.replace(/tidemark\.workload=\S+/, `tidemark.workload=${out.workload}`);
+    out.image = dir;
+    out.boot = { kind: 'kernel', kernel: path.join(dir, 'vmlinux'), initrd: path.join(dir, 'initrd.img'), append };
+  } else if (out.workload !== undefined) {
+    throw new TidemarkError('INVALID_ARGUMENT', '--workload needs --image');
+  }
+  if (out.boot?.kind === 'kernel') {
+    for (const f of [out.boot.kernel, out.boot.initrd].filter((x): x is string => !!x)) {
+      if (!path.isAbsolute(f)) throw new TidemarkError('INVALID_ARGUMENT', `boot file ${f} must be an absolute path`);
+      if (!(await exists(f))) throw new TidemarkError('NOT_FOUND', `boot file ${f} does not exist`);
+    }
+  }
+  return out;
 }
 
 async function exists(p: string): Promise<boolean> {
