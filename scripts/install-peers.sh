@@ -15,6 +15,10 @@ declare -A PACKAGE_OF=(
   [bzip2]=bzip2 # the fixtures are .bz2
   [restic]=restic [borg]=borgbackup # backup benchmarks' peers
   [mkfs.xfs]=xfsprogs               # the reflink snapshot provider's test file system
+  [qemu-system-x86_64]=qemu-system-x86 # the VM runtime's guests (TCG when there is no KVM)
+  [e2fsck]=e2fsprogs                # checks a guest's data disk after it stopped
+  [xz]=xz-utils [zstd]=zstd         # guest-image build: the kernel's compressed payload
+  [dpkg-deb]=dpkg [apt-get]=apt     # guest-image build: apt-get download + dpkg-deb -x, no root needed
 )
 
 missing_packages=()
@@ -31,6 +35,11 @@ done
 if ! /usr/bin/python3 -c 'import pyvhdi' >/dev/null 2>&1; then
   missing+=(pyvhdi)
   missing_packages+=(python3-libvhdi)
+fi
+# UEFI firmware for generation 2 VMs that boot from their disks (no command to look for: its files).
+if [ ! -e /usr/share/OVMF/OVMF_CODE_4M.fd ] && [ ! -e /usr/share/OVMF/OVMF_CODE.fd ]; then
+  missing+=(OVMF)
+  missing_packages+=(ovmf)
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 
