@@ -437,7 +437,10 @@ export class Host {
   private async applyModification(def: VmDefinition, req: ModifyVmRequest): Promise<VmSummary> {
     const name = def.name;
     if (req.checkpointPolicy !== undefined) def.checkpointPolicy = req.checkpointPolicy;
-    if (req.guest !== undefined) def.guest = req.guest;
+    if (req.guest !== undefined) {
+      def.guest = req.guest;
+      if (!this.qemuRunning(name)) this.runtimes.delete(name); // vm-runtime: the next QEMU uses the new channel
+    }
     for (const slot of req.detach ?? []) {
       const i = def.disks.findIndex((d) => d.slot === slot);
       if (i < 0) throw new TidemarkError('NOT_FOUND', `${name} has no disk at ${slot}`);
@@ -1078,7 +1081,7 @@ export class Host {
       scsiControllers: def.scsiControllers,
       boot: def.boot,
       image: def.image,
-      qemu: this.qemuSummary(def.name),
+      qemu: this.qemuSummary(def),
       lastExit: this.runtimes.get(def.name)?.lastExit ?? null,
     };
   }
@@ -1098,9 +1101,9 @@ export class Host {
     return s !== undefined && s !== 'Off' && s !== 'Saved';
   }
 
-  private qemuSummary(name: string): VmSummary['qemu'] {
-    const rt = this.runtimes.get(name);
-    if (!rt) return null;
+  private qemuSummary(def: VmDefinition): VmSummary['qemu'] {
+    if (!def.boot && !this.runtimes.has(def.name)) return null;
+    const rt = this.runtime(def.name);
     return {
       pid: rt.pid,
       qmp: rt.files.qmp,

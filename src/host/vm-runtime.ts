@@ -473,6 +473,8 @@ export class VmRuntime extends EventEmitter {
 
   private async launch(args: string[], spec: LaunchSpec, accelReason: string, startTimeoutMs: number): Promise<void> {
     const bin = this.opts.qemuBinary ?? 'qemu-system-x86_64';
+    // QEMU appends to the console log; made here so it is private (0600) whatever QEMU's umask.
+    closeSync(openSync(this.files.console, 'a', 0o600));
     const logFd = openSync(this.files.qemuLog, 'a', 0o600);
     let child: ChildProcess;
     try {
