@@ -4,10 +4,11 @@
  * agent ping, the sqlite counter on the console, freeze/thaw through our guest client, a SCSI disk hot-added
  * and removed, the host object dropped and re-created under the running guest (QEMU adopted through its
  * QMP socket, its NBD client reconnecting: no I/O error in the guest), a clean stop (agent shutdown) after
- * which the data disk passes `e2fsck -fn`, a second boot that continues the counter, save and restore, and
+ * which the data disk passes `e2fsck -fn`, a copy of that disk booting in another VM (and its QEMU killed: a
+ * reported crash), a second boot that continues the counter, save and restore, and
  * a power-off from inside the guest that makes the VM Off. Timings are printed.
  */
-import { mkdtempSync, rmSync } from 'node:fs';
+import { copyFileSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -61,13 +62,13 @@ describe.skipIf(skip)('a real guest on Tidemark disks (TCG)', () => {
     }
   }, 120_000);
 
-  const consoleText = async () => (await host.readConsole('g1', 0, 1 << 20)).data;
-  const counters = async (): Promise<Counter[]> =>
-    [...(await consoleText()).matchAll(/tidemark-wl boot=(\d+) n=(\d+)/g)].map((m) => ({
+  const consoleText = async (vm = 'g1') => (await host.readConsole(vm, 0, 1 << 20)).data;
+  const counters = async (vm = 'g1'): Promise<Counter[]> =>
+    [...(await consoleText(vm)).matchAll(/tidemark-wl boot=(\d+) n=(\d+)/g)].map((m) => ({
       boot: Number(m[1]),
       n: Number(m[2]),
     }));
-  const last = async () => (await counters()).at(-1) ?? { boot: 0, n: 0 };
+  const last = async (vm = 'g1') => (await counters(vm)).at(-1) ?? { boot: 0, n: 0 };
   async function waitFor<T>(what: string, ms: number, fn: () => Promise<T | undefined | false>): Promise<T> {
     const end = Date.now() + ms;
     for (;;) {
@@ -207,6 +208,32 @@ describe.skipIf(skip)('a real guest on Tidemark disks (TCG)', () => {
     const fsck = await run('e2fsck', ['-fn', raw], { allowFail: true });
     expect(fsck.code, fsck.stdout + fsck.stderr).toBe(0);
     rmSync(raw);
+  });
+
+  it('a copy of the disk boots in another VM and continues the counter; QEMU killed under it is a reported crash', async () => {
+    const end1 = (await last()).n;
+    const copy = path.join(store, 'copies', 'g1-data.vhdx');
+    mkdirSync(path.dirname(copy));
+    copyFileSync((await host.showVm('g1')).disks[0].head, copy);
+    await host.createVm({
+      name: 'g2',
+      image: imageDir,
+      workload: 'sqlite',
+      memoryMiB: 256,
+      disks: [{ slot: 'scsi0-0', path: copy }],
+    });
+    const v = await host.startVm('g2');
+    await waitFor('the copy counting', 180_000, async () => (await last('g2')).n >= end1 + 2);
+    const first = (await counters('g2'))[0];
+    expect(first).toEqual({ boot: 2, n: end1 + 1 }); // the copy's second boot, its counter where g1 stopped
+    expect(await consoleText('g2')).not.toContain('formatting');
+    process.kill(v.qemu!.pid!, 'SIGKILL');
+    await waitFor('Off after QEMU was killed', 60_000, async () => (await host.showVm('g2')).state === 'Off');
+    const after = await host.showVm('g2');
+    expect(after.lastExit?.reason).toBe('crash');
+    expect(after.lastExit?.detail).toMatch(/QEMU ended unexpectedly \(killed by SIGKILL\)/);
+    expect(after.disks[0].export).toBeNull();
+    expect(logLines.some((l) => / warn g2: QEMU ended unexpectedly/.test(l))).toBe(true);
   });
 
   it('boots a second time on the same disk: boot 2, the counter continues; save and restore; power-off from inside', async () => {
