@@ -1182,6 +1182,8 @@ export class Host {
       state = 'Off';
     }
     const live = state !== 'Off' && state !== 'Saved';
+    // A QEMU launched by a host that died before recording Running: its NBD client waits for these exports.
+    if (live && !this.running.has(def.name)) await this.openDisks(def);
     if (!live && def.state === 'Running') {
       this.log.warn(`${def.name}: its QEMU is gone (${rt.lastExit?.detail ?? 'not found'}); the VM is ${state}`);
       await this.closeDisks(def.name);
