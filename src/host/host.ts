@@ -373,10 +373,18 @@ export class Host {
         }
         const qemuRuns = this.qemuRunning(name);
         for (const slot of [...(req.detach ?? []), ...(req.attach ?? []).map((d) => d.slot)]) {
-          if (qemuRuns && /^scsi|^ide/.test(slot) && parseSlot(slot).kind === 'ide') {
+          if (!qemuRuns || !SLOT.test(slot)) continue;
+          const a = parseSlot(slot);
+          if (a.kind === 'ide') {
             throw new TidemarkError(
               'CONFLICT',
               `${name} is running: IDE disks (${slot}) change only with the VM off, as in Hyper-V`,
+            );
+          }
+          if (a.controller >= def.scsiControllers) {
+            throw new TidemarkError(
+              'CONFLICT',
+              `${name} has ${def.scsiControllers} SCSI controller(s): ${slot} needs controller ${a.controller}`,
             );
           }
         }
@@ -1529,7 +1537,7 @@ function checkVmName(name: string): void {
 
 function newDefinition(
   name: string,
-  req: Omit<CreateVmRequest, 'name' | 'disks'> & { configVersion: string },
+  req: Omit<CreateVmRequest, 'name'> & { configVersion: string },
 ): VmDefinition {
   return {
     schemaVersion: DEFINITION_VERSION,
@@ -1548,7 +1556,13 @@ function newDefinition(
     pending: null,
     memoryMiB: req.memoryMiB ?? DEFAULT_MEMORY_MIB,
     cpus: req.cpus ?? 1,
-    scsiControllers: req.scsiControllers ?? ((req.generation ?? 2) === 2 ? 1 : 0),
+    // Enough controllers for the disks it is created with (at least one for generation 2, as Hyper-V).
+    scsiControllers:
+      req.scsiControllers ??
+      Math.max(
+        (req.generation ?? 2) === 2 ? 1 : 0,
+        ...(req.disks ?? []).map((d) => (/^scsi(\d)-/.exec(d.slot) ? Number(d.slot[4]) + 1 : 0)),
+      ),
     boot: req.boot ?? null,
     image: req.image ?? null,
     accel: req.accel ?? 'auto',
