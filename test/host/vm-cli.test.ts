@@ -120,6 +120,11 @@ describe('vm create with a boot source', () => {
     expect(v.disks[0].nbdUri).toBeNull();
     const text = ok(['vm', 'show', 'g']).text;
     expect(text).toContain(`300 MiB, 2 vCPU(s), 1 SCSI controller(s), boot kernel ${path.join(image, 'vmlinux')}`);
+    // Enough SCSI controllers for the disks it is made with.
+    expect(
+      JSON.parse(ok(['vm', 'create', 'wide', '--image', image, '--new-disk', 'scsi2-0:16M', '--json']).text)
+        .scsiControllers,
+    ).toBe(3);
     // A VM without a boot source says what start does for it.
     expect(ok(['vm', 'create', 'plain']).text).toContain('boot none (vm start exports the disks only)');
   });

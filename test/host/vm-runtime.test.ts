@@ -173,7 +173,12 @@ describe.skipIf(skip)('a real guest on Tidemark disks (TCG)', () => {
       async () => !(await exec('/bin/ls', ['/sys/block'])).includes('sdb'),
     );
     expect((await host.showVm('g1')).disks.map((d) => d.slot)).toEqual(['scsi0-0']);
-    // IDE changes need the VM off (and a generation 2 VM has none).
+    // A SCSI slot beyond the VM's controllers, and IDE changes (the VM must be off), change nothing.
+    await expect(host.modifyVm('g1', { attach: [{ slot: 'scsi1-0', size: '64M' }] })).rejects.toMatchObject({
+      code: 'CONFLICT',
+      message: expect.stringMatching(/1 SCSI controller\(s\): scsi1-0 needs controller 1/),
+    });
+    expect((await host.showVm('g1')).disks.map((d) => d.slot)).toEqual(['scsi0-0']);
     await expect(host.modifyVm('g1', { attach: [{ slot: 'ide0-0', size: '64M' }] })).rejects.toMatchObject({
       code: 'CONFLICT',
     });
