@@ -41,7 +41,17 @@ if [ ! -e /usr/share/OVMF/OVMF_CODE_4M.fd ] && [ ! -e /usr/share/OVMF/OVMF_CODE.
   missing+=(OVMF)
   missing_packages+=(ovmf)
 fi
-[ ${#missing[@]} -eq 0 ] && exit 0
+# guest-image build asks apt-cache about packages: it needs apt's package lists (a fresh image may have none).
+need_lists=0
+if ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then need_lists=1; fi
+if [ ${#missing[@]} -eq 0 ]; then
+  if [ "$need_lists" -eq 1 ] && [ "$(id -u)" -eq 0 ]; then
+    echo "install-peers: apt-get update (no package lists: the guest image build needs them)" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get -y -q -o DPkg::Lock::Timeout=600 update >/dev/null 2>&1 ||
+      echo "install-peers: apt-get update failed; guest-image build will fail with NOT_FOUND" >&2
+  fi
+  exit 0
+fi
 
 mapfile -t packages < <(printf '%s\n' "${missing_packages[@]}" | sort -u)
 loud() { echo "PEERS MISSING: ${missing[*]} — interop tests will skip ($1)" >&2; }
