@@ -6,7 +6,10 @@ import { describe, expect, it } from 'vitest';
 import { chooseAccel, hardwareVirtualization, type AccelProbe } from '../../src/host/accel.js';
 import { migrateDefinition, VmDefinition } from '../../src/host/definition.js';
 import { blockdevArg, diskDevice, escapeOpt, qemuArgs, type LaunchSpec } from '../../src/host/qemu-command.js';
-import { MAX_SOCKET_PATH, runtimeFiles } from '../../src/host/vm-runtime.js';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { MAX_SOCKET_PATH, runtimeFiles, VmRuntime } from '../../src/host/vm-runtime.js';
 
 const base: LaunchSpec = {
   name: 'vm1',
@@ -208,5 +211,47 @@ describe('definition version 1 → 2', () => {
     });
     expect(VmDefinition.parse(migrateDefinition({ ...v1, generation: 2, disks: [] })).scsiControllers).toBe(1);
     expect(VmDefinition.safeParse({ ...d, scsiControllers: 5 }).success).toBe(false);
+  });
+});
+
+describe('adoption without a QEMU', () => {
+  it('a pid file of a process that ended is a crash nobody watched: reported, files removed, the VM Off', async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'tm-adopt-'));
+    try {
+      const warnings: string[] = [];
+      const rt = new VmRuntime({
+        dir,
+        runDir: path.join(dir, 'run'),
+        name: 'gone',
+        id: '11111111-2222-3333-4444-555555555555',
+        log: { info: () => undefined, warn: (m) => warnings.push(m) },
+      });
+      // A pid that cannot be alive (beyond pid_max) and the files a host left.
+      writeFileSync(rt.files.runtime, JSON.stringify({ pid: 2 ** 30, qmp: rt.files.qmp }));
+      writeFileSync(rt.files.pid, `${2 ** 30}\n`);
+      expect(await rt.adopt()).toBe('Off');
+      expect(rt.lastExit).toMatchObject({
+        reason: 'crash',
+        detail: expect.stringMatching(/ended while no host was watching/),
+      });
+      expect(warnings.some((w) => w.includes('gone: QEMU'))).toBe(true);
+      expect(existsSync(rt.files.runtime)).toBe(false);
+      expect(existsSync(rt.files.pid)).toBe(false);
+      // A saved state makes it Saved instead; nothing at all is Off without a report.
+      writeFileSync(rt.files.savedState, 'state');
+      writeFileSync(rt.files.savedInfo, '{}');
+      const saved = new VmRuntime({ ...rt.opts });
+      expect(await saved.adopt()).toBe('Saved');
+      expect(saved.lastExit).toBeNull();
+      await saved.dropSavedState();
+      expect(saved.state).toBe('Off');
+      expect(existsSync(rt.files.savedState)).toBe(false);
+      // Operations that need a QEMU say so.
+      await expect(saved.pause()).rejects.toMatchObject({ code: 'CONFLICT' });
+      await expect(saved.save()).rejects.toMatchObject({ code: 'CONFLICT' });
+      expect(await saved.stop()).toEqual({ by: 'already-off', ms: 0 });
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
