@@ -201,7 +201,7 @@ export async function buildGuestImage(opts: BuildOptions = {}): Promise<BuildRes
 
   // 2. The files of the programs' packages, and the libraries they need (found from the binaries).
   const image = new ImageTree();
-  for (const t of tools) await image.addPackage(t, 'programs');
+  for (const t of tools) await image.addPackage(t);
   const libs = await resolveLibraries(image, tools, resolver, fetch, log);
   await resolver.save();
 
@@ -451,8 +451,8 @@ class ImageTree {
   readonly entries = new Map<string, TreeEntry>();
   private roots: Unpacked[] = [];
 
-  async addPackage(u: Unpacked, role: 'programs'): Promise<void> {
-    void role;
+  /** All of a program package's files but documentation and init-system glue. */
+  async addPackage(u: Unpacked): Promise<void> {
     this.roots.push(u);
     await walk(u.root, async (abs, rel, st) => {
       const p = '/' + rel;

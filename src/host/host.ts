@@ -1535,10 +1535,7 @@ function checkVmName(name: string): void {
   }
 }
 
-function newDefinition(
-  name: string,
-  req: Omit<CreateVmRequest, 'name'> & { configVersion: string },
-): VmDefinition {
+function newDefinition(name: string, req: Omit<CreateVmRequest, 'name'> & { configVersion: string }): VmDefinition {
   return {
     schemaVersion: DEFINITION_VERSION,
     id: randomUUID(),

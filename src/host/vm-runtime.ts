@@ -68,7 +68,7 @@ export interface RuntimeFiles {
 export interface ExitInfo {
   at: string;
   /** poweroff (the guest), quit (the host), saved, crash (QEMU ended without a shutdown), panic (the guest kernel) */
-  reason: 'poweroff' | 'quit' | 'saved' | 'crash' | 'panic' | 'reset';
+  reason: 'poweroff' | 'quit' | 'saved' | 'crash' | 'panic';
   detail: string;
 }
 
