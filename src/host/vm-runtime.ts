@@ -19,7 +19,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { EventEmitter } from 'node:events';
 import { closeSync, openSync, readFileSync } from 'node:fs';
-import { copyFile, mkdir, open, readFile, rename, stat, unlink } from 'node:fs/promises';
+import { chmod, copyFile, mkdir, open, readFile, rename, stat, unlink } from 'node:fs/promises';
 import path from 'node:path';
 import { TidemarkError } from '../errors.js';
 import { GuestAgentClient } from '../guest/client.js';
@@ -726,6 +726,7 @@ export class VmRuntime extends EventEmitter {
           ))
         )
           await copyFile(vars, this.files.uefiVars);
+        await chmod(this.files.uefiVars, 0o600); // the VM's own NVRAM, private like its disks
         return { code, vars: this.files.uefiVars };
       }
     }
