@@ -58,9 +58,9 @@ import { SnapshotSets } from './snapshot-sets.js';
 import { DiskPathPolicy, privateDir, privateFiles, tightenStore } from './store-access.js';
 import { createProvider, PROVIDER_NAMES } from '../snapshot/index.js';
 // vm-runtime: QEMU processes (all QEMU-specific logic lives in vm-runtime.ts; the host only calls it)
-import { readFile as readFileFs, open as openFile } from 'node:fs/promises';
 import type { AccelRequest } from './accel.js';
 import { DEFAULT_MEMORY_MIB, type BootDefinition } from './definition.js';
+import { resolveBoot } from './vm-boot.js';
 import { parseSlot, type NbdAddress as QemuNbdAddress } from './qemu-command.js';
 import { VmRuntime, type ExitInfo, type StopOptions, type StopOutcome, type VmState } from './vm-runtime.js';
 
@@ -1229,28 +1229,9 @@ export class Host {
     });
   }
 
-  /**
-   * The serial console log from `offset` (at most `max` bytes): `{ data, offset: next, size }`. The log is
-   * appended by QEMU, kept across runs, and read-only here.
-   */
-  async readConsole(name: string, offset = 0, max = 65536): Promise<{ data: string; offset: number; size: number }> {
-    const rt = this.runtime(name);
-    let fh;
-    try {
-      fh = await openFile(rt.files.console, 'r');
-    } catch {
-      return { data: '', offset: 0, size: 0 };
-    }
-    try {
-      const { size } = await fh.stat();
-      const from = Math.min(Math.max(0, offset), size);
-      const n = Math.min(size - from, Math.max(0, Math.min(max, 1 << 20)));
-      const buf = Buffer.alloc(n);
-      if (n > 0) await fh.read(buf, 0, n, from);
-      return { data: buf.toString('utf8'), offset: from + n, size };
-    } finally {
-      await fh.close();
-    }
+  /** The serial console log from `offset` (at most `max` bytes): `{ data, offset: next, size }`. */
+  readConsole(name: string, offset = 0, max = 65536): Promise<{ data: string; offset: number; size: number }> {
+    return this.runtime(name).readConsole(offset, max);
   }
 
   /** Whether a disk's changes are really tracked: the running disk's tracker, or the files beside its base. */
@@ -1616,63 +1597,6 @@ async function enableTracking(file: string, allowedRoots: string[], reason?: str
   } finally {
     await disk.close();
   }
-}
-
-/**
- * vm-runtime: a VM made from a guest image boots its kernel and initrd with the image's command line (the
- * workload chosen); boot files must exist; memory, vCPUs and controllers are checked here, before anything is made.
- */
-async function resolveBoot(req: CreateVmRequest): Promise<CreateVmRequest> {
-  const out = { ...req };
-  if (
-    out.memoryMiB !== undefined &&
-    (!Number.isInteger(out.memoryMiB) || out.memoryMiB < 16 || out.memoryMiB > 1024 * 1024)
-  ) {
-    throw new TidemarkError('INVALID_ARGUMENT', `memory must be 16 MiB to 1 TiB, not ${out.memoryMiB} MiB`);
-  }
-  if (out.cpus !== undefined && (!Number.isInteger(out.cpus) || out.cpus < 1 || out.cpus > 64)) {
-    throw new TidemarkError('INVALID_ARGUMENT', `vCPUs must be 1–64, not ${out.cpus}`);
-  }
-  if (
-    out.scsiControllers !== undefined &&
-    (!Number.isInteger(out.scsiControllers) || out.scsiControllers < 0 || out.scsiControllers > 4)
-  ) {
-    throw new TidemarkError('INVALID_ARGUMENT', `SCSI controllers must be 0–4, not ${out.scsiControllers}`);
-  }
-  if (out.image !== undefined) {
-    if (out.boot) throw new TidemarkError('INVALID_ARGUMENT', 'give an image or a boot source, not both');
-    const dir = path.resolve(out.image);
-    let manifest: { cmdline?: string; workloads?: string[] };
-    try {
-      manifest = JSON.parse(await readFileFs(path.join(dir, 'manifest.json'), 'utf8'));
-    } catch {
-      throw new TidemarkError(
-        'NOT_FOUND',
-        `${dir} is not a guest image (no readable manifest.json): run tidemark guest-image build ${dir}`,
-      );
-    }
-    const workloads = manifest.workloads ?? [];
-    if (out.workload !== undefined && !workloads.includes(out.workload)) {
-      throw new TidemarkError(
-        'INVALID_ARGUMENT',
-        `workload "${out.workload}" is not one of the image's: ${workloads.join(', ')}`,
-      );
-    }
-    let append = manifest.cmdline ?? 'console=ttyS0';
-    if (out.workload !== undefined)
-      append = append.replace(/tidemark\.workload=\S+/, `tidemark.workload=${out.workload}`);
-    out.image = dir;
-    out.boot = { kind: 'kernel', kernel: path.join(dir, 'vmlinux'), initrd: path.join(dir, 'initrd.img'), append };
-  } else if (out.workload !== undefined) {
-    throw new TidemarkError('INVALID_ARGUMENT', '--workload needs --image');
-  }
-  if (out.boot?.kind === 'kernel') {
-    for (const f of [out.boot.kernel, out.boot.initrd].filter((x): x is string => !!x)) {
-      if (!path.isAbsolute(f)) throw new TidemarkError('INVALID_ARGUMENT', `boot file ${f} must be an absolute path`);
-      if (!(await exists(f))) throw new TidemarkError('NOT_FOUND', `boot file ${f} does not exist`);
-    }
-  }
-  return out;
 }
 
 async function exists(p: string): Promise<boolean> {

@@ -465,6 +465,7 @@ export class VmRuntime extends EventEmitter {
     this.detached = true;
     this.child?.removeAllListeners('exit');
     this.child?.unref();
+    this.child = null;
     await this.qmp?.close();
     this.qmp = null;
   }
@@ -541,6 +542,8 @@ export class VmRuntime extends EventEmitter {
     qmp.on('event', (ev: QmpEvent) => this.onEvent(ev));
     qmp.on('close', () => {
       if (this.detached || this.qmp !== qmp) return;
+      // Our own child's 'exit' says how it ended (status or signal): that handler reports it.
+      if (this.child && this.child.pid === this.record?.pid) return;
       // QEMU closes QMP when it ends; for an adopted QEMU (not our child) this is how we learn it.
       void this.waitPidGone(this.record?.pid ?? 0, 10_000).then(() => this.onExit('QMP closed and the process ended'));
     });
@@ -697,6 +700,29 @@ export class VmRuntime extends EventEmitter {
       if (Date.now() > deadline)
         throw new TidemarkError('TIMEOUT', `${this.opts.name}: loading the saved state did not finish in time`);
       await sleep(100);
+    }
+  }
+
+  /**
+   * The serial console log from `offset` (at most `max` bytes, up to 1 MiB): `{ data, offset: next, size }`.
+   * QEMU appends to it across runs; it is only read here.
+   */
+  async readConsole(offset = 0, max = 65536): Promise<{ data: string; offset: number; size: number }> {
+    let fh;
+    try {
+      fh = await open(this.files.console, 'r');
+    } catch {
+      return { data: '', offset: 0, size: 0 };
+    }
+    try {
+      const { size } = await fh.stat();
+      const from = Math.min(Math.max(0, offset), size);
+      const n = Math.min(size - from, Math.max(0, Math.min(max, 1 << 20)));
+      const buf = Buffer.alloc(n);
+      if (n > 0) await fh.read(buf, 0, n, from);
+      return { data: buf.toString('utf8'), offset: from + n, size };
+    } finally {
+      await fh.close();
     }
   }
 
