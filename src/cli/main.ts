@@ -16,6 +16,7 @@ const COMMANDS: Record<string, (run: Run) => Promise<Command[]>> = {
   nbd: async (run) => [(await import('./nbd.js')).nbdCommand(run)],
   demo: async (run) => [(await import('./demo.js')).demoCommand(run)],
   'guest-agent': async (run) => [(await import('./guest-agent.js')).guestAgentCommand(run)],
+  'guest-image': async (run) => [(await import('./guest-image.js')).guestImageCommand(run)],
   host: async (run) => [(await import('./host.js')).hostCommand(run)],
   vm: async (run) => [(await import('./host.js')).vmCommand(run)],
   checkpoint: async (run) => [(await import('./host.js')).checkpointCommand(run)],
