@@ -1,3 +1,5 @@
+import os from 'node:os';
+import path from 'node:path';
 import { defineConfig } from 'vitest/config';
 
 export default defineConfig({
@@ -8,5 +10,7 @@ export default defineConfig({
     maxWorkers: 2,
     testTimeout: 120_000,
     hookTimeout: 120_000,
+    // Integrity keys of the repositories tests make go here (and to the CLI processes they spawn), not to ~/.config.
+    env: { TIDEMARK_CONFIG_DIR: process.env.TIDEMARK_CONFIG_DIR ?? path.join(os.tmpdir(), 'tidemark-test-config') },
   },
 });

@@ -15,6 +15,11 @@ declare -A PACKAGE_OF=(
   [bzip2]=bzip2 # the fixtures are .bz2
   [restic]=restic [borg]=borgbackup # backup benchmarks' peers
   [mkfs.xfs]=xfsprogs               # the reflink snapshot provider's test file system
+  [openssl]=openssl                 # test certificates for NBD over TLS
+  [qemu-system-x86_64]=qemu-system-x86 # the VM runtime's guests (TCG when there is no KVM)
+  [e2fsck]=e2fsprogs                # checks a guest's data disk after it stopped
+  [xz]=xz-utils [zstd]=zstd         # guest-image build: the kernel's compressed payload
+  [dpkg-deb]=dpkg [apt-get]=apt     # guest-image build: apt-get download + dpkg-deb -x, no root needed
 )
 
 missing_packages=()
@@ -32,7 +37,22 @@ if ! /usr/bin/python3 -c 'import pyvhdi' >/dev/null 2>&1; then
   missing+=(pyvhdi)
   missing_packages+=(python3-libvhdi)
 fi
-[ ${#missing[@]} -eq 0 ] && exit 0
+# UEFI firmware for generation 2 VMs that boot from their disks (no command to look for: its files).
+if [ ! -e /usr/share/OVMF/OVMF_CODE_4M.fd ] && [ ! -e /usr/share/OVMF/OVMF_CODE.fd ]; then
+  missing+=(OVMF)
+  missing_packages+=(ovmf)
+fi
+# guest-image build asks apt-cache about packages: it needs apt's package lists (a fresh image may have none).
+need_lists=0
+if ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then need_lists=1; fi
+if [ ${#missing[@]} -eq 0 ]; then
+  if [ "$need_lists" -eq 1 ] && [ "$(id -u)" -eq 0 ]; then
+    echo "install-peers: apt-get update (no package lists: the guest image build needs them)" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get -y -q -o DPkg::Lock::Timeout=600 update >/dev/null 2>&1 ||
+      echo "install-peers: apt-get update failed; guest-image build will fail with NOT_FOUND" >&2
+  fi
+  exit 0
+fi
 
 mapfile -t packages < <(printf '%s\n' "${missing_packages[@]}" | sort -u)
 loud() { echo "PEERS MISSING: ${missing[*]} — interop tests will skip ($1)" >&2; }

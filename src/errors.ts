@@ -32,7 +32,9 @@ export type ErrorCode =
   | 'UNAUTHORIZED'
   | 'BAD_STATE'
   | 'WRONG_KEY'
-  | 'REPOSITORY_CORRUPT';
+  | 'REPOSITORY_CORRUPT'
+  | 'QMP_ERROR'
+  | 'QEMU_FAILED';
 
 export class TidemarkError extends Error {
   readonly code: ErrorCode;

@@ -126,8 +126,8 @@ describe('repository objects that are symbolic links are never followed', () => 
     const before = hash(real);
     expectRefused(
       await tm(['points', 'list', '--repo', repo]),
-      6,
-      'PATH_NOT_ALLOWED',
+      4,
+      'REPOSITORY_CORRUPT',
       /config is a symbolic link; it is not followed/,
     );
     expect(hash(real)).toBe(before);

@@ -93,8 +93,20 @@ export class HostClient {
   startVm(name: string): Promise<VmSummary> {
     return this.job('POST', `/v1/vms/${enc(name)}/start`);
   }
-  stopVm(name: string): Promise<VmSummary> {
-    return this.job('POST', `/v1/vms/${enc(name)}/stop`);
+  stopVm(name: string, turnOff = false): Promise<VmSummary> {
+    return this.job('POST', `/v1/vms/${enc(name)}/stop${turnOff ? '?turnOff=true' : ''}`);
+  }
+  saveVm(name: string): Promise<VmSummary> {
+    return this.job('POST', `/v1/vms/${enc(name)}/save`);
+  }
+  pauseVm(name: string): Promise<VmSummary> {
+    return this.call('POST', `/v1/vms/${enc(name)}/pause`);
+  }
+  resumeVm(name: string): Promise<VmSummary> {
+    return this.call('POST', `/v1/vms/${enc(name)}/resume`);
+  }
+  readConsole(name: string, offset = 0, max = 65536): Promise<{ data: string; offset: number; size: number }> {
+    return this.call('GET', `/v1/vms/${enc(name)}/console?offset=${offset}&max=${max}`);
   }
   /** Update-VMVersion (the VM off): to `version`, or the host's default. */
   upgradeVm(name: string, body: UpgradeVmBody = {}): Promise<VmSummary> {

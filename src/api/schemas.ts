@@ -5,6 +5,7 @@
 import { z } from 'zod';
 import { CONFIG_VERSIONS } from '../host/config-version.js';
 import {
+  BootDefinition,
   CheckpointPolicy,
   CheckpointType,
   Consistency,
@@ -43,6 +44,18 @@ export const CreateVmBody = z
     checkpointPolicy: CheckpointPolicy.optional(),
     guest: z.string().nullable().optional(),
     disks: z.array(NewDiskBody).max(68).optional(),
+    memoryMiB: z
+      .number()
+      .int()
+      .min(16)
+      .max(1024 * 1024)
+      .optional(),
+    cpus: z.number().int().min(1).max(64).optional(),
+    scsiControllers: z.number().int().min(0).max(4).optional(),
+    boot: BootDefinition.nullable().optional(),
+    image: z.string().min(1).optional(),
+    workload: z.string().min(1).max(32).optional(),
+    accel: z.enum(['auto', 'kvm', 'tcg']).optional(),
   })
   .strict();
 

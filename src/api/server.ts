@@ -173,8 +173,34 @@ export function hostRoutes(host: Host, extra: RouteProvider[] = []): Route[] {
     {
       method: 'POST',
       path: '/v1/vms/:vm/stop',
-      summary: 'Stop a VM (job)',
-      handler: async ({ params }) => job('stop', params.vm, () => host.stopVm(params.vm)),
+      summary: 'Stop a VM: its guest shuts down (agent, ACPI, quit); ?turnOff=true pulls the plug (job)',
+      handler: async ({ params, query }) =>
+        job('stop', params.vm, () => host.stopVm(params.vm, { turnOff: query.get('turnOff') === 'true' })),
+    },
+    {
+      method: 'POST',
+      path: '/v1/vms/:vm/save',
+      summary: "Save a running VM's memory and device state and end its QEMU (Saved); start restores it (job)",
+      handler: async ({ params }) => job('save', params.vm, () => host.saveVm(params.vm)),
+    },
+    {
+      method: 'POST',
+      path: '/v1/vms/:vm/pause',
+      summary: "Pause a running VM's QEMU",
+      handler: async ({ params }) => host.pauseVm(params.vm, true),
+    },
+    {
+      method: 'POST',
+      path: '/v1/vms/:vm/resume',
+      summary: 'Resume a paused VM',
+      handler: async ({ params }) => host.pauseVm(params.vm, false),
+    },
+    {
+      method: 'GET',
+      path: '/v1/vms/:vm/console',
+      summary: "The VM's serial console log from ?offset= (at most ?max= bytes): { data, offset, size }",
+      handler: async ({ params, query }) =>
+        host.readConsole(params.vm, Number(query.get('offset') ?? 0) || 0, Number(query.get('max') ?? 65536) || 65536),
     },
     {
       method: 'GET',
@@ -391,6 +417,8 @@ const STATUS: Record<string, number> = {
   VHD_CORRUPT: 422,
   VHD_TRUNCATED: 422,
   VHD_UNSUPPORTED: 422,
+  QMP_ERROR: 502,
+  QEMU_FAILED: 502,
 };
 
 export interface ApiServerOptions {

@@ -3,16 +3,17 @@
  * files, with chunks fetched and decompressed in parallel and all-zero chunks never written (the new file
  * already reads as zeros). `restoreRegistered` makes each restored VM a new VM of a host, all or nothing.
  */
-import { chmod, copyFile, mkdir, open, rename, rm, unlink, writeFile } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
+import { chmod, copyFile, lstat, mkdir, open, rename, rm, unlink, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import type { HostClient } from '../api/client.js';
 import { TidemarkError, fromSystemError } from '../errors.js';
-import type { VmSummary } from '../host/host.js';
-import type { ImportInfo } from '../host/imports.js';
 import { createVhdx } from '../formats/vhdx/create.js';
 import { VhdxFile } from '../formats/vhdx/vhdx.js';
-import type { PointManifest, Repository, RestoreSink } from '../repository/index.js';
+import type { VmSummary } from '../host/host.js';
+import type { ImportInfo } from '../host/imports.js';
+import type { DiskEntry, PointManifest, Repository, RestoreSink, VmEntry } from '../repository/index.js';
 import { DIRECT_ALIGN, DIRECT_MIN_BYTES, DirectWriter, openDirect } from '../util/direct-io.js';
 import { writeFully } from '../util/file.js';
 
@@ -43,24 +44,70 @@ export interface RestoreSummary {
   durationMs: number;
 }
 
+/**
+ * Where each selected VM and disk of a point goes. Every name comes from a manifest, which an attacker with write
+ * access to an unencrypted repository may have forged: each is resolved against the target and must stay a single
+ * entry inside it (the manifest's validation already refuses such names; this is the second check, before any
+ * file is created).
+ */
+interface RestorePlan {
+  vm: VmEntry;
+  dir: string;
+  disks: { disk: DiskEntry; file: string }[];
+}
+
+/** `root/name` (root absolute), refused (PATH_NOT_ALLOWED) unless it is one entry directly inside root. */
+export function inside(root: string, name: string, what: string): string {
+  const p = path.resolve(root, name);
+  if (name.length === 0 || path.dirname(p) !== root || path.basename(p) !== name || name === '.' || name === '..') {
+    throw new TidemarkError('PATH_NOT_ALLOWED', `${what} "${name}" would be written outside ${root}: refused`, {
+      root,
+      name,
+    });
+  }
+  return p;
+}
+
 export async function restorePoint(repo: Repository, point: string, req: RestoreRequest): Promise<RestoreSummary> {
   const started = performance.now();
   const m = await repo.readPoint(point);
   const vms = m.vms.filter((v) => !req.vm || v.name === req.vm);
   if (vms.length === 0) throw new TidemarkError('NOT_FOUND', `restore point ${m.id} has no VM ${req.vm}`);
   const format = req.format ?? 'vhdx';
-  const out: RestoredDisk[] = [];
+  const to = path.resolve(req.to);
+  const plan: RestorePlan[] = [];
   for (const vm of vms) {
     const disks = vm.disks.filter((d) => !req.disk || d.diskId === req.disk || d.name === req.disk);
     if (disks.length === 0) continue;
-    const dir = path.join(req.to, vm.name);
-    await mkdir(dir, { recursive: true });
-    await writeFile(path.join(dir, 'vm.json'), JSON.stringify(vm.definition, null, 2) + '\n');
-    for (const d of disks) {
-      out.push(await restoreDiskTo(repo, m, vm.name, d, path.join(dir, `${d.name}.${format}`), format, req));
+    const dir = inside(to, vm.name, `restore point ${m.id}: VM`);
+    plan.push({
+      vm,
+      dir,
+      disks: disks.map((d) => ({ disk: d, file: inside(dir, `${d.name}.${format}`, `restore point ${m.id}: disk`) })),
+    });
+  }
+  if (plan.length === 0) throw new TidemarkError('NOT_FOUND', `restore point ${m.id} has no disk ${req.disk}`);
+  // Every disk's index read and checked against the disk (one at a time: an index can be large) before a file is
+  // created: a disk claiming more than its index holds, or an index that cannot be read, fails with nothing written.
+  for (const p of plan) {
+    for (const { disk } of p.disks) {
+      if (format === 'vhdx' && (disk.virtualSize === 0 || disk.virtualSize % disk.logicalSectorSize !== 0)) {
+        throw new TidemarkError(
+          'INVALID_ARGUMENT',
+          `disk ${p.vm.name}/${disk.name} of restore point ${m.id} has ${disk.virtualSize} bytes, not a whole number of ${disk.logicalSectorSize}-byte sectors: restore it with --format raw`,
+        );
+      }
+      await repo.readIndex(disk.index);
     }
   }
-  if (out.length === 0) throw new TidemarkError('NOT_FOUND', `restore point ${m.id} has no disk ${req.disk}`);
+
+  await mkdir(to, { recursive: true });
+  const out: RestoredDisk[] = [];
+  for (const { vm, dir, disks } of plan) {
+    await makeDirectory(dir);
+    await writeDefinition(dir, vm.definition);
+    for (const { disk: d, file } of disks) out.push(await restoreDiskTo(repo, m, vm.name, d, file, format, req));
+  }
   return { pointId: m.id, time: m.time, disks: out, durationMs: performance.now() - started };
 }
 
@@ -90,8 +137,12 @@ async function restoreDiskTo(
       onProgress: progress,
     });
     bytes = r.bytesWritten;
-  } finally {
     await sink.close();
+  } catch (err) {
+    // A disk that did not restore whole is not left to look like one: the file was ours (created exclusively).
+    await sink.close().catch(() => undefined);
+    await unlink(file).catch(() => undefined);
+    throw err;
   }
   return {
     vm,
@@ -171,7 +222,8 @@ export async function restoreRegistered(
     for (const p of plans) reserved.push(await host.reserveImport({ name: p.name, owner }));
     for (const [i, p] of plans.entries()) {
       const into = reserved[i].disksDir;
-      const staging = req.to === undefined ? undefined : path.join(req.to, p.vm.name);
+      const staging =
+        req.to === undefined ? undefined : inside(path.resolve(req.to), p.vm.name, `restore point ${m.id}: VM`);
       if (staging) {
         const made = await mkdir(staging, { recursive: true });
         if (made) createdDirs.push(made);
@@ -182,8 +234,8 @@ export async function restoreRegistered(
         created.push(defFile);
       }
       for (const d of p.disks) {
-        const final = path.join(into, `${d.name}.vhdx`);
-        const first = staging ? path.join(staging, `${d.name}.vhdx`) : final;
+        const final = inside(into, `${d.name}.vhdx`, `restore point ${m.id}: disk`);
+        const first = staging ? inside(staging, `${d.name}.vhdx`, `restore point ${m.id}: disk`) : final;
         const r = await restoreDiskTo(repo, m, p.vm.name, d, first, 'vhdx', req, created);
         await chmod(first, 0o600);
         if (first !== final) {
@@ -247,6 +299,32 @@ async function move(from: string, to: string): Promise<void> {
   }
 }
 
+/** A VM's directory in the target: created, or one that exists as a real directory (never through a symlink). */
+async function makeDirectory(dir: string): Promise<void> {
+  try {
+    await mkdir(dir);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw fromSystemError(err, 'create directory', dir);
+    const st = await lstat(dir);
+    if (!st.isDirectory()) {
+      throw new TidemarkError('ALREADY_EXISTS', `cannot restore into ${dir}: it exists and is not a directory`);
+    }
+  }
+}
+
+/** vm.json: written to a new file and renamed into place, so an existing symlink there is replaced, not followed. */
+async function writeDefinition(dir: string, definition: unknown): Promise<void> {
+  const file = path.join(dir, 'vm.json');
+  const tmp = path.join(dir, `.vm.json.${randomBytes(6).toString('hex')}.tmp`);
+  try {
+    await writeFile(tmp, JSON.stringify(definition, null, 2) + '\n', { flag: 'wx' });
+    await rename(tmp, file);
+  } catch (err) {
+    await unlink(tmp).catch(() => undefined);
+    throw fromSystemError(err, 'write', file);
+  }
+}
+
 type ClosableSink = RestoreSink & { close(): Promise<void> };
 
 /**
@@ -262,7 +340,14 @@ async function rawSink(file: string, size: number): Promise<ClosableSink> {
   } catch (err) {
     throw fromSystemError(err, 'create', file);
   }
-  await fh.truncate(size);
+  try {
+    await fh.truncate(size);
+  } catch (err) {
+    // Larger than the file system takes: the file was ours, created just now.
+    await fh.close();
+    await unlink(file).catch(() => undefined);
+    throw fromSystemError(err, 'size', file);
+  }
   const direct = await openDirect(file).catch(() => null);
   const memory = new DirectWriter(path.dirname(file));
   const spare: Buffer[] = [];

@@ -11,7 +11,8 @@ import { CONFIG_VERSIONS, DEFAULT_CONFIG_VERSION } from '../host/config-version.
 import { describeOwner, OWNER_NAME, type ReferencePointOwner } from '../host/definition.js';
 import type { NewDisk } from '../host/host.js';
 import { HostLog } from '../host/log.js';
-import { formatSize } from '../util/size.js';
+import { isLoopback } from '../nbd/index.js';
+import { formatSize, parseSize } from '../util/size.js';
 import { printJson, println } from './output.js';
 
 type Run = (fn: () => Promise<number | void>) => Promise<void>;
@@ -50,22 +51,44 @@ export function hostCommand(run: Run): Command {
   return new Command('host')
     .description('run the host: VM store, NBD exports of running VMs, checkpoints, management API')
     .requiredOption('--store <dir>', 'the store directory (created if missing)')
-    .option('--socket <path>', 'NBD unix socket (default STORE/nbd.sock)')
+    .option('--socket <path>', 'NBD unix socket, created mode 0600 (default STORE/nbd.sock)')
     .option('--nbd-port <n>', 'serve NBD on loopback TCP instead')
-    .option('--nbd-bind <addr>', 'address for --nbd-port', '127.0.0.1')
+    .option('--nbd-bind <addr>', 'address for --nbd-port (anything but loopback serves the disks without TLS: warned)')
     .option('--api-port <n>', 'serve the API on loopback TCP instead of STORE/api.sock')
     .option(
       '--allow-disk-dir <dir>',
       'a directory VM disks may be attached from, besides the store (repeatable; give them at every start)',
       collect,
     )
+    .option(
+      '--accel <a>',
+      'how VMs run: auto (KVM when /dev/kvm opens and the CPU has vmx/svm, else TCG) | kvm | tcg',
+      'auto',
+    )
+    .option('--qemu <path>', 'the QEMU binary (default qemu-system-x86_64)')
+    .option(
+      '--reconnect-delay <s>',
+      "seconds a guest's disk I/O waits for the host to come back (NBD reconnect-delay)",
+      '60',
+    )
     .action((o) =>
       run(async () => {
+        if (!['auto', 'kvm', 'tcg'].includes(o.accel)) {
+          throw new TidemarkError('INVALID_ARGUMENT', `--accel must be auto, kvm or tcg, not "${o.accel}"`);
+        }
+        const reconnectDelay = Number(o.reconnectDelay);
+        if (!Number.isInteger(reconnectDelay) || reconnectDelay < 0 || reconnectDelay > 3600) {
+          throw new TidemarkError(
+            'INVALID_ARGUMENT',
+            `--reconnect-delay must be 0–3600 seconds, not "${o.reconnectDelay}"`,
+          );
+        }
         // Loaded here: the other commands of this module are API clients and need none of the host's stack.
         const { startHost } = await import('../host/daemon.js');
         const running = await startHost({
+          qemu: { accel: o.accel, binary: o.qemu, reconnectDelay },
           store: o.store,
-          nbd: o.nbdPort !== undefined ? { port: Number(o.nbdPort), host: o.nbdBind } : { socket: o.socket },
+          nbd: nbdListen(o),
           apiPort: o.apiPort !== undefined ? Number(o.apiPort) : undefined,
           allowDiskDirs: ((o.allowDiskDir as string[] | undefined) ?? []).map((d) => path.resolve(d)),
           log: new HostLog(),
@@ -82,6 +105,31 @@ export function hostCommand(run: Run): Command {
     );
 }
 
+/** The host's NBD listener from its options: a unix socket, or TCP on loopback unless --nbd-bind says otherwise. */
+function nbdListen(o: { socket?: string; nbdPort?: string; nbdBind?: string }): {
+  socket?: string;
+  port?: number;
+  host?: string;
+} {
+  if (o.nbdPort === undefined) {
+    if (o.nbdBind !== undefined) throw new TidemarkError('INVALID_ARGUMENT', '--nbd-bind needs --nbd-port');
+    return { socket: o.socket };
+  }
+  if (o.socket !== undefined)
+    throw new TidemarkError('INVALID_ARGUMENT', '--socket cannot be combined with --nbd-port');
+  const port = Number(o.nbdPort);
+  if (!/^\d+$/.test(o.nbdPort) || port > 65535) {
+    throw new TidemarkError('INVALID_ARGUMENT', `--nbd-port ${o.nbdPort} is not a TCP port`);
+  }
+  const host = o.nbdBind ?? '127.0.0.1';
+  if (!isLoopback(host)) {
+    process.stderr.write(
+      `tidemark: warning: serving NBD without TLS on ${host}: anyone who can reach it can read and write the VMs' disks (the host's NBD has no TLS: keep it on loopback or the unix socket)\n`,
+    );
+  }
+  return { port, host };
+}
+
 export function vmCommand(run: Run): Command {
   const vm = new Command('vm').description('virtual machines of a running host');
   vm.command('create')
@@ -94,11 +142,41 @@ export function vmCommand(run: Run): Command {
     )
     .option('--generation <n>', '1 or 2', '2')
     .option('--checkpoint-policy <p>', 'production-fallback | production-only | standard-only | disabled')
-    .option('--guest <address>', 'the guest-agent channel, unix:PATH')
+    .option('--guest <address>', 'the guest-agent channel, unix:PATH (default: wired automatically when QEMU runs it)')
+    .option(
+      '--image <dir>',
+      'boot the guest image in DIR (tidemark guest-image build): its vmlinux, initrd.img, command line',
+    )
+    .option('--workload <w>', 'with --image: sqlite | shell | none (default sqlite)')
+    .option('--kernel <file>', 'boot this kernel directly (instead of --image)')
+    .option('--initrd <file>', 'with --kernel: its initrd')
+    .option('--append <cmdline>', 'with --kernel: its command line')
+    .option('--firmware', 'boot from the disks through the firmware (BIOS; UEFI for generation 2)')
+    .option('--memory <size>', 'memory, e.g. 512M or 2G (default 512M)')
+    .option('--cpus <n>', 'virtual CPUs (default 1)')
+    .option('--scsi-controllers <n>', 'SCSI controllers, 0–4 (default 1 for generation 2, 0 for generation 1)')
+    .option('--accel <a>', "auto | kvm | tcg (default: the host's --accel)")
     .option(...storeOption)
     .option('--json', 'print JSON')
     .action((name: string, o) =>
       run(async () => {
+        const bootSources = [o.image, o.kernel, o.firmware].filter((x) => x !== undefined && x !== false).length;
+        if (bootSources > 1)
+          throw new TidemarkError('INVALID_ARGUMENT', 'give one of --image, --kernel and --firmware');
+        if ((o.initrd !== undefined || o.append !== undefined) && o.kernel === undefined) {
+          throw new TidemarkError('INVALID_ARGUMENT', '--initrd and --append go with --kernel');
+        }
+        const boot =
+          o.kernel !== undefined
+            ? {
+                kind: 'kernel' as const,
+                kernel: path.resolve(o.kernel),
+                initrd: o.initrd ? path.resolve(o.initrd) : null,
+                append: o.append ?? null,
+              }
+            : o.firmware
+              ? { kind: 'firmware' as const }
+              : undefined;
         const disks = [
           ...((o.disk as string[] | undefined) ?? []).map((s) => parseDisk(s, 'path')),
           ...((o.newDisk as string[] | undefined) ?? []).map((s) => parseDisk(s, 'size')),
@@ -111,9 +189,22 @@ export function vmCommand(run: Run): Command {
           generation: Number(o.generation) as 1 | 2,
           checkpointPolicy: o.checkpointPolicy,
           guest: o.guest,
+          image: o.image === undefined ? undefined : path.resolve(o.image),
+          workload: o.workload,
+          boot,
+          memoryMiB: o.memory === undefined ? undefined : mebibytes(o.memory),
+          cpus: o.cpus === undefined ? undefined : intOption('--cpus', o.cpus),
+          scsiControllers:
+            o.scsiControllers === undefined ? undefined : intOption('--scsi-controllers', o.scsiControllers),
+          accel: o.accel,
         });
         if (o.json) printJson(r);
-        else println(`created ${r.name} (${r.id}) with ${r.disks.length} disk(s)`);
+        else {
+          println(`created ${r.name} (${r.id}) with ${r.disks.length} disk(s)`);
+          println(
+            `  ${r.memoryMiB} MiB, ${r.cpus} vCPU(s), ${r.scsiControllers} SCSI controller(s), boot ${describeBoot(r.boot)}`,
+          );
+        }
       }),
     );
   vm.command('list')
@@ -141,6 +232,14 @@ export function vmCommand(run: Run): Command {
         if (o.json) return printJson(v);
         println(`${v.name} (${v.id}): ${v.state}, generation ${v.generation}, configuration ${v.configVersion}`);
         println(`checkpoint policy ${v.checkpointPolicy}; guest ${v.guest ?? 'none'}`);
+        println(
+          `${v.memoryMiB} MiB, ${v.cpus} vCPU(s), ${v.scsiControllers} SCSI controller(s), boot ${describeBoot(v.boot)}`,
+        );
+        if (v.qemu?.pid)
+          println(
+            `QEMU pid ${v.qemu.pid} (${v.qemu.accel}: ${v.qemu.accelReason}); QMP ${v.qemu.qmp}; console ${v.qemu.console}`,
+          );
+        if (v.lastExit) println(`last exit ${v.lastExit.at}: ${v.lastExit.reason} (${v.lastExit.detail})`);
         if (v.lease) {
           println(
             `leased by run ${v.lease.owner.runId} ("${v.lease.owner.command}", pid ${v.lease.owner.pid} on ${v.lease.owner.hostname}) since ${v.lease.acquiredAt}${v.lease.expiresAt ? `, expires ${v.lease.expiresAt} unless renewed` : ''}`,
@@ -148,27 +247,104 @@ export function vmCommand(run: Run): Command {
         }
         for (const d of v.disks) {
           println(
-            `  ${d.slot}: ${d.head}${d.head !== d.base ? ` (base ${d.base})` : ''} id ${d.virtualDiskId} tracking ${d.tracking}${d.export ? ` export ${d.export}` : ''}`,
+            `  ${d.slot}: ${d.head}${d.head !== d.base ? ` (base ${d.base})` : ''} id ${d.virtualDiskId} tracking ${d.tracking}${d.nbdUri ? ` ${d.nbdUri}` : ''}`,
           );
         }
         println(`${v.checkpoints} checkpoint(s), ${v.referencePoints} reference point(s)`);
       }),
     );
-  for (const verb of ['start', 'stop'] as const) {
-    vm.command(verb)
-      .argument('<name>')
+  const verbs = {
+    start: 'start: launch QEMU when the VM has a boot source (restoring a saved state), else export its disks over NBD',
+    stop: "stop: the guest shuts down (guest agent, then ACPI, then quit); the disks' exports close",
+    save: "save: the VM's memory and device state to its folder, QEMU ends (Saved); start restores it",
+    pause: 'pause the running guest',
+    resume: 'resume a paused guest',
+  } as const;
+  for (const verb of Object.keys(verbs) as (keyof typeof verbs)[]) {
+    const cmd = vm.command(verb).description(verbs[verb]).argument('<name>');
+    if (verb === 'stop') cmd.option('--turn-off', 'pull the plug: QEMU quits at once, the guest does not shut down');
+    cmd
       .option(...storeOption)
       .option('--json', 'print JSON')
       .action((name: string, o) =>
         run(async () => {
           const c = await client(o);
-          const v = verb === 'start' ? await c.startVm(name) : await c.stopVm(name);
+          const v =
+            verb === 'start'
+              ? await c.startVm(name)
+              : verb === 'stop'
+                ? await c.stopVm(name, !!o.turnOff)
+                : verb === 'save'
+                  ? await c.saveVm(name)
+                  : verb === 'pause'
+                    ? await c.pauseVm(name)
+                    : await c.resumeVm(name);
           if (o.json) return printJson(v);
           println(`${v.name}: ${v.state}`);
-          for (const d of v.disks) if (d.export) println(`  ${d.slot}: nbd export ${d.export}`);
+          if (v.qemu?.pid)
+            println(`  QEMU pid ${v.qemu.pid} (${v.qemu.accel}); console: tidemark vm console ${v.name}`);
+          for (const d of v.disks) if (d.nbdUri) println(`  ${d.slot}: ${d.nbdUri}`);
         }),
       );
   }
+  vm.command('console')
+    .description("the VM's serial console log (follows it until Ctrl-C unless --no-follow)")
+    .argument('<name>')
+    .option('--no-follow', 'print what is there and exit')
+    .option('--tail <bytes>', 'start this many bytes before the end')
+    .option(...storeOption)
+    .action((name: string, o) =>
+      run(async () => {
+        const c = await client(o);
+        let offset = 0;
+        if (o.tail !== undefined)
+          offset = Math.max(0, (await c.readConsole(name, 0, 0)).size - intOption('--tail', o.tail));
+        let stop = false;
+        process.once('SIGINT', () => (stop = true));
+        for (;;) {
+          const r = await c.readConsole(name, offset, 1 << 20);
+          if (r.data) process.stdout.write(r.data);
+          offset = r.offset;
+          if (r.offset < r.size) continue;
+          if (!o.follow || stop) return;
+          await new Promise((res) => setTimeout(res, 250));
+          if (stop) return;
+        }
+      }),
+    );
+  const disk = vm.command('disk').description("a VM's disks: SCSI disks hot-plug while it runs; IDE needs it off");
+  disk
+    .command('attach')
+    .argument('<name>')
+    .argument('<slot>', 'e.g. scsi0-1')
+    .argument('[path]', 'an existing VHDX')
+    .option('--size <size>', 'a new dynamic VHDX of this size instead')
+    .option(...storeOption)
+    .option('--json', 'print JSON')
+    .action((name: string, slot: string, file: string | undefined, o) =>
+      run(async () => {
+        if ((file === undefined) === (o.size === undefined))
+          throw new TidemarkError('INVALID_ARGUMENT', 'give a PATH or --size');
+        const d: NewDisk = file !== undefined ? { slot, path: path.resolve(file) } : { slot, size: o.size };
+        const v = await (await client(o)).modifyVm(name, { attach: [d] });
+        if (o.json) return printJson(v);
+        const a = v.disks.find((x) => x.slot === slot);
+        println(`${name}: attached ${slot}${v.qemu?.pid ? ' (hot-plugged)' : ''}${a?.nbdUri ? ` ${a.nbdUri}` : ''}`);
+      }),
+    );
+  disk
+    .command('detach')
+    .argument('<name>')
+    .argument('<slot>')
+    .option(...storeOption)
+    .option('--json', 'print JSON')
+    .action((name: string, slot: string, o) =>
+      run(async () => {
+        const v = await (await client(o)).modifyVm(name, { detach: [slot] });
+        if (o.json) return printJson(v);
+        println(`${name}: detached ${slot}${v.qemu?.pid ? ' (hot-unplugged)' : ''}`);
+      }),
+    );
   vm.command('set')
     .argument('<name>')
     .option('--checkpoint-policy <p>', 'production-fallback | production-only | standard-only | disabled')
@@ -378,6 +554,22 @@ export function diskCommand(run: Run): Command {
       }),
     );
   return disk;
+}
+
+function describeBoot(b: { kind: 'kernel'; kernel: string } | { kind: 'firmware' } | null): string {
+  if (!b) return 'none (vm start exports the disks only)';
+  return b.kind === 'kernel' ? `kernel ${b.kernel}` : 'firmware';
+}
+
+function mebibytes(v: string): number {
+  const bytes = /^\d+$/.test(v) ? Number(v) * 2 ** 20 : parseSize(v);
+  if (bytes % 2 ** 20 !== 0) throw new TidemarkError('INVALID_ARGUMENT', `--memory must be whole MiB, not ${v}`);
+  return bytes / 2 ** 20;
+}
+
+function intOption(name: string, v: string): number {
+  if (!/^\d+$/.test(v)) throw new TidemarkError('INVALID_ARGUMENT', `${name} must be a whole number, not "${v}"`);
+  return Number(v);
 }
 
 function ms(v: number | null): string {

@@ -16,6 +16,7 @@ const COMMANDS: Record<string, (run: Run) => Promise<Command[]>> = {
   nbd: async (run) => [(await import('./nbd.js')).nbdCommand(run)],
   demo: async (run) => [(await import('./demo.js')).demoCommand(run)],
   'guest-agent': async (run) => [(await import('./guest-agent.js')).guestAgentCommand(run)],
+  'guest-image': async (run) => [(await import('./guest-image.js')).guestImageCommand(run)],
   host: async (run) => [(await import('./host.js')).hostCommand(run)],
   vm: async (run) => [(await import('./host.js')).vmCommand(run)],
   checkpoint: async (run) => [(await import('./host.js')).checkpointCommand(run)],
@@ -73,10 +74,12 @@ export async function main(argv: string[]): Promise<number> {
       write(`tidemark: INVALID_ARGUMENT: ${s.replace(/^error: /, '').trim()} (see --help)\n`),
   };
   program.configureOutput(output).showHelpAfterError(false);
-  for (const c of program.commands) {
+  // Every level (`repo key export` is three deep).
+  const configure = (c: Command): void => {
     c.exitOverride().configureOutput(output);
-    for (const sub of c.commands) sub.exitOverride().configureOutput(output);
-  }
+    for (const sub of c.commands) configure(sub);
+  };
+  for (const c of program.commands) configure(c);
   try {
     await program.parseAsync(argv, { from: 'user' });
   } catch (err) {

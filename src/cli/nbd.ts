@@ -1,9 +1,20 @@
-/** `tidemark nbd serve`: serve VHDX disks to NBD clients until SIGINT or SIGTERM. */
+/**
+ * `tidemark nbd serve`: serve VHDX disks to NBD clients until SIGINT or SIGTERM. Safe by default: a
+ * unix socket is created 0600, TCP binds loopback, and a non-loopback `--bind` without TLS warns.
+ */
 import path from 'node:path';
 import { Command } from 'commander';
 import { openVirtualDisk, type VirtualDisk } from '../disk/virtual-disk.js';
 import { InvalidArgumentError } from '../errors.js';
-import { NbdServer, type NbdAddress } from '../nbd/index.js';
+import {
+  DEFAULT_LIMITS,
+  isLoopback,
+  NbdServer,
+  TlsCredentials,
+  type NbdAddress,
+  type NbdServerOptions,
+} from '../nbd/index.js';
+import { formatSize, parseSize } from '../util/size.js';
 import { printJson, println } from './output.js';
 
 type Run = (fn: () => Promise<number | void>) => Promise<void>;
@@ -18,6 +29,14 @@ interface ServeOptions {
   allowDir?: string[];
   map?: string[];
   json?: boolean;
+  tls?: string;
+  tlsDir?: string;
+  maxConnections?: string;
+  memory?: string;
+  connectionMemory?: string;
+  handshakeTimeout?: string;
+  stallTimeout?: string;
+  idleTimeout?: string;
 }
 
 function collect(value: string, previous: string[] = []): string[] {
@@ -42,6 +61,35 @@ export function nbdCommand(run: Run): Command {
       collect,
     )
     .option('--map <prefix=dir>', 'map a Windows drive, volume or share to a directory (repeatable)', collect)
+    .option(
+      '--tls <mode>',
+      'require: every client must start TLS and present a certificate signed by the CA; off (default: require with --tls-dir)',
+    )
+    .option(
+      '--tls-dir <dir>',
+      'TLS credentials: ca-cert.pem, server-cert.pem, server-key.pem (QEMU tls-creds-x509 layout)',
+    )
+    .option('--max-connections <n>', `connections at once (default ${DEFAULT_LIMITS.maxConnections})`)
+    .option(
+      '--memory <size>',
+      `memory for all connections' requests and replies (default ${formatSize(DEFAULT_LIMITS.maxMemory)})`,
+    )
+    .option(
+      '--connection-memory <size>',
+      `memory of one connection (default ${formatSize(DEFAULT_LIMITS.maxConnectionMemory)})`,
+    )
+    .option(
+      '--handshake-timeout <s>',
+      `seconds to finish negotiating (default ${DEFAULT_LIMITS.handshakeTimeoutMs / 1000})`,
+    )
+    .option(
+      '--stall-timeout <s>',
+      `seconds a client may leave a write payload unfinished or its replies unread (default ${DEFAULT_LIMITS.stallTimeoutMs / 1000})`,
+    )
+    .option(
+      '--idle-timeout <s>',
+      `seconds idle after which a connection is closed when the server is near its connection limit; 0: never (default ${DEFAULT_LIMITS.idleTimeoutMs / 1000})`,
+    )
     .option('--json', 'print the exports as JSON')
     .action((disks: string[], o: ServeOptions) => run(() => serve(disks, o)));
   return nbd;
@@ -60,6 +108,50 @@ function listenOptions(o: ServeOptions): { socket?: string; port?: number; host?
     if (!/^\d+$/.test(o.port) || port > 65535) throw new InvalidArgumentError(`--port ${o.port} is not a TCP port`);
   }
   return { port, host: o.bind ?? '127.0.0.1' };
+}
+
+/** The server's limits and TLS from the options (loads the credentials). */
+async function serverOptions(o: ServeOptions): Promise<NbdServerOptions> {
+  const mode = o.tls ?? (o.tlsDir !== undefined ? 'require' : 'off');
+  if (mode !== 'require' && mode !== 'off') throw new InvalidArgumentError(`--tls ${o.tls}: expected require or off`);
+  if (mode === 'require' && o.tlsDir === undefined) {
+    throw new InvalidArgumentError('--tls require needs --tls-dir DIR (ca-cert.pem, server-cert.pem, server-key.pem)');
+  }
+  if (mode === 'off' && o.tlsDir !== undefined)
+    throw new InvalidArgumentError('--tls off cannot be combined with --tls-dir');
+  const opts: NbdServerOptions = {};
+  if (o.maxConnections !== undefined) opts.maxConnections = count(o.maxConnections, '--max-connections');
+  if (o.memory !== undefined) opts.maxMemory = positiveSize(o.memory, '--memory');
+  if (o.connectionMemory !== undefined)
+    opts.maxConnectionMemory = positiveSize(o.connectionMemory, '--connection-memory');
+  if (o.handshakeTimeout !== undefined) opts.handshakeTimeoutMs = seconds(o.handshakeTimeout, '--handshake-timeout');
+  if (o.stallTimeout !== undefined) opts.stallTimeoutMs = seconds(o.stallTimeout, '--stall-timeout');
+  if (o.idleTimeout !== undefined) opts.idleTimeoutMs = seconds(o.idleTimeout, '--idle-timeout', true);
+  if (mode === 'require') opts.tls = await TlsCredentials.load(o.tlsDir!);
+  return opts;
+}
+
+function count(text: string, what: string): number {
+  const n = Number(text);
+  if (!/^\d+$/.test(text) || n < 1 || !Number.isSafeInteger(n)) {
+    throw new InvalidArgumentError(`${what} ${text}: expected a whole number ≥ 1`);
+  }
+  return n;
+}
+
+function positiveSize(text: string, what: string): number {
+  const n = parseSize(text, what);
+  if (n < 1) throw new InvalidArgumentError(`${what} ${text}: expected a size above 0`);
+  return n;
+}
+
+/** Seconds (decimals allowed) as whole milliseconds. */
+function seconds(text: string, what: string, zeroAllowed = false): number {
+  const ms = Math.round(Number(text) * 1000);
+  if (!/^\d+(\.\d+)?$/.test(text) || !Number.isSafeInteger(ms) || ms < (zeroAllowed ? 0 : 1)) {
+    throw new InvalidArgumentError(`${what} ${text}: expected a number of seconds${zeroAllowed ? '' : ' above 0'}`);
+  }
+  return ms;
 }
 
 function exportNames(disks: string[]): string[] {
@@ -104,9 +196,15 @@ function untilSignal(): { stopped: Promise<string>; dispose: () => void } {
 async function serve(disks: string[], o: ServeOptions): Promise<number> {
   const where = listenOptions(o);
   const names = exportNames(disks);
+  const serverOpts = await serverOptions(o);
+  if (where.host !== undefined && !isLoopback(where.host) && !serverOpts.tls) {
+    process.stderr.write(
+      `tidemark: warning: serving NBD without TLS on ${where.host}: anyone who can reach it can read and write these disks (use --tls-dir, or loopback, or a unix socket)\n`,
+    );
+  }
   const signal = untilSignal();
   const opened: VirtualDisk[] = [];
-  const server = new NbdServer();
+  const server = new NbdServer(serverOpts);
   try {
     for (const disk of disks) {
       opened.push(await openVirtualDisk(disk, { readOnly: !!o.readOnly, ...openOptions(o, disk) }));
@@ -120,7 +218,7 @@ async function serve(disks: string[], o: ServeOptions): Promise<number> {
       size: d.size,
       readOnly: d.readOnly,
     }));
-    if (o.json) printJson({ address, exports });
+    if (o.json) printJson({ address, tls: serverOpts.tls !== undefined, exports });
     else for (const e of exports) println(`${e.name}\t${e.uri}`);
     process.stderr.write(`tidemark: serving ${exports.length} export(s); SIGINT or SIGTERM stops\n`);
     const sig = await signal.stopped;

@@ -47,6 +47,8 @@ const EXIT_BY_CODE: Record<ErrorCode, number> = {
   BAD_STATE: EXIT.REFUSED,
   WRONG_KEY: EXIT.REFUSED,
   REPOSITORY_CORRUPT: EXIT.CORRUPT,
+  QMP_ERROR: EXIT.FAILED,
+  QEMU_FAILED: EXIT.FAILED,
 };
 
 export function exitCodeFor(err: unknown): number {

@@ -4,7 +4,12 @@
  * guest workload writing to every disk over NBD, runs a full backup set (2016 flow: one storage snapshot),
  * lets the guests write more, runs an incremental, restores the latest point and verifies every disk byte
  * for byte against what the guests had written at the checkpoint, then prints the summaries.
+ * With `--real-guest`, a fourth VM is a real Linux guest (the guest image, under QEMU) whose sqlite workload
+ * is backed up application-consistently through qemu-ga; its restored disk is checked with `e2fsck -fn`.
  */
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
+import { buildGuestImage } from '../guest-image/index.js';
 import { createHash } from 'node:crypto';
 import { mkdir, mkdtemp, readFile } from 'node:fs/promises';
 import os from 'node:os';
@@ -44,7 +49,9 @@ export function quickstartCommand(run: Run): Command {
     .description('the whole product on embedded defaults: VMs, live guests, full + incremental backup, restore, verify')
     .argument('[dir]', 'the folder to work in (default: a new temporary folder)')
     .option('--json', 'print the results as JSON')
-    .action((dirArg: string | undefined, o: { json?: boolean }) =>
+    .option('--real-guest', 'also boot a real Linux guest (the guest image, under QEMU) and back it up')
+    .option('--image <dir>', 'with --real-guest: the guest image to boot (default: build or reuse the cached one)')
+    .action((dirArg: string | undefined, o: { json?: boolean; realGuest?: boolean; image?: string }) =>
       run(async () => {
         const dir = dirArg ? path.resolve(dirArg) : await mkdtemp(path.join(os.tmpdir(), 'tidemark-quickstart-'));
         await mkdir(dir, { recursive: true });
@@ -57,8 +64,12 @@ export function quickstartCommand(run: Run): Command {
         const host = await startHost({ store, nbd: { socket }, log: HostLog.silent() });
         const guests: { vm: string; slot: string; nbd: NbdClient; w: Workload }[] = [];
         let repo: Repository | undefined;
+        let realGuest: string | undefined;
+        const api = await HostClient.connect({ store }).catch(async (err) => {
+          await host.close();
+          throw err;
+        });
         try {
-          const api = await HostClient.connect({ store });
           let seed = 1;
           for (const vm of SAMPLE_VMS) {
             if ((await api.listVms()).some((v) => v.name === vm.name)) {
@@ -75,6 +86,10 @@ export function quickstartCommand(run: Run): Command {
               `created and started ${vm.name}: ${started.disks.map((d) => `${d.slot} ${formatSize(d.virtualSize)} (nbd export ${d.export})`).join(', ')}`,
             );
           }
+          if (o.realGuest) {
+            realGuest = REAL_GUEST;
+            await startRealGuest(api, o.image, say);
+          }
           repo = await Repository.init(repoPath, {});
           say(`repository initialised (chunks of ${formatSize((await repo.info()).chunkSize)}, zstd)`);
 
@@ -86,7 +101,7 @@ export function quickstartCommand(run: Run): Command {
           await write(600);
           say(`guests wrote ${formatSize(guests.reduce((s, g) => s + g.w.bytesWritten, 0))} through NBD`);
           const bars = progressBars(!o.json && process.stderr.isTTY === true);
-          const vms = SAMPLE_VMS.map((v) => v.name);
+          const vms = [...SAMPLE_VMS.map((v) => v.name), ...(realGuest ? [realGuest] : [])];
           const full = await runBackupSet({
             host: api,
             repo,
@@ -114,6 +129,10 @@ export function quickstartCommand(run: Run): Command {
           });
           const checks: { vm: string; slot: string; file: string; sha256: string; equal: boolean }[] = [];
           for (const d of restored.disks) {
+            if (d.vm === realGuest) {
+              checks.push(await checkRealGuestDisk(d.vm, d.slot, d.file));
+              continue;
+            }
             const i = guests.findIndex((g) => g.vm === d.vm && g.slot === d.slot);
             const img = await readFile(d.file);
             const want = Buffer.alloc(d.virtualSize);
@@ -125,7 +144,9 @@ export function quickstartCommand(run: Run): Command {
           say(`restored ${incremental.pointId} in ${(restored.durationMs / 1000).toFixed(1)} s:`);
           for (const c of checks)
             say(
-              `  ${c.vm} ${c.slot}: ${c.equal ? 'identical' : 'DIFFERENT'} to what the guest had written (sha256 ${c.sha256.slice(0, 16)})`,
+              c.vm === realGuest
+                ? `  ${c.vm} ${c.slot}: ${c.equal ? 'a clean ext4 file system (e2fsck -fn)' : 'FAILED e2fsck -fn'} (sha256 ${c.sha256.slice(0, 16)})`
+                : `  ${c.vm} ${c.slot}: ${c.equal ? 'identical' : 'DIFFERENT'} to what the guest had written (sha256 ${c.sha256.slice(0, 16)})`,
             );
           if (o.json) printJson({ dir, full, incremental, restore: restored, checks, verified: allEqual });
           else
@@ -136,10 +157,69 @@ export function quickstartCommand(run: Run): Command {
             );
           return allEqual ? EXIT.OK : EXIT.FAILED;
         } finally {
+          // The real guest shuts down cleanly (its QEMU would otherwise outlive the host, as designed).
+          if (realGuest) await api.stopVm(realGuest).catch(() => api.stopVm(realGuest!, true).catch(() => undefined));
           for (const g of guests) await g.nbd.close().catch(() => undefined);
           await repo?.close();
           await host.close();
         }
       }),
     );
+}
+
+const REAL_GUEST = 'linux01';
+const execFileP = promisify(execFile);
+
+/** Boots the guest image with the sqlite workload on a new data disk and waits until it counts. */
+async function startRealGuest(api: HostClient, image: string | undefined, say: (line: string) => void): Promise<void> {
+  const built = await buildGuestImage({
+    outDir: image ? path.resolve(image) : undefined,
+    log: (line) => process.stderr.write(`guest-image: ${line}\n`),
+  });
+  await api.createVm({
+    name: REAL_GUEST,
+    image: built.dir,
+    workload: 'sqlite',
+    memoryMiB: 256,
+    disks: [{ slot: 'scsi0-0', size: 256 * MiB }],
+  });
+  const t0 = performance.now();
+  const v = await api.startVm(REAL_GUEST);
+  say(
+    `started ${REAL_GUEST}: a real Linux guest (QEMU pid ${v.qemu?.pid}, ${v.qemu?.accel}), data disk ${v.disks[0].nbdUri}`,
+  );
+  const deadline = Date.now() + 300_000;
+  for (;;) {
+    const text = (await api.readConsole(REAL_GUEST, 0, 1 << 20)).data;
+    const counts = [...text.matchAll(/tidemark-wl boot=\d+ n=(\d+)/g)];
+    if (counts.length >= 3) {
+      say(
+        `${REAL_GUEST} boots in ${((performance.now() - t0) / 1000).toFixed(1)} s; its sqlite workload counts (n=${counts.at(-1)![1]})`,
+      );
+      return;
+    }
+    if (Date.now() > deadline)
+      throw new TidemarkError('TIMEOUT', `${REAL_GUEST} did not start its workload within 5 minutes`);
+    await new Promise((r) => setTimeout(r, 500));
+  }
+}
+
+/** The restored disk of the real guest: a clean ext4 file system (e2fsck -fn) holding the workload's database. */
+async function checkRealGuestDisk(
+  vm: string,
+  slot: string,
+  file: string,
+): Promise<{ vm: string; slot: string; file: string; sha256: string; equal: boolean }> {
+  const sha256 = createHash('sha256')
+    .update(await readFile(file))
+    .digest('hex');
+  let clean = false;
+  try {
+    await execFileP('e2fsck', ['-fn', file]);
+    const ls = await execFileP('debugfs', ['-R', 'ls -l /', file]);
+    clean = /\bwl\.db\b/.test(ls.stdout);
+  } catch {
+    clean = false;
+  }
+  return { vm, slot, file, sha256, equal: clean };
 }

@@ -10,6 +10,8 @@ import {
   DEFAULT_SCRYPT_LOG_N,
   defaultWorkers,
   newKeyFileContents,
+  parseTrustEntry,
+  readSmallFile,
   Repository,
   type Damage,
   type OpenOptions,
@@ -65,13 +67,30 @@ async function secrets(o: RepoOpts): Promise<OpenOptions> {
  * Opens the repository of a command's options for `fn` and closes it after. `workers`: codec worker threads, for
  * commands that seal or open many chunks (backup, restore, verify); the others work inline.
  */
-export async function withRepo<T>(o: RepoOpts, fn: (repo: Repository) => Promise<T>, workers = 0): Promise<T> {
+export async function withRepo<T>(
+  o: RepoOpts,
+  fn: (repo: Repository) => Promise<T>,
+  workers = 0,
+  opts: { quiet?: boolean } = {},
+): Promise<T> {
   const repo = await Repository.open(repoPath(o), { ...(await secrets(o)), workers });
+  if (!opts.quiet) warnUnauthenticated(repo);
   try {
     return await fn(repo);
   } finally {
     await repo.close();
   }
+}
+
+/** Says so on stderr, once per command, when a forged restore point could not be told from a real one. */
+function warnUnauthenticated(repo: Repository): void {
+  const i = repo.integrity;
+  if (i.authenticated) return;
+  process.stderr.write(
+    i.keyMissing
+      ? `tidemark: warning: this machine does not hold the integrity key of repository ${repo.location}, so its restore points cannot be authenticated here (a forged one would not be noticed); copy the key from a machine that has it: \`tidemark repo key export FILE\` there, \`tidemark repo key import FILE\` here\n`
+      : `tidemark: warning: repository ${repo.location} has no integrity key (made by an older Tidemark): a forged restore point would not be noticed\n`,
+  );
 }
 
 function count(text: string, what: string): number {
@@ -150,11 +169,19 @@ export function repoCommands(run: Run): Command[] {
             encryption: r.config.encryption ? r.config.encryption.keys.map((k) => k.kind) : null,
             keyFile: o.keyFile ?? null,
             keyFileCreated,
+            integrityKeyFile: r.integrity.mode === 'hmac-sha256' ? r.integrity.trustFile : null,
           };
           if (o.json) return printJson(info);
           println(`created repository ${r.location} (chunks of ${formatSize(r.chunkSize)})`);
           if (info.encryption) println(`encrypted (AES-256-GCM); opens with: ${info.encryption.join(', ')}`);
-          else println('not encrypted');
+          else {
+            println(
+              `not encrypted; its restore points are authenticated with an integrity key kept in ${info.integrityKeyFile}`,
+            );
+            println(
+              'every other machine that reads or writes it needs that key: `tidemark repo key export FILE` here, `tidemark repo key import FILE` there',
+            );
+          }
           if (keyFileCreated) {
             println(
               `created key file ${o.keyFile}: keep a copy in a safe place, the repository cannot be read without it`,
@@ -173,7 +200,12 @@ export function repoCommands(run: Run): Command[] {
       run(() =>
         withRepo(o, async (r) => {
           const i = await r.info();
-          if (o.json) return printJson(i);
+          // Entries that cannot be read are damage: named, and the exit status says so (1).
+          const status = i.damage.length > 0 ? EXIT.FAILED : EXIT.OK;
+          if (o.json) {
+            printJson(i);
+            return status;
+          }
           println(`repository ${i.location}`);
           println(`  id              ${i.id}`);
           println(`  created         ${when(i.createdAt)}`);
@@ -183,6 +215,17 @@ export function repoCommands(run: Run): Command[] {
           );
           println(
             `  encryption      ${i.encryption ? `${i.encryption.cipher}, opens with: ${i.encryption.keySlots.join(', ')}` : 'none'}`,
+          );
+          println(
+            `  integrity       ${
+              i.integrity.mode === 'aes-256-gcm'
+                ? 'authenticated by the encryption'
+                : i.integrity.mode === 'hmac-sha256'
+                  ? i.integrity.authenticated
+                    ? `restore points authenticated with the integrity key held here (${r.integrity.trustFile})`
+                    : 'NOT authenticated here: this machine does not hold the integrity key (`tidemark repo key import`)'
+                  : 'NONE: no integrity key (made by an older Tidemark)'
+            }`,
           );
           println(`  restore points  ${i.points}`);
           println(`  indexes         ${i.indexes.count} (${formatSize(i.indexes.bytes)})`);
@@ -196,6 +239,10 @@ export function repoCommands(run: Run): Command[] {
               `  lock            ${l.damaged ? `${l.key} (unreadable)` : `${l.operation}, ${l.kind}, pid ${l.pid} on ${l.hostname} since ${l.createdAt}`}${l.stale ? ' (stale)' : ''}`,
             );
           }
+          for (const d of i.damage) println(`DAMAGED ${d.object} ${d.key} (${d.problem}): ${d.message}`);
+          if (i.damage.length > 0)
+            println(`${i.damage.length} damaged entr${i.damage.length === 1 ? 'y' : 'ies'}: run \`tidemark verify\``);
+          return status;
         }),
       ),
     );
@@ -217,6 +264,52 @@ export function repoCommands(run: Run): Command[] {
             );
           }
         }),
+      ),
+    );
+
+  const key = repo
+    .command('key')
+    .description("an unencrypted repository's integrity key: copy it to every machine that reads or writes it");
+  withRepoOptions(key.command('export'))
+    .description("write this machine's integrity key of the repository to FILE (created, mode 0600)")
+    .argument('<file>')
+    .option('--json', 'machine-readable output')
+    .action((file: string, o) =>
+      run(() =>
+        withRepo(o, async (r) => {
+          const entry = r.exportTrust();
+          try {
+            await writeFile(file, JSON.stringify(entry, null, 2) + '\n', { flag: 'wx', mode: 0o600 });
+          } catch (err) {
+            throw fromSystemError(err, 'create', file);
+          }
+          if (o.json) return printJson({ repository: entry.repository, file });
+          println(
+            `wrote the integrity key of repository ${entry.repository} to ${file}: keep it secret, like a key file`,
+          );
+        }),
+      ),
+    );
+  withRepoOptions(key.command('import'))
+    .description("keep the repository's integrity key from FILE (written by `repo key export`) on this machine")
+    .argument('<file>')
+    .option('--json', 'machine-readable output')
+    .action((file: string, o) =>
+      run(() =>
+        withRepo(
+          o,
+          async (r) => {
+            const raw = await readSmallFile(file, 'key file');
+            if (raw === null) throw new TidemarkError('NOT_FOUND', `no key file ${file}`);
+            const stored = await r.importTrust(parseTrustEntry(raw, file));
+            if (o.json) return printJson({ repository: r.config.id, file: stored });
+            println(
+              `this machine now authenticates the restore points of repository ${r.location} (key kept in ${stored})`,
+            );
+          },
+          0,
+          { quiet: true },
+        ),
       ),
     );
 
@@ -250,7 +343,12 @@ export function repoCommands(run: Run): Command[] {
       run(() =>
         withRepo(o, async (r) => {
           const { points: list, damaged } = await r.listPoints({ vm: o.vm });
-          if (o.json) return printJson({ points: list, damaged });
+          // A point that cannot be read is listed as damaged, and the exit status says so (1).
+          const status = damaged.length > 0 ? EXIT.FAILED : EXIT.OK;
+          if (o.json) {
+            printJson({ points: list, damaged });
+            return status;
+          }
           if (list.length === 0) println(o.vm ? `no restore point holds VM ${o.vm}` : 'no restore points');
           else {
             const rows = [['ID', 'TIME', 'FLOW', 'VMS', 'DISKS', 'READ', 'NEW', 'STORED']];
@@ -269,6 +367,7 @@ export function repoCommands(run: Run): Command[] {
             for (const line of pad(rows)) println(line);
           }
           for (const d of damaged) println(`DAMAGED ${d.id}: ${d.message}`);
+          return status;
         }),
       ),
     );
@@ -328,7 +427,8 @@ export function repoCommands(run: Run): Command[] {
           o,
           async (r) => {
             const progress = o.json ? { update() {}, end() {} } : progressReporter('verify');
-            const report = await r.verify(id, { onProgress: (d, t) => progress.update(d, t) });
+            // Stored bytes read, so the rate shown is the real read throughput.
+            const report = await r.verify(id, { onProgress: (p) => progress.update(p.doneBytes, p.totalBytes) });
             progress.end();
             if (o.json) printJson(report);
             else {

@@ -10,7 +10,10 @@ import { writeFileAtomic } from '../util/atomic.js';
 import { readSmallFile } from '../util/safe-open.js';
 export { supportsRct } from './config-version.js';
 
-export const DEFINITION_VERSION = 1;
+/** 2: memory, vCPUs, SCSI controllers, boot source, image, accelerator, state Saved (1 is migrated on read). */
+export const DEFINITION_VERSION = 2;
+export const DEFAULT_MEMORY_MIB = 512;
+export const MAX_MEMORY_MIB = 1024 * 1024;
 
 export const VM_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 /** `ide0-1`, `scsi2-13`: controller kind, controller number, location. */
@@ -118,6 +121,20 @@ export const PendingOperation = z.discriminatedUnion('op', [
 ]);
 export type PendingOperation = z.infer<typeof PendingOperation>;
 
+/** How the VM boots: a kernel (+ initrd, command line) directly, or its firmware (BIOS / UEFI) from its disks. */
+export const BootDefinition = z.discriminatedUnion('kind', [
+  z
+    .object({
+      kind: z.literal('kernel'),
+      kernel: z.string().min(1),
+      initrd: z.string().min(1).nullable(),
+      append: z.string().max(4096).nullable(),
+    })
+    .strict(),
+  z.object({ kind: z.literal('firmware') }).strict(),
+]);
+export type BootDefinition = z.infer<typeof BootDefinition>;
+
 export const VmDefinition = z.object({
   schemaVersion: z.literal(DEFINITION_VERSION),
   id: z.string(),
@@ -127,8 +144,17 @@ export const VmDefinition = z.object({
   checkpointPolicy: CheckpointPolicy,
   /** The guest-agent channel (`unix:PATH`), or null. */
   guest: z.string().nullable(),
-  /** The state the host restores after a restart. */
-  state: z.enum(['Off', 'Running']),
+  /** The state the host restores after a restart (a running QEMU is adopted; Saved keeps its saved state). */
+  state: z.enum(['Off', 'Running', 'Saved']),
+  memoryMiB: z.number().int().min(16).max(MAX_MEMORY_MIB),
+  cpus: z.number().int().min(1).max(64),
+  /** virtio-scsi controllers scsi0.. (0–4; Hyper-V's SCSI controllers) */
+  scsiControllers: z.number().int().min(0).max(4),
+  /** null: no boot source — `vm start` only exports the disks over NBD for external clients */
+  boot: BootDefinition.nullable(),
+  /** the guest image folder the boot files came from (`vm create --image`), or null */
+  image: z.string().nullable(),
+  accel: z.enum(['auto', 'kvm', 'tcg']),
   createdAt: z.string(),
   disks: z.array(DiskAttachment),
   checkpoints: z.array(Checkpoint),
@@ -157,7 +183,7 @@ export async function readDefinition(file: string): Promise<VmDefinition> {
   } catch (err) {
     throw new TidemarkError('INVALID_ARGUMENT', `VM definition ${file} is not JSON: ${(err as Error).message}`);
   }
-  const parsed = VmDefinition.safeParse(json);
+  const parsed = VmDefinition.safeParse(migrateDefinition(json));
   if (!parsed.success) {
     const issue = parsed.error.issues[0];
     throw new TidemarkError(
@@ -166,6 +192,28 @@ export async function readDefinition(file: string): Promise<VmDefinition> {
     );
   }
   return parsed.data;
+}
+
+/**
+ * Older definitions read unchanged: version 1 had no memory, vCPUs, controllers or boot source. It gets the
+ * defaults (no boot source: the VM keeps exporting its disks only; enough SCSI controllers for its slots).
+ */
+export function migrateDefinition(json: unknown): unknown {
+  if (typeof json !== 'object' || json === null) return json;
+  const d = json as Record<string, unknown>;
+  if (d.schemaVersion !== 1) return json;
+  const slots = Array.isArray(d.disks) ? d.disks.map((x) => String((x as { slot?: unknown })?.slot ?? '')) : [];
+  const highest = Math.max(-1, ...slots.map((s) => (/^scsi(\d)-/.exec(s) ? Number(s[4]) : -1)));
+  return {
+    ...d,
+    schemaVersion: 2,
+    memoryMiB: DEFAULT_MEMORY_MIB,
+    cpus: 1,
+    scsiControllers: Math.max(highest + 1, d.generation === 2 ? 1 : 0),
+    boot: null,
+    image: null,
+    accel: 'auto',
+  };
 }
 
 /** Written private to the host's user (0600, whatever the umask). */

@@ -58,6 +58,12 @@ import { HostLog } from './log.js';
 import { SnapshotSets } from './snapshot-sets.js';
 import { DiskPathPolicy, privateDir, privateFiles, tightenStore } from './store-access.js';
 import { createProvider, PROVIDER_NAMES } from '../snapshot/index.js';
+// vm-runtime: QEMU processes (all QEMU-specific logic lives in vm-runtime.ts; the host only calls it)
+import type { AccelRequest } from './accel.js';
+import { DEFAULT_MEMORY_MIB, type BootDefinition } from './definition.js';
+import { resolveBoot } from './vm-boot.js';
+import { parseSlot, type NbdAddress as QemuNbdAddress } from './qemu-command.js';
+import { VmRuntime, type ExitInfo, type StopOptions, type StopOutcome, type VmState } from './vm-runtime.js';
 
 export interface HostOptions {
   store: string;
@@ -68,6 +74,8 @@ export interface HostOptions {
   log?: HostLog;
   /** Directories besides the store that VM disks may be attached from (`tidemark host --allow-disk-dir`). */
   allowDiskDirs?: string[];
+  /** vm-runtime: how VMs with a boot source run (QEMU binary, accelerator, NBD reconnect delay, stop limits). */
+  qemu?: { binary?: string; accel?: AccelRequest; reconnectDelay?: number; stop?: StopOptions };
 }
 
 /** Freezes a VM's guest around a checkpoint's instant, or says why it cannot. */
@@ -95,6 +103,16 @@ export interface CreateVmRequest {
   checkpointPolicy?: CheckpointPolicy;
   guest?: string | null;
   disks?: NewDisk[];
+  // vm-runtime: what QEMU runs
+  memoryMiB?: number;
+  cpus?: number;
+  scsiControllers?: number;
+  boot?: BootDefinition | null;
+  /** a guest image folder (`tidemark guest-image build`): its vmlinux, initrd.img and command line */
+  image?: string;
+  /** with `image`: the workload on the kernel command line (sqlite, shell, none) */
+  workload?: string;
+  accel?: AccelRequest;
 }
 
 export interface ModifyVmRequest {
@@ -132,7 +150,7 @@ export type TrackingState = 'enabled' | 'none' | 'missing';
 export interface VmSummary {
   name: string;
   id: string;
-  state: 'Off' | 'Running';
+  state: VmState;
   generation: 1 | 2;
   configVersion: string;
   checkpointPolicy: CheckpointPolicy;
@@ -144,8 +162,19 @@ export interface VmSummary {
     base: string;
     head: string;
     export: string | null;
+    /** vm-runtime: the export's NBD URI while the VM runs */
+    nbdUri: string | null;
     tracking: TrackingState;
   }[];
+  // vm-runtime
+  memoryMiB: number;
+  cpus: number;
+  scsiControllers: number;
+  boot: BootDefinition | null;
+  image: string | null;
+  /** the QEMU process, while one runs */
+  qemu: { pid: number | null; qmp: string; console: string; accel: string | null; accelReason: string | null } | null;
+  lastExit: ExitInfo | null;
   checkpoints: number;
   currentCheckpointId: string | null;
   referencePoints: number;
@@ -161,6 +190,8 @@ export class Host {
   readonly log: HostLog;
   private vms = new Map<string, VmDefinition>();
   private running = new Map<string, Map<string, VirtualDisk>>();
+  /** vm-runtime: the QEMU of each VM with a boot source */
+  private runtimes = new Map<string, VmRuntime>();
   private locks = new KeyedMutex();
   private defWrites = new KeyedMutex();
   private createLock = new Mutex();
@@ -242,6 +273,7 @@ export class Host {
           await host.save(def);
         }
       }
+      if (def.boot) await host.adoptRuntime(def); // vm-runtime
     }
     return host;
   }
@@ -282,6 +314,7 @@ export class Host {
 
   async createVm(req: CreateVmRequest): Promise<VmSummary> {
     checkVmName(req.name);
+    req = await resolveBoot(req); // vm-runtime: --image DIR → its kernel, initrd and command line
     const configVersion = checkConfigVersion(req.configVersion ?? DEFAULT_CONFIG_VERSION);
     // What the disk paths name is checked before the lock: no VM creation waits behind a hostile path.
     await checkDiskPaths(this.store, req.disks);
@@ -342,6 +375,23 @@ export class Host {
             `${name} has checkpoints: delete them before attaching or detaching disks`,
           );
         }
+        const qemuRuns = this.qemuRunning(name);
+        for (const slot of [...(req.detach ?? []), ...(req.attach ?? []).map((d) => d.slot)]) {
+          if (!qemuRuns || !SLOT.test(slot)) continue;
+          const a = parseSlot(slot);
+          if (a.kind === 'ide') {
+            throw new TidemarkError(
+              'CONFLICT',
+              `${name} is running: IDE disks (${slot}) change only with the VM off, as in Hyper-V`,
+            );
+          }
+          if (a.controller >= def.scsiControllers) {
+            throw new TidemarkError(
+              'CONFLICT',
+              `${name} has ${def.scsiControllers} SCSI controller(s): ${slot} needs controller ${a.controller}`,
+            );
+          }
+        }
         if (newVersion !== undefined) await this.changeVersion(def, newVersion);
         return this.applyModification(def, req);
       }),
@@ -399,11 +449,15 @@ export class Host {
   private async applyModification(def: VmDefinition, req: ModifyVmRequest): Promise<VmSummary> {
     const name = def.name;
     if (req.checkpointPolicy !== undefined) def.checkpointPolicy = req.checkpointPolicy;
-    if (req.guest !== undefined) def.guest = req.guest;
+    if (req.guest !== undefined) {
+      def.guest = req.guest;
+      if (!this.qemuRunning(name)) this.runtimes.delete(name); // vm-runtime: the next QEMU uses the new channel
+    }
     for (const slot of req.detach ?? []) {
       const i = def.disks.findIndex((d) => d.slot === slot);
       if (i < 0) throw new TidemarkError('NOT_FOUND', `${name} has no disk at ${slot}`);
       const open = this.running.get(name)?.get(slot);
+      if (this.qemuRunning(name)) await this.runtimes.get(name)!.detachDisk(slot); // vm-runtime: hot-unplug first
       if (open) {
         await this.nbd.removeExport(exportName(name, slot));
         await open.close();
@@ -415,6 +469,7 @@ export class Host {
       const att = await this.prepareDisk(def, d);
       def.disks.push(att);
       if (this.running.has(name)) await this.openDisk(def, att);
+      if (this.qemuRunning(name)) await this.runtimes.get(name)!.attachDisk(att.slot, exportName(name, att.slot)); // vm-runtime
     }
     await this.save(def);
     return this.summary(def);
@@ -424,6 +479,7 @@ export class Host {
     return this.locks.run(name, async () => {
       const def = this.mustGet(name);
       if (!this.running.has(name)) await this.openDisks(def);
+      if (def.boot) await this.launchRuntime(def); // vm-runtime: QEMU on the exports just opened
       def.state = 'Running';
       await this.save(def);
       this.log.info(`started ${name}: ${def.disks.map((d) => exportName(name, d.slot)).join(', ')}`);
@@ -431,9 +487,19 @@ export class Host {
     });
   }
 
-  async stopVm(name: string): Promise<VmSummary> {
+  async stopVm(name: string, opts: { turnOff?: boolean } = {}): Promise<VmSummary> {
     return this.locks.run(name, async () => {
       const def = this.mustGet(name);
+      const rt = this.runtimes.get(name);
+      if (rt?.state === 'Saved') await rt.dropSavedState(); // stopping a saved VM discards its saved state
+      if (rt && rt.state !== 'Off' && rt.state !== 'Saved') {
+        // vm-runtime: the guest shuts down (agent, ACPI, quit), or is turned off, before its disks close
+        if (opts.turnOff) await rt.turnOff();
+        else {
+          const how: StopOutcome = await rt.stop(this.opts.qemu?.stop);
+          this.log.info(`${name}: stopped by ${how.by} in ${(how.ms / 1000).toFixed(1)} s`);
+        }
+      }
       await this.closeDisks(name);
       def.state = 'Off';
       await this.save(def);
@@ -448,6 +514,7 @@ export class Host {
         const def = this.mustGet(name);
         if (this.running.has(name)) throw new TidemarkError('CONFLICT', `${name} is running: stop it first`);
         this.vms.delete(name);
+        this.runtimes.delete(name);
         if (opts.removeFiles) {
           await rm(this.vmDir(name), { recursive: true, force: true });
         } else {
@@ -980,6 +1047,8 @@ export class Host {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    // vm-runtime: QEMU keeps running (its NBD client reconnects to the next host); only QMP is let go.
+    for (const rt of this.runtimes.values()) await rt.detach().catch((e) => this.log.warn(String(e)));
     await this.jobs.drain();
     await this.snapshots.releaseAll();
     await this.nbd.close();
@@ -1002,13 +1071,14 @@ export class Host {
         base: this.abs(def, d.base),
         head: this.abs(def, d.head),
         export: running ? exportName(def.name, d.slot) : null,
+        nbdUri: running && this.nbd.address() ? this.nbd.uri(exportName(def.name, d.slot)) : null,
         tracking: await this.trackingState(def, d),
       });
     }
     return {
       name: def.name,
       id: def.id,
-      state: running ? 'Running' : 'Off',
+      state: this.vmState(def),
       generation: def.generation,
       configVersion: def.configVersion,
       checkpointPolicy: def.checkpointPolicy,
@@ -1018,7 +1088,154 @@ export class Host {
       currentCheckpointId: def.currentCheckpointId,
       referencePoints: def.referencePoints.length,
       lease: (await this.leases.holder(def.name)) ?? null,
+      memoryMiB: def.memoryMiB,
+      cpus: def.cpus,
+      scsiControllers: def.scsiControllers,
+      boot: def.boot,
+      image: def.image,
+      qemu: this.qemuSummary(def),
+      lastExit: this.runtimes.get(def.name)?.lastExit ?? null,
     };
+  }
+
+  // ---------------------------------------------------------------- vm-runtime (QEMU): thin integration
+
+  /** Hyper-V's state: the QEMU's when the VM has one, else Running while its disks are exported. */
+  private vmState(def: VmDefinition): VmState {
+    const rt = this.runtimes.get(def.name);
+    if (rt && rt.state !== 'Off') return rt.state;
+    if (def.state === 'Saved') return 'Saved';
+    return this.running.has(def.name) ? 'Running' : 'Off';
+  }
+
+  private qemuRunning(name: string): boolean {
+    const s = this.runtimes.get(name)?.state;
+    return s !== undefined && s !== 'Off' && s !== 'Saved';
+  }
+
+  private qemuSummary(def: VmDefinition): VmSummary['qemu'] {
+    if (!def.boot && !this.runtimes.has(def.name)) return null;
+    const rt = this.runtime(def.name);
+    return {
+      pid: rt.pid,
+      qmp: rt.files.qmp,
+      console: rt.files.console,
+      accel: rt.accel?.accel ?? null,
+      accelReason: rt.accel?.reason ?? null,
+    };
+  }
+
+  /** The VM's runtime (made once), wired so that QEMU ending by itself (guest power-off, crash) closes the disks. */
+  runtime(name: string): VmRuntime {
+    const def = this.mustGet(name);
+    let rt = this.runtimes.get(name);
+    if (!rt) {
+      rt = new VmRuntime({
+        dir: this.vmDir(name),
+        runDir: path.join(this.store, 'run'),
+        name,
+        id: def.id,
+        log: this.log,
+        qemuBinary: this.opts.qemu?.binary,
+        guestSocket: def.guest,
+      });
+      rt.on('exit', (info: ExitInfo) => {
+        if (this.closed) return;
+        void this.locks
+          .run(name, async () => {
+            const d = this.vms.get(name);
+            if (!d || this.qemuRunning(name)) return;
+            await this.closeDisks(name);
+            d.state = info.reason === 'saved' ? 'Saved' : 'Off';
+            await this.save(d);
+            this.log.info(`${name}: ${d.state} (${info.detail})`);
+          })
+          .catch((e) => this.log.warn(`${name}: after QEMU ended: ${(e as Error).message}`));
+      });
+      this.runtimes.set(name, rt);
+    }
+    return rt;
+  }
+
+  private async launchRuntime(def: VmDefinition): Promise<void> {
+    const rt = this.runtime(def.name);
+    if (this.qemuRunning(def.name)) return;
+    const a = this.nbd.address();
+    if (!a) throw new TidemarkError('CLOSED', 'the NBD server is not listening');
+    const nbd: QemuNbdAddress = a.type === 'unix' ? a : { type: 'inet', host: a.host, port: a.port };
+    try {
+      await rt.start({
+        generation: def.generation,
+        memoryMiB: def.memoryMiB,
+        cpus: def.cpus,
+        scsiControllers: def.scsiControllers,
+        boot: def.boot!,
+        disks: def.disks.map((d) => ({ slot: d.slot, export: exportName(def.name, d.slot) })),
+        nbd,
+        reconnectDelay: this.opts.qemu?.reconnectDelay,
+        accel: def.accel !== 'auto' ? def.accel : (this.opts.qemu?.accel ?? 'auto'),
+      });
+    } catch (err) {
+      await this.closeDisks(def.name);
+      throw err;
+    }
+    // The guest-agent channel is wired automatically: checkpoints freeze through it.
+    if (!def.guest) def.guest = `unix:${rt.guestSocket}`;
+  }
+
+  /** After a host restart: the QEMU a previous host launched is adopted through its QMP socket. */
+  private async adoptRuntime(def: VmDefinition): Promise<void> {
+    const rt = this.runtime(def.name);
+    let state: VmState;
+    try {
+      state = await rt.adopt();
+    } catch (err) {
+      this.log.warn(`${def.name}: ${(err as Error).message}`);
+      state = 'Off';
+    }
+    const live = state !== 'Off' && state !== 'Saved';
+    // A QEMU launched by a host that died before recording Running: its NBD client waits for these exports.
+    if (live && !this.running.has(def.name)) await this.openDisks(def);
+    if (!live && def.state === 'Running') {
+      this.log.warn(`${def.name}: its QEMU is gone (${rt.lastExit?.detail ?? 'not found'}); the VM is ${state}`);
+      await this.closeDisks(def.name);
+    }
+    const persisted = live ? 'Running' : state === 'Saved' ? 'Saved' : 'Off';
+    if (def.state !== persisted) {
+      def.state = persisted;
+      await this.save(def);
+    }
+  }
+
+  /** Saves a running VM's memory and device state and ends its QEMU (Saved); `vm start` restores it. */
+  async saveVm(name: string): Promise<VmSummary> {
+    return this.locks.run(name, async () => {
+      const def = this.mustGet(name);
+      if (!this.qemuRunning(name)) throw new TidemarkError('CONFLICT', `${name} has no running QEMU to save`);
+      const r = await this.runtimes.get(name)!.save();
+      await this.closeDisks(name);
+      def.state = 'Saved';
+      await this.save(def);
+      this.log.info(`${name}: saved (${(r.bytes / 2 ** 20).toFixed(1)} MiB in ${(r.ms / 1000).toFixed(1)} s)`);
+      return this.summary(def);
+    });
+  }
+
+  /** Pauses or resumes a VM's QEMU. */
+  async pauseVm(name: string, pause: boolean): Promise<VmSummary> {
+    return this.locks.run(name, async () => {
+      const def = this.mustGet(name);
+      if (!this.qemuRunning(name)) throw new TidemarkError('CONFLICT', `${name} has no running QEMU`);
+      const rt = this.runtimes.get(name)!;
+      if (pause) await rt.pause();
+      else await rt.resume();
+      return this.summary(def);
+    });
+  }
+
+  /** The serial console log from `offset` (at most `max` bytes): `{ data, offset: next, size }`. */
+  readConsole(name: string, offset = 0, max = 65536): Promise<{ data: string; offset: number; size: number }> {
+    return this.runtime(name).readConsole(offset, max);
   }
 
   /** Whether a disk's changes are really tracked: the running disk's tracker, or the files beside its base. */
@@ -1303,10 +1520,7 @@ function checkVmName(name: string): void {
   }
 }
 
-function newDefinition(
-  name: string,
-  req: Omit<CreateVmRequest, 'name' | 'disks'> & { configVersion: string },
-): VmDefinition {
+function newDefinition(name: string, req: Omit<CreateVmRequest, 'name'> & { configVersion: string }): VmDefinition {
   return {
     schemaVersion: DEFINITION_VERSION,
     id: randomUUID(),
@@ -1322,6 +1536,18 @@ function newDefinition(
     currentCheckpointId: null,
     referencePoints: [],
     pending: null,
+    memoryMiB: req.memoryMiB ?? DEFAULT_MEMORY_MIB,
+    cpus: req.cpus ?? 1,
+    // Enough controllers for the disks it is created with (at least one for generation 2, as Hyper-V).
+    scsiControllers:
+      req.scsiControllers ??
+      Math.max(
+        (req.generation ?? 2) === 2 ? 1 : 0,
+        ...(req.disks ?? []).map((d) => (/^scsi(\d)-/.exec(d.slot) ? Number(d.slot[4]) + 1 : 0)),
+      ),
+    boot: req.boot ?? null,
+    image: req.image ?? null,
+    accel: req.accel ?? 'auto',
   };
 }
 
@@ -1362,11 +1588,7 @@ async function withVhdx<T>(file: string, allowedRoots: string[], fn: (d: VhdxFil
  * never modified): it is backed up in full until an administrator runs `rct enable --replace-foreign`.
  * Returns what it found: 'none' means it created them now.
  */
-async function enableTracking(
-  file: string,
-  allowedRoots: string[],
-  reason?: string,
-): Promise<TrackingFiles['state']> {
+async function enableTracking(file: string, allowedRoots: string[], reason?: string): Promise<TrackingFiles['state']> {
   const disk = await VhdxFile.open(file, { allowedRoots });
   try {
     const base = disk.chain().at(-1)!.path;

@@ -1,5 +1,6 @@
 /**
- * Reusable I/O buffers for read replies and write payloads. A fresh 256 KiB buffer per request costs a
+ * Reusable I/O buffers for read replies and write payloads (the NBD server keeps one pool and takes
+ * only CHUNK-sized buffers from it: see budget.ts). A fresh 256 KiB buffer per request costs a
  * mmap, a page fault per 4 KiB when it is first filled, a munmap and garbage-collector pressure (V8
  * answers the external-memory churn with a mark-compact every ~100 ms); at GB/s that is most of the
  * server's user CPU. Buffers come in power-of-two classes from 4 KiB to 32 MiB. While I/O runs the pool
@@ -97,6 +98,3 @@ function sizeClass(length: number): number {
   while (2 ** c < length) c++;
   return c;
 }
-
-/** The pool shared by every connection of the process. */
-export const sharedPool = new BufferPool();

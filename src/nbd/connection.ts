@@ -1,19 +1,35 @@
 /**
- * One client's connection: fixed-newstyle negotiation, then the transmission phase, in which requests
- * run concurrently against the export's device and replies go out as each finishes (so out of order).
+ * One client's connection: fixed-newstyle negotiation (with STARTTLS when the server requires TLS),
+ * then the transmission phase, in which requests run concurrently against the export's device and
+ * replies go out as each finishes (so out of order).
  *
  * Every reply is written in one synchronous burst (header and data corked into one writev), so replies
- * never interleave on the socket. Flow control, so that no client can make the server hold unbounded
- * memory: a new request is taken from the parser only while this connection has fewer than
- * MAX_REQUESTS_IN_FLIGHT requests and MAX_BYTES_IN_FLIGHT bytes in flight, the server-wide byte budget
- * allows it, and fewer than MAX_QUEUED_REPLY_BYTES of replies wait in the socket for a slow reader; the
- * socket is paused otherwise, so TCP holds the client back.
+ * never interleave on the socket.
+ *
+ * Memory (budget.ts): every option and request reserves what it will cost before it is read or run
+ * (a write's payload before its first byte is read, a read's buffer and reply before the device is
+ * asked), from this connection's budget and the server's; what a reply holds is released when the
+ * socket has written it. When a reservation is refused, or MAX_REQUESTS_IN_FLIGHT requests run, or an
+ * option is being answered, the socket is paused, so TCP holds the client back: a client that does
+ * not read its replies stops being read, in negotiation as in transmission.
+ *
+ * Time: negotiation has a deadline (TLS handshake included); a client that owes progress (the rest of
+ * a write payload, or taking its replies) and makes none for the stall timeout is dropped. Idle
+ * connections are the server's business (it closes them only under pressure).
  */
 import type { Socket } from 'node:net';
 import type { AllocationExtent, BlockDevice, DirtyExtent } from '../disk/device.js';
 import { TidemarkError } from '../errors.js';
-import { sharedPool } from './buffers.js';
+import { BUFFER_OVERHEAD, bufferCost, CHUNK, dataCost, MemoryAccount, type MemoryBudget } from './budget.js';
 import { nbdErrorFor, NbdProtocolError } from './errors.js';
+import {
+  MAX_OPTIONS,
+  MAX_REQUESTS_IN_FLIGHT,
+  NEGOTIATION_MEMORY,
+  PRESSURE_STALL_MS,
+  STALLED_AFTER_MS,
+  type NbdLimits,
+} from './limits.js';
 import { ClientParser, type ClientMessage } from './parser.js';
 import {
   CMD,
@@ -55,17 +71,20 @@ import {
   type RequestHeader,
   type StatusDescriptor,
 } from './protocol.js';
+import type { TlsCredentials } from './tls.js';
 
-/** Requests of one connection running at once (nbdcopy keeps 64 in flight, QEMU 16). */
-export const MAX_REQUESTS_IN_FLIGHT = 128;
-/** Bytes of reads and writes of one connection in flight (one request of any size is always admitted). */
-export const MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024;
-/** Reply bytes waiting in the socket for a slow reader before the connection stops taking requests. */
-export const MAX_QUEUED_REPLY_BYTES = 32 * 1024 * 1024;
+export { MAX_REQUESTS_IN_FLIGHT } from './limits.js';
 /** Contiguous reads arriving together are served by one device read of at most this many bytes. */
 export const MAX_COALESCED_READ = 4 * 1024 * 1024;
 /** Descriptors in one block-status chunk at most (the client asks again for the rest). */
 export const MAX_DESCRIPTORS = 64 * 1024;
+
+/** Reserved for one reply's header buffers (a correction follows when it turns out bigger). */
+export const REPLY_ESTIMATE = 2 * BUFFER_OVERHEAD + 64;
+/** Reserved for the replies to one option (LIST of many exports: corrected when sent). */
+const OPTION_ESTIMATE = 4 * BUFFER_OVERHEAD + 1024;
+/** What one status descriptor costs while it is collected (a JS object) and sent (8 bytes). */
+const DESCRIPTOR_COST = 80;
 
 /** An export as the server registry holds it. */
 export interface ExportEntry {
@@ -89,14 +108,13 @@ export interface ConnectionHost {
   listExports(): ExportEntry[];
   attach(conn: NbdConnection, exp: ExportEntry): void;
   detach(conn: NbdConnection): void;
-  /** Server-wide byte budget for requests in flight: true if `bytes` were reserved. */
-  reserve(conn: NbdConnection, bytes: number): boolean;
-  release(bytes: number): void;
   /** One request of this command arrived. */
   count(command: number): void;
   event(e: NbdEvent): void;
-  readonly handshakeTimeoutMs: number;
-  readonly closeTimeoutMs: number;
+  readonly limits: NbdLimits;
+  readonly budget: MemoryBudget;
+  /** Set when the server requires TLS. */
+  readonly tls: TlsCredentials | undefined;
 }
 
 export type NbdEvent =
@@ -104,6 +122,15 @@ export type NbdEvent =
   | { type: 'export'; id: number; export: string }
   | { type: 'disconnect'; id: number; reason: string }
   | { type: 'protocolError'; id: number; message: string };
+
+/** What a connection is doing, as the server's eviction and idle policies see it. */
+export type Activity =
+  /** For `sinceMs` (since it connected). */
+  | { kind: 'negotiating'; sinceMs: number }
+  | { kind: 'busy' }
+  /** It owes progress (payload, taking replies) and made none for STALLED_AFTER_MS. */
+  | { kind: 'stalled' }
+  | { kind: 'idle'; sinceMs: number };
 
 interface MetaContext {
   id: number;
@@ -114,48 +141,96 @@ interface MetaContext {
 
 type Phase = 'negotiating' | 'transmission' | 'closing' | 'closed';
 
+interface SendOptions {
+  /** Chunks to give back to the pool once written (the data slices sent are views of them). */
+  chunks?: Buffer[];
+  /** What was reserved for this reply; the difference to its real cost is charged or returned. */
+  prepaid?: number;
+  /** Called once the socket has written it. */
+  onWritten?: () => void;
+}
+
+const now = () => performance.now();
+
+type Listener = Parameters<Socket['off']>[1];
+
 export class NbdConnection {
   readonly id: number;
   readonly remote: string;
+  /** Who the client is for fairness: its IP address over TCP; every unix-socket client is one peer. */
+  readonly peer: string;
   readonly counters: ConnectionCounters = { requests: 0, errors: 0, bytesRead: 0, bytesWritten: 0 };
   /** Resolves when the socket is closed and no request is running any more. */
   readonly closed: Promise<void>;
 
+  private socket: Socket;
+  private readonly listeners: { event: string; fn: Listener }[] = [];
   private phase: Phase = 'negotiating';
-  private parser = new ClientParser((n) => sharedPool.get(n));
+  private readonly account: MemoryAccount;
+  private readonly budget: MemoryBudget;
+  private parser = new ClientParser((h) => this.payloadFor(h));
   private exp: ExportEntry | undefined;
   private flags = 0;
   private structured = false;
   private noZeroes = false;
+  private tlsActive = false;
   private blockSizeAgreed = false;
   private contexts: MetaContext[] = [];
   private contextsFor: ExportEntry | undefined;
   private optionBusy = false;
+  /** Options this client may still send before entering transmission. */
+  private optionsLeft = MAX_OPTIONS;
+  private listed = false;
+  /** Reserved for the option being answered; its replies use it up. */
+  private optionCredit = 0;
   private inFlight = 0;
-  private inFlightBytes = 0;
   private pumping = false;
   private minimumBlock = 1;
-  /** Requests parsed while the server-wide byte budget was spent, in arrival order. */
-  private pending: { h: RequestHeader; data: Buffer | undefined; cost: number }[] = [];
+  /** A message parsed while its memory could not be reserved: it goes first once memory is released. */
+  private waiting: ClientMessage | undefined;
+  /** The last reservation refused (set by payloadFor, which the parser calls). */
+  private memoryBlocked = false;
+  /** Since when the connection has been waiting for memory that others hold (undefined: it is not). */
+  private memoryWaitSince: number | undefined;
+  /** Reserved by payloadFor for the write whose payload is arriving. */
+  private writeCost = 0;
+  /** While answering buffered requests at shutdown, writes are refused rather than received. */
+  private refusingWrites = false;
   /** Reads of contiguous ranges parsed in this pump, served together when it ends. */
   private batch: ReadBatch | undefined;
   private batchScheduled = false;
   /** Replies are corked until the event loop's poll phase is over, then go out in one writev. */
   private corked = false;
+  /** Replies handed to the socket and not yet written, and when the last one was. */
+  private unsent = 0;
+  private writeProgressAt = now();
+  /** What the socket's handle had left to write when last looked at (see sampleWriteQueue). */
+  private writeQueue = 0;
+  /** When bytes last arrived, and when the connection last did anything at all. */
+  private dataAt = now();
+  private activityAt = now();
+  private readonly connectedAt = now();
   private socketClosed = false;
+  /** Once closed, the whole account was returned: late write callbacks return nothing more. */
+  private accountClosed = false;
   private closeReason = '';
   private handshakeTimer: NodeJS.Timeout | undefined;
   private closeTimer: NodeJS.Timeout | undefined;
   private resolveClosed!: () => void;
+  private readonly wakeFn = () => this.wake();
 
   constructor(
-    private readonly socket: Socket,
+    socket: Socket,
     private readonly host: ConnectionHost,
     id: number,
   ) {
     this.id = id;
-    this.remote =
-      socket.remoteAddress !== undefined ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix socket client';
+    this.socket = socket;
+    this.budget = host.budget;
+    this.account = new MemoryAccount(host.limits.maxConnectionMemory);
+    const tcp = socket.remoteAddress !== undefined;
+    this.remote = tcp ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix socket client';
+    this.peer = tcp ? socket.remoteAddress!.replace(/^::ffff:/, '') : 'unix';
     this.closed = new Promise((resolve) => (this.resolveClosed = resolve));
   }
 
@@ -171,23 +246,24 @@ export class NbdConnection {
     return this.inFlight;
   }
 
+  /** Bytes of the server's memory budget this connection holds. */
+  get memory(): number {
+    return this.account.held;
+  }
+
+  get tls(): boolean {
+    return this.tlsActive;
+  }
+
+  get closing(): boolean {
+    return this.phase === 'closing' || this.phase === 'closed';
+  }
+
   start(): void {
-    const s = this.socket;
-    s.on('data', (chunk: Buffer) => {
-      this.parser.push(chunk);
-      this.pump();
-    });
-    s.on('end', () => this.beginClose('client closed the connection'));
-    s.on('error', (err: NodeJS.ErrnoException) => this.beginClose(`socket error: ${err.code ?? err.message}`, true));
-    s.on('close', () => {
-      this.socketClosed = true;
-      if (this.phase !== 'closing' && this.phase !== 'closed') this.beginClose('connection lost', true);
-      this.maybeFinish();
-    });
-    s.on('drain', () => this.pump());
+    this.attachSocket(this.socket);
     this.handshakeTimer = setTimeout(
-      () => this.beginClose(`negotiation not finished within ${this.host.handshakeTimeoutMs} ms`, true),
-      this.host.handshakeTimeoutMs,
+      () => this.beginClose(`negotiation not finished within ${this.host.limits.handshakeTimeoutMs} ms`, true),
+      this.host.limits.handshakeTimeoutMs,
     );
     this.handshakeTimer.unref();
     this.host.event({ type: 'connect', id: this.id, remote: this.remote });
@@ -208,40 +284,158 @@ export class NbdConnection {
     return this.closed;
   }
 
-  /** Called by the server when its byte budget frees up. */
+  /** Drops the connection at once (to make room for another client, or because it stalled). */
+  drop(reason: string): void {
+    this.beginClose(reason, true);
+  }
+
+  /** Called when memory was released somewhere: a connection waiting for it tries again. */
   wake(): void {
-    if (this.phase === 'transmission') this.pump();
+    if (this.phase === 'negotiating' || this.phase === 'transmission') this.pump();
+  }
+
+  /** What the connection is doing (for the server's eviction and idle policies). */
+  activity(at = now()): Activity {
+    if (this.phase === 'negotiating') return { kind: 'negotiating', sinceMs: at - this.connectedAt };
+    if (this.stalledFor(at) >= STALLED_AFTER_MS) return { kind: 'stalled' };
+    if (this.inFlight > 0 || this.unsent > 0 || this.parser.receiving || this.waiting || this.memoryBlocked) {
+      return { kind: 'busy' };
+    }
+    return { kind: 'idle', sinceMs: at - this.activityAt };
+  }
+
+  /** How long the connection has owed progress (a payload, taking its replies) without making any; 0 if it owes none. */
+  stalledFor(at = now()): number {
+    if (this.closing) return 0;
+    this.sampleWriteQueue(at);
+    let ms = 0;
+    if (this.unsent > 0) ms = at - this.writeProgressAt;
+    if (this.parser.receiving) ms = Math.max(ms, at - this.dataAt);
+    return ms;
+  }
+
+  /**
+   * Whether the connection waits for memory that other connections hold, through no fault of its own
+   * (it has not stalled itself): for that long, in ms, or undefined.
+   */
+  starvingFor(at = now()): number | undefined {
+    if (this.memoryWaitSince === undefined || this.closing) return undefined;
+    return this.stalledFor(at) >= PRESSURE_STALL_MS ? undefined : at - this.memoryWaitSince;
+  }
+
+  /** Drops a client that owes progress and made none for the stall timeout (the server calls this often). */
+  checkStall(at = now()): void {
+    if (this.closing) return;
+    this.sampleWriteQueue(at);
+    const limit = this.host.limits.stallTimeoutMs;
+    if (this.unsent > 0 && at - this.writeProgressAt >= limit) {
+      this.beginClose(`the client took none of its replies for ${limit / 1000} s`, true);
+      return;
+    }
+    const r = this.parser.receiving;
+    if (r && at - this.dataAt >= limit) {
+      this.beginClose(
+        `the client sent nothing more of a ${r.header.length}-byte write payload (${r.received} bytes received) for ${limit / 1000} s`,
+        true,
+      );
+    }
+  }
+
+  /**
+   * Write callbacks come when a whole writev is done, which takes long for big replies on a slow link:
+   * the handle's queue shrinking (libuv's count of bytes not yet taken by the kernel) is progress too.
+   * Read where Node exposes it; without it, only whole writes count.
+   */
+  private sampleWriteQueue(at: number): void {
+    const handle = (this.socket as unknown as { _handle?: { writeQueueSize?: unknown } })._handle;
+    const q = handle?.writeQueueSize;
+    if (typeof q !== 'number') return;
+    if (q < this.writeQueue) this.writeProgressAt = at;
+    this.writeQueue = q;
   }
 
   // ---------------------------------------------------------------------------------------------
-  // Reading and flow control
+  // The socket (replaced by its TLS socket after STARTTLS)
+
+  private attachSocket(s: Socket): void {
+    this.socket = s;
+    const on = (event: string, fn: Listener) => {
+      s.on(event, fn);
+      this.listeners.push({ event, fn });
+    };
+    on('data', (chunk: Buffer) => {
+      this.dataAt = now();
+      this.parser.push(chunk);
+      this.pump();
+    });
+    on('end', () => this.beginClose('client closed the connection'));
+    on('error', (err: NodeJS.ErrnoException) => this.beginClose(`socket error: ${err.code ?? err.message}`, true));
+    on('close', () => {
+      this.socketClosed = true;
+      if (!this.closing) this.beginClose('connection lost', true);
+      this.maybeFinish();
+    });
+  }
+
+  /** Stops listening to the plain socket's data before TLS takes it over ('close' still counts). */
+  private detachSocket(): void {
+    const keep = this.listeners.filter((l) => l.event === 'close');
+    for (const { event, fn } of this.listeners.splice(0)) if (event !== 'close') this.socket.off(event, fn);
+    this.listeners.push(...keep);
+    // Errors of the plain socket now reach the TLS socket; this keeps a late one from being unhandled.
+    this.socket.on('error', () => undefined);
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Reading, memory and flow control
+
+  private reserve(bytes: number, limit?: number): boolean {
+    return this.budget.tryReserve(this.account, bytes, limit);
+  }
+
+  private release(bytes: number): void {
+    if (!this.accountClosed) this.budget.release(this.account, bytes);
+  }
+
+  private charge(bytes: number): void {
+    if (!this.accountClosed) this.budget.charge(this.account, bytes);
+  }
 
   private pump(): void {
     if (this.pumping) return;
     this.pumping = true;
     let blocked = false;
+    let needMemory = false;
     try {
       while (this.phase === 'negotiating' || this.phase === 'transmission') {
-        if (this.phase === 'negotiating') {
-          if (this.optionBusy) {
-            blocked = true;
+        if (this.waiting) {
+          if (!this.admit(this.waiting)) {
+            blocked = needMemory = true;
             break;
           }
-          const msg = this.parser.next();
-          if (!msg) break;
-          this.negotiate(msg);
-        } else {
-          if (this.pending.length > 0 && !this.retryPending()) {
-            blocked = true;
-            break;
-          }
-          if (this.atCapacity()) {
-            blocked = true;
-            break;
-          }
-          const msg = this.parser.next();
-          if (!msg) break;
-          this.request(msg);
+          this.waiting = undefined;
+          continue;
+        }
+        if (this.phase === 'negotiating' && this.optionBusy) {
+          blocked = true;
+          break;
+        }
+        // A payload whose memory is reserved is always received; new requests wait for a free slot.
+        if (this.phase === 'transmission' && this.inFlight >= MAX_REQUESTS_IN_FLIGHT && !this.parser.receiving) {
+          blocked = true;
+          break;
+        }
+        this.memoryBlocked = false;
+        const msg = this.parser.next();
+        if (!msg) {
+          blocked = needMemory = this.memoryBlocked;
+          break;
+        }
+        this.activityAt = now();
+        if (!this.admit(msg)) {
+          this.waiting = msg;
+          blocked = needMemory = true;
+          break;
         }
       }
     } catch (err) {
@@ -259,23 +453,73 @@ export class NbdConnection {
         });
       }
     }
-    if (this.phase === 'closing' || this.phase === 'closed') return;
-    if (blocked) this.socket.pause();
-    else this.socket.resume();
+    if (this.closing) return;
+    // Waiting for its own replies to drain is its own business; waiting for others' memory is starving.
+    if (needMemory && this.account.refusedBy === 'server') this.memoryWaitSince ??= now();
+    else this.memoryWaitSince = undefined;
+    if (blocked) {
+      this.socket.pause();
+      if (needMemory) this.budget.waitFor(this.wakeFn);
+    } else {
+      this.socket.resume();
+    }
   }
 
-  private atCapacity(): boolean {
-    if (this.inFlight >= MAX_REQUESTS_IN_FLIGHT) return true;
-    if (this.inFlight > 0 && this.inFlightBytes >= MAX_BYTES_IN_FLIGHT) return true;
-    return this.socket.writableLength >= MAX_QUEUED_REPLY_BYTES;
+  /** Takes one message if its memory can be reserved (false: it must wait). */
+  private admit(msg: ClientMessage): boolean {
+    if (this.phase === 'negotiating') {
+      if (msg.type === 'clientFlags') {
+        this.negotiate(msg);
+        return true;
+      }
+      if (this.optionsLeft-- === 0) {
+        throw new NbdProtocolError(`more than ${MAX_OPTIONS} options without entering transmission`);
+      }
+      if (!this.reserve(OPTION_ESTIMATE, NEGOTIATION_MEMORY)) {
+        this.optionsLeft++; // not taken yet
+        return false;
+      }
+      this.optionCredit = OPTION_ESTIMATE;
+      try {
+        this.negotiate(msg);
+      } finally {
+        if (!this.optionBusy) this.returnCredit();
+      }
+      return true;
+    }
+    return this.request(msg);
   }
 
-  /** Writes one reply; `pooled` buffers go back to the pool once the socket is done with them. */
-  private send(buffers: Buffer[], pooled?: Buffer[]): void {
+  /** The part of an option's reservation its replies did not use. */
+  private returnCredit(): void {
+    const left = this.optionCredit;
+    this.optionCredit = 0;
+    this.release(left);
+  }
+
+  /**
+   * Writes one reply and charges what it costs (its buffers, as the socket holds them) until the socket
+   * has written it. Pooled buffers go back to the pool then.
+   */
+  private send(buffers: Buffer[], o: SendOptions = {}): void {
     const s = this.socket;
-    const done = pooled?.length ? () => pooled.forEach((b) => sharedPool.put(b)) : undefined;
+    let prepaid = o.prepaid;
+    if (prepaid === undefined) {
+      prepaid = this.optionCredit;
+      this.optionCredit = 0;
+    }
+    let cost = 0;
+    for (const b of buffers) cost += bufferCost(b.length);
+    // The data slices were counted at their length: a chunk holds CHUNK bytes whatever it carries.
+    for (const c of o.chunks ?? []) cost += CHUNK - c.length;
+    this.charge(cost - prepaid);
+    const done = () => {
+      if (o.chunks) this.budget.giveBack(o.chunks);
+      this.release(cost);
+      o.onWritten?.();
+    };
     if (s.destroyed || !s.writable) {
-      done?.();
+      done();
       return;
     }
     if (!this.corked) {
@@ -286,7 +530,13 @@ export class NbdConnection {
         s.uncork();
       });
     }
-    for (let i = 0; i < buffers.length; i++) s.write(buffers[i], i === buffers.length - 1 ? done : undefined);
+    if (this.unsent++ === 0) this.writeProgressAt = now();
+    const written = () => {
+      this.unsent--;
+      this.writeProgressAt = this.activityAt = now();
+      done();
+    };
+    for (let i = 0; i < buffers.length; i++) s.write(buffers[i], i === buffers.length - 1 ? written : undefined);
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -299,10 +549,15 @@ export class NbdConnection {
           throw new NbdProtocolError(`unknown client flags 0x${msg.flags.toString(16)}`);
         }
         this.noZeroes = (msg.flags & FLAG_C_NO_ZEROES) !== 0;
+        // TLS needs fixed newstyle (the protocol): such a client can never meet this server's policy.
+        if (this.host.tls && !(msg.flags & FLAG_C_FIXED_NEWSTYLE)) {
+          throw new NbdProtocolError('this server requires TLS, which needs fixed newstyle negotiation');
+        }
         return;
       }
       case 'oversizeOption': {
         if (msg.option === OPT.EXPORT_NAME) throw new NbdProtocolError(`export name of ${msg.length} bytes`);
+        if (this.tlsRequired()) return this.refuseWithoutTls(msg.option);
         this.optionReply(
           msg.option,
           REP.ERR_TOO_BIG,
@@ -315,10 +570,12 @@ export class NbdConnection {
         this.option(msg.option, msg.data).then(
           () => {
             this.optionBusy = false;
+            this.returnCredit();
             this.pump();
           },
           (err: unknown) => {
             this.optionBusy = false;
+            this.returnCredit();
             const message = err instanceof Error ? err.message : String(err);
             if (err instanceof NbdProtocolError) this.host.event({ type: 'protocolError', id: this.id, message });
             this.beginClose(`negotiation failed: ${message}`, true);
@@ -331,11 +588,25 @@ export class NbdConnection {
     }
   }
 
+  private tlsRequired(): boolean {
+    return this.host.tls !== undefined && !this.tlsActive;
+  }
+
+  /** FORCEDTLS: before STARTTLS, every option but ABORT is answered NBD_REP_ERR_TLS_REQD. */
+  private refuseWithoutTls(option: number): void {
+    this.optionReply(option, REP.ERR_TLS_REQD, 'this server requires TLS: send NBD_OPT_STARTTLS first');
+  }
+
   private optionReply(option: number, type: number, message?: string): void {
     this.send([encodeOptionReply(option, type, message ? Buffer.from(message, 'utf8') : undefined)]);
   }
 
   private async option(option: number, data: Buffer): Promise<void> {
+    if (this.tlsRequired() && option !== OPT.STARTTLS && option !== OPT.ABORT) {
+      // EXPORT_NAME cannot answer an error: the session ends.
+      if (option === OPT.EXPORT_NAME) throw new TidemarkError('UNAUTHORIZED', 'client chose an export without TLS');
+      return this.refuseWithoutTls(option);
+    }
     switch (option) {
       case OPT.EXPORT_NAME: {
         const name = data.toString('utf8');
@@ -352,14 +623,18 @@ export class NbdConnection {
         return;
       case OPT.LIST: {
         if (data.length > 0) return this.optionReply(option, REP.ERR_INVALID, 'NBD_OPT_LIST takes no data');
-        const replies = this.host
-          .listExports()
-          .map((e) => encodeOptionReply(option, REP.SERVER, encodeServerReplyData(e.name, e.description)));
+        const exports = this.host.listExports();
+        // Once: a client may then ask about each export.
+        if (!this.listed) this.optionsLeft += MAX_OPTIONS * exports.length;
+        this.listed = true;
+        const replies = exports.map((e) =>
+          encodeOptionReply(option, REP.SERVER, encodeServerReplyData(e.name, e.description)),
+        );
         this.send([...replies, encodeOptionReply(option, REP.ACK)]);
         return;
       }
       case OPT.STARTTLS:
-        return this.optionReply(option, REP.ERR_POLICY, 'TLS is not offered by this server');
+        return this.startTls(data);
       case OPT.INFO:
       case OPT.GO:
         return this.info(option, data);
@@ -376,6 +651,28 @@ export class NbdConnection {
     }
   }
 
+  /** NBD_OPT_STARTTLS: ACK in the clear, then the TLS handshake on the same socket; no way back. */
+  private async startTls(data: Buffer): Promise<void> {
+    const option = OPT.STARTTLS;
+    const tls = this.host.tls;
+    if (!tls) return this.optionReply(option, REP.ERR_POLICY, 'TLS is not offered by this server');
+    if (this.tlsActive) return this.optionReply(option, REP.ERR_INVALID, 'TLS is already active');
+    if (data.length > 0) return this.optionReply(option, REP.ERR_INVALID, 'NBD_OPT_STARTTLS takes no data');
+    // A client must wait for the ACK: bytes already sent would be plaintext injected into the TLS session.
+    if (this.parser.buffered > 0) throw new NbdProtocolError('data sent after NBD_OPT_STARTTLS before its reply');
+    await new Promise<void>((resolve) => this.send([encodeOptionReply(option, REP.ACK)], { onWritten: resolve }));
+    if (this.closing) return;
+    const plain = this.socket;
+    this.detachSocket();
+    const secure = await tls.upgrade(plain, this.host.limits.handshakeTimeoutMs);
+    if (this.closing) {
+      secure.destroy();
+      return;
+    }
+    this.tlsActive = true;
+    this.attachSocket(secure);
+  }
+
   private lookup(option: number, name: string): ExportEntry | undefined {
     const exp = this.host.findExport(name);
     if (exp) return exp;
@@ -387,7 +684,6 @@ export class NbdConnection {
     this.optionReply(option, REP.ERR_UNKNOWN, message);
     return undefined;
   }
-
   private async info(option: number, data: Buffer): Promise<void> {
     let req;
     try {
@@ -495,64 +791,98 @@ export class NbdConnection {
   // ---------------------------------------------------------------------------------------------
   // Transmission
 
-  private request(msg: ClientMessage): void {
-    if (msg.type !== 'request' && msg.type !== 'oversizeRequest') {
+  /** What a request reserves before it is read or run: its reply, and the data a read or write holds. */
+  private costOf(h: RequestHeader): number {
+    switch (h.command) {
+      case CMD.READ:
+      case CMD.WRITE:
+        return REPLY_ESTIMATE + dataCost(h.length);
+      case CMD.BLOCK_STATUS: {
+        const descriptors = Math.min(MAX_DESCRIPTORS, Math.ceil(h.length / 512) + 1);
+        return REPLY_ESTIMATE + Math.max(1, this.contexts.length) * (BUFFER_OVERHEAD + descriptors * DESCRIPTOR_COST);
+      }
+      default:
+        return REPLY_ESTIMATE;
+    }
+  }
+
+  /** The parser asks where a write's payload goes: refused (null), not now (undefined), or a reserved buffer. */
+  private payloadFor(h: RequestHeader): Buffer[] | null | undefined {
+    if (this.refusingWrites || this.validate(h)) return null;
+    const cost = this.costOf(h);
+    if (!this.reserve(cost)) {
+      this.memoryBlocked = true;
+      return undefined;
+    }
+    this.writeCost = cost;
+    this.dataAt = now(); // the stall clock of the payload starts when the server starts reading it
+    return this.budget.takeChunks(h.length);
+  }
+
+  /** Takes one message of the transmission phase, if its memory can be reserved. */
+  private request(msg: ClientMessage): boolean {
+    if (msg.type !== 'request' && msg.type !== 'oversizeRequest' && msg.type !== 'refusedWrite') {
       throw new NbdProtocolError(`unexpected ${msg.type} during transmission`);
     }
     const h = msg.header;
-    this.host.count(h.command);
-    if (msg.type === 'oversizeRequest') {
+    if (msg.type === 'request' && h.command === CMD.WRITE && h.length > 0) {
+      // Its memory was reserved before its payload was read (payloadFor): the reply's share is what
+      // remains beside the payload buffer.
+      const replyCost = this.writeCost - dataCost(h.length);
+      this.writeCost = 0;
+      this.host.count(h.command);
       this.counters.requests++;
-      this.counters.errors++;
-      this.replyError(h, NBD_ERR.EOVERFLOW, `a write of ${h.length} bytes is over the ${MAX_PAYLOAD}-byte maximum`);
-      return;
+      this.run(h, msg.data, replyCost);
+      return true;
     }
-    if (h.command === CMD.DISC) {
+    if (h.command === CMD.DISC && msg.type === 'request') {
+      this.host.count(h.command);
       this.beginClose('client disconnected');
-      return;
+      return true;
     }
+    // Refused requests reserve only their error reply (a read of 4 GiB is refused, not waited for).
+    // A refused write was refused by validate() before its payload was skipped: the same answer again.
+    const refusal =
+      msg.type === 'oversizeRequest'
+        ? { errno: NBD_ERR.EOVERFLOW, message: `a write of ${h.length} bytes is over the ${MAX_PAYLOAD}-byte maximum` }
+        : (this.validate(h) ??
+          (msg.type === 'refusedWrite' ? { errno: NBD_ERR.EINVAL, message: 'the write was refused' } : undefined));
+    const cost = refusal ? REPLY_ESTIMATE : this.costOf(h);
+    if (!this.reserve(cost)) return false;
+    this.host.count(h.command);
     this.counters.requests++;
-    const refusal = this.validate(h);
     if (refusal) {
       this.counters.errors++;
-      this.replyError(h, refusal.errno, refusal.message);
-      return;
+      this.replyError(h, refusal.errno, refusal.message, cost);
+      return true;
     }
-    const cost = h.command === CMD.READ || h.command === CMD.WRITE ? h.length : 0;
-    if (cost > 0 && !this.host.reserve(this, cost)) {
-      // The server-wide budget is spent: this request waits, and so does everything after it.
-      this.pending.push({ h, data: msg.data, cost });
-      return;
-    }
-    this.run(h, msg.data, cost);
-  }
-
-  /** Starts requests held for the server-wide budget; true when none is left waiting. */
-  private retryPending(): boolean {
-    while (this.pending.length > 0) {
-      const p = this.pending[0];
-      if (!this.host.reserve(this, p.cost)) return false;
-      this.pending.shift();
-      this.run(p.h, p.data, p.cost);
-    }
+    this.run(h, msg.type === 'request' ? msg.data : undefined, cost);
     return true;
   }
 
-  private run(h: RequestHeader, data: Buffer | undefined, cost: number): void {
+  /** Runs a request; `cost` was reserved for its reply (and for a read, its data); a write's payload is paid apart. */
+  private run(h: RequestHeader, data: Buffer[] | undefined, cost: number): void {
     if (h.command === CMD.READ && h.length > 0) return this.addToBatch(h, cost);
     this.inFlight++;
-    this.inFlightBytes += cost;
+    // A write's payload chunks are returned once the device has them.
+    const payloadCost = data && data.length > 0 ? dataCost(h.length) : 0;
+    const prepaid = cost;
     this.execute(h, data)
-      .catch((err: unknown) => {
-        const { errno, message } = nbdErrorFor(err);
-        this.counters.errors++;
-        this.replyError(h, errno, message);
-      })
+      .then(
+        (reply) => this.send(reply, { prepaid }),
+        (err: unknown) => {
+          const { errno, message } = nbdErrorFor(err);
+          this.counters.errors++;
+          this.replyError(h, errno, message, prepaid);
+        },
+      )
       .finally(() => {
-        if (data) sharedPool.put(data);
+        if (payloadCost > 0) {
+          this.budget.giveBack(data!);
+          this.release(payloadCost);
+        }
         this.inFlight--;
-        this.inFlightBytes -= cost;
-        if (cost > 0) this.host.release(cost);
+        this.activityAt = now();
         if (this.phase === 'transmission') this.pump();
         else this.maybeFinish();
       });
@@ -560,17 +890,16 @@ export class NbdConnection {
 
   private addToBatch(h: RequestHeader, cost: number): void {
     this.inFlight++;
-    this.inFlightBytes += cost;
     const df = (h.flags & CMD_FLAG.DF) !== 0;
     const b = this.batch;
     if (b && b.end === h.offset && b.df === df && b.end - b.start + h.length <= MAX_COALESCED_READ) {
       b.reqs.push(h);
+      b.costs.push(cost);
       b.end += h.length;
-      b.cost += cost;
       return;
     }
     this.flushBatch();
-    this.batch = { reqs: [h], start: h.offset, end: h.offset + h.length, df, cost };
+    this.batch = { reqs: [h], costs: [cost], start: h.offset, end: h.offset + h.length, df };
   }
 
   /** Starts the pending read batch; if it fails as a whole, its reads are retried one by one. */
@@ -579,27 +908,25 @@ export class NbdConnection {
     if (!b) return;
     this.batch = undefined;
     const dev = this.exp!.device;
-    const fail = (h: RequestHeader, err: unknown) => {
+    const fail = (h: RequestHeader, cost: number, err: unknown) => {
       const { errno, message } = nbdErrorFor(err);
       this.counters.errors++;
-      this.replyError(h, errno, message);
+      this.replyError(h, errno, message, cost);
     };
-    const single = (h: RequestHeader) =>
-      this.readBatch(dev, { reqs: [h], start: h.offset, end: h.offset + h.length, df: b.df, cost: 0 });
+    const single = (h: RequestHeader, cost: number) =>
+      this.readBatch(dev, { reqs: [h], costs: [cost], start: h.offset, end: h.offset + h.length, df: b.df });
     this.readBatch(dev, b)
       .catch(async (err: unknown) => {
-        if (b.reqs.length === 1) return fail(b.reqs[0], err);
-        await Promise.all(b.reqs.map((h) => single(h).catch((e: unknown) => fail(h, e))));
+        if (b.reqs.length === 1) return fail(b.reqs[0], b.costs[0], err);
+        await Promise.all(b.reqs.map((h, i) => single(h, b.costs[i]).catch((e: unknown) => fail(h, b.costs[i], e))));
       })
       .finally(() => {
         this.inFlight -= b.reqs.length;
-        this.inFlightBytes -= b.cost;
-        if (b.cost > 0) this.host.release(b.cost);
+        this.activityAt = now();
         if (this.phase === 'transmission') this.pump();
         else this.maybeFinish();
       });
   }
-
   private validate(h: RequestHeader): { errno: number; message: string } | undefined {
     const exp = this.exp!;
     const size = exp.device.size;
@@ -658,22 +985,24 @@ export class NbdConnection {
     return undefined;
   }
 
-  private async execute(h: RequestHeader, data: Buffer | undefined): Promise<void> {
+  /** Runs one request (reads of length > 0 go through readBatch) and returns its reply. */
+  private async execute(h: RequestHeader, data: Buffer[] | undefined): Promise<Buffer[]> {
     const dev = this.exp!.device;
     const fua = (h.flags & CMD_FLAG.FUA) !== 0;
     switch (h.command) {
       case CMD.READ: // length 0 (others are batched)
-        return this.send([this.structured ? encodeNoneChunk(h.handle) : encodeSimpleReply(0, h.handle)]);
+        return this.okReply(h);
       case CMD.WRITE:
-        await dev.write(h.offset, data!, { fua });
+        if (data!.length === 1) await dev.write(h.offset, data![0], { fua });
+        else await writeChunks(dev, h.offset, data!, fua);
         this.counters.bytesWritten += h.length;
-        return this.replyOk(h);
+        return this.okReply(h);
       case CMD.FLUSH:
         await dev.flush();
-        return this.replyOk(h);
+        return this.okReply(h);
       case CMD.TRIM:
         if (h.length > 0) await dev.trim(h.offset, h.length, { fua });
-        return this.replyOk(h);
+        return this.okReply(h);
       case CMD.WRITE_ZEROES:
         if (h.length > 0) {
           await dev.writeZeroes(h.offset, h.length, {
@@ -682,16 +1011,19 @@ export class NbdConnection {
             fast: (h.flags & CMD_FLAG.FAST_ZERO) !== 0,
           });
         }
-        return this.replyOk(h);
+        return this.okReply(h);
       case CMD.BLOCK_STATUS:
         return this.blockStatus(dev, h);
+      default:
+        throw new TidemarkError('INVALID_ARGUMENT', `unknown command ${h.command}`);
     }
   }
 
   /**
-   * Serves a batch of contiguous reads with one device read per data run. With structured replies,
-   * ranges that read as zeros go out as OFFSET_HOLE chunks (12 bytes instead of their zeros) unless the
-   * client asked for one chunk (DF). Nothing is sent unless every read succeeded.
+   * Serves a batch of contiguous reads: the data runs are read into chunks laid end to end (a run may
+   * go on from one chunk into the next), one device read per chunk-sized piece. With structured
+   * replies, ranges that read as zeros go out as OFFSET_HOLE chunks (12 bytes instead of their zeros)
+   * unless the client asked for one chunk (DF). Nothing is sent unless every read succeeded.
    */
   private async readBatch(dev: BlockDevice, b: ReadBatch): Promise<void> {
     const holes = this.structured && !b.df;
@@ -704,49 +1036,53 @@ export class NbdConnection {
     // Whatever the status did not cover is read as data: every byte asked for must be answered.
     const covered = runs.reduce((n, r) => n + r.length, 0);
     if (covered < length) runs.push({ length: length - covered, flags: 0 });
+    // Where each run is on the disk and, for data, where its bytes are in the chunks.
     let at = b.start;
-    const pieces = runs.map((r) => {
-      const piece = {
-        at,
-        end: at + r.length,
-        zero: (r.flags & STATE_ZERO) !== 0,
-        data: undefined as Buffer | undefined,
-      };
+    let dataBytes = 0;
+    const segments = runs.map((r) => {
+      const zero = holes && (r.flags & STATE_ZERO) !== 0;
+      const seg = { at, end: at + r.length, data: zero ? -1 : dataBytes };
       at += r.length;
-      return piece;
+      if (!zero) dataBytes += r.length;
+      return seg;
     });
-    const reads = await Promise.allSettled(
-      pieces.map(async (p) => {
-        if (!holes || !p.zero) p.data = await readData(dev, p.at, p.end - p.at);
-      }),
-    );
-    const pooled = pieces.flatMap((p) => (p.data ? [p.data] : []));
-    const failed = reads.find((r) => r.status === 'rejected');
+    const chunks = this.budget.takeChunks(dataBytes);
+    const reads: Promise<void>[] = [];
+    for (const seg of segments) {
+      if (seg.data < 0) continue;
+      for (const [i, from, to] of chunkRanges(seg.data, seg.data + seg.end - seg.at)) {
+        reads.push(readPiece(dev, chunks[i].subarray(from, to), seg.at + i * CHUNK + from - seg.data));
+      }
+    }
+    const failed = (await Promise.allSettled(reads)).find((r) => r.status === 'rejected');
     if (failed) {
-      pooled.forEach((x) => sharedPool.put(x));
+      this.budget.giveBack(chunks);
       throw (failed as PromiseRejectedResult).reason;
     }
+    const slices = (from: number, to: number) => chunkRanges(from, to).map(([i, f, t]) => chunks[i].subarray(f, t));
     const out: Buffer[] = [];
     for (const h of b.reqs) {
       const from = h.offset;
       const to = h.offset + h.length;
-      const parts = pieces.filter((p) => p.at < to && p.end > from);
+      const parts = segments.filter((p) => p.at < to && p.end > from);
       if (!this.structured) out.push(encodeSimpleReply(0, h.handle));
       parts.forEach((p, i) => {
         const s0 = Math.max(p.at, from);
         const s1 = Math.min(p.end, to);
         const flags = i === parts.length - 1 ? REPLY_FLAG_DONE : 0;
-        const data = p.data?.subarray(s0 - p.at, s1 - p.at);
-        if (!this.structured) out.push(data!);
-        else if (data) out.push(encodeOffsetDataHeader(flags, h.handle, s0, s1 - s0), data);
-        else out.push(encodeOffsetHole(flags, h.handle, s0, s1 - s0));
+        if (p.data < 0) {
+          out.push(encodeOffsetHole(flags, h.handle, s0, s1 - s0));
+          return;
+        }
+        if (this.structured) out.push(encodeOffsetDataHeader(flags, h.handle, s0, s1 - s0));
+        out.push(...slices(p.data + s0 - p.at, p.data + s1 - p.at));
       });
     }
     this.counters.bytesRead += length;
-    this.send(out, pooled);
+    this.send(out, { chunks, prepaid: b.costs.reduce((n, c) => n + c, 0) });
   }
 
-  private async blockStatus(dev: BlockDevice, h: RequestHeader): Promise<void> {
+  private async blockStatus(dev: BlockDevice, h: RequestHeader): Promise<Buffer[]> {
     const reqOne = (h.flags & CMD_FLAG.REQ_ONE) !== 0;
     const replies = await Promise.all(
       this.contexts.map(async (c) => {
@@ -757,10 +1093,8 @@ export class NbdConnection {
         return { id: c.id, descriptors: await this.collect(query, h.offset, h.length, reqOne, MAX_DESCRIPTORS) };
       }),
     );
-    this.send(
-      replies.map((r, i) =>
-        encodeBlockStatusChunk(i === replies.length - 1 ? REPLY_FLAG_DONE : 0, h.handle, r.id, r.descriptors),
-      ),
+    return replies.map((r, i) =>
+      encodeBlockStatusChunk(i === replies.length - 1 ? REPLY_FLAG_DONE : 0, h.handle, r.id, r.descriptors),
     );
   }
 
@@ -799,30 +1133,41 @@ export class NbdConnection {
     return out;
   }
 
-  private replyOk(h: RequestHeader): void {
-    this.send([this.structured ? encodeNoneChunk(h.handle) : encodeSimpleReply(0, h.handle)]);
+  private okReply(h: RequestHeader): Buffer[] {
+    return [this.structured ? encodeNoneChunk(h.handle) : encodeSimpleReply(0, h.handle)];
   }
 
-  private replyError(h: RequestHeader, errno: number, message: string): void {
-    this.send([
-      this.structured
-        ? encodeErrorChunk(REPLY_FLAG_DONE, h.handle, errno, message)
-        : encodeSimpleReply(errno, h.handle),
-    ]);
+  private replyError(h: RequestHeader, errno: number, message: string, prepaid = 0): void {
+    this.send(
+      [
+        this.structured
+          ? encodeErrorChunk(REPLY_FLAG_DONE, h.handle, errno, message)
+          : encodeSimpleReply(errno, h.handle),
+      ],
+      { prepaid },
+    );
   }
 
   /** At shutdown: answers every request already received in full with ESHUTDOWN. */
   private refuseBuffered(): void {
+    const refuse = (h: RequestHeader) => this.replyError(h, NBD_ERR.ESHUTDOWN, 'the server is shutting down');
+    const w = this.waiting;
+    this.waiting = undefined;
+    if (w && w.type !== 'clientFlags' && 'header' in w && w.header.command !== CMD.DISC) refuse(w.header);
+    this.refusingWrites = true;
     try {
       for (let msg = this.parser.next(); msg; msg = this.parser.next()) {
-        if ((msg.type === 'request' || msg.type === 'oversizeRequest') && msg.header.command !== CMD.DISC) {
-          this.replyError(msg.header, NBD_ERR.ESHUTDOWN, 'the server is shutting down');
+        if (msg.type === 'request' && msg.header.command === CMD.WRITE && msg.data && msg.data.length > 0) {
+          // A payload that was being received when the shutdown came: its reservation goes back.
+          this.release(this.writeCost);
+          this.budget.giveBack(msg.data);
+          this.writeCost = 0;
         }
+        if ('header' in msg && msg.header.command !== CMD.DISC) refuse(msg.header);
       }
     } catch {
       // garbage after the last good request: the connection closes anyway
     }
-    for (const p of this.pending.splice(0)) this.replyError(p.h, NBD_ERR.ESHUTDOWN, 'the server is shutting down');
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -830,7 +1175,7 @@ export class NbdConnection {
 
   /** Stops reading; once no request runs, ends the socket (at once when `hard`). */
   private beginClose(reason: string, hard = false): void {
-    if (this.phase === 'closing' || this.phase === 'closed') {
+    if (this.closing) {
       if (hard && !this.socket.destroyed) this.socket.destroy();
       return;
     }
@@ -838,9 +1183,13 @@ export class NbdConnection {
     this.closeReason = reason;
     clearTimeout(this.handshakeTimer);
     this.socket.pause();
-    // Requests still waiting for the server's byte budget never started: answer them (nothing was reserved).
-    for (const p of this.pending.splice(0)) {
-      if (!hard) this.replyError(p.h, NBD_ERR.ESHUTDOWN, `the connection is closing (${reason})`);
+    // A request still waiting for memory never started: answer it (nothing was reserved).
+    const w = this.waiting;
+    this.waiting = undefined;
+    if (!hard && w && (w.type === 'request' || w.type === 'oversizeRequest' || w.type === 'refusedWrite')) {
+      if (w.header.command !== CMD.DISC) {
+        this.replyError(w.header, NBD_ERR.ESHUTDOWN, `the connection is closing (${reason})`);
+      }
     }
     if (hard) this.socket.destroy();
     this.maybeFinish();
@@ -852,13 +1201,18 @@ export class NbdConnection {
       if (!this.closeTimer && !this.socket.destroyed) {
         this.socket.end();
         // A client that does not read its last replies does not hold the close up for ever.
-        this.closeTimer = setTimeout(() => this.socket.destroy(), this.host.closeTimeoutMs);
+        this.closeTimer = setTimeout(() => this.socket.destroy(), this.host.limits.closeTimeoutMs);
         this.closeTimer.unref();
       }
       return;
     }
     this.phase = 'closed';
     clearTimeout(this.closeTimer);
+    // Whatever is still held (replies the socket never wrote, a half-received payload) is returned now.
+    const partial = this.parser.abandonPayload();
+    if (partial) this.budget.giveBack(partial);
+    this.budget.release(this.account, this.account.held);
+    this.accountClosed = true;
     this.host.detach(this);
     this.host.event({ type: 'disconnect', id: this.id, reason: this.closeReason });
     this.resolveClosed();
@@ -880,8 +1234,8 @@ interface ReadBatch {
   start: number;
   end: number;
   df: boolean;
-  /** Bytes reserved from the server's budget for them. */
-  cost: number;
+  /** What each request reserved from the memory budget. */
+  costs: number[];
 }
 
 /** The block sizes advertised for a device: its sector, its preferred unit (≤ MAX_PREFERRED), MAX_PAYLOAD. */
@@ -903,18 +1257,38 @@ export function matchContexts(query: string, available: string[], list: boolean)
   return available.includes(query) ? [query] : [];
 }
 
-/** Reads into a pooled buffer when the device can (VirtualDisk.readInto), else takes the device's own. */
-async function readData(dev: BlockDevice, offset: number, length: number): Promise<Buffer> {
-  const into = (dev as { readInto?: (dst: Uint8Array, offset: number) => Promise<void> }).readInto;
-  if (typeof into !== 'function') return dev.read(offset, length);
-  const buf = sharedPool.get(length);
-  try {
-    await into.call(dev, buf, offset);
-  } catch (err) {
-    sharedPool.put(buf);
-    throw err;
+/** [chunk index, from, to) within each chunk for bytes [from, to) of data laid end to end in chunks. */
+function chunkRanges(from: number, to: number): [number, number, number][] {
+  const out: [number, number, number][] = [];
+  for (let at = from; at < to;) {
+    const i = Math.floor(at / CHUNK);
+    const end = Math.min(to, (i + 1) * CHUNK);
+    out.push([i, at - i * CHUNK, end - i * CHUNK]);
+    at = end;
   }
-  return buf;
+  return out;
+}
+
+/** Reads into `dst` (a chunk's slice) when the device can (VirtualDisk.readInto), else copies its own buffer. */
+async function readPiece(dev: BlockDevice, dst: Buffer, offset: number): Promise<void> {
+  if (dev.readInto) return dev.readInto(dst, offset);
+  (await dev.read(offset, dst.length)).copy(dst);
+}
+
+/**
+ * Writes a payload held in several chunks: one device write per chunk, all at once; FUA then flushes
+ * once. Every write has ended (landed or failed) before this settles: the chunks go back to the pool after.
+ */
+async function writeChunks(dev: BlockDevice, offset: number, data: Buffer[], fua: boolean): Promise<void> {
+  let at = offset;
+  const writes = data.map((piece) => {
+    const w = dev.write(at, piece);
+    at += piece.length;
+    return w;
+  });
+  const failed = (await Promise.allSettled(writes)).find((r) => r.status === 'rejected');
+  if (failed) throw (failed as PromiseRejectedResult).reason;
+  if (fua) await dev.flush();
 }
 
 async function allocationQuery(dev: BlockDevice, offset: number, length: number) {

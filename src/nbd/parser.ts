@@ -4,6 +4,12 @@
  * than the server works is held back by TCP instead of by memory. Payloads too big to accept (options
  * over MAX_OPTION_DATA, writes over MAX_PAYLOAD) are skipped as they arrive, never buffered, and reported
  * so the connection can answer with an error and stay in step with the client.
+ *
+ * A write's payload goes into buffers the connection hands over when the request's header has
+ * arrived (`payloadFor`), before any of its bytes are read: the connection reserves the memory first,
+ * or refuses the write (its payload is then skipped as it arrives), or says "not now" (the header
+ * stays unread until `next` is called again). Received pieces are copied into those buffers at once,
+ * so a half-sent payload holds exactly the memory that was reserved for it.
  */
 import { NbdProtocolError } from './errors.js';
 import {
@@ -25,9 +31,18 @@ export type ClientMessage =
   | { type: 'option'; option: number; data: Buffer }
   /** An option whose data was over MAX_OPTION_DATA: skipped. */
   | { type: 'oversizeOption'; option: number; length: number }
-  | { type: 'request'; header: RequestHeader; data?: Buffer }
+  /** A request; a write's payload comes as the buffers `payloadFor` gave, filled in order. */
+  | { type: 'request'; header: RequestHeader; data?: Buffer[] }
   /** A write whose payload was over MAX_PAYLOAD: skipped. */
-  | { type: 'oversizeRequest'; header: RequestHeader };
+  | { type: 'oversizeRequest'; header: RequestHeader }
+  /** A write the connection refused (`payloadFor` answered null): its payload was skipped. */
+  | { type: 'refusedWrite'; header: RequestHeader };
+
+/**
+ * Where a write's payload goes: buffers of `header.length` bytes in all, filled in order; null to
+ * refuse the write (its payload is skipped), or undefined for "not now" (the header is left unread).
+ */
+export type PayloadFor = (header: RequestHeader) => Buffer[] | null | undefined;
 
 export type ParserPhase = 'clientFlags' | 'options' | 'transmission';
 
@@ -68,6 +83,20 @@ export class ByteQueue {
       return out;
     }
     return this.gather(n, true, alloc);
+  }
+
+  /** Moves up to `dst.length - at` bytes into `dst` from offset `at`; returns how many. */
+  copyInto(dst: Buffer, at: number): number {
+    const n = Math.min(dst.length - at, this.total);
+    let done = 0;
+    while (done < n) {
+      const c = this.chunks[this.first];
+      const k = Math.min(c.length - this.head, n - done);
+      c.copy(dst, at + done, this.head, this.head + k);
+      done += k;
+      this.advance(k);
+    }
+    return n;
   }
 
   /** Drops up to `n` bytes; returns how many were dropped. */
@@ -118,17 +147,33 @@ export class ClientParser {
   phase: ParserPhase = 'clientFlags';
   private queue = new ByteQueue();
   private discard = 0;
+  /** The write whose payload is being skipped because the connection refused it. */
+  private refused: RequestHeader | undefined;
+  /** The write whose payload is arriving, its buffers, which one is being filled and how much in all. */
+  private payload: { header: RequestHeader; data: Buffer[]; index: number; at: number; filled: number } | undefined;
 
-  /** `allocPayload` makes the buffers of write payloads (the connection passes its buffer pool's). */
-  constructor(private readonly allocPayload: (n: number) => Buffer = Buffer.allocUnsafe) {}
+  /** `payloadFor` gives the buffers of each write's payload (by default, one new one). */
+  constructor(private readonly payloadFor: PayloadFor = (h) => [Buffer.allocUnsafe(h.length)]) {}
 
   push(chunk: Buffer): void {
     this.queue.push(chunk);
   }
 
-  /** Bytes received and not yet handed out (including a partly received write payload). */
+  /** Bytes received and not yet handed out (including a partly received write and its header). */
   get buffered(): number {
-    return this.queue.length;
+    return this.queue.length + (this.payload ? REQUEST_HEADER_LENGTH + this.payload.filled : 0);
+  }
+
+  /** The write whose payload is arriving: its header and the bytes received so far. */
+  get receiving(): { header: RequestHeader; received: number } | undefined {
+    return this.payload && { header: this.payload.header, received: this.payload.filled };
+  }
+
+  /** Gives up the buffers of a write whose payload will never arrive (the connection closes). */
+  abandonPayload(): Buffer[] | undefined {
+    const data = this.payload?.data;
+    this.payload = undefined;
+    return data;
   }
 
   /** Bytes of an oversize payload still to be skipped. */
@@ -142,7 +187,27 @@ export class ClientParser {
       this.discard -= this.queue.skip(this.discard);
       if (this.discard > 0) return undefined;
     }
+    if (this.refused) {
+      const header = this.refused;
+      this.refused = undefined;
+      return { type: 'refusedWrite', header };
+    }
     const q = this.queue;
+    if (this.payload) {
+      const p = this.payload;
+      while (p.index < p.data.length && q.length > 0) {
+        const n = q.copyInto(p.data[p.index], p.at);
+        p.at += n;
+        p.filled += n;
+        if (p.at === p.data[p.index].length) {
+          p.index++;
+          p.at = 0;
+        }
+      }
+      if (p.filled < p.header.length) return undefined;
+      this.payload = undefined;
+      return { type: 'request', header: p.header, data: p.data };
+    }
     switch (this.phase) {
       case 'clientFlags': {
         if (q.length < 4) return undefined;
@@ -185,9 +250,23 @@ export class ClientParser {
           this.discard = header.length - q.skip(header.length);
           return { type: 'oversizeRequest', header };
         }
-        if (q.length < REQUEST_HEADER_LENGTH + header.length) return undefined;
+        if (header.length === 0) {
+          q.skip(REQUEST_HEADER_LENGTH);
+          return { type: 'request', header, data: [] };
+        }
+        const data = this.payloadFor(header);
+        if (data === undefined) return undefined;
         q.skip(REQUEST_HEADER_LENGTH);
-        return { type: 'request', header, data: q.take(header.length, this.allocPayload) };
+        if (data === null) {
+          this.refused = header;
+          this.discard = header.length;
+        } else {
+          if (data.reduce((n, b) => n + b.length, 0) !== header.length) {
+            throw new RangeError('payload buffers of the wrong length');
+          }
+          this.payload = { header, data, index: 0, at: 0, filled: 0 };
+        }
+        return this.next();
       }
     }
   }

@@ -13,6 +13,20 @@ export interface ObjectInfo {
   size: number;
   /** last modification, ms since the epoch */
   mtimeMs: number;
+  /**
+   * Set (only with `list(prefix, { unusable: true })`) on an entry that stands where an object could but holds
+   * none — what it is instead: 'a directory', 'a symbolic link', 'a FIFO', 'a socket', 'a device'. Its size is 0.
+   */
+  unusable?: string;
+}
+
+export interface ListOptions {
+  /**
+   * Also yield entries that stand where a key could but are not objects (a local directory's symlinks, FIFOs,
+   * sockets, devices and directories), marked `unusable`: so that a reader can report them as damage instead of
+   * not seeing them. A directory is yielded as well as listed through. Object stores have none.
+   */
+  unusable?: boolean;
 }
 
 export interface GetOptions {
@@ -53,8 +67,11 @@ export interface Backend {
   exists(key: string): Promise<boolean>;
   /** size and time, or null when there is no such object */
   stat(key: string): Promise<ObjectInfo | null>;
-  /** every object whose key starts with `prefix`, in no particular order */
-  list(prefix: string): AsyncIterable<ObjectInfo>;
+  /**
+   * every object whose key starts with `prefix`, in no particular order (with `unusable`, also what stands where
+   * an object could but is not one). Entries whose names cannot be keys are never listed.
+   */
+  list(prefix: string, opts?: ListOptions): AsyncIterable<ObjectInfo>;
   /** makes every put() so far durable */
   sync(): Promise<void>;
   /**
@@ -68,6 +85,11 @@ export interface Backend {
 }
 
 const SEGMENT = /^[A-Za-z0-9][A-Za-z0-9._-]*$/;
+
+/** Whether `name` can be one segment of a key. */
+export function isKeySegment(name: string): boolean {
+  return SEGMENT.test(name);
+}
 
 export function isValidKey(key: string): boolean {
   if (key.length === 0 || key.length > 512) return false;

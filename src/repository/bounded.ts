@@ -30,3 +30,27 @@ export async function forEachBounded<T>(
   await Promise.all(Array.from({ length: Math.max(1, Math.floor(limit)) }, runner));
   if (failed) throw failure;
 }
+
+/**
+ * At most `budget` bytes of work in flight at once (an oversized item runs alone): for reading disk indexes, whose
+ * slot tables reach 512 MiB, side by side without holding several such at once.
+ */
+export class MemoryBudget {
+  private inFlight = 0;
+  private readonly waiting: (() => void)[] = [];
+
+  constructor(private readonly budget: number) {}
+
+  async run<T>(bytes: number, fn: () => Promise<T>): Promise<T> {
+    while (this.inFlight > 0 && this.inFlight + bytes > this.budget) {
+      await new Promise<void>((resolve) => this.waiting.push(resolve));
+    }
+    this.inFlight += bytes;
+    try {
+      return await fn();
+    } finally {
+      this.inFlight -= bytes;
+      for (const w of this.waiting.splice(0)) w();
+    }
+  }
+}

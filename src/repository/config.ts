@@ -6,6 +6,7 @@
 import { z } from 'zod';
 import { TidemarkError } from '../errors.js';
 import { checkSlotParameters, hmac, type KeySlot } from './keys.js';
+import { printable } from './text.js';
 
 export const CONFIG_KEY = 'config';
 export const FORMAT_NAME = 'tidemark-repository';
@@ -45,11 +46,20 @@ const configSchema = z
       z.null(),
       z.object({ cipher: z.literal('aes-256-gcm'), keys: z.array(slotSchema).min(1).max(32), mac: base64 }),
     ]),
+    /**
+     * Unencrypted repositories made by this Tidemark: restore points are authenticated with a key the client keeps
+     * outside the repository (trust.ts); `mac` authenticates this config under it. Absent: made before (no key).
+     */
+    integrity: z
+      .object({ algorithm: z.literal('hmac-sha256'), mac: base64 })
+      .nullable()
+      .optional(),
   })
   .loose();
 
 export type RepositoryConfig = z.infer<typeof configSchema> & {
   encryption: null | { cipher: 'aes-256-gcm'; keys: KeySlot[]; mac: string };
+  integrity?: null | { algorithm: 'hmac-sha256'; mac: string };
 };
 
 export function checkChunkSize(size: number): string | null {
@@ -59,9 +69,25 @@ export function checkChunkSize(size: number): string | null {
   return null;
 }
 
-/** The fields the MAC covers, in a fixed order: everything but the key slots and the MAC itself. */
-function macInput(c: RepositoryConfig): string {
-  return JSON.stringify([c.format, c.version, c.id, c.createdAt, c.chunkSize, c.chunkId, c.compression, 'aes-256-gcm']);
+/**
+ * The fields a MAC covers, in a fixed order: everything but the key slots and the MACs themselves, then what
+ * authenticates the repository ('aes-256-gcm': its encryption; 'hmac-sha256': its integrity key).
+ */
+function macInput(c: RepositoryConfig, kind: 'aes-256-gcm' | 'hmac-sha256' = 'aes-256-gcm'): string {
+  return JSON.stringify([c.format, c.version, c.id, c.createdAt, c.chunkSize, c.chunkId, c.compression, kind]);
+}
+
+/** `integrity.mac` of an unencrypted repository's config, under the config key derived from its integrity key. */
+export function integrityConfigMac(c: RepositoryConfig, configKey: Buffer): string {
+  return hmac(configKey, macInput(c, 'hmac-sha256')).toString('base64');
+}
+
+/** Whether an integrity key (its derived config key) is this repository's: its config's MAC matches. */
+export function integrityMacMatches(c: RepositoryConfig, configKey: Buffer): boolean {
+  if (!c.integrity) return false;
+  const want = Buffer.from(c.integrity.mac, 'base64');
+  const got = hmac(configKey, macInput(c, 'hmac-sha256'));
+  return want.length === got.length && got.equals(want);
 }
 
 export function configMac(c: RepositoryConfig, configKey: Buffer): string {
@@ -85,13 +111,15 @@ export function encodeConfig(c: RepositoryConfig): Buffer {
 
 export function decodeConfig(raw: Buffer, where: string): RepositoryConfig {
   const bad = (why: string) =>
-    new TidemarkError('REPOSITORY_CORRUPT', `config of repository ${where} is damaged: ${why}`, { where });
+    new TidemarkError('REPOSITORY_CORRUPT', `config of repository ${where} is damaged: ${printable(why, 1000)}`, {
+      where,
+    });
   if (raw.length > MAX_CONFIG_BYTES) throw bad(`${raw.length} bytes`);
   let json: unknown;
   try {
     json = JSON.parse(raw.toString('utf8'));
   } catch (err) {
-    throw bad(`not JSON (${(err as Error).message})`);
+    throw bad(`not JSON (${printable((err as Error).message)})`);
   }
   if (typeof json === 'object' && json !== null) {
     const o = json as Record<string, unknown>;
@@ -118,6 +146,8 @@ export function decodeConfig(raw: Buffer, where: string): RepositoryConfig {
   const sizeProblem = checkChunkSize(c.chunkSize);
   if (sizeProblem) throw bad(sizeProblem);
   if ((c.encryption === null) !== (c.chunkId === 'sha256')) throw bad('chunk naming does not match the encryption');
+  if (c.encryption !== null && c.integrity) throw bad('an encrypted repository has no integrity key of its own');
+  if (!/^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$/.test(c.createdAt)) throw bad('createdAt is not a UTC time');
   for (const slot of c.encryption?.keys ?? []) {
     const problem = checkSlotParameters(slot);
     if (problem) throw bad(`key slot: ${problem}`);

@@ -5,12 +5,14 @@
  *   8  plainLength u32 LE   12  bodyLength u32 LE   16  body (bodyLength bytes)
  *
  * flags: bit 0 zstd (else the payload is the plaintext), bit 1 AES-256-GCM (body = nonce 12 | ciphertext | tag 16,
- * additional data = header | object name), bit 2 SHA-256 trailer (body = payload | SHA-256(header | payload)).
+ * additional data = header | object name), bit 2 SHA-256 trailer (body = payload | SHA-256(header | payload)),
+ * bit 3 (manifests of unencrypted repositories with an integrity key; with bit 2) HMAC-SHA-256 trailer after it:
+ * HMAC(manifest key, header | payload | SHA-256 trailer | object name).
  *
  * This file is self-contained on purpose (node built-ins and the zstd binding handed in): it is also the entry of
  * the codec worker threads (pool.ts), which load it without the rest of the project.
  */
-import { createCipheriv, createDecipheriv, createHash, createHmac, randomBytes } from 'node:crypto';
+import { createCipheriv, createDecipheriv, createHash, createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
 import { createRequire } from 'node:module';
 import { isMainThread, parentPort, workerData } from 'node:worker_threads';
 
@@ -18,14 +20,18 @@ export const HEADER_SIZE = 16;
 export const NONCE_SIZE = 12;
 export const TAG_SIZE = 16;
 export const CHECKSUM_SIZE = 32;
-/** Most bytes an envelope adds to its plaintext (header + the larger of nonce+tag and the checksum). */
+export const MAC_SIZE = 32;
+/** Most bytes an envelope other than a manifest adds to its plaintext (header + the larger of nonce+tag and the checksum). */
 export const MAX_OVERHEAD = HEADER_SIZE + Math.max(NONCE_SIZE + TAG_SIZE, CHECKSUM_SIZE);
+/** Most bytes a manifest's envelope adds: the header, the checksum and the MAC. */
+export const MAX_MANIFEST_OVERHEAD = HEADER_SIZE + CHECKSUM_SIZE + MAC_SIZE;
 const MAGIC = Buffer.from('TMOB', 'latin1');
 const VERSION = 1;
 const FLAG_ZSTD = 1;
 const FLAG_GCM = 2;
 const FLAG_CHECKSUM = 4;
-const KNOWN_FLAGS = FLAG_ZSTD | FLAG_GCM | FLAG_CHECKSUM;
+const FLAG_MAC = 8;
+const KNOWN_FLAGS = FLAG_ZSTD | FLAG_GCM | FLAG_CHECKSUM | FLAG_MAC;
 
 export type ObjectType = 'chunk' | 'index' | 'manifest' | 'pack-header' | 'pack-index';
 const TYPE_CODE: Record<ObjectType, number> = { chunk: 1, index: 2, manifest: 3, 'pack-header': 4, 'pack-index': 5 };
@@ -72,8 +78,16 @@ export class EnvelopeCodec {
     private readonly zstd: ZstdBinding,
     private readonly key: Buffer | null,
     private readonly level: number,
+    /**
+     * The manifest key of an unencrypted repository with an integrity key: manifests are sealed with the MAC
+     * trailer, and a manifest without one, or whose MAC does not match, does not open. Null: manifests are not
+     * authenticated (a MAC trailer is then skipped, not checked).
+     */
+    private readonly macKey: Buffer | null = null,
   ) {
     if (key !== null && key.length !== 32) throw new Error('envelope key must be 32 bytes');
+    if (macKey !== null && (macKey.length !== 32 || key !== null))
+      throw new Error('a MAC key is 32 bytes, unencrypted only');
   }
 
   /** Seals `plain`; the result goes into `into` when it is large enough (a buffer handed back for reuse). */
@@ -87,8 +101,10 @@ export class EnvelopeCodec {
     const zstd = packed < plain.length;
     const payload = zstd ? this.scratch.subarray(0, packed) : plain;
     const encrypted = this.key !== null;
-    const checksum = !encrypted && opts.checksum === true;
-    const bodyLength = payload.length + (encrypted ? NONCE_SIZE + TAG_SIZE : 0) + (checksum ? CHECKSUM_SIZE : 0);
+    const mac = this.macKey !== null && opts.type === 'manifest';
+    const checksum = !encrypted && (opts.checksum === true || mac);
+    const bodyLength =
+      payload.length + (encrypted ? NONCE_SIZE + TAG_SIZE : 0) + (checksum ? CHECKSUM_SIZE : 0) + (mac ? MAC_SIZE : 0);
     const out =
       into && into.byteLength >= HEADER_SIZE + bodyLength
         ? Buffer.from(into, 0, HEADER_SIZE + bodyLength)
@@ -96,7 +112,8 @@ export class EnvelopeCodec {
     MAGIC.copy(out, 0);
     out[4] = VERSION;
     out[5] = TYPE_CODE[opts.type];
-    out[6] = (zstd ? FLAG_ZSTD : 0) | (encrypted ? FLAG_GCM : 0) | (checksum ? FLAG_CHECKSUM : 0);
+    out[6] =
+      (zstd ? FLAG_ZSTD : 0) | (encrypted ? FLAG_GCM : 0) | (checksum ? FLAG_CHECKSUM : 0) | (mac ? FLAG_MAC : 0);
     out[7] = 0;
     out.writeUInt32LE(plain.length, 8);
     out.writeUInt32LE(bodyLength, 12);
@@ -114,6 +131,8 @@ export class EnvelopeCodec {
       if (checksum) {
         const end = HEADER_SIZE + payload.length;
         createHash('sha256').update(out.subarray(0, end)).digest().copy(out, end);
+        if (mac)
+          manifestMac(this.macKey!, out.subarray(0, end + CHECKSUM_SIZE), opts.name).copy(out, end + CHECKSUM_SIZE);
       }
     }
     return out;
@@ -121,8 +140,10 @@ export class EnvelopeCodec {
 
   /**
    * Opens an envelope: every length is checked before anything is allocated, the plaintext may be at most
-   * `maxPlain` bytes. Damage throws EnvelopeError (truncated or corrupt), never returns wrong bytes silently
-   * (except unencrypted chunks, whose damage the caller catches by re-hashing against the name).
+   * `maxPlain` bytes. Damage to an encrypted or checksummed envelope, or to any header, throws EnvelopeError
+   * (truncated or corrupt). An unencrypted envelope without a checksum (chunks, indexes, pack indexes) may open
+   * after damage to its payload — to other bytes, or to the original ones — and its caller must re-hash the result
+   * against the object's name (checkContentId): that check, not this one, is what refuses damage there.
    */
   open(stored: Uint8Array, type: ObjectType, name: string, maxPlain: number, allowView = false): Buffer {
     const buf = Buffer.from(stored.buffer, stored.byteOffset, stored.byteLength);
@@ -147,6 +168,13 @@ export class EnvelopeCodec {
       );
     }
     if (encrypted && (flags & FLAG_CHECKSUM) !== 0) throw corrupt('both encrypted and checksummed');
+    const hasMac = (flags & FLAG_MAC) !== 0;
+    if (hasMac && (type !== 'manifest' || (flags & FLAG_CHECKSUM) === 0)) {
+      throw corrupt(`a MAC flag on a ${type}${type === 'manifest' ? ' without a checksum' : ''}`);
+    }
+    if (this.macKey !== null && type === 'manifest' && !hasMac) {
+      throw corrupt("not authenticated with the repository's integrity key: forged, or written without the key");
+    }
     const plainLength = buf.readUInt32LE(8);
     const bodyLength = buf.readUInt32LE(12);
     if (plainLength > maxPlain) throw corrupt(`claims ${plainLength} bytes of data, more than the ${maxPlain} allowed`);
@@ -160,7 +188,9 @@ export class EnvelopeCodec {
     if (buf.length - HEADER_SIZE > bodyLength) {
       throw corrupt(`${buf.length - HEADER_SIZE - bodyLength} bytes after the end the header gives`);
     }
-    const extra = encrypted ? NONCE_SIZE + TAG_SIZE : (flags & FLAG_CHECKSUM) !== 0 ? CHECKSUM_SIZE : 0;
+    const extra = encrypted
+      ? NONCE_SIZE + TAG_SIZE
+      : ((flags & FLAG_CHECKSUM) !== 0 ? CHECKSUM_SIZE : 0) + (hasMac ? MAC_SIZE : 0);
     const payloadLength = bodyLength - extra;
     if (payloadLength < 0) {
       throw new EnvelopeError('REPOSITORY_CORRUPT', 'truncated', `truncated: body of ${bodyLength} bytes`);
@@ -185,11 +215,19 @@ export class EnvelopeCodec {
     } else {
       payload = buf.subarray(HEADER_SIZE, HEADER_SIZE + payloadLength);
       if ((flags & FLAG_CHECKSUM) !== 0) {
-        const want = buf.subarray(HEADER_SIZE + payloadLength);
-        const got = createHash('sha256')
-          .update(buf.subarray(0, HEADER_SIZE + payloadLength))
-          .digest();
+        const end = HEADER_SIZE + payloadLength;
+        const want = buf.subarray(end, end + CHECKSUM_SIZE);
+        const got = createHash('sha256').update(buf.subarray(0, end)).digest();
         if (!got.equals(want)) throw corrupt('checksum mismatch');
+        // Checked after the checksum: damage reads as damage, a forgery (a good checksum, no key) as a bad MAC.
+        if (hasMac && this.macKey !== null) {
+          const mac = manifestMac(this.macKey, buf.subarray(0, end + CHECKSUM_SIZE), name);
+          if (!timingSafeEqual(mac, buf.subarray(end + CHECKSUM_SIZE))) {
+            throw corrupt(
+              "its MAC does not match the repository's integrity key: forged, or written under another key",
+            );
+          }
+        }
       }
     }
     // A stored plaintext is copied out unless the caller may have a view of `stored` (the worker, whose input
@@ -218,6 +256,11 @@ export function checkContentId(plain: Uint8Array, expectId: string, idKey: Uint8
   if (got !== expectId) throw corrupt('its content does not hash to its name');
 }
 
+/** The MAC of a manifest envelope: over everything before it and the object's name (so it cannot be moved). */
+function manifestMac(key: Buffer, sealed: Uint8Array, name: string): Buffer {
+  return createHmac('sha256', key).update(sealed).update(Buffer.from(name, 'utf8')).digest();
+}
+
 function additionalData(header: Buffer, name: string): Buffer {
   return Buffer.concat([header.subarray(0, HEADER_SIZE), Buffer.from(name, 'utf8')]);
 }
@@ -231,6 +274,8 @@ export interface WorkerSetup {
   key: Uint8Array | null;
   /** the chunk-id HMAC key (null: plain SHA-256 names) */
   idKey: Uint8Array | null;
+  /** the manifest MAC key (unencrypted repositories with an integrity key) */
+  macKey: Uint8Array | null;
   level: number;
 }
 
@@ -247,7 +292,12 @@ export type WorkerReply = { seq: number; spares: ArrayBuffer[] } & (
 
 function serveWorker(setup: WorkerSetup): void {
   const zstd = createRequire(setup.zstdPath)(setup.zstdPath) as ZstdBinding;
-  const codec = new EnvelopeCodec(zstd, setup.key ? Buffer.from(setup.key) : null, setup.level);
+  const codec = new EnvelopeCodec(
+    zstd,
+    setup.key ? Buffer.from(setup.key) : null,
+    setup.level,
+    setup.macKey ? Buffer.from(setup.macKey) : null,
+  );
   const idKey = setup.idKey ? Buffer.from(setup.idKey) : null;
   parentPort!.on('message', (task: WorkerTask) => {
     let reply: WorkerReply;

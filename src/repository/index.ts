@@ -6,6 +6,7 @@ export { DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, checkChunkSize, typ
 export { DiskIndex, IndexBuilder, MAX_INDEX_SLOTS } from './disk-index.js';
 export { DEFAULT_SCRYPT_LOG_N, MIN_SCRYPT_LOG_N, newKeyFileContents } from './keys.js';
 export type { LockEntry, LockKind } from './lock.js';
+export { defaultTrustDir, parseTrustEntry, readSmallFile, type TrustEntry } from './trust.js';
 export {
   MANIFEST_FORMAT,
   MANIFEST_VERSION,
@@ -37,8 +38,10 @@ export {
   type Damage,
   type DamagedPoint,
   type DiskWriteStats,
+  type EntryDamage,
   type GcReport,
   type InitOptions,
+  type IntegrityState,
   type OpenOptions,
   type PointSummary,
   type PruneEntry,

@@ -62,6 +62,20 @@ export function deriveKeys(master: Buffer, repositoryId: string): RepositoryKeys
   };
 }
 
+/** What an unencrypted repository's integrity key (kept by the client, trust.ts) authenticates. */
+export interface IntegrityKeys {
+  /** HMAC-SHA-256 key of manifest envelopes (envelope.ts, flag bit 3) */
+  manifestKey: Buffer;
+  /** HMAC-SHA-256 key of the config's `integrity.mac` */
+  configKey: Buffer;
+}
+
+export function deriveIntegrityKeys(integrityKey: Buffer, repositoryId: string): IntegrityKeys {
+  const salt = Buffer.from(repositoryId, 'utf8');
+  const sub = (info: string) => Buffer.from(hkdfSync('sha256', integrityKey, salt, info, 32));
+  return { manifestKey: sub('tidemark manifest mac v1'), configKey: sub('tidemark integrity config mac v1') };
+}
+
 export function newMasterKey(): Buffer {
   return randomBytes(MASTER_KEY_SIZE);
 }

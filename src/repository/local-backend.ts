@@ -11,13 +11,22 @@
  */
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { constants } from 'node:fs';
+import { constants, type Dirent } from 'node:fs';
 import { lstat, mkdir, open, readdir, rename, stat, unlink } from 'node:fs/promises';
 import path from 'node:path';
 import { TidemarkError, fromSystemError } from '../errors.js';
 import { DirectWriter } from '../util/direct-io.js';
 import { FileTypeError, openChecked } from '../util/safe-open.js';
-import { checkKey, checkPrefix, type Backend, type GetOptions, type ObjectInfo, type PutOptions } from './backend.js';
+import {
+  checkKey,
+  checkPrefix,
+  isKeySegment,
+  type Backend,
+  type GetOptions,
+  type ListOptions,
+  type ObjectInfo,
+  type PutOptions,
+} from './backend.js';
 
 const TMP = '.tmp';
 /** Staged objects made durable and put in place together once this many wait (bounds memory and loss). */
@@ -156,7 +165,7 @@ export class LocalBackend implements Backend {
     }
   }
 
-  async *list(prefix: string): AsyncIterable<ObjectInfo> {
+  async *list(prefix: string, opts: ListOptions = {}): AsyncIterable<ObjectInfo> {
     checkPrefix(prefix);
     const slash = prefix.lastIndexOf('/');
     const base = slash < 0 ? '' : prefix.slice(0, slash);
@@ -169,10 +178,14 @@ export class LocalBackend implements Backend {
         yield { key, size: info.size, mtimeMs: info.mtimeMs };
       }
     }
-    for await (const info of this.walk(base, prefix)) if (!seen.has(info.key)) yield info;
+    for await (const info of this.walk(base, prefix, opts.unusable === true)) if (!seen.has(info.key)) yield info;
   }
 
-  private async *walk(dirKey: string, prefix: string): AsyncIterable<ObjectInfo> {
+  /**
+   * The entries under `dirKey` whose keys start with `prefix`. Types come from the directory entry and lstat,
+   * never from following a link: a symlink is not an object whatever it points at.
+   */
+  private async *walk(dirKey: string, prefix: string, unusable: boolean): AsyncIterable<ObjectInfo> {
     const dir = dirKey ? path.join(this.location, ...dirKey.split('/')) : this.location;
     let entries;
     try {
@@ -183,14 +196,20 @@ export class LocalBackend implements Backend {
       throw fromSystemError(err, 'list', dir);
     }
     for (const e of entries) {
-      if (e.name.startsWith('.')) continue;
+      // Hidden names (.tmp) and names that cannot be keys are not objects, and never listed.
+      if (e.name.startsWith('.') || !isKeySegment(e.name)) continue;
       const key = dirKey ? `${dirKey}/${e.name}` : e.name;
       if (e.isDirectory()) {
+        if (unusable && key.startsWith(prefix)) yield { key, size: 0, mtimeMs: 0, unusable: 'a directory' };
         // Descend only where keys under this directory can still match the prefix.
-        if (prefix.startsWith(`${key}/`) || key.startsWith(prefix)) yield* this.walk(key, prefix);
-      } else if (e.isFile() && key.startsWith(prefix)) {
-        const info = await this.stat(key);
-        if (info) yield info;
+        if (prefix.startsWith(`${key}/`) || key.startsWith(prefix)) yield* this.walk(key, prefix, unusable);
+      } else if (key.startsWith(prefix)) {
+        const file = path.join(dir, e.name);
+        const st = e.isFile() ? await lstat(file).catch(() => undefined) : undefined;
+        if (st?.isFile()) yield { key, size: st.size, mtimeMs: st.mtimeMs };
+        else if (unusable && (st || !e.isFile())) {
+          yield { key, size: 0, mtimeMs: 0, unusable: describeEntry(st ?? e) };
+        }
       }
     }
   }
@@ -314,4 +333,13 @@ export class LocalBackend implements Backend {
     }
     return fromSystemError(err, action, path.join(this.location, key));
   }
+}
+
+/** What a directory entry that is not a regular file is, for damage reports. */
+function describeEntry(e: Pick<Dirent, 'isDirectory' | 'isSymbolicLink' | 'isFIFO' | 'isSocket'>): string {
+  if (e.isSymbolicLink()) return 'a symbolic link';
+  if (e.isFIFO()) return 'a FIFO';
+  if (e.isSocket()) return 'a socket';
+  if (e.isDirectory()) return 'a directory';
+  return 'a device';
 }

@@ -34,27 +34,43 @@ export interface LockEntry extends Partial<LockInfo> {
 
 const MAX_LOCK_BYTES = 4096;
 
+/** Text a lock holds that is printed (BUSY messages, `repo info`): short, no control characters. */
+const PRINTABLE = /^[\x20-\x7e]{1,255}$/;
+
 function parseLock(key: string, raw: Buffer): LockEntry {
+  let o: LockInfo;
   try {
-    const o = JSON.parse(raw.toString('utf8')) as LockInfo;
-    if (
-      (o.kind !== 'shared' && o.kind !== 'exclusive') ||
-      !Number.isInteger(o.pid) ||
-      typeof o.hostname !== 'string' ||
-      typeof o.operation !== 'string'
-    ) {
-      return { key, stale: false, damaged: 'missing fields' };
-    }
-    const stale = o.hostname === os.hostname() && !pidAlive(o.pid);
-    return { key, ...o, stale };
-  } catch (err) {
-    return { key, stale: false, damaged: (err as Error).message };
+    o = JSON.parse(raw.toString('utf8')) as LockInfo;
+  } catch {
+    return { key, stale: false, damaged: 'not JSON' };
   }
+  if (
+    typeof o !== 'object' ||
+    o === null ||
+    (o.kind !== 'shared' && o.kind !== 'exclusive') ||
+    !Number.isSafeInteger(o.pid) ||
+    o.pid <= 0 ||
+    typeof o.hostname !== 'string' ||
+    !PRINTABLE.test(o.hostname) ||
+    typeof o.operation !== 'string' ||
+    !PRINTABLE.test(o.operation) ||
+    typeof o.createdAt !== 'string' ||
+    !PRINTABLE.test(o.createdAt)
+  ) {
+    return { key, stale: false, damaged: 'missing or malformed fields' };
+  }
+  const stale = o.hostname === os.hostname() && !pidAlive(o.pid);
+  return { key, kind: o.kind, operation: o.operation, pid: o.pid, hostname: o.hostname, createdAt: o.createdAt, stale };
 }
 
 export async function listLocks(backend: Backend): Promise<LockEntry[]> {
   const out: LockEntry[] = [];
-  for await (const o of backend.list('locks/')) {
+  for await (const o of backend.list('locks/', { unusable: true })) {
+    if (o.unusable) {
+      // Never opened (a FIFO would block): it counts as held, like any lock that cannot be read.
+      out.push({ key: o.key, stale: false, damaged: `it is ${o.unusable}, not a lock object` });
+      continue;
+    }
     let raw: Buffer;
     try {
       raw = await backend.get(o.key, { maxBytes: MAX_LOCK_BYTES });

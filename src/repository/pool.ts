@@ -74,6 +74,8 @@ export interface CodecOptions {
   key: Buffer | null;
   /** the key chunk ids are HMACs under (null or absent: SHA-256 ids) */
   idKey?: Buffer | null;
+  /** the manifest MAC key of an unencrypted repository with an integrity key (envelope.ts) */
+  macKey?: Buffer | null;
   /** zstd level (default 3) */
   level?: number;
   /** worker threads; 0 = inline; default: one per core, at most 4 */
@@ -89,10 +91,11 @@ export async function createCodec(opts: CodecOptions): Promise<Codec> {
   const workers = opts.workers ?? defaultWorkers();
   // Loaded here too when workers do the work: a missing binding fails now, with a message, not in a thread.
   const zstd = loadZstd();
-  if (workers <= 0) return new InlineCodec(new EnvelopeCodec(zstd, opts.key, level), opts.idKey ?? null);
+  const macKey = opts.macKey ?? null;
+  if (workers <= 0) return new InlineCodec(new EnvelopeCodec(zstd, opts.key, level, macKey), opts.idKey ?? null);
   return new PoolCodec(
     await workerScript(),
-    { tidemarkEnvelopeWorker: true, zstdPath: ZSTD_PATH, key: opts.key, idKey: opts.idKey ?? null, level },
+    { tidemarkEnvelopeWorker: true, zstdPath: ZSTD_PATH, key: opts.key, idKey: opts.idKey ?? null, macKey, level },
     workers,
   );
 }

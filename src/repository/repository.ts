@@ -15,7 +15,7 @@ import { readdir, stat } from 'node:fs/promises';
 import { TidemarkError, InvalidArgumentError } from '../errors.js';
 import { isAllZero, ZEROES } from '../util/zero.js';
 import type { Backend, ObjectInfo } from './backend.js';
-import { forEachBounded } from './bounded.js';
+import { forEachBounded, MemoryBudget } from './bounded.js';
 import {
   checkChunkSize,
   checkConfigMac,
@@ -26,8 +26,20 @@ import {
   encodeConfig,
   FORMAT_NAME,
   FORMAT_VERSION,
+  integrityConfigMac,
+  integrityMacMatches,
   type RepositoryConfig,
 } from './config.js';
+import {
+  defaultTrustDir,
+  integrityKeyFor,
+  integrityKeyOf,
+  newIntegrityKey,
+  trustEntry,
+  trustFile,
+  writeTrust,
+  type TrustEntry,
+} from './trust.js';
 import {
   checkIndexGeometry,
   decodeIndex,
@@ -39,8 +51,9 @@ import {
   MAX_INDEX_SLOTS,
   slotCountFor,
 } from './disk-index.js';
-import { MAX_OVERHEAD, type ObjectType } from './envelope.js';
+import { MAX_MANIFEST_OVERHEAD, MAX_OVERHEAD, type ObjectType } from './envelope.js';
 import {
+  deriveIntegrityKeys,
   deriveKeys,
   makeSlot,
   newMasterKey,
@@ -92,6 +105,11 @@ import { CodecError, createCodec, type Codec } from './pool.js';
 import { applyRetention, checkPolicy, type RetentionDecision, type RetentionPolicy } from './retention.js';
 
 const HEX_ID = /^[0-9a-f]{64}$/;
+/**
+ * Bytes of disk-index slot tables read at once by verify and gc (an index holds up to 512 MiB: a larger one is read
+ * alone), so that reading many indexes side by side cannot add up to more than this.
+ */
+const INDEX_MEMORY_BUDGET = 256 * 2 ** 20;
 /** how long a temporary file of an interrupted put must lie untouched before gc removes it */
 const TEMPORARY_GRACE_MS = 60 * 60 * 1000;
 
@@ -114,6 +132,21 @@ export interface InitOptions {
   scryptLogN?: number;
 }
 
+/**
+ * How a repository's restore points are authenticated on this machine (docs/formats/repository.md §6a):
+ * encrypted (AES-256-GCM and the config's MAC), or unencrypted with the integrity key this machine holds, or not
+ * at all — an unencrypted repository whose key this machine does not hold, or one made before integrity keys.
+ */
+export interface IntegrityState {
+  mode: 'aes-256-gcm' | 'hmac-sha256' | 'none';
+  /** a forged manifest is refused (false: one cannot be told from a real one) */
+  authenticated: boolean;
+  /** the repository has an integrity key that this machine does not hold */
+  keyMissing: boolean;
+  /** where this machine keeps what it knows about the repository */
+  trustFile: string;
+}
+
 export interface OpenOptions {
   passphrase?: string;
   keyFile?: string;
@@ -123,6 +156,8 @@ export interface OpenOptions {
   compressionLevel?: number;
   /** close the packs this process writes at this many bytes (4 KiB–256 MiB); default 16 MiB */
   packSize?: number;
+  /** where this machine keeps integrity keys and what it knows of repositories (trust.ts); default defaultTrustDir() */
+  trustDir?: string;
 }
 
 export interface PutResult {
@@ -204,19 +239,34 @@ export interface Damage {
   /** where in its pack a damaged chunk lies */
   range?: { offset: number; length: number };
   id: string;
-  problem: 'missing' | 'truncated' | 'corrupt';
+  /** unreadable: the entry is not an object (a symlink, FIFO, directory, …) or the backend cannot read it */
+  problem: 'missing' | 'truncated' | 'corrupt' | 'unreadable';
   message: string;
   affects: Affected[];
+}
+
+/** A repository entry that cannot be read, as `repo info` reports it. */
+export interface EntryDamage {
+  object: Damage['object'];
+  key: string;
+  problem: Damage['problem'];
+  message: string;
 }
 
 export interface VerifyOptions {
   /** chunks read and checked at once; default 8 */
   parallel?: number;
-  onProgress?: (doneChunks: number, totalChunks: number) => void;
+  /**
+   * After each chunk: the stored bytes read so far of those the pack indexes list for the chunks to check (a
+   * throughput, for a progress bar), and the chunks done of all.
+   */
+  onProgress?: (p: { doneBytes: number; totalBytes: number; doneChunks: number; totalChunks: number }) => void;
 }
 
 export interface VerifyReport {
   ok: boolean;
+  /** restore points are authenticated on this machine (false: a forged one would pass as real; see repo info) */
+  authenticated: boolean;
   /** 'all', or the point verified */
   scope: string;
   checked: { points: number; indexes: number; chunks: number; packs: number; storedBytes: number };
@@ -271,6 +321,8 @@ export interface RepositoryInfo {
   chunkId: 'sha256' | 'hmac-sha256';
   compression: 'zstd';
   encryption: null | { cipher: 'aes-256-gcm'; keySlots: KeySlot['kind'][] };
+  /** how restore points are authenticated on this machine */
+  integrity: { mode: IntegrityState['mode']; authenticated: boolean; keyMissing: boolean };
   points: number;
   indexes: { count: number; bytes: number };
   /** chunks the pack indexes list, and the bytes of their envelopes */
@@ -278,6 +330,8 @@ export interface RepositoryInfo {
   packs: { count: number; bytes: number };
   packIndexes: { count: number; bytes: number };
   locks: LockEntry[];
+  /** entries under points/, indexes/, packs/ and packindex/ that are not objects, and pack indexes that do not read */
+  damage: EntryDamage[];
 }
 
 /** A stored object that cannot be used: REPOSITORY_CORRUPT with what verify needs in `details`. */
@@ -287,11 +341,29 @@ function damaged(
   problem: Damage['problem'],
   message: string,
   cause?: unknown,
-): TidemarkError {
-  return new TidemarkError('REPOSITORY_CORRUPT', message, { object, key, problem }, { cause });
+): DamageError {
+  return new TidemarkError('REPOSITORY_CORRUPT', message, { object, key, problem }, { cause }) as DamageError;
 }
 
 type DamageError = TidemarkError & { details: { object: string; key: string; problem: string } };
+
+/** Failures of the machine rather than of the object: they stop a command instead of being reported as damage. */
+const TRANSIENT_ERRNO = new Set(['EMFILE', 'ENFILE', 'ENOMEM', 'EAGAIN', 'EINTR', 'ENOSPC']);
+
+/**
+ * Whether a backend's failure to read one object is damage to that object (an unreadable file, an entry the
+ * safe opener refuses: a symlink, a FIFO, a directory) rather than a reason to stop (a closed repository, a bug).
+ */
+function isUnreadableEntry(err: unknown): boolean {
+  if (!(err instanceof TidemarkError)) return false;
+  if (err.code === 'CLOSED' || err.code === 'INVALID_ARGUMENT' || err.code === 'BUSY') return false;
+  return !TRANSIENT_ERRNO.has(String(err.details.errno ?? ''));
+}
+
+/** The message for an entry that stands where an object belongs but is not one. */
+function unusableMessage(what: string, o: ObjectInfo): string {
+  return `${what} (${o.key}) cannot be read: it is ${o.unusable}, not an object`;
+}
 
 function isDamage(err: unknown): err is DamageError {
   return err instanceof TidemarkError && err.code === 'REPOSITORY_CORRUPT' && typeof err.details.problem === 'string';
@@ -309,6 +381,10 @@ export class Repository {
     private readonly keys: RepositoryKeys | null,
     private readonly codec: Codec,
     private readonly packSize: number,
+    readonly integrity: IntegrityState,
+    /** the integrity key this machine holds for the repository (unencrypted repositories), for `repo key export` */
+    private readonly integrityKey: Buffer | null,
+    private readonly trustDir: string,
   ) {}
 
   get chunkSize(): number {
@@ -352,6 +428,8 @@ export class Repository {
       encryption: null,
     };
     let keys: RepositoryKeys | null = null;
+    let integrityKey: Buffer | null = null;
+    const trustDir = opts.trustDir ?? defaultTrustDir();
     if (secrets.length > 0) {
       const master = newMasterKey();
       const slots: KeySlot[] = [];
@@ -359,26 +437,47 @@ export class Repository {
       keys = deriveKeys(master, id);
       config.encryption = { cipher: 'aes-256-gcm', keys: slots, mac: '' };
       config.encryption.mac = configMac(config, keys.configKey);
+      // Remembered so that a config rewritten to say "not encrypted" is refused here; not needed to open it.
+      await writeTrust(
+        trustDir,
+        trustEntry({ repositoryId: id, location: backend.location, integrityKey: null }),
+      ).catch(() => undefined);
+    } else {
+      // Kept by this machine before the config names it: a repository whose key was lost is never made.
+      integrityKey = newIntegrityKey();
+      await writeTrust(trustDir, trustEntry({ repositoryId: id, location: backend.location, integrityKey }));
+      const { configKey } = deriveIntegrityKeys(integrityKey, id);
+      config.integrity = { algorithm: 'hmac-sha256', mac: integrityConfigMac(config, configKey) };
     }
     await backend.put(CONFIG_KEY, encodeConfig(config), { sync: true });
     // Opened with the keys in hand: no second key derivation.
-    return Repository.withCodec(backend, config, keys, opts, packSize);
+    return Repository.withCodec(backend, config, keys, integrityKey, trustDir, opts, packSize);
   }
 
   private static async withCodec(
     backend: Backend,
     config: RepositoryConfig,
     keys: RepositoryKeys | null,
+    integrityKey: Buffer | null,
+    trustDir: string,
     opts: OpenOptions,
     packSize: number,
   ): Promise<Repository> {
+    const macKey = integrityKey ? deriveIntegrityKeys(integrityKey, config.id).manifestKey : null;
     const codec = await createCodec({
       key: keys?.encKey ?? null,
       idKey: keys?.idKey ?? null,
+      macKey,
       level: opts.compressionLevel,
       workers: opts.workers,
     });
-    return new Repository(backend, config, keys, codec, packSize);
+    const integrity: IntegrityState = {
+      mode: keys ? 'aes-256-gcm' : config.integrity ? 'hmac-sha256' : 'none',
+      authenticated: keys !== null || integrityKey !== null,
+      keyMissing: !keys && !!config.integrity && integrityKey === null,
+      trustFile: trustFile(trustDir, config.id),
+    };
+    return new Repository(backend, config, keys, codec, packSize, integrity, integrityKey, trustDir);
   }
 
   static async open(location: string | Backend, opts: OpenOptions = {}): Promise<Repository> {
@@ -389,6 +488,15 @@ export class Repository {
       raw = await backend.get(CONFIG_KEY, { maxBytes: 64 * 1024 });
     } catch (err) {
       if ((err as TidemarkError).code === 'NOT_FOUND') {
+        // Something there that is not an object (a directory, a dangling link) is a damaged repository, not none.
+        for await (const o of backend.list('config', { unusable: true })) {
+          if (o.key === CONFIG_KEY && o.unusable) {
+            throw new TidemarkError(
+              'REPOSITORY_CORRUPT',
+              `config of repository ${backend.location} cannot be read: it is ${o.unusable}, not an object`,
+            );
+          }
+        }
         throw new TidemarkError(
           'NOT_FOUND',
           `no repository at ${backend.location} (create one with: tidemark repo init ${backend.location})`,
@@ -396,6 +504,14 @@ export class Repository {
       }
       if ((err as TidemarkError).code === 'LIMIT_EXCEEDED') {
         throw new TidemarkError('REPOSITORY_CORRUPT', `config of repository ${backend.location} is too large`);
+      }
+      if (isUnreadableEntry(err)) {
+        throw new TidemarkError(
+          'REPOSITORY_CORRUPT',
+          `config of repository ${backend.location} cannot be read: ${(err as Error).message}`,
+          {},
+          { cause: err },
+        );
       }
       throw err;
     }
@@ -414,7 +530,54 @@ export class Repository {
       keys = deriveKeys(master, config.id);
       checkConfigMac(config, keys.configKey, backend.location);
     }
-    return Repository.withCodec(backend, config, keys, opts, packSize);
+    const trustDir = opts.trustDir ?? defaultTrustDir();
+    const integrityKey = keys ? null : await integrityKeyFor(config, trustDir, backend.location);
+    return Repository.withCodec(backend, config, keys, integrityKey, trustDir, opts, packSize);
+  }
+
+  /**
+   * What another machine needs to authenticate this repository's restore points: this machine's entry for it
+   * (its integrity key). NOT_FOUND when this machine holds no key (encrypted repositories need none).
+   */
+  exportTrust(): TrustEntry {
+    if (this.integrityKey === null) {
+      throw new TidemarkError(
+        'NOT_FOUND',
+        this.keys
+          ? `repository ${this.location} is encrypted: its passphrase or key file is all another machine needs`
+          : `this machine holds no integrity key for repository ${this.location}`,
+      );
+    }
+    return trustEntry({ repositoryId: this.config.id, location: this.location, integrityKey: this.integrityKey });
+  }
+
+  /**
+   * Keeps an integrity key (from `repo key export` on another machine) for this repository on this machine, once
+   * it is shown to be this repository's (its config's MAC matches). The file it was stored in.
+   */
+  async importTrust(entry: TrustEntry): Promise<string> {
+    if (entry.repository !== this.config.id) {
+      throw new InvalidArgumentError(
+        `that key is for repository ${entry.repository}; ${this.location} is repository ${this.config.id}`,
+      );
+    }
+    const key = integrityKeyOf(entry);
+    if (this.keys || key === null) {
+      throw new InvalidArgumentError(`repository ${this.location} is encrypted: it has no integrity key to import`);
+    }
+    if (!this.config.integrity) {
+      throw new InvalidArgumentError(`repository ${this.location} was made without an integrity key`);
+    }
+    if (!integrityMacMatches(this.config, deriveIntegrityKeys(key, this.config.id).configKey)) {
+      throw new TidemarkError(
+        'WRONG_KEY',
+        `that key is not repository ${this.location}'s integrity key (the config's MAC does not match)`,
+      );
+    }
+    return writeTrust(
+      this.trustDir,
+      trustEntry({ repositoryId: entry.repository, location: this.location, integrityKey: key }),
+    );
   }
 
   /** Aborts open backup sessions (releasing their locks) and stops the codec workers. */
@@ -466,17 +629,23 @@ export class Repository {
     let stored: Buffer;
     try {
       stored = await this.backend.get(key, {
-        maxBytes: maxPlain + MAX_OVERHEAD,
+        maxBytes: maxPlain + (type === 'manifest' ? MAX_MANIFEST_OVERHEAD : MAX_OVERHEAD),
         ...(at ? { range: { offset: at.offset, length: at.length }, into: at.into } : {}),
       });
     } catch (err) {
       const code = (err as TidemarkError).code;
       if (code === 'NOT_FOUND') {
+        // Something there that is not an object (a directory, a dangling link) is not "missing": it is damage.
+        const entry = at ? null : await this.unusableEntry(key);
+        if (entry) throw damaged(object, key, 'unreadable', unusableMessage(what, entry), err);
         if (missing === 'not-found') throw err;
         throw damaged(object, key, 'missing', `${what} is missing (${key})`, err);
       }
       if (code === 'LIMIT_EXCEEDED')
         throw damaged(object, key, 'corrupt', `${what} is damaged: ${(err as Error).message}`, err);
+      if (isUnreadableEntry(err)) {
+        throw damaged(object, key, 'unreadable', `${what} cannot be read (${key}): ${(err as Error).message}`, err);
+      }
       throw err;
     }
     if (at && stored.length < at.length) {
@@ -505,6 +674,12 @@ export class Repository {
     }
   }
 
+  /** The entry under `key` when it stands where an object belongs but is not one, else null. */
+  private async unusableEntry(key: string): Promise<ObjectInfo | null> {
+    for await (const o of this.backend.list(key, { unusable: true })) if (o.key === key && o.unusable) return o;
+    return null;
+  }
+
   /** The largest envelope a chunk can have. */
   private get maxChunkObject(): number {
     return this.chunkSize + MAX_OVERHEAD;
@@ -522,9 +697,12 @@ export class Repository {
     this.checkOpen();
     if (opts.reread) this.packIndexState = null;
     const listed: string[] = [];
-    for await (const o of this.backend.list('packindex/')) {
+    const damage: DamageError[] = [];
+    for await (const o of this.backend.list('packindex/', { unusable: true })) {
       const id = o.key.slice('packindex/'.length);
-      if (HEX_ID.test(id)) listed.push(id);
+      if (!HEX_ID.test(id)) continue;
+      if (o.unusable) damage.push(damaged('pack-index', o.key, 'unreadable', unusableMessage(`pack index ${id}`, o)));
+      else listed.push(id);
     }
     listed.sort();
     const present = new Set(listed);
@@ -532,7 +710,6 @@ export class Repository {
     if (!state || [...state.loaded].some((id) => !present.has(id))) state = { map: new ChunkMap(), loaded: new Set() };
     const fresh = listed.filter((id) => !state.loaded.has(id));
     const read = new Map<string, PackContents[]>();
-    const damage: DamageError[] = [];
     await forEachBounded(fresh, 8, async (id) => {
       try {
         read.set(id, await this.readPackIndex(id));
@@ -548,6 +725,7 @@ export class Repository {
       state.loaded.add(id);
     }
     this.packIndexState = state;
+    damage.sort((a, b) => (a.details.key < b.details.key ? -1 : 1));
     return { map: state.map, indexCount: listed.length, damaged: damage };
   }
 
@@ -686,13 +864,50 @@ export class Repository {
   // ---------------------------------------------------------------------------------------------------------
   // Restore points
 
+  /** The id of every entry under points/ (oldest first), also those that are not objects (see pointEntries). */
   async listPointIds(): Promise<string[]> {
+    return (await this.pointEntries()).ids;
+  }
+
+  /**
+   * Every entry under points/ named like a restore point, and of those, the ones that are not objects (a
+   * symlink, a FIFO, a directory, …) with the message that reports them: damage, never skipped.
+   */
+  async pointEntries(): Promise<{ ids: string[]; unusable: Map<string, string> }> {
     const ids: string[] = [];
-    for await (const o of this.backend.list('points/')) {
+    const unusable = new Map<string, string>();
+    for await (const o of this.backend.list('points/', { unusable: true })) {
       const id = o.key.slice('points/'.length);
-      if (POINT_ID.test(id)) ids.push(id);
+      if (!POINT_ID.test(id)) continue;
+      ids.push(id);
+      if (o.unusable) unusable.set(id, unusableMessage(`restore point ${id}`, o));
     }
-    return ids.sort();
+    return { ids: ids.sort(), unusable };
+  }
+
+  /**
+   * Entries under `prefix` named like the objects `shape` matches (its first group: the id) that are not objects,
+   * each as damage to `object`.
+   */
+  private async unusableEntries(
+    prefix: string,
+    shape: RegExp,
+    object: Damage['object'],
+    what: string,
+  ): Promise<Map<string, EntryDamage & { id: string }>> {
+    const out = new Map<string, EntryDamage & { id: string }>();
+    for await (const o of this.backend.list(prefix, { unusable: true })) {
+      const m = shape.exec(o.key);
+      if (!m || !o.unusable) continue;
+      out.set(m[1], {
+        object,
+        key: o.key,
+        id: m[1],
+        problem: 'unreadable',
+        message: unusableMessage(`${what} ${m[1]}`, o),
+      });
+    }
+    return out;
   }
 
   /** A full point id from an id or a unique prefix of one. */
@@ -726,7 +941,18 @@ export class Repository {
       throw err;
     }
     try {
-      return decodeManifest(plain, id);
+      const m = decodeManifest(plain, id);
+      for (const [i, vm] of m.vms.entries()) {
+        for (const [j, d] of vm.disks.entries()) {
+          if (d.index.chunkSize !== this.chunkSize) {
+            throw new TidemarkError(
+              'REPOSITORY_CORRUPT',
+              `manifest of restore point ${id} is damaged: vms.${i}.disks.${j}.index.chunkSize: ${d.index.chunkSize}, the repository's is ${this.chunkSize}`,
+            );
+          }
+        }
+      }
+      return m;
     } catch (err) {
       if (err instanceof TidemarkError && err.code === 'REPOSITORY_CORRUPT') {
         throw damaged('manifest', key, 'corrupt', err.message, err);
@@ -737,11 +963,17 @@ export class Repository {
 
   /** Every restore point (oldest first), optionally only those holding a VM (by name or id). */
   async listPoints(opts: { vm?: string } = {}): Promise<{ points: PointSummary[]; damaged: DamagedPoint[] }> {
-    const ids = await this.listPointIds();
-    const found = new Map<string, PointManifest | DamagedPoint>();
+    const { ids, unusable } = await this.pointEntries();
+    // Summaries only are kept (a manifest's definitions may make it 16 MiB).
+    const found = new Map<string, PointSummary | DamagedPoint>();
     await forEachBounded(ids, 8, async (id) => {
+      const why = unusable.get(id);
+      if (why !== undefined) {
+        found.set(id, { id, code: 'REPOSITORY_CORRUPT', message: why });
+        return;
+      }
       try {
-        found.set(id, await this.readPoint(id));
+        found.set(id, summarize(await this.readPoint(id)));
       } catch (err) {
         if (!(err instanceof TidemarkError) || err.code === 'NOT_FOUND') {
           if (err instanceof TidemarkError) return;
@@ -760,7 +992,7 @@ export class Repository {
         continue;
       }
       if (opts.vm !== undefined && !m.vms.some((v) => v.name === opts.vm || v.id === opts.vm)) continue;
-      points.push(summarize(m));
+      points.push(m);
     }
     points.sort((a, b) => (a.time < b.time ? -1 : a.time > b.time ? 1 : a.id < b.id ? -1 : 1));
     return { points, damaged: bad };
@@ -799,6 +1031,12 @@ export class Repository {
 
   /** A backup session under a shared lock: chunks and indexes, then commit() writes the manifest, or abort(). */
   async startBackup(opts: { operation?: string } = {}): Promise<BackupSession> {
+    if (this.integrity.keyMissing) {
+      // Its manifest could not carry the MAC: every machine that holds the key would refuse it as forged.
+      throw new InvalidArgumentError(
+        `repository ${this.location} authenticates its restore points with an integrity key this machine does not hold: copy it from a machine that does (\`tidemark repo key export FILE\`, then here \`tidemark repo key import FILE\`)`,
+      );
+    }
     const lock = await this.lock('shared', opts.operation ?? 'backup');
     let known: ChunkMap;
     try {
@@ -925,84 +1163,102 @@ export class Repository {
   }
 
   private async verifyLocked(pointId: string | undefined, opts: VerifyOptions): Promise<VerifyReport> {
-    const allIds = await this.listPointIds();
+    const { ids: allIds, unusable: unusablePoints } = await this.pointEntries();
     const scopeIds = pointId === undefined ? allIds : [await this.resolvePoint(pointId)];
     if (pointId !== undefined && !allIds.includes(scopeIds[0])) {
       throw new TidemarkError('NOT_FOUND', `no restore point ${scopeIds[0]} in ${this.location}`);
     }
+    const all = pointId === undefined;
     const inScope = new Set(scopeIds);
     const damage: Damage[] = [];
-    const manifests = new Map<string, PointManifest>();
-    await forEachBounded(allIds, 8, async (id) => {
-      try {
-        manifests.set(id, await this.readPoint(id));
-      } catch (err) {
-        if (!inScope.has(id)) return;
-        if (isDamage(err)) {
-          const problem = err.details.problem as Damage['problem'];
-          damage.push({
-            object: 'manifest',
-            key: pointKey(id),
-            id,
-            problem,
-            message: err.message,
-            affects: [{ pointId: id }],
-          });
-        } else if (err instanceof TidemarkError && err.code === 'NOT_FOUND') {
-          damage.push({
-            object: 'manifest',
-            key: pointKey(id),
-            id,
-            problem: 'missing',
-            message: err.message,
-            affects: [{ pointId: id }],
-          });
-        } else throw err;
-      }
-    });
-
-    // Who uses each index: every point, so that damage names all the points it affects.
+    // Who uses each index: every point, so that damage names all the points it affects. Only this is kept of a
+    // manifest (not its definitions: a manifest may be 16 MiB).
     interface Use {
       pointId: string;
       vm: string;
-      disk: DiskEntry;
+      diskId: string;
+      disk: string;
+      index: IndexRef;
     }
     const users = new Map<string, Use[]>();
-    for (const [id, m] of manifests) {
-      for (const vm of m.vms) {
-        for (const disk of vm.disks) {
-          const u = users.get(disk.index.id) ?? [];
-          u.push({ pointId: id, vm: vm.name, disk });
-          users.set(disk.index.id, u);
-        }
+    const manifestDamage = (id: string, problem: Damage['problem'], message: string) =>
+      damage.push({ object: 'manifest', key: pointKey(id), id, problem, message, affects: [{ pointId: id }] });
+    await forEachBounded(allIds, 8, async (id) => {
+      const why = unusablePoints.get(id);
+      if (why !== undefined) {
+        if (inScope.has(id)) manifestDamage(id, 'unreadable', why);
+        return;
       }
-    }
+      try {
+        const m = await this.readPoint(id);
+        for (const vm of m.vms) {
+          for (const d of vm.disks) {
+            const u = users.get(d.index.id) ?? [];
+            u.push({ pointId: id, vm: vm.name, diskId: d.diskId, disk: d.name, index: d.index });
+            users.set(d.index.id, u);
+          }
+        }
+      } catch (err) {
+        if (!(err instanceof TidemarkError) || err.code === 'CLOSED') throw err;
+        if (!inScope.has(id)) return;
+        // A manifest this Tidemark cannot read (a newer version, say) is reported too: verify never stops at one.
+        const problem = isDamage(err) ? (err.details.problem as Damage['problem']) : 'unreadable';
+        manifestDamage(id, err.code === 'NOT_FOUND' ? 'missing' : problem, err.message);
+      }
+    });
+    // Entries that stand where an index or a pack belongs but are not objects: reported, never opened.
+    const unusableIndexes = await this.unusableEntries('indexes/', /^indexes\/([0-9a-f]{64})$/, 'index', 'index');
+    const unusablePacks = await this.unusableEntries('packs/', /^packs\/[0-9a-f]{2}\/([0-9a-f]{64})$/, 'pack', 'pack');
+
     const scopeIndexes = new Set<string>();
     for (const [indexId, us] of users) if (us.some((u) => inScope.has(u.pointId))) scopeIndexes.add(indexId);
 
-    const indexes = new Map<string, DiskIndex>();
     const badIndexes = new Set<string>();
-    const loadIndex = async (indexId: string, report: boolean) => {
-      const use = users.get(indexId)![0];
-      try {
-        indexes.set(indexId, await this.readIndex(use.disk.index));
-      } catch (err) {
-        if (!isDamage(err)) throw err;
+    const indexDamage = (indexId: string, problem: Damage['problem'], message: string) =>
+      damage.push({
+        object: 'index',
+        key: indexKey(indexId),
+        id: indexId,
+        problem,
+        message,
+        affects: (users.get(indexId) ?? []).map((u) => ({
+          pointId: u.pointId,
+          vm: u.vm,
+          diskId: u.diskId,
+          disk: u.disk,
+        })),
+      });
+    // Indexes are read, used and dropped, a few at a time within a memory budget: never all held at once.
+    const budget = new MemoryBudget(INDEX_MEMORY_BUDGET);
+    const withIndex = async (indexId: string, report: boolean, use: (index: DiskIndex) => void) => {
+      const ref = users.get(indexId)![0].index;
+      const unusable = unusableIndexes.get(indexId);
+      if (unusable) {
         badIndexes.add(indexId);
-        if (!report) return;
-        damage.push({
-          object: 'index',
-          key: indexKey(indexId),
-          id: indexId,
-          problem: err.details.problem as Damage['problem'],
-          message: err.message,
-          affects: users
-            .get(indexId)!
-            .map((u) => ({ pointId: u.pointId, vm: u.vm, diskId: u.disk.diskId, disk: u.disk.name })),
-        });
+        if (report) indexDamage(indexId, 'unreadable', unusable.message);
+        return;
       }
+      await budget.run(indexBodySize(slotCountFor(ref.virtualSize, this.chunkSize)), async () => {
+        let index: DiskIndex;
+        try {
+          index = await this.readIndex(ref);
+        } catch (err) {
+          if (!isDamage(err)) throw err;
+          badIndexes.add(indexId);
+          if (report) indexDamage(indexId, err.details.problem as Damage['problem'], err.message);
+          return;
+        }
+        use(index);
+      });
     };
-    await forEachBounded(scopeIndexes, 4, (id) => loadIndex(id, true));
+    const chunkIds = new Set<string>();
+    await forEachBounded(scopeIndexes, 4, (id) =>
+      withIndex(id, true, (index) => {
+        for (const c of index.chunks()) chunkIds.add(c.id);
+      }),
+    );
+    // An unusable entry no point names is damage too (when verifying everything).
+    if (all) for (const [id, e] of unusableIndexes) if (!users.has(id)) indexDamage(id, e.problem, e.message);
 
     const { map, damaged: badPackIndexes } = await this.packIndexes({ reread: true });
     for (const err of badPackIndexes) {
@@ -1016,8 +1272,6 @@ export class Repository {
         affects: [],
       });
     }
-    const chunkIds = new Set<string>();
-    for (const id of scopeIndexes) for (const c of indexes.get(id)?.chunkIds() ?? []) chunkIds.add(c);
     // In pack order, so that each pack is read from start to end.
     const ordered = [...chunkIds].sort((a, b) => {
       const la = map.get(a);
@@ -1031,11 +1285,20 @@ export class Repository {
       if (loc) packs.add(loc.pack);
     }
     const badChunks = new Map<string, { key: string; problem: Damage['problem']; message: string }>();
+    let totalBytes = 0;
+    for (const id of ordered) totalBytes += map.get(id)?.length ?? 0;
     let storedBytes = 0;
+    let doneBytes = 0;
     let doneChunks = 0;
     await forEachBounded(ordered, Math.max(1, opts.parallel ?? 8), async (id) => {
+      const loc = map.get(id);
+      const unusable = loc ? unusablePacks.get(loc.pack) : undefined;
       try {
-        storedBytes += (await this.readChunkIn(map, id)).storedBytes;
+        if (unusable) throw damaged('chunk', unusable.key, 'unreadable', `chunk ${id}: ${unusable.message}`);
+        // Added after the await: `storedBytes += await …` would read storedBytes before it and lose the other
+        // workers' additions.
+        const { storedBytes: n } = await this.readChunkIn(map, id);
+        storedBytes += n;
       } catch (err) {
         if (!isDamage(err)) throw err;
         badChunks.set(id, {
@@ -1044,37 +1307,39 @@ export class Repository {
           message: err.message,
         });
       }
-      opts.onProgress?.(++doneChunks, chunkIds.size);
+      doneBytes += loc?.length ?? 0;
+      opts.onProgress?.({ doneBytes, totalBytes, doneChunks: ++doneChunks, totalChunks: chunkIds.size });
     });
 
     if (badChunks.size > 0) {
-      // Indexes outside the scope may hold the damaged chunks too: read them (not their chunks) to say so.
-      const others = [...users.keys()].filter((id) => !scopeIndexes.has(id));
-      await forEachBounded(others, 4, (id) => loadIndex(id, false));
+      // Every index that reads (those outside the scope too) is read again to say where the damaged chunks are used.
       const affects = new Map<string, Affected[]>();
-      for (const [indexId, index] of indexes) {
-        const hits = new Map<string, number[]>();
-        for (const c of index.chunks()) {
-          if (!badChunks.has(c.id)) continue;
-          const h = hits.get(c.id) ?? [];
-          h.push(c.offset);
-          hits.set(c.id, h);
-        }
-        for (const [chunkId, offsets] of hits) {
-          const list = affects.get(chunkId) ?? [];
-          for (const u of users.get(indexId)!) {
-            list.push({
-              pointId: u.pointId,
-              vm: u.vm,
-              diskId: u.disk.diskId,
-              disk: u.disk.name,
-              slots: offsets.length,
-              offsets: offsets.slice(0, 8),
-            });
+      const readable = [...users.keys()].filter((id) => !badIndexes.has(id));
+      await forEachBounded(readable, 4, (indexId) =>
+        withIndex(indexId, false, (index) => {
+          const hits = new Map<string, number[]>();
+          for (const c of index.chunks()) {
+            if (!badChunks.has(c.id)) continue;
+            const h = hits.get(c.id) ?? [];
+            h.push(c.offset);
+            hits.set(c.id, h);
           }
-          affects.set(chunkId, list);
-        }
-      }
+          for (const [chunkId, offsets] of hits) {
+            const list = affects.get(chunkId) ?? [];
+            for (const u of users.get(indexId)!) {
+              list.push({
+                pointId: u.pointId,
+                vm: u.vm,
+                diskId: u.diskId,
+                disk: u.disk,
+                slots: offsets.length,
+                offsets: offsets.slice(0, 8),
+              });
+            }
+            affects.set(chunkId, list);
+          }
+        }),
+      );
       for (const [id, bad] of badChunks) {
         const list = (affects.get(id) ?? []).sort((a, b) => (a.pointId < b.pointId ? -1 : 1));
         const loc = map.get(id);
@@ -1090,12 +1355,20 @@ export class Repository {
       }
     }
 
+    if (all) {
+      // Unusable packs none of the chunks above lie in.
+      for (const [id, e] of unusablePacks) {
+        if (!packs.has(id)) damage.push({ ...e, affects: [] });
+      }
+    }
+
     const affected = new Set<string>();
     for (const d of damage) for (const a of d.affects) affected.add(a.pointId);
     const order = { manifest: 0, index: 1, 'pack-index': 2, pack: 3, chunk: 4 };
     damage.sort((a, b) => order[a.object] - order[b.object] || (a.id < b.id ? -1 : 1));
     return {
       ok: damage.length === 0,
+      authenticated: this.integrity.authenticated,
       scope: pointId === undefined ? 'all' : scopeIds[0],
       checked: {
         points: scopeIds.length,
@@ -1122,12 +1395,19 @@ export class Repository {
     const dryRun = opts.dryRun === true;
     const lock = dryRun ? null : await this.lock('exclusive', 'prune');
     try {
-      const ids = await this.listPointIds();
-      const manifests: PointManifest[] = [];
+      const { ids, unusable } = await this.pointEntries();
+      // What retention needs of each manifest, no more (a manifest may be 16 MiB).
+      const manifests: { id: string; time: string; vms: { name: string; id: string }[] }[] = [];
       const bad: DamagedPoint[] = [];
       await forEachBounded(ids, 8, async (id) => {
+        const why = unusable.get(id);
+        if (why !== undefined) {
+          bad.push({ id, code: 'REPOSITORY_CORRUPT', message: why });
+          return;
+        }
         try {
-          manifests.push(await this.readPoint(id));
+          const m = await this.readPoint(id);
+          manifests.push({ id: m.id, time: m.time, vms: m.vms.map((v) => ({ name: v.name, id: v.id })) });
         } catch (err) {
           if (!(err instanceof TidemarkError)) throw err;
           bad.push({ id, code: err.code, message: err.message });
@@ -1173,11 +1453,25 @@ export class Repository {
     const dryRun = opts.dryRun === true;
     const lock = await this.lock('exclusive', 'gc');
     try {
-      const ids = await this.listPointIds();
+      // Listed before anything is read: an entry that is not an object stops gc here, never opened (a FIFO would
+      // block the read).
+      const listedIndexes: ObjectInfo[] = [];
+      for await (const o of this.backend.list('indexes/', { unusable: true })) {
+        const id = o.key.slice('indexes/'.length);
+        if (!HEX_ID.test(id)) continue;
+        if (o.unusable) throw this.gcStopsAt(unusableMessage(`index ${id}`, o), o.key);
+        listedIndexes.push(o);
+      }
+      const { packs: stored, unusable: unusablePacks } = await this.storedPacks();
+      const firstUnusable = unusablePacks.values().next().value;
+      if (firstUnusable) throw this.gcStopsAt(firstUnusable.message, firstUnusable.key);
+      const { ids, unusable: unusablePoints } = await this.pointEntries();
       const markedIndexes = new Map<string, IndexRef>();
       await forEachBounded(ids, 8, async (id) => {
         let m: PointManifest;
         try {
+          const why = unusablePoints.get(id);
+          if (why !== undefined) throw new TidemarkError('REPOSITORY_CORRUPT', why);
           m = await this.readPoint(id);
         } catch (err) {
           if (err instanceof TidemarkError && err.code === 'NOT_FOUND') return;
@@ -1191,10 +1485,13 @@ export class Repository {
       });
       const markedChunks = new Set<string>();
       const missingIndexes: string[] = [];
+      const budget = new MemoryBudget(INDEX_MEMORY_BUDGET);
       await forEachBounded(markedIndexes.values(), 4, async (ref) => {
-        let index: DiskIndex;
         try {
-          index = await this.readIndex(ref);
+          // Its chunks marked within the memory budget; the index itself is not kept.
+          await budget.run(indexBodySize(slotCountFor(ref.virtualSize, this.chunkSize)), async () => {
+            for (const c of (await this.readIndex(ref)).chunks()) markedChunks.add(c.id);
+          });
         } catch (err) {
           if (isDamage(err) && err.details.problem === 'missing') {
             missingIndexes.push(ref.id);
@@ -1206,7 +1503,6 @@ export class Repository {
             { indexId: ref.id },
           );
         }
-        for (const c of index.chunks()) markedChunks.add(c.id);
       });
 
       const { map, indexCount, damaged: badPackIndexes } = await this.packIndexes({ reread: true });
@@ -1235,9 +1531,8 @@ export class Repository {
         missingIndexes: missingIndexes.sort(),
       };
       const sweep: { key: string; size: number }[] = [];
-      for await (const o of this.backend.list('indexes/')) {
+      for (const o of listedIndexes) {
         const id = o.key.slice('indexes/'.length);
-        if (!HEX_ID.test(id)) continue;
         if (markedIndexes.has(id)) report.indexesKept++;
         else {
           report.indexesRemoved++;
@@ -1246,7 +1541,6 @@ export class Repository {
       }
 
       // Each pack: kept whole (every chunk in it is referenced and found there), removed (none is), or repacked.
-      const stored = await this.storedPacks();
       const keep: PackContents[] = [];
       const repack: { packId: string; live: PackEntry[] }[] = [];
       for (const packId of map.packIds()) {
@@ -1308,6 +1602,15 @@ export class Repository {
     }
   }
 
+  /** gc's refusal to go on past an entry it cannot read (before it deletes anything). */
+  private gcStopsAt(why: string, key: string): TidemarkError {
+    return new TidemarkError(
+      'REPOSITORY_CORRUPT',
+      `gc stopped before deleting anything: ${why}; check with \`tidemark verify\`, then move it out of the repository`,
+      { key },
+    );
+  }
+
   /** Copies the referenced chunks of a pack into `writer`, each opened and checked on the way (damage stops gc). */
   private async copyChunks(packId: string, live: readonly PackEntry[], writer: PackWriter): Promise<void> {
     const key = packKey(packId);
@@ -1338,9 +1641,19 @@ export class Repository {
     const key = packKey(packId);
     const corrupt = (why: string) => damaged('pack', key, 'corrupt', `pack ${packId} is damaged: ${why}`);
     if (size < PACK_TRAILER_SIZE) throw corrupt(`${size} bytes`);
-    const trailer = await this.backend.get(key, {
-      range: { offset: size - PACK_TRAILER_SIZE, length: PACK_TRAILER_SIZE },
-    });
+    let trailer: Buffer;
+    try {
+      trailer = await this.backend.get(key, {
+        range: { offset: size - PACK_TRAILER_SIZE, length: PACK_TRAILER_SIZE },
+      });
+    } catch (err) {
+      if ((err as TidemarkError).code === 'NOT_FOUND')
+        throw damaged('pack', key, 'missing', `pack ${packId} is missing`);
+      if (isUnreadableEntry(err)) {
+        throw damaged('pack', key, 'unreadable', `pack ${packId} cannot be read: ${(err as Error).message}`, err);
+      }
+      throw err;
+    }
     if (trailer.length < PACK_TRAILER_SIZE) throw corrupt('shorter than listed');
     const headerLength = trailer.readUInt32LE(0);
     if (headerLength > MAX_PACK_HEADER_OBJECT || headerLength + PACK_TRAILER_SIZE > size) {
@@ -1367,14 +1680,20 @@ export class Repository {
     }
   }
 
-  /** Every pack stored, by id. */
-  private async storedPacks(): Promise<Map<string, ObjectInfo>> {
+  /** Every pack stored, by id; and the entries named like packs that are not objects, with their messages. */
+  private async storedPacks(): Promise<{
+    packs: Map<string, ObjectInfo>;
+    unusable: Map<string, { key: string; message: string }>;
+  }> {
     const packs = new Map<string, ObjectInfo>();
-    for await (const o of this.backend.list('packs/')) {
+    const unusable = new Map<string, { key: string; message: string }>();
+    for await (const o of this.backend.list('packs/', { unusable: true })) {
       const m = /^packs\/([0-9a-f]{2})\/([0-9a-f]{64})$/.exec(o.key);
-      if (m && m[2].startsWith(m[1])) packs.set(m[2], o);
+      if (!m || !m[2].startsWith(m[1])) continue;
+      if (o.unusable) unusable.set(m[2], { key: o.key, message: unusableMessage(`pack ${m[2]}`, o) });
+      else packs.set(m[2], o);
     }
-    return packs;
+    return { packs, unusable };
   }
 
   /**
@@ -1383,6 +1702,7 @@ export class Repository {
    */
   private async replacePackIndexes(packs: PackContents[]): Promise<void> {
     const old: string[] = [];
+    // Only objects: an entry that is not one (reported as damage) is left for a person to look at.
     for await (const o of this.backend.list('packindex/')) old.push(o.key);
     const fresh = new Set((await this.writePackIndexes(packs)).map(packIndexKey));
     await this.backend.sync();
@@ -1409,8 +1729,13 @@ export class Repository {
       // What the current pack indexes say still serves for a pack whose own header cannot be read.
       const { map: before } = await this.packIndexes({ reread: true });
       const packs: PackContents[] = [];
-      const unreadable: { key: string; message: string }[] = [];
-      await forEachBounded(await this.storedPacks(), 8, async ([packId, o]) => {
+      const stored = await this.storedPacks();
+      // An entry that is not a pack cannot be read; the current pack indexes' word for it, if any, is kept.
+      const unreadable: { key: string; message: string }[] = [...stored.unusable.values()];
+      for (const packId of stored.unusable.keys()) {
+        if (before.hasPack(packId)) packs.push({ packId, entries: [...before.entriesOf(packId)] });
+      }
+      await forEachBounded(stored.packs, 8, async ([packId, o]) => {
         try {
           packs.push({ packId, entries: await this.readPackHeader(packId, o.size) });
         } catch (err) {
@@ -1434,18 +1759,45 @@ export class Repository {
   // ---------------------------------------------------------------------------------------------------------
   // Info and locks
 
+  /**
+   * What the repository is and holds. Reads the config, lists every prefix and reads the pack indexes (for the
+   * chunk counts): entries among them that cannot be read are reported in `damage`, not left out silently.
+   */
   async info(): Promise<RepositoryInfo> {
     this.checkOpen();
-    const count = async (prefix: string) => {
+    const damage: EntryDamage[] = [];
+    const count = async (prefix: string, shape: RegExp, object: Damage['object'], what: string) => {
       let n = 0;
       let bytes = 0;
-      for await (const o of this.backend.list(prefix)) {
+      for await (const o of this.backend.list(prefix, { unusable: true })) {
+        const m = shape.exec(o.key);
+        if (o.unusable) {
+          if (m)
+            damage.push({ object, key: o.key, problem: 'unreadable', message: unusableMessage(`${what} ${m[1]}`, o) });
+          continue;
+        }
         n++;
         bytes += o.size;
       }
       return { count: n, bytes };
     };
     const c = this.config;
+    const points = await count('points/', /^points\/(\d{8}-\d{6}-[0-9a-f]{8})$/, 'manifest', 'restore point');
+    const indexes = await count('indexes/', /^indexes\/([0-9a-f]{64})$/, 'index', 'index');
+    const packs = await count('packs/', /^packs\/[0-9a-f]{2}\/([0-9a-f]{64})$/, 'pack', 'pack');
+    const packIndexes = await count('packindex/', /^packindex\/([0-9a-f]{64})$/, 'pack-index', 'pack index');
+    const { map, damaged: badPackIndexes } = await this.packIndexes();
+    for (const err of badPackIndexes) {
+      // Entries that are not objects were counted above already.
+      if (err.details.problem === 'unreadable' && damage.some((d) => d.key === err.details.key)) continue;
+      damage.push({
+        object: 'pack-index',
+        key: err.details.key,
+        problem: err.details.problem as Damage['problem'],
+        message: `${err.message} (rebuild the pack indexes with \`tidemark repo repair-index\`)`,
+      });
+    }
+    damage.sort((a, b) => (a.key < b.key ? -1 : 1));
     return {
       location: this.location,
       id: c.id,
@@ -1455,15 +1807,18 @@ export class Repository {
       chunkId: c.chunkId,
       compression: c.compression,
       encryption: c.encryption ? { cipher: c.encryption.cipher, keySlots: c.encryption.keys.map((k) => k.kind) } : null,
-      points: (await this.listPointIds()).length,
-      indexes: await count('indexes/'),
-      chunks: await (async () => {
-        const { map } = await this.packIndexes();
-        return { count: map.chunkCount, bytes: map.storedBytes() };
-      })(),
-      packs: await count('packs/'),
-      packIndexes: await count('packindex/'),
+      integrity: {
+        mode: this.integrity.mode,
+        authenticated: this.integrity.authenticated,
+        keyMissing: this.integrity.keyMissing,
+      },
+      points: points.count,
+      indexes,
+      chunks: { count: map.chunkCount, bytes: map.storedBytes() },
+      packs,
+      packIndexes,
       locks: await listLocks(this.backend),
+      damage,
     };
   }
 

@@ -9,7 +9,7 @@ import { writerConformance } from '../vss/conformance.js';
 
 function def(name: string, guest: string | null): VmDefinition {
   return {
-    schemaVersion: 1,
+    schemaVersion: 2,
     id: randomUUID(),
     name,
     generation: 2,
@@ -23,6 +23,12 @@ function def(name: string, guest: string | null): VmDefinition {
     currentCheckpointId: null,
     referencePoints: [],
     pending: null,
+    memoryMiB: 512,
+    cpus: 1,
+    scsiControllers: 1,
+    boot: null,
+    image: null,
+    accel: 'auto',
   };
 }
 

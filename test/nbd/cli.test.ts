@@ -5,11 +5,12 @@
  * data written through the server is in the file. Usage errors are one line and exit 2.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { qemuImgCheck, qemuImgCreateVhdx, requirePeers, run, tempDir } from '../helpers/peers.js';
+import { peer, qemuImgCheck, qemuImgCreateVhdx, requirePeers, run, tempDir } from '../helpers/peers.js';
+import { makeCredentials } from './tls-certs.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const BIN = path.join(ROOT, 'bin', 'tidemark.js');
@@ -33,9 +34,14 @@ interface Served {
   exit: Promise<number | null>;
 }
 
-/** Starts `tidemark nbd serve ARGS` and waits until it printed `lines` lines on stdout. */
-async function startServe(args: string[], lines: number): Promise<Served> {
-  const child = spawn(process.execPath, [BIN, 'nbd', 'serve', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+/** Starts `tidemark nbd serve ARGS` (under `umask`, when given) and waits until it printed `lines` lines on stdout. */
+async function startServe(args: string[], lines: number, umask?: string): Promise<Served> {
+  const child =
+    umask === undefined
+      ? spawn(process.execPath, [BIN, 'nbd', 'serve', ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
+      : spawn('sh', ['-c', `umask ${umask}; exec "$0" "$@"`, process.execPath, BIN, 'nbd', 'serve', ...args], {
+          stdio: ['ignore', 'pipe', 'pipe'],
+        });
   let out = '';
   let err = '';
   child.stdout!.setEncoding('utf8').on('data', (d: string) => (out += d));
@@ -105,6 +111,80 @@ describe.skipIf(peers.skip)('tidemark nbd serve', () => {
     s.child.kill('SIGTERM');
     expect(await s.exit).toBe(0);
     expect((await qemuImgCheck(c)).ok).toBe(true);
+  });
+
+  it('the unix socket is 0600 under umask 000; --bind off loopback without TLS warns, loopback does not', async () => {
+    const d = path.join(dir, 'delta.vhdx');
+    await qemuImgCreateVhdx(d, 8 * MiB, { subformat: 'dynamic' });
+    const sock = path.join(dir, 'open.sock');
+    const s = await startServe([d, '--socket', sock], 1, '000');
+    expect(statSync(sock).mode & 0o777).toBe(0o600);
+    expect(s.stderr()).not.toMatch(/warning/);
+    s.child.kill('SIGTERM');
+    expect(await s.exit).toBe(0);
+    const wide = await startServe([d, '--port', '0', '--bind', '0.0.0.0', '--read-only'], 1);
+    const warnings = wide
+      .stderr()
+      .split('\n')
+      .filter((l) => /warning/.test(l));
+    expect(warnings).toEqual([expect.stringMatching(/^tidemark: warning: serving NBD without TLS on 0\.0\.0\.0: /)]);
+    wide.child.kill('SIGTERM');
+    expect(await wide.exit).toBe(0);
+    const local = await startServe([d, '--port', '0', '--bind', '127.0.0.1', '--read-only'], 1);
+    expect(local.stderr()).not.toMatch(/warning/);
+    local.child.kill('SIGTERM');
+    expect(await local.exit).toBe(0);
+  });
+
+  it.skipIf(!peer('openssl'))(
+    '--tls-dir: nbds URIs, no warning off loopback, nbdinfo with a certificate reads',
+    async () => {
+      const creds = await makeCredentials(path.join(dir, 'pki'));
+      const e = path.join(dir, 'epsilon.vhdx');
+      await qemuImgCreateVhdx(e, 8 * MiB, { subformat: 'dynamic' });
+      const sock = path.join(dir, 'tls.sock');
+      const s = await startServe([e, '--socket', sock, '--tls-dir', creds.server, '--json'], 12);
+      const info = JSON.parse(s.stdout());
+      expect(info).toMatchObject({
+        tls: true,
+        exports: [{ name: 'epsilon', uri: `nbds+unix:///epsilon?socket=${sock}` }],
+      });
+      const r = await run('nbdinfo', ['--json', `${info.exports[0].uri}&tls-certificates=${creds.client}`]);
+      expect(JSON.parse(r.stdout)).toMatchObject({ TLS: true, exports: [{ 'export-size': 8 * MiB }] });
+      const plain = await run('nbdinfo', [`nbd+unix:///epsilon?socket=${sock}`], { allowFail: true });
+      expect(plain.code).not.toBe(0);
+      s.child.kill('SIGTERM');
+      expect(await s.exit).toBe(0);
+      const wide = await startServe([e, '--port', '0', '--bind', '0.0.0.0', '--tls-dir', creds.server], 1);
+      expect(wide.stdout()).toMatch(/^epsilon\tnbds:\/\/0\.0\.0\.0:\d+\/epsilon$/m);
+      expect(wide.stderr()).not.toMatch(/warning/);
+      wide.child.kill('SIGTERM');
+      expect(await wide.exit).toBe(0);
+    },
+  );
+
+  it('bad TLS and limit options: one line, exit 2 (usage) or 3 (missing credentials)', () => {
+    const serve = (...args: string[]) =>
+      spawnSync(process.execPath, [BIN, 'nbd', 'serve', path.join(dir, 'none.vhdx'), '--port', '0', ...args], {
+        encoding: 'utf8',
+      });
+    for (const [args, message] of [
+      [['--tls', 'require'], /--tls require needs --tls-dir/],
+      [['--tls', 'maybe'], /--tls maybe: expected require or off/],
+      [['--tls', 'off', '--tls-dir', dir], /--tls off cannot be combined with --tls-dir/],
+      [['--memory', '0'], /--memory 0: expected a size above 0/],
+      [['--max-connections', '-3'], /--max-connections -3: expected a whole number/],
+      [['--stall-timeout', '0'], /--stall-timeout 0: expected a number of seconds above 0/],
+      [['--idle-timeout', 'soon'], /--idle-timeout soon: expected a number of seconds/],
+    ] as const) {
+      const r = serve(...args);
+      expect(r.status, args.join(' ')).toBe(2);
+      expect(r.stderr, args.join(' ')).toMatch(message);
+      expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    }
+    const missing = serve('--tls-dir', path.join(dir, 'no-such-dir'));
+    expect(missing.status).toBe(3);
+    expect(missing.stderr).toMatch(/^tidemark: NOT_FOUND: TLS credentials: cannot read .*ca-cert\.pem/);
   });
 
   it('usage errors are one line with exit 2; a missing disk exits 3', () => {

@@ -3,7 +3,10 @@
  * src/nbd/protocol.ts byte by byte, so tests can send anything (garbage, partial frames, requests a
  * real client never would) and read exactly what the server answered.
  */
+import { readFileSync } from 'node:fs';
 import net from 'node:net';
+import path from 'node:path';
+import tls from 'node:tls';
 import { ByteQueue } from '../../src/nbd/parser.js';
 import {
   decodeChunkHeader,
@@ -46,11 +49,13 @@ export class RawClient {
   private ended = false;
   readonly closed: Promise<void>;
 
-  private constructor(readonly socket: net.Socket) {
-    socket.on('data', (b: Buffer) => {
-      this.queue.push(b);
-      this.wake?.();
-    });
+  private readonly onData = (b: Buffer) => {
+    this.queue.push(b);
+    this.wake?.();
+  };
+
+  private constructor(public socket: net.Socket) {
+    socket.on('data', this.onData);
     this.closed = new Promise((resolve) => {
       socket.on('close', () => {
         this.ended = true;
@@ -61,7 +66,7 @@ export class RawClient {
     socket.on('error', () => undefined);
   }
 
-  static connect(where: { path: string } | { port: number; host?: string }): Promise<RawClient> {
+  static connect(where: { path: string } | { port: number; host?: string; localAddress?: string }): Promise<RawClient> {
     return new Promise((resolve, reject) => {
       const s = net.connect(where as net.NetConnectOpts);
       s.once('connect', () => resolve(new RawClient(s)));
@@ -126,12 +131,54 @@ export class RawClient {
   /** Sends an option and reads replies up to the final one (ACK or an error). */
   async option(option: number, data?: Uint8Array): Promise<OptionReply[]> {
     this.write(encodeOption(option, data));
+    return this.readOptionReplies();
+  }
+
+  /** Reads the replies to one option, up to the final one (ACK or an error). */
+  async readOptionReplies(): Promise<OptionReply[]> {
     const out: OptionReply[] = [];
     for (;;) {
       const r = await this.readOptionReply();
       out.push(r);
       if (r.type !== REP.SERVER && r.type !== REP.INFO && r.type !== REP.META_CONTEXT) return out;
     }
+  }
+
+  /**
+   * NBD_OPT_STARTTLS, then the TLS handshake with the credentials of directory `dir` (ca-cert.pem, and
+   * client-cert.pem / client-key.pem when present). Throws unless the server ACKs.
+   */
+  async startTls(dir: string): Promise<void> {
+    const [r] = await this.option(OPT.STARTTLS);
+    if (r.type !== REP.ACK) throw new Error(`STARTTLS refused (${r.type}): ${r.data.toString()}`);
+    await this.upgrade(dir);
+  }
+
+  /** Runs the client side of the TLS handshake on this socket (after the server's ACK). */
+  async upgrade(dir: string): Promise<void> {
+    const file = (name: string) => {
+      try {
+        return readFileSync(path.join(dir, name));
+      } catch {
+        return undefined;
+      }
+    };
+    const plain = this.socket;
+    plain.off('data', this.onData);
+    const t = tls.connect({
+      socket: plain,
+      ca: file('ca-cert.pem'),
+      cert: file('client-cert.pem'),
+      key: file('client-key.pem'),
+      servername: 'localhost',
+    });
+    t.on('error', () => undefined);
+    await new Promise<void>((resolve, reject) => {
+      t.once('secureConnect', () => resolve());
+      t.once('close', () => reject(new Error('the connection closed during the TLS handshake')));
+    });
+    t.on('data', this.onData);
+    this.socket = t;
   }
 
   async structuredReplies(): Promise<void> {

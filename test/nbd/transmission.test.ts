@@ -6,7 +6,9 @@
  */
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { TidemarkError } from '../../src/errors.js';
-import { MAX_BYTES_IN_FLIGHT, MAX_QUEUED_REPLY_BYTES, MAX_REQUESTS_IN_FLIGHT } from '../../src/nbd/connection.js';
+import { dataCost } from '../../src/nbd/budget.js';
+import { MAX_REQUESTS_IN_FLIGHT, REPLY_ESTIMATE } from '../../src/nbd/connection.js';
+import { DEFAULT_LIMITS } from '../../src/nbd/limits.js';
 import {
   CMD,
   CMD_FLAG,
@@ -352,8 +354,8 @@ describe('concurrency', () => {
     c.destroy();
   });
 
-  it("the server-wide byte budget holds a second client's reads until the first ones finish", async () => {
-    const tight = await startServer([{ name: 'disk', device: disk }], { maxBytesInFlight: MiB });
+  it("the server-wide memory budget holds a second client's reads until the first ones finish", async () => {
+    const tight = await startServer([{ name: 'disk', device: disk }], { maxMemory: MiB });
     try {
       disk.fill(0, 4 * MiB, 7);
       const { client: a } = await openExport({ path: tight.socket }, 'disk');
@@ -365,12 +367,12 @@ describe('concurrency', () => {
       b.request({ command: CMD.FLUSH, handle: 3n }); // behind the waiting read, in order
       await sleep(100);
       expect(disk.running).toBe(1);
-      expect(tight.server.stats().bytesInFlight).toBe(MiB);
+      expect(tight.server.stats().memory.used).toBe(dataCost(MiB) + REPLY_ESTIMATE);
       release();
       expect((await a.structuredReply())[0]).toMatchObject({ handle: 1n, type: REPLY_TYPE.OFFSET_DATA });
       const rb = [await b.structuredReply(), await b.structuredReply()].map((r) => r[0].handle).sort();
       expect(rb).toEqual([2n, 3n]);
-      expect(tight.server.stats().bytesInFlight).toBe(0);
+      expect(tight.server.stats().memory.used).toBe(0);
       a.destroy();
       b.destroy();
     } finally {
@@ -389,9 +391,11 @@ describe('concurrency', () => {
     for (let i = 0; i < n; i++)
       c.request({ command: CMD.READ, handle: BigInt(i), offset: (i % 16) * len, length: len });
     await sleep(600);
-    const executed = big.log.length;
-    // In flight + queued in the socket + what the kernel's socket buffers hold.
-    const bound = (MAX_BYTES_IN_FLIGHT + MAX_QUEUED_REPLY_BYTES) / len + 16;
+    // Requests executed: the bytes the device read (each read is served in 1 MiB chunks), in requests.
+    const readBytes = big.log.filter((e) => e.startsWith('read')).reduce((n, e) => n + Number(e.split(' ')[2]), 0);
+    const executed = readBytes / len;
+    // In flight or queued in the socket (the connection's memory budget) + what the kernel's socket buffers hold.
+    const bound = DEFAULT_LIMITS.maxConnectionMemory / len + 16;
     expect(executed).toBeGreaterThan(0);
     expect(executed).toBeLessThanOrEqual(bound);
     c.socket.resume();

@@ -1,5 +1,6 @@
 /** Every backend through the conformance suite, plus what is particular to the local directory. */
-import { mkdir, readdir, utimes, writeFile } from 'node:fs/promises';
+import { execFileSync } from 'node:child_process';
+import { mkdir, readdir, symlink, utimes, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { LocalBackend } from '../../src/repository/local-backend.js';
@@ -32,6 +33,39 @@ describe('local directory backend', () => {
       expect(keys).toEqual(['chunks/ab/abcd']);
       expect(await b.sweepTemporary(3600_000)).toBe(1);
       expect(await readdir(path.join(root, '.tmp'))).toEqual(['young.tmp']);
+    } finally {
+      await cleanup();
+    }
+  });
+
+  it('list shows entries that are not objects only when asked, marked; names that cannot be keys never', async () => {
+    const { dir, cleanup } = await tempDir('backend-unusable');
+    try {
+      const root = path.join(dir, 'repo');
+      const b = new LocalBackend(root);
+      await b.put('points/real', Buffer.from('x'));
+      const at = (name: string) => path.join(root, 'points', name);
+      await symlink(at('real'), at('link'));
+      await symlink(path.join(dir, 'nowhere'), at('dangling'));
+      execFileSync('mkfifo', [at('fifo')]);
+      await mkdir(at('dir'));
+      await writeFile(path.join(at('dir'), 'inner'), 'y');
+      await writeFile(at('bad name'), 'z');
+      await writeFile(at('.hidden'), 'z');
+      const plain: string[] = [];
+      for await (const o of b.list('points/')) plain.push(o.key);
+      // Objects only: what an object store would hold.
+      expect(plain.sort()).toEqual(['points/dir/inner', 'points/real']);
+      const all = new Map<string, string | undefined>();
+      for await (const o of b.list('points/', { unusable: true })) all.set(o.key, o.unusable);
+      expect(Object.fromEntries(all)).toEqual({
+        'points/real': undefined,
+        'points/link': 'a symbolic link',
+        'points/dangling': 'a symbolic link',
+        'points/fifo': 'a FIFO',
+        'points/dir': 'a directory',
+        'points/dir/inner': undefined,
+      });
     } finally {
       await cleanup();
     }

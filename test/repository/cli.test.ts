@@ -20,6 +20,10 @@ const BIN = path.join(ROOT, 'bin', 'tidemark.js');
 const LIB = path.join(ROOT, 'dist', 'repository', 'index.js');
 const SEED = seedFrom('TIDEMARK_CLI_SEED', 777);
 const KiB = 1024;
+const VM_WEB = '6b1a3d2e-0f4c-4b8a-9e7d-1c2b3a4f5e60';
+const VM_DB = '9e8d7c6b-5a4f-4e3d-8c2b-1a0f9e8d7c6b';
+const DISK_WEB = 'a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d';
+const DISK_DB = 'f0e1d2c3-b4a5-4968-8776-655443322110';
 
 let dir: string;
 let cleanup: () => Promise<void>;
@@ -53,7 +57,7 @@ for (const vm of spec.vms) {
     const index = await s.writeIndex(w);
     const st = w.stats();
     disks.push({ diskId: d.diskId, name: d.name, controller: { bus: 'scsi', controller: 0, location: disks.length },
-      virtualSize: data.length, logicalSectorSize: 512, blockSize: 1048576, format: 'vhdx', rctId: 'rct1:test',
+      virtualSize: data.length, logicalSectorSize: 512, blockSize: 1048576, format: 'vhdx', rctId: 'rct1:5bfde23b:ce75:4303:b54f:6c18394f105c:00000007',
       read: 'full', fullReason: 'first backup', index,
       stats: { bytesRead: st.bytesRead, bytesNew: st.bytesNew, bytesStored: st.bytesStored } });
   }
@@ -136,13 +140,13 @@ describe(`repository CLI (seed ${SEED})`, () => {
     };
     const web = {
       name: 'web',
-      id: 'vm-web',
-      disks: [{ diskId: 'disk-web-os', name: 'os.vhdx', file: img('web.img', 10 * 64 * KiB + 5) }],
+      id: VM_WEB,
+      disks: [{ diskId: DISK_WEB, name: 'scsi0-0', file: img('web.img', 10 * 64 * KiB + 5) }],
     };
     const db = {
       name: 'db',
-      id: 'vm-db',
-      disks: [{ diskId: 'disk-db-1', name: 'data.vhdx', file: img('db.img', 6 * 64 * KiB) }],
+      id: VM_DB,
+      disks: [{ diskId: DISK_DB, name: 'scsi0-0', file: img('db.img', 6 * 64 * KiB) }],
     };
     const ids: string[] = [];
     for (const day of [1, 2, 3]) {
@@ -165,7 +169,7 @@ describe(`repository CLI (seed ${SEED})`, () => {
     expect(human.stdout).toContain('2026-05-03 13:00:00Z');
     const show = tm(['points', 'show', dbPoint.slice(0, 19), ...k], env);
     expect(show.status).toBe(0);
-    expect(show.stdout).toMatch(/VM db \(vm-db\): application-consistent, frozen 20 ms/);
+    expect(show.stdout).toMatch(new RegExp(`VM db \\(${VM_DB}\\): application-consistent, frozen 20 ms`));
     expect(show.stdout).toContain('full (first backup)');
     expect(
       json<{ vms: { definition: unknown }[] }>(tm(['points', 'show', dbPoint, '--json', ...k], env)).vms[0].definition,
@@ -201,7 +205,7 @@ describe(`repository CLI (seed ${SEED})`, () => {
     expect(bad.status).toBe(1);
     expect(bad.stdout).toContain(`DAMAGED chunk ${victim.slice(0, 16)}`);
     expect(bad.stdout).toMatch(
-      new RegExp(`affects ${ids[0]} VM web disk os.vhdx \\(disk-web-os\\), \\d+ chunks? at offsets? `),
+      new RegExp(`affects ${ids[0]} VM web disk scsi0-0 \\(${DISK_WEB}\\), \\d+ chunks? at offsets? `),
     );
     expect(bad.stdout).toContain(`1 restore point affected: ${ids[0]}`);
     const badJson = JSON.parse(tm(['verify', ids[1], '--json', ...k], env).stdout) as {
@@ -229,8 +233,8 @@ describe(`repository CLI (seed ${SEED})`, () => {
     // its lock is stale, gc breaks it and removes what it stored; every point still verifies.
     const fresh = {
       name: 'new',
-      id: 'vm-new',
-      disks: [{ diskId: 'disk-new', name: 'new.vhdx', file: img('new.img', 4 * 64 * KiB) }],
+      id: '0d9c1f0e-5b55-4d0a-8f43-6a2f1c0b7e21',
+      disks: [{ diskId: '3c5e7a90-1b2d-4e6f-8a9b-0c1d2e3f4a5b', name: 'scsi0-0', file: img('new.img', 4 * 64 * KiB) }],
     };
     // Packs of one chunk: the killed backup has stored some before it dies.
     const spec = { vms: [fresh], hold: true, packSize: 64 * KiB };

@@ -1,10 +1,12 @@
 /**
  * Damaged repositories: a flipped byte in a chunk, a missing pack, a truncated index, a manifest that does not
  * parse, a lost or damaged pack index (rebuilt from the packs), a hostile pack index entry, a truncated pack,
- * swapped chunks. verify names each damage and EVERY restore point it affects (also when asked about one point);
- * reads give typed errors (REPOSITORY_CORRUPT), never a crash.
+ * swapped chunks, entries that are not objects (symlinks, FIFOs, directories). verify names each damage and EVERY
+ * restore point it affects (also when asked about one point); reads give typed errors (REPOSITORY_CORRUPT), never a
+ * crash; nothing that cannot be read is skipped silently.
  */
-import { readFile, rm, stat, truncate, writeFile } from 'node:fs/promises';
+import { execFileSync } from 'node:child_process';
+import { mkdir, readFile, rename, rm, stat, symlink, truncate, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { TidemarkError } from '../../src/errors.js';
@@ -59,11 +61,11 @@ async function fixture(encrypted: boolean): Promise<Fixture> {
   r.bytes(CS).copy(b, 0);
   let vms = [
     vmSpec('app', [
-      { name: 'os', data: a },
-      { name: 'data', data: b },
+      { name: 'scsi0-0', data: a },
+      { name: 'scsi0-1', data: b },
     ]),
   ];
-  const clone = vmSpec('clone', [{ name: 'os', data: Buffer.from(a) }]);
+  const clone = vmSpec('clone', [{ name: 'scsi0-0', data: Buffer.from(a) }]);
   const points: PointManifest[] = [await backup(repo, vms)];
   for (let i = 0; i < 2; i++) {
     // Never slot 0 of disk a: the damaged chunk below must stay shared by every point.
@@ -114,7 +116,7 @@ for (const encrypted of [false, true]) {
           });
           expect(report.affectedPoints).toEqual(ids(f.points));
           const app = d.affects.find((a) => a.pointId === f.points[0].id)!;
-          expect(app).toMatchObject({ vm: 'app', disk: 'os', diskId: f.vms[0].disks[0].diskId });
+          expect(app).toMatchObject({ vm: 'app', disk: 'scsi0-0', diskId: f.vms[0].disks[0].diskId });
           expect(app.offsets).toContain(0);
           expect(d.affects.find((a) => a.pointId === f.points[3].id)?.vm).toBe('clone');
         }
@@ -316,6 +318,79 @@ describe('hostile objects', () => {
       } finally {
         await f.repo.close();
       }
+    }
+  });
+});
+
+describe('entries that are not objects are damage, never skipped', () => {
+  it('a symlinked manifest, a FIFO point, a directory index, a symlinked pack, a FIFO pack index', async () => {
+    const f = await fixture(false);
+    try {
+      const outside = path.join(dir, `outside-${n}`);
+      await mkdir(outside);
+      // points: one manifest replaced by a symlink to a copy of itself; a FIFO named like a point.
+      const linked = f.points[0].id;
+      await rename(file(f, `points/${linked}`), path.join(outside, 'manifest'));
+      await symlink(path.join(outside, 'manifest'), file(f, `points/${linked}`));
+      const fifoPoint = '20990101-000000-0000ffff';
+      execFileSync('mkfifo', [file(f, `points/${fifoPoint}`)]);
+      // indexes: the index only the clone's point uses, replaced by a directory.
+      const cloneIndex = f.points[3].vms[0].disks[0].index.id;
+      await rm(file(f, indexKey(cloneIndex)));
+      await mkdir(file(f, indexKey(cloneIndex)));
+      // packs: the pack of the last incremental's newest chunk moved out and symlinked back.
+      const earlier = (await f.repo.readIndex(f.points[1].vms[0].disks[0].index)).chunkIds();
+      const fresh = [...(await f.repo.readIndex(f.points[2].vms[0].disks[0].index)).chunkIds()].filter(
+        (id) => !earlier.has(id),
+      );
+      const packKey = (await f.repo.locateChunk(fresh[0]))!.key;
+      await rename(file(f, packKey), path.join(outside, 'pack'));
+      await symlink(path.join(outside, 'pack'), file(f, packKey));
+      // packindex: a FIFO named like a pack index.
+      const fifoIndex = packIndexKey('ee'.repeat(32));
+      execFileSync('mkfifo', [file(f, fifoIndex)]);
+
+      const { points, damaged } = await f.repo.listPoints();
+      expect(damaged.map((d) => [d.id, d.code])).toEqual([
+        [linked, 'REPOSITORY_CORRUPT'],
+        [fifoPoint, 'REPOSITORY_CORRUPT'],
+      ]);
+      expect(damaged[0].message).toMatch(/is a symbolic link, not an object/);
+      expect(damaged[1].message).toMatch(/is a FIFO/);
+      expect(points.map((p) => p.id)).toEqual(f.points.slice(1).map((p) => p.id));
+
+      const report = await f.repo.verify();
+      expect(report.ok).toBe(false);
+      const by = (object: string, key: string) => report.damage.filter((d) => d.object === object && d.key === key);
+      expect(by('manifest', `points/${linked}`)).toMatchObject([{ problem: 'unreadable' }]);
+      expect(by('manifest', `points/${fifoPoint}`)).toMatchObject([{ problem: 'unreadable' }]);
+      expect(by('index', indexKey(cloneIndex))).toMatchObject([
+        { problem: 'unreadable', affects: [{ pointId: f.points[3].id, vm: 'clone' }] },
+      ]);
+      expect(by('pack-index', fifoIndex)).toMatchObject([{ problem: 'unreadable' }]);
+      const packDamage = report.damage.filter((d) => d.key === packKey);
+      expect(packDamage.length).toBeGreaterThan(0);
+      expect(packDamage.every((d) => d.object === 'chunk' && d.problem === 'unreadable')).toBe(true);
+      expect(packDamage.map((d) => d.id)).toContain(fresh[0]);
+      expect(report.affectedPoints).toEqual(
+        expect.arrayContaining([linked, fifoPoint, f.points[2].id, f.points[3].id]),
+      );
+
+      const info = await f.repo.info();
+      expect(info.damage.map((d) => [d.object, d.key, d.problem]).sort()).toEqual(
+        [
+          ['manifest', `points/${linked}`, 'unreadable'],
+          ['manifest', `points/${fifoPoint}`, 'unreadable'],
+          ['index', indexKey(cloneIndex), 'unreadable'],
+          ['pack', packKey, 'unreadable'],
+          ['pack-index', fifoIndex, 'unreadable'],
+        ].sort(),
+      );
+      const pruned = await f.repo.prune({ keepLast: 1, dryRun: true });
+      expect(pruned.damaged.map((d) => d.id)).toEqual([linked, fifoPoint]);
+      expect((await codeOf(f.repo.gc({ dryRun: true }))).code).toBe('REPOSITORY_CORRUPT');
+    } finally {
+      await f.repo.close();
     }
   });
 });

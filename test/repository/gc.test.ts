@@ -30,6 +30,8 @@ const SEED = seedFrom('TIDEMARK_REPO_SEED', 4242);
 const ROUNDS = Number(process.env.TIDEMARK_REPO_ROUNDS ?? 12);
 /** Packs of about three chunks: sessions leave whole packs behind, and gc has packs to repack. */
 const PACK = 3 * CS;
+/** the virtual disk id of the VHD disk (no change tracking) committed by hand below */
+const IDE_DISK = '7f1c6a52-3b0e-4c1d-9a4e-2f6b8d0c1e93';
 
 let dir: string;
 let cleanup: () => Promise<void>;
@@ -102,7 +104,7 @@ describe(`gc (seed ${SEED}, ${ROUNDS} rounds)`, () => {
     try {
       const a = makeDiskImage(r, 20 * CS + 777, CS);
       const b = makeDiskImage(r, 6 * CS, CS);
-      let vms: VmSpec[] = [vmSpec('app', [{ name: 'os', data: a }]), vmSpec('db', [{ name: 'data', data: b }])];
+      let vms: VmSpec[] = [vmSpec('app', [{ name: 'scsi0-0', data: a }]), vmSpec('db', [{ name: 'scsi0-1', data: b }])];
       const images = new Map<string, Buffer[]>();
       let prev: PointManifest | null = null;
       // The first rounds make sure every action happens; then chance decides.
@@ -169,7 +171,7 @@ describe(`gc (seed ${SEED}, ${ROUNDS} rounds)`, () => {
     const repo = await Repository.init(where, { chunkSize: CS, workers: 0, packSize: CS });
     try {
       const r = rng(SEED + 1);
-      const vm = vmSpec('app', [{ name: 'os', data: makeDiskImage(r, 8 * CS, CS) }]);
+      const vm = vmSpec('app', [{ name: 'scsi0-0', data: makeDiskImage(r, 8 * CS, CS) }]);
       const p1 = await backup(repo, [vm]);
       const before = await packedChunkIds(repo, where);
       // The crashed backup: chunks and an index in the repository, a lock whose holder is dead, no manifest.
@@ -209,7 +211,7 @@ describe('locks', () => {
     const repo = await Repository.init(where, { chunkSize: CS, workers: 0 });
     try {
       const r = rng(SEED + 2);
-      const vm = vmSpec('app', [{ name: 'os', data: makeDiskImage(r, 4 * CS, CS) }]);
+      const vm = vmSpec('app', [{ name: 'scsi0-0', data: makeDiskImage(r, 4 * CS, CS) }]);
       const s1 = await repo.startBackup();
       const s2 = await repo.startBackup();
       const w = await s1.openIndex({ virtualSize: 2 * CS });
@@ -238,8 +240,8 @@ describe('locks', () => {
             ioPauseMs: null,
             disks: [
               {
-                diskId: 'd',
-                name: 'os',
+                diskId: IDE_DISK,
+                name: 'ide0-0',
                 controller: { bus: 'ide', controller: 0, location: 0 },
                 virtualSize: 2 * CS,
                 logicalSectorSize: 512,
@@ -256,7 +258,7 @@ describe('locks', () => {
         ],
       });
       expect((await repo.gc()).chunksRemoved).toBe(0);
-      expect((await restoreToBuffer(repo, m.id, 'd')).equals(data)).toBe(true);
+      expect((await restoreToBuffer(repo, m.id, IDE_DISK)).equals(data)).toBe(true);
     } finally {
       await repo.close();
     }
@@ -332,7 +334,7 @@ describe('locks', () => {
       for (let i = 0; i < ROUNDS; i++) {
         const data = Buffer.from(disks[i % 2]);
         mutate(r, data, CS, 1);
-        const vm = vmSpec(`vm${i % 3}`, [{ name: 'os', data }]);
+        const vm = vmSpec(`vm${i % 3}`, [{ name: 'scsi0-0', data }]);
         if (i % 3 === 2) await repo.prune({ keepLast: 1 });
         // gc fired after a random number of the backup's steps (puts, index, commit).
         const s = await repo.startBackup();
@@ -372,7 +374,7 @@ describe('locks', () => {
               disks: [
                 {
                   diskId: vm.disks[0].diskId,
-                  name: 'os',
+                  name: 'scsi0-0',
                   controller: { bus: 'scsi', controller: 0, location: 0 },
                   virtualSize: data.length,
                   logicalSectorSize: 512,

@@ -60,6 +60,7 @@ export function mutate(r: R, img: Buffer, chunkSize: number, count: number): num
 }
 
 export interface DiskSpec {
+  /** the slot, e.g. scsi0-0 (a manifest's disk name) */
   name: string;
   diskId: string;
   data: Buffer;
@@ -112,10 +113,13 @@ export async function backup(
         await Promise.all(Array.from({ length: opts.inFlight ?? 4 }, worker));
         const index = await session.writeIndex(writer);
         const s = writer.stats();
+        // The disk's name is its slot (scsi0-1): the controller says the same.
+        const slot = /^(ide|scsi)(\d)-(\d+)$/.exec(d.name);
+        if (!slot) throw new Error(`disk name ${d.name} is not a slot`);
         disks.push({
           diskId: d.diskId,
           name: d.name,
-          controller: { bus: 'scsi', controller: 0, location: disks.length },
+          controller: { bus: slot[1] as 'ide' | 'scsi', controller: Number(slot[2]), location: Number(slot[3]) },
           virtualSize: d.data.length,
           logicalSectorSize: 512,
           blockSize: 32 * 2 ** 20,

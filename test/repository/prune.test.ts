@@ -123,8 +123,8 @@ describe('prune on a repository', () => {
     const repo = await Repository.init(where, { chunkSize: 64 * 1024, workers: 0 });
     try {
       const r = rng(SEED + 1);
-      const web = vmSpec('web', [{ name: 'os', data: r.bytes(128 * 1024) }]);
-      const db = vmSpec('db', [{ name: 'os', data: r.bytes(128 * 1024) }]);
+      const web = vmSpec('web', [{ name: 'scsi0-0', data: r.bytes(128 * 1024) }]);
+      const db = vmSpec('db', [{ name: 'scsi0-0', data: r.bytes(128 * 1024) }]);
       const made: { id: string; vm: string; time: string }[] = [];
       // web: four days, two points on the last; db: one point, old.
       for (const time of [

@@ -2,6 +2,7 @@
  * Backups into a real repository on disk and restores out of it: plain and encrypted, several chunk sizes,
  * full and incremental, dedup, zero chunks, keys. Every restore is compared byte for byte with the source.
  */
+import { randomUUID } from 'node:crypto';
 import { readdir, readFile, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -70,8 +71,8 @@ describe(`round trips (seed ${SEED})`, () => {
         const b = makeDiskImage(r, 3 * c.chunkSize + 1234, c.chunkSize);
         let vms = [
           vmSpec('web', [
-            { name: 'os.vhdx', data: a },
-            { name: 'data.vhdx', data: b },
+            { name: 'scsi0-0', data: a },
+            { name: 'scsi0-1', data: b },
           ]),
         ];
         const p1 = await backup(repo, vms);
@@ -128,7 +129,7 @@ describe('dedup and zero chunks', () => {
       const img = Buffer.alloc(16 * cs);
       for (let s = 4; s < 8; s++) one.copy(img, s * cs);
       for (let s = 8; s < 16; s++) r.bytes(cs).copy(img, s * cs);
-      const vm = vmSpec('db', [{ name: 'a', data: img }]);
+      const vm = vmSpec('db', [{ name: 'scsi0-0', data: img }]);
       const p1 = await backup(repo, [vm]);
       const stats1 = p1.vms[0].disks[0].stats;
       expect(await packedChunkIds(repo, where)).toHaveLength(9);
@@ -136,7 +137,7 @@ describe('dedup and zero chunks', () => {
       expect(stats1.bytesNew).toBe(9 * cs);
 
       // The same disk again (another VM, full read): nothing new is stored.
-      const copy = vmSpec('db-clone', [{ name: 'a', data: Buffer.from(img) }]);
+      const copy = vmSpec('db-clone', [{ name: 'scsi0-0', data: Buffer.from(img) }]);
       const p2 = await backup(repo, [copy]);
       expect(p2.vms[0].disks[0].stats.bytesNew).toBe(0);
       expect(p2.vms[0].disks[0].stats.bytesStored).toBe(0);
@@ -173,7 +174,7 @@ describe('dedup and zero chunks', () => {
       expect(await packedChunkIds(repo, where)).toEqual([]);
       // A backup of six copies, all put at once: one stored.
       const img = Buffer.concat(Array.from({ length: 6 }, () => data));
-      const p = await backup(repo, [vmSpec('dup', [{ name: 'a', data: img }])], { inFlight: 6 });
+      const p = await backup(repo, [vmSpec('dup', [{ name: 'scsi0-0', data: img }])], { inFlight: 6 });
       expect(p.vms[0].disks[0].stats.bytesNew).toBe(64 * KiB);
       expect(await packedChunkIds(repo, where)).toEqual([results[0].id]);
     } finally {
@@ -206,6 +207,45 @@ describe('dedup and zero chunks', () => {
   });
 });
 
+describe('verify counts', () => {
+  it("verify's totals equal repo info's with parallel workers, and its progress counts the stored bytes read", async () => {
+    const r = rng(SEED + 9);
+    const cs = 64 * KiB;
+    const repo = await Repository.init(fresh(), { chunkSize: cs, workers: 2 });
+    try {
+      // Random (stored as is) and compressible chunks: envelopes of many lengths.
+      let vms = [vmSpec('app', [{ name: 'scsi0-0', data: makeDiskImage(r, 40 * cs + 777, cs) }])];
+      const p1 = await backup(repo, vms);
+      const img = Buffer.from(vms[0].disks[0].data);
+      vms = incremental(
+        p1,
+        [{ ...vms[0], disks: [{ ...vms[0].disks[0], data: img }] }],
+        new Map([[vms[0].disks[0].diskId, mutate(r, img, cs, 6)]]),
+      );
+      await backup(repo, vms, { parentId: p1.id });
+      const info = await repo.info();
+      const progress: { doneBytes: number; totalBytes: number; doneChunks: number; totalChunks: number }[] = [];
+      const report = await repo.verify(undefined, { parallel: 8, onProgress: (p) => progress.push(p) });
+      expect(report.ok).toBe(true);
+      // No garbage: every chunk the pack indexes list is referenced, so the two counts must agree exactly.
+      expect(report.checked.chunks).toBe(info.chunks.count);
+      expect(report.checked.storedBytes).toBe(info.chunks.bytes);
+      expect(progress).toHaveLength(info.chunks.count);
+      const last = progress.at(-1)!;
+      expect(last).toEqual({
+        doneBytes: info.chunks.bytes,
+        totalBytes: info.chunks.bytes,
+        doneChunks: info.chunks.count,
+        totalChunks: info.chunks.count,
+      });
+      for (let i = 1; i < progress.length; i++)
+        expect(progress[i].doneBytes).toBeGreaterThan(progress[i - 1].doneBytes);
+    } finally {
+      await repo.close();
+    }
+  });
+});
+
 describe('incremental index copies', () => {
   it('an incremental copies the previous index and replaces only the changed slots', async () => {
     const r = rng(SEED + 4);
@@ -213,7 +253,7 @@ describe('incremental index copies', () => {
     const repo = await Repository.init(fresh(), { chunkSize: cs, workers: 0 });
     try {
       const img = makeDiskImage(r, 32 * cs, cs);
-      const vms = [vmSpec('app', [{ name: 'd', data: img }])];
+      const vms = [vmSpec('app', [{ name: 'scsi0-0', data: img }])];
       const p1 = await backup(repo, vms);
       const before = await repo.readIndex(p1.vms[0].disks[0].index);
       // Change slots 3 and 17 (17 made all zero: the index must say zero, not keep the old chunk).
@@ -243,7 +283,7 @@ describe('incremental index copies', () => {
     const cs = 64 * KiB;
     const repo = await Repository.init(fresh(), { chunkSize: cs, workers: 0 });
     try {
-      const vms = [vmSpec('x', [{ name: 'd', data: Buffer.alloc(4 * cs, 1) }])];
+      const vms = [vmSpec('x', [{ name: 'scsi0-0', data: Buffer.alloc(4 * cs, 1) }])];
       const p1 = await backup(repo, vms);
       const s = await repo.startBackup();
       await expectCode(s.openIndex({ virtualSize: 5 * cs, base: p1.vms[0].disks[0].index }), 'INVALID_ARGUMENT');
@@ -269,8 +309,8 @@ describe('incremental index copies', () => {
       await w.put(0, Buffer.alloc(cs, 7));
       const index = await s.writeIndex(w);
       const disk = {
-        diskId: 'd1',
-        name: 'd',
+        diskId: randomUUID(),
+        name: 'scsi0-0',
         controller: { bus: 'scsi' as const, controller: 0, location: 0 },
         virtualSize: cs,
         logicalSectorSize: 512,
@@ -284,7 +324,7 @@ describe('incremental index copies', () => {
       };
       const vm = {
         name: 'v',
-        id: 'v1',
+        id: randomUUID(),
         definition: {},
         consistency: 'crash' as const,
         freezeWindowMs: null,
@@ -335,7 +375,7 @@ describe('keys', () => {
       scryptLogN: SCRYPT,
       workers: 0,
     });
-    const p = await backup(repo, [vmSpec('v', [{ name: 'd', data: Buffer.alloc(64 * KiB, 3) }])]);
+    const p = await backup(repo, [vmSpec('v', [{ name: 'scsi0-0', data: Buffer.alloc(64 * KiB, 3) }])]);
     await repo.close();
     const e = await expectCode(Repository.open(where, { passphrase: 'wrong', workers: 0 }), 'WRONG_KEY');
     expect(e.message).toMatch(/wrong passphrase/);
