@@ -11,11 +11,19 @@
 //   restore           tidemark restore (raw) | restic restore latest
 //   64 GiB            the same incremental on a 64 GiB disk with the same 80 MiB changed, against the
 //                     4 GiB one: incrementals cost what changed, not what exists
+//   audit cost        the 4 GiB incremental with the default tracking audit (1% of the disk's chunks, at least 16)
+//                     and with --audit off, each timed as the whole command (`tidemark backup bench`, a process of
+//                     its own, the host running, as restic and borg are timed), in BENCH_AUDIT_REPS pairs run back
+//                     to back (alternating which goes first); the cost is the median of the pairs' differences over
+//                     the median incremental with the audit (and the same on the runs' own durationMs, without
+//                     the process start). The audit runs alongside the reading of the changed chunks, so its own
+//                     time (the summary's audit.timeMs, printed beside) mostly overlaps it.
 // Ratios are ours/peer (lower is better). Each peer uses its default compression; restic and borg
 // repositories are unencrypted-equivalent where possible (restic always encrypts; borg -e none).
 // Tidemark's incrementals are short, so each is timed BENCH_REPS times (a new rewrite before each) and the median
 // reported; the peers' runs and the restore are timed once.
-// Environment: BENCH_TMPDIR (default /tmp), BENCH_SIZE_GIB (4), BENCH_BIG_GIB (64), BENCH_REPS (3).
+// Environment: BENCH_TMPDIR (default /tmp), BENCH_SIZE_GIB (4), BENCH_BIG_GIB (64), BENCH_REPS (3),
+// BENCH_AUDIT_REPS (9).
 import { execFileSync, spawn } from 'node:child_process';
 import { createCipheriv, randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -39,6 +47,7 @@ const GiB = 1024 * MiB;
 const SIZE = Number(process.env.BENCH_SIZE_GIB ?? 4) * GiB;
 const BIG = Number(process.env.BENCH_BIG_GIB ?? 64) * GiB;
 const REPS = Math.max(1, Number(process.env.BENCH_REPS ?? 3));
+const AUDIT_REPS = Math.max(1, Number(process.env.BENCH_AUDIT_REPS ?? 9));
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)];
 const work = mkdtempSync(path.join(process.env.BENCH_TMPDIR ?? '/tmp', 'tidemark-bench-backup.'));
 const env = {
@@ -84,7 +93,16 @@ try {
   const store = path.join(work, 'store');
   host = spawn(
     process.execPath,
-    [path.join(ROOT, 'bin/tidemark.js'), 'host', '--store', store, '--socket', path.join(work, 'nbd.sock')],
+    [
+      path.join(ROOT, 'bin/tidemark.js'),
+      'host',
+      '--store',
+      store,
+      '--socket',
+      path.join(work, 'nbd.sock'),
+      '--allow-disk-dir',
+      work, // the bench's disks live beside the store
+    ],
     {
       stdio: 'ignore', // its log would interleave with the results
     },
@@ -156,6 +174,53 @@ try {
   const inc64 = [];
   while (inc64.length < REPS) inc64.push(await incremental('big', big.disks[0].export, BIG, 9 + inc64.length));
   results.inc64Ours = median(inc64);
+  const audit64 = summary.vms[0].disks[0].audit;
+
+  // The audit's cost: the 4 GiB incremental as a command, with the default audit and with --audit off.
+  const backupCommand = async (audit, seed) => {
+    const nbd = await NbdClient.connect({ socket: path.join(work, 'nbd.sock'), exportName: vm.disks[0].export });
+    await rewrite(nbd, SIZE, seed);
+    await nbd.close();
+    let out = '';
+    const t = await time(() => {
+      out = execFileSync(
+        process.execPath,
+        [
+          path.join(ROOT, 'bin/tidemark.js'),
+          'backup',
+          'bench',
+          '--store',
+          store,
+          '--repo',
+          repoPath,
+          '--audit',
+          audit,
+          '--json',
+        ],
+        { env, encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'], maxBuffer: 64 * MiB },
+      );
+    });
+    const s = JSON.parse(out);
+    const d = s.vms[0].disks[0];
+    if (!s.ok || d.read !== 'incremental') throw new Error(`audit ${audit}: ${s.errors.join('; ') || d.fullReason}`);
+    if ((audit === 'off') !== (d.audit === null)) throw new Error(`audit ${audit}: unexpected audit figures`);
+    return { t, run: s.durationMs / 1000, audit: d.audit };
+  };
+  const pairs = [];
+  for (let i = 0; i < AUDIT_REPS; i++) {
+    const seed = 31 + 2 * i;
+    const pair = {};
+    for (const a of i % 2 === 0 ? ['1%', 'off'] : ['off', '1%'])
+      pair[a] = await backupCommand(a, seed + (a === 'off' ? 1 : 0));
+    pairs.push(pair);
+  }
+  results.incAudit = median(pairs.map((p) => p['1%'].t));
+  results.incNoAudit = median(pairs.map((p) => p.off.t));
+  results.auditCost = median(pairs.map((p) => p['1%'].t - p.off.t)) / results.incAudit;
+  // The same on the runs' own durations (the summary's durationMs: no process start, no repository opening).
+  results.auditCostRun = median(pairs.map((p) => p['1%'].run - p.off.run)) / median(pairs.map((p) => p['1%'].run));
+  results.auditMs = median(pairs.map((p) => p['1%'].audit.timeMs));
+  const auditSample = pairs[0]['1%'].audit;
   await repo.close();
   host.kill('SIGINT');
   await exited;
@@ -178,6 +243,19 @@ try {
   console.log(`  ours/restic ${r(results.restoreOurs, results.restoreRestic)} (goal ≤ 0.5)`);
   console.log(
     `${BIG / GiB} GiB incremental: ${s(results.inc64Ours)}; ${BIG / GiB} GiB / ${SIZE / GiB} GiB ${r(results.inc64Ours, results.incOurs)} (goal ≤ 1.3)`,
+  );
+  console.log(
+    `audit cost:    ${(results.auditCost * 100).toFixed(1)}% of the incremental (goal ≤ 10%): ` +
+      `tidemark backup with the default audit ${s(results.incAudit)}, --audit off ${s(results.incNoAudit)} ` +
+      `(whole commands, medians of ${AUDIT_REPS} pairs: ${pairs.map((p) => `${p['1%'].t.toFixed(2)}/${p.off.t.toFixed(2)}`).join(' ')} s)`,
+  );
+  console.log(
+    `  on the runs' own durations (summary durationMs, same runs): ${(results.auditCostRun * 100).toFixed(1)}%`,
+  );
+  console.log(
+    `  the audit itself: ${results.auditMs.toFixed(0)} ms, alongside the changed chunks' reads ` +
+      `(${auditSample.checked} of ${auditSample.unchanged} unchanged chunks checked, ${(auditSample.bytesRead / MiB).toFixed(0)} MiB read); ` +
+      `the ${BIG / GiB} GiB incremental's: ${audit64.timeMs.toFixed(0)} ms (${audit64.checked} chunks, ${(audit64.bytesRead / MiB).toFixed(0)} MiB read)`,
   );
   console.log(
     `(tidemark incrementals: medians of ${REPS}: ${SIZE / GiB} GiB ${inc4.map((x) => x.toFixed(2)).join('/')} s, ${BIG / GiB} GiB ${inc64.map((x) => x.toFixed(2)).join('/')} s)`,

@@ -260,7 +260,7 @@ export class HostClient {
 
   // ---------------------------------------------------------------- transport
 
-  call<T>(method: string, url: string, body?: unknown): Promise<T> {
+  call<T>(method: string, url: string, body?: unknown, retried = false): Promise<T> {
     const ep = this.address.endpoint;
     const data = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
     const target = ep.startsWith('unix:') ? { socketPath: ep.slice(5), path: url } : { ...splitHttp(ep), path: url };
@@ -300,14 +300,20 @@ export class HostClient {
           });
         },
       );
-      req.on('error', (err: NodeJS.ErrnoException) =>
+      req.on('error', (err: NodeJS.ErrnoException) => {
+        // A kept-alive connection the host closed (idle) just as this request reused it: the host never read the
+        // request, so it goes once more on a new connection (as Node's documentation advises for reusedSocket).
+        if (!retried && req.reusedSocket && (err.code === 'ECONNRESET' || err.code === 'EPIPE')) {
+          this.call<T>(method, url, body, true).then(resolve, reject);
+          return;
+        }
         reject(
           new TidemarkError(
             err.code === 'ENOENT' || err.code === 'ECONNREFUSED' ? 'NOT_FOUND' : 'IO_ERROR',
             `cannot reach the host at ${ep}: ${err.message}`,
           ),
-        ),
-      );
+        );
+      });
       if (data) req.write(data);
       req.end();
     });

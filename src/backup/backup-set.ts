@@ -16,6 +16,7 @@
  * a dead run left never touches a live run's. Reference points belong to the repository that made them
  * (its id): other repositories' and people's are never destroyed.
  */
+import { randomInt } from 'node:crypto';
 import type { HostClient } from '../api/client.js';
 import type { Checkpoint } from '../host/definition.js';
 import type { SnapshotSetInfo } from '../host/snapshot-sets.js';
@@ -23,6 +24,16 @@ import { NbdClient } from '../nbd/client.js';
 import { CONTEXT_BASE_ALLOCATION } from '../nbd/protocol.js';
 import type { DiskEntry, PointManifest, Repository, VmEntry } from '../repository/index.js';
 import { TidemarkError } from '../errors.js';
+import {
+  AUDIT_TIME_FLOOR_MS,
+  AUDIT_TIME_SHARE,
+  DEFAULT_AUDIT,
+  auditDisk,
+  countDifferences,
+  formatRate,
+  type AuditMode,
+  type AuditResult,
+} from './audit.js';
 import { chunksTouched, copyChunks, type Range } from './disk-reader.js';
 import { RunLeases } from './run-leases.js';
 
@@ -49,6 +60,18 @@ export interface BackupSetOptions {
   checkpointConcurrency?: number;
   /** Chunk reads in flight per disk (default 8). */
   readParallel?: number;
+  /**
+   * The tracking audit of every incremental disk (audit.ts): a sample of the chunks tracking calls unchanged
+   * re-read and compared with the previous point. Default: 1% of the disk's chunks, at least 16.
+   */
+  audit?: AuditMode;
+  /**
+   * Time budget of a sampled audit, per disk, counted once the disk's changed chunks are read (it runs alongside
+   * them): default 10% of the time they took, at least 2 s. A full audit has no time bound.
+   */
+  auditTimeMs?: number;
+  /** Seed of the audit samples (default: random; logged and recorded in the manifest, to replay a run). */
+  auditSeed?: number;
   events?: BackupEvents;
   /** Seconds to wait for a VM another run holds (default: BUSY at once; Infinity: until it is free). */
   wait?: number;
@@ -67,6 +90,8 @@ export interface DiskRunSummary {
   bytesRead: number;
   bytesNew: number;
   bytesStored: number;
+  /** the tracking audit of an incremental (null: audit off, or a full read for another reason) */
+  audit: AuditResult | null;
 }
 
 export interface VmRunSummary {
@@ -92,8 +117,19 @@ export interface BackupSetSummary {
   /** Storage snapshots taken by this run. */
   snapshots: number;
   durationMs: number;
+  /** the seed of this run's audit samples (null: audit off) */
+  auditSeed: number | null;
   vms: VmRunSummary[];
   errors: string[];
+  /** what the run got right but someone must look at (change tracking that missed a change) */
+  warnings: string[];
+}
+
+/** What the data phase of every disk shares. */
+interface DataPhase {
+  audit: AuditMode;
+  auditSeed: number;
+  warn(line: string): void;
 }
 
 interface VmState {
@@ -115,7 +151,21 @@ export async function runBackupSet(opts: BackupSetOptions): Promise<BackupSetSum
   const flow = opts.flow ?? '2016';
   const log = (line: string) => opts.events?.log?.(line);
   const errors: string[] = [];
+  const warnings: string[] = [];
   const states: VmState[] = [];
+  const audit = checkAuditOptions(opts);
+  const data: DataPhase = {
+    audit,
+    auditSeed: opts.auditSeed ?? randomInt(2 ** 32),
+    warn: (line) => {
+      warnings.push(line);
+      log(`WARNING: ${line}`);
+    },
+  };
+  if (audit.kind !== 'off') {
+    const what = audit.kind === 'full' ? 'every chunk' : `${formatRate(audit.rate)} of the chunks (at least 16)`;
+    log(`tracking audit: ${what} tracking calls unchanged, seed ${data.auditSeed}`);
+  }
   const fail = (s: VmState, err: unknown) => {
     const msg = err instanceof Error ? err.message : String(err);
     s.summary.status = 'failed';
@@ -132,7 +182,7 @@ export async function runBackupSet(opts: BackupSetOptions): Promise<BackupSetSum
     log,
   });
   try {
-    return await runLeased(opts, names, leases, { started, flow, log, errors, states, fail });
+    return await runLeased(opts, names, leases, { started, flow, log, errors, warnings, states, fail, data });
   } finally {
     await leases.release();
   }
@@ -143,15 +193,17 @@ interface RunContext {
   flow: Flow;
   log: (line: string) => void;
   errors: string[];
+  warnings: string[];
   states: VmState[];
   fail: (s: VmState, err: unknown) => void;
+  data: DataPhase;
 }
 
 async function runLeased(
   opts: BackupSetOptions,
   names: string[],
   leases: RunLeases,
-  { started, flow, log, errors, states, fail }: RunContext,
+  { started, flow, log, errors, warnings, states, fail, data }: RunContext,
 ): Promise<BackupSetSummary> {
   // Nothing could be leased: the whole run is BUSY (exit 6), naming the holders.
   if (names.length > 0 && names.every((n) => leases.refused.has(n))) {
@@ -268,7 +320,7 @@ async function runLeased(
         for (const s of ready) {
           if (s.summary.status !== 'ok') continue;
           try {
-            s.entry = await backupVm(opts, s, set, nbdTarget, session!);
+            s.entry = await backupVm(opts, data, s, set, nbdTarget, session!);
           } catch (err) {
             fail(s, err);
           }
@@ -318,8 +370,10 @@ async function runLeased(
       flow,
       snapshots,
       durationMs: performance.now() - started,
+      auditSeed: data.audit.kind === 'off' ? null : data.auditSeed,
       vms: states.map((s) => s.summary),
       errors,
+      warnings,
     };
   } catch (err) {
     await session?.abort().catch(() => undefined);
@@ -403,6 +457,7 @@ async function nbdAddress(host: HostClient): Promise<{ socket?: string; host?: s
 /** Reads every disk of one VM into the session; returns its manifest entry. */
 async function backupVm(
   opts: BackupSetOptions,
+  data: DataPhase,
   s: VmState,
   set: SnapshotSetInfo,
   nbdTarget: { socket?: string; host?: string; port?: number },
@@ -442,23 +497,93 @@ async function backupVm(
       opts.events?.log?.(`${s.name} ${d.slot}: full read (${fullReason})`);
       ranges = (await opts.host.allChanges({ vm: s.name, slot: d.slot, limitId: '*', length: d.virtualSize })).ranges;
     }
-    const writer = await session.openIndex({ virtualSize: d.virtualSize, base });
+    let writer = await session.openIndex({ virtualSize: d.virtualSize, base });
     const chunks = chunksTouched(ranges!, writer.chunkSize, d.virtualSize);
     // base:allocation: chunks the snapshot holds no data in are not read (pull mode, as libvirt's tools do).
     const nbd = await NbdClient.connect({ ...nbdTarget, exportName: exp.export, contexts: [CONTEXT_BASE_ALLOCATION] });
-    let done = 0;
-    const total = chunks.reduce((n, c) => n + Math.min(writer.chunkSize, d.virtualSize - c * writer.chunkSize), 0);
-    try {
-      await copyChunks(nbd, writer, chunks, {
+    const sizeOf = (list: number[]) =>
+      list.reduce((n, c) => n + Math.min(writer.chunkSize, d.virtualSize - c * writer.chunkSize), 0);
+    const copy = async (list: number[]) => {
+      let done = 0;
+      const total = sizeOf(list);
+      await copyChunks(nbd, writer, list, {
         size: d.virtualSize,
         parallel: opts.readParallel,
         onProgress: (n) => opts.events?.progress?.(s.name, d.slot, (done += n), total),
       });
+    };
+    let audit: AuditResult | null = null;
+    const passes = { bytesRead: 0, bytesNew: 0, bytesStored: 0 };
+    try {
+      // The audit runs alongside the reading of the changed chunks (it reads other slots of the same export);
+      // once those are read, a sampled audit gets at most its time budget more.
+      const copyStarted = performance.now();
+      let copyEnded: number | null = null;
+      let budget = 0;
+      let abandon = false;
+      const deadline = () => (abandon ? 0 : copyEnded === null ? Infinity : copyEnded + budget);
+      const auditing =
+        fullReason || data.audit.kind === 'off'
+          ? null
+          : auditDisk(nbd, writer.index, {
+              mode: data.audit,
+              seed: data.auditSeed,
+              diskId: d.virtualDiskId,
+              size: d.virtualSize,
+              changed: chunks,
+              hashId: (b) => opts.repo.hashId(b),
+              parallel: opts.readParallel,
+              deadline,
+            }).then(
+              (result) => ({ result }),
+              (error: unknown) => ({ error }),
+            );
+      try {
+        await copy(chunks);
+      } catch (err) {
+        abandon = true;
+        await auditing;
+        throw err;
+      }
+      copyEnded = performance.now();
+      budget = opts.auditTimeMs ?? Math.max(AUDIT_TIME_FLOOR_MS, AUDIT_TIME_SHARE * (copyEnded - copyStarted));
+      const settled = await auditing;
+      if (settled && 'error' in settled) throw settled.error;
+      if (settled) {
+        audit = settled.result;
+        if (audit.mode === 'sample') audit.timeBudgetMs = budget;
+        opts.events?.log?.(`${s.name} ${d.slot}: ${describeAudit(audit)}`);
+        if (audit.mismatches > 0) {
+          // Tracking is distrusted for this disk in this run: every chunk read again from the same snapshot
+          // into a fresh index (chunks stored by the first pass are not stored twice).
+          fullReason = `tracking audit found a change at offset ${audit.firstMismatchOffset} that tracking missed`;
+          opts.events?.log?.(`${s.name} ${d.slot}: TRACKING DISTRUSTED: ${fullReason}; reading the disk in full`);
+          const first = writer.stats();
+          passes.bytesRead += first.bytesRead;
+          passes.bytesNew += first.bytesNew;
+          passes.bytesStored += first.bytesStored;
+          const previous = writer.index;
+          writer = await session.openIndex({ virtualSize: d.virtualSize, base: null });
+          await copy(Array.from({ length: writer.index.slotCount }, (_, i) => i));
+          audit.missedChunks = countDifferences(writer.index, previous, chunks);
+          data.warn(
+            `${s.name} ${d.slot}: change tracking missed a change at offset ${audit.firstMismatchOffset}: ` +
+              `${audit.missedChunks} of the ${audit.unchanged} chunks it called unchanged differ from restore point ${s.previous!.id}. ` +
+              'This restore point read the disk in full and is exact; find what wrote the disk past the host ' +
+              '(another program, a file put back or copied, a storage fault) before trusting its incrementals',
+          );
+        }
+      }
     } finally {
       await nbd.close();
     }
     const index = await session.writeIndex(writer);
-    const stats = writer.stats();
+    const last = writer.stats();
+    const stats = {
+      bytesRead: passes.bytesRead + last.bytesRead,
+      bytesNew: passes.bytesNew + last.bytesNew,
+      bytesStored: passes.bytesStored + last.bytesStored,
+    };
     const m = /^(ide|scsi)(\d)-(\d+)$/.exec(d.slot)!;
     disks.push({
       diskId: d.virtualDiskId,
@@ -472,7 +597,8 @@ async function backupVm(
       read: fullReason ? 'full' : 'incremental',
       fullReason,
       index,
-      stats: { bytesRead: stats.bytesRead, bytesNew: stats.bytesNew, bytesStored: stats.bytesStored },
+      stats,
+      audit,
     });
     s.summary.disks.push({
       slot: d.slot,
@@ -483,6 +609,7 @@ async function backupVm(
       bytesRead: stats.bytesRead,
       bytesNew: stats.bytesNew,
       bytesStored: stats.bytesStored,
+      audit,
     });
     s.summary.bytesRead += stats.bytesRead;
     s.summary.bytesNew += stats.bytesNew;
@@ -508,4 +635,31 @@ async function boundedAll<T>(items: T[], limit: number, fn: (t: T) => Promise<vo
       while (next < items.length) await fn(items[next++]);
     }),
   );
+}
+
+/** One line about a disk's audit, for the run's log. */
+export function describeAudit(a: AuditResult): string {
+  const what = a.mode === 'full' ? 'every chunk' : `a sample of ${a.sampled}`;
+  const outcome =
+    a.mismatches > 0
+      ? `MISMATCH at offset ${a.firstMismatchOffset}`
+      : a.stoppedEarly
+        ? `no mismatch; stopped at the time bound (${((a.timeBudgetMs ?? 0) / 1000).toFixed(1)} s) after ${a.checked} of ${a.sampled}`
+        : 'no mismatch';
+  return `tracking audit of ${what} of ${a.unchanged} unchanged chunks (seed ${a.seed}): ${a.checked} checked, ${outcome}, ${a.bytesRead} bytes read in ${a.timeMs.toFixed(0)} ms`;
+}
+
+/** The audit options of a run, checked (library callers get the CLI's errors). */
+function checkAuditOptions(opts: BackupSetOptions): AuditMode {
+  const audit = opts.audit ?? DEFAULT_AUDIT;
+  if (audit.kind === 'sample' && !(audit.rate > 0 && audit.rate <= 1))
+    throw new TidemarkError('INVALID_ARGUMENT', `the audit rate must be in (0, 1], not ${audit.rate}`);
+  if (opts.auditTimeMs !== undefined && !(opts.auditTimeMs > 0))
+    throw new TidemarkError('INVALID_ARGUMENT', `the audit time budget must be positive, not ${opts.auditTimeMs} ms`);
+  if (opts.auditTimeMs !== undefined && audit.kind === 'full')
+    throw new TidemarkError('INVALID_ARGUMENT', 'a full audit has no time bound: give --audit-time with a rate only');
+  const seed = opts.auditSeed;
+  if (seed !== undefined && !(Number.isInteger(seed) && seed >= 0 && seed <= 0xffffffff))
+    throw new TidemarkError('INVALID_ARGUMENT', `the audit seed must be an integer from 0 to 4294967295, not ${seed}`);
+  return audit;
 }

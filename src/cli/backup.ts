@@ -4,6 +4,7 @@
  */
 import { Command } from 'commander';
 import { HostClient } from '../api/client.js';
+import { formatRate, parseAuditMode, parseAuditSeed, parseAuditTime, type AuditResult } from '../backup/audit.js';
 import { runBackupSet, type BackupSetSummary, type Flow } from '../backup/backup-set.js';
 import { restorePoint, restoreRegistered, type RestoreSummary } from '../backup/restore.js';
 import { TidemarkError } from '../errors.js';
@@ -26,6 +27,16 @@ export function backupCommand(run: Run): Command {
       .option('--batch <n>', 'VMs per storage snapshot in the per-vm flow', '1')
       .option('--consistency <c>', 'app (fall back to crash) | crash | app-required', 'app')
       .option('--provider <p>', 'storage snapshot provider: cow | reflink', 'cow')
+      .option(
+        '--audit <rate>',
+        "tracking audit of incrementals: a fraction (0.01) or percentage (1%) of each disk's chunks (at least 16) | off | full",
+        '1%',
+      )
+      .option(
+        '--audit-time <seconds>',
+        'time budget of a sampled audit per disk after the changed chunks are read (default: 10% of their read time, at least 2 s)',
+      )
+      .option('--audit-seed <n>', 'seed of the audit samples (default: random; a run logs and records its seed)')
       .option('--wait [seconds]', 'wait for VMs another run holds (BUSY at once without it; no value: until free)')
       .option('--json', 'print the summary as JSON'),
   ).action((vms: string[], o: RepoOpts & Record<string, string | boolean | undefined>) =>
@@ -37,6 +48,12 @@ export function backupCommand(run: Run): Command {
       if (!['app', 'crash', 'app-required'].includes(o.consistency as string)) {
         throw new TidemarkError('INVALID_ARGUMENT', `--consistency must be app, crash or app-required`);
       }
+      const audit = parseAuditMode(o.audit as string);
+      const auditTimeMs = o.auditTime === undefined ? undefined : parseAuditTime(o.auditTime as string);
+      if (auditTimeMs !== undefined && audit.kind !== 'sample') {
+        throw new TidemarkError('INVALID_ARGUMENT', `--audit-time bounds a sampled audit; --audit ${o.audit} has none`);
+      }
+      const auditSeed = o.auditSeed === undefined ? undefined : parseAuditSeed(o.auditSeed as string);
       const wait = parseWait(o.wait);
       const host = await HostClient.connect({ store: o.store as string | undefined });
       const bars = progressBars(!o.json && process.stderr.isTTY === true);
@@ -51,6 +68,9 @@ export function backupCommand(run: Run): Command {
             batch: Number(o.batch),
             consistency: o.consistency as 'app' | 'crash' | 'app-required',
             provider: o.provider as 'cow' | 'reflink',
+            audit,
+            auditTimeMs,
+            auditSeed,
             wait,
             command: `tidemark backup ${vms.join(' ')}`,
             events: {
@@ -87,10 +107,26 @@ export function printBackupSummary(s: BackupSetSummary): void {
       `  ${v.name}: ${v.status}${v.error ? ` (${v.error})` : ''}; ${v.consistency ?? '-'}-consistent; read ${formatSize(v.bytesRead)}, new ${formatSize(v.bytesNew)}, stored ${formatSize(v.bytesStored)}; freeze ${ms(v.freezeWindowMs)}, I/O pause ${ms(v.ioPauseMs)}`,
     );
     for (const d of v.disks) {
-      println(`    ${d.slot}: ${d.read}${d.fullReason ? ` (${d.fullReason})` : ''}, read ${formatSize(d.bytesRead)}`);
+      println(
+        `    ${d.slot}: ${d.read}${d.fullReason ? ` (${d.fullReason})` : ''}, read ${formatSize(d.bytesRead)}${d.audit ? `; ${auditLine(d.audit)}` : ''}`,
+      );
     }
   }
+  for (const w of s.warnings) println(`  WARNING: ${w}`);
   for (const e of s.errors) println(`  error: ${e}`);
+}
+
+function auditLine(a: AuditResult): string {
+  const what =
+    a.mode === 'full'
+      ? `${a.checked} of ${a.unchanged} unchanged chunks (full`
+      : `${a.checked} of a sample of ${a.sampled} of ${a.unchanged} unchanged chunks (${formatRate(a.rate!)}`;
+  const found =
+    a.mismatches > 0
+      ? `MISMATCH at offset ${a.firstMismatchOffset}${a.missedChunks !== null ? `, ${a.missedChunks} chunk(s) tracking missed` : ''}`
+      : 'no mismatch';
+  const early = a.stoppedEarly ? `, stopped at its ${((a.timeBudgetMs ?? 0) / 1000).toFixed(1)} s bound` : '';
+  return `audit checked ${what}, seed ${a.seed}): ${found}${early}, read ${formatSize(a.bytesRead)} in ${ms(a.timeMs)}`;
 }
 
 export function restoreCommand(run: Run): Command {

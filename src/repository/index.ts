@@ -11,6 +11,7 @@ export {
   MANIFEST_FORMAT,
   MANIFEST_VERSION,
   POINT_ID,
+  type DiskAudit,
   type DiskEntry,
   type DiskStats,
   type IndexRef,

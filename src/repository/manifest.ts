@@ -75,6 +75,30 @@ export const diskStatsSchema = z
   })
   .loose();
 
+/** The tracking audit of an incremental disk (src/backup/audit.ts). */
+export const diskAuditSchema = z
+  .object({
+    mode: z.enum(['sample', 'full']),
+    /** the fraction of the disk's chunks asked for; null for a full audit */
+    rate: z.number().positive().max(1).nullable(),
+    /** the run's audit seed (each disk's sample derives from it and the disk's id) */
+    seed: count,
+    /** chunks change tracking called unchanged */
+    unchanged: count,
+    sampled: count,
+    checked: count,
+    bytesRead: count,
+    mismatches: count,
+    firstMismatchOffset: count.nullable(),
+    /** after a mismatch and the full read: the chunks tracking called unchanged that differ (all, not sampled) */
+    missedChunks: count.nullable(),
+    timeMs: ms,
+    /** null: no time bound */
+    timeBudgetMs: ms.nullable(),
+    stoppedEarly: z.boolean(),
+  })
+  .loose();
+
 export const diskEntrySchema = z
   .object({
     /** the virtual disk's GUID */
@@ -100,6 +124,8 @@ export const diskEntrySchema = z
       .nullable(),
     index: indexRefSchema,
     stats: diskStatsSchema,
+    /** the tracking audit of an incremental; null when none ran; absent from manifests written before audits */
+    audit: diskAuditSchema.nullable().optional(),
   })
   .loose();
 
@@ -141,6 +167,7 @@ export const manifestSchema = z
 
 export type IndexRef = z.infer<typeof indexRefSchema>;
 export type DiskStats = z.infer<typeof diskStatsSchema>;
+export type DiskAudit = z.infer<typeof diskAuditSchema>;
 export type DiskEntry = z.infer<typeof diskEntrySchema>;
 export type VmEntry = z.infer<typeof vmEntrySchema>;
 export type PointStatistics = z.infer<typeof statisticsSchema>;
