@@ -495,7 +495,10 @@ async function backupVm(
     }
     if (fullReason) {
       opts.events?.log?.(`${s.name} ${d.slot}: full read (${fullReason})`);
-      ranges = (await opts.host.allChanges({ vm: s.name, slot: d.slot, limitId: '*', length: d.virtualSize })).ranges;
+      // Everything, as the snapshot holds it: its own block status (below) skips what it does not hold. The live
+      // disk's allocation is not the snapshot's: a block the guest trimmed after the checkpoint still holds the
+      // checkpoint's data there, and must be read.
+      ranges = [{ offset: 0, length: d.virtualSize }];
     }
     let writer = await session.openIndex({ virtualSize: d.virtualSize, base });
     const chunks = chunksTouched(ranges!, writer.chunkSize, d.virtualSize);
