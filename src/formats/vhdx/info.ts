@@ -14,12 +14,12 @@ import {
   ITEM_PHYSICAL_SECTOR_SIZE,
   ITEM_VIRTUAL_DISK_ID,
   ITEM_VIRTUAL_DISK_SIZE,
+  MiB,
   REGION_BAT,
   REGION_METADATA,
   REGION_TABLE_OFFSETS,
   SB_PRESENT,
 } from './constants.js';
-import { bitmapBatIndex, payloadBatIndex } from './bat.js';
 import { hex, type VhdxHeader } from './header.js';
 import { VhdxFile, type OpenOptions } from './vhdx.js';
 
@@ -70,24 +70,35 @@ export interface BatHistogram {
   allocatedBytes: number;
 }
 
+/** Counts entry states, reading the BAT in 1 MiB pieces (a 64 TiB disk in 1 MiB blocks has 64 Mi entries). */
 export async function batHistogram(disk: VhdxFile): Promise<BatHistogram> {
   const g = disk.geometry;
   const payload: Record<string, number> = {};
   const sectorBitmap: Record<string, number> = {};
-  let allocated = 0;
-  for (let b = 0; b < g.dataBlocks; b++) {
-    const e = await disk.batEntry(payloadBatIndex(g, b));
-    const name = BLOCK_STATE_NAMES[e.state] ?? `invalid_${e.state}`;
-    payload[name] = (payload[name] ?? 0) + 1;
-    if (e.state === BlockState.FullyPresent || e.state === BlockState.PartiallyPresent) allocated += g.blockSize;
+  const payloadCounts = new Array<number>(8).fill(0);
+  const bitmapCounts = new Array<number>(8).fill(0);
+  const cr1 = g.chunkRatio + 1;
+  const piece = Buffer.alloc(Math.min(MiB, g.batEntries * 8));
+  for (let first = 0; first < g.batEntries; first += MiB / 8) {
+    const view = piece.subarray(0, Math.min(MiB / 8, g.batEntries - first) * 8);
+    await disk.readBatRaw(view, first);
+    for (let k = 0; k < view.length / 8; k++) {
+      const i = first + k;
+      const chunk = Math.floor(i / cr1);
+      const pos = i - chunk * cr1;
+      const state = view.readUInt32LE(k * 8) & 7;
+      if (pos === g.chunkRatio) {
+        if (chunk < g.bitmapBlocks) bitmapCounts[state]++;
+      } else if (chunk * g.chunkRatio + pos < g.dataBlocks) payloadCounts[state]++;
+    }
   }
-  for (let c = 0; c < g.bitmapBlocks; c++) {
-    const idx = bitmapBatIndex(g, c);
-    if (idx >= g.batEntries) break; // dynamic disks: the last chunk's bitmap entry may be absent
-    const e = await disk.batEntry(idx);
-    const name = e.state === 0 ? 'not_present' : e.state === SB_PRESENT ? 'present' : `invalid_${e.state}`;
-    sectorBitmap[name] = (sectorBitmap[name] ?? 0) + 1;
-  }
+  payloadCounts.forEach((n, state) => {
+    if (n > 0) payload[BLOCK_STATE_NAMES[state] ?? `invalid_${state}`] = n;
+  });
+  bitmapCounts.forEach((n, state) => {
+    if (n > 0) sectorBitmap[state === 0 ? 'not_present' : state === SB_PRESENT ? 'present' : `invalid_${state}`] = n;
+  });
+  const allocated = (payloadCounts[BlockState.FullyPresent] + payloadCounts[BlockState.PartiallyPresent]) * g.blockSize;
   return {
     entries: g.batEntries,
     payloadBlocks: g.dataBlocks,

@@ -771,7 +771,9 @@ export class VhdxFile {
         `the file is truncated: its BAT references data up to ${p.truncated.end}, ${p.truncated.end - p.fileSize} bytes past its end`,
       );
     }
-    return `${parts.join('; ')}; the file can only be read until \`tidemark vhdx check --repair\` repairs it`;
+    // A BAT cut short is repairable (check --repair extends the file); structures beyond the limit are not.
+    const repairable = p.structureProblems.every((x) => x.code === 'VHDX_TRUNCATED');
+    return `${parts.join('; ')}; ${repairable ? 'the file can only be read until `tidemark vhdx check --repair` repairs it' : 'the file can only be read (`tidemark vhdx check --repair` cannot repair this)'}`;
   }
 
   /** The error every write of a damaged file gets (VHDX_TRUNCATED when truncation is all that is wrong). */
@@ -1687,7 +1689,18 @@ export class VhdxFile {
         await this.logWrite(at, raw, at, at + REGION_TABLE_SIZE);
         repaired.push(`region table ${other + 1} rewritten from table ${good + 1}`);
       }
-      repaired.push(...(await this.repairPlacement()));
+      // What exists decides what a damaged entry keeps, also once the file is extended below.
+      const size = this.file.size();
+      // A file cut short inside its structures, or not on a 1 MiB boundary, is extended (sparsely): BAT
+      // entries that were cut off then read NOT_PRESENT; their data is lost either way.
+      const cut = this.placementScan.spans.filter((x) => x.end > size && x.end <= MAX_FILE_OFFSET);
+      const to = Math.max(Math.ceil(size / MiB) * MiB, ...cut.map((x) => x.end));
+      if (to > size) {
+        await this.file.truncate(to);
+        const inside = cut.length > 0 ? `inside ${cut.map((x) => x.name).join(' and ')}` : 'off a 1 MiB boundary';
+        repaired.push(`the file ended at ${size}, ${inside}: extended to ${to}`);
+      }
+      repaired.push(...(await this.repairPlacement(size)));
       let cleared = 0;
       const piece = Buffer.alloc(Math.min(MiB, this.geometry.batEntries * 8));
       for (let first = 0; first < this.geometry.batEntries; first += MiB / 8) {
@@ -1725,8 +1738,9 @@ export class VhdxFile {
    *    copy of its bytes that lie in the file and outside every structure: a block that only shared space
    *    reads exactly as before, a truncated one keeps what exists and reads zeros for the rest.
    * The DataWriteGuid does not change (no read that succeeded changes), so children stay linked.
+   * `size`: the file size that says what exists (before any repair extended the file).
    */
-  private async repairPlacement(): Promise<string[]> {
+  private async repairPlacement(size: number): Promise<string[]> {
     if (this.placementScan.damagedCount === 0) return [];
     const lines: string[] = [];
     let unlisted = 0;
@@ -1734,7 +1748,6 @@ export class VhdxFile {
       if (lines.length < MAX_REPAIR_LINES) lines.push(line);
       else unlisted++;
     };
-    const size = this.file.size(); // what exists: both passes judge against it
     const name = (d: Damaged) =>
       `${describeEntry(d.entry)} (BAT entry ${d.entry.index}) at file offset ${d.entry.offset} ${describeProblems(d, size)}`;
     const why = (d: Damaged) =>
