@@ -10,7 +10,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { TidemarkError } from '../../src/errors.js';
-import { bitmapBatIndex, computeGeometry, encodeBatEntry } from '../../src/formats/vhdx/bat.js';
+import { bitmapBatIndex, computeGeometry, countEntryKinds, encodeBatEntry } from '../../src/formats/vhdx/bat.js';
 import { checkVhdx } from '../../src/formats/vhdx/check.js';
 import { MiB, REGION_BAT, REGION_METADATA } from '../../src/formats/vhdx/constants.js';
 import { createVhdx } from '../../src/formats/vhdx/create.js';
@@ -192,6 +192,33 @@ describe('Placement.scan', () => {
         if (inSpan || shared || off + MiB > size) expected++;
       });
       expect(p.damagedCount, `trial ${trial} seed ${SEED}`).toBe(expected);
+    }
+  });
+});
+
+describe('countEntryKinds (how passes over the BAT skip all-zero pieces)', () => {
+  it('agrees with visiting every entry, for dynamic and differencing geometries and seeded ranges', () => {
+    const r = rng(SEED + 5);
+    const geometries = [
+      computeGeometry(3 * 4096 * MiB + 5 * MiB, MiB, 512, false),
+      computeGeometry(3 * 4096 * MiB + 5 * MiB, MiB, 512, true),
+      computeGeometry(100 * MiB, 2 * MiB, 4096, true),
+      computeGeometry(9000 * 32 * MiB, 32 * MiB, 512, false),
+    ];
+    for (const g of geometries) {
+      for (let t = 0; t < 30; t++) {
+        const first = r.int(g.batEntries);
+        const n = 1 + r.int(g.batEntries - first);
+        let payload = 0;
+        let bitmap = 0;
+        for (let i = first; i < first + n; i++) {
+          const chunk = Math.floor(i / (g.chunkRatio + 1));
+          const pos = i - chunk * (g.chunkRatio + 1);
+          if (pos === g.chunkRatio) bitmap += chunk < g.bitmapBlocks ? 1 : 0;
+          else payload += chunk * g.chunkRatio + pos < g.dataBlocks ? 1 : 0;
+        }
+        expect(countEntryKinds(g, first, n), `entries [${first}, +${n}) seed ${SEED}`).toEqual({ payload, bitmap });
+      }
     }
   });
 });

@@ -5,10 +5,11 @@
  */
 import { TidemarkError } from '../../errors.js';
 import { isZeroGuid } from '../../util/guid.js';
-import { decodeBatEntry, type BatEntry } from './bat.js';
+import { bitmapBatIndex, chunkSpans, decodeBatEntry, type BatEntry } from './bat.js';
+import { isAllZero } from '../../util/zero.js';
 import { BlockState, HEADER_OFFSETS, MiB, REGION_TABLE_OFFSETS, SB_NOT_PRESENT, SB_PRESENT } from './constants.js';
 import { locatorGet } from './metadata.js';
-import { describeEntry, describeProblems, describeSpan } from './placement.js';
+import { describeEntry, describeProblems, describeSpan, lowWords } from './placement.js';
 import { VhdxFile, type OpenOptions } from './vhdx.js';
 
 export interface Finding {
@@ -180,9 +181,10 @@ async function checkOpened(disk: VhdxFile, add: (f: Finding) => void): Promise<v
     }
   }
   for (const p of disk.placement.structureProblems) {
+    if (p.kind === 'past-eof') continue; // REGION_BEYOND_EOF above
     add({
       severity: 'error',
-      code: p.code === 'VHDX_TRUNCATED' ? 'BAT_TRUNCATED' : 'REGION_BEYOND_LIMIT',
+      code: p.kind === 'bat-cut' ? 'BAT_TRUNCATED' : 'REGION_BEYOND_LIMIT',
       structure: 'region table',
       message: p.message,
     });
@@ -213,25 +215,39 @@ async function checkOpened(disk: VhdxFile, add: (f: Finding) => void): Promise<v
 /** States and reserved bits of every BAT entry, read in 1 MiB pieces. */
 async function checkEntries(disk: VhdxFile, add: (f: Finding) => void): Promise<void> {
   const g = disk.geometry;
-  const cr1 = g.chunkRatio + 1;
   const batAt = (i: number) => disk.batRegion.fileOffset + i * 8;
   const partialChunks = new Set<number>();
   const piece = Buffer.alloc(Math.min(MiB, g.batEntries * 8));
+  const lows = lowWords(piece);
+  let chunk = 0;
+  let pos = 0; // index = chunk * (chunkRatio + 1) + pos
   for (let first = 0; first < g.batEntries; first += MiB / 8) {
     const view = piece.subarray(0, Math.min(MiB / 8, g.batEntries - first) * 8);
     await disk.readBatRaw(view, first);
-    for (let k = 0; k < view.length / 8; k++) {
+    const n = view.length / 8;
+    if (isAllZero(view)) {
+      // A piece of a sparse disk's BAT: only a missing sector bitmap of a chunk begun earlier can be wrong.
+      for (const span of chunkSpans(g, first, n)) {
+        if (span.to > g.chunkRatio && span.chunk < g.bitmapBlocks && partialChunks.has(span.chunk))
+          checkBitmapEntry(disk, span.chunk, bitmapBatIndex(g, span.chunk), decodeBatEntry(0, 0), true, add);
+      }
+      chunk = Math.floor((first + n) / (g.chunkRatio + 1));
+      pos = first + n - chunk * (g.chunkRatio + 1);
+      continue;
+    }
+    for (let k = 0; k < n; k++, pos === g.chunkRatio ? ((pos = 0), chunk++) : pos++) {
+      const lo = lows ? lows[2 * k] : view.readUInt32LE(k * 8);
+      const hi = view.readUInt32LE(k * 8 + 4);
       const i = first + k;
-      const e = decodeBatEntry(view.readUInt32LE(k * 8), view.readUInt32LE(k * 8 + 4));
-      const chunk = Math.floor(i / cr1);
-      const pos = i - chunk * cr1;
       if (pos === g.chunkRatio) {
-        if (chunk >= g.bitmapBlocks) continue;
-        checkBitmapEntry(disk, chunk, i, e, partialChunks.has(chunk), add);
+        if (chunk < g.bitmapBlocks && (lo !== 0 || hi !== 0 || partialChunks.has(chunk)))
+          checkBitmapEntry(disk, chunk, i, decodeBatEntry(lo, hi), partialChunks.has(chunk), add);
         continue;
       }
+      if (lo === 0) continue; // NOT_PRESENT, no reserved bits
       const b = chunk * g.chunkRatio + pos;
       if (b >= g.dataBlocks) continue;
+      const e = decodeBatEntry(lo, hi);
       if (e.reservedBits)
         add({
           severity: 'error',

@@ -10,7 +10,9 @@
  * bits for the 128 TiB limit), not by the number of entries; a second pass runs only when two entries
  * share space, to name who holds it first.
  */
+import os from 'node:os';
 import { guidEquals, guidToString, type Guid } from '../../util/guid.js';
+import { isAllZero } from '../../util/zero.js';
 import type { Geometry } from './bat.js';
 import { HEADER_SECTION_SIZE, MAX_FILE_OFFSET, MiB, REGION_BAT, REGION_METADATA, SB_PRESENT } from './constants.js';
 
@@ -101,6 +103,8 @@ export function describeProblems(d: Damaged, fileSize: number): string {
 
 /** Problems of a whole structure (not of one entry) that keep a file from being written. */
 export interface StructureProblem {
+  /** `bat-cut`: the file ends inside the BAT's entries; `past-eof`: a structure reaches past the end; `limit`: past 128 TiB. */
+  kind: 'bat-cut' | 'past-eof' | 'limit';
   code: 'VHDX_TRUNCATED' | 'VHDX_CORRUPT';
   message: string;
 }
@@ -172,20 +176,29 @@ export class Placement {
     const p = new Placement(src.fileSize, src.spans);
     const g = src.geometry;
     const listLimit = opts.listLimit ?? 1000;
-    // Structures beyond the limit cannot be covered (nor written); a BAT cut short has lost entries.
+    // A file shorter than its structures was truncated (a region extended past the end would also place
+    // new blocks far away); one whose BAT is cut off has lost entries. Structures past 128 TiB are corrupt.
+    const batSpan = src.spans.find((s) => s.name === 'the BAT region');
     for (const s of src.spans) {
-      if (s.end > MAX_FILE_OFFSET)
+      if (s.end > MAX_FILE_OFFSET) {
         p.structureProblems.push({
+          kind: 'limit',
           code: 'VHDX_CORRUPT',
           message: `${describeSpan(s)} lies beyond ${MAX_FILE_OFFSET} bytes`,
         });
-    }
-    const batSpan = src.spans.find((s) => s.name === 'the BAT region');
-    if (batSpan && batSpan.start + g.batEntries * 8 > src.fileSize) {
-      p.structureProblems.push({
-        code: 'VHDX_TRUNCATED',
-        message: `the BAT's ${g.batEntries} entries end at ${batSpan.start + g.batEntries * 8}, past the end of the file (${src.fileSize} bytes): entries were lost`,
-      });
+      } else if (s === batSpan && s.start + g.batEntries * 8 > src.fileSize) {
+        p.structureProblems.push({
+          kind: 'bat-cut',
+          code: 'VHDX_TRUNCATED',
+          message: `the BAT's ${g.batEntries} entries end at ${s.start + g.batEntries * 8}, past the end of the file (${src.fileSize} bytes): entries were lost`,
+        });
+      } else if (s.end > src.fileSize) {
+        p.structureProblems.push({
+          kind: 'past-eof',
+          code: 'VHDX_TRUNCATED',
+          message: `${describeSpan(s)} extends past the end of the file (${src.fileSize} bytes)`,
+        });
+      }
     }
     const limitUnits = MAX_FILE_OFFSET / MiB;
     const spanEnd = src.spans.reduce((m, s) => Math.max(m, Math.min(s.end, MAX_FILE_OFFSET)), 0);
@@ -198,17 +211,17 @@ export class Placement {
     p.occupied = occupied;
 
     const cr1 = g.chunkRatio + 1;
-    let buf = Buffer.alloc(Math.min(MiB, g.batEntries * 8));
+    const buf = Buffer.alloc(Math.min(MiB, g.batEntries * 8));
+    const lows = lowWords(buf);
     for (let first = 0; first < g.batEntries; first += ENTRIES_PER_PIECE) {
       const n = Math.min(ENTRIES_PER_PIECE, g.batEntries - first);
-      if (buf.length < n * 8) buf = Buffer.alloc(n * 8);
       const view = buf.subarray(0, n * 8);
       await src.readBat(view, first);
+      if (isAllZero(view)) continue; // a piece of a sparse disk's BAT: nothing allocated
       const found: Damaged[] = [];
       for (let i = 0; i < n; i++) {
-        const lo = view.readUInt32LE(i * 8);
-        const state = lo & 7;
-        if (state !== 6 && state !== 7) continue;
+        const lo = lows ? lows[2 * i] : view.readUInt32LE(i * 8);
+        if ((lo & 6) !== 6) continue; // only states 6 and 7 allocate space
         const entry = p.entryAt(g, first + i, lo, view.readUInt32LE(i * 8 + 4), cr1);
         if (!entry) continue;
         const d = p.place(entry, occupied);
@@ -290,13 +303,14 @@ export class Placement {
     const g = src.geometry;
     let open = wanted.size;
     const buf = Buffer.alloc(Math.min(MiB, g.batEntries * 8));
+    const lows = lowWords(buf);
     for (let first = 0; first < g.batEntries && open > 0; first += ENTRIES_PER_PIECE) {
       const n = Math.min(ENTRIES_PER_PIECE, g.batEntries - first);
       const view = buf.subarray(0, n * 8);
       await src.readBat(view, first);
       for (let i = 0; i < n && open > 0; i++) {
-        const lo = view.readUInt32LE(i * 8);
-        if ((lo & 7) !== 6 && (lo & 7) !== 7) continue;
+        const lo = lows ? lows[2 * i] : view.readUInt32LE(i * 8);
+        if ((lo & 6) !== 6) continue;
         const e = this.entryAt(g, first + i, lo, view.readUInt32LE(i * 8 + 4), cr1);
         if (!e || e.offset + e.extent > MAX_FILE_OFFSET) continue;
         for (let u = e.offset / MiB; u < Math.ceil((e.offset + e.extent) / MiB); u++) {
@@ -394,6 +408,15 @@ export class Placement {
     for (let u = first; u < last; u++) occ.set(u);
     return true;
   }
+}
+
+/**
+ * The buffer as 32-bit words when the host is little-endian and the buffer aligned (entries' low words at
+ * even indexes): a scan of 64 Mi entries then costs a fraction of a second. Undefined otherwise.
+ */
+export function lowWords(buf: Buffer): Uint32Array | undefined {
+  if (os.endianness() !== 'LE' || buf.byteOffset % 4 !== 0) return undefined;
+  return new Uint32Array(buf.buffer, buf.byteOffset, buf.length >>> 2);
 }
 
 interface Piece {

@@ -844,6 +844,16 @@ export class VhdxFile {
   }
 
   async batEntry(index: number): Promise<BatEntry> {
+    const end = this.batRegion.fileOffset + index * 8 + 8;
+    if (end > this.file.size()) {
+      // A BAT cut short by a truncation: the entry is lost, not NOT_PRESENT.
+      throw new VhdxCorruptError(
+        'BAT',
+        end - 8,
+        `entry ${index} lies past the end of the file (${this.file.size()} bytes): truncated; \`tidemark vhdx check\` says what is lost`,
+        'VHDX_TRUNCATED',
+      );
+    }
     const { sector, at } = this.batSectorOf(index);
     const buf =
       this.cache.peek(sector) ??
