@@ -261,6 +261,7 @@ export function vhdxCommand(run: Run): Command {
       const disk = await VhdxFile.open(file, { writable: true, ...parentOptions(o, file) });
       let written = 0;
       try {
+        disk.checkWritable(); // a damaged disk is refused before anything, tracking files included
         await ChangeTracker.attach(disk, { writable: true }); // a tracked disk records these writes
         if (o.input) {
           const size = (await stat(o.input).catch((err) => Promise.reject(fromSystemError(err, 'open', o.input)))).size;

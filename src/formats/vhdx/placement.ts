@@ -111,7 +111,7 @@ export interface StructureProblem {
 
 /** Bits over MiB units of the file. */
 class UnitBits {
-  private readonly bits: Uint8Array;
+  readonly bits: Uint8Array;
   constructor(readonly units: number) {
     this.bits = new Uint8Array(Math.ceil(units / 8));
   }
@@ -213,16 +213,40 @@ export class Placement {
     const cr1 = g.chunkRatio + 1;
     const buf = Buffer.alloc(Math.min(MiB, g.batEntries * 8));
     const lows = lowWords(buf);
+    // For the inline case: blocks before the last (which may be short), whole units inside the file.
+    const lastWholeBlock = g.dataBlocks - 1;
+    const unitsPerBlock = g.blockSize / MiB;
+    const wholeUnits = Math.min(Math.floor(src.fileSize / MiB), occupied.units);
+    let fastEndUnits = 0;
     for (let first = 0; first < g.batEntries; first += ENTRIES_PER_PIECE) {
       const n = Math.min(ENTRIES_PER_PIECE, g.batEntries - first);
       const view = buf.subarray(0, n * 8);
       await src.readBat(view, first);
       if (isAllZero(view)) continue; // a piece of a sparse disk's BAT: nothing allocated
       const found: Damaged[] = [];
-      for (let i = 0; i < n; i++) {
+      // The common case inline (a payload block inside the file on free units claims them): 64 Mi entries
+      // cost seconds otherwise. Everything else goes through entryAt and place.
+      const bits = occupied.bits;
+      let chunk = Math.floor(first / cr1);
+      let pos = first - chunk * cr1;
+      for (let i = 0; i < n; i++, pos === g.chunkRatio ? ((pos = 0), chunk++) : pos++) {
         const lo = lows ? lows[2 * i] : view.readUInt32LE(i * 8);
         if ((lo & 6) !== 6) continue; // only states 6 and 7 allocate space
-        const entry = p.entryAt(g, first + i, lo, view.readUInt32LE(i * 8 + 4), cr1);
+        const hi = lows ? lows[2 * i + 1] : view.readUInt32LE(i * 8 + 4);
+        if (pos !== g.chunkRatio && chunk * g.chunkRatio + pos < lastWholeBlock) {
+          const u0 = (lo >>> 20) + hi * 4096;
+          const u1 = u0 + unitsPerBlock;
+          if (u1 <= wholeUnits) {
+            let free = true;
+            for (let u = u0; u < u1 && free; u++) free = (bits[u >>> 3] & (1 << (u & 7))) === 0;
+            if (free) {
+              for (let u = u0; u < u1; u++) bits[u >>> 3] |= 1 << (u & 7);
+              if (u1 > fastEndUnits) fastEndUnits = u1;
+              continue;
+            }
+          }
+        }
+        const entry = p.entryAt(g, first + i, lo, hi, cr1);
         if (!entry) continue;
         const d = p.place(entry, occupied);
         if (!d) continue;
@@ -236,6 +260,8 @@ export class Placement {
       }
       if (opts.onDamaged) for (const d of found) await opts.onDamaged(d);
     }
+    p.presentEnd = Math.max(p.presentEnd, fastEndUnits * MiB);
+    p.keptEnd = Math.max(p.keptEnd, fastEndUnits * MiB);
     if (p.conflicts) await p.nameHolders(src, cr1);
     if (!opts.keepOccupied) p.occupied = undefined;
     return p;
