@@ -431,6 +431,34 @@ describe('a damaged entry in a real file', () => {
     }
   });
 
+  it('a sector bitmap entry present in a dynamic disk is never read: the disk stays writable, --repair clears it', async () => {
+    const file = path.join(dir, 'dyn-sb.vhdx');
+    await createVhdx(file, { size: 4097 * MiB, blockSize: MiB }); // 4097 blocks: chunk 0's bitmap entry exists
+    let d = await VhdxFile.open(file);
+    const m = { file, bat: d.batRegion.fileOffset, md: d.metadataRegion.fileOffset, log: 0, data: Buffer.alloc(0) };
+    const sb = bitmapBatIndex(d.geometry, 0);
+    await d.close();
+    patchBat(m, sb, 6, m.md);
+    d = await VhdxFile.open(file, { writable: true });
+    try {
+      expect(d.writable).toBe(true);
+      await d.write(Buffer.alloc(4096, 0x12), 4096 * MiB);
+    } finally {
+      await d.close();
+    }
+    const report = await checkVhdx(file);
+    expect(report.errors.map((e) => e.code)).toEqual(['SB_PRESENT_WITHOUT_PARENT']);
+    const rep = await checkVhdx(file, { repair: true });
+    expect(rep.ok, JSON.stringify(rep)).toBe(true);
+    expect(rep.repaired.join('\n')).toMatch(/1 sector bitmap entries set to NOT_PRESENT/);
+    d = await VhdxFile.open(file);
+    try {
+      expect((await d.readAt(4096 * MiB, 4096)).equals(Buffer.alloc(4096, 0x12))).toBe(true);
+    } finally {
+      await d.close();
+    }
+  });
+
   it('a repaired parent keeps its DataWriteGuid: its child still opens over it', async () => {
     const m = await makeDisk('linked-parent.vhdx');
     const child = path.join(dir, 'linked-child.avhdx');

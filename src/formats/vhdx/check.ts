@@ -304,7 +304,7 @@ function checkBitmapEntry(
       code: 'SB_PRESENT_WITHOUT_PARENT',
       structure: 'BAT entry',
       offset: at,
-      message: `sector bitmap ${c}: present in a disk without a parent`,
+      message: `sector bitmap ${c}: present in a disk without a parent (never read); --repair sets it to NOT_PRESENT`,
     });
   } else if (e.state === SB_NOT_PRESENT && hasPartialBlocks) {
     add({

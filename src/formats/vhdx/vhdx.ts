@@ -884,6 +884,21 @@ export class VhdxFile {
   }
 
   private async setBatEntry(index: number, state: number, offset: number): Promise<void> {
+    const bitmap = index % (this.geometry.chunkRatio + 1) === this.geometry.chunkRatio;
+    if (
+      (state === BlockState.FullyPresent || state === BlockState.PartiallyPresent) &&
+      (!bitmap || this.params.hasParent)
+    ) {
+      // Never place a block the engine uses where a structure or another block is (new space and checked reuse only).
+      const problem = this.placementScan.problemAt(offset, bitmap ? MiB : this.blockSize);
+      if (problem) {
+        throw new VhdxCorruptError(
+          'BAT entry',
+          this.batRegion.fileOffset + index * 8,
+          `refusing to place an entry at file offset ${offset}: it ${problem}`,
+        );
+      }
+    }
     this.fresh.delete(index); // whoever places a fresh block notes it again afterwards
     const { sector, at } = this.batSectorOf(index);
     const buf = await this.cache.load(
@@ -1711,20 +1726,32 @@ export class VhdxFile {
         repaired.push(`the file ended at ${size}, ${inside}: extended to ${to}`);
       }
       repaired.push(...(await this.repairPlacement(size)));
+      // What the repairs left (entries moved, the file extended) is what later changes are checked against.
+      if (!this.placementScan.clean) await this.scanPlacement();
       let cleared = 0;
+      let droppedBitmaps = 0;
       const piece = Buffer.alloc(Math.min(MiB, this.geometry.batEntries * 8));
       for (let first = 0; first < this.geometry.batEntries; first += MiB / 8) {
         const view = piece.subarray(0, Math.min(MiB / 8, this.geometry.batEntries - first) * 8);
         await this.readBatRaw(view, first);
         for (let i = 0; i < view.length / 8; i++) {
           const e = decodeBatEntry(view.readUInt32LE(i * 8), view.readUInt32LE(i * 8 + 4));
-          if (e.reservedBits === 0) continue;
-          await this.setBatEntry(first + i, e.state, e.offset);
-          cleared++;
+          const index = first + i;
+          const bitmap = index % (this.geometry.chunkRatio + 1) === this.geometry.chunkRatio;
+          if (bitmap && !this.params.hasParent && e.state !== SB_NOT_PRESENT) {
+            // Only differencing disks have sector bitmaps; one elsewhere is never read.
+            await this.setBatEntry(index, SB_NOT_PRESENT, 0);
+            droppedBitmaps++;
+          } else if (e.reservedBits !== 0) {
+            await this.setBatEntry(index, e.state, e.offset);
+            cleared++;
+          } else continue;
           await this.commitIfLarge();
         }
       }
       if (cleared > 0) repaired.push(`reserved bits cleared in ${cleared} BAT entries`);
+      if (droppedBitmaps > 0)
+        repaired.push(`${droppedBitmaps} sector bitmap entries set to NOT_PRESENT (a disk without a parent has none)`);
       await this.commit();
       // What is left (nothing the repairs above cover) decides whether the file can be written.
       await this.scanPlacement();
