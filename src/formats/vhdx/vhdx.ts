@@ -884,13 +884,19 @@ export class VhdxFile {
   }
 
   private async setBatEntry(index: number, state: number, offset: number): Promise<void> {
-    const bitmap = index % (this.geometry.chunkRatio + 1) === this.geometry.chunkRatio;
+    const g = this.geometry;
+    const chunk = Math.floor(index / (g.chunkRatio + 1));
+    const pos = index - chunk * (g.chunkRatio + 1);
+    const bitmap = pos === g.chunkRatio;
     if (
       (state === BlockState.FullyPresent || state === BlockState.PartiallyPresent) &&
       (!bitmap || this.params.hasParent)
     ) {
-      // Never place a block the engine uses where a structure or another block is (new space and checked reuse only).
-      const problem = this.placementScan.problemAt(offset, bitmap ? MiB : this.blockSize);
+      // Never place a block the engine uses where a structure or another block is (new space and checked
+      // reuse only). The extent is the one the open-time scan judged (a short last block: its part in the disk).
+      const block = chunk * g.chunkRatio + pos;
+      const extent = bitmap ? MiB : block < g.dataBlocks ? this.blockExtent(block) : this.blockSize;
+      const problem = this.placementScan.problemAt(offset, extent);
       if (problem) {
         throw new VhdxCorruptError(
           'BAT entry',
