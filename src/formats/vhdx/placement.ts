@@ -218,8 +218,11 @@ export class Placement {
     const unitsPerBlock = g.blockSize / MiB;
     const wholeUnits = Math.min(Math.floor(src.fileSize / MiB), occupied.units);
     let fastEndUnits = 0;
-    for (let first = 0; first < g.batEntries; first += ENTRIES_PER_PIECE) {
-      const n = Math.min(ENTRIES_PER_PIECE, g.batEntries - first);
+    // Entries past the end of the file read as zeros (NOT_PRESENT; a cut BAT is reported above): a forged
+    // size cannot make a small file cost a pass over 64 Mi entries.
+    const entries = entriesInFile(g, batSpan, src.fileSize);
+    for (let first = 0; first < entries; first += ENTRIES_PER_PIECE) {
+      const n = Math.min(ENTRIES_PER_PIECE, entries - first);
       const view = buf.subarray(0, n * 8);
       await src.readBat(view, first);
       if (isAllZero(view)) continue; // a piece of a sparse disk's BAT: nothing allocated
@@ -330,8 +333,13 @@ export class Placement {
     let open = wanted.size;
     const buf = Buffer.alloc(Math.min(MiB, g.batEntries * 8));
     const lows = lowWords(buf);
-    for (let first = 0; first < g.batEntries && open > 0; first += ENTRIES_PER_PIECE) {
-      const n = Math.min(ENTRIES_PER_PIECE, g.batEntries - first);
+    const entries = entriesInFile(
+      g,
+      src.spans.find((s) => s.name === 'the BAT region'),
+      src.fileSize,
+    );
+    for (let first = 0; first < entries && open > 0; first += ENTRIES_PER_PIECE) {
+      const n = Math.min(ENTRIES_PER_PIECE, entries - first);
       const view = buf.subarray(0, n * 8);
       await src.readBat(view, first);
       for (let i = 0; i < n && open > 0; i++) {
@@ -443,6 +451,12 @@ export class Placement {
 export function lowWords(buf: Buffer): Uint32Array | undefined {
   if (os.endianness() !== 'LE' || buf.byteOffset % 4 !== 0) return undefined;
   return new Uint32Array(buf.buffer, buf.byteOffset, buf.length >>> 2);
+}
+
+/** How many of the BAT's entries lie inside the file. */
+function entriesInFile(g: Geometry, bat: Span | undefined, fileSize: number): number {
+  if (!bat) return g.batEntries;
+  return Math.max(0, Math.min(g.batEntries, Math.floor((fileSize - bat.start) / 8)));
 }
 
 interface Piece {
