@@ -65,8 +65,7 @@ export function detectFromBytes(head: Uint8Array, tail: Uint8Array, size: number
   if (magic4 === 'QED\0') return { format: 'qed', evidence: 'the "QED" magic at offset 0' };
   if (magic4 === 'KDMV' || magic4 === 'COWD')
     return { format: 'vmdk', evidence: `a "${magic4}" sparse extent header at offset 0` };
-  if (latin1(head, 0, 21) === '# Disk DescriptorFile')
-    return { format: 'vmdk', evidence: 'a "# Disk DescriptorFile" text descriptor' };
+  if (isVmdkDescriptor(head)) return { format: 'vmdk', evidence: 'a VMDK text descriptor' };
   if (head.length >= 0x44 && Buffer.from(head.buffer, head.byteOffset, 0x44).readUInt32LE(0x40) === 0xbeda107f)
     return { format: 'vdi', evidence: 'the VDI signature 0xbeda107f at offset 0x40' };
   const magic16 = latin1(head, 0, 16);
@@ -83,6 +82,21 @@ export function detectFromBytes(head: Uint8Array, tail: Uint8Array, size: number
       return { format: 'dmg', evidence: 'a "koly" trailer at the end' };
   }
   return { format: 'raw', evidence: '' };
+}
+
+/**
+ * A VMDK text descriptor: comment lines (`# Disk DescriptorFile` first, normally) and blank lines, then a
+ * `version=1|2|3` line, as VMware and QEMU write them.
+ */
+function isVmdkDescriptor(head: Uint8Array): boolean {
+  const text = latin1(head, 0, Math.min(head.length, 1024));
+  if (text.startsWith('# Disk DescriptorFile')) return true;
+  for (const line of text.split('\n').slice(0, -1)) {
+    const l = line.replace(/\r$/, '');
+    if (l.startsWith('#') || l.trim() === '') continue;
+    return /^version=[123]$/.test(l);
+  }
+  return false;
 }
 
 /** Reads the bytes detection needs from an open file. */

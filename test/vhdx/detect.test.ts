@@ -58,6 +58,7 @@ describe('detectFromBytes', () => {
       [head('KDMV'), 'vmdk'],
       [head('COWD'), 'vmdk'],
       [head('# Disk DescriptorFile\nversion=1\n'), 'vmdk'],
+      [head('# Disk descriptor written by hand\r\n\r\nversion=1\r\nCID=fffffffe\r\n'), 'vmdk'],
       [head('WithoutFreeSpace'), 'parallels'],
       [head('WithouFreSpacExt'), 'parallels'],
       [head('LUKS\xba\xbe'), 'luks'],
@@ -89,6 +90,8 @@ describe('detectFromBytes', () => {
     expect(detectFromBytes(none, none, 0).format).toBe('raw');
     expect(detectFromBytes(Buffer.from('QFI'), Buffer.from('QFI'), 3).format).toBe('raw');
     expect(detectFromBytes(head('xvhdxfile'), none, 4096).format).toBe('raw');
+    expect(detectFromBytes(head('# a shell script\necho version=1\n'), none, 4096).format).toBe('raw');
+    expect(detectFromBytes(head('version=12\n'), none, 4096).format).toBe('raw');
     const late = Buffer.alloc(512);
     late.write('conectix', 8, 'latin1'); // not where a footer is
     expect(detectFromBytes(Buffer.alloc(4096), late, MiB).format).toBe('raw');
