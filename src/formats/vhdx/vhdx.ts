@@ -767,8 +767,11 @@ export class VhdxFile {
       );
     }
     if (p.truncated.entries > 0) {
+      const past = p.listed.filter((d) => d.problems.some((x) => x.kind === 'eof')).map((d) => describeEntry(d.entry));
+      const named =
+        past.slice(0, 5).join(', ') + (p.truncated.entries > 5 ? ` and ${p.truncated.entries - 5} more` : '');
       parts.push(
-        `the file is truncated: its BAT references data up to ${p.truncated.end}, ${p.truncated.end - p.fileSize} bytes past its end`,
+        `the file is truncated: ${named} lie${p.truncated.entries === 1 ? 's' : ''} past its end, its BAT references data up to ${p.truncated.end} (${p.truncated.end - p.fileSize} bytes missing)`,
       );
     }
     // A BAT cut short is repairable (check --repair extends the file); structures beyond the limit are not.
