@@ -2,7 +2,9 @@
  * Conversion between raw images and VHDX: raw → VHDX, VHDX → raw, VHDX → VHDX (compacting, changing
  * block size or type, flattening a chain). Unallocated blocks are never read, nor are the holes of a
  * raw file when the file system reports them (src/util/holes.ts); all-zero pieces are never written.
- * Reads run ahead of writes, and the output is written back to the disk during the copy.
+ * Reads run ahead of writes, and the output is written back to the disk during the copy. The source's
+ * format is recognised by its magic (../detect.ts), never guessed: other disk formats are refused before
+ * anything is created.
  */
 import { unlink } from 'node:fs/promises';
 import { InvalidArgumentError } from '../../errors.js';
