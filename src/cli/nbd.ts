@@ -220,6 +220,11 @@ async function serve(disks: string[], o: ServeOptions): Promise<number> {
     }));
     if (o.json) printJson({ address, tls: serverOpts.tls !== undefined, exports });
     else for (const e of exports) println(`${e.name}\t${e.uri}`);
+    // A damaged disk is served for reading only (its writes fail): say so once, not only per request.
+    opened.forEach((d, i) => {
+      for (const w of d.file.warnings.filter((x) => x.startsWith('damaged:')))
+        process.stderr.write(`tidemark: warning: ${names[i]}: ${w}\n`);
+    });
     process.stderr.write(`tidemark: serving ${exports.length} export(s); SIGINT or SIGTERM stops\n`);
     const sig = await signal.stopped;
     process.stderr.write(`tidemark: ${sig}: finishing requests in flight, flushing and closing the disks\n`);

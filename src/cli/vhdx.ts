@@ -130,8 +130,17 @@ export function vhdxCommand(run: Run): Command {
     vhdx
       .command('convert')
       .description('raw → VHDX, VHDX → raw, VHDX → VHDX (compact, change block size or type, flatten a chain)')
-      .argument('<src>', 'a raw image or a VHDX (a differencing disk is read through its chain)')
+      .argument(
+        '<src>',
+        'a VHDX (a differencing disk is read through its chain) or a raw image; other formats (VHD, qcow2, VMDK, ...) are recognised and refused',
+      )
       .argument('<dst>', 'the new file (must not exist)')
+      .addOption(
+        new Option(
+          '--source-format <format>',
+          'read the source as this format instead of recognising it by its magic (raw: copy any file byte for byte)',
+        ).choices(['vhdx', 'raw']),
+      )
       .addOption(
         new Option(
           '--format <format>',
@@ -143,11 +152,15 @@ export function vhdxCommand(run: Run): Command {
       .addOption(
         sectorOption('--logical-sector <bytes>', "VHDX output logical sector size (default: the source's, else 512)"),
       )
+      .option('--track', 'enable change tracking on the new VHDX (.rct/.mrt beside it)')
+      .option('--granularity <size>', 'change tracking granularity with --track (default 256K)')
       .option('--json', 'machine-readable summary'),
   ).action((src: string, dst: string, o) =>
     run(async () => {
       const progress = progressReporter('converting');
+      if (o.granularity !== undefined && !o.track) throw new InvalidArgumentError('--granularity goes with --track');
       const result = await convertImage(src, dst, {
+        sourceFormat: o.sourceFormat,
         format: o.format,
         type: o.type,
         blockSize: o.blockSize !== undefined ? parseSize(o.blockSize, '--block-size') : undefined,
@@ -248,6 +261,7 @@ export function vhdxCommand(run: Run): Command {
       const disk = await VhdxFile.open(file, { writable: true, ...parentOptions(o, file) });
       let written = 0;
       try {
+        disk.checkWritable(); // a damaged disk is refused before anything, tracking files included
         await ChangeTracker.attach(disk, { writable: true }); // a tracked disk records these writes
         if (o.input) {
           const size = (await stat(o.input).catch((err) => Promise.reject(fromSystemError(err, 'open', o.input)))).size;

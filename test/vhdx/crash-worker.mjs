@@ -1,4 +1,4 @@
-// Crash-test worker: writes through the engine (or merges, or only recovers) until it is killed with
+// Crash-test worker: writes through the engine (or merges, repairs, or only recovers) until it is killed with
 // SIGKILL, either by the test process or by itself at a chosen I/O operation. It runs the built engine
 // (dist/), as a real process would, so `npm run build` must have run (npm test does).
 //
@@ -18,6 +18,7 @@
 // since its last datasync may lose the growth.
 import fs from 'node:fs';
 import path from 'node:path';
+import { checkVhdx } from '../../dist/formats/vhdx/check.js';
 import { mergeIntoParent } from '../../dist/formats/vhdx/merge.js';
 import { VhdxFile } from '../../dist/formats/vhdx/vhdx.js';
 import { NodeFile } from '../../dist/util/file.js';
@@ -160,6 +161,10 @@ if (cfg.mode === 'write') {
 } else if (cfg.mode === 'merge') {
   phase = 'merge';
   await mergeIntoParent(cfg.file);
+} else if (cfg.mode === 'repair') {
+  phase = 'repair';
+  const report = await checkVhdx(cfg.file, { repair: true });
+  if (!report.ok) throw new Error(`repair left errors: ${JSON.stringify(report.errors)}`);
 } else {
   throw new Error(`unknown mode ${cfg.mode}`);
 }

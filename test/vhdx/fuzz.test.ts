@@ -3,13 +3,15 @@
  * disk with 4 KiB sectors, a clean and a dirty differencing child over a parent) are built once and held
  * in memory; every case mutates one structure of one image (headers, region tables, metadata table and
  * items, parent locators, BAT entries, log entries, random bytes, truncation), writes the image to its
- * file, opens it (read-only, sometimes writable), reads a few ranges and closes it.
+ * file, opens it (read-only, or writable in a quarter of the cases, which then write, write zeroes or trim
+ * one to three ranges, mostly in allocated blocks), reads a few ranges and closes it.
  *
  * Oracle: every operation either succeeds or throws a TidemarkError with a known `code` and a one-line
  * message. Also: no case takes more than 2 s, RSS stays under 1.5 GiB, no file outside the temp directory
  * is ever opened, the engine never issues a write at a position Node cannot represent (Node then writes at
  * the current file position, i.e. offset 0), a writable open never changes the first 64 KiB (MS-VHDX 2.2.1)
- * and never writes more than 256 MiB.
+ * and never writes more than 256 MiB, and no payload write ever lands in the header section, the log or a
+ * region (the BAT, the metadata, any other): whatever a mutated BAT entry says.
  *
  * TIDEMARK_FUZZ_SEED (default 20240611) and TIDEMARK_FUZZ_CASES (default 10000) select the run;
  * TIDEMARK_FUZZ_CASE=n re-runs case n of that seed alone and prints the full error. Also:
@@ -440,6 +442,8 @@ async function buildImages(): Promise<void> {
 class Mut {
   touched: [number, number][] = [];
   truncateTo: number | undefined;
+  /** Blocks a mutation pointed somewhere: writable cases write there more often. */
+  hot: number[] = [];
   constructor(readonly img: Image) {}
   get buf(): Buffer {
     return this.img.work;
@@ -1285,7 +1289,41 @@ const mutateTruncate: Mutator = (r, m) => {
   return `truncate to ${m.truncateTo} of ${size}`;
 };
 
+/**
+ * A present (or absent) block, or a sector bitmap, pointed into a structure of the file, another block's
+ * space, or past the end: placements the engine must refuse to read or write through.
+ */
+const mutatePlacement: Mutator = (r, m) => {
+  const img = m.img;
+  const g = img.geometry;
+  const block = img.present.length && r.chance(0.7) ? r.pick(img.present) : r.int(g.dataBlocks);
+  const bitmap = img.isChild && r.chance(0.25);
+  const idx = bitmap ? g.chunkRatio : block + Math.floor(block / g.chunkRatio);
+  const others = img.present.filter((b) => b !== block);
+  const offsetOf = (b: number) => {
+    const at = img.bat.offset + (b + Math.floor(b / g.chunkRatio)) * 8;
+    return ((m.buf.readUInt32LE(at) >>> 20) + m.buf.readUInt32LE(at + 4) * 4096) * MiB;
+  };
+  const targets: [string, number][] = [
+    ['header section', 0],
+    ['log', img.logOffset],
+    ['metadata', img.md.offset],
+    ['bat', img.bat.offset],
+    ['past the end', Math.ceil(img.base.length / MiB) * MiB + r.int(4) * MiB],
+    ['last MiB', Math.floor(img.base.length / MiB) * MiB - MiB],
+  ];
+  if (others.length) targets.push(['another block', offsetOf(r.pick(others))]);
+  const [name, offset] = r.pick(targets);
+  const state = bitmap ? 6 : r.pick([6, 6, 7]);
+  const mb = offset / MiB;
+  m.u32(img.bat.offset + idx * 8, (((mb % 4096) << 20) | state) >>> 0);
+  m.u32(img.bat.offset + idx * 8 + 4, Math.floor(mb / 4096));
+  m.hot.push(block);
+  return `${bitmap ? 'sector bitmap of chunk 0' : `block ${block}`} (state ${state}) -> ${name} (${offset})`;
+};
+
 const MUTATORS: [Mutator, number, string][] = [
+  [mutatePlacement, 10, 'placement'],
   [mutateHeader, 12, 'header'],
   [mutateRegion, 10, 'region'],
   [mutateMetadataTable, 10, 'metadata table'],
@@ -1378,7 +1416,7 @@ function judge(err: unknown): string | undefined {
   return undefined;
 }
 
-async function exercise(img: Image, writable: boolean, r: Rng, problems: string[]): Promise<void> {
+async function exercise(img: Image, writable: boolean, r: Rng, problems: string[], hot: number[]): Promise<void> {
   const note = (err: unknown, where: string) => {
     const p = judge(err);
     if (p) problems.push(`${where}: ${p}`);
@@ -1420,20 +1458,47 @@ async function exercise(img: Image, writable: boolean, r: Rng, problems: string[
       }
     }
     if (writable) {
-      const len = r.pick([512, 4096, 3000, 64 * KiB, MiB + 4096]);
-      const off = Math.max(
-        0,
-        Math.min(vs - len, r.chance(0.5) && img.present.length ? r.pick(img.present) * img.blockSize + 512 : r.int(vs)),
-      );
+      // The structures as the engine sees them (header section, log, regions): payload writes never land
+      // there. The session's header and log updates happen first (markDataChanged), so every write the
+      // engine issues during a write, write-zeroes or trim below is a payload write.
+      const spans = disk.placement.spans;
+      let prepared = false;
       try {
-        const op = r.next();
-        if (op < 0.6) await disk.write(Buffer.alloc(Math.min(len, vs), 1 + r.int(255)), off);
-        else if (op < 0.8) await disk.writeZeroes(off, Math.min(len, vs - off));
-        else await disk.trim(off, Math.min(r.pick([len, bs, 2 * bs]), vs - off));
-        if (r.chance(0.5)) await disk.flush();
-        await disk.read(Buffer.alloc(Math.min(4096, vs)), Math.min(off, vs - Math.min(4096, vs)));
+        await disk.markDataChanged();
+        prepared = true;
       } catch (err) {
-        note(err, 'write');
+        note(err, 'markDataChanged');
+      }
+      const ops = 1 + r.int(3);
+      for (let k = 0; k < ops; k++) {
+        const len = r.pick([512, 4096, 3000, 64 * KiB, MiB + 4096]);
+        const x = r.next();
+        const block = hot.length && x < 0.5 ? r.pick(hot) : img.present.length && x < 0.8 ? r.pick(img.present) : -1;
+        const off = Math.max(0, Math.min(vs - len, block >= 0 ? block * img.blockSize + r.pick([0, 512]) : r.int(vs)));
+        const issuedBefore = fsState.token.writes.length;
+        const op = r.next();
+        try {
+          if (op < 0.6) await disk.write(Buffer.alloc(Math.min(len, vs), 1 + r.int(255)), off);
+          else if (op < 0.8) await disk.writeZeroes(off, Math.min(len, vs - off));
+          else await disk.trim(off, Math.min(r.pick([len, bs, 2 * bs]), vs - off));
+        } catch (err) {
+          note(err, 'write');
+        }
+        if (prepared) {
+          for (const [pos, n] of fsState.token.writes.slice(issuedBefore)) {
+            const hit = spans.find((x) => pos < x.end && x.start < pos + n);
+            if (hit)
+              problems.push(
+                `a payload ${op < 0.6 ? 'write' : op < 0.8 ? 'write-zeroes' : 'trim'} at ${off} wrote [${pos}, +${n}) into ${hit.name} [${hit.start}, ${hit.end})`,
+              );
+          }
+        }
+      }
+      try {
+        if (r.chance(0.5)) await disk.flush();
+        await disk.read(Buffer.alloc(Math.min(4096, vs)), 0);
+      } catch (err) {
+        note(err, 'flush/read');
       }
     }
   } finally {
@@ -1455,7 +1520,7 @@ async function runCase(i: number, failures: Failure[], stats: Record<string, num
   const n = r.chance(0.1) ? 2 + r.int(2) : 1;
   for (let k = 0; k < n; k++) descs.push(pickMutator(r, img)(r, m));
   const mutation = descs.join(' + ');
-  const writable = r.chance(0.12);
+  const writable = r.chance(0.25);
   const mode = writable ? 'writable' : 'read-only';
   syncFile(img, m.touched, m.truncateTo);
 
@@ -1468,7 +1533,10 @@ async function runCase(i: number, failures: Failure[], stats: Record<string, num
     timer = setTimeout(() => resolve('timeout'), CASE_TIMEOUT_MS);
   });
   const t0 = Date.now();
-  const outcome = await Promise.race([exercise(img, writable, r, problems).then(() => 'done' as const), timeout]);
+  const outcome = await Promise.race([
+    exercise(img, writable, r, problems, m.hot).then(() => 'done' as const),
+    timeout,
+  ]);
   clearTimeout(timer);
   const elapsed = Date.now() - t0;
   if (outcome === 'timeout') {

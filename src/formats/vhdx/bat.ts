@@ -71,3 +71,32 @@ export function encodeBatEntry(state: number, offset: number): [number, number] 
   const mb = offset / MiB;
   return [(((mb % 4096) << 20) | state) >>> 0, Math.floor(mb / 4096)];
 }
+
+/**
+ * The BAT entries [first, first + n) chunk by chunk: entry `chunk * (chunkRatio + 1) + pos` for pos in
+ * [from, to); pos === chunkRatio is the chunk's sector bitmap entry. Lets passes over the BAT account for
+ * a piece of entries without visiting each one (an all-zero piece of a sparse disk's BAT).
+ */
+export function* chunkSpans(
+  g: Geometry,
+  first: number,
+  n: number,
+): Generator<{ chunk: number; from: number; to: number }> {
+  const cr1 = g.chunkRatio + 1;
+  for (let chunk = Math.floor(first / cr1); chunk * cr1 < first + n; chunk++) {
+    const base = chunk * cr1;
+    yield { chunk, from: Math.max(first, base) - base, to: Math.min(first + n, base + cr1) - base };
+  }
+}
+
+/** How many payload entries of blocks inside the disk, and sector bitmap entries of chunks in use, [first, first + n) holds. */
+export function countEntryKinds(g: Geometry, first: number, n: number): { payload: number; bitmap: number } {
+  let payload = 0;
+  let bitmap = 0;
+  for (const { chunk, from, to } of chunkSpans(g, first, n)) {
+    const blocksHere = Math.max(0, Math.min(g.chunkRatio, g.dataBlocks - chunk * g.chunkRatio));
+    payload += Math.max(0, Math.min(to, blocksHere) - from);
+    if (to > g.chunkRatio && chunk < g.bitmapBlocks) bitmap++;
+  }
+  return { payload, bitmap };
+}

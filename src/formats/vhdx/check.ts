@@ -5,17 +5,11 @@
  */
 import { TidemarkError } from '../../errors.js';
 import { isZeroGuid } from '../../util/guid.js';
-import { bitmapBatIndex, payloadBatIndex } from './bat.js';
-import {
-  BlockState,
-  HEADER_OFFSETS,
-  HEADER_SECTION_SIZE,
-  MiB,
-  REGION_TABLE_OFFSETS,
-  SB_NOT_PRESENT,
-  SB_PRESENT,
-} from './constants.js';
+import { bitmapBatIndex, chunkSpans, decodeBatEntry, type BatEntry } from './bat.js';
+import { isAllZero } from '../../util/zero.js';
+import { BlockState, HEADER_OFFSETS, MiB, REGION_TABLE_OFFSETS, SB_NOT_PRESENT, SB_PRESENT } from './constants.js';
 import { locatorGet } from './metadata.js';
+import { describeEntry, describeProblems, describeSpan, lowWords } from './placement.js';
 import { VhdxFile, type OpenOptions } from './vhdx.js';
 
 export interface Finding {
@@ -60,7 +54,8 @@ export async function checkVhdx(path: string, opts: CheckOptions = {}): Promise<
         await w.close();
       }
     } catch (err) {
-      if (!(err instanceof TidemarkError)) throw err;
+      // Another format is the command's error (NOT_SUPPORTED), not a finding.
+      if (!(err instanceof TidemarkError) || err.code === 'NOT_SUPPORTED') throw err;
       report.repaired.push(`nothing repaired: ${err.message}`);
     }
   }
@@ -70,7 +65,7 @@ export async function checkVhdx(path: string, opts: CheckOptions = {}): Promise<
     disk = await VhdxFile.open(path, { noParent: true });
   } catch (err) {
     // A file that cannot be read at all has no findings: that is an error of the command itself.
-    if (!(err instanceof TidemarkError) || err.code === 'NOT_FOUND' || err.code === 'IO_ERROR') throw err;
+    if (!(err instanceof TidemarkError) || ['NOT_FOUND', 'IO_ERROR', 'NOT_SUPPORTED'].includes(err.code)) throw err;
     const d = err.details as { structure?: string; offset?: number };
     add({
       severity: 'error',
@@ -161,27 +156,38 @@ async function checkOpened(disk: VhdxFile, add: (f: Finding) => void): Promise<v
     });
   }
 
-  // Structures that must not overlap: header section, log, regions, then every allocated block.
-  const spans: { start: number; end: number; what: string }[] = [
-    { start: 0, end: HEADER_SECTION_SIZE, what: 'header section' },
-    { start: disk.batRegion.fileOffset, end: disk.batRegion.fileOffset + disk.batRegion.length, what: 'BAT region' },
-    {
-      start: disk.metadataRegion.fileOffset,
-      end: disk.metadataRegion.fileOffset + disk.metadataRegion.length,
-      what: 'metadata region',
-    },
-  ];
-  if (h.logLength > 0) spans.push({ start: h.logOffset, end: h.logOffset + h.logLength, what: 'log' });
-  for (const s of spans.slice(1)) {
-    if (s.end > disk.fileSize) {
+  // Structures: inside the file, clear of each other (the BAT, metadata and log were checked at open).
+  const spans = disk.placement.spans;
+  for (const s of spans) {
+    if (s.start > 0 && s.end > disk.fileSize) {
       add({
         severity: 'error',
         code: 'REGION_BEYOND_EOF',
-        structure: s.what,
+        structure: s.name.replace(/^the /, ''),
         offset: s.start,
-        message: `${s.what} [${s.start}, ${s.end}) extends past the end of the file (${disk.fileSize} bytes)`,
+        message: `${describeSpan(s)} extends past the end of the file (${disk.fileSize} bytes)`,
       });
     }
+  }
+  for (let a = 0; a < spans.length; a++) {
+    for (let b = a + 1; b < spans.length && spans[b].start < spans[a].end; b++) {
+      add({
+        severity: 'error',
+        code: 'OVERLAP',
+        structure: spans[b].name.replace(/^the /, ''),
+        offset: spans[b].start,
+        message: `${describeSpan(spans[b])} overlaps ${describeSpan(spans[a])}`,
+      });
+    }
+  }
+  for (const p of disk.placement.structureProblems) {
+    if (p.kind === 'past-eof') continue; // REGION_BEYOND_EOF above
+    add({
+      severity: 'error',
+      code: p.kind === 'bat-cut' ? 'BAT_TRUNCATED' : 'REGION_BEYOND_LIMIT',
+      structure: 'region table',
+      message: p.message,
+    });
   }
   if (disk.params.hasParent) {
     const loc = disk.parentLocator!;
@@ -202,117 +208,171 @@ async function checkOpened(disk: VhdxFile, add: (f: Finding) => void): Promise<v
     });
   }
 
+  await checkEntries(disk, add);
+  checkPlacement(disk, add);
+}
+
+/** States and reserved bits of every BAT entry, read in 1 MiB pieces. */
+async function checkEntries(disk: VhdxFile, add: (f: Finding) => void): Promise<void> {
   const g = disk.geometry;
   const batAt = (i: number) => disk.batRegion.fileOffset + i * 8;
   const partialChunks = new Set<number>();
-  for (let b = 0; b < g.dataBlocks; b++) {
-    const i = payloadBatIndex(g, b);
-    const e = await disk.batEntry(i);
-    if (e.reservedBits)
-      add({
-        severity: 'error',
-        code: 'BAT_RESERVED_BITS',
-        structure: 'BAT entry',
-        offset: batAt(i),
-        message: `block ${b}: reserved bits set (0x${e.reservedBits.toString(16)}); --repair clears them`,
-      });
-    if (![0, 1, 2, 3, 6, 7].includes(e.state)) {
-      add({
-        severity: 'error',
-        code: 'BAT_UNKNOWN_STATE',
-        structure: 'BAT entry',
-        offset: batAt(i),
-        message: `block ${b}: unknown state ${e.state}`,
-      });
+  const piece = Buffer.alloc(Math.min(MiB, g.batEntries * 8));
+  const lows = lowWords(piece);
+  let chunk = 0;
+  let pos = 0; // index = chunk * (chunkRatio + 1) + pos
+  for (let first = 0; first < g.batEntries; first += MiB / 8) {
+    const view = piece.subarray(0, Math.min(MiB / 8, g.batEntries - first) * 8);
+    await disk.readBatRaw(view, first);
+    const n = view.length / 8;
+    if (isAllZero(view)) {
+      // A piece of a sparse disk's BAT: only a missing sector bitmap of a chunk begun earlier can be wrong.
+      for (const span of chunkSpans(g, first, n)) {
+        if (span.to > g.chunkRatio && span.chunk < g.bitmapBlocks && partialChunks.has(span.chunk))
+          checkBitmapEntry(disk, span.chunk, bitmapBatIndex(g, span.chunk), decodeBatEntry(0, 0), true, add);
+      }
+      chunk = Math.floor((first + n) / (g.chunkRatio + 1));
+      pos = first + n - chunk * (g.chunkRatio + 1);
       continue;
     }
-    if (e.state === BlockState.PartiallyPresent) {
-      if (!disk.params.hasParent)
+    for (let k = 0; k < n; k++, pos === g.chunkRatio ? ((pos = 0), chunk++) : pos++) {
+      const lo = lows ? lows[2 * k] : view.readUInt32LE(k * 8);
+      const hi = view.readUInt32LE(k * 8 + 4);
+      const i = first + k;
+      if (pos === g.chunkRatio) {
+        if (chunk < g.bitmapBlocks && (lo !== 0 || hi !== 0 || partialChunks.has(chunk)))
+          checkBitmapEntry(disk, chunk, i, decodeBatEntry(lo, hi), partialChunks.has(chunk), add);
+        continue;
+      }
+      if (lo === 0) continue; // NOT_PRESENT, no reserved bits
+      const b = chunk * g.chunkRatio + pos;
+      if (b >= g.dataBlocks) continue;
+      const e = decodeBatEntry(lo, hi);
+      if (e.reservedBits)
         add({
           severity: 'error',
-          code: 'BAT_PARTIAL_WITHOUT_PARENT',
+          code: 'BAT_RESERVED_BITS',
           structure: 'BAT entry',
           offset: batAt(i),
-          message: `block ${b}: partially present in a disk without a parent`,
+          message: `block ${b}: reserved bits set (0x${e.reservedBits.toString(16)}); --repair clears them`,
         });
-      partialChunks.add(Math.floor(b / g.chunkRatio));
-    }
-    if (e.state === BlockState.FullyPresent || e.state === BlockState.PartiallyPresent) {
-      spans.push({ start: e.offset, end: e.offset + g.blockSize, what: `block ${b}` });
-      if (e.offset < HEADER_SECTION_SIZE) {
+      if (![0, 1, 2, 3, 6, 7].includes(e.state)) {
         add({
           severity: 'error',
-          code: 'BAT_OFFSET_INVALID',
+          code: 'BAT_UNKNOWN_STATE',
           structure: 'BAT entry',
           offset: batAt(i),
-          message: `block ${b}: file offset ${e.offset} lies in the header section`,
+          message: `block ${b}: unknown state ${e.state}`,
         });
-      } else if (e.offset + Math.min(g.blockSize, disk.virtualSize - b * g.blockSize) > disk.fileSize) {
-        add({
-          severity: 'error',
-          code: 'BAT_BEYOND_EOF',
-          structure: 'BAT entry',
-          offset: batAt(i),
-          message: `block ${b}: data at ${e.offset} extends past the end of the file (${disk.fileSize} bytes)`,
-        });
+        continue;
+      }
+      if (e.state === BlockState.PartiallyPresent) {
+        if (!disk.params.hasParent)
+          add({
+            severity: 'error',
+            code: 'BAT_PARTIAL_WITHOUT_PARENT',
+            structure: 'BAT entry',
+            offset: batAt(i),
+            message: `block ${b}: partially present in a disk without a parent`,
+          });
+        partialChunks.add(chunk);
       }
     }
   }
-  for (let c = 0; c < g.bitmapBlocks; c++) {
-    const i = bitmapBatIndex(g, c);
-    if (i >= g.batEntries) break;
-    const e = await disk.batEntry(i);
-    if (e.state !== SB_NOT_PRESENT && e.state !== SB_PRESENT) {
+}
+
+function checkBitmapEntry(
+  disk: VhdxFile,
+  c: number,
+  i: number,
+  e: BatEntry,
+  hasPartialBlocks: boolean,
+  add: (f: Finding) => void,
+): void {
+  const at = disk.batRegion.fileOffset + i * 8;
+  if (e.state !== SB_NOT_PRESENT && e.state !== SB_PRESENT) {
+    add({
+      severity: 'error',
+      code: 'SB_UNKNOWN_STATE',
+      structure: 'BAT entry',
+      offset: at,
+      message: `sector bitmap ${c}: unknown state ${e.state}`,
+    });
+  } else if (e.state === SB_PRESENT && !disk.params.hasParent) {
+    add({
+      severity: 'error',
+      code: 'SB_PRESENT_WITHOUT_PARENT',
+      structure: 'BAT entry',
+      offset: at,
+      message: `sector bitmap ${c}: present in a disk without a parent (never read); --repair sets it to NOT_PRESENT`,
+    });
+  } else if (e.state === SB_NOT_PRESENT && hasPartialBlocks) {
+    add({
+      severity: 'error',
+      code: 'SB_MISSING',
+      structure: 'BAT entry',
+      offset: at,
+      message: `sector bitmap ${c} is not present but blocks of its chunk are partially present`,
+    });
+  }
+}
+
+/** Every allocated entry whose space is not its own (found by the open's scan), and the truncation. */
+function checkPlacement(disk: VhdxFile, add: (f: Finding) => void): void {
+  const p = disk.placement;
+  const size = disk.fileSize;
+  for (const d of p.listed) {
+    const e = d.entry;
+    const what = `${describeEntry(e)} (BAT entry ${e.index}) at file offset ${e.offset}`;
+    const repair = d.lost
+      ? e.bitmap
+        ? 'NOT_PRESENT with the partially present blocks of its chunk'
+        : disk.params.hasParent
+          ? 'NOT_PRESENT (it reads from the parent)'
+          : 'ZERO'
+      : undefined;
+    const hint = repair
+      ? `; --repair sets it to ${repair}`
+      : '; --repair moves it to new space with a copy of the bytes that are its own';
+    for (const x of d.problems) {
+      const code =
+        x.kind === 'eof'
+          ? e.bitmap
+            ? 'SB_OFFSET_INVALID'
+            : 'BAT_BEYOND_EOF'
+          : x.kind === 'limit' || (x.kind === 'structure' && x.span.start === 0)
+            ? e.bitmap
+              ? 'SB_OFFSET_INVALID'
+              : 'BAT_OFFSET_INVALID'
+            : 'OVERLAP';
       add({
         severity: 'error',
-        code: 'SB_UNKNOWN_STATE',
+        code,
         structure: 'BAT entry',
-        offset: batAt(i),
-        message: `sector bitmap ${c}: unknown state ${e.state}`,
-      });
-      continue;
-    }
-    if (e.state === SB_PRESENT) {
-      if (!disk.params.hasParent)
-        add({
-          severity: 'error',
-          code: 'SB_PRESENT_WITHOUT_PARENT',
-          structure: 'BAT entry',
-          offset: batAt(i),
-          message: `sector bitmap ${c}: present in a disk without a parent`,
-        });
-      spans.push({ start: e.offset, end: e.offset + MiB, what: `sector bitmap ${c}` });
-      if (e.offset < HEADER_SECTION_SIZE || e.offset + MiB > disk.fileSize) {
-        add({
-          severity: 'error',
-          code: 'SB_OFFSET_INVALID',
-          structure: 'BAT entry',
-          offset: batAt(i),
-          message: `sector bitmap ${c}: file offset ${e.offset} lies outside the file`,
-        });
-      }
-    } else if (partialChunks.has(c)) {
-      add({
-        severity: 'error',
-        code: 'SB_MISSING',
-        structure: 'BAT entry',
-        offset: batAt(i),
-        message: `sector bitmap ${c} is not present but blocks of its chunk are partially present`,
+        offset: disk.batRegion.fileOffset + e.index * 8,
+        message: `${what} ${describeProblems({ ...d, problems: [x] }, size)}${hint}`,
       });
     }
   }
-  spans.sort((a, b) => a.start - b.start);
-  for (let k = 1; k < spans.length; k++) {
-    const prev = spans[k - 1];
-    const cur = spans[k];
-    if (cur.start < prev.end) {
-      add({
-        severity: 'error',
-        code: 'OVERLAP',
-        structure: cur.what,
-        offset: cur.start,
-        message: `${cur.what} at ${cur.start} overlaps ${prev.what} [${prev.start}, ${prev.end})`,
-      });
-    }
+  if (p.damagedCount > p.listed.length) {
+    add({
+      severity: 'warning',
+      code: 'MORE_FINDINGS',
+      structure: 'report',
+      message: `${p.damagedCount - p.listed.length} more damaged BAT entries not examined one by one`,
+    });
+  }
+  if (p.truncated.entries > 0) {
+    const blocks = p.listed
+      .filter((d) => d.problems.some((x) => x.kind === 'eof'))
+      .slice(0, 10)
+      .map((d) => describeEntry(d.entry));
+    const more = p.truncated.entries > blocks.length ? `, and ${p.truncated.entries - blocks.length} more` : '';
+    add({
+      severity: 'error',
+      code: 'FILE_TRUNCATED',
+      structure: 'file',
+      message: `the file is ${size} bytes but its BAT references data up to ${p.truncated.end} (${p.truncated.end - size} bytes missing): ${p.truncated.entries} entries lie past its end (${blocks.join(', ')}${more}); reads of the missing bytes fail; --repair keeps what exists and makes the rest read zeros (the missing data is lost)`,
+    });
   }
 }

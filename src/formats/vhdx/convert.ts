@@ -2,20 +2,28 @@
  * Conversion between raw images and VHDX: raw → VHDX, VHDX → raw, VHDX → VHDX (compacting, changing
  * block size or type, flattening a chain). Unallocated blocks are never read, nor are the holes of a
  * raw file when the file system reports them (src/util/holes.ts); all-zero pieces are never written.
- * Reads run ahead of writes, and the output is written back to the disk during the copy.
+ * Reads run ahead of writes, and the output is written back to the disk during the copy. The source's
+ * format is recognised by its magic (../detect.ts), never guessed: other disk formats are refused before
+ * anything is created.
  */
 import { unlink } from 'node:fs/promises';
 import { InvalidArgumentError } from '../../errors.js';
 import { NodeFile } from '../../util/file.js';
 import { dataExtents } from '../../util/holes.js';
 import { isAllZero } from '../../util/zero.js';
-import { MiB, SIG_FILE } from './constants.js';
+import { detectFormat, unsupportedFormatError } from '../detect.js';
+import { MiB } from './constants.js';
 import { createVhdx, DEFAULT_BLOCK_SIZE } from './create.js';
 import { VhdxFile, type Extent, type OpenOptions } from './vhdx.js';
 
 export type ImageFormat = 'vhdx' | 'raw';
 
 export interface ConvertOptions extends Pick<OpenOptions, 'allowedRoots' | 'pathMap'> {
+  /**
+   * How to read the source; default: by its magic (a VHDX by its identifier, raw when it carries no known
+   * magic; any other format is refused as NOT_SUPPORTED). `raw` copies the bytes of any file as they are.
+   */
+  sourceFormat?: ImageFormat;
   /** Output format; default: from the destination's extension (.vhdx/.avhdx → vhdx, else raw). */
   format?: ImageFormat;
   type?: 'dynamic' | 'fixed';
@@ -47,19 +55,23 @@ interface Source {
   close(): Promise<void>;
 }
 
-export async function detectFormat(path: string): Promise<ImageFormat> {
-  const f = await NodeFile.open(path, 'r');
-  try {
-    const sig = Buffer.alloc(8);
-    await f.read(sig, 0);
-    return sig.toString('latin1') === SIG_FILE ? 'vhdx' : 'raw';
-  } finally {
-    await f.close();
+/** The source's format: the one asked for, else its magic's; formats this converter cannot read are refused. */
+async function sourceFormatOf(path: string, opts: ConvertOptions): Promise<ImageFormat> {
+  if (opts.sourceFormat !== undefined) {
+    if (opts.sourceFormat !== 'vhdx' && opts.sourceFormat !== 'raw')
+      throw new InvalidArgumentError(`unknown source format ${String(opts.sourceFormat)}`);
+    return opts.sourceFormat;
   }
+  const found = await detectFormat(path);
+  if (found.format === 'vhdx' || found.format === 'raw') return found.format;
+  throw unsupportedFormatError(path, found, {
+    reader: 'vhdx convert',
+    also: 'or give --source-format raw to copy its bytes as they are',
+  });
 }
 
 async function openSource(path: string, opts: ConvertOptions): Promise<Source> {
-  if ((await detectFormat(path)) === 'vhdx') {
+  if ((await sourceFormatOf(path, opts)) === 'vhdx') {
     const disk = await VhdxFile.open(path, { allowedRoots: opts.allowedRoots, pathMap: opts.pathMap });
     return {
       format: 'vhdx',
@@ -184,6 +196,8 @@ export async function convertImage(
   if (format !== 'vhdx' && format !== 'raw') throw new InvalidArgumentError(`unknown output format ${format}`);
   if (format === 'raw' && (opts.type || opts.blockSize))
     throw new InvalidArgumentError('--type and --block-size apply to VHDX output only');
+  if (format === 'raw' && opts.onDestinationOpen)
+    throw new InvalidArgumentError('change tracking (--track) applies to VHDX output only');
   const src = await openSource(srcPath, opts);
   let created = false;
   try {

@@ -56,6 +56,9 @@ export async function mergeIntoParent(childPath: string, opts: MergeOptions = {}
       allowedRoots: opts.allowedRoots,
       pathMap: opts.pathMap,
     });
+    // A damaged file is refused before anything changes (see placement.ts).
+    child.checkWritable();
+    parent.checkWritable();
     // Step 1: the child accepts the parent's next DataWriteGuid (parent_linkage2). parent_linkage is
     // set to the parent's current GUID, which an interrupted merge may already have changed.
     const next = newGuid();

@@ -8,9 +8,10 @@ import path from 'node:path';
 import { TidemarkError, VhdxCorruptError } from '../../errors.js';
 import { NodeFile, PatchedFile, type RandomAccessFile } from '../../util/file.js';
 import { FileTypeError } from '../../util/safe-open.js';
+import { detectFromBytes, DETECT_HEAD_BYTES, DETECT_TAIL_BYTES, unsupportedFormatError } from '../detect.js';
 import { GUID_ZERO, guidEquals, guidToString, isZeroGuid, newGuid, type Guid } from '../../util/guid.js';
 import { RwLock } from '../../util/rwlock.js';
-import { zeroPieces } from '../../util/zero.js';
+import { isAllZero, zeroPieces } from '../../util/zero.js';
 import {
   bitmapBatIndex,
   computeGeometry,
@@ -40,7 +41,9 @@ import {
   MiB,
   REGION_TABLE_OFFSETS,
   REGION_TABLE_SIZE,
+  SB_NOT_PRESENT,
   SB_PRESENT,
+  SIG_FILE,
 } from './constants.js';
 import {
   decodeFileIdentifier,
@@ -82,6 +85,15 @@ import {
   type MetadataEntry,
   type ParentLocator,
 } from './metadata.js';
+import {
+  describeEntry,
+  describeProblems,
+  Placement,
+  structureSpans,
+  type Damaged,
+  type ScanOptions,
+  type Span,
+} from './placement.js';
 
 export interface OpenOptions {
   /** Open for writing (replays the log in place). Default: read-only (replays in memory). */
@@ -150,6 +162,11 @@ export interface ContentExtent {
 interface FreshBlock {
   gaps: [number, number][];
 }
+/** Repairs commit once this many metadata sectors are pending (16 MiB), and list this many entries. */
+const REPAIR_COMMIT_SECTORS = 4096;
+const MAX_REPAIR_LINES = 100;
+/** Piece size of the copies a repair makes. */
+const COPY_PIECE = 4 * MiB;
 /** Blocks tracked as fresh at most (oldest forgotten first), and gaps per block: a bounded map. */
 const MAX_FRESH_BLOCKS = 4096;
 const MAX_FRESH_GAPS = 64;
@@ -184,6 +201,8 @@ export class VhdxFile {
   private cache: MetaCache;
   private lock = new RwLock();
   private fileEnd = 0;
+  /** Where every allocated entry lies and what is wrong with it (scanned at open; see placement.ts). */
+  private placementScan!: Placement;
   /**
    * Payload blocks this instance allocated at the end of the file, with the byte ranges inside them
    * never written since: those are holes of the host file and read as zeros, so zeroing them (nbdcopy
@@ -283,10 +302,8 @@ export class VhdxFile {
         if (opts.parent) await disk.adoptParent(opts.parent, opts, roots);
         else await disk.attachParent(opts, roots, depth);
       }
-      if (writable) {
-        await disk.scanFileEnd();
-        if (disk.parent) await disk.refreshParentPaths();
-      }
+      // A damaged file is not modified at all, not even its locator paths.
+      if (writable && disk.parent && disk.placementScan.clean) await disk.refreshParentPaths();
       return disk;
     } catch (err) {
       // A parent the caller gave stays the caller's.
@@ -302,6 +319,7 @@ export class VhdxFile {
     const warnings: string[] = [];
     const section = Buffer.alloc(HEADER_SECTION_SIZE);
     await base.read(section, 0);
+    if (section.toString('latin1', 0, 8) !== SIG_FILE) await refuseOtherFormats(filePath, base, section);
     const identifier = decodeFileIdentifier(section);
     if (base.size() < HEADER_SECTION_SIZE) {
       throw new VhdxCorruptError(
@@ -512,7 +530,7 @@ export class VhdxFile {
         `length ${batRegion.length} cannot hold the ${geometry.batEntries} entries the disk needs`,
       );
     }
-    return new VhdxFile({
+    const disk = new VhdxFile({
       path: filePath,
       writable,
       file,
@@ -534,6 +552,8 @@ export class VhdxFile {
       warnings,
       fileWriteGuidChanged,
     });
+    await disk.scanPlacement();
+    return disk;
   }
 
   /**
@@ -700,38 +720,91 @@ export class VhdxFile {
     await this.setParentLocator(next);
   }
 
-  /** Where new blocks go: past every structure and every allocated block. */
-  private async scanFileEnd(): Promise<void> {
+  /** The header section, the log (when the header describes a usable one) and every region in use. */
+  private structureSpans(): Span[] {
     const h = this.header;
-    let end = Math.ceil(this.file.size() / MiB) * MiB;
-    end = Math.max(end, h.logOffset + h.logLength, this.batRegion.fileOffset + this.batRegion.length);
-    end = Math.max(end, this.metadataRegion.fileOffset + this.metadataRegion.length);
-    const entries = this.geometry.batEntries;
-    const chunk = Buffer.alloc(MiB);
-    for (let first = 0; first < entries; first += MiB / 8) {
-      const n = Math.min(MiB / 8, entries - first);
-      const view = chunk.subarray(0, n * 8);
-      await this.file.read(view, this.batRegion.fileOffset + first * 8);
-      for (let i = 0; i < n; i++) {
-        const e = decodeBatEntry(view.readUInt32LE(i * 8), view.readUInt32LE(i * 8 + 4));
-        if (
-          e.offset === 0 ||
-          (e.state !== BlockState.FullyPresent && e.state !== BlockState.PartiallyPresent && e.state !== SB_PRESENT)
-        ) {
-          continue;
-        }
-        const isBitmap = (first + i) % (this.geometry.chunkRatio + 1) === this.geometry.chunkRatio;
-        if (e.offset + (isBitmap ? MiB : this.geometry.blockSize) > MAX_FILE_OFFSET) {
-          throw new VhdxCorruptError(
-            'BAT',
-            this.batRegion.fileOffset + (first + i) * 8,
-            `entry ${first + i} points at file offset ${e.offset}, beyond ${MAX_FILE_OFFSET}`,
-          );
-        }
-        end = Math.max(end, e.offset + (isBitmap ? MiB : this.geometry.blockSize));
-      }
+    const logUsable =
+      h.logLength > 0 &&
+      h.logOffset >= HEADER_SECTION_SIZE &&
+      h.logOffset % MiB === 0 &&
+      h.logLength % MiB === 0 &&
+      h.logOffset + h.logLength <= MAX_FILE_OFFSET;
+    const table = this.regionTables[this.regionTableInUse] as RegionTable;
+    return structureSpans(logUsable ? { offset: h.logOffset, length: h.logLength } : undefined, table.entries);
+  }
+
+  /**
+   * Checks every allocated BAT entry against every structure, the end of the file and every other entry
+   * (placement.ts), and sets where new blocks go: past every structure and every allocated block. Damage
+   * keeps the file from being written (see `damageError`); a warning says so.
+   */
+  private async scanPlacement(): Promise<Placement> {
+    const placement = await this.placementPass(this.file.size(), { keepOccupied: this.canWrite });
+    this.placementScan = placement;
+    this.fileEnd = this.endPast(placement, placement.presentEnd);
+    this.warnings.splice(0, this.warnings.length, ...this.warnings.filter((w) => !w.startsWith('damaged:')));
+    if (!placement.clean) this.warnings.push(`damaged: ${this.damageSummary(placement)}`);
+    return placement;
+  }
+
+  /** One scan of the BAT against the file's structures, judged against `fileSize`. */
+  private placementPass(fileSize: number, opts: ScanOptions): Promise<Placement> {
+    const source = {
+      geometry: this.geometry,
+      fileSize,
+      spans: this.structureSpans(),
+      readBat: (dst: Buffer, first: number) => this.readBatRaw(dst, first),
+    };
+    return Placement.scan(source, opts);
+  }
+
+  /** Where new blocks may go: past the file, every structure and `entriesEnd` (1 MiB aligned). */
+  private endPast(p: Placement, entriesEnd: number): number {
+    const spanEnd = p.spans.reduce((m, x) => Math.max(m, Math.min(x.end, MAX_FILE_OFFSET)), 0);
+    return Math.max(Math.ceil(p.fileSize / MiB) * MiB, spanEnd, Math.ceil(entriesEnd / MiB) * MiB);
+  }
+
+  /** One line on what keeps the file from being written. */
+  private damageSummary(p: Placement): string {
+    const parts: string[] = p.structureProblems.map((x) => x.message);
+    if (p.damagedCount > 0) {
+      const first = p.listed[0];
+      const one = `${describeEntry(first.entry)} (BAT entry ${first.entry.index}) at file offset ${first.entry.offset} ${describeProblems(first, p.fileSize)}`;
+      parts.push(
+        p.damagedCount === 1
+          ? `1 BAT entry is damaged: ${one}`
+          : `${p.damagedCount} BAT entries are damaged, the first: ${one}`,
+      );
     }
-    this.fileEnd = end;
+    if (p.truncated.entries > 0) {
+      const past = p.listed.filter((d) => d.problems.some((x) => x.kind === 'eof')).map((d) => describeEntry(d.entry));
+      const named =
+        past.slice(0, 5).join(', ') + (p.truncated.entries > 5 ? ` and ${p.truncated.entries - 5} more` : '');
+      parts.push(
+        `the file is truncated: ${named} lie${p.truncated.entries === 1 ? 's' : ''} past its end, its BAT references data up to ${p.truncated.end} (${p.truncated.end - p.fileSize} bytes missing)`,
+      );
+    }
+    // A BAT cut short is repairable (check --repair extends the file); structures beyond the limit are not.
+    const repairable = p.structureProblems.every((x) => x.code === 'VHDX_TRUNCATED');
+    return `${parts.join('; ')}; ${repairable ? 'the file can only be read until `tidemark vhdx check --repair` repairs it' : 'the file can only be read (`tidemark vhdx check --repair` cannot repair this)'}`;
+  }
+
+  /** The error every write of a damaged file gets (VHDX_TRUNCATED when truncation is all that is wrong). */
+  private damageError(): TidemarkError {
+    const p = this.placementScan;
+    const onlyTruncated =
+      p.structureProblems.every((x) => x.code === 'VHDX_TRUNCATED') &&
+      p.listed.every((d) => d.problems.every((x) => x.kind === 'eof'));
+    return new TidemarkError(
+      onlyTruncated ? 'VHDX_TRUNCATED' : 'VHDX_CORRUPT',
+      `${this.path} is open read-only: ${this.damageSummary(p)}`,
+      { path: this.path, damagedEntries: p.damagedCount },
+    );
+  }
+
+  /** What the open-time scan found (`clean` when nothing keeps the file from being written). */
+  get placement(): Placement {
+    return this.placementScan;
   }
 
   // ---------------------------------------------------------------- properties
@@ -740,9 +813,9 @@ export class VhdxFile {
     return this.headerState.header;
   }
 
-  /** Open for writing (false from the start, or once retired into a parent). */
+  /** Open for writing (false from the start, once retired into a parent, or when the open found damage). */
   get writable(): boolean {
-    return this.canWrite;
+    return this.canWrite && this.placementScan.clean;
   }
 
   get currentHeaderSlot(): 0 | 1 {
@@ -784,6 +857,16 @@ export class VhdxFile {
   }
 
   async batEntry(index: number): Promise<BatEntry> {
+    const end = this.batRegion.fileOffset + index * 8 + 8;
+    if (end > this.file.size()) {
+      // A BAT cut short by a truncation: the entry is lost, not NOT_PRESENT.
+      throw new VhdxCorruptError(
+        'BAT',
+        end - 8,
+        `entry ${index} lies past the end of the file (${this.file.size()} bytes): truncated; \`tidemark vhdx check\` says what is lost`,
+        'VHDX_TRUNCATED',
+      );
+    }
     const { sector, at } = this.batSectorOf(index);
     const buf =
       this.cache.peek(sector) ??
@@ -795,7 +878,46 @@ export class VhdxFile {
     return this.batEntry(payloadBatIndex(this.geometry, block));
   }
 
+  /**
+   * BAT entries [first, first + dst.length / 8) as they stand (changes not yet committed included), 8 bytes
+   * each: for passes over the whole BAT, which read it in large pieces instead of entry by entry.
+   */
+  async readBatRaw(dst: Buffer, first: number): Promise<void> {
+    const start = this.batRegion.fileOffset + first * 8;
+    await this.file.read(dst, start);
+    if (this.cache.dirtyCount === 0) return;
+    const end = start + dst.length;
+    for (let sec = start - (start % LOG_SECTOR); sec < end; sec += LOG_SECTOR) {
+      const cached = this.cache.peek(sec);
+      if (!cached) continue;
+      const from = Math.max(sec, start);
+      const to = Math.min(sec + LOG_SECTOR, end);
+      cached.copy(dst, from - start, from - sec, to - sec);
+    }
+  }
+
   private async setBatEntry(index: number, state: number, offset: number): Promise<void> {
+    const g = this.geometry;
+    const chunk = Math.floor(index / (g.chunkRatio + 1));
+    const pos = index - chunk * (g.chunkRatio + 1);
+    const bitmap = pos === g.chunkRatio;
+    if (
+      (state === BlockState.FullyPresent || state === BlockState.PartiallyPresent) &&
+      (!bitmap || this.params.hasParent)
+    ) {
+      // Never place a block the engine uses where a structure or another block is (new space and checked
+      // reuse only). The extent is the one the open-time scan judged (a short last block: its part in the disk).
+      const block = chunk * g.chunkRatio + pos;
+      const extent = bitmap ? MiB : block < g.dataBlocks ? this.blockExtent(block) : this.blockSize;
+      const problem = this.placementScan.problemAt(offset, extent);
+      if (problem) {
+        throw new VhdxCorruptError(
+          'BAT entry',
+          this.batRegion.fileOffset + index * 8,
+          `refusing to place an entry at file offset ${offset}: it ${problem}`,
+        );
+      }
+    }
     this.fresh.delete(index); // whoever places a fresh block notes it again afterwards
     const { sector, at } = this.batSectorOf(index);
     const buf = await this.cache.load(
@@ -814,11 +936,21 @@ export class VhdxFile {
     const chunk = Math.floor(block / this.geometry.chunkRatio);
     const e = await this.batEntry(bitmapBatIndex(this.geometry, chunk));
     if (e.state !== SB_PRESENT) return undefined;
-    if (e.offset < HEADER_SECTION_SIZE || e.offset + MiB > this.file.size()) {
+    const index = bitmapBatIndex(this.geometry, chunk);
+    const problem = this.placementScan.problemAt(e.offset, MiB);
+    if (problem) {
       throw new VhdxCorruptError(
-        'sector bitmap block',
-        e.offset,
-        `of chunk ${chunk} lies outside the file (size ${this.file.size()})`,
+        'BAT entry',
+        this.batRegion.fileOffset + index * 8,
+        `the sector bitmap of chunk ${chunk} at file offset ${e.offset} ${problem}: its blocks cannot be used; run \`tidemark vhdx check --repair\``,
+      );
+    }
+    if (e.offset + MiB > this.file.size()) {
+      throw new VhdxCorruptError(
+        'BAT entry',
+        this.batRegion.fileOffset + index * 8,
+        `the sector bitmap of chunk ${chunk} at file offset ${e.offset} extends past the end of the file (${this.file.size()} bytes): truncated`,
+        'VHDX_TRUNCATED',
       );
     }
     return e.offset;
@@ -979,24 +1111,33 @@ export class VhdxFile {
     }
   }
 
+  /**
+   * Reads from a present block. A block whose space overlaps a structure or another block fails whole (its
+   * bytes are not its own); one cut short by a truncation fails for the bytes that are missing.
+   */
   private async readPayload(block: number, blockOffset: number, inBlock: number, dst: Uint8Array): Promise<void> {
-    if (blockOffset < HEADER_SECTION_SIZE) {
-      throw new VhdxCorruptError(
-        'BAT',
-        this.batRegion.fileOffset,
-        `block ${block} is present at file offset ${blockOffset}, inside the header section`,
-      );
-    }
+    this.checkPlacement(block, blockOffset);
     const at = blockOffset + inBlock;
     if (at + dst.length > this.file.size()) {
       throw new VhdxCorruptError(
-        'payload block',
-        blockOffset,
-        `block ${block} extends past the end of the file (${this.file.size()} bytes): truncated`,
+        'BAT entry',
+        this.batRegion.fileOffset + payloadBatIndex(this.geometry, block) * 8,
+        `block ${block} at file offset ${blockOffset} extends past the end of the file (${this.file.size()} bytes): truncated; \`tidemark vhdx check\` lists what is lost`,
         'VHDX_TRUNCATED',
       );
     }
     await this.file.read(dst, at);
+  }
+
+  /** Throws VHDX_CORRUPT naming the block and what it overlaps when its space is not its own. */
+  private checkPlacement(block: number, offset: number): void {
+    const problem = this.placementScan.problemAt(offset, this.blockExtent(block));
+    if (!problem) return;
+    throw new VhdxCorruptError(
+      'BAT entry',
+      this.batRegion.fileOffset + payloadBatIndex(this.geometry, block) * 8,
+      `block ${block} at file offset ${offset} ${problem}: its data cannot be used; run \`tidemark vhdx check --repair\``,
+    );
   }
 
   private async readParent(offset: number, dst: Uint8Array): Promise<void> {
@@ -1117,7 +1258,13 @@ export class VhdxFile {
 
   private assertWritable(): void {
     this.assertOpen();
-    if (!this.writable) throw new TidemarkError('READ_ONLY', `${this.path} is open read-only`);
+    if (!this.canWrite) throw new TidemarkError('READ_ONLY', `${this.path} is open read-only`);
+    if (!this.placementScan.clean) throw this.damageError();
+  }
+
+  /** Throws what a write would throw now (READ_ONLY, CLOSED, or the damage the open found): callers fail early. */
+  checkWritable(): void {
+    this.assertWritable();
   }
 
   /**
@@ -1317,17 +1464,14 @@ export class VhdxFile {
     }
     const whole = inBlock === 0 && src.length >= this.blockExtent(block);
     const fromParent = this.params.hasParent && e.state === BlockState.NotPresent && !whole;
-    // A fixed disk keeps its preallocated location; its old content must not show through.
-    // A stale location may only be reused when it overlaps none of the file's own structures.
-    const overlaps = (o: number, n: number) => e.offset < o + n && o < e.offset + this.blockSize;
+    // A fixed disk keeps its preallocated location; its old content must not show through. A stale
+    // location is reused only when it lies in the file, clear of every structure and every allocated block.
     const reuse =
       this.params.leaveBlockAllocated &&
       !this.params.hasParent &&
-      !overlaps(this.header.logOffset, this.header.logLength) &&
-      !overlaps(this.batRegion.fileOffset, this.batRegion.length) &&
-      !overlaps(this.metadataRegion.fileOffset, this.metadataRegion.length) &&
       e.offset >= HEADER_SECTION_SIZE &&
-      e.offset + this.blockSize <= this.fileEnd;
+      e.offset + this.blockSize <= this.fileEnd &&
+      this.placementScan.claimIfFree(e.offset, this.blockSize);
     const offset = reuse ? e.offset : await this.allocate(this.blockSize);
     if (reuse && !whole) {
       for (const [from, to] of [
@@ -1361,12 +1505,17 @@ export class VhdxFile {
     return offset;
   }
 
+  /**
+   * Before data is written into a present block: its space must be its own (no structure, no other block:
+   * what the open-time scan established, re-checked for entries placed since) and inside the file's extent.
+   */
   private checkPayloadOffset(block: number, offset: number): void {
-    if (offset < HEADER_SECTION_SIZE || offset + this.blockExtent(block) > this.fileEnd) {
+    this.checkPlacement(block, offset);
+    if (offset + this.blockExtent(block) > this.fileEnd) {
       throw new VhdxCorruptError(
-        'BAT',
-        this.batRegion.fileOffset,
-        `block ${block} points at file offset ${offset}, outside the file`,
+        'BAT entry',
+        this.batRegion.fileOffset + payloadBatIndex(this.geometry, block) * 8,
+        `block ${block} at file offset ${offset} lies past the end of the file (${this.fileEnd} bytes)`,
       );
     }
   }
@@ -1603,11 +1752,13 @@ export class VhdxFile {
 
   /**
    * `check --repair`: a header update rewrites both header slots; a damaged or stale region table
-   * copy is rewritten from the one in use (through the log); BAT entries get their reserved bits
-   * cleared. Returns what was repaired.
+   * copy is rewritten from the one in use (through the log); entries whose space is not their own are
+   * repaired (`repairPlacement`); BAT entries get their reserved bits cleared. Returns what was repaired.
+   * The only write a damaged file accepts.
    */
   async repairStructures(): Promise<string[]> {
-    this.assertWritable();
+    this.assertOpen();
+    if (!this.canWrite) throw new TidemarkError('READ_ONLY', `${this.path} is open read-only`);
     const repaired: string[] = [];
     await this.lock.exclusive(async () => {
       this.headerSlots.forEach((h, i) => {
@@ -1625,18 +1776,150 @@ export class VhdxFile {
         await this.logWrite(at, raw, at, at + REGION_TABLE_SIZE);
         repaired.push(`region table ${other + 1} rewritten from table ${good + 1}`);
       }
+      // What exists decides what a damaged entry keeps, also once the file is extended below.
+      const size = this.file.size();
+      // A file cut short inside its structures, or not on a 1 MiB boundary, is extended (sparsely): BAT
+      // entries that were cut off then read NOT_PRESENT; their data is lost either way.
+      const cut = this.placementScan.spans.filter((x) => x.end > size && x.end <= MAX_FILE_OFFSET);
+      const to = Math.max(Math.ceil(size / MiB) * MiB, ...cut.map((x) => x.end));
+      if (to > size) {
+        await this.file.truncate(to);
+        const inside = cut.length > 0 ? `inside ${cut.map((x) => x.name).join(' and ')}` : 'off a 1 MiB boundary';
+        repaired.push(`the file ended at ${size}, ${inside}: extended to ${to}`);
+      }
+      repaired.push(...(await this.repairPlacement(size)));
+      // What the repairs left (entries moved, the file extended) is what later changes are checked against.
+      if (!this.placementScan.clean) await this.scanPlacement();
       let cleared = 0;
-      for (let i = 0; i < this.geometry.batEntries; i++) {
-        const e = await this.batEntry(i);
-        if (e.reservedBits !== 0) {
-          await this.setBatEntry(i, e.state, e.offset);
-          cleared++;
+      let droppedBitmaps = 0;
+      const piece = Buffer.alloc(Math.min(MiB, this.geometry.batEntries * 8));
+      for (let first = 0; first < this.geometry.batEntries; first += MiB / 8) {
+        const view = piece.subarray(0, Math.min(MiB / 8, this.geometry.batEntries - first) * 8);
+        await this.readBatRaw(view, first);
+        for (let i = 0; i < view.length / 8; i++) {
+          const e = decodeBatEntry(view.readUInt32LE(i * 8), view.readUInt32LE(i * 8 + 4));
+          const index = first + i;
+          const bitmap = index % (this.geometry.chunkRatio + 1) === this.geometry.chunkRatio;
+          if (bitmap && !this.params.hasParent && e.state !== SB_NOT_PRESENT) {
+            // Only differencing disks have sector bitmaps; one elsewhere is never read.
+            await this.setBatEntry(index, SB_NOT_PRESENT, 0);
+            droppedBitmaps++;
+          } else if (e.reservedBits !== 0) {
+            await this.setBatEntry(index, e.state, e.offset);
+            cleared++;
+          } else continue;
+          await this.commitIfLarge();
         }
       }
       if (cleared > 0) repaired.push(`reserved bits cleared in ${cleared} BAT entries`);
+      if (droppedBitmaps > 0)
+        repaired.push(`${droppedBitmaps} sector bitmap entries set to NOT_PRESENT (a disk without a parent has none)`);
       await this.commit();
+      // What is left (nothing the repairs above cover) decides whether the file can be written.
+      await this.scanPlacement();
     });
     return repaired;
+  }
+
+  /** Commits early once many metadata sectors are pending (a repair of a huge BAT stays in bounded memory). */
+  private async commitIfLarge(): Promise<void> {
+    if (this.cache.dirtyCount >= REPAIR_COMMIT_SECTORS) await this.commit();
+  }
+
+  /**
+   * Repairs entries whose space is not their own, so that no read that worked before returns other bytes:
+   * 1. an entry with nothing of its own (wholly in the header section, the log or a region, wholly past
+   *    the end of the file, or beyond 128 TiB) becomes ZERO (NOT_PRESENT in a differencing disk: the block
+   *    reads its parent again); a lost sector bitmap becomes NOT_PRESENT with the partially present blocks
+   *    of its chunk, whose present sectors it no longer names. These changes are committed first.
+   * 2. every other damaged entry (one that overlaps a structure or the end of the file in part, or claims
+   *    space an earlier entry holds) moves to new space past everything any entry still claims, with a
+   *    copy of its bytes that lie in the file and outside every structure: a block that only shared space
+   *    reads exactly as before, a truncated one keeps what exists and reads zeros for the rest.
+   * The DataWriteGuid does not change (no read that succeeded changes), so children stay linked.
+   * `size`: the file size that says what exists (before any repair extended the file).
+   */
+  private async repairPlacement(size: number): Promise<string[]> {
+    if (this.placementScan.damagedCount === 0) return [];
+    const lines: string[] = [];
+    let unlisted = 0;
+    const note = (line: string) => {
+      if (lines.length < MAX_REPAIR_LINES) lines.push(line);
+      else unlisted++;
+    };
+    const name = (d: Damaged) =>
+      `${describeEntry(d.entry)} (BAT entry ${d.entry.index}) at file offset ${d.entry.offset} ${describeProblems(d, size)}`;
+    const why = (d: Damaged) =>
+      d.problems.some((x) => x.kind === 'eof')
+        ? 'its data was lost with the end of the file'
+        : 'the bytes it pointed at were not its data';
+
+    const g = this.geometry;
+    const lostChunks = new Set<number>();
+    const drop = async (d: Damaged) => {
+      const e = d.entry;
+      if (e.bitmap) {
+        await this.setBatEntry(e.index, SB_NOT_PRESENT, 0);
+        lostChunks.add(e.number);
+        note(
+          `${name(d)}: set to NOT_PRESENT with the partially present blocks of its chunk (they read from the parent again)`,
+        );
+      } else if (this.params.hasParent) {
+        await this.setBatEntry(e.index, BlockState.NotPresent, 0);
+        note(`${name(d)}: set to NOT_PRESENT (it reads from the parent again; ${why(d)})`);
+      } else {
+        await this.setBatEntry(e.index, BlockState.Zero, 0);
+        note(`${name(d)}: set to ZERO (it reads zeros; ${why(d)})`);
+      }
+      await this.commitIfLarge();
+    };
+    /** The partially present blocks of chunks whose sector bitmap was dropped read the parent again. */
+    const dropPartialBlocks = async () => {
+      for (const chunk of lostChunks) {
+        for (let b = chunk * g.chunkRatio; b < Math.min((chunk + 1) * g.chunkRatio, g.dataBlocks); b++) {
+          const index = payloadBatIndex(g, b);
+          if ((await this.batEntry(index)).state === BlockState.PartiallyPresent)
+            await this.setBatEntry(index, BlockState.NotPresent, 0);
+        }
+        await this.commitIfLarge();
+      }
+      lostChunks.clear();
+    };
+
+    const first = await this.placementPass(size, { listLimit: 0, onDamaged: (d) => (d.lost ? drop(d) : undefined) });
+    await dropPartialBlocks();
+    await this.commit();
+    await this.file.datasync();
+
+    // New space starts past every entry still allocated: a crash before the next commit leaves data there
+    // that no entry claims.
+    this.fileEnd = this.endPast(first, first.keptEnd);
+    const copy = Buffer.alloc(Math.min(COPY_PIECE, g.blockSize));
+    await this.placementPass(size, {
+      listLimit: 0,
+      onDamaged: async (d) => {
+        // Lost only now: it shared space with an entry dropped above, and has nothing else of its own.
+        if (d.lost) return drop(d);
+        const e = d.entry;
+        const at = await this.allocate(e.bitmap ? MiB : this.blockSize);
+        let kept = 0;
+        for (const [a, b] of first.readablePieces(e.offset, e.extent)) {
+          for (let pos = a; pos < b; pos += copy.length) {
+            const part = copy.subarray(0, Math.min(copy.length, b - pos));
+            await this.file.read(part, pos);
+            if (!isAllZero(part)) await this.file.write(part, at + (pos - e.offset));
+            kept += part.length;
+          }
+        }
+        await this.setBatEntry(e.index, e.state, at);
+        const outcome = kept === e.extent ? 'it reads as before' : `the other ${e.extent - kept} bytes read zeros`;
+        note(`${name(d)}: moved to file offset ${at} with a copy of the ${kept} bytes that are its own; ${outcome}`);
+        await this.commitIfLarge();
+      },
+    });
+    await dropPartialBlocks();
+    if (unlisted > 0) lines.push(`${unlisted} more BAT entries repaired the same way (not listed)`);
+    return lines;
   }
 
   /** Flushes, marks the log clean and closes this file and its parents. */
@@ -1741,4 +2024,16 @@ async function applyOps(
     await file.write(run.length === 1 ? run[0].data : Buffer.concat(run.map((r) => r.data)), op.fileOffset);
     i = j;
   }
+}
+
+/**
+ * A file without the VHDX identifier that another format's magic identifies (a VHD footer, a qcow2
+ * header...) is refused as NOT_SUPPORTED naming that format; anything else falls through to "not a VHDX".
+ */
+async function refuseOtherFormats(filePath: string, base: RandomAccessFile, section: Buffer): Promise<void> {
+  const size = base.size();
+  const tail = Buffer.alloc(Math.min(size, DETECT_TAIL_BYTES));
+  if (tail.length > 0) await base.read(tail, size - tail.length);
+  const found = detectFromBytes(section.subarray(0, Math.min(size, DETECT_HEAD_BYTES)), tail, size);
+  if (found.format !== 'raw' && found.format !== 'vhdx') throw unsupportedFormatError(filePath, found);
 }
