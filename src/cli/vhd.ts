@@ -5,7 +5,7 @@ import path from 'node:path';
 import { Command, Option } from 'commander';
 import { InvalidArgumentError, fromSystemError } from '../errors.js';
 import { checkVhd } from '../formats/vhd/check.js';
-import { convertVhdImage } from '../formats/vhd/convert.js';
+import { convertDisk } from '../formats/convert.js';
 import { createVhd } from '../formats/vhd/create.js';
 import { vhdInfo, type VhdInfo } from '../formats/vhd/info.js';
 import { mergeVhd } from '../formats/vhd/merge.js';
@@ -151,7 +151,7 @@ export function vhdCommand(run: Run): Command {
   ).action((src: string, dst: string, o) =>
     run(async () => {
       const progress = progressReporter('converting');
-      const result = await convertVhdImage(src, dst, {
+      const result = await convertDisk(src, dst, {
         format: o.format,
         type: o.type,
         blockSize: o.blockSize !== undefined ? parseSize(o.blockSize, '--block-size') : undefined,

@@ -6,7 +6,7 @@ import { Command, Option } from 'commander';
 import { InvalidArgumentError, fromSystemError } from '../errors.js';
 import { NodeFile } from '../util/file.js';
 import { checkVhdx, type CheckReport } from '../formats/vhdx/check.js';
-import { convertImage } from '../formats/vhdx/convert.js';
+import { convertDisk } from '../formats/convert.js';
 import { createVhdx } from '../formats/vhdx/create.js';
 import { vhdxInfo, type VhdxInfo } from '../formats/vhdx/info.js';
 import { VhdxFile, type OpenOptions } from '../formats/vhdx/vhdx.js';
@@ -129,23 +129,25 @@ export function vhdxCommand(run: Run): Command {
   withParentOptions(
     vhdx
       .command('convert')
-      .description('raw → VHDX, VHDX → raw, VHDX → VHDX (compact, change block size or type, flatten a chain)')
+      .description(
+        'between VHDX, VHD and raw in any direction; VHDX → VHDX compacts, changes block size or type, flattens a chain',
+      )
       .argument(
         '<src>',
-        'a VHDX (a differencing disk is read through its chain) or a raw image; other formats (VHD, qcow2, VMDK, ...) are recognised and refused',
+        'a VHDX or VHD (a differencing disk is read through its chain) or a raw image; other formats (qcow2, VMDK, ...) are recognised and refused',
       )
       .argument('<dst>', 'the new file (must not exist)')
       .addOption(
         new Option(
           '--source-format <format>',
           'read the source as this format instead of recognising it by its magic (raw: copy any file byte for byte)',
-        ).choices(['vhdx', 'raw']),
+        ).choices(['vhdx', 'vhd', 'raw']),
       )
       .addOption(
         new Option(
           '--format <format>',
-          'output format (default: from the extension: .vhdx/.avhdx → vhdx, else raw)',
-        ).choices(['vhdx', 'raw']),
+          'output format (default: from the extension: .vhdx/.avhdx → vhdx, .vhd/.avhd → vhd, else raw)',
+        ).choices(['vhdx', 'vhd', 'raw']),
       )
       .addOption(new Option('--type <type>', 'VHDX output type (default dynamic)').choices(['dynamic', 'fixed']))
       .option('--block-size <size>', "VHDX output block size (default: the source's, else 32M)")
@@ -159,21 +161,15 @@ export function vhdxCommand(run: Run): Command {
     run(async () => {
       const progress = progressReporter('converting');
       if (o.granularity !== undefined && !o.track) throw new InvalidArgumentError('--granularity goes with --track');
-      const result = await convertImage(src, dst, {
+      const result = await convertDisk(src, dst, {
         sourceFormat: o.sourceFormat,
         format: o.format,
         type: o.type,
         blockSize: o.blockSize !== undefined ? parseSize(o.blockSize, '--block-size') : undefined,
         logicalSectorSize: o.logicalSector ? (Number(o.logicalSector) as 512 | 4096) : undefined,
         onProgress: (d, t) => progress.update(d, t),
-        onDestinationOpen: o.track
-          ? async (dst) => {
-              await ChangeTracker.enable(
-                dst,
-                o.granularity ? parseSize(o.granularity, '--granularity') : DEFAULT_GRANULARITY,
-              );
-              await ChangeTracker.attach(dst, { writable: true });
-            }
+        track: o.track
+          ? { granularity: o.granularity ? parseSize(o.granularity, '--granularity') : DEFAULT_GRANULARITY }
           : undefined,
         ...parentOptions(o, src),
       });

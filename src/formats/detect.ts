@@ -75,13 +75,24 @@ export function detectFromBytes(head: Uint8Array, tail: Uint8Array, size: number
   // Fixed VHDs have only the footer: the last 512 bytes (511 in files from before Virtual PC 2004).
   if (size >= 512 && tail.length >= 512) {
     const footer = tail.subarray(tail.length - 512);
-    if (latin1(footer, 0, 8) === 'conectix') return { format: 'vhd', evidence: 'a "conectix" footer at the end' };
-    if (latin1(footer, 1, 8) === 'conectix')
+    // Only a footer whose checksum holds: a raw disk may end with bytes that merely start with the cookie.
+    if (latin1(footer, 0, 8) === 'conectix' && vhdFooterChecksumOk(footer.subarray(0, 512)))
+      return { format: 'vhd', evidence: 'a "conectix" footer at the end' };
+    if (latin1(footer, 1, 8) === 'conectix' && vhdFooterChecksumOk(footer.subarray(1, 512)))
       return { format: 'vhd', evidence: 'a "conectix" footer (511-byte form) at the end' };
     if (latin1(footer, 0, 4) === 'koly' && Buffer.from(footer).readUInt32BE(8) === 512)
       return { format: 'dmg', evidence: 'a "koly" trailer at the end' };
   }
   return { format: 'raw', evidence: '' };
+}
+
+/** The VHD footer checksum (at 64): the ones' complement of the byte sum with that field taken as zero. */
+function vhdFooterChecksumOk(footer: Uint8Array): boolean {
+  if (footer.length < 68) return false;
+  let sum = 0;
+  for (let i = 0; i < footer.length; i++) if (i < 64 || i >= 68) sum += footer[i];
+  const stored = ((footer[64] << 24) | (footer[65] << 16) | (footer[66] << 8) | footer[67]) >>> 0;
+  return ~sum >>> 0 === stored;
 }
 
 /**

@@ -69,13 +69,26 @@ describe('detectFromBytes', () => {
     expect(detectFromBytes(vdi, none, 512).format).toBe('vdi');
   });
 
-  it('finds a VHD footer (512 or 511 bytes) and a DMG trailer at the end', () => {
+  it('finds a VHD footer (512 or 511 bytes) whose checksum holds, and a DMG trailer at the end', () => {
+    // The footer checksum (at 64): the ones' complement of the byte sum with that field taken as zero.
+    const seal = (f: Buffer) => {
+      let sum = 0;
+      for (let i = 0; i < f.length; i++) if (i < 64 || i >= 68) sum += f[i];
+      f.writeUInt32BE(~sum >>> 0, 64);
+      return f;
+    };
     const footer = Buffer.alloc(512);
     footer.write('conectix', 0, 'latin1');
-    expect(detectFromBytes(Buffer.alloc(4096), footer, 10 * MiB)).toMatchObject({ format: 'vhd' });
+    footer.writeUInt32BE(0x00010000, 12);
+    expect(detectFromBytes(Buffer.alloc(4096), seal(footer), 10 * MiB)).toMatchObject({ format: 'vhd' });
     const old = Buffer.alloc(512);
     old.write('conectix', 1, 'latin1');
+    seal(old.subarray(1)).copy(old, 1);
     expect(detectFromBytes(Buffer.alloc(4096), old, 10 * MiB)).toMatchObject({ format: 'vhd' });
+    // The cookie alone (a raw disk whose last sector merely starts with it) is not a VHD.
+    const cookieOnly = Buffer.alloc(512);
+    cookieOnly.write('conectix', 0, 'latin1');
+    expect(detectFromBytes(Buffer.alloc(4096), cookieOnly, 10 * MiB)).toMatchObject({ format: 'raw' });
     const koly = Buffer.alloc(512);
     koly.write('koly', 0, 'latin1');
     koly.writeUInt32BE(4, 4);

@@ -9,24 +9,20 @@ import { unlink } from 'node:fs/promises';
 import { InvalidArgumentError } from '../../errors.js';
 import { NodeFile } from '../../util/file.js';
 import { dataExtents } from '../../util/holes.js';
-import { MiB as VHDX_MiB, SIG_FILE } from '../vhdx/constants.js';
+import { MiB as VHDX_MiB } from '../vhdx/constants.js';
 import { Writeback, nonZeroRuns, roundExtents } from '../vhdx/convert.js';
 import { DEFAULT_BLOCK_SIZE as VHDX_DEFAULT_BLOCK_SIZE, createVhdx } from '../vhdx/create.js';
 import { VhdxFile } from '../vhdx/vhdx.js';
-import {
-  COOKIE_FOOTER,
-  DEFAULT_BLOCK_SIZE,
-  FOOTER_SIZE,
-  MAX_VIRTUAL_SIZE,
-  OLD_FOOTER_SIZE,
-  SECTOR,
-} from './constants.js';
+import { DEFAULT_BLOCK_SIZE, MAX_VIRTUAL_SIZE, SECTOR } from './constants.js';
 import { createVhd } from './create.js';
+import { detectFormat, unsupportedFormatError } from '../detect.js';
 import { VhdFile, type Extent, type VhdOpenOptions } from './vhd.js';
 
 export type ImageFormat = 'vhd' | 'vhdx' | 'raw';
 
 export interface VhdConvertOptions extends Pick<VhdOpenOptions, 'allowedRoots' | 'pathMap'> {
+  /** How to read the source (default: by its magic); `raw` copies the bytes of any file as they are. */
+  sourceFormat?: ImageFormat;
   /** Output format; default from the destination's extension: .vhd/.avhd → vhd, .vhdx/.avhdx → vhdx, else raw. */
   format?: ImageFormat;
   /** VHD or VHDX output type (default dynamic). */
@@ -62,29 +58,14 @@ export interface ImageSource {
   close(): Promise<void>;
 }
 
-/** What a file is: "vhdxfile" at 0 is VHDX; a valid "conectix" footer at the end (or a copy at 0) is VHD. */
+/**
+ * What a file is, by its magic (src/formats/detect.ts): VHDX, VHD or raw; any other format is refused with
+ * NOT_SUPPORTED naming it, never read as raw.
+ */
 export async function probeImageFormat(path: string): Promise<ImageFormat> {
-  const f = await NodeFile.open(path, 'r');
-  try {
-    const head = Buffer.alloc(FOOTER_SIZE);
-    await f.read(head, 0);
-    if (head.toString('latin1', 0, 8) === SIG_FILE) return 'vhdx';
-    const tail = Buffer.alloc(FOOTER_SIZE);
-    await f.read(tail, Math.max(0, f.size() - FOOTER_SIZE));
-    const cookieAt = (b: Buffer, at: number) => b.toString('latin1', at, at + 8) === COOKIE_FOOTER;
-    if (f.size() >= OLD_FOOTER_SIZE && (cookieAt(tail, 0) || cookieAt(tail, 1) || cookieAt(head, 0))) {
-      // Cookies alone can be guest data (a raw disk holding a VHD file): the engine's open decides.
-      try {
-        await (await VhdFile.open(path, { noParent: true })).close();
-        return 'vhd';
-      } catch {
-        return 'raw';
-      }
-    }
-    return 'raw';
-  } finally {
-    await f.close();
-  }
+  const found = await detectFormat(path);
+  if (found.format === 'vhd' || found.format === 'vhdx' || found.format === 'raw') return found.format;
+  throw unsupportedFormatError(path, found, { reader: 'convert', also: 'or give --source-format raw' });
 }
 
 export function formatFromName(path: string): ImageFormat {
@@ -96,9 +77,9 @@ export function formatFromName(path: string): ImageFormat {
 /** Any of the three formats as a source; a differencing disk is read through its chain. */
 export async function openImageSource(
   path: string,
-  opts: Pick<VhdOpenOptions, 'allowedRoots' | 'pathMap'> = {},
+  opts: Pick<VhdConvertOptions, 'allowedRoots' | 'pathMap' | 'sourceFormat'> = {},
 ): Promise<ImageSource> {
-  const format = await probeImageFormat(path);
+  const format = opts.sourceFormat ?? (await probeImageFormat(path));
   if (format === 'vhd') {
     const disk = await VhdFile.open(path, { allowedRoots: opts.allowedRoots, pathMap: opts.pathMap });
     return {
