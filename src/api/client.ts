@@ -299,7 +299,9 @@ export class HostClient {
           method,
           headers: {
             authorization: `Bearer ${this.address.token}`,
+            // No chunked encoding: the length is known, also when there is no body.
             ...(data ? { 'content-type': 'application/json', 'content-length': data.length } : {}),
+            ...(!data && method !== 'GET' ? { 'content-length': 0 } : {}),
           },
         },
         (res) => {
