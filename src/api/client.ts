@@ -288,7 +288,18 @@ export class HostClient {
 
   // ---------------------------------------------------------------- transport
 
-  private request(method: string, url: string, body?: unknown): Promise<{ status: number; json: unknown }> {
+  private async request(method: string, url: string, body?: unknown): Promise<{ status: number; json: unknown }> {
+    try {
+      return await this.once(method, url, body);
+    } catch (err) {
+      // A kept-alive connection the host closed while this process was busy (a blocked event loop sees the
+      // close late): nothing reached the host, so the request is sent once more on a new connection.
+      if (err instanceof StaleConnection) return this.once(method, url, body);
+      throw err;
+    }
+  }
+
+  private once(method: string, url: string, body?: unknown): Promise<{ status: number; json: unknown }> {
     const ep = this.address.endpoint;
     const data = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
     const target = ep.startsWith('unix:') ? { socketPath: ep.slice(5), path: url } : { ...splitHttp(ep), path: url };
@@ -318,19 +329,26 @@ export class HostClient {
           });
         },
       );
-      req.on('error', (err: NodeJS.ErrnoException) =>
+      req.on('error', (err: NodeJS.ErrnoException) => {
+        if (req.reusedSocket && (err.code === 'EPIPE' || err.code === 'ECONNRESET')) {
+          reject(new StaleConnection());
+          return;
+        }
         reject(
           new TidemarkError(
             err.code === 'ENOENT' || err.code === 'ECONNREFUSED' ? 'NOT_FOUND' : 'IO_ERROR',
             `cannot reach the host at ${ep}: ${err.message}`,
           ),
-        ),
-      );
+        );
+      });
       if (data) req.write(data);
       req.end();
     });
   }
 }
+
+/** A request that failed on a reused keep-alive connection before the host answered anything. */
+class StaleConnection extends Error {}
 
 /** A job route's immediate answer is the job; any other route's, its answer. */
 type Sent<R extends RouteDef> = R extends { job: true } ? z.output<typeof JobInfo> : Answer<R>;
