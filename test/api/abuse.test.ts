@@ -205,11 +205,10 @@ describe('the API under abuse (tidemark host over TCP)', () => {
         const t0 = performance.now();
         host.once('exit', (code) => resolve({ code, ms: performance.now() - t0 }));
       });
+      const open = flood.all.filter((s) => s.closedAt === undefined).length;
       host.kill('SIGTERM');
       const { code, ms } = await exited;
-      console.log(
-        `abuse: SIGTERM with ${flood.all.filter((s) => s.closedAt === undefined).length} slow connections open: exit ${code} after ${ms.toFixed(0)} ms`,
-      );
+      console.log(`abuse: SIGTERM with ${open} slow connections open: exit ${code} after ${ms.toFixed(0)} ms`);
       expect(code, hostErr).toBe(0);
       expect(ms).toBeLessThan(5_000);
       expect(existsSync(path.join(store, 'host.json'))).toBe(false);
