@@ -20,7 +20,7 @@ import {
   jsonSchemaTransform,
   validatorCompiler,
 } from 'fastify-type-provider-zod';
-import type { z } from 'zod';
+import { z } from 'zod';
 import { TidemarkError } from '../errors.js';
 import { ConnectionGate } from './connection-gate.js';
 import {
@@ -174,6 +174,7 @@ export class ApiServer {
         security: [{ bearer: [] }],
       },
       transform: jsonSchemaTransform,
+      transformObject: (d) => completeDocument(('openapiObject' in d ? d.openapiObject : {}) as Doc) as object,
     });
     void this.app.register(async (api) => {
       for (const [name, r] of Object.entries(ROUTES) as [RouteName, RouteDef][]) {
@@ -241,6 +242,24 @@ export class ApiServer {
     const given = Buffer.from(m[1]);
     return given.length === this.token.length && timingSafeEqual(given, this.token);
   }
+}
+
+type Doc = { paths?: Record<string, Record<string, Record<string, unknown> | undefined> | undefined> };
+
+/**
+ * What the generator cannot know from a Fastify schema: a job route's result (`x-job-result`, the JSON schema of
+ * what GET /v1/jobs/{id}/wait returns in `result`), and bodies a route takes or leaves out (`required: false`
+ * when every field is optional).
+ */
+function completeDocument<D extends Doc>(doc: D): D {
+  for (const r of Object.values(ROUTES) as RouteDef[]) {
+    const op = doc.paths?.[r.path.replace(/:(\w+)/g, '{$1}')]?.[r.method.toLowerCase()];
+    if (!op) continue;
+    if (r.job) op['x-job-result'] = z.toJSONSchema(r.answer, { io: 'output', unrepresentable: 'any' });
+    const body = op.requestBody as { required?: boolean } | undefined;
+    if (body && r.body?.safeParse({}).success) body.required = false;
+  }
+  return doc;
 }
 
 function errorBody(e: TidemarkError): z.input<typeof ErrorBody> {

@@ -50,8 +50,9 @@ afterAll(async () => {
 
 type Operation = {
   operationId?: string;
+  'x-job-result'?: { properties?: Record<string, unknown> };
   parameters?: { name: string; in: string; required?: boolean }[];
-  requestBody?: { content: Record<string, { schema: unknown }> };
+  requestBody?: { required?: boolean; content: Record<string, { schema: unknown }> };
   responses: Record<string, { content?: Record<string, { schema: Record<string, unknown> }> }>;
 };
 
@@ -76,12 +77,20 @@ describe('the OpenAPI document', () => {
         name,
       ).toEqual(pathParams);
       expect(op.requestBody !== undefined, `${name} body`).toBe(r.body !== undefined);
+      if (op.requestBody) expect(op.requestBody.required, name).toBe(!r.body!.safeParse({}).success);
+      expect(op['x-job-result'] !== undefined, `${name} job result`).toBe(r.job === true);
       const ok = r.job ? '202' : '200';
       expect(Object.keys(op.responses).sort(), name).toEqual([ok, '4XX', '5XX'].sort());
       expect(op.responses[ok].content?.['application/json']?.schema, name).toBeTruthy();
     }
     expect(doc.components).toMatchObject({ securitySchemes: { bearer: { type: 'http', scheme: 'bearer' } } });
     expect(doc.security).toEqual([{ bearer: [] }]);
+  });
+
+  it("gives a job route's result schema", () => {
+    const paths = doc.paths as Record<string, Record<string, Operation>>;
+    const start = paths['/v1/vms/{vm}/start'].post['x-job-result'];
+    expect(Object.keys(start?.properties ?? {})).toEqual(expect.arrayContaining(['name', 'state', 'disks']));
   });
 
   it('describes the error body with every code', () => {
