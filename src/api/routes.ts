@@ -356,11 +356,13 @@ export function fillPath(path: string, params: Record<string, string> = {}): str
 
 /** The route whose path pattern matches `pathname`, by method: for 405 answers and their `Allow`. */
 export function methodsFor(pathname: string): Method[] {
-  const parts = pathname.split('/').filter(Boolean);
+  // Segment by segment as the router matches: `/v1/vms/` (a trailing slash) is no route's path.
+  const parts = pathname.split('/');
   const found = new Set<Method>();
   for (const r of Object.values(ROUTES) as RouteDef[]) {
-    const want = r.path.split('/').filter(Boolean);
-    if (want.length === parts.length && want.every((w, i) => w.startsWith(':') || w === parts[i])) found.add(r.method);
+    const want = r.path.split('/');
+    const matches = (w: string, i: number) => (w.startsWith(':') ? parts[i] !== '' : w === parts[i]);
+    if (want.length === parts.length && want.every(matches)) found.add(r.method);
   }
   return [...found];
 }

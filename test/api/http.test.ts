@@ -128,9 +128,11 @@ describe('HTTP semantics', () => {
   });
 
   it('404 for an unknown path, 405 with Allow for a known path with another method', async () => {
-    const unknown = await raw('GET', '/v1/nothing-here', { token });
-    expect(unknown.status).toBe(404);
-    expect(unknown.json.error?.code).toBe('NOT_FOUND');
+    for (const url of ['/v1/nothing-here', '/v1', '/v1/vms/web/nothing', '/v1/vms/web/checkpoints/a/b/c']) {
+      const unknown = await raw('GET', url, { token });
+      expect(unknown.status, url).toBe(404);
+      expect(unknown.json.error?.code).toBe('NOT_FOUND');
+    }
     const cases: [string, string, string][] = [
       ['PUT', '/v1/vms', 'GET, POST'],
       ['DELETE', '/v1/host', 'GET'],
@@ -144,6 +146,10 @@ describe('HTTP semantics', () => {
       expect(r.headers.allow?.split(', ').sort(), `${method} ${url}`).toEqual(allow.split(', ').sort());
       expect(r.json.error?.code).toBe('NOT_SUPPORTED');
     }
+    // An empty path parameter is no route's either: the router takes it for one, its schema refuses it.
+    const empty = await raw('GET', '/v1/vms/', { token });
+    expect(empty.status).toBe(400);
+    expect(empty.json.error?.message).toMatch(/params at vm/);
     // A known path with its own method is no 405: a VM that does not exist is the host's 404.
     const missing = await raw('GET', '/v1/vms/nope', { token });
     expect(missing.status).toBe(404);
