@@ -15,18 +15,12 @@ interface Entry {
 export class ConnectionGate {
   /** Insertion order is acceptance order: the first untrusted entry is the oldest. */
   private readonly open = new Map<net.Socket, Entry>();
-  evicted = 0;
-  refused = 0;
 
   constructor(
     server: net.Server,
     private readonly max: number,
   ) {
     server.on('connection', (socket: net.Socket) => this.admit(socket));
-  }
-
-  get size(): number {
-    return this.open.size;
   }
 
   /** Marks the connection of an authenticated request: it is not evicted for newcomers. */
@@ -45,11 +39,9 @@ export class ConnectionGate {
     if (this.open.size >= this.max) {
       const victim = [...this.open].find(([, e]) => !e.trusted)?.[0];
       if (!victim) {
-        this.refused++;
         socket.destroy();
         return;
       }
-      this.evicted++;
       this.open.delete(victim);
       victim.destroy();
     }

@@ -207,15 +207,6 @@ export class ApiServer {
     });
   }
 
-  /** Connections open now (for tests and measurements). */
-  get connections(): number {
-    return this.gate.size;
-  }
-
-  get gateCounters(): { evicted: number; refused: number } {
-    return { evicted: this.gate.evicted, refused: this.gate.refused };
-  }
-
   async listen(): Promise<string> {
     if (this.opts.socket) {
       await unlink(this.opts.socket).catch(() => undefined);

@@ -291,6 +291,56 @@ describe('the status map', () => {
   });
 });
 
+describe('the connection cap', () => {
+  it("evicts the oldest stranger's connection for a newcomer, and refuses one when every connection is a client's", async () => {
+    const handlers = new Proxy({} as Handlers, {
+      get: () => async () => {
+        throw new TidemarkError('NOT_FOUND', 'nothing here');
+      },
+    });
+    const sock = path.join(dir, 'cap.sock');
+    const server = new ApiServer(handlers, {
+      token: 't',
+      socket: sock,
+      limits: { maxConnections: 3, keepAliveTimeoutMs: 30_000, headersTimeoutMs: 30_000, requestTimeoutMs: 30_000 },
+    });
+    await server.listen();
+    const open = (): Promise<{ s: net.Socket; closed: Promise<void> }> =>
+      new Promise((resolve) => {
+        const s = net.connect(sock, () => resolve({ s, closed }));
+        const closed = new Promise<void>((r) => s.once('close', () => r()));
+        s.on('error', () => undefined);
+      });
+    const isOpen = async (c: { closed: Promise<void> }) =>
+      Promise.race([c.closed.then(() => false), new Promise<boolean>((r) => setTimeout(() => r(true), 300))]);
+    /** One authenticated request on the connection, answered, the connection kept alive. */
+    const authenticate = (c: { s: net.Socket }) =>
+      new Promise<void>((resolve) => {
+        c.s.once('data', () => resolve());
+        c.s.write('GET /v1/host HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\n\r\n');
+      });
+    try {
+      const a = await open();
+      const stranger = await open();
+      const b = await open();
+      await authenticate(a);
+      await authenticate(b);
+      stranger.s.write('GET /v1/ho'); // a header begun, never finished: no request of it has authenticated
+      const c = await open(); // at the cap: the stranger goes
+      expect(await isOpen(stranger)).toBe(false);
+      expect(await isOpen(a)).toBe(true);
+      expect(await isOpen(c)).toBe(true);
+      await authenticate(c);
+      const d = await open(); // every connection is a client's: the newcomer is closed at once
+      expect(await isOpen(d)).toBe(false);
+      expect([await isOpen(a), await isOpen(b), await isOpen(c)]).toEqual([true, true, true]);
+      for (const x of [a, b, c]) x.s.destroy();
+    } finally {
+      await server.close();
+    }
+  });
+});
+
 describe('the client checks what it is answered', () => {
   let plainServers = 0;
   /** A plain HTTP server answering every request with `status` and `body`. */
