@@ -8,7 +8,9 @@ import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import * as wire from '../../src/api/schemas.js';
 import { CONFIG_VERSIONS } from '../../src/host/config-version.js';
-import { OWNER_NAME, SLOT, VM_NAME } from '../../src/host/definition.js';
+import { ACCEL_REQUESTS } from '../../src/host/accel.js';
+import { DEFINITION_VERSION, MAX_MEMORY_MIB, OWNER_NAME, SLOT, VM_NAME } from '../../src/host/definition.js';
+import { VM_STATES } from '../../src/host/vm-runtime.js';
 import { MAX_LEASE_TTL_SECONDS } from '../../src/host/leases.js';
 import { REPO_ROOT } from '../helpers/fixtures.js';
 
@@ -30,6 +32,10 @@ describe('wire shapes and layering', () => {
     expect(wire.OWNER_NAME.flags).toBe(OWNER_NAME.flags);
     expect([...wire.CONFIG_VERSIONS]).toEqual([...CONFIG_VERSIONS]);
     expect(wire.MAX_LEASE_TTL_SECONDS).toBe(MAX_LEASE_TTL_SECONDS);
+    expect(wire.DEFINITION_VERSION).toBe(DEFINITION_VERSION);
+    expect(wire.MAX_MEMORY_MIB).toBe(MAX_MEMORY_MIB);
+    expect([...wire.VM_STATES]).toEqual([...VM_STATES]);
+    expect([...wire.ACCEL_REQUESTS]).toEqual([...ACCEL_REQUESTS]);
   });
 
   it('the host imports nothing from the API or the daemon; the API takes only the Host type from the host', () => {
