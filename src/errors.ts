@@ -34,7 +34,9 @@ export type ErrorCode =
   | 'WRONG_KEY'
   | 'REPOSITORY_CORRUPT'
   | 'QMP_ERROR'
-  | 'QEMU_FAILED';
+  | 'QEMU_FAILED'
+  /** An error nobody expected (a bug): the message says what happened. */
+  | 'INTERNAL';
 
 export class TidemarkError extends Error {
   readonly code: ErrorCode;

@@ -15,7 +15,7 @@ import { HostClient } from '../src/api/client.js';
 import { TidemarkError } from '../src/errors.js';
 import { createVhdx } from '../src/formats/vhdx/create.js';
 import { VhdxFile } from '../src/formats/vhdx/vhdx.js';
-import { startHost } from '../src/host/daemon.js';
+import { startHost } from '../src/daemon/daemon.js';
 import { HostLog } from '../src/host/log.js';
 import { ChangeTracker } from '../src/tracking/tracker.js';
 import { REPO_ROOT } from './helpers/fixtures.js';

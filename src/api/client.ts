@@ -1,30 +1,30 @@
 /**
  * The typed client of the host's management API: the CLI and the backup application talk to a host only
- * through it. Errors come back as TidemarkErrors with the server's code; jobs can be waited on.
+ * through it. Every call goes through the route table (routes.ts): `call(route, input)` fills the path and
+ * query from the route, and checks the answer against the route's schema, so a host that answers outside the
+ * contract is a PROTOCOL_ERROR here, not a wrong value further on. Errors come back as TidemarkErrors with
+ * the server's code and details; job routes are started and waited for (`run`).
  */
 import http from 'node:http';
 import path from 'node:path';
-import { TidemarkError, type ErrorCode } from '../errors.js';
-import type { Checkpoint, ReferencePoint, VmDefinition } from '../host/definition.js';
-import type { VmSummary } from '../host/host.js';
-import type { ImportInfo } from '../host/imports.js';
-import type { JobInfo } from '../host/jobs.js';
-import type { LeaseInfo } from '../host/leases.js';
-import type { ChangesResult } from '../tracking/tracker.js';
-import type { SnapshotSetInfo } from '../host/snapshot-sets.js';
+import type { z } from 'zod';
+import { TidemarkError } from '../errors.js';
 import { readSmallFile } from '../util/safe-open.js';
-import type {
-  AcquireLeaseBody,
-  ChangesBody,
-  CheckpointBody,
-  CommitImportBody,
-  ConvertBody,
-  CreateRefpointBody,
-  CreateVmBody,
-  ModifyVmBody,
-  ReserveImportBody,
-  SnapshotBody,
-  UpgradeVmBody,
+import { answerStatus, fillPath, ROUTES, type Answer, type CallInput, type RouteDef } from './routes.js';
+import {
+  ErrorBody,
+  JobInfo,
+  type AcquireLeaseBody,
+  type ChangesBody,
+  type CheckpointBody,
+  type CommitImportBody,
+  type ConvertBody,
+  type CreateRefpointBody,
+  type CreateVmBody,
+  type ModifyVmBody,
+  type ReserveImportBody,
+  type SnapshotBody,
+  type UpgradeVmBody,
 } from './schemas.js';
 
 export interface HostAddress {
@@ -75,106 +75,106 @@ export class HostClient {
 
   // ---------------------------------------------------------------- VMs
 
-  listVms(): Promise<VmSummary[]> {
-    return this.call('GET', '/v1/vms');
+  listVms() {
+    return this.call(ROUTES.listVms);
   }
-  showVm(name: string): Promise<VmSummary & { definition: VmDefinition }> {
-    return this.call('GET', `/v1/vms/${enc(name)}`);
+  showVm(vm: string) {
+    return this.call(ROUTES.showVm, { params: { vm } });
   }
-  createVm(body: CreateVmBody): Promise<VmSummary> {
-    return this.call('POST', '/v1/vms', body);
+  createVm(body: CreateVmBody) {
+    return this.call(ROUTES.createVm, { body });
   }
-  modifyVm(name: string, body: ModifyVmBody): Promise<VmSummary> {
-    return this.call('PATCH', `/v1/vms/${enc(name)}`, body);
+  modifyVm(vm: string, body: ModifyVmBody) {
+    return this.call(ROUTES.modifyVm, { params: { vm }, body });
   }
-  deleteVm(name: string, removeFiles = false): Promise<unknown> {
-    return this.call('DELETE', `/v1/vms/${enc(name)}${removeFiles ? '?removeFiles=true' : ''}`);
+  deleteVm(vm: string, removeFiles = false) {
+    return this.call(ROUTES.deleteVm, { params: { vm }, query: removeFiles ? { removeFiles: 'true' } : {} });
   }
-  startVm(name: string): Promise<VmSummary> {
-    return this.job('POST', `/v1/vms/${enc(name)}/start`);
+  startVm(vm: string) {
+    return this.run(ROUTES.startVm, { params: { vm } });
   }
-  stopVm(name: string, turnOff = false): Promise<VmSummary> {
-    return this.job('POST', `/v1/vms/${enc(name)}/stop${turnOff ? '?turnOff=true' : ''}`);
+  stopVm(vm: string, turnOff = false) {
+    return this.run(ROUTES.stopVm, { params: { vm }, query: turnOff ? { turnOff: 'true' } : {} });
   }
-  saveVm(name: string): Promise<VmSummary> {
-    return this.job('POST', `/v1/vms/${enc(name)}/save`);
+  saveVm(vm: string) {
+    return this.run(ROUTES.saveVm, { params: { vm } });
   }
-  pauseVm(name: string): Promise<VmSummary> {
-    return this.call('POST', `/v1/vms/${enc(name)}/pause`);
+  pauseVm(vm: string) {
+    return this.call(ROUTES.pauseVm, { params: { vm } });
   }
-  resumeVm(name: string): Promise<VmSummary> {
-    return this.call('POST', `/v1/vms/${enc(name)}/resume`);
+  resumeVm(vm: string) {
+    return this.call(ROUTES.resumeVm, { params: { vm } });
   }
-  readConsole(name: string, offset = 0, max = 65536): Promise<{ data: string; offset: number; size: number }> {
-    return this.call('GET', `/v1/vms/${enc(name)}/console?offset=${offset}&max=${max}`);
+  readConsole(vm: string, offset = 0, max = 65536) {
+    return this.call(ROUTES.readConsole, { params: { vm }, query: { offset: String(offset), max: String(max) } });
   }
   /** Update-VMVersion (the VM off): to `version`, or the host's default. */
-  upgradeVm(name: string, body: UpgradeVmBody = {}): Promise<VmSummary> {
-    return this.job('POST', `/v1/vms/${enc(name)}/upgrade`, body);
+  upgradeVm(vm: string, body: UpgradeVmBody = {}) {
+    return this.run(ROUTES.upgradeVm, { params: { vm }, body });
   }
 
   // ---------------------------------------------------------------- leases
 
-  acquireLease(vm: string, body: AcquireLeaseBody): Promise<LeaseInfo> {
-    return this.call('POST', `/v1/vms/${enc(vm)}/lease`, body);
+  acquireLease(vm: string, body: AcquireLeaseBody) {
+    return this.call(ROUTES.acquireLease, { params: { vm }, body });
   }
-  renewLease(id: string): Promise<LeaseInfo> {
-    return this.call('POST', `/v1/leases/${enc(id)}/renew`);
+  renewLease(id: string) {
+    return this.call(ROUTES.renewLease, { params: { id } });
   }
-  releaseLease(id: string): Promise<unknown> {
-    return this.call('DELETE', `/v1/leases/${enc(id)}`);
+  releaseLease(id: string) {
+    return this.call(ROUTES.releaseLease, { params: { id } });
   }
-  listLeases(): Promise<LeaseInfo[]> {
-    return this.call('GET', '/v1/leases');
+  listLeases() {
+    return this.call(ROUTES.listLeases);
   }
 
   // ---------------------------------------------------------------- imports (restore --register)
 
-  reserveImport(body: ReserveImportBody): Promise<ImportInfo> {
-    return this.call('POST', '/v1/imports', body);
+  reserveImport(body: ReserveImportBody) {
+    return this.call(ROUTES.reserveImport, { body });
   }
-  commitImport(name: string, body: CommitImportBody): Promise<VmSummary> {
-    return this.call('POST', `/v1/imports/${enc(name)}/commit`, body);
+  commitImport(name: string, body: CommitImportBody) {
+    return this.call(ROUTES.commitImport, { params: { name }, body });
   }
-  cancelImport(name: string): Promise<unknown> {
-    return this.call('DELETE', `/v1/imports/${enc(name)}`);
+  cancelImport(name: string) {
+    return this.call(ROUTES.cancelImport, { params: { name } });
   }
-  listImports(): Promise<ImportInfo[]> {
-    return this.call('GET', '/v1/imports');
+  listImports() {
+    return this.call(ROUTES.listImports);
   }
 
   // ---------------------------------------------------------------- checkpoints, reference points
 
-  listCheckpoints(vm: string): Promise<(Checkpoint & { current: boolean })[]> {
-    return this.call('GET', `/v1/vms/${enc(vm)}/checkpoints`);
+  listCheckpoints(vm: string) {
+    return this.call(ROUTES.listCheckpoints, { params: { vm } });
   }
-  createCheckpoint(vm: string, body: CheckpointBody = {}): Promise<Checkpoint> {
-    return this.job('POST', `/v1/vms/${enc(vm)}/checkpoints`, body);
+  createCheckpoint(vm: string, body: CheckpointBody = {}) {
+    return this.run(ROUTES.createCheckpoint, { params: { vm }, body });
   }
-  deleteCheckpoint(vm: string, cp: string, opts: { lease?: string } = {}): Promise<void> {
-    return this.job('DELETE', `/v1/vms/${enc(vm)}/checkpoints/${enc(cp)}${leaseQuery(opts.lease, '?')}`);
+  deleteCheckpoint(vm: string, cp: string, opts: { lease?: string } = {}) {
+    return this.run(ROUTES.deleteCheckpoint, { params: { vm, cp }, query: { lease: opts.lease } });
   }
-  applyCheckpoint(vm: string, cp: string, opts: { lease?: string } = {}): Promise<void> {
-    return this.job('POST', `/v1/vms/${enc(vm)}/checkpoints/${enc(cp)}/apply${leaseQuery(opts.lease, '?')}`);
+  applyCheckpoint(vm: string, cp: string, opts: { lease?: string } = {}) {
+    return this.run(ROUTES.applyCheckpoint, { params: { vm, cp }, query: { lease: opts.lease } });
   }
-  convertToReferencePoint(vm: string, cp: string, body: ConvertBody = {}): Promise<ReferencePoint> {
-    return this.job('POST', `/v1/vms/${enc(vm)}/checkpoints/${enc(cp)}/convert`, body);
+  convertToReferencePoint(vm: string, cp: string, body: ConvertBody = {}) {
+    return this.run(ROUTES.convertToReferencePoint, { params: { vm, cp }, body });
   }
-  listReferencePoints(vm: string): Promise<ReferencePoint[]> {
-    return this.call('GET', `/v1/vms/${enc(vm)}/refpoints`);
+  listReferencePoints(vm: string) {
+    return this.call(ROUTES.listReferencePoints, { params: { vm } });
   }
-  createReferencePoint(vm: string, body: CreateRefpointBody = {}): Promise<ReferencePoint> {
-    return this.job('POST', `/v1/vms/${enc(vm)}/refpoints`, body);
+  createReferencePoint(vm: string, body: CreateRefpointBody = {}) {
+    return this.run(ROUTES.createReferencePoint, { params: { vm }, body });
   }
-  destroyReferencePoint(vm: string, id: string): Promise<unknown> {
-    return this.call('DELETE', `/v1/vms/${enc(vm)}/refpoints/${enc(id)}`);
+  destroyReferencePoint(vm: string, id: string) {
+    return this.call(ROUTES.destroyReferencePoint, { params: { vm, id } });
   }
 
   // ---------------------------------------------------------------- image management
 
   /** One page of GetVirtualDiskChanges. */
-  changes(body: ChangesBody): Promise<ChangesResult & { virtualDiskId: string }> {
-    return this.call('POST', '/v1/changes', body);
+  changes(body: ChangesBody) {
+    return this.call(ROUTES.changes, { body });
   }
 
   /** Every changed range of a window, paging until the processed length covers it. */
@@ -193,85 +193,126 @@ export class HostClient {
     return { ranges, virtualDiskId };
   }
 
-  diskInfo(p: string): Promise<unknown> {
-    return this.call('GET', `/v1/disks/info?path=${enc(p)}`);
+  diskInfo(p: string) {
+    return this.call(ROUTES.diskInfo, { query: { path: p } });
   }
-  createDisk(p: string, size: number | string, blockSize?: number): Promise<{ path: string }> {
-    return this.call('POST', '/v1/disks', { path: p, size, blockSize });
+  createDisk(p: string, size: number | string, blockSize?: number) {
+    return this.call(ROUTES.createDisk, { body: { path: p, size, blockSize } });
   }
-  mergeDisk(p: string): Promise<{ parentPath: string; bytesCopied: number }> {
-    return this.job('POST', '/v1/disks/merge', { path: p });
+  mergeDisk(p: string) {
+    return this.run(ROUTES.mergeDisk, { body: { path: p } });
   }
 
   // ---------------------------------------------------------------- storage snapshots
 
-  createSnapshotSet(body: SnapshotBody): Promise<SnapshotSetInfo> {
-    return this.job('POST', '/v1/snapshot-sets', body);
+  createSnapshotSet(body: SnapshotBody) {
+    return this.run(ROUTES.createSnapshotSet, { body });
   }
-  listSnapshotSets(): Promise<SnapshotSetInfo[]> {
-    return this.call('GET', '/v1/snapshot-sets');
+  listSnapshotSets() {
+    return this.call(ROUTES.listSnapshotSets);
   }
   /** `lease`: one of the leases of the run that made the set (needed while that run lives). */
-  releaseSnapshotSet(id: string, succeeded = true, lease?: string): Promise<unknown> {
-    const q = `${succeeded ? '' : '?succeeded=false'}`;
-    return this.call('DELETE', `/v1/snapshot-sets/${enc(id)}${q}${leaseQuery(lease, q ? '&' : '?')}`);
+  releaseSnapshotSet(id: string, succeeded = true, lease?: string) {
+    return this.call(ROUTES.releaseSnapshotSet, {
+      params: { id },
+      query: { succeeded: succeeded ? undefined : 'false', lease },
+    });
   }
-  hostInfo(): Promise<{
-    store: string;
-    nbd: { socket?: string; host?: string; port?: number };
-    snapshotsTaken: number;
-    allowedDiskDirs: string[];
-    configVersions: { supported: string[]; default: string };
-  }> {
-    return this.call('GET', '/v1/host');
+  hostInfo() {
+    return this.call(ROUTES.hostInfo);
   }
 
-  // ---------------------------------------------------------------- jobs
+  // ---------------------------------------------------------------- jobs, the document
 
-  jobInfo(id: string): Promise<JobInfo> {
-    return this.call('GET', `/v1/jobs/${enc(id)}`);
+  jobInfo(id: string) {
+    return this.call(ROUTES.jobInfo, { params: { id } });
   }
-  listJobs(): Promise<JobInfo[]> {
-    return this.call('GET', '/v1/jobs');
+  listJobs() {
+    return this.call(ROUTES.listJobs);
+  }
+  openApi() {
+    return this.call(ROUTES.openApi);
   }
 
   /** Waits for a job and returns its result, or throws its error (with the job's code). */
-  async waitJob<T>(id: string): Promise<T> {
+  async waitJob(id: string): Promise<unknown> {
     for (;;) {
-      const info = await this.call<JobInfo>('GET', `/v1/jobs/${enc(id)}/wait?timeoutMs=60000`);
-      if (info.state === 'Completed') return info.result as T;
+      const info = await this.call(ROUTES.waitJob, { params: { id }, query: { timeoutMs: '60000' } });
+      if (info.state === 'Completed') return info.result;
       if (info.state === 'Failed') {
-        throw new TidemarkError((info.error?.code ?? 'IO_ERROR') as ErrorCode, info.error?.message ?? 'job failed', {
-          job: id,
-        });
+        throw new TidemarkError(info.error?.code ?? 'INTERNAL', info.error?.message ?? 'job failed', { job: id });
       }
     }
   }
 
-  /** Starts a job and waits for it. */
-  async job<T>(method: string, url: string, body?: unknown): Promise<T> {
-    const info = await this.call<JobInfo>(method, url, body);
-    return this.waitJob<T>(info.id);
+  // ---------------------------------------------------------------- through the route table
+
+  /** Starts a job route, waits for the job, and checks its result against the route's answer. */
+  async run<R extends RouteDef & { job: true }>(route: R, ...input: Optional<CallInput<R>>): Promise<Answer<R>> {
+    const info = await this.call(route, ...input);
+    return checked(
+      route.answer as R['answer'],
+      await this.waitJob(info.id),
+      `the result of job ${info.id} (${describe(route)})`,
+    );
   }
 
-  openApi(): Promise<unknown> {
-    return this.call('GET', '/v1/openapi.json');
+  /** One request of a route: its answer (a job route: the job started), checked against the route's schema. */
+  async call<R extends RouteDef>(route: R, ...[input]: Optional<CallInput<R>>): Promise<Sent<R>> {
+    const { params, query, body } = (input ?? {}) as {
+      params?: Record<string, string>;
+      query?: Record<string, string | undefined>;
+      body?: unknown;
+    };
+    const search = new URLSearchParams();
+    for (const [k, v] of Object.entries(query ?? {})) if (v !== undefined) search.set(k, v);
+    const url = fillPath(route.path, params) + (search.size > 0 ? `?${search}` : '');
+    const { status, json } = await this.request(route.method, url, body);
+    if (status >= 400) {
+      const e = ErrorBody.safeParse(json);
+      if (!e.success)
+        throw new TidemarkError(
+          'PROTOCOL_ERROR',
+          `host answered ${status} to ${describe(route)} without an error body`,
+        );
+      throw new TidemarkError(e.data.error.code, e.data.error.message, e.data.error.details ?? {});
+    }
+    if (status !== answerStatus(route)) {
+      throw new TidemarkError(
+        'PROTOCOL_ERROR',
+        `host answered ${status} to ${describe(route)}, not ${answerStatus(route)}`,
+      );
+    }
+    return checked(route.job ? JobInfo : route.answer, json, `the answer to ${describe(route)}`) as Sent<R>;
   }
 
   // ---------------------------------------------------------------- transport
 
-  call<T>(method: string, url: string, body?: unknown, retried = false): Promise<T> {
+  private async request(method: string, url: string, body?: unknown): Promise<{ status: number; json: unknown }> {
+    try {
+      return await this.once(method, url, body);
+    } catch (err) {
+      // A kept-alive connection the host closed while this process was busy (a blocked event loop sees the
+      // close late): nothing reached the host, so the request is sent once more on a new connection.
+      if (err instanceof StaleConnection) return this.once(method, url, body);
+      throw err;
+    }
+  }
+
+  private once(method: string, url: string, body?: unknown): Promise<{ status: number; json: unknown }> {
     const ep = this.address.endpoint;
     const data = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
     const target = ep.startsWith('unix:') ? { socketPath: ep.slice(5), path: url } : { ...splitHttp(ep), path: url };
-    return new Promise<T>((resolve, reject) => {
+    return new Promise((resolve, reject) => {
       const req = http.request(
         {
           ...target,
           method,
           headers: {
             authorization: `Bearer ${this.address.token}`,
+            // No chunked encoding: the length is known, also when there is no body.
             ...(data ? { 'content-type': 'application/json', 'content-length': data.length } : {}),
+            ...(!data && method !== 'GET' ? { 'content-length': 0 } : {}),
           },
         },
         (res) => {
@@ -279,32 +320,18 @@ export class HostClient {
           res.on('data', (c: Buffer) => parts.push(c));
           res.on('error', reject);
           res.on('end', () => {
-            let json: unknown;
+            const status = res.statusCode ?? 500;
             try {
-              json = JSON.parse(Buffer.concat(parts).toString('utf8') || 'null');
+              resolve({ status, json: JSON.parse(Buffer.concat(parts).toString('utf8') || 'null') });
             } catch {
-              reject(
-                new TidemarkError('PROTOCOL_ERROR', `host answered ${res.statusCode} with a body that is not JSON`),
-              );
-              return;
+              reject(new TidemarkError('PROTOCOL_ERROR', `host answered ${status} with a body that is not JSON`));
             }
-            if ((res.statusCode ?? 500) >= 400) {
-              const e = (json as { error?: { code?: string; message?: string } })?.error;
-              reject(
-                new TidemarkError(
-                  (e?.code ?? 'IO_ERROR') as ErrorCode,
-                  e?.message ?? `host answered ${res.statusCode}`,
-                ),
-              );
-            } else resolve(json as T);
           });
         },
       );
       req.on('error', (err: NodeJS.ErrnoException) => {
-        // A kept-alive connection the host closed (idle) just as this request reused it: the host never read the
-        // request, so it goes once more on a new connection (as Node's documentation advises for reusedSocket).
-        if (!retried && req.reusedSocket && (err.code === 'ECONNRESET' || err.code === 'EPIPE')) {
-          this.call<T>(method, url, body, true).then(resolve, reject);
+        if (req.reusedSocket && (err.code === 'EPIPE' || err.code === 'ECONNRESET')) {
+          reject(new StaleConnection());
           return;
         }
         reject(
@@ -320,12 +347,27 @@ export class HostClient {
   }
 }
 
-function enc(s: string): string {
-  return encodeURIComponent(s);
+/** A request that failed on a reused keep-alive connection before the host answered anything. */
+class StaleConnection extends Error {}
+
+/** A job route's immediate answer is the job; any other route's, its answer. */
+type Sent<R extends RouteDef> = R extends { job: true } ? z.output<typeof JobInfo> : Answer<R>;
+
+/** The input may be left out when it has nothing required. */
+type Optional<I> = Record<never, never> extends I ? [input?: I] : [input: I];
+
+function describe(r: RouteDef): string {
+  return `${r.method} ${r.path}`;
 }
 
-function leaseQuery(lease: string | undefined, sep: '?' | '&'): string {
-  return lease === undefined ? '' : `${sep}lease=${enc(lease)}`;
+function checked<S extends z.ZodType>(schema: S, value: unknown, what: string): z.output<S> {
+  const parsed = schema.safeParse(value);
+  if (parsed.success) return parsed.data;
+  const issue = parsed.error.issues[0];
+  throw new TidemarkError(
+    'PROTOCOL_ERROR',
+    `${what} does not match the API at ${issue.path.map(String).join('.') || '(root)'}: ${issue.message}`,
+  );
 }
 
 function splitHttp(ep: string): { host: string; port: number } {

@@ -18,8 +18,7 @@
  */
 import { randomInt } from 'node:crypto';
 import type { HostClient } from '../api/client.js';
-import type { Checkpoint } from '../host/definition.js';
-import type { SnapshotSetInfo } from '../host/snapshot-sets.js';
+import type { Checkpoint, SnapshotSetInfo } from '../api/schemas.js';
 import { NbdClient } from '../nbd/client.js';
 import { CONTEXT_BASE_ALLOCATION } from '../nbd/protocol.js';
 import type { DiskEntry, PointManifest, Repository, VmEntry } from '../repository/index.js';

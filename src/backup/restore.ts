@@ -8,11 +8,10 @@ import { chmod, copyFile, lstat, mkdir, open, rename, rm, unlink, writeFile } fr
 import os from 'node:os';
 import path from 'node:path';
 import type { HostClient } from '../api/client.js';
+import type { ImportInfo, VmSummary } from '../api/schemas.js';
 import { TidemarkError, fromSystemError } from '../errors.js';
 import { createVhdx } from '../formats/vhdx/create.js';
 import { VhdxFile } from '../formats/vhdx/vhdx.js';
-import type { VmSummary } from '../host/host.js';
-import type { ImportInfo } from '../host/imports.js';
 import type { DiskEntry, PointManifest, Repository, RestoreSink, VmEntry } from '../repository/index.js';
 import { DIRECT_ALIGN, DIRECT_MIN_BYTES, DirectWriter, openDirect } from '../util/direct-io.js';
 import { writeFully } from '../util/file.js';

@@ -6,8 +6,8 @@
 import { randomUUID } from 'node:crypto';
 import os from 'node:os';
 import type { HostClient } from '../api/client.js';
+import type { LeaseInfo } from '../api/schemas.js';
 import { TidemarkError } from '../errors.js';
-import type { LeaseInfo } from '../host/leases.js';
 
 export interface RunLeaseOptions {
   /** What runs, for the holder's description (`tidemark backup web db`). */

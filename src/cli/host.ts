@@ -84,7 +84,7 @@ export function hostCommand(run: Run): Command {
           );
         }
         // Loaded here: the other commands of this module are API clients and need none of the host's stack.
-        const { startHost } = await import('../host/daemon.js');
+        const { startHost } = await import('../daemon/daemon.js');
         const running = await startHost({
           qemu: { accel: o.accel, binary: o.qemu, reconnectDelay },
           store: o.store,

@@ -49,6 +49,7 @@ const EXIT_BY_CODE: Record<ErrorCode, number> = {
   REPOSITORY_CORRUPT: EXIT.CORRUPT,
   QMP_ERROR: EXIT.FAILED,
   QEMU_FAILED: EXIT.FAILED,
+  INTERNAL: EXIT.INTERNAL,
 };
 
 export function exitCodeFor(err: unknown): number {

@@ -19,7 +19,7 @@ import { HostClient } from '../api/client.js';
 import { runBackupSet } from '../backup/backup-set.js';
 import { restorePoint } from '../backup/restore.js';
 import { TidemarkError } from '../errors.js';
-import { startHost } from '../host/daemon.js';
+import { startHost } from '../daemon/daemon.js';
 import { HostLog } from '../host/log.js';
 import { NbdClient } from '../nbd/client.js';
 import { Repository } from '../repository/index.js';

@@ -4,7 +4,7 @@
  * the error's code and message otherwise.
  */
 import { randomUUID } from 'node:crypto';
-import { TidemarkError } from '../errors.js';
+import { TidemarkError, type ErrorCode } from '../errors.js';
 
 export type JobState = 'New' | 'Running' | 'Completed' | 'Failed';
 
@@ -19,7 +19,7 @@ export interface JobInfo {
   endedAt: string | null;
   progress: number | null;
   result: unknown;
-  error: { code: string; message: string } | null;
+  error: { code: ErrorCode; message: string } | null;
 }
 
 interface Job extends JobInfo {

@@ -26,7 +26,7 @@ import { DEFAULT_AUDIT, auditSample, diskSeed, sampleSize } from '../../src/back
 import { runBackupSet, type BackupSetOptions, type BackupSetSummary } from '../../src/backup/backup-set.js';
 import { chunksTouched } from '../../src/backup/disk-reader.js';
 import { restorePoint } from '../../src/backup/restore.js';
-import { startHost, type RunningHost } from '../../src/host/daemon.js';
+import { startHost, type RunningHost } from '../../src/daemon/daemon.js';
 import { HostLog } from '../../src/host/log.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { MIN_SCRYPT_LOG_N, Repository } from '../../src/repository/index.js';

@@ -21,7 +21,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { HostClient } from '../../src/api/client.js';
 import { runBackupSet, type BackupSetSummary } from '../../src/backup/backup-set.js';
 import { restorePoint } from '../../src/backup/restore.js';
-import { startHost, type RunningHost } from '../../src/host/daemon.js';
+import { startHost, type RunningHost } from '../../src/daemon/daemon.js';
 import { HostLog } from '../../src/host/log.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { Repository } from '../../src/repository/index.js';

@@ -13,7 +13,7 @@ import http from 'node:http';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { HostClient } from '../../src/api/client.js';
-import { startHost, type RunningHost } from '../../src/host/daemon.js';
+import { startHost, type RunningHost } from '../../src/daemon/daemon.js';
 import { HostLog } from '../../src/host/log.js';
 import { VhdxFile } from '../../src/formats/vhdx/vhdx.js';
 import { NbdClient } from '../../src/nbd/client.js';

@@ -11,7 +11,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { HostClient } from '../../src/api/client.js';
 import { TidemarkError } from '../../src/errors.js';
-import { startHost, type RunningHost } from '../../src/host/daemon.js';
+import { startHost, type RunningHost } from '../../src/daemon/daemon.js';
 import { HostLog } from '../../src/host/log.js';
 import { REPO_ROOT } from '../helpers/fixtures.js';
 import { requirePeers, run, sha256File, tempDir } from '../helpers/peers.js';

@@ -12,7 +12,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { HostClient } from '../../src/api/client.js';
 import type { TidemarkError } from '../../src/errors.js';
-import { startHost, type RunningHost } from '../../src/host/daemon.js';
+import { startHost, type RunningHost } from '../../src/daemon/daemon.js';
 import { HostLog } from '../../src/host/log.js';
 import { tempDir } from '../helpers/peers.js';
 

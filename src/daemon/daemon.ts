@@ -1,21 +1,25 @@
 /**
- * `tidemark host`: the host plus its management API, with the address and token a client needs written to
- * `STORE/host.json` (mode 0600). One host per store: a second one is refused while the first lives.
+ * `tidemark host`, composed: the host (src/host) plus its management API (src/api) over it, with the address
+ * and token a client needs written to `STORE/host.json` (mode 0600). One host per store: a second one is
+ * refused while the first lives. This is the composition root: it sits above both host and api (DESIGN.md's
+ * layering), so the host never imports the API and the API's wire types never need the host.
  */
 import { randomBytes } from 'node:crypto';
 import { unlink } from 'node:fs/promises';
 import path from 'node:path';
-import { ApiServer, hostRoutes, type RouteProvider } from '../api/server.js';
+import { hostHandlers } from '../api/handlers.js';
+import { ApiServer, type ApiLimits } from '../api/server.js';
 import { TidemarkError } from '../errors.js';
+import { Host, type HostOptions } from '../host/host.js';
 import { writeFileAtomic } from '../util/atomic.js';
 import { readSmallFile } from '../util/safe-open.js';
-import { Host, type HostOptions } from './host.js';
 
 export interface DaemonOptions extends HostOptions {
   /** Serve the API on loopback TCP instead of `STORE/api.sock`. */
   apiPort?: number;
   apiHost?: string;
-  routes?: RouteProvider[];
+  /** The API's connection cap, timeouts and body limit (defaults: DEFAULT_API_LIMITS). */
+  apiLimits?: Partial<ApiLimits>;
 }
 
 export interface RunningHost {
@@ -31,11 +35,12 @@ export async function startHost(opts: DaemonOptions): Promise<RunningHost> {
   await refuseSecondHost(store);
   const host = await Host.open({ ...opts, store });
   const token = randomBytes(24).toString('base64url');
-  const api = new ApiServer(hostRoutes(host, opts.routes ?? []), {
+  const api = new ApiServer(hostHandlers(host), {
     token,
     socket: opts.apiPort === undefined ? path.join(store, 'api.sock') : undefined,
     port: opts.apiPort,
     host: opts.apiHost,
+    limits: opts.apiLimits,
   });
   let endpoint: string;
   try {
