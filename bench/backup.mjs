@@ -18,6 +18,8 @@
 //                     the median incremental with the audit (and the same on the runs' own durationMs, without
 //                     the process start). The audit runs alongside the reading of the changed chunks, so its own
 //                     time (the summary's audit.timeMs, printed beside) mostly overlaps it.
+// Every Tidemark figure is a whole command as a user runs it (`tidemark backup bench`, `tidemark restore ...`:
+// a process of its own, the host running), as restic and borg are timed.
 // Ratios are ours/peer (lower is better). Each peer uses its default compression; restic and borg
 // repositories are unencrypted-equivalent where possible (restic always encrypts; borg -e none).
 // Tidemark's incrementals are short, so each is timed BENCH_REPS times (a new rewrite before each) and the median
@@ -37,8 +39,6 @@ const imp = (p) => import(path.join(ROOT, 'dist', p));
 const { HostClient } = await imp('api/client.js');
 const { NbdClient } = await imp('nbd/client.js');
 const { Repository } = await imp('repository/index.js');
-const { runBackupSet } = await imp('backup/backup-set.js');
-const { restorePoint } = await imp('backup/restore.js');
 const { createVhdx } = await imp('formats/vhdx/create.js');
 const { VhdxFile } = await imp('formats/vhdx/vhdx.js');
 
@@ -57,6 +57,16 @@ const env = {
   BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK: 'yes',
 };
 const sh = (cmd, args) => execFileSync(cmd, args, { env, stdio: ['ignore', 'ignore', 'inherit'] });
+/** `tidemark ARGS --json` as its own process; its parsed output. */
+const tidemark = (args) =>
+  JSON.parse(
+    execFileSync(process.execPath, [path.join(ROOT, 'bin/tidemark.js'), ...args, '--json'], {
+      env,
+      encoding: 'utf8',
+      stdio: ['ignore', 'pipe', 'inherit'],
+      maxBuffer: 64 * MiB,
+    }),
+  );
 const time = async (fn) => {
   execFileSync('sync');
   const t = performance.now();
@@ -122,13 +132,16 @@ try {
   await api.createVm({ name: 'bench', disks: [{ slot: 'scsi0-0', path: disk4 }] });
   const vm = await api.startVm('bench');
   const repoPath = path.join(work, 'tidemark-repo');
-  const repo = await Repository.init(repoPath, {});
+  await (await Repository.init(repoPath, {})).close();
+  /** `tidemark backup VM` as a user runs it: a process of its own against the running host. */
+  const backup = (name, audit) =>
+    tidemark(['backup', name, '--store', store, '--repo', repoPath, ...(audit ? ['--audit', audit] : [])]);
   sh('restic', ['init', '--repo', path.join(work, 'restic'), '-q']);
   sh('borg', ['init', '-e', 'none', path.join(work, 'borg')]);
 
   const results = {};
   let summary;
-  results.fullOurs = await time(async () => (summary = await runBackupSet({ host: api, repo, vms: ['bench'] })));
+  results.fullOurs = await time(async () => (summary = backup('bench')));
   if (!summary.ok) throw new Error(summary.errors.join('; '));
   results.fullRestic = await time(() => sh('restic', ['backup', '-q', '--repo', path.join(work, 'restic'), disk4]));
   results.fullBorg = await time(() => sh('borg', ['create', `${path.join(work, 'borg')}::full`, disk4]));
@@ -138,7 +151,7 @@ try {
     const nbd = await NbdClient.connect({ socket: path.join(work, 'nbd.sock'), exportName });
     await rewrite(nbd, size, seed);
     await nbd.close();
-    const t = await time(async () => (summary = await runBackupSet({ host: api, repo, vms: [name] })));
+    const t = await time(async () => (summary = backup(name)));
     if (!summary.ok) throw new Error(summary.errors.join('; '));
     if (summary.vms[0].disks[0].read !== 'incremental') throw new Error('incremental was not incremental');
     return t;
@@ -147,8 +160,17 @@ try {
   results.incRestic = await time(() => sh('restic', ['backup', '-q', '--repo', path.join(work, 'restic'), disk4]));
   results.incBorg = await time(() => sh('borg', ['create', `${path.join(work, 'borg')}::inc`, disk4]));
 
-  results.restoreOurs = await time(() =>
-    restorePoint(repo, summary.pointId, { to: path.join(work, 'restore-ours'), format: 'raw' }),
+  results.restoreOurs = await time(async () =>
+    tidemark([
+      'restore',
+      summary.pointId,
+      '--repo',
+      repoPath,
+      '--to',
+      path.join(work, 'restore-ours'),
+      '--format',
+      'raw',
+    ]),
   );
   results.restoreRestic = await time(() =>
     sh('restic', [
@@ -170,7 +192,7 @@ try {
   await makeDisk(disk64, BIG, SIZE / 2);
   await api.createVm({ name: 'big', disks: [{ slot: 'scsi0-0', path: disk64 }] });
   const big = await api.startVm('big');
-  if (!(await runBackupSet({ host: api, repo, vms: ['big'] })).ok) throw new Error('64 GiB full backup failed');
+  if (!backup('big').ok) throw new Error('64 GiB full backup failed');
   const inc64 = [];
   while (inc64.length < REPS) inc64.push(await incremental('big', big.disks[0].export, BIG, 9 + inc64.length));
   results.inc64Ours = median(inc64);
@@ -221,7 +243,6 @@ try {
   results.auditCostRun = median(pairs.map((p) => p['1%'].run - p.off.run)) / median(pairs.map((p) => p['1%'].run));
   results.auditMs = median(pairs.map((p) => p['1%'].audit.timeMs));
   const auditSample = pairs[0]['1%'].audit;
-  await repo.close();
   host.kill('SIGINT');
   await exited;
 
