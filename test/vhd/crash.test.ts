@@ -42,6 +42,7 @@ import { checkVhd } from '../../src/formats/vhd/check.js';
 import { createVhd } from '../../src/formats/vhd/create.js';
 import { mergeVhd } from '../../src/formats/vhd/merge.js';
 import { VhdFile } from '../../src/formats/vhd/vhd.js';
+import { copyEngine } from '../helpers/engine-copy.js';
 import { hasPeer, missingPeers, run } from '../helpers/peers.js';
 import { rng, seedFrom } from '../helpers/random.js';
 import { fillSector, planWrite, SECTOR, sectorWriteIndex } from '../vhdx/crash-plan.mjs';
@@ -350,7 +351,7 @@ async function calibrate(): Promise<void> {
 function snapshotWorker(): string {
   for (let attempt = 1; ; attempt++) {
     const snap = `${dir}/snapshot-${attempt}`;
-    cpSync(DIST, `${snap}/dist`, { recursive: true, filter: (f) => !/\.(map|d\.ts)$/.test(f) });
+    copyEngine(DIST, snap);
     cpSync(path.join(here, 'crash-worker.mjs'), `${snap}/test/vhd/crash-worker.mjs`);
     cpSync(path.join(here, '../vhdx/crash-plan.mjs'), `${snap}/test/vhdx/crash-plan.mjs`);
     const worker = `${snap}/test/vhd/crash-worker.mjs`;

@@ -32,6 +32,7 @@ import { encodeBatEntry } from '../../src/formats/vhdx/bat.js';
 import { checkVhdx } from '../../src/formats/vhdx/check.js';
 import { createVhdx } from '../../src/formats/vhdx/create.js';
 import { VhdxFile } from '../../src/formats/vhdx/vhdx.js';
+import { copyEngine } from '../helpers/engine-copy.js';
 import { missingPeers, qemuImgCheck } from '../helpers/peers.js';
 import { rng, seedFrom } from '../helpers/random.js';
 
@@ -59,10 +60,7 @@ function scratchRoot(): string {
 beforeAll(async () => {
   dir = mkdtempSync(path.join(scratchRoot(), 'tidemark-repair-crash-'));
   // The worker runs from a copy of dist/, so a build elsewhere cannot hand it a half-written module.
-  cpSync(path.join(here, '../../dist'), path.join(dir, 'dist'), {
-    recursive: true,
-    filter: (f) => !/\.(map|d\.ts)$/.test(f),
-  });
+  copyEngine(path.join(here, '../../dist'), dir);
   for (const f of ['crash-worker.mjs', 'crash-plan.mjs']) cpSync(path.join(here, f), path.join(dir, 'test/vhdx', f));
   worker = path.join(dir, 'test/vhdx/crash-worker.mjs');
 
