@@ -21,6 +21,7 @@ export function hostHandlers(host: Host): Handlers {
     hostInfo: async () => ({
       store: host.store,
       nbd: host.nbd.address(),
+      nbdTls: host.nbd.tls !== undefined,
       version: '1',
       snapshotsTaken: host.snapshots.taken,
       allowedDiskDirs: host.diskPaths.allowedDirs,

@@ -252,6 +252,8 @@ export const NbdAddress = z.discriminatedUnion('type', [
 export const HostInfo = z.object({
   store: z.string(),
   nbd: NbdAddress.optional(),
+  /** The NBD server requires TLS with a client certificate (NBD_OPT_STARTTLS). */
+  nbdTls: z.boolean().optional(),
   version: z.literal('1'),
   snapshotsTaken: z.number().int(),
   allowedDiskDirs: z.array(z.string()),

@@ -19,7 +19,8 @@
 import { randomInt } from 'node:crypto';
 import type { HostClient } from '../api/client.js';
 import type { Checkpoint, SnapshotSetInfo } from '../api/schemas.js';
-import { NbdClient } from '../nbd/client.js';
+import { NbdClient, type NbdTarget } from '../nbd/client.js';
+import { loadClientTls } from '../nbd/tls.js';
 import { CONTEXT_BASE_ALLOCATION } from '../nbd/protocol.js';
 import type { DiskEntry, PointManifest, Repository, VmEntry } from '../repository/index.js';
 import { TidemarkError } from '../errors.js';
@@ -78,6 +79,8 @@ export interface BackupSetOptions {
   leaseTtlSeconds?: number;
   /** The holder's description in other runs' BUSY messages (default `tidemark backup VM...`). */
   command?: string;
+  /** Client credentials for a host whose NBD requires TLS (ca-cert.pem, client-cert.pem, client-key.pem). */
+  nbdTlsDir?: string;
 }
 
 export interface DiskRunSummary {
@@ -174,6 +177,8 @@ export async function runBackupSet(opts: BackupSetOptions): Promise<BackupSetSum
     log(`${s.name}: failed: ${msg}`);
   };
   const names = [...new Set(opts.vms)];
+  // Before anything changes: a host whose NBD needs TLS the run cannot speak is refused up front.
+  const nbdTarget = await nbdAddress(opts.host, opts.nbdTlsDir);
   const leases = await RunLeases.acquire(opts.host, names, {
     command: opts.command ?? `tidemark backup ${names.join(' ')}`,
     ttlSeconds: opts.leaseTtlSeconds,
@@ -181,7 +186,17 @@ export async function runBackupSet(opts: BackupSetOptions): Promise<BackupSetSum
     log,
   });
   try {
-    return await runLeased(opts, names, leases, { started, flow, log, errors, warnings, states, fail, data });
+    return await runLeased(opts, names, leases, {
+      started,
+      flow,
+      log,
+      errors,
+      warnings,
+      states,
+      fail,
+      data,
+      nbdTarget,
+    });
   } finally {
     await leases.release();
   }
@@ -189,6 +204,8 @@ export async function runBackupSet(opts: BackupSetOptions): Promise<BackupSetSum
 
 interface RunContext {
   started: number;
+  /** Where the snapshot's exports are read (with client TLS when the host requires it). */
+  nbdTarget: NbdDial;
   flow: Flow;
   log: (line: string) => void;
   errors: string[];
@@ -202,7 +219,7 @@ async function runLeased(
   opts: BackupSetOptions,
   names: string[],
   leases: RunLeases,
-  { started, flow, log, errors, warnings, states, fail, data }: RunContext,
+  { started, flow, log, errors, warnings, states, fail, data, nbdTarget }: RunContext,
 ): Promise<BackupSetSummary> {
   // Nothing could be leased: the whole run is BUSY (exit 6), naming the holders.
   if (names.length > 0 && names.every((n) => leases.refused.has(n))) {
@@ -315,7 +332,6 @@ async function runLeased(
         const owner = { kind: 'repository' as const, id: opts.repo.config.id };
         if (flow !== 'no-snapshot') await convertAll(opts.host, ready, owner, leases, fail, log);
         // 5. Data phase.
-        const nbdTarget = await nbdAddress(opts.host);
         for (const s of ready) {
           if (s.summary.status !== 'ok') continue;
           try {
@@ -447,11 +463,22 @@ async function convertAll(
   }
 }
 
-async function nbdAddress(host: HostClient): Promise<{ socket?: string; host?: string; port?: number }> {
+/** Where the snapshot's exports are served, with client TLS when the host requires it. */
+async function nbdAddress(host: HostClient, tlsDir: string | undefined): Promise<NbdDial> {
   const info = await host.hostInfo();
   const a = info.nbd as { type: 'unix'; path: string } | { type: 'tcp'; host: string; port: number };
-  return a.type === 'unix' ? { socket: a.path } : { host: a.host, port: a.port };
+  const dial: NbdDial = a.type === 'unix' ? { socket: a.path } : { host: a.host, port: a.port };
+  if (!info.nbdTls) return dial;
+  if (tlsDir === undefined) {
+    throw new TidemarkError(
+      'UNAUTHORIZED',
+      "the host's NBD requires TLS: give --nbd-tls-dir DIR (ca-cert.pem, client-cert.pem, client-key.pem) or TIDEMARK_NBD_TLS_DIR",
+    );
+  }
+  return { ...dial, tls: await loadClientTls(tlsDir) };
 }
+
+type NbdDial = Pick<NbdTarget, 'socket' | 'host' | 'port' | 'tls'>;
 
 /** Reads every disk of one VM into the session; returns its manifest entry. */
 async function backupVm(
@@ -459,7 +486,7 @@ async function backupVm(
   data: DataPhase,
   s: VmState,
   set: SnapshotSetInfo,
-  nbdTarget: { socket?: string; host?: string; port?: number },
+  nbdTarget: NbdDial,
   session: Awaited<ReturnType<Repository['startBackup']>>,
 ): Promise<VmEntry> {
   const disks: DiskEntry[] = [];

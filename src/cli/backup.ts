@@ -38,6 +38,10 @@ export function backupCommand(run: Run): Command {
       )
       .option('--audit-seed <n>', 'seed of the audit samples (default: random; a run logs and records its seed)')
       .option('--wait [seconds]', 'wait for VMs another run holds (BUSY at once without it; no value: until free)')
+      .option(
+        '--nbd-tls-dir <dir>',
+        'client credentials for a host whose NBD requires TLS: ca-cert.pem, client-cert.pem, client-key.pem (or TIDEMARK_NBD_TLS_DIR)',
+      )
       .option('--json', 'print the summary as JSON'),
   ).action((vms: string[], o: RepoOpts & Record<string, string | boolean | undefined>) =>
     run(async () => {
@@ -72,6 +76,7 @@ export function backupCommand(run: Run): Command {
             auditTimeMs,
             auditSeed,
             wait,
+            nbdTlsDir: (o.nbdTlsDir as string | undefined) ?? process.env.TIDEMARK_NBD_TLS_DIR,
             command: `tidemark backup ${vms.join(' ')}`,
             events: {
               log: (line) => (process.stderr.isTTY ? undefined : process.stderr.write(`${line}\n`)),

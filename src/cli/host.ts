@@ -53,7 +53,11 @@ export function hostCommand(run: Run): Command {
     .requiredOption('--store <dir>', 'the store directory (created if missing)')
     .option('--socket <path>', 'NBD unix socket, created mode 0600 (default STORE/nbd.sock)')
     .option('--nbd-port <n>', 'serve NBD on loopback TCP instead')
-    .option('--nbd-bind <addr>', 'address for --nbd-port (anything but loopback serves the disks without TLS: warned)')
+    .option('--nbd-bind <addr>', 'address for --nbd-port (anything but loopback without --nbd-tls-dir is warned)')
+    .option(
+      '--nbd-tls-dir <dir>',
+      "require TLS with client certificates on the host's NBD: ca-cert.pem, server-cert.pem, server-key.pem, and client-cert.pem, client-key.pem for the VMs' QEMU",
+    )
     .option('--api-port <n>', 'serve the API on loopback TCP instead of STORE/api.sock')
     .option(
       '--allow-disk-dir <dir>',
@@ -106,14 +110,16 @@ export function hostCommand(run: Run): Command {
 }
 
 /** The host's NBD listener from its options: a unix socket, or TCP on loopback unless --nbd-bind says otherwise. */
-function nbdListen(o: { socket?: string; nbdPort?: string; nbdBind?: string }): {
+function nbdListen(o: { socket?: string; nbdPort?: string; nbdBind?: string; nbdTlsDir?: string }): {
   socket?: string;
   port?: number;
   host?: string;
+  tlsDir?: string;
 } {
+  const tlsDir = o.nbdTlsDir !== undefined ? path.resolve(o.nbdTlsDir) : undefined;
   if (o.nbdPort === undefined) {
     if (o.nbdBind !== undefined) throw new TidemarkError('INVALID_ARGUMENT', '--nbd-bind needs --nbd-port');
-    return { socket: o.socket };
+    return { socket: o.socket, tlsDir };
   }
   if (o.socket !== undefined)
     throw new TidemarkError('INVALID_ARGUMENT', '--socket cannot be combined with --nbd-port');
@@ -122,12 +128,12 @@ function nbdListen(o: { socket?: string; nbdPort?: string; nbdBind?: string }): 
     throw new TidemarkError('INVALID_ARGUMENT', `--nbd-port ${o.nbdPort} is not a TCP port`);
   }
   const host = o.nbdBind ?? '127.0.0.1';
-  if (!isLoopback(host)) {
+  if (!isLoopback(host) && tlsDir === undefined) {
     process.stderr.write(
-      `tidemark: warning: serving NBD without TLS on ${host}: anyone who can reach it can read and write the VMs' disks (the host's NBD has no TLS: keep it on loopback or the unix socket)\n`,
+      `tidemark: warning: serving NBD without TLS on ${host}: anyone who can reach it can read and write the VMs' disks (give --nbd-tls-dir, or keep it on loopback or the unix socket)\n`,
     );
   }
-  return { port, host };
+  return { port, host, tlsDir };
 }
 
 export function vmCommand(run: Run): Command {

@@ -13,7 +13,7 @@ import { TidemarkError } from '../errors.js';
 import { createVhdx } from '../formats/vhdx/create.js';
 import { vhdxInfo, type VhdxInfo } from '../formats/vhdx/info.js';
 import { VhdxFile } from '../formats/vhdx/vhdx.js';
-import { NbdServer } from '../nbd/index.js';
+import { loadClientTls, NbdServer, TlsCredentials } from '../nbd/index.js';
 import { mergeWithTracking } from '../tracking/merge.js';
 import { ChangeTracker, trackingPaths, type ChangesResult, type TrackingFiles } from '../tracking/tracker.js';
 import { guidToString } from '../util/guid.js';
@@ -68,7 +68,17 @@ import { VmRuntime, type ExitInfo, type StopOptions, type StopOutcome, type VmSt
 export interface HostOptions {
   store: string;
   /** Where VMs' disks are served (default: a unix socket `nbd.sock` in the store). */
-  nbd?: { socket?: string; port?: number; host?: string };
+  nbd?: {
+    socket?: string;
+    port?: number;
+    host?: string;
+    /**
+     * Require TLS with client certificates on the host's NBD: a directory in QEMU's `tls-creds-x509` layout
+     * holding both sides (ca-cert.pem, server-cert.pem, server-key.pem for the server; client-cert.pem,
+     * client-key.pem for the QEMU processes of the host's VMs).
+     */
+    tlsDir?: string;
+  };
   /** Application consistency for production and recovery checkpoints (the guest integration plugs in here). */
   consistency?: ConsistencyProvider;
   log?: HostLog;
@@ -186,7 +196,7 @@ const CHILD_EXT = '.avhdx';
 
 export class Host {
   readonly jobs = new JobManager();
-  readonly nbd = new NbdServer();
+  readonly nbd: NbdServer;
   readonly log: HostLog;
   private vms = new Map<string, VmDefinition>();
   private running = new Map<string, Map<string, VirtualDisk>>();
@@ -209,7 +219,9 @@ export class Host {
     readonly leases: Leases,
     /** Where disks may be attached from. */
     readonly diskPaths: DiskPathPolicy,
+    nbdTls: TlsCredentials | undefined,
   ) {
+    this.nbd = new NbdServer({ tls: nbdTls });
     this.consistency = opts.consistency ?? guestConsistency();
     this.log = opts.log ?? new HostLog();
     this.snapshots = new SnapshotSets({
@@ -240,7 +252,8 @@ export class Host {
     if (tightened > 0) log.info(`made ${tightened} file(s) and folder(s) of the store private (0600/0700)`);
     const diskPaths = await DiskPathPolicy.create(store, opts.allowDiskDirs ?? []);
     const leases = await Leases.load(path.join(store, 'leases.json'), log);
-    const host = new Host(store, { ...opts, log }, leases, diskPaths);
+    const nbdTls = await loadHostNbdTls(opts.nbd?.tlsDir);
+    const host = new Host(store, { ...opts, log }, leases, diskPaths, nbdTls);
     // Diff areas of snapshots a killed host left behind: the live files were never touched; free the space.
     for (const provider of PROVIDER_NAMES) {
       const removed = await createProvider(provider).recover({ diffAreaRoot: path.join(store, 'snapshots') });
@@ -1162,7 +1175,9 @@ export class Host {
     if (this.qemuRunning(def.name)) return;
     const a = this.nbd.address();
     if (!a) throw new TidemarkError('CLOSED', 'the NBD server is not listening');
-    const nbd: QemuNbdAddress = a.type === 'unix' ? a : { type: 'inet', host: a.host, port: a.port };
+    const dial: QemuNbdAddress = a.type === 'unix' ? a : { type: 'inet', host: a.host, port: a.port };
+    const tlsDir = this.opts.nbd?.tlsDir;
+    const nbd: QemuNbdAddress = tlsDir !== undefined ? { ...dial, tlsDir: path.resolve(tlsDir) } : dial;
     try {
       await rt.start({
         generation: def.generation,
@@ -1618,4 +1633,15 @@ async function exists(p: string): Promise<boolean> {
 
 function fmtMs(ms: number | null): string {
   return ms === null ? 'n/a' : `${ms.toFixed(1)} ms`;
+}
+
+/**
+ * The host NBD's TLS credentials, both sides checked at start: the server's, and the client's its VMs'
+ * QEMU processes present (so a VM does not fail at its first start with a missing file).
+ */
+async function loadHostNbdTls(dir: string | undefined): Promise<TlsCredentials | undefined> {
+  if (dir === undefined) return undefined;
+  const server = await TlsCredentials.load(dir);
+  await loadClientTls(dir);
+  return server;
 }

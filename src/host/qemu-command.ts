@@ -27,7 +27,13 @@ export interface FirmwareBoot {
 
 export type BootSource = KernelBoot | FirmwareBoot;
 
-export type NbdAddress = { type: 'unix'; path: string } | { type: 'inet'; host: string; port: number };
+/** The host's NBD server as QEMU dials it; `tlsDir`: start TLS with QEMU's client credentials in that directory. */
+export type NbdAddress = ({ type: 'unix'; path: string } | { type: 'inet'; host: string; port: number }) & {
+  tlsDir?: string;
+};
+
+/** The id of the `tls-creds-x509` object the disks' `tls-creds` name. */
+const NBD_TLS_OBJECT = 'nbd-tls';
 
 export interface LaunchSpec {
   name: string;
@@ -84,7 +90,8 @@ export function blockdevArg(slot: string, exportName: string, nbd: NbdAddress, r
     nbd.type === 'unix'
       ? `server.type=unix,server.path=${escapeOpt(nbd.path)}`
       : `server.type=inet,server.host=${escapeOpt(nbd.host)},server.port=${nbd.port}`;
-  return `driver=nbd,node-name=${nodeName(slot)},${server},export=${escapeOpt(exportName)},reconnect-delay=${reconnectDelay}`;
+  const tlsCreds = nbd.tlsDir !== undefined ? `,tls-creds=${NBD_TLS_OBJECT}` : '';
+  return `driver=nbd,node-name=${nodeName(slot)},${server},export=${escapeOpt(exportName)}${tlsCreds},reconnect-delay=${reconnectDelay}`;
 }
 
 /** The same disk as a QMP `blockdev-add` argument. */
@@ -100,6 +107,7 @@ export function nbdBlockdev(
     server:
       nbd.type === 'unix' ? { type: 'unix', path: nbd.path } : { type: 'inet', host: nbd.host, port: String(nbd.port) },
     export: exportName,
+    ...(nbd.tlsDir !== undefined ? { 'tls-creds': NBD_TLS_OBJECT } : {}),
     'reconnect-delay': reconnectDelay,
   };
 }
@@ -220,6 +228,9 @@ export function qemuArgs(spec: LaunchSpec): string[] {
       '-device',
       'virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0',
     );
+  }
+  if (spec.nbd.tlsDir !== undefined) {
+    args.push('-object', `tls-creds-x509,id=${NBD_TLS_OBJECT},dir=${escapeOpt(spec.nbd.tlsDir)},endpoint=client`);
   }
   for (const d of spec.disks) {
     args.push('-blockdev', blockdevArg(d.slot, d.export, spec.nbd, spec.reconnectDelay));

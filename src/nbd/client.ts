@@ -6,6 +6,7 @@
  * (`base:allocation`, `qemu:dirty-bitmap:ID`), as pull-mode backup tools use them.
  */
 import net from 'node:net';
+import tls from 'node:tls';
 import { TidemarkError } from '../errors.js';
 import {
   CMD,
@@ -24,6 +25,7 @@ import {
   encodeRequest,
   FLAG_C_FIXED_NEWSTYLE,
   FLAG_C_NO_ZEROES,
+  FLAG_FIXED_NEWSTYLE,
   HANDSHAKE_LENGTH,
   INFO,
   isErrorReply,
@@ -38,6 +40,7 @@ import {
   STRUCTURED_REPLY_MAGIC,
   TF,
 } from './protocol.js';
+import type { ClientTls } from './tls.js';
 
 export interface NbdTarget {
   /** A unix socket path, or host+port. */
@@ -49,6 +52,8 @@ export interface NbdTarget {
   structured?: boolean;
   /** Meta contexts to select for blockStatus(), e.g. `base:allocation`; implies `structured`. */
   contexts?: string[];
+  /** Start TLS (NBD_OPT_STARTTLS) before anything else, with these credentials (see loadClientTls). */
+  tls?: ClientTls;
 }
 
 /** One extent of a block-status answer: its length and the context's flags (STATE_HOLE/ZERO, STATE_DIRTY). */
@@ -105,8 +110,38 @@ class SocketReader {
     },
   };
 
+  /**
+   * Feeds the reader from `socket`'s 'data' events instead of `onread` (a TLS socket has no onread; the
+   * chunks are its own, so they are queued without a copy). Returns a function that stops it.
+   */
+  feedFrom(socket: net.Socket): () => void {
+    const onData = (chunk: Buffer) => this.push(chunk);
+    socket.on('data', onData);
+    return () => socket.off('data', onData);
+  }
+
+  private push(chunk: Buffer): void {
+    const w = this.waiter;
+    let at = 0;
+    if (w?.dst && this.have === 0) {
+      at = Math.min(chunk.length, w.n - w.filled);
+      chunk.copy(w.dst, w.filled, 0, at);
+      w.filled += at;
+      this.settleInto(w);
+    }
+    if (at < chunk.length) {
+      this.chunks.push(chunk.subarray(at));
+      this.have += chunk.length - at;
+      this.pump();
+    }
+  }
+
   attach(socket: net.Socket): void {
-    const fail = (e: Error) => {
+    const fail = (cause: Error) => {
+      const e =
+        cause instanceof TidemarkError
+          ? cause
+          : new TidemarkError('IO_ERROR', `NBD connection failed: ${cause.message}`);
       this.error ??= e;
       if (this.waiter) {
         const w = this.waiter;
@@ -235,9 +270,13 @@ export class NbdClient {
 
   static async connect(target: NbdTarget): Promise<NbdClient> {
     const reader = new SocketReader();
-    const socket = target.socket
-      ? net.connect({ path: target.socket, onread: reader.onread })
-      : net.connect({ port: target.port ?? 10809, host: target.host ?? '127.0.0.1', onread: reader.onread });
+    // With TLS the reader takes 'data' events (the TLS socket has no onread), plain ones until STARTTLS.
+    const onread = target.tls ? undefined : reader.onread;
+    let socket: net.Socket = target.socket
+      ? net.connect({ path: target.socket, onread })
+      : net.connect({ port: target.port ?? 10809, host: target.host ?? '127.0.0.1', onread });
+    let unfeed = target.tls ? reader.feedFrom(socket) : undefined;
+    let tlsStarted = false;
     reader.attach(socket);
     socket.setNoDelay(true);
     await new Promise<void>((resolve, reject) => {
@@ -253,6 +292,8 @@ export class NbdClient {
         const body = h.length ? Buffer.from(await reader.read(h.length)) : Buffer.alloc(0);
         if (isErrorReply(h.type)) {
           const why = body.toString('utf8') || `error ${h.type >>> 0}`;
+          if (h.type === REP.ERR_TLS_REQD)
+            throw new TidemarkError('UNAUTHORIZED', `the NBD server requires TLS: give client credentials (${why})`);
           throw new TidemarkError(
             opt === OPT.GO ? 'NOT_FOUND' : 'NOT_SUPPORTED',
             opt === OPT.GO
@@ -265,8 +306,20 @@ export class NbdClient {
       }
     };
     try {
-      decodeHandshake(await reader.read(HANDSHAKE_LENGTH));
+      const greeting = decodeHandshake(await reader.read(HANDSHAKE_LENGTH));
       socket.write(encodeClientFlags(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES));
+      if (target.tls) {
+        if (!(greeting.flags & FLAG_FIXED_NEWSTYLE))
+          throw new TidemarkError('NOT_SUPPORTED', 'the NBD server does not speak fixed newstyle, which TLS needs');
+        await option(OPT.STARTTLS);
+        unfeed!();
+        // On TCP the server's certificate must name the host dialled (as libnbd and QEMU check it).
+        const hostname = target.tls.hostname ?? (target.socket ? undefined : (target.host ?? '127.0.0.1'));
+        socket = await startTls(socket, { ...target.tls, hostname });
+        tlsStarted = true;
+        unfeed = reader.feedFrom(socket);
+        reader.attach(socket);
+      }
       const contexts = target.contexts ?? [];
       const structured = target.structured === true || contexts.length > 0;
       const contextIds = new Map<string, number>();
@@ -299,6 +352,13 @@ export class NbdClient {
       return new NbdClient(socket, reader, size, flags, structured, contextIds);
     } catch (err) {
       socket.destroy();
+      // TLS 1.3 finishes the handshake before the server judges our certificate: its refusal is a reset.
+      if (tlsStarted && err instanceof TidemarkError && (err.code === 'CLOSED' || err.code === 'IO_ERROR')) {
+        throw new TidemarkError(
+          'UNAUTHORIZED',
+          `the NBD server ended the connection once TLS started: it refused this client's certificate (${err.message})`,
+        );
+      }
       throw err;
     }
   }
@@ -481,4 +541,39 @@ export class NbdClient {
       p.holeBytes += c.length;
     } else if (c.type !== REPLY_TYPE.NONE) throw bad(`unexpected chunk type ${c.type}`);
   }
+}
+
+/**
+ * The client side of STARTTLS on `plain` (nothing else may read it from now on): the server must present a
+ * certificate the CA signed (and, on TCP, for `hostname`), and gets ours.
+ */
+function startTls(plain: net.Socket, creds: ClientTls): Promise<tls.TLSSocket> {
+  return new Promise((resolve, reject) => {
+    let t: tls.TLSSocket;
+    try {
+      t = tls.connect({
+        socket: plain,
+        ca: creds.ca,
+        cert: creds.cert,
+        key: creds.key,
+        minVersion: 'TLSv1.2',
+        rejectUnauthorized: true,
+        ...(creds.hostname !== undefined
+          ? { servername: net.isIP(creds.hostname) ? undefined : creds.hostname, host: creds.hostname }
+          : { checkServerIdentity: () => undefined }),
+      });
+    } catch (err) {
+      // Credentials that do not parse (loadClientTls checks them; a hand-made ClientTls may not be).
+      return reject(
+        new TidemarkError('INVALID_ARGUMENT', `NBD TLS credentials cannot be used: ${(err as Error).message}`),
+      );
+    }
+    const fail = (e: Error) => reject(new TidemarkError('UNAUTHORIZED', `NBD TLS handshake failed: ${e.message}`));
+    t.once('error', fail);
+    t.once('secureConnect', () => {
+      t.off('error', fail);
+      t.setNoDelay(true);
+      resolve(t);
+    });
+  });
 }

@@ -13,7 +13,7 @@ export {
 export type { NbdEvent } from './connection.js';
 export { DEFAULT_LIMITS, type NbdLimits } from './limits.js';
 export { isLoopback } from './listen.js';
-export { TlsCredentials, TLS_FILES } from './tls.js';
+export { loadClientTls, TlsCredentials, TLS_CLIENT_FILES, TLS_FILES, type ClientTls } from './tls.js';
 export { NbdProtocolError, nbdErrorFor } from './errors.js';
 /** The wire format (constants and encode/decode pairs), for clients and tests. */
 export * as protocol from './protocol.js';

@@ -1,5 +1,6 @@
 /**
- * TLS for the NBD server (NBD_OPT_STARTTLS, X.509 with client certificates). The credentials come from
+ * TLS for NBD (NBD_OPT_STARTTLS, X.509 with client certificates), the server's side and the client's
+ * credentials (NbdClient runs the client side). The credentials come from
  * a directory laid out as QEMU's `tls-creds-x509` (endpoint=server) and nbdkit's `--tls-certificates`
  * expect: `ca-cert.pem` (the CA that signs the clients' certificates, and the server's), `server-cert.pem`,
  * `server-key.pem`, and optionally `ca-crl.pem` (revoked certificates). Every client must present a
@@ -17,6 +18,54 @@ import tls from 'node:tls';
 import { TidemarkError } from '../errors.js';
 
 export const TLS_FILES = { ca: 'ca-cert.pem', cert: 'server-cert.pem', key: 'server-key.pem', crl: 'ca-crl.pem' };
+/** A client's side of the same layout (QEMU's `tls-creds-x509,endpoint=client`, libnbd's `tls-certificates`). */
+export const TLS_CLIENT_FILES = { ca: 'ca-cert.pem', cert: 'client-cert.pem', key: 'client-key.pem' };
+
+/** What NbdClient needs to start TLS: trust (the CA), its own certificate, and the name to check, if any. */
+export interface ClientTls {
+  ca: Buffer;
+  cert: Buffer;
+  key: Buffer;
+  /** The server certificate's expected name; undefined on a unix socket (the CA alone vouches, as in QEMU). */
+  hostname?: string;
+}
+
+/** Loads and checks a client's credentials from `dir` (ca-cert.pem, client-cert.pem, client-key.pem). */
+export async function loadClientTls(dir: string): Promise<ClientTls> {
+  const abs = path.resolve(dir);
+  const need = `${TLS_CLIENT_FILES.ca}, ${TLS_CLIENT_FILES.cert} and ${TLS_CLIENT_FILES.key}`;
+  const ca = (await readCredential(abs, TLS_CLIENT_FILES.ca, need))!;
+  const cert = (await readCredential(abs, TLS_CLIENT_FILES.cert, need))!;
+  const key = (await readCredential(abs, TLS_CLIENT_FILES.key, need))!;
+  checkUsable(abs, { ca, cert, key });
+  return { ca, cert, key };
+}
+
+async function readCredential(dir: string, name: string, need: string, optional = false): Promise<Buffer | undefined> {
+  const file = path.join(dir, name);
+  try {
+    return await readFile(file);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (optional && code === 'ENOENT') return undefined;
+    throw new TidemarkError(
+      code === 'ENOENT' ? 'NOT_FOUND' : 'IO_ERROR',
+      `TLS credentials: cannot read ${file} (${code ?? (err as Error).message}); the directory needs ${need}`,
+      { path: file },
+    );
+  }
+}
+
+/** Fails here, once, on a bad PEM file or a key that does not match its certificate. */
+function checkUsable(dir: string, options: tls.SecureContextOptions): void {
+  try {
+    tls.createSecureContext(options);
+  } catch (err) {
+    throw new TidemarkError('INVALID_ARGUMENT', `TLS credentials in ${dir} cannot be used: ${(err as Error).message}`, {
+      path: dir,
+    });
+  }
+}
 
 export class TlsCredentials {
   private constructor(
@@ -27,37 +76,13 @@ export class TlsCredentials {
   /** Loads and checks the credentials of directory `dir` (QEMU's file names). */
   static async load(dir: string): Promise<TlsCredentials> {
     const abs = path.resolve(dir);
-    const read = async (name: string, optional = false): Promise<Buffer | undefined> => {
-      const file = path.join(abs, name);
-      try {
-        return await readFile(file);
-      } catch (err) {
-        const code = (err as NodeJS.ErrnoException).code;
-        if (optional && code === 'ENOENT') return undefined;
-        throw new TidemarkError(
-          code === 'ENOENT' ? 'NOT_FOUND' : 'IO_ERROR',
-          `TLS credentials: cannot read ${file} (${code ?? (err as Error).message}); the directory needs ${TLS_FILES.ca}, ${TLS_FILES.cert} and ${TLS_FILES.key}`,
-          { path: file },
-        );
-      }
-    };
-    const ca = await read(TLS_FILES.ca);
-    const cert = await read(TLS_FILES.cert);
-    const key = await read(TLS_FILES.key);
-    const crl = await read(TLS_FILES.crl, true);
+    const need = `${TLS_FILES.ca}, ${TLS_FILES.cert} and ${TLS_FILES.key}`;
+    const ca = (await readCredential(abs, TLS_FILES.ca, need))!;
+    const cert = (await readCredential(abs, TLS_FILES.cert, need))!;
+    const key = (await readCredential(abs, TLS_FILES.key, need))!;
+    const crl = await readCredential(abs, TLS_FILES.crl, need, true);
     const options: tls.TlsOptions = { ca, cert, key, minVersion: 'TLSv1.2', ...(crl ? { crl } : {}) };
-    try {
-      // Fails here, once, on a bad PEM file or a key that does not match the certificate.
-      tls.createSecureContext(options);
-    } catch (err) {
-      throw new TidemarkError(
-        'INVALID_ARGUMENT',
-        `TLS credentials in ${abs} cannot be used: ${(err as Error).message}`,
-        {
-          path: abs,
-        },
-      );
-    }
+    checkUsable(abs, options);
     return new TlsCredentials(abs, options);
   }
 
