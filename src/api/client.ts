@@ -93,8 +93,10 @@ export class HostClient {
   startVm(vm: string) {
     return this.run(ROUTES.startVm, { params: { vm } });
   }
-  stopVm(vm: string, turnOff = false) {
-    return this.run(ROUTES.stopVm, { params: { vm }, query: turnOff ? { turnOff: 'true' } : {} });
+  /** `force`: stop even while NBD clients other than the VM's QEMU have its disks open. */
+  stopVm(vm: string, turnOff = false, force = false) {
+    const query = { ...(turnOff ? { turnOff: 'true' as const } : {}), ...(force ? { force: 'true' as const } : {}) };
+    return this.run(ROUTES.stopVm, { params: { vm }, query });
   }
   saveVm(vm: string) {
     return this.run(ROUTES.saveVm, { params: { vm } });

@@ -39,7 +39,9 @@ export function hostHandlers(host: Host): Handlers {
     upgradeVm: async ({ params, body }) => job('upgrade', params.vm, () => host.upgradeVm(params.vm, body)),
     startVm: async ({ params }) => job('start', params.vm, () => host.startVm(params.vm)),
     stopVm: async ({ params, query }) =>
-      job('stop', params.vm, () => host.stopVm(params.vm, { turnOff: query.turnOff === 'true' })),
+      job('stop', params.vm, () =>
+        host.stopVm(params.vm, { turnOff: query.turnOff === 'true', force: query.force === 'true' }),
+      ),
     saveVm: async ({ params }) => job('save', params.vm, () => host.saveVm(params.vm)),
     pauseVm: ({ params }) => host.pauseVm(params.vm, true),
     resumeVm: ({ params }) => host.pauseVm(params.vm, false),

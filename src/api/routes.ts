@@ -83,7 +83,8 @@ export const ROUTES = {
   stopVm: route({
     method: 'POST',
     path: '/v1/vms/:vm/stop',
-    summary: 'Stop a VM: its guest shuts down (agent, ACPI, quit); ?turnOff=true pulls the plug',
+    summary:
+      'Stop a VM: its guest shuts down (agent, ACPI, quit); ?turnOff=true pulls the plug; ?force=true even with other NBD clients on its disks',
     params: S.VmParams,
     query: S.StopVmQuery,
     answer: S.VmSummary,

@@ -227,7 +227,7 @@ export const NameParams = z.object({ name: z.string().min(1) });
 
 const Flag = z.enum(['true', 'false']);
 export const DeleteVmQuery = z.object({ removeFiles: Flag.optional() }).strict();
-export const StopVmQuery = z.object({ turnOff: Flag.optional() }).strict();
+export const StopVmQuery = z.object({ turnOff: Flag.optional(), force: Flag.optional() }).strict();
 const Count = z.string().regex(/^\d{1,15}$/, 'a number of bytes');
 export const ConsoleQuery = z.object({ offset: Count.optional(), max: Count.optional() }).strict();
 export const LeaseQuery = z.object({ lease: LeaseId.optional() }).strict();

@@ -268,7 +268,10 @@ export function vmCommand(run: Run): Command {
   } as const;
   for (const verb of Object.keys(verbs) as (keyof typeof verbs)[]) {
     const cmd = vm.command(verb).description(verbs[verb]).argument('<name>');
-    if (verb === 'stop') cmd.option('--turn-off', 'pull the plug: QEMU quits at once, the guest does not shut down');
+    if (verb === 'stop') {
+      cmd.option('--turn-off', 'pull the plug: QEMU quits at once, the guest does not shut down');
+      cmd.option('--force', 'stop even while NBD clients other than the VM itself have its disks open');
+    }
     cmd
       .option(...storeOption)
       .option('--json', 'print JSON')
@@ -279,7 +282,7 @@ export function vmCommand(run: Run): Command {
             verb === 'start'
               ? await c.startVm(name)
               : verb === 'stop'
-                ? await c.stopVm(name, !!o.turnOff)
+                ? await c.stopVm(name, !!o.turnOff, !!o.force)
                 : verb === 'save'
                   ? await c.saveVm(name)
                   : verb === 'pause'

@@ -500,10 +500,11 @@ export class Host {
     });
   }
 
-  async stopVm(name: string, opts: { turnOff?: boolean } = {}): Promise<VmSummary> {
+  async stopVm(name: string, opts: { turnOff?: boolean; force?: boolean } = {}): Promise<VmSummary> {
     return this.locks.run(name, async () => {
       const def = this.mustGet(name);
       const rt = this.runtimes.get(name);
+      if (!opts.force) this.refuseForeignClients(def);
       if (rt?.state === 'Saved') await rt.dropSavedState(); // stopping a saved VM discards its saved state
       if (rt && rt.state !== 'Off' && rt.state !== 'Saved') {
         // vm-runtime: the guest shuts down (agent, ACPI, quit), or is turned off, before its disks close
@@ -519,6 +520,26 @@ export class Host {
       this.log.info(`stopped ${name}`);
       return this.summary(def);
     });
+  }
+
+  /**
+   * A VM run by QEMU has one NBD connection per disk, its own; any other client of its exports (a qemu-io, an
+   * nbdcopy, a mounted `qemu-nbd -c`...) would lose its disk under it, so stopping waits for `force`. A VM
+   * without QEMU has no "own" client: whoever is attached is its guest.
+   */
+  private refuseForeignClients(def: VmDefinition): void {
+    if (!this.qemuRunning(def.name)) return;
+    const exports = new Set(def.disks.map((d) => exportName(def.name, d.slot)));
+    const perExport = new Map<string, number>();
+    for (const c of this.nbd.connections()) {
+      if (c.export !== undefined && exports.has(c.export)) perExport.set(c.export, (perExport.get(c.export) ?? 0) + 1);
+    }
+    const foreign = [...perExport].filter(([, n]) => n > 1).map(([e, n]) => `${e}: ${n - 1}`);
+    if (foreign.length === 0) return;
+    throw new TidemarkError(
+      'CONFLICT',
+      `${def.name}: NBD clients besides its QEMU have its disks open (${foreign.join(', ')}): close them, or stop with --force`,
+    );
   }
 
   async deleteVm(name: string, opts: { removeFiles?: boolean } = {}): Promise<void> {

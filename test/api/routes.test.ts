@@ -12,6 +12,7 @@ import { ROUTES, type RouteDef, type RouteName } from '../../src/api/routes.js';
 import { startHost, type RunningHost } from '../../src/daemon/daemon.js';
 import { createVhdx } from '../../src/formats/vhdx/create.js';
 import { HostLog } from '../../src/host/log.js';
+import { NbdClient } from '../../src/nbd/client.js';
 import { missingPeers, tempDir } from '../helpers/peers.js';
 
 const MiB = 2 ** 20;
@@ -147,6 +148,14 @@ describe('the route table round trip', () => {
       expect(serial.offset).toBeLessThanOrEqual(serial.size);
       expect((await api.saveVm('bios')).state).toBe('Saved');
       expect((await api.startVm('bios')).state).toBe('Running');
+      // Another NBD client on its disk (besides QEMU's own connection): stop refuses without force.
+      const foreign = await NbdClient.connect({ socket: running.host.nbdSocket, exportName: 'bios/ide0-0' });
+      await expect(api.stopVm('bios', true)).rejects.toMatchObject({
+        code: 'CONFLICT',
+        message: expect.stringMatching(/NBD clients besides its QEMU have its disks open \(bios\/ide0-0: 1\)/),
+      });
+      expect((await api.showVm('bios')).state).toBe('Running');
+      await foreign.close();
       const off = await api.stopVm('bios', true);
       expect(off.state).toBe('Off');
       expect(off.lastExit?.reason).toBeDefined();
@@ -156,7 +165,9 @@ describe('the route table round trip', () => {
     // Jobs and the document.
     const jobs = await api.listJobs();
     expect(jobs.length).toBeGreaterThan(5);
-    expect(jobs.every((j) => j.state === 'Completed')).toBe(true);
+    // Every job completed but the stop refused for the foreign NBD client.
+    const failed = jobs.filter((j) => j.state !== 'Completed').map((j) => `${j.type} ${j.target} ${j.error?.code}`);
+    expect(failed).toEqual(noQemu ? [] : ['stop bios CONFLICT']);
     expect((await api.jobInfo(jobs[0].id)).id).toBe(jobs[0].id);
     expect((await api.openApi()).openapi).toBe('3.1.0');
 
