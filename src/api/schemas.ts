@@ -341,6 +341,8 @@ export const Checkpoint = z.object({
     z.object({ slot: z.string(), virtualDiskId: z.string(), file: z.string(), rctId: z.string().nullable() }),
   ),
   run: CheckpointRun.nullable(),
+  /** A standard checkpoint's memory and device state (applying it leaves the VM Saved with it), or null. */
+  memoryState: z.string().nullable(),
 });
 export type Checkpoint = z.infer<typeof Checkpoint>;
 

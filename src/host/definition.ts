@@ -63,6 +63,12 @@ export const Checkpoint = z.object({
   disks: z.array(CheckpointDisk),
   /** Made by a backup run holding the VM's lease (null: by a person, or by a host older than leases). */
   run: CheckpointRun.nullable().default(null),
+  /**
+   * A standard checkpoint of a VM QEMU ran: its memory and device state (QEMU's migration stream), the
+   * file beside the checkpoint's .avhdx files (relative to the VM's folder). Applying the checkpoint leaves
+   * the VM Saved with it, as Hyper-V does: the next start resumes the guest where it was.
+   */
+  memoryState: z.string().nullable().default(null),
 });
 export type Checkpoint = z.infer<typeof Checkpoint>;
 

@@ -193,6 +193,8 @@ export interface VmSummary {
 }
 
 const CHILD_EXT = '.avhdx';
+/** A standard checkpoint's memory and device state (Hyper-V's runtime-state file has this extension). */
+const MEMORY_EXT = '.vmrs';
 
 export class Host {
   readonly jobs = new JobManager();
@@ -696,7 +698,11 @@ export class Host {
       disk: d,
       child: path.join(this.vmDir(name), 'disks', `${d.slot}_${id.slice(0, 8)}${CHILD_EXT}`),
     }));
-    def.pending = { op: 'checkpoint', checkpointId: id, created: children.map((c) => this.rel(def, c.child)) };
+    // A standard checkpoint of a VM QEMU runs holds its memory too, as Hyper-V's do.
+    const rt = type === 'standard' && running && this.qemuRunning(name) ? this.runtimes.get(name) : undefined;
+    const memoryFile = rt ? path.join(this.vmDir(name), 'disks', `memory_${id.slice(0, 8)}${MEMORY_EXT}`) : null;
+    const created = [...children.map((c) => c.child), ...(memoryFile ? [memoryFile] : [])];
+    def.pending = { op: 'checkpoint', checkpointId: id, created: created.map((f) => this.rel(def, f)) };
     await this.save(def);
 
     const sealed = new Map<string, string | undefined>();
@@ -718,6 +724,7 @@ export class Host {
           rctId: sealed.get(c.disk.slot) ?? null,
         })),
         run: holder ? { lease: holder.id, runId: holder.owner.runId, command: holder.owner.command } : null,
+        memoryState: memoryFile ? this.rel(def, memoryFile) : null,
       };
       for (const c of children) c.disk.head = this.rel(def, c.child);
       def.checkpoints.push(cp);
@@ -773,6 +780,15 @@ export class Host {
       };
       if (!running) {
         outcome = { result: await cut(), consistency: 'application', freezeWindowMs: null, note: 'the VM is off' };
+      } else if (type === 'standard' && rt && memoryFile) {
+        // The guest pauses, its memory goes to the file, the disks are cut, and it continues.
+        const captured = await rt.captureState(memoryFile, cut);
+        outcome = {
+          result: captured.result,
+          consistency: 'crash',
+          freezeWindowMs: null,
+          note: `standard checkpoint with the guest's memory (${(captured.bytes / 2 ** 20).toFixed(1)} MiB saved in ${fmtMs(captured.ms)}; the guest was paused meanwhile)`,
+        };
       } else if (type === 'standard') {
         outcome = {
           result: await cut(),
@@ -815,7 +831,7 @@ export class Host {
       return structuredClone(cp);
     } catch (err) {
       if (def.pending?.op === 'checkpoint') {
-        for (const c of children) await unlink(c.child).catch(() => undefined);
+        for (const f of created) await unlink(f).catch(() => undefined);
         def.pending = null;
         await this.save(def);
       }
@@ -878,7 +894,14 @@ export class Host {
     for (const f of discard) await unlink(this.abs(def, f)).catch(() => undefined);
     def.pending = null;
     await this.save(def);
-    this.log.info(`applied checkpoint ${cp.name} to ${name}`);
+    if (def.boot) {
+      // The VM continues from the checkpoint: with its memory when it has some (Saved, as Hyper-V leaves it),
+      // and never with a saved state of the discarded present (that memory does not match these disks).
+      const rt = this.runtime(name);
+      if (cp.memoryState) await rt.installSavedState(this.abs(def, cp.memoryState), `checkpoint ${cp.name} applied`);
+      else if (rt.state === 'Saved') await rt.dropSavedState();
+    }
+    this.log.info(`applied checkpoint ${cp.name} to ${name}${cp.memoryState ? ' (Saved: start resumes it)' : ''}`);
   }
 
   // ---------------------------------------------------------------- reference points
@@ -1423,6 +1446,8 @@ export class Host {
         for (const d of cp.disks)
           if (!inUse.has(d.file) && d.file !== def.disks.find((a) => a.slot === d.slot)?.base) orphaned.push(d.file);
       }
+      // Its memory state belongs to it alone.
+      if (cp.memoryState) orphaned.push(cp.memoryState);
       def.checkpoints = def.checkpoints.filter((c) => c.id !== cpId);
     }
     if (then === 'refpoint' && rp && !def.referencePoints.some((r) => r.id === rp.id)) def.referencePoints.push(rp);
@@ -1469,11 +1494,12 @@ export class Host {
     const referenced = new Set([
       ...def.disks.map((d) => this.abs(def, d.head)),
       ...def.checkpoints.flatMap((c) => c.disks.map((d) => this.abs(def, d.file))),
+      ...def.checkpoints.flatMap((c) => (c.memoryState ? [this.abs(def, c.memoryState)] : [])),
     ]);
     const dir = path.join(this.vmDir(def.name), 'disks');
     for (const f of await readdir(dir).catch(() => [] as string[])) {
       const full = path.join(dir, f);
-      if (f.endsWith(CHILD_EXT) && !referenced.has(full)) {
+      if ((f.endsWith(CHILD_EXT) || f.endsWith(MEMORY_EXT)) && !referenced.has(full)) {
         this.log.warn(`${def.name}: removing stray ${f}`);
         await unlink(full).catch(() => undefined);
       }

@@ -18,7 +18,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { EventEmitter } from 'node:events';
-import { closeSync, openSync, readFileSync } from 'node:fs';
+import { closeSync, constants as fsConstants, openSync, readFileSync } from 'node:fs';
 import { chmod, copyFile, mkdir, open, readFile, rename, stat, unlink } from 'node:fs/promises';
 import path from 'node:path';
 import { TidemarkError } from '../errors.js';
@@ -339,31 +339,16 @@ export class VmRuntime extends EventEmitter {
         await qmp.execute('stop');
         this.setState('Paused', 'paused to save');
       }
-      const tmp = `${this.files.savedState}.tmp`;
-      await unlink(tmp).catch(() => undefined);
-      await qmp.execute('migrate', { uri: `exec:cat > ${shellQuote(tmp)}` });
-      const deadline = Date.now() + (opts.timeoutMs ?? 300_000);
-      for (;;) {
-        const m = await qmp.execute<{ status?: string; 'error-desc'?: string }>('query-migrate');
-        if (m.status === 'completed') break;
-        if (m.status === 'failed' || m.status === 'cancelled') {
-          await unlink(tmp).catch(() => undefined);
+      let bytes: number;
+      try {
+        bytes = await this.migrateToFile(this.files.savedState, opts.timeoutMs ?? 300_000);
+      } catch (err) {
+        if (err instanceof TidemarkError && err.code === 'QEMU_FAILED') {
           await qmp.execute('cont').catch(() => undefined);
           this.setState('Running', 'save failed; resumed');
-          throw new TidemarkError(
-            'QEMU_FAILED',
-            `${this.opts.name}: saving the state failed: ${m['error-desc'] ?? m.status}`,
-          );
         }
-        if (Date.now() > deadline) {
-          await qmp.execute('migrate_cancel').catch(() => undefined);
-          await unlink(tmp).catch(() => undefined);
-          throw new TidemarkError('TIMEOUT', `${this.opts.name}: saving the state did not finish in time`);
-        }
-        await sleep(100);
+        throw err;
       }
-      const bytes = (await stat(tmp)).size;
-      await rename(tmp, this.files.savedState);
       await writeFileAtomic(
         this.files.savedInfo,
         JSON.stringify({ savedAt: new Date().toISOString(), bytes, record: this.record }, null, 2) + '\n',
@@ -371,6 +356,98 @@ export class VmRuntime extends EventEmitter {
       );
       await this.quitNow('saved');
       return { bytes, ms: performance.now() - t0 };
+    });
+  }
+
+  /**
+   * QEMU's migration stream of the paused guest (memory and device state) into `file`, through a temporary
+   * file renamed when complete; its size. The guest stays paused (QEMU's postmigrate) for the caller.
+   */
+  private async migrateToFile(file: string, timeoutMs: number): Promise<number> {
+    const qmp = this.mustHaveQmp();
+    const tmp = `${file}.tmp`;
+    await unlink(tmp).catch(() => undefined);
+    await qmp.execute('migrate', { uri: `exec:cat > ${shellQuote(tmp)}` });
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const m = await qmp.execute<{ status?: string; 'error-desc'?: string }>('query-migrate');
+      if (m.status === 'completed') break;
+      if (m.status === 'failed' || m.status === 'cancelled') {
+        await unlink(tmp).catch(() => undefined);
+        throw new TidemarkError(
+          'QEMU_FAILED',
+          `${this.opts.name}: saving the state failed: ${m['error-desc'] ?? m.status}`,
+        );
+      }
+      if (Date.now() > deadline) {
+        await qmp.execute('migrate_cancel').catch(() => undefined);
+        await unlink(tmp).catch(() => undefined);
+        throw new TidemarkError('TIMEOUT', `${this.opts.name}: saving the state did not finish in time`);
+      }
+      await sleep(100);
+    }
+    const bytes = (await stat(tmp)).size;
+    await chmod(tmp, 0o600);
+    await rename(tmp, file);
+    return bytes;
+  }
+
+  /**
+   * A standard checkpoint's memory: pauses the guest, writes its memory and device state to `file`, runs
+   * `whilePaused` (the disks' cut) and continues the guest. Memory and disks are of one instant: the guest
+   * cannot run between the state and the cut.
+   */
+  async captureState<T>(
+    file: string,
+    whilePaused: () => Promise<T>,
+    opts: { timeoutMs?: number } = {},
+  ): Promise<{ result: T; bytes: number; ms: number }> {
+    return this.ops.run(async () => {
+      if (this._state !== 'Running' && this._state !== 'Paused') {
+        throw new TidemarkError('CONFLICT', `${this.opts.name} is ${this._state}: its memory cannot be captured`);
+      }
+      const t0 = performance.now();
+      const qmp = this.mustHaveQmp();
+      const wasRunning = this._state === 'Running';
+      if (wasRunning) {
+        await qmp.execute('stop');
+        this.setState('Paused', 'paused for a standard checkpoint');
+      }
+      try {
+        const bytes = await this.migrateToFile(file, opts.timeoutMs ?? 300_000);
+        const result = await whilePaused();
+        return { result, bytes, ms: performance.now() - t0 };
+      } finally {
+        if (wasRunning) {
+          await qmp.execute('cont');
+          this.setState('Running', 'continued after the standard checkpoint');
+        }
+      }
+    });
+  }
+
+  /**
+   * Makes `memoryFile` (a standard checkpoint's state) this VM's saved state: Off → Saved; the next start
+   * loads it and the guest resumes where the checkpoint caught it. The checkpoint keeps its own file.
+   */
+  async installSavedState(memoryFile: string, why: string): Promise<void> {
+    return this.ops.run(async () => {
+      if (this._state !== 'Off' && this._state !== 'Saved') {
+        throw new TidemarkError('CONFLICT', `${this.opts.name} is ${this._state}: a saved state needs it off`);
+      }
+      await mkdir(this.opts.dir, { recursive: true, mode: 0o700 });
+      const tmp = `${this.files.savedState}.tmp`;
+      // A reflink where the file system can (the state is as large as the guest's memory).
+      await copyFile(memoryFile, tmp, fsConstants.COPYFILE_FICLONE);
+      await chmod(tmp, 0o600);
+      await rename(tmp, this.files.savedState);
+      const bytes = (await stat(this.files.savedState)).size;
+      await writeFileAtomic(
+        this.files.savedInfo,
+        JSON.stringify({ savedAt: new Date().toISOString(), bytes, record: null, from: why }, null, 2) + '\n',
+        0o600,
+      );
+      this.setState('Saved', why);
     });
   }
 

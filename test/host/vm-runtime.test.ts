@@ -8,7 +8,7 @@
  * reported crash), a second boot that continues the counter, save and restore, and
  * a power-off from inside the guest that makes the VM Off. Timings are printed.
  */
-import { copyFileSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, rmSync, statSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -198,6 +198,47 @@ describe.skipIf(skip)('a real guest on Tidemark disks (TCG)', () => {
     const dmesg = await exec('/bin/dmesg');
     expect(dmesg).not.toMatch(/I\/O error|blk_update_request|Buffer I\/O|EXT4-fs error/i);
     expect(await consoleText()).not.toMatch(/insert failed/);
+  });
+
+  it("a standard checkpoint holds the guest's memory: applied, the VM is Saved and resumes where it was", async () => {
+    const before = (await last()).n;
+    let t = performance.now();
+    const cp = await host.createCheckpoint('g1', { type: 'standard', name: 'with memory' });
+    timings.standardCheckpointMs = Math.round(performance.now() - t);
+    const after = (await last()).n;
+    expect(cp.type).toBe('standard');
+    expect(cp.memoryState).toMatch(/^disks\/memory_[0-9a-f]{8}\.vmrs$/);
+    const memoryFile = path.join(store, 'vms', 'g1', cp.memoryState!);
+    expect(statSync(memoryFile).size).toBeGreaterThan(1 << 20);
+    expect(cp.consistencyNote).toMatch(/with the guest's memory/);
+    // The guest went on after the checkpoint; then it is turned off, losing that memory.
+    await waitFor('the counter to pass the checkpoint', 120_000, async () => (await last()).n >= after + 3);
+    expect((await host.stopVm('g1', { turnOff: true })).state).toBe('Off');
+    const offset = (await host.readConsole('g1', 0, 1)).size;
+
+    t = performance.now();
+    await host.applyCheckpoint('g1', cp.id);
+    timings.standardApplyMs = Math.round(performance.now() - t);
+    expect((await host.showVm('g1')).state).toBe('Saved');
+    t = performance.now();
+    expect((await host.startVm('g1')).state).toBe('Running');
+    timings.standardResumeMs = Math.round(performance.now() - t);
+    const resumed = await waitFor('the counter after the resume', 120_000, async () => {
+      const text = (await host.readConsole('g1', offset, 1 << 20)).data;
+      const m = [...text.matchAll(/tidemark-wl boot=(\d+) n=(\d+)/g)];
+      return m.length > 0 && { boot: Number(m[0][1]), n: Number(m[0][2]) };
+    });
+    // Boot 1 still (memory, not a reboot), and the counter back where the checkpoint caught it.
+    expect(resumed.boot).toBe(1);
+    expect(resumed.n).toBeGreaterThan(before);
+    expect(resumed.n).toBeLessThanOrEqual(after + 1);
+    const dmesg = await exec('/bin/dmesg');
+    expect(dmesg).not.toMatch(/I\/O error|EXT4-fs error/i);
+
+    // Deleting the checkpoint merges online and removes its memory state with it.
+    await host.deleteCheckpoint('g1', cp.id);
+    expect(existsSync(memoryFile)).toBe(false);
+    expect((await host.showVm('g1')).disks[0].head).toMatch(/\.vhdx$/);
   });
 
   it('stops cleanly through the guest agent; the data disk then passes e2fsck -fn', async () => {
