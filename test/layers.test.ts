@@ -65,6 +65,7 @@ describe('layers (DESIGN.md) as a checked rule', () => {
     const files: Record<string, string> = {
       'errors.ts': "import { u } from './util/u.js';\nexport const e = u;",
       'util/u.ts': 'export const u = 1;',
+      'util/lost.ts': "import { gone } from './gone.js';\nexport const lost = gone;",
       'util/up.ts': "import { f } from '../formats/f.js';\nexport const up = f;",
       // the probe the rule exists for: a format engine importing the command line
       'formats/__probe.ts': "import { main } from '../cli/main.js';\nexport const probe = main;",
@@ -105,6 +106,7 @@ describe('layers (DESIGN.md) as a checked rule', () => {
         'layer-unplaced: src/newfolder/z.ts → src/host/host.ts',
         'util-imports-nothing-above: src/util/up.ts → src/formats/f.ts',
         'errors-imports-nothing: src/errors.ts → src/util/u.ts',
+        'not-to-unresolvable: src/util/lost.ts → ./gone.js',
       ]),
     );
     // Every rule besides the rows of the layer table fires on the fixture: none is dead.
