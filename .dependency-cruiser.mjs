@@ -53,7 +53,7 @@ const layerRules = Object.entries(LAYERS).map(([layer, allowed]) => ({
   to: { path: '^src/', pathNot: [`^src/${oneOf([layer, ...allowed])}/`, ...SHARED] },
 }));
 
-/** The API's contract: what a client needs (schemas, routes, the client, the status map, the OpenAPI document). */
+/** The API's server side; the rest of api/ is its contract (schemas, routes, client, status map, OpenAPI document). */
 const API_SERVER_SIDE = '^src/api/(server|handlers|connection-gate)\\.ts$';
 
 export default {
