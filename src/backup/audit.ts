@@ -9,6 +9,7 @@ import { createHash } from 'node:crypto';
 import type { NbdClient } from '../nbd/client.js';
 import type { DiskAudit, DiskIndex } from '../repository/index.js';
 import { TidemarkError } from '../errors.js';
+import { forEachBounded } from '../util/bounded.js';
 import { isAllZero } from '../util/zero.js';
 import { CONTEXT_BASE_ALLOCATION, STATE_ZERO } from '../nbd/protocol.js';
 
@@ -279,24 +280,26 @@ export async function checkChunks(
         if (expected.idAt(slot) !== null) mismatch(slot);
       }
     }
-    let next = 0;
-    const worker = async (w: number) => {
-      const buf = (buffers[w] ??= Buffer.allocUnsafe(cs));
-      while (next < toRead.length && r.mismatches === 0) {
+    // Slots handed out one at a time, none once a mismatch is found or the time bound passes.
+    function* untilDone(): Generator<number> {
+      for (const slot of toRead) {
+        if (r.mismatches !== 0) return;
         if (late()) {
           r.stoppedEarly = true;
           return;
         }
-        const slot = toRead[next++];
-        const data = buf.subarray(0, expected.slotLength(slot));
-        const { holeBytes } = await nbd.readInto(data, slot * cs);
-        r.bytesRead += data.length;
-        r.checked++;
-        const actual = holeBytes === data.length || isAllZero(data) ? null : opts.hashId(data);
-        if (actual !== expected.idAt(slot)) mismatch(slot);
+        yield slot;
       }
-    };
-    await Promise.all(Array.from({ length: Math.min(parallel, toRead.length) }, (_, w) => worker(w)));
+    }
+    await forEachBounded(untilDone(), Math.min(parallel, toRead.length), async (slot, w) => {
+      const buf = (buffers[w] ??= Buffer.allocUnsafe(cs));
+      const data = buf.subarray(0, expected.slotLength(slot));
+      const { holeBytes } = await nbd.readInto(data, slot * cs);
+      r.bytesRead += data.length;
+      r.checked++;
+      const actual = holeBytes === data.length || isAllZero(data) ? null : opts.hashId(data);
+      if (actual !== expected.idAt(slot)) mismatch(slot);
+    });
   }
   // A mismatch ends the audit on purpose; only the time bound counts as stopping early.
   if (r.mismatches > 0) r.stoppedEarly = false;

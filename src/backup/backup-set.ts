@@ -24,6 +24,7 @@ import { loadClientTls } from '../nbd/tls.js';
 import { CONTEXT_BASE_ALLOCATION } from '../nbd/protocol.js';
 import type { DiskEntry, PointManifest, Repository, VmEntry } from '../repository/index.js';
 import { TidemarkError } from '../errors.js';
+import { forEachBounded } from '../util/bounded.js';
 import {
   AUDIT_TIME_FLOOR_MS,
   AUDIT_TIME_SHARE,
@@ -283,7 +284,7 @@ async function runLeased(
     if (live.length > 0) session = await opts.repo.startBackup({ operation: 'backup' });
     for (const batch of batches) {
       // 2. Checkpoint phase, concurrently within a bound.
-      await boundedAll(batch, opts.checkpointConcurrency ?? 4, async (s) => {
+      await forEachBounded(batch, opts.checkpointConcurrency ?? 4, async (s) => {
         try {
           const cp = await opts.host.createCheckpoint(s.name, {
             type: 'recovery',
@@ -655,15 +656,6 @@ async function backupVm(
     referencePointId: s.referencePointId,
     consistencyNote: s.checkpoint!.consistencyNote,
   } as VmEntry;
-}
-
-async function boundedAll<T>(items: T[], limit: number, fn: (t: T) => Promise<void>): Promise<void> {
-  let next = 0;
-  await Promise.all(
-    Array.from({ length: Math.min(Math.max(1, limit), items.length) }, async () => {
-      while (next < items.length) await fn(items[next++]);
-    }),
-  );
 }
 
 /** One line about a disk's audit, for the run's log. */

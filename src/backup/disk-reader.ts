@@ -5,7 +5,7 @@
  */
 import type { NbdClient } from '../nbd/client.js';
 import { CONTEXT_BASE_ALLOCATION, STATE_ZERO } from '../nbd/protocol.js';
-import { forEachBounded } from '../repository/bounded.js';
+import { forEachBounded } from '../util/bounded.js';
 import type { DiskWriter } from '../repository/index.js';
 
 export interface Range {
@@ -110,22 +110,18 @@ export async function copyChunks(
       opts.onProgress?.(length);
     } else toRead.push(c);
   }
-  let next = 0;
   let bytes = 0;
-  const worker = async () => {
-    const buf = Buffer.allocUnsafe(cs);
-    while (next < toRead.length) {
-      const c = toRead[next++];
-      const offset = c * cs;
-      const length = Math.min(cs, opts.size - offset);
-      const data = buf.subarray(0, length);
-      const { holeBytes } = await nbd.readInto(data, offset);
-      if (holeBytes === length) writer.zero(offset, length);
-      else await writer.put(offset, data);
-      bytes += length;
-      opts.onProgress?.(length);
-    }
-  };
-  await Promise.all(Array.from({ length: Math.min(parallel, toRead.length) }, worker));
+  const buffers: Buffer[] = []; // one read buffer per runner, reused for each of its chunks
+  await forEachBounded(toRead, Math.min(parallel, toRead.length), async (c, worker) => {
+    const buf = (buffers[worker] ??= Buffer.allocUnsafe(cs));
+    const offset = c * cs;
+    const length = Math.min(cs, opts.size - offset);
+    const data = buf.subarray(0, length);
+    const { holeBytes } = await nbd.readInto(data, offset);
+    if (holeBytes === length) writer.zero(offset, length);
+    else await writer.put(offset, data);
+    bytes += length;
+    opts.onProgress?.(length);
+  });
   return bytes;
 }

@@ -5,7 +5,7 @@ import path from 'node:path';
 import { Command, Option } from 'commander';
 import { InvalidArgumentError, fromSystemError } from '../errors.js';
 import { checkVhd } from '../formats/vhd/check.js';
-import { convertDisk } from '../formats/convert.js';
+import { convertDisk } from '../tracking/convert.js';
 import { createVhd } from '../formats/vhd/create.js';
 import { vhdInfo, type VhdInfo } from '../formats/vhd/info.js';
 import { mergeVhd } from '../formats/vhd/merge.js';

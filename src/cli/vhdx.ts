@@ -6,7 +6,7 @@ import { Command, Option } from 'commander';
 import { InvalidArgumentError, fromSystemError } from '../errors.js';
 import { NodeFile } from '../util/file.js';
 import { checkVhdx, type CheckReport } from '../formats/vhdx/check.js';
-import { convertDisk } from '../formats/convert.js';
+import { convertDisk } from '../tracking/convert.js';
 import { createVhdx } from '../formats/vhdx/create.js';
 import { vhdxInfo, type VhdxInfo } from '../formats/vhdx/info.js';
 import { VhdxFile, type OpenOptions } from '../formats/vhdx/vhdx.js';

@@ -7,7 +7,7 @@ import { TidemarkError } from '../errors.js';
 import { GuestAgentClient } from '../guest/client.js';
 import { freezeAround } from '../guest/freeze.js';
 import type { VmDefinition } from './definition.js';
-import type { ConsistencyProvider } from './host.js';
+import type { ConsistencyProvider } from './consistency.js';
 
 export interface GuestConsistencyOptions {
   /** Bound on connecting and on each check (default 3 s). */

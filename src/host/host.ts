@@ -53,6 +53,8 @@ import {
 } from './imports.js';
 import { JobManager } from './jobs.js';
 import { Leases, type LeaseInfo } from './leases.js';
+import type { ConsistencyProvider } from './consistency.js';
+export type { ConsistencyProvider } from './consistency.js';
 import { guestConsistency } from './guest-consistency.js';
 import { HostLog } from './log.js';
 import { SnapshotSets } from './snapshot-sets.js';
@@ -86,15 +88,6 @@ export interface HostOptions {
   allowDiskDirs?: string[];
   /** vm-runtime: how VMs with a boot source run (QEMU binary, accelerator, NBD reconnect delay, stop limits). */
   qemu?: { binary?: string; accel?: AccelRequest; reconnectDelay?: number; stop?: StopOptions };
-}
-
-/** Freezes a VM's guest around a checkpoint's instant, or says why it cannot. */
-export interface ConsistencyProvider {
-  around<T>(
-    vm: VmDefinition,
-    fn: () => Promise<T>,
-    opts: { fallback: 'crash' | 'fail' },
-  ): Promise<{ result: T; consistency: Consistency; freezeWindowMs: number | null; note: string }>;
 }
 
 export interface NewDisk {

@@ -5,14 +5,24 @@
 import { access, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { TidemarkError } from '../errors.js';
-import type { CreateVmRequest } from './host.js';
+import type { BootDefinition } from './definition.js';
+
+/** The fields of a VM request that say how it boots (host.ts's CreateVmRequest has them). */
+export interface BootRequest {
+  memoryMiB?: number;
+  cpus?: number;
+  scsiControllers?: number;
+  boot?: BootDefinition | null;
+  image?: string;
+  workload?: string;
+}
 
 /**
  * A VM made from a guest image boots its kernel and initrd with the image's command line (the
  * workload chosen); boot files must exist; memory, vCPUs and controllers are checked here, before anything is made.
  */
-export async function resolveBoot(req: CreateVmRequest): Promise<CreateVmRequest> {
-  const out = { ...req };
+export async function resolveBoot<R extends BootRequest>(req: R): Promise<R> {
+  const out: BootRequest = { ...req };
   if (
     out.memoryMiB !== undefined &&
     (!Number.isInteger(out.memoryMiB) || out.memoryMiB < 16 || out.memoryMiB > 1024 * 1024)
@@ -61,7 +71,7 @@ export async function resolveBoot(req: CreateVmRequest): Promise<CreateVmRequest
       if (!(await exists(f))) throw new TidemarkError('NOT_FOUND', `boot file ${f} does not exist`);
     }
   }
-  return out;
+  return { ...req, ...out }; // out already holds all of req: the spread only gives it back as the caller's type
 }
 
 async function exists(p: string): Promise<boolean> {

@@ -15,6 +15,7 @@ import { constants, type Dirent } from 'node:fs';
 import { lstat, mkdir, open, readdir, rename, stat, unlink } from 'node:fs/promises';
 import path from 'node:path';
 import { TidemarkError, fromSystemError } from '../errors.js';
+import { forEachBounded } from '../util/bounded.js';
 import { DirectWriter } from '../util/direct-io.js';
 import { FileTypeError, openChecked } from '../util/safe-open.js';
 import {
@@ -260,20 +261,15 @@ export class LocalBackend implements Backend {
       const ok = await new Promise<boolean>((resolve) => execFile('sync', ['-f', this.tmpDir], (err) => resolve(!err)));
       if (ok) return;
     }
-    let next = 0;
-    const worker = async () => {
-      while (next < files.length) {
-        const f = files[next++];
+    try {
+      await forEachBounded(files, 16, async (f) => {
         const fh = await open(f, 'r+');
         try {
           await fh.datasync();
         } finally {
           await fh.close();
         }
-      }
-    };
-    try {
-      await Promise.all(Array.from({ length: Math.min(16, files.length) }, worker));
+      });
     } catch (err) {
       throw fromSystemError(err, 'flush', this.tmpDir);
     }

@@ -15,7 +15,7 @@ import { readdir, stat } from 'node:fs/promises';
 import { TidemarkError, InvalidArgumentError } from '../errors.js';
 import { isAllZero, ZEROES } from '../util/zero.js';
 import type { Backend, ObjectInfo } from './backend.js';
-import { forEachBounded, MemoryBudget } from './bounded.js';
+import { forEachBounded, MemoryBudget } from '../util/bounded.js';
 import {
   checkChunkSize,
   checkConfigMac,

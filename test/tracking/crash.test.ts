@@ -26,6 +26,7 @@ import { TidemarkError } from '../../src/errors.js';
 import { createVhdx } from '../../src/formats/vhdx/create.js';
 import { VhdxFile } from '../../src/formats/vhdx/vhdx.js';
 import { ChangeTracker, DEFAULT_GRANULARITY, trackingPaths } from '../../src/tracking/tracker.js';
+import { forEachBounded } from '../../src/util/bounded.js';
 import { tempDir } from '../helpers/peers.js';
 import { opData, planOp, words, type PlannedOp } from './crash-plan.mjs';
 import { firstUncoveredDifference, firstUncoveredDifferenceFlat, PAGE, PagedImage, totalBytes } from './model.js';
@@ -333,20 +334,6 @@ async function runTrial(trial: number): Promise<Outcome> {
   }
 }
 
-async function pool<T>(items: number[], width: number, fn: (item: number) => Promise<T>): Promise<T[]> {
-  const results: T[] = [];
-  let next = 0;
-  await Promise.all(
-    Array.from({ length: width }, async () => {
-      while (next < items.length) {
-        const i = next++;
-        results[i] = await fn(items[i]);
-      }
-    }),
-  );
-  return results;
-}
-
 beforeAll(async () => {
   if (!existsSync(path.resolve(here, '../../dist/tracking/tracker.js')))
     throw new Error('dist/ is missing: run `npm run build` (npm test does)');
@@ -404,7 +391,10 @@ describe('change tracking survives SIGKILL (crash injection)', () => {
     async () => {
       const t0 = performance.now();
       const trials = ONLY !== undefined ? [Number(ONLY)] : Array.from({ length: TRIALS }, (_, i) => i);
-      const outcomes = await pool(trials, 2, runTrial);
+      const outcomes: Awaited<ReturnType<typeof runTrial>>[] = [];
+      await forEachBounded(trials.keys(), 2, async (i) => {
+        outcomes[i] = await runTrial(trials[i]);
+      });
       const problems = outcomes.flatMap((o) =>
         o.problems.map(
           (p) =>

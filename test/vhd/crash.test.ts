@@ -42,6 +42,7 @@ import { checkVhd } from '../../src/formats/vhd/check.js';
 import { createVhd } from '../../src/formats/vhd/create.js';
 import { mergeVhd } from '../../src/formats/vhd/merge.js';
 import { VhdFile } from '../../src/formats/vhd/vhd.js';
+import { forEachBounded } from '../../src/util/bounded.js';
 import { copyEngine } from '../helpers/engine-copy.js';
 import { hasPeer, missingPeers, run } from '../helpers/peers.js';
 import { rng, seedFrom } from '../helpers/random.js';
@@ -218,15 +219,6 @@ async function qemuView(file: string, out: string): Promise<Buffer | string> {
   return b;
 }
 
-async function pool<T>(items: T[], width: number, fn: (item: T) => Promise<void>): Promise<void> {
-  let next = 0;
-  await Promise.all(
-    Array.from({ length: width }, async () => {
-      while (next < items.length) await fn(items[next++]);
-    }),
-  );
-}
-
 const tally = (m: Map<string, number>, k: string, n = 1) => m.set(k, (m.get(k) ?? 0) + n);
 const show = (m: Map<string, number>) => [...m].map(([k, v]) => `${k}: ${v}`).join(', ');
 
@@ -344,7 +336,7 @@ async function calibrate(): Promise<void> {
     t.ms = { a: o.ms, b: 0 };
     rmSync(tdir, { recursive: true, force: true });
   });
-  await pool(jobs, 2, (job) => job());
+  await forEachBounded(jobs, 2, (job) => job());
 }
 
 /** A copy of dist/ and the workers (same layout), so a build elsewhere never hands a worker a half-written module. */
@@ -454,7 +446,7 @@ describe.skipIf(peersMissing)('SIGKILL at seeded points', () => {
     let qemuCompared = 0;
     let qemuRefused = 0;
     let sevenZip = 0;
-    await pool(trialIndexes('w', WRITE_TRIALS), 2, async (t) => {
+    await forEachBounded(trialIndexes('w', WRITE_TRIALS), 2, async (t) => {
       const r = rng(SEED * 31 + t);
       const name = r.pick(['fixed', 'dyn512', 'dyn2', 'dyn512', 'dyn2', 'chainA', 'chainB', 'chainA', 'chainB']);
       const tp = templates.get(name)!;
@@ -534,7 +526,7 @@ describe.skipIf(peersMissing)('SIGKILL at seeded points', () => {
     const failures: string[] = [];
     const outcomes = new Map<string, number>();
     const tp = templates.get('create')!;
-    await pool(trialIndexes('c', CREATE_TRIALS), 2, async (t) => {
+    await forEachBounded(trialIndexes('c', CREATE_TRIALS), 2, async (t) => {
       const r = rng(SEED * 41 + t);
       const kill = chooseKill(r, tp, 1);
       const id = `c${t} (${kill.label})`;
@@ -572,7 +564,7 @@ describe.skipIf(peersMissing)('SIGKILL at seeded points', () => {
     const failures: string[] = [];
     const where = new Map<string, number>();
     const outcomes = new Map<string, number>();
-    await pool(trialIndexes('m', MERGE_TRIALS), 2, async (t) => {
+    await forEachBounded(trialIndexes('m', MERGE_TRIALS), 2, async (t) => {
       const r = rng(SEED * 37 + t);
       const tp = templates.get(`${r.pick(['chainA', 'chainB'])}-merge`)!;
       const kill = chooseKill(r, tp, 1);

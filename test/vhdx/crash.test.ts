@@ -44,6 +44,7 @@ import { checkVhdx } from '../../src/formats/vhdx/check.js';
 import { createVhdx } from '../../src/formats/vhdx/create.js';
 import { mergeIntoParent } from '../../src/formats/vhdx/merge.js';
 import { VhdxFile } from '../../src/formats/vhdx/vhdx.js';
+import { forEachBounded } from '../../src/util/bounded.js';
 import { copyEngine } from '../helpers/engine-copy.js';
 import { hasPeer, missingPeers, qemuImgCheck, run, sevenZipExtract } from '../helpers/peers.js';
 import { rng, seedFrom } from '../helpers/random.js';
@@ -202,15 +203,6 @@ function verifyWrites(content: Buffer, before: Buffer, seed: number, flushed: nu
   return problems;
 }
 
-async function pool<T>(items: T[], width: number, fn: (item: T) => Promise<void>): Promise<void> {
-  let next = 0;
-  await Promise.all(
-    Array.from({ length: width }, async () => {
-      while (next < items.length) await fn(items[next++]);
-    }),
-  );
-}
-
 const tally = (m: Map<string, number>, k: string, n = 1) => m.set(k, (m.get(k) ?? 0) + n);
 /** Wall time per step, summed over trials (both lanes), for the summary line. */
 const spent = new Map<string, number>();
@@ -345,7 +337,7 @@ async function calibrate(): Promise<void> {
       });
     }
   }
-  await pool(jobs, 2, (job) => job());
+  await forEachBounded(jobs, 2, (job) => job());
 }
 
 /**
@@ -468,7 +460,7 @@ describe.skipIf(peersMissing)('SIGKILL at seeded random points', () => {
       let verifiedFlushed = 0;
       let qemuReplays = 0;
       let sevenZip = 0;
-      await pool(trialIndexes('a', ALLOC_TRIALS), 2, async (t) => {
+      await forEachBounded(trialIndexes('a', ALLOC_TRIALS), 2, async (t) => {
         const r = rng(SEED * 31 + t);
         const tpl = templates.get(r.next() < 2 / 3 ? r.pick(['dyn1', 'dyn2']) : r.pick(['chainA', 'chainB']))!;
         const seed = (SEED * 1000 + t) >>> 0;
@@ -557,7 +549,7 @@ describe.skipIf(peersMissing)('SIGKILL at seeded random points', () => {
     const failures: string[] = [];
     const where = new Map<string, number>();
     const outcomes = new Map<string, number>();
-    await pool(trialIndexes('m', MERGE_TRIALS), 2, async (t) => {
+    await forEachBounded(trialIndexes('m', MERGE_TRIALS), 2, async (t) => {
       const r = rng(SEED * 37 + t);
       const tpl = templates.get(`${r.pick(['chainA', 'chainB'])}-merge`)!;
       const kill = chooseKill(r, tpl, 1);

@@ -1,15 +1,17 @@
 /**
  * One conversion for every format the engines read and write: VHDX ↔ VHD ↔ raw, in any direction. The
- * source is recognised by its magic (./detect.ts) unless the caller names its format; any other format is
+ * source is recognised by its magic (formats/detect.ts) unless the caller names its format; any other format is
  * refused before anything is created. VHDX-only work (raw ↔ VHDX, VHDX → VHDX, change tracking on the new
  * VHDX) goes through the VHDX engine's converter; anything involving VHD through the VHD engine's.
+ * It lives in tracking/, not formats/, because it can start change tracking on the new disk: the format
+ * engines know nothing above them.
  */
 import { InvalidArgumentError } from '../errors.js';
-import { ChangeTracker, DEFAULT_GRANULARITY } from '../tracking/tracker.js';
-import { detectFormat, unsupportedFormatError } from './detect.js';
-import { convertVhdImage, formatFromName, type ImageFormat } from './vhd/convert.js';
-import { convertImage, type ConvertOptions } from './vhdx/convert.js';
-import { VhdxFile } from './vhdx/vhdx.js';
+import { detectFormat, unsupportedFormatError } from '../formats/detect.js';
+import { convertVhdImage, formatFromName, type ImageFormat } from '../formats/vhd/convert.js';
+import { convertImage, type ConvertOptions } from '../formats/vhdx/convert.js';
+import { VhdxFile } from '../formats/vhdx/vhdx.js';
+import { ChangeTracker, DEFAULT_GRANULARITY } from './tracker.js';
 
 export type { ImageFormat };
 

@@ -1,11 +1,13 @@
 /**
- * Runs `fn` over `items` with at most `limit` calls in flight. The first failure stops new calls from starting;
- * the ones running are awaited, then that failure is thrown.
+ * The one bounded-concurrency helper: runs `fn` over `items` with at most `limit` calls in flight, items taken in
+ * order as runners free up (an iterable is pulled lazily, so a generator can end the run early). `worker` is the
+ * runner's number (0 to limit-1), for state a runner reuses across its items, such as a read buffer. The first
+ * failure stops new calls from starting; the ones running are awaited, then that failure is thrown.
  */
 export async function forEachBounded<T>(
   items: Iterable<T> | AsyncIterable<T>,
   limit: number,
-  fn: (item: T) => Promise<void>,
+  fn: (item: T, worker: number) => Promise<void>,
 ): Promise<void> {
   const it =
     Symbol.asyncIterator in items
@@ -13,12 +15,12 @@ export async function forEachBounded<T>(
       : (items as Iterable<T>)[Symbol.iterator]();
   let failed = false;
   let failure: unknown;
-  const runner = async () => {
+  const runner = async (worker: number) => {
     while (!failed) {
       const next = await it.next();
       if (next.done) return;
       try {
-        await fn(next.value);
+        await fn(next.value, worker);
       } catch (err) {
         if (!failed) {
           failed = true;
@@ -27,7 +29,7 @@ export async function forEachBounded<T>(
       }
     }
   };
-  await Promise.all(Array.from({ length: Math.max(1, Math.floor(limit)) }, runner));
+  await Promise.all(Array.from({ length: Math.max(1, Math.floor(limit)) }, (_, worker) => runner(worker)));
   if (failed) throw failure;
 }
 
