@@ -451,7 +451,7 @@ export function checkpointCommand(run: Run): Command {
         };
         for (const c of list) {
           println(
-            `${'  '.repeat(depth(c.parentId))}${c.current ? '* ' : '  '}${c.name} (${c.id.slice(0, 8)}) ${c.type} ${c.consistency} ${c.createdAt} pause ${ms(c.ioPauseMs)} freeze ${ms(c.freezeWindowMs)}${c.run ? ` run ${c.run.runId}` : ''}`,
+            `${'  '.repeat(depth(c.parentId))}${c.current ? '* ' : '  '}${c.name} (${c.id.slice(0, 8)}) ${c.type} ${c.consistency} ${c.createdAt} pause ${ms(c.ioPauseMs)} freeze ${ms(c.freezeWindowMs)}${c.memoryState ? ' +memory' : ''}${c.run ? ` run ${c.run.runId}` : ''}`,
           );
         }
       }),
@@ -467,6 +467,9 @@ export function checkpointCommand(run: Run): Command {
           if (verb === 'apply') await c.applyCheckpoint(vmName, name);
           else await c.deleteCheckpoint(vmName, name);
           println(`${verb === 'apply' ? 'applied' : 'deleted'} checkpoint ${name} of ${vmName}`);
+          // A standard checkpoint with memory leaves the VM Saved: say what the next start does.
+          if (verb === 'apply' && (await c.showVm(vmName)).state === 'Saved')
+            println(`${vmName} is Saved with the checkpoint's memory: vm start ${vmName} resumes it`);
         }),
       );
   }
