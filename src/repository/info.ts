@@ -7,6 +7,9 @@ import type { IntegrityState, ObjectStore } from './store.js';
 import { breakStaleLocks, listLocks, type LockEntry } from './lock.js';
 import type { KeySlot } from './keys.js';
 
+/** What `repo info` and `repo unlock` need of the repository. */
+type InfoStore = Pick<ObjectStore, 'backend' | 'checkOpen' | 'config' | 'integrity' | 'location' | 'packIndexes'>;
+
 export interface RepositoryInfo {
   location: string;
   id: string;
@@ -33,7 +36,7 @@ export interface RepositoryInfo {
  * What the repository is and holds. Reads the config, lists every prefix and reads the pack indexes (for the
  * chunk counts): entries among them that cannot be read are reported in `damage`, not left out silently.
  */
-export async function info(store: ObjectStore): Promise<RepositoryInfo> {
+export async function info(store: InfoStore): Promise<RepositoryInfo> {
   store.checkOpen();
   const damage: EntryDamage[] = [];
   const count = async (prefix: string, shape: RegExp, object: Damage['object'], what: string) => {
@@ -92,12 +95,12 @@ export async function info(store: ObjectStore): Promise<RepositoryInfo> {
   };
 }
 
-export async function listRepositoryLocks(store: ObjectStore): Promise<LockEntry[]> {
+export async function listRepositoryLocks(store: InfoStore): Promise<LockEntry[]> {
   return listLocks(store.backend);
 }
 
 /** Removes the locks of dead local processes; with force, every lock (only when no holder is alive!). */
-export async function unlock(store: ObjectStore, opts: { force?: boolean } = {}): Promise<LockEntry[]> {
+export async function unlock(store: InfoStore, opts: { force?: boolean } = {}): Promise<LockEntry[]> {
   if (!opts.force) return breakStaleLocks(store.backend);
   const all = await listLocks(store.backend);
   for (const l of all) await store.backend.delete(l.key);

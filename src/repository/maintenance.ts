@@ -10,9 +10,23 @@ import { damaged, isDamage, unusableMessage } from './damage.js';
 import { indexBodySize, slotCountFor } from './disk-index.js';
 import { pointKey, type IndexRef, type PointManifest } from './manifest.js';
 import { packKey, type PackContents, type PackEntry, type PackWriter } from './pack.js';
-import { pointEntries, readPoint, type DamagedPoint } from './points.js';
+import { pointEntries, readPoint, type DamagedPoint, type PointStore } from './points.js';
 import { applyRetention, checkPolicy, type RetentionDecision, type RetentionPolicy } from './retention.js';
 import { HEX_ID, INDEX_MEMORY_BUDGET, type ObjectStore } from './store.js';
+
+/** What maintenance needs of the repository: the backend itself (it deletes), packs and pack indexes. */
+type MaintenanceStore = PointStore &
+  Pick<
+    ObjectStore,
+    | 'hashId'
+    | 'openChunk'
+    | 'packIndexes'
+    | 'packWriter'
+    | 'readIndex'
+    | 'readPackHeader'
+    | 'replacePackIndexes'
+    | 'storedPacks'
+  >;
 
 /** how long a temporary file of an interrupted put must lie untouched before gc removes it */
 const TEMPORARY_GRACE_MS = 60 * 60 * 1000;
@@ -58,7 +72,7 @@ export interface GcReport {
  * Applies a retention policy (per group of points with the same VMs) and removes the manifests it does not keep,
  * under an exclusive lock (none with dryRun). The chunks stay until gc().
  */
-export async function prune(store: ObjectStore, opts: PruneOptions): Promise<PruneReport> {
+export async function prune(store: MaintenanceStore, opts: PruneOptions): Promise<PruneReport> {
   const problem = checkPolicy(opts);
   if (problem) throw new InvalidArgumentError(problem);
   const dryRun = opts.dryRun === true;
@@ -118,7 +132,7 @@ export async function prune(store: ObjectStore, opts: PruneOptions): Promise<Pru
  * be swept (docs/formats/repository.md §9). A manifest or index that cannot be read stops gc: it cannot know what
  * that point references.
  */
-export async function gc(store: ObjectStore, opts: { dryRun?: boolean } = {}): Promise<GcReport> {
+export async function gc(store: MaintenanceStore, opts: { dryRun?: boolean } = {}): Promise<GcReport> {
   const dryRun = opts.dryRun === true;
   const lock = await store.lock('exclusive', 'gc');
   try {
@@ -282,7 +296,7 @@ function gcStopsAt(why: string, key: string): TidemarkError {
 
 /** Copies the referenced chunks of a pack into `writer`, each opened and checked on the way (damage stops gc). */
 async function copyChunks(
-  store: ObjectStore,
+  store: MaintenanceStore,
   packId: string,
   live: readonly PackEntry[],
   writer: PackWriter,
@@ -314,7 +328,7 @@ async function copyChunks(
  * Rebuilds the pack indexes from the packs' own headers (exclusive lock): the way out when a pack index is
  * damaged or lost. Every readable pack is listed again; a pack whose header cannot be read is reported and left.
  */
-export async function repairPackIndexes(store: ObjectStore): Promise<{
+export async function repairPackIndexes(store: MaintenanceStore): Promise<{
   packs: number;
   chunks: number;
   unreadable: { key: string; message: string }[];

@@ -16,6 +16,9 @@ import {
 } from './manifest.js';
 import type { ObjectStore } from './store.js';
 
+/** What reading restore points needs of the repository. */
+export type PointStore = Pick<ObjectStore, 'backend' | 'chunkSize' | 'load' | 'location' | 'lock'>;
+
 export interface PointSummary {
   id: string;
   time: string;
@@ -39,7 +42,7 @@ export interface DamagedPoint {
 }
 
 /** The id of every entry under points/ (oldest first), also those that are not objects (see pointEntries). */
-export async function listPointIds(store: ObjectStore): Promise<string[]> {
+export async function listPointIds(store: PointStore): Promise<string[]> {
   return (await pointEntries(store)).ids;
 }
 
@@ -47,7 +50,7 @@ export async function listPointIds(store: ObjectStore): Promise<string[]> {
  * Every entry under points/ named like a restore point, and of those, the ones that are not objects (a
  * symlink, a FIFO, a directory, …) with the message that reports them: damage, never skipped.
  */
-export async function pointEntries(store: ObjectStore): Promise<{ ids: string[]; unusable: Map<string, string> }> {
+export async function pointEntries(store: PointStore): Promise<{ ids: string[]; unusable: Map<string, string> }> {
   const ids: string[] = [];
   const unusable = new Map<string, string>();
   for await (const o of store.backend.list('points/', { unusable: true })) {
@@ -60,7 +63,7 @@ export async function pointEntries(store: ObjectStore): Promise<{ ids: string[];
 }
 
 /** A full point id from an id or a unique prefix of one. */
-export async function resolvePoint(store: ObjectStore, idOrPrefix: string): Promise<string> {
+export async function resolvePoint(store: PointStore, idOrPrefix: string): Promise<string> {
   if (POINT_ID.test(idOrPrefix)) return idOrPrefix;
   if (!/^[0-9a-f-]+$/.test(idOrPrefix)) throw new InvalidArgumentError(`"${idOrPrefix}" is not a restore point id`);
   const matches = (await listPointIds(store)).filter((id) => id.startsWith(idOrPrefix));
@@ -71,7 +74,7 @@ export async function resolvePoint(store: ObjectStore, idOrPrefix: string): Prom
   throw new InvalidArgumentError(`"${idOrPrefix}" names ${matches.length} restore points: give more of the id`);
 }
 
-export async function readPoint(store: ObjectStore, idOrPrefix: string): Promise<PointManifest> {
+export async function readPoint(store: PointStore, idOrPrefix: string): Promise<PointManifest> {
   const id = await resolvePoint(store, idOrPrefix);
   const key = pointKey(id);
   let plain: Buffer;
@@ -106,7 +109,7 @@ export async function readPoint(store: ObjectStore, idOrPrefix: string): Promise
 
 /** Every restore point (oldest first), optionally only those holding a VM (by name or id). */
 export async function listPoints(
-  store: ObjectStore,
+  store: PointStore,
   opts: { vm?: string } = {},
 ): Promise<{ points: PointSummary[]; damaged: DamagedPoint[] }> {
   const { ids, unusable } = await pointEntries(store);
@@ -145,14 +148,14 @@ export async function listPoints(
 }
 
 /** The newest restore point holding a VM (by name or id), or null: the base of the next incremental. */
-export async function latestPoint(store: ObjectStore, vm: string): Promise<PointManifest | null> {
+export async function latestPoint(store: PointStore, vm: string): Promise<PointManifest | null> {
   const { points } = await listPoints(store, { vm });
   const last = points.at(-1);
   return last ? readPoint(store, last.id) : null;
 }
 
 /** Removes one restore point's manifest (exclusive lock): the way out for a point verify found damaged. */
-export async function forgetPoint(store: ObjectStore, idOrPrefix: string): Promise<string> {
+export async function forgetPoint(store: PointStore, idOrPrefix: string): Promise<string> {
   const lock = await store.lock('exclusive', 'forget');
   try {
     const id = await resolvePoint(store, idOrPrefix);

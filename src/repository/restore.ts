@@ -4,8 +4,11 @@
  */
 import { ZEROES } from '../util/zero.js';
 import { forEachBounded } from './bounded.js';
-import { findDisk, readPoint } from './points.js';
+import { findDisk, readPoint, type PointStore } from './points.js';
 import type { ObjectStore } from './store.js';
+
+/** What a restore needs of the repository. */
+type RestoreStore = PointStore & Pick<ObjectStore, 'packIndexes' | 'readChunkIn' | 'readIndex' | 'recycle'>;
 
 export interface RestoreSink {
   write(offset: number, data: Buffer): Promise<void>;
@@ -37,7 +40,7 @@ export interface RestoreResult {
  * bytes, or not at all with assumeZeroed). Holds a shared lock: gc, which moves chunks between packs, waits.
  */
 export async function restoreDisk(
-  store: ObjectStore,
+  store: RestoreStore,
   pointId: string,
   diskId: string,
   sink: RestoreSink,
@@ -52,7 +55,7 @@ export async function restoreDisk(
 }
 
 async function restoreDiskLocked(
-  store: ObjectStore,
+  store: RestoreStore,
   pointId: string,
   diskId: string,
   sink: RestoreSink,

@@ -22,6 +22,24 @@ import {
 import type { ChunkMap, PackWriter } from './pack.js';
 import { chunkKey, indexKey, type ObjectStore } from './store.js';
 
+/** What a backup session needs of the repository. */
+type SessionStore = Pick<
+  ObjectStore,
+  | 'backend'
+  | 'chunkSize'
+  | 'hashId'
+  | 'integrity'
+  | 'location'
+  | 'lock'
+  | 'packIndexes'
+  | 'packWriter'
+  | 'readIndex'
+  | 'recycle'
+  | 'seal'
+  | 'writePackIndexes'
+  | 'writers'
+>;
+
 export interface PutResult {
   /** the chunk's id, or null for an all-zero chunk (never stored) */
   id: string | null;
@@ -38,7 +56,7 @@ export interface DiskWriteStats extends DiskStats {
 }
 
 /** A backup session under a shared lock: chunks and indexes, then commit() writes the manifest, or abort(). */
-export async function startBackup(store: ObjectStore, opts: { operation?: string } = {}): Promise<BackupSession> {
+export async function startBackup(store: SessionStore, opts: { operation?: string } = {}): Promise<BackupSession> {
   if (store.integrity.keyMissing) {
     // Its manifest could not carry the MAC: every machine that holds the key would refuse it as forged.
     throw new InvalidArgumentError(
@@ -60,7 +78,7 @@ export async function startBackup(store: ObjectStore, opts: { operation?: string
 }
 
 /** Writes a restore point's manifest, once everything it names is durable. */
-export async function commitManifest(store: ObjectStore, m: PointManifest): Promise<void> {
+export async function commitManifest(store: SessionStore, m: PointManifest): Promise<void> {
   const key = pointKey(m.id);
   // Everything the manifest points at must be durable before the manifest exists.
   await store.backend.sync();
@@ -87,7 +105,7 @@ export class BackupSession {
 
   /** @internal */
   constructor(
-    private readonly store: ObjectStore,
+    private readonly store: SessionStore,
     private readonly lock: RepositoryLock,
     /** the chunks the repository held when the session began (under its lock) */
     private readonly known: ChunkMap,

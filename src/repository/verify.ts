@@ -7,8 +7,12 @@ import { forEachBounded, MemoryBudget } from './bounded.js';
 import { damaged, isDamage, type Affected, type Damage } from './damage.js';
 import { indexBodySize, slotCountFor, type DiskIndex } from './disk-index.js';
 import { pointKey, type IndexRef } from './manifest.js';
-import { pointEntries, readPoint, resolvePoint } from './points.js';
+import { pointEntries, readPoint, resolvePoint, type PointStore } from './points.js';
 import { INDEX_MEMORY_BUDGET, indexKey, type ObjectStore } from './store.js';
+
+/** What verify needs of the repository: it reads, and writes nothing. */
+type VerifyStore = PointStore &
+  Pick<ObjectStore, 'integrity' | 'packIndexes' | 'readChunkIn' | 'readIndex' | 'unusableEntries'>;
 
 export interface VerifyOptions {
   /** chunks read and checked at once; default 8 */
@@ -36,7 +40,7 @@ export interface VerifyReport {
  * Re-reads and re-hashes every chunk of one point (or of all), and reports each damaged or missing chunk, index
  * and manifest with every restore point it affects — those outside the scope too.
  */
-export async function verify(store: ObjectStore, pointId?: string, opts: VerifyOptions = {}): Promise<VerifyReport> {
+export async function verify(store: VerifyStore, pointId?: string, opts: VerifyOptions = {}): Promise<VerifyReport> {
   // Shared, like a backup's: gc (which moves chunks between packs) must not run meanwhile.
   const lock = await store.lock('shared', 'verify');
   try {
@@ -47,7 +51,7 @@ export async function verify(store: ObjectStore, pointId?: string, opts: VerifyO
 }
 
 async function verifyLocked(
-  store: ObjectStore,
+  store: VerifyStore,
   pointId: string | undefined,
   opts: VerifyOptions,
 ): Promise<VerifyReport> {
