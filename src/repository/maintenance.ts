@@ -1,7 +1,8 @@
 /**
- * Maintenance, each under an exclusive lock: prune (retention: which restore points go), gc (mark and sweep, and
- * the repacking of packs that hold unreferenced chunks, in a crash-safe order), and the rebuilding of the pack
- * indexes from the packs' own headers. docs/formats/repository.md §9 describes why gc is safe against a backup.
+ * Maintenance, each under an exclusive lock (a dry-run prune takes none): prune (retention: which restore points
+ * go), gc (mark and sweep, and the repacking of packs that hold unreferenced chunks, in a crash-safe order), and the
+ * rebuilding of the pack indexes from the packs' own headers. docs/formats/repository.md §9 describes why gc is safe
+ * against a backup.
  */
 import { TidemarkError, InvalidArgumentError } from '../errors.js';
 import type { ObjectInfo } from './backend.js';
