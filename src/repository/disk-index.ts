@@ -140,12 +140,14 @@ export function encodeIndex(index: DiskIndex): Buffer {
   return out;
 }
 
-export class IndexFormatError extends Error {
+/** An index body that does not decode: what verify reports (the caller adds the index's key). */
+export class IndexFormatError extends TidemarkError {
   constructor(
     readonly problem: 'truncated' | 'corrupt',
     message: string,
   ) {
-    super(message);
+    super('REPOSITORY_CORRUPT', message);
+    this.name = 'IndexFormatError';
   }
 }
 

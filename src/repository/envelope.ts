@@ -9,12 +9,13 @@
  * bit 3 (manifests of unencrypted repositories with an integrity key; with bit 2) HMAC-SHA-256 trailer after it:
  * HMAC(manifest key, header | payload | SHA-256 trailer | object name).
  *
- * This file is self-contained on purpose (node built-ins and the zstd binding handed in): it is also the entry of
- * the codec worker threads (pool.ts), which load it without the rest of the project.
+ * This file is also the entry of the codec worker threads (pool.ts), which run its compiled form: it imports only
+ * node built-ins and errors.js (the zstd binding is handed in).
  */
 import { createCipheriv, createDecipheriv, createHash, createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
 import { createRequire } from 'node:module';
 import { isMainThread, parentPort, workerData } from 'node:worker_threads';
+import { TidemarkError } from '../errors.js';
 
 export const HEADER_SIZE = 16;
 export const NONCE_SIZE = 12;
@@ -43,14 +44,14 @@ export interface ZstdBinding {
   compressBound(size: number): number;
 }
 
-/** `problem` says what verify reports; `code` becomes the TidemarkError code (the caller adds the object's key). */
-export class EnvelopeError extends Error {
+/** `problem` says what verify reports; the caller wraps it with the object's key (pool.ts, store.ts). */
+export class EnvelopeError extends TidemarkError {
   constructor(
-    readonly code: 'REPOSITORY_CORRUPT' | 'NOT_SUPPORTED',
+    code: 'REPOSITORY_CORRUPT' | 'NOT_SUPPORTED',
     readonly problem: 'truncated' | 'corrupt',
     message: string,
   ) {
-    super(message);
+    super(code, message);
     this.name = 'EnvelopeError';
   }
 }

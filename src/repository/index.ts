@@ -1,4 +1,4 @@
-/** Tidemark's backup repository: the public API (see repository.ts for how a backup uses it). */
+/** Tidemark's backup repository: the public API (see repository.ts for how a backup uses it, and for its parts). */
 export type { Backend, GetOptions, ObjectInfo, PutOptions } from './backend.js';
 export { isValidKey } from './backend.js';
 export { LocalBackend } from './local-backend.js';
@@ -28,29 +28,13 @@ export {
   type RetentionDecision,
   type RetentionPolicy,
 } from './retention.js';
-export {
-  BackupSession,
-  DiskWriter,
-  Repository,
-  chunkKey,
-  indexKey,
-  type Affected,
-  type Damage,
-  type DamagedPoint,
-  type DiskWriteStats,
-  type EntryDamage,
-  type GcReport,
-  type InitOptions,
-  type IntegrityState,
-  type OpenOptions,
-  type PointSummary,
-  type PruneEntry,
-  type PruneOptions,
-  type PruneReport,
-  type PutResult,
-  type RepositoryInfo,
-  type RestoreOptions,
-  type RestoreResult,
-  type RestoreSink,
-  type VerifyReport,
-} from './repository.js';
+export type { Affected, Damage, EntryDamage } from './damage.js';
+export type { RepositoryInfo } from './info.js';
+export type { GcReport, PruneEntry, PruneOptions, PruneReport } from './maintenance.js';
+export type { InitOptions, OpenOptions } from './open.js';
+export type { DamagedPoint, PointSummary } from './points.js';
+export { Repository } from './repository.js';
+export type { RestoreOptions, RestoreResult, RestoreSink } from './restore.js';
+export { BackupSession, DiskWriter, type DiskWriteStats, type PutResult } from './session.js';
+export { chunkKey, indexKey, type IntegrityState } from './store.js';
+export type { VerifyReport } from './verify.js';

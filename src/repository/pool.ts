@@ -4,11 +4,9 @@
  * with its own EnvelopeCodec, let the main thread read, hash and write while chunks are being sealed. With
  * `workers: 0` everything runs inline (same results; used for small jobs and as the measured baseline).
  */
-import { createHash } from 'node:crypto';
-import { readFile, rename, writeFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import os from 'node:os';
-import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { TidemarkError, type ErrorCode } from '../errors.js';
@@ -47,13 +45,13 @@ export function loadZstd(): ZstdBinding {
 }
 
 /** What failed in a codec call: the envelope's problem, to be wrapped with the object's key by the caller. */
-export class CodecError extends Error {
+export class CodecError extends TidemarkError {
   constructor(
-    readonly code: ErrorCode,
+    code: ErrorCode,
     readonly problem: 'truncated' | 'corrupt',
     message: string,
   ) {
-    super(message);
+    super(code, message);
     this.name = 'CodecError';
   }
 }
@@ -94,7 +92,7 @@ export async function createCodec(opts: CodecOptions): Promise<Codec> {
   const macKey = opts.macKey ?? null;
   if (workers <= 0) return new InlineCodec(new EnvelopeCodec(zstd, opts.key, level, macKey), opts.idKey ?? null);
   return new PoolCodec(
-    await workerScript(),
+    workerScript(),
     { tidemarkEnvelopeWorker: true, zstdPath: ZSTD_PATH, key: opts.key, idKey: opts.idKey ?? null, macKey, level },
     workers,
   );
@@ -129,35 +127,26 @@ class InlineCodec implements Codec {
 }
 
 /**
- * The worker entry is envelope.js beside this file. Run from TypeScript sources (vitest), there is no .js: the
- * file is transpiled to CommonJS with the TypeScript compiler (a dev dependency, present whenever sources are) and
- * run as an eval worker; the output is cached in the temporary directory by content hash, because loading the
- * compiler takes seconds. The built package never takes that path.
+ * The worker entry: envelope.js, compiled beside this module. Run from the TypeScript sources (vitest), this module
+ * is src/repository/pool.ts and has no compiled neighbour: the build's copy at the repository root serves
+ * (dist/repository/envelope.js; `npm test` builds first). Either way the workers run compiled code.
  */
-type Script = { url: URL } | { code: string };
-let scriptPromise: Promise<Script> | undefined;
-function workerScript(): Promise<Script> {
-  scriptPromise ??= (async () => {
-    if (!import.meta.url.endsWith('.ts')) return { url: new URL('./envelope.js', import.meta.url) };
-    const source = await readFile(fileURLToPath(new URL('./envelope.ts', import.meta.url)), 'utf8');
-    const hash = createHash('sha256').update(source).digest('hex').slice(0, 16);
-    const cached = path.join(os.tmpdir(), `tidemark-envelope-worker-${hash}.cjs`);
-    try {
-      return { code: await readFile(cached, 'utf8') };
-    } catch {
-      // not cached yet
-    }
-    const ts = (await import('typescript')).default;
-    const out = ts.transpileModule(source, {
-      compilerOptions: { module: ts.ModuleKind.CommonJS, target: ts.ScriptTarget.ES2022 },
-    }).outputText;
-    const tmp = `${cached}.${process.pid}.tmp`;
-    await writeFile(tmp, out)
-      .then(() => rename(tmp, cached))
-      .catch(() => undefined);
-    return { code: out };
-  })();
-  return scriptPromise;
+export function workerEntry(moduleUrl: string = import.meta.url): URL {
+  return moduleUrl.endsWith('.ts')
+    ? new URL('../../dist/repository/envelope.js', moduleUrl)
+    : new URL('./envelope.js', moduleUrl);
+}
+
+/** The worker entry, checked once: a missing build fails with a message, not with a worker's exit. */
+function workerScript(): URL {
+  const url = workerEntry();
+  if (!existsSync(fileURLToPath(url))) {
+    throw new TidemarkError(
+      'NOT_SUPPORTED',
+      `the codec worker ${fileURLToPath(url)} does not exist: build Tidemark first (\`npm run build\`)`,
+    );
+  }
+  return url;
 }
 
 interface Pending {
@@ -194,15 +183,12 @@ class PoolCodec implements Codec {
   private readonly issued = new WeakSet<ArrayBufferLike>();
 
   constructor(
-    script: Script,
+    script: URL,
     setup: WorkerSetup,
     readonly workers: number,
   ) {
     for (let i = 0; i < workers; i++) {
-      const worker =
-        'url' in script
-          ? new Worker(script.url, { workerData: setup })
-          : new Worker(script.code, { eval: true, workerData: setup });
+      const worker = new Worker(script, { workerData: setup });
       const slot: Slot = { worker, inFlight: 0, pending: new Map() };
       worker.on('message', (reply: WorkerReply) => this.settle(slot, reply));
       worker.on('error', (err) => this.fail(err));

@@ -3,6 +3,8 @@
  * short, lying headers) always give a typed error — never a crash, never wrong bytes, never a big allocation.
  */
 import { createHash, createHmac, randomBytes } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import {
   checkContentId,
@@ -12,7 +14,10 @@ import {
   MAX_MANIFEST_OVERHEAD,
   MAX_OVERHEAD,
 } from '../../src/repository/envelope.js';
-import { CodecError, createCodec, loadZstd } from '../../src/repository/pool.js';
+import { CodecError, createCodec, loadZstd, workerEntry } from '../../src/repository/pool.js';
+import { TidemarkError } from '../../src/errors.js';
+import { IndexFormatError } from '../../src/repository/disk-index.js';
+import { PackFormatError } from '../../src/repository/pack.js';
 import { rng, seedFrom } from '../helpers/random.js';
 
 const SEED = seedFrom('TIDEMARK_FUZZ_SEED', 99);
@@ -192,6 +197,29 @@ describe('envelope', () => {
 });
 
 describe('codec pool', () => {
+  it('runs the built worker: beside the compiled module, or the build at the root when run from src/', () => {
+    const root = new URL('../../', import.meta.url);
+    expect(workerEntry(new URL('dist/repository/pool.js', root).href).href).toBe(
+      new URL('dist/repository/envelope.js', root).href,
+    );
+    expect(workerEntry(new URL('src/repository/pool.ts', root).href).href).toBe(
+      new URL('dist/repository/envelope.js', root).href,
+    );
+    // This run's workers (npm test builds first).
+    expect(existsSync(fileURLToPath(workerEntry()))).toBe(true);
+  });
+
+  it("the repository's error classes are TidemarkErrors with a stable code", () => {
+    const e = new CodecError('REPOSITORY_CORRUPT', 'corrupt', 'x');
+    expect(e).toBeInstanceOf(TidemarkError);
+    expect(e.code).toBe('REPOSITORY_CORRUPT');
+    expect(new EnvelopeError('NOT_SUPPORTED', 'corrupt', 'y')).toBeInstanceOf(TidemarkError);
+    for (const f of [new PackFormatError('truncated', 'p'), new IndexFormatError('corrupt', 'i')]) {
+      expect(f).toBeInstanceOf(TidemarkError);
+      expect(f.code).toBe('REPOSITORY_CORRUPT');
+    }
+  });
+
   it('worker threads seal what the inline codec opens, and pass damage back as CodecError', async () => {
     const r = rng(SEED + 2);
     const pool = await createCodec({ key: KEY, workers: 2 });
