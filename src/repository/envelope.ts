@@ -43,7 +43,11 @@ export interface ZstdBinding {
   compressBound(size: number): number;
 }
 
-/** `problem` says what verify reports; `code` becomes the TidemarkError code (the caller adds the object's key). */
+/**
+ * `problem` says what verify reports; `code` becomes the TidemarkError code (the caller adds the object's key).
+ * A plain Error because this file stands alone (see above): it never leaves the codec, pool.ts turns it into a
+ * CodecError (a TidemarkError).
+ */
 export class EnvelopeError extends Error {
   constructor(
     readonly code: 'REPOSITORY_CORRUPT' | 'NOT_SUPPORTED',

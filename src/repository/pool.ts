@@ -11,7 +11,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
-import { TidemarkError, type ErrorCode } from '../errors.js';
+import { TidemarkError, type ErrorCode, TidemarkErrorBase } from '../errors.js';
 import {
   checkContentId,
   EnvelopeCodec,
@@ -47,13 +47,13 @@ export function loadZstd(): ZstdBinding {
 }
 
 /** What failed in a codec call: the envelope's problem, to be wrapped with the object's key by the caller. */
-export class CodecError extends Error {
+export class CodecError extends TidemarkErrorBase {
   constructor(
-    readonly code: ErrorCode,
+    code: ErrorCode,
     readonly problem: 'truncated' | 'corrupt',
     message: string,
   ) {
-    super(message);
+    super(code, message);
     this.name = 'CodecError';
   }
 }
