@@ -10,4 +10,3 @@ export {
   type TidemarkErrorConstructor,
 } from '../errors.js';
 export { HTTP_STATUS } from '../api/status.js';
-export { EXIT_BY_CODE } from '../cli/output.js';
