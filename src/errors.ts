@@ -95,6 +95,9 @@ export interface ErrorDetailsMap {
     type?: string;
     offset?: number;
     writer?: string;
+    /** a repository object key or key prefix a backend refused */
+    key?: string;
+    prefix?: string;
     /** the part of an API request that failed its schema, and every issue */
     in?: string;
     issues?: { field: string; message: string }[];
@@ -174,18 +177,19 @@ export interface TidemarkErrorConstructor {
 }
 
 /**
- * The class behind TidemarkError, for subclasses (`class QmpError extends TidemarkErrorBase`): its constructor
- * takes any code and details, so a subclass types its own parameters. `instanceof TidemarkError` holds for them.
+ * The class behind TidemarkError, for subclasses: `class QmpError extends TidemarkErrorBase<'QMP_ERROR'>` has its
+ * details checked as `new TidemarkError('QMP_ERROR', …)` has; a subclass that takes the code as a parameter
+ * extends `TidemarkErrorBase` (any code). `instanceof TidemarkError` holds for all of them.
  */
-export class TidemarkErrorBase extends Error {
-  readonly code: ErrorCode;
-  readonly details: Record<string, unknown>;
+export class TidemarkErrorBase<C extends ErrorCode = ErrorCode> extends Error {
+  readonly code: C;
+  readonly details: ErrorDetails<C>;
 
-  constructor(code: ErrorCode, message: string, details: object = {}, options?: ErrorOptions) {
+  constructor(code: C, message: string, details?: ErrorDetailsMap[C], options?: ErrorOptions) {
     super(message, options);
     this.name = 'TidemarkError';
     this.code = code;
-    this.details = details as Record<string, unknown>;
+    this.details = (details ?? {}) as ErrorDetails<C>;
   }
 }
 
@@ -224,8 +228,8 @@ export class VhdCorruptError extends TidemarkErrorBase {
   }
 }
 
-export class InvalidArgumentError extends TidemarkErrorBase {
-  constructor(message: string, details: Record<string, unknown> = {}) {
+export class InvalidArgumentError extends TidemarkErrorBase<'INVALID_ARGUMENT'> {
+  constructor(message: string, details: ErrorDetailsMap['INVALID_ARGUMENT'] = {}) {
     super('INVALID_ARGUMENT', message, details);
     this.name = 'InvalidArgumentError';
   }

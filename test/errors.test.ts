@@ -17,6 +17,7 @@ import { IndexFormatError } from '../src/repository/disk-index.js';
 import { PackFormatError } from '../src/repository/pack.js';
 import { CodecError } from '../src/repository/pool.js';
 import { FreezeError } from '../src/guest/freezer.js';
+import { QmpError } from '../src/host/qmp.js';
 import { ERRORS_BEGIN, ERRORS_END, errorTable } from '../scripts/errors-doc.mjs';
 import { REPO_ROOT } from './helpers/fixtures.js';
 
@@ -70,6 +71,10 @@ describe('details typed per code', () => {
     const err: unknown = locked;
     expect(hasCode(err, 'LOCKED') && err.details.holder).toBe('qemu (pid 7)');
     expect(hasCode(err, 'BUSY')).toBe(false);
+    // A subclass with one code has that code's details.
+    const qmp: TidemarkError<'QMP_ERROR'> = new QmpError('stop', 'GenericError', 'no');
+    expect(qmp.details.qmpClass).toBe('GenericError');
+    expect(qmp).toBeInstanceOf(TidemarkError);
     // An error read off the wire: any code, any details.
     const code = 'BUSY' as ErrorCode;
     expect(new TidemarkError(code, 'x', { whatever: 1 }).details.whatever).toBe(1);

@@ -351,7 +351,7 @@ export class HostClient {
  * A request that failed on a reused keep-alive connection before the host answered anything: sent once more;
  * when that fails the same way, the caller gets it as the IO_ERROR it is.
  */
-class StaleConnection extends TidemarkErrorBase {
+class StaleConnection extends TidemarkErrorBase<'IO_ERROR'> {
   constructor(message: string) {
     super('IO_ERROR', message);
   }

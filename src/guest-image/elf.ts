@@ -6,7 +6,7 @@
  */
 import { TidemarkErrorBase } from '../errors.js';
 
-export class ElfError extends TidemarkErrorBase {
+export class ElfError extends TidemarkErrorBase<'INVALID_ARGUMENT'> {
   constructor(what: string, problem: string) {
     super('INVALID_ARGUMENT', `${what}: ${problem}`);
     this.name = 'ElfError';

@@ -22,7 +22,7 @@ export interface FreezerOptions {
 }
 
 /** A freeze that failed inside the guest: the agent answers it as its error. */
-export class FreezeError extends TidemarkErrorBase {
+export class FreezeError extends TidemarkErrorBase<'GUEST_AGENT_ERROR'> {
   constructor(message: string) {
     super('GUEST_AGENT_ERROR', message);
     this.name = 'FreezeError';

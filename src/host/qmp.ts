@@ -38,7 +38,7 @@ export interface QmpClientOptions {
 }
 
 /** An error answer from QEMU: `class` (GenericError, CommandNotFound, DeviceNotFound, ...) and `desc`. */
-export class QmpError extends TidemarkErrorBase {
+export class QmpError extends TidemarkErrorBase<'QMP_ERROR'> {
   readonly qmpClass: string;
   readonly qmpDesc: string;
   readonly command: string;

@@ -6,7 +6,7 @@
 import { TidemarkError, TidemarkErrorBase } from '../errors.js';
 
 /** The peer broke the protocol (bad magic, impossible lengths): its connection is dropped. */
-export class NbdProtocolError extends TidemarkErrorBase {
+export class NbdProtocolError extends TidemarkErrorBase<'PROTOCOL_ERROR'> {
   constructor(message: string, details: Record<string, unknown> = {}) {
     super('PROTOCOL_ERROR', message, details);
     this.name = 'NbdProtocolError';

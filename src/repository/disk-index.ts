@@ -141,7 +141,7 @@ export function encodeIndex(index: DiskIndex): Buffer {
 }
 
 /** An index body that does not decode: what verify reports (the repository wraps it with the object's key). */
-export class IndexFormatError extends TidemarkErrorBase {
+export class IndexFormatError extends TidemarkErrorBase<'REPOSITORY_CORRUPT'> {
   constructor(
     readonly problem: 'truncated' | 'corrupt',
     message: string,

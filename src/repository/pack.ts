@@ -66,7 +66,7 @@ export function packHeaderSize(count: number): number {
 export const MAX_PACK_HEADER_OBJECT = packHeaderSize(MAX_PACK_ENTRIES) + MAX_OVERHEAD;
 
 /** A pack or pack index that does not decode: what verify reports, like IndexFormatError. */
-export class PackFormatError extends TidemarkErrorBase {
+export class PackFormatError extends TidemarkErrorBase<'REPOSITORY_CORRUPT'> {
   constructor(
     readonly problem: 'truncated' | 'corrupt',
     message: string,

@@ -14,7 +14,7 @@ import { TidemarkError, fromSystemError, TidemarkErrorBase } from '../errors.js'
 export type FileKind = 'file' | 'disk';
 
 /** The path names something else than the file kind wanted (a FIFO, a socket, a directory, ...). */
-export class FileTypeError extends TidemarkErrorBase {
+export class FileTypeError extends TidemarkErrorBase<'INVALID_ARGUMENT'> {
   constructor(
     readonly path: string,
     readonly type: string,
@@ -29,7 +29,7 @@ export class FileTypeError extends TidemarkErrorBase {
 }
 
 /** The path is a symbolic link where none may be followed. */
-export class SymlinkRefusedError extends TidemarkErrorBase {
+export class SymlinkRefusedError extends TidemarkErrorBase<'PATH_NOT_ALLOWED'> {
   constructor(readonly path: string) {
     super('PATH_NOT_ALLOWED', `${path} is a symbolic link; it is not followed (replace it with the file itself)`, {
       path,
