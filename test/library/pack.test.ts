@@ -192,5 +192,5 @@ export const all = [${ENTRIES.map((_, i) => `m${i}`).join(', ')}];
       const out = run(process.execPath, [ex.file], project, { ...process.env, TIDEMARK_STORE: store });
       expect(out, ex.file).toBe(ex.output);
     }
-  }, 60_000);
+  });
 });
