@@ -8,7 +8,7 @@
 import http from 'node:http';
 import path from 'node:path';
 import type { z } from 'zod';
-import { TidemarkError } from '../errors.js';
+import { TidemarkError, TidemarkErrorBase } from '../errors.js';
 import { readSmallFile } from '../util/safe-open.js';
 import { answerStatus, fillPath, ROUTES, type Answer, type CallInput, type RouteDef } from './routes.js';
 import {
@@ -333,7 +333,7 @@ export class HostClient {
       );
       req.on('error', (err: NodeJS.ErrnoException) => {
         if (req.reusedSocket && (err.code === 'EPIPE' || err.code === 'ECONNRESET')) {
-          reject(new StaleConnection());
+          reject(new StaleConnection(`cannot reach the host at ${ep}: ${err.message}`));
           return;
         }
         reject(
@@ -349,8 +349,15 @@ export class HostClient {
   }
 }
 
-/** A request that failed on a reused keep-alive connection before the host answered anything. */
-class StaleConnection extends Error {}
+/**
+ * A request that failed on a reused keep-alive connection before the host answered anything: sent once more;
+ * when that fails the same way, the caller gets it as the IO_ERROR it is.
+ */
+class StaleConnection extends TidemarkErrorBase<'IO_ERROR'> {
+  constructor(message: string) {
+    super('IO_ERROR', message);
+  }
+}
 
 /** A job route's immediate answer is the job; any other route's, its answer. */
 type Sent<R extends RouteDef> = R extends { job: true } ? z.output<typeof JobInfo> : Answer<R>;

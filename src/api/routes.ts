@@ -7,6 +7,7 @@
  * `answer` is what the operation returns. A `job` route answers 202 with a JobInfo at once and runs in the
  * background; its `answer` is then the job's result (`GET /v1/jobs/ID/wait` returns it when Completed).
  */
+import { TidemarkError } from '../errors.js';
 import type { z } from 'zod';
 import * as S from './schemas.js';
 
@@ -350,7 +351,7 @@ export function answerStatus(r: RouteDef): 200 | 202 {
 export function fillPath(path: string, params: Record<string, string> = {}): string {
   return path.replace(/:(\w+)/g, (_m, name: string) => {
     const v = params[name];
-    if (v === undefined) throw new Error(`route ${path} needs the parameter ${name}`);
+    if (v === undefined) throw new TidemarkError('INVALID_ARGUMENT', `route ${path} needs the parameter ${name}`);
     return encodeURIComponent(v);
   });
 }

@@ -1,6 +1,6 @@
 /**
  * How the CLI talks to people and scripts: one-line errors on stderr, an exit status per error code
- * (docs/cli.md lists them), JSON on stdout with --json.
+ * (docs/errors.md lists them), JSON on stdout with --json.
  */
 import { TidemarkError, type ErrorCode } from '../errors.js';
 
@@ -16,7 +16,11 @@ export const EXIT = {
   INTERNAL: 70,
 } as const;
 
-const EXIT_BY_CODE: Record<ErrorCode, number> = {
+/**
+ * The exit status of every code: a `Record<ErrorCode, number>`, so a new code does not compile until it has one
+ * (docs/errors.md is generated from it).
+ */
+export const EXIT_BY_CODE: Record<ErrorCode, number> = {
   INVALID_ARGUMENT: EXIT.USAGE,
   NOT_FOUND: EXIT.NOT_FOUND,
   ALREADY_EXISTS: EXIT.REFUSED,
@@ -52,7 +56,9 @@ const EXIT_BY_CODE: Record<ErrorCode, number> = {
   INTERNAL: EXIT.INTERNAL,
 };
 
+/** Any error that is not a TidemarkError is a bug: INTERNAL's status, as through the API and a job. */
 export function exitCodeFor(err: unknown): number {
+  // `?? FAILED`: a code a newer host sent that this build does not know.
   return err instanceof TidemarkError ? (EXIT_BY_CODE[err.code] ?? EXIT.FAILED) : EXIT.INTERNAL;
 }
 

@@ -4,9 +4,9 @@
  * `.modinfo` strings (`depends=`, `name=`). Every offset is bounds-checked before it is read, so a damaged
  * or foreign file gives an ElfError, never a crash.
  */
-import { TidemarkError } from '../errors.js';
+import { TidemarkErrorBase } from '../errors.js';
 
-export class ElfError extends TidemarkError {
+export class ElfError extends TidemarkErrorBase<'INVALID_ARGUMENT'> {
   constructor(what: string, problem: string) {
     super('INVALID_ARGUMENT', `${what}: ${problem}`);
     this.name = 'ElfError';

@@ -7,6 +7,7 @@
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
+import { TidemarkErrorBase } from '../errors.js';
 
 export interface FreezerOptions {
   /** directory of hook executables; absent: no hooks */
@@ -20,9 +21,10 @@ export interface FreezerOptions {
   log?: (line: string) => void;
 }
 
-export class FreezeError extends Error {
+/** A freeze that failed inside the guest: the agent answers it as its error. */
+export class FreezeError extends TidemarkErrorBase<'GUEST_AGENT_ERROR'> {
   constructor(message: string) {
-    super(message);
+    super('GUEST_AGENT_ERROR', message);
     this.name = 'FreezeError';
   }
 }

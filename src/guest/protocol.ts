@@ -3,7 +3,7 @@
  * answers `{"return": ...}` or `{"error": {"class", "desc"}}`, echoing the request's `id` when it had one.
  * Shared by the client and the reference agent.
  */
-import { TidemarkError, type ErrorCode } from '../errors.js';
+import { type ErrorCode, TidemarkErrorBase } from '../errors.js';
 
 export type FreezeStatus = 'frozen' | 'thawed';
 
@@ -91,7 +91,7 @@ export const agentErrors = {
  * An error about the guest channel. `agentClass`/`agentDesc` are set when the agent itself answered with an error;
  * `cannotFreeze` says, in words, why the guest could not be frozen when that is what failed.
  */
-export class GuestAgentError extends TidemarkError {
+export class GuestAgentError extends TidemarkErrorBase {
   readonly command: string | undefined;
   readonly agentClass: string | undefined;
   readonly agentDesc: string | undefined;

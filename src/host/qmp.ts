@@ -12,7 +12,7 @@
  */
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
-import { TidemarkError, fromSystemError, type ErrorCode } from '../errors.js';
+import { TidemarkError, fromSystemError, type ErrorCode, TidemarkErrorBase } from '../errors.js';
 
 export const QMP_DEFAULT_TIMEOUT_MS = 10_000;
 const MAX_LINE_BYTES = 16 * 1024 * 1024;
@@ -38,7 +38,7 @@ export interface QmpClientOptions {
 }
 
 /** An error answer from QEMU: `class` (GenericError, CommandNotFound, DeviceNotFound, ...) and `desc`. */
-export class QmpError extends TidemarkError {
+export class QmpError extends TidemarkErrorBase<'QMP_ERROR'> {
   readonly qmpClass: string;
   readonly qmpDesc: string;
   readonly command: string;

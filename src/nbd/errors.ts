@@ -3,10 +3,10 @@
  * become the error values the NBD protocol allows (EPERM, EIO, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP,
  * ESHUTDOWN).
  */
-import { TidemarkError } from '../errors.js';
+import { TidemarkError, TidemarkErrorBase } from '../errors.js';
 
 /** The peer broke the protocol (bad magic, impossible lengths): its connection is dropped. */
-export class NbdProtocolError extends TidemarkError {
+export class NbdProtocolError extends TidemarkErrorBase<'PROTOCOL_ERROR'> {
   constructor(message: string, details: Record<string, unknown> = {}) {
     super('PROTOCOL_ERROR', message, details);
     this.name = 'NbdProtocolError';

@@ -7,7 +7,7 @@
  *   0 magic "TMIX"  4 version u16 = 1  6 idLength u16 = 32  8 chunkSize u32  12 reserved u32 = 0
  *  16 virtualSize u64  24 slotCount u64  32 nonZeroSlots u64  40 slots (slotCount × 32 bytes)
  */
-import { TidemarkError } from '../errors.js';
+import { TidemarkError, TidemarkErrorBase } from '../errors.js';
 
 export const INDEX_HEADER_SIZE = 40;
 export const ID_SIZE = 32;
@@ -141,7 +141,7 @@ export function encodeIndex(index: DiskIndex): Buffer {
 }
 
 /** An index body that does not decode: what verify reports (the caller adds the index's key). */
-export class IndexFormatError extends TidemarkError {
+export class IndexFormatError extends TidemarkErrorBase<'REPOSITORY_CORRUPT'> {
   constructor(
     readonly problem: 'truncated' | 'corrupt',
     message: string,

@@ -15,7 +15,7 @@
 import { createCipheriv, createDecipheriv, createHash, createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
 import { createRequire } from 'node:module';
 import { isMainThread, parentPort, workerData } from 'node:worker_threads';
-import { TidemarkError } from '../errors.js';
+import { TidemarkErrorBase } from '../errors.js';
 
 export const HEADER_SIZE = 16;
 export const NONCE_SIZE = 12;
@@ -45,7 +45,7 @@ export interface ZstdBinding {
 }
 
 /** `problem` says what verify reports; the caller wraps it with the object's key (pool.ts, store.ts). */
-export class EnvelopeError extends TidemarkError {
+export class EnvelopeError extends TidemarkErrorBase {
   constructor(
     code: 'REPOSITORY_CORRUPT' | 'NOT_SUPPORTED',
     readonly problem: 'truncated' | 'corrupt',

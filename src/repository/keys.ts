@@ -87,10 +87,10 @@ function slotAad(repositoryId: string, kind: KeySlot['kind']): Buffer {
 async function wrappingKey(secret: Secret, kdf: ScryptKdf | HkdfKdf): Promise<Buffer> {
   const salt = Buffer.from(kdf.salt, 'base64');
   if (kdf.name === 'hkdf-sha256') {
-    if (!('keyFile' in secret)) throw new Error('key-file slot needs a key file');
+    if (!('keyFile' in secret)) throw new TidemarkError('INVALID_ARGUMENT', 'key-file slot needs a key file');
     return Buffer.from(hkdfSync('sha256', secret.keyFile, salt, 'tidemark key file v1', 32));
   }
-  if (!('passphrase' in secret)) throw new Error('passphrase slot needs a passphrase');
+  if (!('passphrase' in secret)) throw new TidemarkError('INVALID_ARGUMENT', 'passphrase slot needs a passphrase');
   const N = 2 ** kdf.logN;
   const maxmem = 128 * N * kdf.r * 2;
   return new Promise((resolve, reject) =>

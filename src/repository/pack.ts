@@ -14,7 +14,7 @@
  *   entry:       chunk id (32) | offset u32 | length u32   (the chunk's envelope: bytes [offset, offset + length))
  */
 import { randomBytes } from 'node:crypto';
-import { TidemarkError } from '../errors.js';
+import { TidemarkErrorBase } from '../errors.js';
 import { ID_SIZE } from './disk-index.js';
 import { HEADER_SIZE, MAX_OVERHEAD } from './envelope.js';
 
@@ -66,7 +66,7 @@ export function packHeaderSize(count: number): number {
 export const MAX_PACK_HEADER_OBJECT = packHeaderSize(MAX_PACK_ENTRIES) + MAX_OVERHEAD;
 
 /** A pack or pack index that does not decode: what verify reports, like IndexFormatError. */
-export class PackFormatError extends TidemarkError {
+export class PackFormatError extends TidemarkErrorBase<'REPOSITORY_CORRUPT'> {
   constructor(
     readonly problem: 'truncated' | 'corrupt',
     message: string,

@@ -9,7 +9,7 @@ import { createRequire } from 'node:module';
 import os from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
-import { TidemarkError, type ErrorCode } from '../errors.js';
+import { TidemarkError, type ErrorCode, TidemarkErrorBase } from '../errors.js';
 import {
   checkContentId,
   EnvelopeCodec,
@@ -45,7 +45,7 @@ export function loadZstd(): ZstdBinding {
 }
 
 /** What failed in a codec call: the envelope's problem, to be wrapped with the object's key by the caller. */
-export class CodecError extends TidemarkError {
+export class CodecError extends TidemarkErrorBase {
   constructor(
     code: ErrorCode,
     readonly problem: 'truncated' | 'corrupt',

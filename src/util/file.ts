@@ -256,11 +256,11 @@ export class PatchedFile implements RandomAccessFile {
   }
 
   async write(): Promise<void> {
-    throw new Error('PatchedFile is read-only');
+    throw new TidemarkError('READ_ONLY', 'PatchedFile is read-only');
   }
 
   async truncate(): Promise<void> {
-    throw new Error('PatchedFile is read-only');
+    throw new TidemarkError('READ_ONLY', 'PatchedFile is read-only');
   }
 
   async datasync(): Promise<void> {}

@@ -8,13 +8,13 @@
  */
 import { constants, type BigIntStats } from 'node:fs';
 import { lstat, open, stat, type FileHandle } from 'node:fs/promises';
-import { TidemarkError, fromSystemError } from '../errors.js';
+import { TidemarkError, fromSystemError, TidemarkErrorBase } from '../errors.js';
 
 /** What a path must name: a regular file, or (`disk`) a regular file or a block device. */
 export type FileKind = 'file' | 'disk';
 
 /** The path names something else than the file kind wanted (a FIFO, a socket, a directory, ...). */
-export class FileTypeError extends TidemarkError {
+export class FileTypeError extends TidemarkErrorBase<'INVALID_ARGUMENT'> {
   constructor(
     readonly path: string,
     readonly type: string,
@@ -29,7 +29,7 @@ export class FileTypeError extends TidemarkError {
 }
 
 /** The path is a symbolic link where none may be followed. */
-export class SymlinkRefusedError extends TidemarkError {
+export class SymlinkRefusedError extends TidemarkErrorBase<'PATH_NOT_ALLOWED'> {
   constructor(readonly path: string) {
     super('PATH_NOT_ALLOWED', `${path} is a symbolic link; it is not followed (replace it with the file itself)`, {
       path,

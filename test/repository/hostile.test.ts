@@ -72,7 +72,7 @@ const CODES = new Set([
   'LIMIT_EXCEEDED',
   'BUSY',
 ]);
-/** Exit statuses of those codes (docs/cli.md), and 1: damage found. */
+/** Exit statuses of those codes (docs/errors.md), and 1: damage found. */
 const STATUSES = new Set([0, 1, 2, 3, 4, 5, 6, 7]);
 
 type R = ReturnType<typeof rng>;

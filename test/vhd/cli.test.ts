@@ -36,7 +36,7 @@ function ok(args: string[], input?: Buffer) {
   return r;
 }
 
-/** Fails with exactly one stderr line naming `code`, and the exit status docs/cli.md gives it. */
+/** Fails with exactly one stderr line naming `code`, and the exit status docs/errors.md gives it. */
 function fails(args: string[], status: number, code: string) {
   const r = tidemark(args);
   expect(r.status, `${args.join(' ')}: ${r.stderr}`).toBe(status);

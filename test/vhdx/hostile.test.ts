@@ -499,7 +499,7 @@ const FORGED: [string, Forge][] = [
   ],
 ];
 
-/** Exit statuses a typed error may have (docs/cli.md); 70 is an internal error. */
+/** Exit statuses a typed error may have (docs/errors.md); 70 is an internal error. */
 const TYPED = new Set([1, 2, 3, 4, 5, 6, 7]);
 
 describe('forged sizes at and beyond the limits', () => {

@@ -1,0 +1,2 @@
+/** `tidemark/repository`: the deduplicating, encrypting backup repository (docs/library.md, docs/formats/repository.md). */
+export * from '../repository/index.js';
