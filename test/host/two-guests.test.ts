@@ -225,6 +225,8 @@ describe.skipIf(skip)(
         expect(v.status, `${label} ${v.name}: ${v.error}`).toBe('ok');
         expect(v.consistency, `${label} ${v.name}: ${v.consistencyNote}`).toBe('application');
       }
+      // The shell guest has nothing to park: its freeze never waits out the fsfreeze hook's 10 s.
+      expect(s.vms.find((v) => v.name === SH)!.freezeWindowMs).toBeLessThan(8000);
       points.push({ id: s.pointId!, window });
       figures[label] = Object.fromEntries(
         s.vms.map((v) => [
