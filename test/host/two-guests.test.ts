@@ -232,8 +232,8 @@ describe.skipIf(skip)(
         s.vms.map((v) => [
           v.name,
           {
-            freezeWindowMs: v.freezeWindowMs,
-            ioPauseMs: v.ioPauseMs,
+            freezeWindowMs: v.freezeWindowMs === null ? null : Math.round(v.freezeWindowMs),
+            ioPauseMs: v.ioPauseMs === null ? null : Math.round(v.ioPauseMs),
             longestWorkloadGapMs: Math.round(gaps[v.name]),
             read: v.disks.map((d) => `${d.read} ${d.bytesRead}`).join(', '),
           },
