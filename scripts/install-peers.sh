@@ -17,7 +17,8 @@ declare -A PACKAGE_OF=(
   [mkfs.xfs]=xfsprogs               # the reflink snapshot provider's test file system
   [openssl]=openssl                 # test certificates for NBD over TLS
   [qemu-system-x86_64]=qemu-system-x86 # the VM runtime's guests (TCG when there is no KVM)
-  [e2fsck]=e2fsprogs                # checks a guest's data disk after it stopped
+  [e2fsck]=e2fsprogs [debugfs]=e2fsprogs # checks a guest's data disk; pulls files out of a restored one
+  [sqlite3]=sqlite3                 # checks the sqlite workload's database in a restored guest disk
   [xz]=xz-utils [zstd]=zstd         # guest-image build: the kernel's compressed payload
   [dpkg-deb]=dpkg [apt-get]=apt     # guest-image build: apt-get download + dpkg-deb -x, no root needed
 )

@@ -175,6 +175,13 @@ export const CommitImportBody = z
     checkpointPolicy: CheckpointPolicy.optional(),
     guest: z.string().max(4096).nullable().optional(),
     disks: z.array(z.object({ slot: Slot, path: z.string().min(1).max(4096) }).strict()).max(68),
+    // What QEMU runs, kept from the backed-up definition (so a restored guest boots as it did).
+    memoryMiB: MemoryMiB.optional(),
+    cpus: Cpus.optional(),
+    scsiControllers: ScsiControllers.optional(),
+    boot: BootDefinition.nullable().optional(),
+    image: z.string().min(1).max(4096).optional(),
+    accel: Accel.optional(),
   })
   .strict();
 

@@ -8,7 +8,7 @@ import { chmod, copyFile, lstat, mkdir, open, rename, rm, unlink, writeFile } fr
 import os from 'node:os';
 import path from 'node:path';
 import type { HostClient } from '../api/client.js';
-import type { ImportInfo, VmSummary } from '../api/schemas.js';
+import type { CommitImportBody, ImportInfo, VmSummary } from '../api/schemas.js';
 import { TidemarkError, fromSystemError } from '../errors.js';
 import { createVhdx } from '../formats/vhdx/create.js';
 import { VhdxFile } from '../formats/vhdx/vhdx.js';
@@ -262,13 +262,22 @@ export async function restoreRegistered(
   return { pointId: m.id, time: m.time, disks: out, durationMs: performance.now() - started, registered };
 }
 
-/** What the new VM keeps of the backed-up definition (not its guest channel: that belongs to the original). */
-function definitionSettings(
-  def: unknown,
-  supported: string[] | undefined,
-): { generation?: 1 | 2; configVersion?: string; checkpointPolicy?: VmSummary['checkpointPolicy'] } {
+type Settings = Omit<CommitImportBody, 'disks' | 'guest'>;
+
+/**
+ * What the new VM keeps of the backed-up definition: its generation, version and checkpoint policy, and what
+ * QEMU runs (memory, vCPUs, SCSI controllers, boot, image, accel), so a restored guest boots as it did. Not
+ * its guest channel: that belongs to the original. The host validates each value again on commit.
+ */
+function definitionSettings(def: unknown, supported: string[] | undefined): Settings {
   const d = (typeof def === 'object' && def !== null ? def : {}) as Record<string, unknown>;
-  const out: ReturnType<typeof definitionSettings> = {};
+  const out: Settings = {};
+  if (typeof d.memoryMiB === 'number') out.memoryMiB = d.memoryMiB;
+  if (typeof d.cpus === 'number') out.cpus = d.cpus;
+  if (typeof d.scsiControllers === 'number') out.scsiControllers = d.scsiControllers;
+  if (d.boot === null || (typeof d.boot === 'object' && d.boot !== null)) out.boot = d.boot as Settings['boot'];
+  if (typeof d.image === 'string' && d.image.length > 0) out.image = d.image;
+  if (typeof d.accel === 'string' && ['auto', 'kvm', 'tcg'].includes(d.accel)) out.accel = d.accel as Settings['accel'];
   if (d.generation === 1 || d.generation === 2) out.generation = d.generation;
   if (typeof d.configVersion === 'string') {
     if (supported && !supported.includes(d.configVersion)) {

@@ -99,7 +99,9 @@ fi
 WL=$(arg tidemark.workload); WL=\${WL:-none}
 INTERVAL=$(arg tidemark.interval); INTERVAL=\${INTERVAL:-0.5}
 case "$WL" in
-  sqlite|shell) /usr/lib/tidemark/workload "$WL" "$BOOT" "$INTERVAL" & echo $! > /run/tidemark/workload.pid ;;
+  # Only the sqlite workload parks for a freeze (the fsfreeze hook waits for it): the shell's pid is not recorded.
+  sqlite) /usr/lib/tidemark/workload "$WL" "$BOOT" "$INTERVAL" & echo $! > /run/tidemark/workload.pid ;;
+  shell) /usr/lib/tidemark/workload "$WL" "$BOOT" "$INTERVAL" & ;;
   none) ;;
   *) log "unknown workload $WL (sqlite, shell or none)" ;;
 esac

@@ -43,6 +43,9 @@ beforeAll(async () => {
     name: 'web',
     configVersion: '8.0',
     checkpointPolicy: 'standard-only',
+    memoryMiB: 384,
+    cpus: 2,
+    scsiControllers: 2,
     disks: [
       { slot: 'scsi0-0', size: 8 * MiB },
       { slot: 'scsi0-1', size: 12 * MiB },
@@ -165,8 +168,9 @@ describe('restore --register', () => {
     for (const f of await readdir(disks)) expect((await stat(path.join(disks, f))).mode & 0o777, f).toBe(0o600);
     expect((await stat(path.join(store, 'vms', 'web-copy'))).mode & 0o777).toBe(0o700);
     const vm = await api.showVm('web-copy');
-    // The backed-up definition's settings come along (not its guest channel).
+    // The backed-up definition's settings come along, what QEMU runs too (not its guest channel).
     expect(vm).toMatchObject({ configVersion: '8.0', checkpointPolicy: 'standard-only', guest: null });
+    expect(vm).toMatchObject({ memoryMiB: 384, cpus: 2, scsiControllers: 2, boot: null });
     expect(vm.disks.map((d) => d.tracking)).toEqual(['enabled', 'enabled']);
     expect(vm.definition.pending).toBeNull();
     expect(await listing(path.join(store, 'vms', 'web-copy'))).not.toContain('import.json');
