@@ -22,6 +22,8 @@ import { rng, seedFrom } from '../helpers/random.js';
 
 const SEED = seedFrom('TIDEMARK_FUZZ_SEED', 99);
 const CASES = Number(process.env.TIDEMARK_FUZZ_CASES ?? 300);
+/** Long runs (TIDEMARK_FUZZ_CASES) get time in proportion. */
+const LONG_RUN_TIMEOUT = Math.max(120_000, CASES * 20);
 const KEY = randomBytes(32);
 
 function compressible(r: ReturnType<typeof rng>, n: number): Buffer {
@@ -88,54 +90,58 @@ describe('envelope', () => {
   // named by the hash of their plaintext) may open after damage — possibly to the original bytes, as when a flipped
   // bit lies in a part of the zstd frame that does not change its output — and the name check above it
   // (checkContentId) is what refuses any other bytes. Together they never hand back wrong bytes.
-  it(`a flipped bit or a cut anywhere: a protected envelope fails; an unprotected one fails or, with its name check, yields exactly the original — ${CASES} cases, seed ${SEED}`, () => {
-    const r = rng(SEED + 1);
-    let openedAfterDamage = 0;
-    let openedToOriginal = 0;
-    for (let i = 0; i < CASES; i++) {
-      const codec = r.int(2) ? plain : sealed;
-      const checksum = r.int(2) === 1;
-      const data = r.int(2) ? compressible(r, 1 + r.int(20_000)) : r.bytes(1 + r.int(20_000));
-      const id = createHash('sha256').update(data).digest('hex');
-      const out = codec.seal(data, { type: 'index', name: 'indexes/x', checksum });
-      const isProtected = codec === sealed || checksum;
-      const bad = Buffer.from(out);
-      let at = HEADER_SIZE;
-      let damaged: Buffer;
-      if (r.int(4) === 0) {
-        damaged = bad.subarray(0, r.int(bad.length));
-      } else {
-        at = r.int(bad.length);
-        bad[at] ^= 1 << r.int(8);
-        damaged = bad;
+  it(
+    `a flipped bit or a cut anywhere: a protected envelope fails; an unprotected one fails or, with its name check, yields exactly the original — ${CASES} cases, seed ${SEED}`,
+    { timeout: LONG_RUN_TIMEOUT },
+    () => {
+      const r = rng(SEED + 1);
+      let openedAfterDamage = 0;
+      let openedToOriginal = 0;
+      for (let i = 0; i < CASES; i++) {
+        const codec = r.int(2) ? plain : sealed;
+        const checksum = r.int(2) === 1;
+        const data = r.int(2) ? compressible(r, 1 + r.int(20_000)) : r.bytes(1 + r.int(20_000));
+        const id = createHash('sha256').update(data).digest('hex');
+        const out = codec.seal(data, { type: 'index', name: 'indexes/x', checksum });
+        const isProtected = codec === sealed || checksum;
+        const bad = Buffer.from(out);
+        let at = HEADER_SIZE;
+        let damaged: Buffer;
+        if (r.int(4) === 0) {
+          damaged = bad.subarray(0, r.int(bad.length));
+        } else {
+          at = r.int(bad.length);
+          bad[at] ^= 1 << r.int(8);
+          damaged = bad;
+        }
+        let got: Buffer;
+        try {
+          got = codec.open(damaged, 'index', 'indexes/x', 1 << 20);
+        } catch (err) {
+          expect(err, `case ${i}`).toBeInstanceOf(EnvelopeError);
+          continue;
+        }
+        expect(isProtected, `case ${i}: a protected envelope opened after damage at ${at}`).toBe(false);
+        expect(at, `case ${i}: header damage at ${at} went unnoticed`).toBeGreaterThanOrEqual(HEADER_SIZE);
+        openedAfterDamage++;
+        if (got.equals(data)) openedToOriginal++;
+        // The caller's check against the name: passes only for the original bytes.
+        let checked = true;
+        try {
+          checkContentId(got, id, null);
+        } catch (err) {
+          expect(err, `case ${i}`).toBeInstanceOf(EnvelopeError);
+          checked = false;
+        }
+        expect(checked, `case ${i}: the name check must pass exactly when the bytes are the original`).toBe(
+          got.equals(data),
+        );
       }
-      let got: Buffer;
-      try {
-        got = codec.open(damaged, 'index', 'indexes/x', 1 << 20);
-      } catch (err) {
-        expect(err, `case ${i}`).toBeInstanceOf(EnvelopeError);
-        continue;
-      }
-      expect(isProtected, `case ${i}: a protected envelope opened after damage at ${at}`).toBe(false);
-      expect(at, `case ${i}: header damage at ${at} went unnoticed`).toBeGreaterThanOrEqual(HEADER_SIZE);
-      openedAfterDamage++;
-      if (got.equals(data)) openedToOriginal++;
-      // The caller's check against the name: passes only for the original bytes.
-      let checked = true;
-      try {
-        checkContentId(got, id, null);
-      } catch (err) {
-        expect(err, `case ${i}`).toBeInstanceOf(EnvelopeError);
-        checked = false;
-      }
-      expect(checked, `case ${i}: the name check must pass exactly when the bytes are the original`).toBe(
-        got.equals(data),
+      console.log(
+        `envelope fuzz: ${CASES} cases, seed ${SEED}; ${openedAfterDamage} unprotected envelopes opened after damage, ${openedToOriginal} of them to the original bytes`,
       );
-    }
-    console.log(
-      `envelope fuzz: ${CASES} cases, seed ${SEED}; ${openedAfterDamage} unprotected envelopes opened after damage, ${openedToOriginal} of them to the original bytes`,
-    );
-  });
+    },
+  );
 
   it('manifests with the MAC trailer: opened only under their key and name; a reader without the key still checks the checksum', () => {
     const macKey = randomBytes(32);

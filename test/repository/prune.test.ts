@@ -13,6 +13,8 @@ import { backup, vmSpec } from './helpers.js';
 
 const SEED = seedFrom('TIDEMARK_FUZZ_SEED', 2718);
 const CASES = Number(process.env.TIDEMARK_FUZZ_CASES ?? 300);
+/** Long runs (TIDEMARK_FUZZ_CASES) get time in proportion. */
+const LONG_RUN_TIMEOUT = Math.max(120_000, CASES * 20);
 
 interface P {
   id: string;
@@ -65,7 +67,7 @@ function model(points: P[], policy: RetentionPolicy): Map<string, string[]> {
 }
 
 describe(`retention policy against the model (${CASES} cases, seed ${SEED})`, () => {
-  it('keeps exactly what the model keeps, for the same reasons', () => {
+  it('keeps exactly what the model keeps, for the same reasons', { timeout: LONG_RUN_TIMEOUT }, () => {
     const r = rng(SEED);
     for (let c = 0; c < CASES; c++) {
       const points: P[] = [];
