@@ -277,6 +277,11 @@ export class ChangeTracker implements WriteObserver {
         'ALREADY_EXISTS',
         `change tracking is already enabled for ${basePath} (${paths.rct}); disable it first`,
       );
+    } else {
+      // No fine map: a coarse map of ours left alone (its .rct deleted) tracks nothing; the new epoch replaces it.
+      await unlink(paths.mrt).catch((err: NodeJS.ErrnoException) => {
+        if (err.code !== 'ENOENT') throw err;
+      });
     }
     const header = newEpochHeader(disk, granularity, opts.reason ?? '');
     const rct = await NodeFile.openSidecar(paths.rct, 'wx');
