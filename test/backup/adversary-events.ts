@@ -76,7 +76,8 @@ export function sequenceSeed(seed: number, index: number): number {
 /**
  * Sequence `index`: a first backup, then `steps` rounds of writes, one adversarial event (kinds dealt round-robin
  * from the index, so every kind comes up in any run of 16 sequences, the rest random), more writes, and a
- * backup. Every `childEvery`-th sequence runs on the child-process host and starts with a SIGKILL.
+ * backup. Every `childEvery`-th sequence runs on the child-process host and starts with a SIGKILL (the deal
+ * skips those, so every kind gets its share).
  */
 export function makeSequence(seed: number, index: number, steps: number, childEvery: number): Sequence {
   const s = sequenceSeed(seed, index);
@@ -104,7 +105,7 @@ export function makeSequence(seed: number, index: number, steps: number, childEv
   for (let step = 0; step < steps; step++) {
     let kind: AdversarialKind;
     if (child && step === 0) kind = 'host-kill';
-    else if (step === 0) kind = pool[index % pool.length];
+    else if (step === 0) kind = pool[(index - Math.floor((index + 1) / Math.max(childEvery, 1))) % pool.length];
     else kind = r.pick(pool);
     const needs = NEEDS[kind];
     // Ordinary life first: a checkpoint now and then, writes, a restart.

@@ -12,7 +12,7 @@
  *
  * TIDEMARK_LINEAGE_SEED (default 1313), TIDEMARK_LINEAGE_TRIALS (sequences, default 200),
  * TIDEMARK_LINEAGE_STEPS (adversarial events per sequence, default 1), TIDEMARK_LINEAGE_ONLY=<index> (replay one),
- * TIDEMARK_LINEAGE_PARALLEL (sequences side by side, default 4).
+ * TIDEMARK_LINEAGE_PARALLEL (sequences side by side, default 6).
  */
 import { execFile } from 'node:child_process';
 import { copyFile, mkdir, readdir, readFile, rename, rm, stat, truncate, utimes, writeFile } from 'node:fs/promises';
@@ -49,7 +49,7 @@ const TRIALS = Number(process.env.TIDEMARK_LINEAGE_TRIALS ?? 200);
 const STEPS = Number(process.env.TIDEMARK_LINEAGE_STEPS ?? 1);
 const ONLY = process.env.TIDEMARK_LINEAGE_ONLY;
 /** Sequences run side by side (each on its own VM). */
-const PARALLEL = Number(process.env.TIDEMARK_LINEAGE_PARALLEL ?? 4);
+const PARALLEL = Number(process.env.TIDEMARK_LINEAGE_PARALLEL ?? 6);
 /** Every CHILD_EVERY-th sequence runs on the child-process host and is SIGKILLed. */
 const CHILD_EVERY = 10;
 console.log(
@@ -426,8 +426,10 @@ class Run {
             const from = path.join(this.savedDir, `${slot}.vhdx${ext}`);
             const to = this.diskFile(slot) + ext;
             if (!(await exists(from))) continue;
-            if (v < 2)
+            if (v === 0)
               await copyFile(from, to); // the same inode, older bytes
+            else if (v === 1)
+              await sh('cp', ['-p', from, to]); // ... and its times too, to the nanosecond
             else {
               await copyFile(from, `${to}.tmp`); // a new file renamed into place
               await rename(`${to}.tmp`, to);
@@ -600,6 +602,10 @@ async function runSequence(q: Sequence): Promise<void> {
     await run.teardown().catch(() => undefined);
   }
   tally.sequences++;
+  if (tally.sequences % 25 === 0)
+    console.log(
+      `lineage suite: ${tally.sequences} sequences done, ${tally.backups} disk backups, misses ${tally.misses}`,
+    );
 }
 
 describe(`adversarial lineage suite (seed ${SEED})`, () => {
@@ -657,7 +663,8 @@ describe(`adversarial lineage suite (seed ${SEED})`, () => {
       if (ONLY === undefined) {
         for (const k of ADVERSARIAL) expect(tally.events.get(k) ?? 0, `event ${k} ran`).toBeGreaterThan(0);
         // Tracking must be doing its job: "always full" would fail here.
-        expect(tally.incrementals).toBeGreaterThanOrEqual(tally.backups / 10);
+        // (Most backups here follow an event that forks or foreign-writes the disk, or are a VM's first.)
+        expect(tally.incrementals).toBeGreaterThanOrEqual(Math.max(1, tally.backups / 20));
         expect(tally.fulls).toBeGreaterThan(0);
       }
     },
