@@ -16,6 +16,8 @@ export interface SuiteHost {
   store: string;
   api: HostClient;
   nbdSocket: string;
+  /** The in-process host itself (to plant a change below the tracker in the suite's self-test). */
+  running?: RunningHost;
   /** Only the child-process host can be killed. */
   kill?(): Promise<void>;
   restart?(): Promise<void>;
@@ -29,6 +31,7 @@ export async function inProcessHost(name: string, store: string): Promise<SuiteH
     store,
     api: await HostClient.connect({ store }),
     nbdSocket: running.host.nbdSocket,
+    running,
     close: () => running.close(),
   };
 }

@@ -394,7 +394,7 @@ class Run {
         const vms = await hostB.api.listVms();
         if (vms.some((x) => x.name === this.vm)) {
           await hostB.api.stopVm(this.vm, true);
-          await hostB.api.deleteVm(this.vm, false);
+          await hostB.api.deleteVm(this.vm, true); // its folder (the disks live under copies/)
         }
         await hostB.api.createVm({
           name: this.vm,
@@ -609,6 +609,37 @@ async function runSequence(q: Sequence): Promise<void> {
 }
 
 describe(`adversarial lineage suite (seed ${SEED})`, () => {
+  it('its oracle catches a planted miss: a write below the tracker, then an incremental', async () => {
+    // The suite's own check: a change tracking never hears of (written through the host's engine with the
+    // tracker detached) must fail the restore comparison of the next incremental.
+    const run = new Run({ index: -1, seed: SEED, child: false, events: [] });
+    const misses = tally.misses;
+    try {
+      await run.setup();
+      await run.writes(3);
+      await run.backup(0);
+      const file = hostA.running!.host.runningDisk(run.vm, SLOTS[0]).file;
+      const observer = file.observer;
+      file.observer = undefined;
+      try {
+        await file.write(Buffer.alloc(4096, 0xa5), 3 * MiB);
+        await file.flush();
+      } finally {
+        file.observer = observer;
+      }
+      await run.writes(1);
+      const err = await run.backup(0).then(
+        () => undefined,
+        (e: unknown) => e,
+      );
+      expect(err).toBeInstanceOf(Miss);
+      expect((err as Error).message).toMatch(/incremental\) differs from the disk at offset/);
+    } finally {
+      tally.misses = misses;
+      await run.teardown();
+    }
+  });
+
   it(
     `${ONLY !== undefined ? `sequence ${ONLY}` : `${TRIALS} sequences`}: every backup restores exactly (misses: 0)`,
     {
