@@ -21,6 +21,7 @@
  *   the disk counts as untracked until `enable({ replaceForeign: true })`. Reads never write.
  */
 import { createHash, randomBytes } from 'node:crypto';
+import type { BigIntStats } from 'node:fs';
 import { access, lstat, open, rename, stat, unlink } from 'node:fs/promises';
 import path from 'node:path';
 import { TidemarkError } from '../errors.js';
@@ -133,9 +134,20 @@ function nameHash(file: string): string {
 
 /** The file at `p` as an instance (stat follows no link: a tracking file that is a link is refused earlier). */
 async function fileRecord(p: string, named = true): Promise<FileRecord> {
-  const st = await stat(p, { bigint: true });
+  return recordOf(await stat(p, { bigint: true }), named ? nameHash(p) : '');
+}
+
+/**
+ * An open tracking file as an instance (fstat): the file the header is written into, even when its path was
+ * removed or names another file meanwhile (the watch reports that; the next open then finds what the path names).
+ */
+async function openFileRecord(f: NodeFile): Promise<FileRecord> {
+  return recordOf(await f.stat(), '');
+}
+
+function recordOf(st: BigIntStats, hash: string): FileRecord {
   return {
-    nameHash: named ? nameHash(p) : '',
+    nameHash: hash,
     dev: st.dev,
     ino: st.ino,
     birthNs: st.birthtimeNs,
@@ -265,6 +277,11 @@ export class ChangeTracker implements WriteObserver {
         'ALREADY_EXISTS',
         `change tracking is already enabled for ${basePath} (${paths.rct}); disable it first`,
       );
+    } else {
+      // No fine map: a coarse map of ours left alone (its .rct deleted) tracks nothing; the new epoch replaces it.
+      await unlink(paths.mrt).catch((err: NodeJS.ErrnoException) => {
+        if (err.code !== 'ENOENT') throw err;
+      });
     }
     const header = newEpochHeader(disk, granularity, opts.reason ?? '');
     const rct = await NodeFile.openSidecar(paths.rct, 'wx');
@@ -659,8 +676,8 @@ export class ChangeTracker implements WriteObserver {
     const rct = this.rct!;
     const h = this.header;
     h.chain = await chainRecords(this.head);
-    h.rctFile = await fileRecord(this.paths.rct, false);
-    h.mrtFile = this.mrt ? await fileRecord(this.paths.mrt, false) : h.mrtFile;
+    h.rctFile = await openFileRecord(rct);
+    h.mrtFile = this.mrt ? await openFileRecord(this.mrt) : h.mrtFile;
     h.closedClean = opts.closedClean ?? false;
     const slot: 0 | 1 = h.mapSlot === 0 ? 1 : 0;
     await rct.write(

@@ -1,4 +1,4 @@
-import { constants } from 'node:fs';
+import { constants, type BigIntStats } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { TidemarkError, fromSystemError } from '../errors.js';
 import { dataExtentsOf, type DataExtent } from './holes.js';
@@ -148,6 +148,11 @@ export class NodeFile implements RandomAccessFile {
 
   size(): number {
     return this.length;
+  }
+
+  /** The open file's status (fstat): what it is even when its path now names another file, or none. */
+  stat(): Promise<BigIntStats> {
+    return this.handle.stat({ bigint: true });
   }
 
   dataExtents(offset: number, length: number): DataExtent[] | undefined {
