@@ -12,6 +12,7 @@ import type {
   SnapshotProvider,
   StorageSnapshot,
 } from '../../src/snapshot/provider.js';
+import { systemClock, type Clock } from '../../src/util/clock.js';
 import { NodeFile, type RandomAccessFile } from '../../src/util/file.js';
 import type {
   CommittedSnapshot,
@@ -49,6 +50,8 @@ export interface ScriptedWriterOptions {
   script?: Partial<Record<WriterPhase, Behaviour | Behaviour[]>>;
   journal?: Journal;
   freezeWindowMs?: number;
+  /** What a `{ delayMs }` waits on (default: the system clock). */
+  clock?: Clock;
 }
 
 export const defaultComponents = (name: string): ComponentMetadata[] => [
@@ -96,7 +99,7 @@ export class ScriptedWriter implements Writer {
     if (b === 'false') return false;
     if (b === 'not-boolean') return 'yes' as unknown as boolean;
     if ('delayMs' in b) {
-      await new Promise((r) => setTimeout(r, b.delayMs));
+      await (this.opts.clock ?? systemClock).sleep(b.delayMs);
       return true;
     }
     if ('fail' in b) {
@@ -166,6 +169,8 @@ export class ScriptedProvider implements Provider {
     readonly name: string,
     private readonly script: Partial<Record<ScriptedPhase, ProviderBehaviour>> = {},
     private readonly journal?: Journal,
+    /** What a `{ delayMs }` waits on. */
+    private readonly clock: Clock = systemClock,
   ) {}
 
   /** Units held across every set: 0 once everything was aborted or deleted. */
@@ -183,7 +188,7 @@ export class ScriptedProvider implements Provider {
     if (b === 'throw') throw new Error(`${this.name} broke in ${phase}`);
     if (b === 'veto') throw new TidemarkError('IO_ERROR', `${this.name} refused ${phase}`);
     if (b === 'hang') return new Promise<void>(() => undefined);
-    await new Promise((r) => setTimeout(r, b.delayMs));
+    await this.clock.sleep(b.delayMs);
   }
 
   async isSupported(files: readonly string[]): Promise<string | undefined> {
