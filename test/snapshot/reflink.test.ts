@@ -18,6 +18,7 @@ import { NodeFile } from '../../src/util/file.js';
 import { requirePeers, run, tempDir } from '../helpers/peers.js';
 import { rng } from '../helpers/random.js';
 import { SEED, codeOf, expectInstant, makeFiles, providerConformance } from './conformance.js';
+import { sleep } from '../helpers/async.js';
 
 const MiB = 1024 * 1024;
 
@@ -62,7 +63,7 @@ async function mountXfs(): Promise<{ mnt: string; unmount: () => Promise<void> }
     unmount: async () => {
       for (let i = 0; i < 10 && mounted; i++) {
         if ((await run('umount', [mnt], { allowFail: true })).code === 0) mounted = false;
-        else await new Promise((resolve) => setTimeout(resolve, 200));
+        else await sleep(200);
       }
       umountSync();
     },

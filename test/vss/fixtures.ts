@@ -27,6 +27,7 @@ import type {
   WriterMetadata,
   WriterPhase,
 } from '../../src/vss/index.js';
+import { sleep } from '../helpers/async.js';
 
 /** A shared, ordered record of who was called with what: `writer:A.freeze`, `provider:P.commit`, `host.hold`. */
 export type Journal = string[];
@@ -285,7 +286,7 @@ export class CopySnapshotProvider implements SnapshotProvider {
     return {
       async commit(): Promise<StorageSnapshot> {
         if (state !== 'prepared') throw new TidemarkError('CLOSED', `snapshot ${id} is ${state}`);
-        if (delay() > 0) await new Promise((r) => setTimeout(r, delay()));
+        if (delay() > 0) await sleep(delay());
         await Promise.all(abs.map((f, i) => copyFile(f, path.join(dir, `${i}.copy`))));
         state = 'committed';
         let released = false;
@@ -395,7 +396,7 @@ export class AppWriter implements Writer {
         this.current = this.writeRecord();
         await this.current;
         this.current = undefined;
-        await new Promise((r) => setTimeout(r, 1));
+        await sleep(1);
       }
     } catch (err) {
       this.writeError = err;
