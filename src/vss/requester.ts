@@ -14,7 +14,7 @@ import {
   type SnapshotRecord,
 } from './provider.js';
 import { systemClock, type Clock } from '../util/clock.js';
-import { errorMessage, ms, settle, timer } from './settle.js';
+import { errorMessage, ms, settle } from './settle.js';
 import {
   BACKUP_TYPES,
   componentPath,
@@ -495,6 +495,8 @@ export class BackupComponents {
   private async runSnapshotSet(): Promise<void> {
     const setId = this.setId!;
     const L = this.limits;
+    // A timer on this backup's clock, as a value: cancel() is safe twice and after it fired.
+    const timer = (after: number, fn: () => void) => this.clock.setTimeout(fn, after);
     const t0 = this.clock.now();
     const timings: SnapshotSetTimings = { totalMs: 0 };
     this.timings = timings;
@@ -637,31 +639,27 @@ export class BackupComponents {
       const armWindow = () => {
         if (deadlines.length === 0) return;
         const first = Math.min(...deadlines.map((d) => d.at));
-        windowTimer = timer(
-          first - this.clock.now(),
-          () => {
-            const t = this.clock.now();
-            const due = deadlines.filter((d) => d.at <= t + 1);
-            deadlines = deadlines.filter((d) => d.at > t + 1);
-            const expired = due.filter((d) => d.w.state === 'WAITING_FOR_THAW' || d.w.state === 'WAITING_FOR_FREEZE');
-            if (expired.length === 0) return armWindow();
-            for (const d of expired) {
-              const window = d.at - fs;
-              d.w.markFailed('freeze', 'TIMEOUT', `still frozen when its Freeze→Thaw window of ${window} ms elapsed`);
-            }
-            const c = culprit();
-            const names = expired.map((d) => d.w.name).join(', ');
-            raise({
-              by: c?.by ?? 'writer',
-              name: c?.name ?? expired[0].w.name,
-              phase: c?.phase ?? 'freeze',
-              kind: 'TIMEOUT',
-              limit: 'freeze-window',
-              message: `the Freeze→Thaw window of ${Math.round(expired[0].at - fs)} ms elapsed while ${describe(c)}; writer(s) ${names} failed at Freeze`,
-            });
-          },
-          this.clock,
-        );
+        windowTimer = timer(first - this.clock.now(), () => {
+          const t = this.clock.now();
+          const due = deadlines.filter((d) => d.at <= t + 1);
+          deadlines = deadlines.filter((d) => d.at > t + 1);
+          const expired = due.filter((d) => d.w.state === 'WAITING_FOR_THAW' || d.w.state === 'WAITING_FOR_FREEZE');
+          if (expired.length === 0) return armWindow();
+          for (const d of expired) {
+            const window = d.at - fs;
+            d.w.markFailed('freeze', 'TIMEOUT', `still frozen when its Freeze→Thaw window of ${window} ms elapsed`);
+          }
+          const c = culprit();
+          const names = expired.map((d) => d.w.name).join(', ');
+          raise({
+            by: c?.by ?? 'writer',
+            name: c?.name ?? expired[0].w.name,
+            phase: c?.phase ?? 'freeze',
+            kind: 'TIMEOUT',
+            limit: 'freeze-window',
+            message: `the Freeze→Thaw window of ${Math.round(expired[0].at - fs)} ms elapsed while ${describe(c)}; writer(s) ${names} failed at Freeze`,
+          });
+        });
       };
       armWindow();
       await Promise.all(
@@ -678,22 +676,18 @@ export class BackupComponents {
       const holdWrites = this.holdWrites;
       if (holdWrites) {
         holdStart = this.clock.now();
-        holdTimer = timer(
-          L.holdWritesMs,
-          () => {
-            const c = culprit();
-            raise({
-              by: c?.by ?? 'host',
-              name: c?.name ?? 'holdWrites',
-              phase: c?.phase ?? 'hold',
-              kind: 'TIMEOUT',
-              limit: 'flush-and-hold',
-              message: `writes were held for more than ${L.holdWritesMs} ms while ${describe(c)}; released, set aborted`,
-            });
-            void releaseHold();
-          },
-          this.clock,
-        );
+        holdTimer = timer(L.holdWritesMs, () => {
+          const c = culprit();
+          raise({
+            by: c?.by ?? 'host',
+            name: c?.name ?? 'holdWrites',
+            phase: c?.phase ?? 'hold',
+            kind: 'TIMEOUT',
+            limit: 'flush-and-hold',
+            message: `writes were held for more than ${L.holdWritesMs} ms while ${describe(c)}; released, set aborted`,
+          });
+          void releaseHold();
+        });
         const held = Promise.resolve().then(() => holdWrites(files));
         // Whoever comes second releases: releaseHold if the hold is granted in time, this handler if it is
         // granted after we stopped waiting (the hold limit, or an abort, came first).

@@ -2,7 +2,7 @@
  * Calling code we do not trust (writers, providers, the host's hold callback) with a time limit and a way
  * to stop waiting, without ever letting its rejection or its late result escape.
  */
-import { systemClock, type Clock, type ClockTimer } from '../util/clock.js';
+import { systemClock, type Clock } from '../util/clock.js';
 
 export type Settled<T> =
   { kind: 'value'; value: T } | { kind: 'error'; error: unknown } | { kind: 'timeout' } | { kind: 'cancelled' };
@@ -38,11 +38,6 @@ export function settle<T>(
         (error: unknown) => finish({ kind: 'error', error }),
       );
   });
-}
-
-/** A timer as a value: `cancel()` is safe to call twice and after it fired. */
-export function timer(ms: number, fn: () => void, clock: Clock = systemClock): ClockTimer {
-  return clock.setTimeout(fn, ms);
 }
 
 export function errorMessage(err: unknown): string {
