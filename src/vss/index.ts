@@ -43,3 +43,4 @@ export {
   type RunBackupOptions,
   type RunBackupResult,
 } from './run-backup.js';
+export { systemClock, type Clock, type ClockTimer } from '../util/clock.js';

@@ -7,7 +7,8 @@
 import { TidemarkError } from '../errors.js';
 import type { PreparedSnapshot, SnapshotOptions, SnapshotProvider, StorageSnapshot } from '../snapshot/provider.js';
 import { badState } from './writer.js';
-import { errorMessage, ms, now, settle, type Settled } from './settle.js';
+import { systemClock, type Clock } from '../util/clock.js';
+import { errorMessage, ms, settle, type Settled } from './settle.js';
 import type { ProviderFailure, ProviderPhase, ProviderReport, SnapshotInfo } from './types.js';
 
 export interface ProviderContext {
@@ -113,6 +114,7 @@ export class ManagedProvider {
     readonly snapshotSetId: string,
     private readonly timeoutFor: (phase: ProviderPhase) => number,
     private readonly onEvent?: (e: ProviderEvent) => void,
+    private readonly clock: Clock = systemClock,
   ) {
     this.name = provider.name;
   }
@@ -218,13 +220,13 @@ export class ManagedProvider {
     cancel?.addEventListener('abort', forward, { once: true });
     const ctx: ProviderContext = { snapshotSetId: this.snapshotSetId, signal: ac.signal };
     const timeoutMs = this.timeoutFor(phase);
-    const t0 = now();
+    const t0 = this.clock.now();
     // Waiting stops on the caller's cancel and on abort() (which aborts every call in flight).
-    const r: Settled<void> = await settle(() => fn(ctx), timeoutMs, ac.signal);
+    const r: Settled<void> = await settle(() => fn(ctx), timeoutMs, ac.signal, this.clock);
     cancel?.removeEventListener('abort', forward);
     this.inFlight.delete(ac);
     if (r.kind !== 'value') ac.abort();
-    const durationMs = ms(t0);
+    const durationMs = ms(t0, this.clock.now());
     this.timings[phase] = (this.timings[phase] ?? 0) + durationMs;
     let failure: ProviderFailure | undefined;
     if (r.kind === 'timeout')

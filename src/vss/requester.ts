@@ -13,7 +13,8 @@ import {
   type ProviderEvent,
   type SnapshotRecord,
 } from './provider.js';
-import { errorMessage, ms, now, settle, timer } from './settle.js';
+import { systemClock, type Clock } from '../util/clock.js';
+import { errorMessage, ms, settle } from './settle.js';
 import {
   BACKUP_TYPES,
   componentPath,
@@ -87,6 +88,8 @@ export interface BackupComponentsOptions {
   holdWrites?: HoldWrites;
   limits?: Partial<VssLimits>;
   onEvent?: (e: VssEvent) => void;
+  /** Time for the limits and the timings (default: the system clock). */
+  clock?: Clock;
 }
 
 export interface BackupStateOptions {
@@ -137,6 +140,7 @@ export class BackupComponents {
   private readonly providerMap = new Map<string, Provider>();
   private readonly holdWrites: HoldWrites | undefined;
   private readonly onEvent: ((e: VssEvent) => void) | undefined;
+  private readonly clock: Clock;
   private type: BackupType = 'full';
   private selectComponents = false;
   private managed: ManagedWriter[] = [];
@@ -182,6 +186,7 @@ export class BackupComponents {
     }
     this.holdWrites = opts.holdWrites;
     this.onEvent = opts.onEvent;
+    this.clock = opts.clock ?? systemClock;
   }
 
   get snapshotSetId(): string | undefined {
@@ -220,6 +225,7 @@ export class BackupComponents {
             w,
             (phase) => this.limits.writerPhaseMs?.[phase] ?? this.limits.writerCallbackMs,
             (e) => this.emit(e),
+            this.clock,
           ),
       );
       await Promise.all(this.managed.map((w) => w.identify()));
@@ -282,7 +288,7 @@ export class BackupComponents {
       if (candidates.length === 0) throw new TidemarkError('NOT_SUPPORTED', 'no snapshot provider is registered');
       const reasons: string[] = [];
       for (const p of candidates) {
-        const r = await settle(() => p.isSupported(abs), this.limits.providerCallMs);
+        const r = await settle(() => p.isSupported(abs), this.limits.providerCallMs, undefined, this.clock);
         const reason =
           r.kind === 'value'
             ? r.value
@@ -489,7 +495,9 @@ export class BackupComponents {
   private async runSnapshotSet(): Promise<void> {
     const setId = this.setId!;
     const L = this.limits;
-    const t0 = now();
+    // A timer on this backup's clock, as a value: cancel() is safe twice and after it fired.
+    const timer = (after: number, fn: () => void) => this.clock.setTimeout(fn, after);
+    const t0 = this.clock.now();
     const timings: SnapshotSetTimings = { totalMs: 0 };
     this.timings = timings;
     const stop = new AbortController();
@@ -558,6 +566,7 @@ export class BackupComponents {
             (phase: ProviderPhase) =>
               phase === 'commit' || phase === 'preCommit' ? L.commitLimitMs : L.providerCallMs,
             (e) => this.emit(e),
+            this.clock,
           ),
         );
       }
@@ -576,8 +585,8 @@ export class BackupComponents {
       const rel = release;
       release = undefined;
       if (!rel) return;
-      timings.holdMs = ms(holdStart!);
-      const r = await settle(() => rel(), L.providerCallMs);
+      timings.holdMs = ms(holdStart!, this.clock.now());
+      const r = await settle(() => rel(), L.providerCallMs, undefined, this.clock);
       if (r.kind !== 'value') {
         this.warn(
           `releasing the held writes failed: ${r.kind === 'error' ? errorMessage(r.error) : `no return in ${L.providerCallMs} ms`}`,
@@ -587,7 +596,7 @@ export class BackupComponents {
 
     try {
       // 1. PrepareForSnapshot: a failure takes the writer out, without Abort.
-      let s = now();
+      let s = this.clock.now();
       await Promise.all(
         active().map((w) =>
           track(
@@ -596,11 +605,11 @@ export class BackupComponents {
           ),
         ),
       );
-      timings.prepareForSnapshotMs = ms(s);
+      timings.prepareForSnapshotMs = ms(s, this.clock.now());
       if (this.abortCause) return;
 
       // 2. Providers prepare: from here a provider failure aborts the set.
-      s = now();
+      s = this.clock.now();
       await Promise.all(
         providers.map(async (p) => {
           for (const v of this.volumes.filter((x) => x.provider === p.name)) {
@@ -619,19 +628,19 @@ export class BackupComponents {
           );
         }),
       );
-      timings.providerPrepareMs = ms(s);
+      timings.providerPrepareMs = ms(s, this.clock.now());
       if (this.abortCause) return;
 
       // 3. Freeze, and the Freeze→Thaw window of every writer frozen.
       const freezing = active().filter((w) => w.state === 'WAITING_FOR_FREEZE');
-      freezeStart = now();
+      freezeStart = this.clock.now();
       const fs = freezeStart;
       let deadlines = freezing.map((w) => ({ w, at: fs + (w.writer.freezeWindowMs ?? L.freezeWindowMs) }));
       const armWindow = () => {
         if (deadlines.length === 0) return;
         const first = Math.min(...deadlines.map((d) => d.at));
-        windowTimer = timer(first - now(), () => {
-          const t = now();
+        windowTimer = timer(first - this.clock.now(), () => {
+          const t = this.clock.now();
           const due = deadlines.filter((d) => d.at <= t + 1);
           deadlines = deadlines.filter((d) => d.at > t + 1);
           const expired = due.filter((d) => d.w.state === 'WAITING_FOR_THAW' || d.w.state === 'WAITING_FOR_FREEZE');
@@ -660,13 +669,13 @@ export class BackupComponents {
           ),
         ),
       );
-      timings.freezeMs = ms(fs);
+      timings.freezeMs = ms(fs, this.clock.now());
       if (this.abortCause) return;
 
       // 4. Flush and hold the writes to every file of the set.
       const holdWrites = this.holdWrites;
       if (holdWrites) {
-        holdStart = now();
+        holdStart = this.clock.now();
         holdTimer = timer(L.holdWritesMs, () => {
           const c = culprit();
           raise({
@@ -695,7 +704,7 @@ export class BackupComponents {
         );
         const r = await track(
           { by: 'host', name: 'holdWrites', phase: 'hold' },
-          settle(() => held, Infinity, stop.signal),
+          settle(() => held, Infinity, stop.signal, this.clock),
         );
         if (r.kind === 'value' && typeof r.value !== 'function') {
           raise({
@@ -718,7 +727,7 @@ export class BackupComponents {
       }
 
       // 5. preCommit and commit: the instant of the snapshot.
-      s = now();
+      s = this.clock.now();
       await Promise.all(
         providers.map((p) =>
           track({ by: 'provider', name: p.name, phase: 'preCommit' }, p.preCommit(stop.signal)).then((o) =>
@@ -726,9 +735,9 @@ export class BackupComponents {
           ),
         ),
       );
-      timings.preCommitMs = ms(s);
+      timings.preCommitMs = ms(s, this.clock.now());
       if (this.abortCause) return;
-      s = now();
+      s = this.clock.now();
       await Promise.all(
         providers.map((p) =>
           track({ by: 'provider', name: p.name, phase: 'commit' }, p.commit(stop.signal)).then((o) =>
@@ -736,7 +745,7 @@ export class BackupComponents {
           ),
         ),
       );
-      timings.commitMs = ms(s);
+      timings.commitMs = ms(s, this.clock.now());
       if (timings.commitMs > L.commitWarnMs && !this.abortCause)
         this.warn(`the providers' commit took ${timings.commitMs} ms, over the expected ${L.commitWarnMs} ms`);
       if (this.abortCause) return;
@@ -746,8 +755,8 @@ export class BackupComponents {
       if (this.abortCause) return;
       windowTimer?.cancel();
       const thawing = active().filter((w) => w.state === 'WAITING_FOR_THAW');
-      s = now();
-      timings.freezeWindowMs = ms(fs);
+      s = this.clock.now();
+      timings.freezeWindowMs = ms(fs, this.clock.now());
       await Promise.all(
         thawing.map((w) =>
           track({ by: 'writer', name: w.name, phase: 'thaw' }, w.call('thaw', this.input(w), stop.signal)).then((o) =>
@@ -755,11 +764,11 @@ export class BackupComponents {
           ),
         ),
       );
-      timings.thawMs = ms(s);
+      timings.thawMs = ms(s, this.clock.now());
       if (this.abortCause) return;
 
       // 8. postCommit: the snapshots.
-      s = now();
+      s = this.clock.now();
       await Promise.all(
         providers.map((p) =>
           track({ by: 'provider', name: p.name, phase: 'postCommit' }, p.postCommit(stop.signal)).then((o) =>
@@ -767,13 +776,13 @@ export class BackupComponents {
           ),
         ),
       );
-      timings.postCommitMs = ms(s);
+      timings.postCommitMs = ms(s, this.clock.now());
       if (this.abortCause) return;
       this.snapshotRecords = providers.flatMap((p) => [...p.snapshots]);
       this.snapshotInfos = this.snapshotRecords.map((r) => r.info);
 
       // 9. PostSnapshot: a failure takes the writer out, without Abort.
-      s = now();
+      s = this.clock.now();
       await Promise.all(
         active()
           .filter((w) => w.state === 'WAITING_FOR_POST_SNAPSHOT')
@@ -784,15 +793,16 @@ export class BackupComponents {
             ),
           ),
       );
-      timings.postSnapshotMs = ms(s);
+      timings.postSnapshotMs = ms(s, this.clock.now());
     } finally {
       windowTimer?.cancel();
       await releaseHold();
-      if (freezeStart !== undefined && timings.freezeWindowMs === undefined) timings.freezeWindowMs = ms(freezeStart);
+      if (freezeStart !== undefined && timings.freezeWindowMs === undefined)
+        timings.freezeWindowMs = ms(freezeStart, this.clock.now());
       if (this.abortCause) {
         await this.deliverAbort(this.abortCause);
       }
-      timings.totalMs = ms(t0);
+      timings.totalMs = ms(t0, this.clock.now());
     }
   }
 

@@ -2,8 +2,8 @@
  * The whole requester sequence in one call, with retries of retryable failures: each attempt uses a new
  * BackupComponents (one object per backup) and ends in BackupComplete or AbortBackup, then dispose.
  */
-import { setTimeout as sleep } from 'node:timers/promises';
 import { TidemarkError } from '../errors.js';
+import { systemClock, type Clock } from '../util/clock.js';
 import type { SnapshotRecord } from './provider.js';
 import type { BackupComponents } from './requester.js';
 import { errorMessage } from './settle.js';
@@ -46,6 +46,8 @@ export interface RunBackupOptions {
   retryOn?: readonly string[];
   /** Stops the waiting between attempts. */
   signal?: AbortSignal;
+  /** Times the pause between attempts (default: the system clock). */
+  clock?: Clock;
   onAttempt?: (a: AttemptResult) => void;
 }
 
@@ -99,7 +101,7 @@ export async function runBackup(opts: RunBackupOptions): Promise<RunBackupResult
       if (out.copyError !== undefined) result.copyError = out.copyError;
       return result;
     }
-    if (delay > 0) await sleep(delay, undefined, { signal: opts.signal });
+    if (delay > 0) await (opts.clock ?? systemClock).sleep(delay, opts.signal);
   }
 }
 

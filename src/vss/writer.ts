@@ -5,7 +5,8 @@
  * throw into a NONRETRYABLE failure and a hang into a TIMEOUT, so a bad writer never crashes the requester.
  */
 import { TidemarkError } from '../errors.js';
-import { errorMessage, ms, now, settle, type Settled } from './settle.js';
+import { systemClock, type Clock } from '../util/clock.js';
+import { errorMessage, ms, settle, type Settled } from './settle.js';
 import {
   FAILED_STATE,
   WRITER_FAILURE_KINDS,
@@ -144,6 +145,7 @@ export class ManagedWriter {
     readonly writer: Writer,
     private readonly timeoutFor: (phase: WriterPhase) => number,
     private readonly onEvent?: (e: WriterEvent) => void,
+    private readonly clock: Clock = systemClock,
   ) {
     this.name = writer.name;
   }
@@ -206,9 +208,9 @@ export class ManagedWriter {
         failure = { kind: checkKind(kind), message: String(message) };
       },
     };
-    const t0 = now();
+    const t0 = this.clock.now();
     const timeoutMs = this.timeoutFor('identify');
-    const r = await settle(() => this.writer.identify(ctx), timeoutMs, ac.signal);
+    const r = await settle(() => this.writer.identify(ctx), timeoutMs, ac.signal, this.clock);
     sealed = true;
     cancel?.removeEventListener('abort', forward);
     if (r.kind !== 'value') ac.abort();
@@ -265,10 +267,10 @@ export class ManagedWriter {
         componentFailures.push({ logicalPath, name: component.name, kind: checkKind(kind), message: String(message) });
       },
     };
-    const t0 = now();
+    const t0 = this.clock.now();
     const timeoutMs = this.timeoutFor(phase);
     // Waiting stops on the caller's cancel and when Abort is raised meanwhile.
-    const r = await settle(() => this.writer[phase](ctx), timeoutMs, ac.signal);
+    const r = await settle(() => this.writer[phase](ctx), timeoutMs, ac.signal, this.clock);
     sealed = true;
     cancel?.removeEventListener('abort', forward);
     if (r.kind !== 'value') ac.abort();
@@ -345,7 +347,7 @@ export class ManagedWriter {
   }
 
   private finish(phase: WriterPhase, t0: number, cancelled: boolean, failure?: WriterFailure): WriterCallOutcome {
-    const durationMs = ms(t0);
+    const durationMs = ms(t0, this.clock.now());
     if (failure) this.recordFailure(failure);
     if (failure?.fatal) {
       if (phase !== 'abort' || !this.failed) this._state = FAILED_STATE[phase];

@@ -20,6 +20,7 @@ import { HTTP_STATUS } from '../../src/api/status.js';
 import { TidemarkError } from '../../src/errors.js';
 import { REPO_ROOT } from '../helpers/fixtures.js';
 import { tempDir } from '../helpers/peers.js';
+import { sleep } from '../helpers/async.js';
 
 const BIN = path.join(REPO_ROOT, 'bin', 'tidemark.js');
 const MAIN = path.join(REPO_ROOT, 'dist', 'cli', 'main.js');
@@ -36,8 +37,6 @@ let hostErr = '';
 let api: HostClient;
 let port: number;
 let token: string;
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 function descriptors(): number {
   return readdirSync(`/proc/${host.pid}/fd`).length;

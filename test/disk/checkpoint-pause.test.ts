@@ -19,6 +19,7 @@ import { writeFileAtomic } from '../../src/util/atomic.js';
 import { Workload } from '../../src/workload/generator.js';
 import { qemuImgCheck, requirePeers, tempDir } from '../helpers/peers.js';
 import { seedFrom } from '../helpers/random.js';
+import { sleep } from '../helpers/async.js';
 
 const MiB = 2 ** 20;
 const GiB = 2 ** 30;
@@ -30,8 +31,6 @@ let dir: string;
 let cleanup: () => Promise<void>;
 beforeAll(async () => ({ dir, cleanup } = await tempDir('cp-pause')));
 afterAll(async () => cleanup?.());
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);

@@ -18,6 +18,7 @@ import { Workload } from '../../src/workload/generator.js';
 import { qemuImgCheck, requirePeers, tempDir } from '../helpers/peers.js';
 import { rng, seedFrom } from '../helpers/random.js';
 import { readWholeVhdx } from '../helpers/vhdx.js';
+import { sleep } from '../helpers/async.js';
 
 const MiB = 2 ** 20;
 const SIZE = 64 * MiB;
@@ -28,8 +29,6 @@ let dir: string;
 let cleanup: () => Promise<void>;
 beforeAll(async () => ({ dir, cleanup } = await tempDir('vdisk')));
 afterAll(async () => cleanup?.());
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** Applies a random unaligned write to both the disk and the model. */
 async function randomWrite(disk: VirtualDisk, model: Buffer, r: ReturnType<typeof rng>): Promise<void> {

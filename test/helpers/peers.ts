@@ -26,6 +26,7 @@ import { pipeline } from 'node:stream/promises';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { afterAll } from 'vitest';
+import { sleep } from './async.js';
 
 const execFileP = promisify(execFile);
 const INSTALL_HINT = 'install: sudo bash scripts/install-peers.sh';
@@ -350,7 +351,7 @@ async function unmount(mnt: string): Promise<void> {
     const r = await run(cmd ?? 'umount', args, { allowFail: true });
     if (r.code === 0) return;
     last = r.stderr;
-    await new Promise((resolve) => setTimeout(resolve, 200)); // EBUSY right after the last read
+    await sleep(200); // EBUSY right after the last read
   }
   throw new Error(`could not unmount ${mnt}: ${last}`);
 }

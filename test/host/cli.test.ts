@@ -14,6 +14,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { HostClient } from '../../src/api/client.js';
 import { REPO_ROOT } from '../helpers/fixtures.js';
 import { tempDir } from '../helpers/peers.js';
+import { sleep } from '../helpers/async.js';
 
 const BIN = path.join(REPO_ROOT, 'bin', 'tidemark.js');
 const MAIN = path.join(REPO_ROOT, 'dist', 'cli', 'main.js');
@@ -25,8 +26,6 @@ let allowed: string;
 let repoPath: string;
 let host: ChildProcess | undefined;
 let hostErr = '';
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 beforeAll(async () => {
   if (!existsSync(MAIN)) throw new Error(`${MAIN} is missing: build the CLI first (\`npm run build\`)`);

@@ -20,6 +20,7 @@ import { VhdxFile } from '../../src/formats/vhdx/vhdx.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { REPO_ROOT } from '../helpers/fixtures.js';
 import { qemuImgCheck, requirePeers, tempDir } from '../helpers/peers.js';
+import { sleep } from '../helpers/async.js';
 
 const MiB = 2 ** 20;
 const UNIT = 64 * 1024;
@@ -40,8 +41,6 @@ afterAll(async () => {
   await running?.close();
   await cleanup?.();
 });
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 function half(record: number, which: 0 | 1): Buffer {
   const b = Buffer.alloc(UNIT, (record * 2 + which) & 0xff);

@@ -19,6 +19,7 @@ import { Workload } from '../../src/workload/generator.js';
 import { REPO_ROOT } from '../helpers/fixtures.js';
 import { qemuImgCheck, requirePeers, sevenZipExtract, sha256File, tempDir } from '../helpers/peers.js';
 import { rng, seedFrom } from '../helpers/random.js';
+import { sleep } from '../helpers/async.js';
 
 const MiB = 2 ** 20;
 const TRIALS = Number(process.env.TIDEMARK_HOST_CRASH_TRIALS ?? 50);
@@ -30,8 +31,6 @@ let dir: string;
 let cleanup: () => Promise<void>;
 beforeAll(async () => ({ dir, cleanup } = await tempDir('host-crash')));
 afterAll(async () => cleanup?.());
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 let hostLog = '';
 async function startHostProcess(store: string): Promise<ChildProcess> {

@@ -20,6 +20,7 @@ import { NbdClient } from '../../src/nbd/client.js';
 import { Workload } from '../../src/workload/generator.js';
 import { qemuImgCheck, requirePeers, tempDir } from '../helpers/peers.js';
 import { seedFrom } from '../helpers/random.js';
+import { sleep } from '../helpers/async.js';
 
 const MiB = 2 ** 20;
 const SEED = seedFrom('TIDEMARK_HOST_SEED', 777);
@@ -39,8 +40,6 @@ afterAll(async () => {
   await running?.close();
   await cleanup?.();
 });
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 async function withFile<T>(file: string, allowedRoots: string[], fn: (d: VhdxFile) => Promise<T>): Promise<T> {
   const d = await VhdxFile.open(file, { allowedRoots });

@@ -15,6 +15,7 @@ import { startHost, type RunningHost } from '../../src/daemon/daemon.js';
 import { HostLog } from '../../src/host/log.js';
 import { REPO_ROOT } from '../helpers/fixtures.js';
 import { requirePeers, run, sha256File, tempDir } from '../helpers/peers.js';
+import { sleep } from '../helpers/async.js';
 
 const MiB = 2 ** 20;
 const BIN = path.join(REPO_ROOT, 'bin', 'tidemark.js');
@@ -116,7 +117,7 @@ describe.skipIf(peers.skip)('image locks between a host and QEMU', () => {
     const rctBefore = await sha256File(`${file}.rct`);
     const q = spawn('qemu-nbd', ['-f', 'vhdx', '-k', path.join(dir, 'nbd.sock'), file], { stdio: 'ignore' });
     try {
-      for (let i = 0; i < 500 && lockedBytes(file) === 0; i++) await new Promise((r) => setTimeout(r, 20));
+      for (let i = 0; i < 500 && lockedBytes(file) === 0; i++) await sleep(20);
       expect(lockedBytes(file)).toBeGreaterThan(0);
       const holder = `held by qemu-nbd (pid ${q.pid})`;
 

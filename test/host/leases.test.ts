@@ -15,6 +15,7 @@ import type { TidemarkError } from '../../src/errors.js';
 import { startHost, type RunningHost } from '../../src/daemon/daemon.js';
 import { HostLog } from '../../src/host/log.js';
 import { tempDir } from '../helpers/peers.js';
+import { sleep } from '../helpers/async.js';
 
 const MiB = 2 ** 20;
 
@@ -37,7 +38,6 @@ afterAll(async () => {
   await cleanup?.();
 });
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const me = (runId: string, command = 'test run') => ({ runId, pid: process.pid, hostname: os.hostname(), command });
 
 /** The pid of a process that has ended (it existed a moment ago; nothing reuses a pid that fast here). */

@@ -12,6 +12,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { QmpClient, QmpError, type QmpEvent } from '../../src/host/qmp.js';
 import { TidemarkError } from '../../src/errors.js';
 import { missingPeers } from '../helpers/peers.js';
+import { sleep } from '../helpers/async.js';
 
 const GREETING =
   '{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "Debian"}, "capabilities": ["oob"]}}\r\n';
@@ -91,7 +92,7 @@ describe('QMP framing and matching (fake QEMU)', () => {
     expect(c.capabilities).toEqual(['oob']);
     const a = c.execute('slow', { n: 1 });
     const b = c.execute('slow', { n: 2 });
-    await new Promise((r) => setTimeout(r, 50));
+    await sleep(50);
     expect(held).toHaveLength(2);
     // Answer the second first: each promise gets its own answer.
     for (const h of [held[1], held[0]]) h.sock.write(JSON.stringify({ return: h.arguments, id: h.id }) + '\r\n');
@@ -219,7 +220,7 @@ describe.skipIf(missingPeers('qemu-system-x86_64'))('QMP against a real QEMU (-m
         await c.close();
         return;
       }
-      await new Promise((r) => setTimeout(r, 100));
+      await sleep(100);
     }
     throw new Error('QEMU did not open its QMP socket');
   });

@@ -11,6 +11,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { REPO_ROOT } from '../helpers/fixtures.js';
 import { missingPeers, tempDir } from '../helpers/peers.js';
+import { sleep } from '../helpers/async.js';
 
 const BIN = path.join(REPO_ROOT, 'bin', 'tidemark.js');
 const MAIN = path.join(REPO_ROOT, 'dist', 'cli', 'main.js');
@@ -49,7 +50,7 @@ beforeAll(async () => {
       // not yet
     }
     if (host.exitCode !== null || i > 500) throw new Error(`host did not start: ${hostErr}`);
-    await new Promise((r) => setTimeout(r, 20));
+    await sleep(20);
   }
 });
 afterAll(async () => {

@@ -17,6 +17,7 @@ import { buildGuestImage } from '../../src/guest-image/builder.js';
 import { Host } from '../../src/host/host.js';
 import { HostLog } from '../../src/host/log.js';
 import { missingPeers, run } from '../helpers/peers.js';
+import { sleep } from '../helpers/async.js';
 
 const PEERS = ['qemu-system-x86_64', 'qemu-img', 'apt-get', 'dpkg-deb', 'xz', 'e2fsck'];
 const skip = missingPeers(...PEERS);
@@ -76,7 +77,7 @@ describe.skipIf(skip)('a real guest on Tidemark disks (TCG)', () => {
       if (v) return v;
       if (Date.now() > end)
         throw new Error(`timed out waiting for ${what}; console tail: ${(await consoleText()).slice(-1500)}`);
-      await new Promise((r) => setTimeout(r, 250));
+      await sleep(250);
     }
   }
   const agent = () => GuestAgentClient.connect(`unix:${host.runtime('g1').guestSocket}`, { timeoutMs: 10_000 });
@@ -94,7 +95,7 @@ describe.skipIf(skip)('a real guest on Tidemark disks (TCG)', () => {
           'out-data'?: string;
         };
         if (st.exited) return Buffer.from(st['out-data'] ?? '', 'base64').toString();
-        await new Promise((r) => setTimeout(r, 100));
+        await sleep(100);
       }
     } finally {
       await c.close();
@@ -188,7 +189,7 @@ describe.skipIf(skip)('a real guest on Tidemark disks (TCG)', () => {
     const pid = (await host.showVm('g1')).qemu!.pid;
     const before = (await last()).n;
     await host.close(); // the NBD server goes with it: the guest's writes wait (reconnect-delay)
-    await new Promise((r) => setTimeout(r, 3000));
+    await sleep(3000);
     host = await openHost();
     const v = await host.showVm('g1');
     expect(v.state).toBe('Running');

@@ -11,6 +11,7 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { peer, qemuImgCheck, qemuImgCreateVhdx, requirePeers, run, tempDir } from '../helpers/peers.js';
 import { makeCredentials } from './tls-certs.js';
+import { sleep } from '../helpers/async.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const BIN = path.join(ROOT, 'bin', 'tidemark.js');
@@ -51,7 +52,7 @@ async function startServe(args: string[], lines: number, umask?: string): Promis
   while (out.split('\n').length <= lines) {
     if (child.exitCode !== null) throw new Error(`tidemark nbd serve exited ${child.exitCode}: ${err}`);
     if (Date.now() > deadline) throw new Error(`tidemark nbd serve printed nothing in time: ${out} ${err}`);
-    await new Promise((r) => setTimeout(r, 20));
+    await sleep(20);
   }
   return { child, stdout: () => out, stderr: () => err, exit };
 }
@@ -83,7 +84,7 @@ describe.skipIf(peers.skip)('tidemark nbd serve', () => {
     expect(io.stdout).toMatch(/wrote 2097152\/2097152/);
     // A client still connected when the signal comes: it is disconnected, the server exits 0.
     const idle = spawn('qemu-io', ['-f', 'raw', lines[1].split('\t')[1]], { stdio: ['pipe', 'ignore', 'ignore'] });
-    await new Promise((r) => setTimeout(r, 300));
+    await sleep(300);
     s.child.kill('SIGINT');
     expect(await s.exit).toBe(0);
     expect(s.stderr()).toMatch(/SIGINT: finishing requests in flight/);

@@ -22,6 +22,7 @@ import { Repository } from '../../src/repository/index.js';
 import { missingPeers, requirePeers } from '../helpers/peers.js';
 import { MemoryDevice } from './memory-device.js';
 import { makeCredentials, type TestCredentials } from './tls-certs.js';
+import { sleep } from '../helpers/async.js';
 
 const MiB = 2 ** 20;
 const withOpenssl = requirePeers('openssl');
@@ -86,9 +87,7 @@ describe.skipIf(withOpenssl.skip)('NbdClient with TLS against Tidemark’s serve
     );
     // A client certificate signed by another CA: the server ends the handshake.
     const stranger = await loadClientTls(creds.other);
-    expect(await codeOf(NbdClient.connect({ socket, exportName: 'disk', tls: stranger }))).toMatch(
-      /^UNAUTHORIZED: /,
-    );
+    expect(await codeOf(NbdClient.connect({ socket, exportName: 'disk', tls: stranger }))).toMatch(/^UNAUTHORIZED: /);
     // The server's certificate does not name "example.org".
     const good = await loadClientTls(creds.client);
     expect(
@@ -133,7 +132,7 @@ describe.skipIf(withOpenssl.skip || missingPeers('qemu-nbd', 'qemu-img'))('NbdCl
         c = await NbdClient.connect({ socket: sock, exportName: 'q', tls });
       } catch (err) {
         if (Date.now() > deadline) throw new Error(`qemu-nbd did not serve: ${(err as Error).message}; ${stderr}`);
-        await new Promise((r) => setTimeout(r, 100));
+        await sleep(100);
       }
     }
     try {
@@ -228,7 +227,7 @@ describe.skipIf(withOpenssl.skip)('a host whose NBD requires TLS', () => {
         const deadline = Date.now() + 20_000;
         let conns = running.host.nbd.connections().filter((c) => c.export === up.disks[0].export);
         while (conns.length === 0 && Date.now() < deadline) {
-          await new Promise((r) => setTimeout(r, 100));
+          await sleep(100);
           conns = running.host.nbd.connections().filter((c) => c.export === up.disks[0].export);
         }
         expect(conns.length).toBeGreaterThan(0);

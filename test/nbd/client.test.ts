@@ -17,6 +17,7 @@ import { requirePeers, tempDir } from '../helpers/peers.js';
 import { rng, seedFrom } from '../helpers/random.js';
 import { startServer, type RunningServer } from './fixture.js';
 import { CLUSTER, MemoryDevice } from './memory-device.js';
+import { sleep } from '../helpers/async.js';
 
 const MiB = 2 ** 20;
 const SEED = seedFrom('TIDEMARK_NBD_CLIENT_SEED', 20261125);
@@ -141,7 +142,7 @@ describe.skipIf(requirePeers('qemu-nbd').skip)('NbdClient against qemu-nbd', () 
     const socket = path.join(dir, 'q.sock');
     const q = spawn('qemu-nbd', ['-f', 'raw', '-r', '-t', '-k', socket, '-x', 'sparse', file], { stdio: 'ignore' });
     try {
-      for (let i = 0; i < 200 && !existsSync(socket); i++) await new Promise((res) => setTimeout(res, 25));
+      for (let i = 0; i < 200 && !existsSync(socket); i++) await sleep(25);
       const nbd = await NbdClient.connect({ socket, exportName: 'sparse', contexts: [CONTEXT_BASE_ALLOCATION] });
       try {
         const dst = Buffer.alloc(size, 0xee);

@@ -5,6 +5,7 @@
  */
 import type { AllocationExtent, BlockDevice, DirtyExtent, WriteOptions, ZeroOptions } from '../../src/disk/device.js';
 import { TidemarkError } from '../../src/errors.js';
+import { sleep } from '../helpers/async.js';
 
 export const CLUSTER = 64 * 1024;
 
@@ -86,7 +87,7 @@ export class MemoryDevice implements BlockDevice {
     const deadline = Date.now() + timeoutMs;
     while (this.running < n) {
       if (Date.now() > deadline) throw new Error(`only ${this.running} of ${n} operations started`);
-      await new Promise((r) => setTimeout(r, 5));
+      await sleep(5);
     }
   }
 

@@ -10,6 +10,7 @@ import { NbdProtocolError } from '../../src/nbd/errors.js';
 import { ByteQueue, ClientParser, type ClientMessage } from '../../src/nbd/parser.js';
 import * as P from '../../src/nbd/protocol.js';
 import { rng, seedFrom } from '../helpers/random.js';
+import { sleep } from '../helpers/async.js';
 
 const SEED = seedFrom('TIDEMARK_NBD_SEED', 4242);
 const TRIALS = Number(process.env.TIDEMARK_NBD_CASES ?? 50);
@@ -194,11 +195,11 @@ describe('ByteQueue and BufferPool', () => {
     const burst = [0, 1, 2, 3].map(() => pool.get(1 << 20));
     burst.forEach((x) => pool.put(x));
     expect(pool.retainedBytes).toBe(4 << 20); // kept while I/O runs
-    await new Promise((r) => setTimeout(r, 100));
+    await sleep(100);
     pool.put(pool.get(1 << 20)); // still busy: the trim waits
-    await new Promise((r) => setTimeout(r, 200));
+    await sleep(200);
     expect(pool.retainedBytes).toBe(4 << 20);
-    await new Promise((r) => setTimeout(r, 1000));
+    await sleep(1000);
     expect(pool.retainedBytes).toBe(1 << 20);
     const again = pool.get(1 << 20);
     expect(pool.allocated).toBe(4); // the kept buffer is reused

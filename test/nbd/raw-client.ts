@@ -32,6 +32,7 @@ import {
   type ChunkPayload,
   type RequestHeader,
 } from '../../src/nbd/protocol.js';
+import { sleep } from '../helpers/async.js';
 
 export interface OptionReply {
   option: number;
@@ -242,9 +243,7 @@ export class RawClient {
   }
 }
 
-export function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
+export { sleep };
 
 /** Connects, negotiates structured replies (optionally), meta contexts, and GO. */
 export async function openExport(

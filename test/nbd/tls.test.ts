@@ -26,6 +26,7 @@ import { requirePeers, run } from '../helpers/peers.js';
 import { MemoryDevice } from './memory-device.js';
 import { RawClient } from './raw-client.js';
 import { makeCredentials, type TestCredentials } from './tls-certs.js';
+import { sleep } from '../helpers/async.js';
 
 const MiB = 2 ** 20;
 const withOpenssl = requirePeers('openssl');
@@ -116,7 +117,7 @@ describe.skipIf(withOpenssl.skip)('STARTTLS against a raw client', () => {
       await c.startTls(d).catch(() => undefined);
       expect(await c.closesWithin(2000), d).toBe(true);
     }
-    for (let i = 0; i < 100 && server.connections().length > 0; i++) await new Promise((r) => setTimeout(r, 10));
+    for (let i = 0; i < 100 && server.connections().length > 0; i++) await sleep(10);
     expect(server.connections()).toEqual([]);
   });
 

@@ -13,12 +13,12 @@ import { randomBytes } from 'node:crypto';
 import { mkdir, readFile, readdir, rename, unlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { TidemarkError } from '../../src/errors.js';
 import type { SnapshotProvider, StorageSnapshot } from '../../src/snapshot/provider.js';
 import { NodeFile, fileWriteInterceptors, type RandomAccessFile } from '../../src/util/file.js';
 import { rng, seedFrom } from '../helpers/random.js';
 import { startWorker } from './worker.js';
 import { applyOp, initialContent, planOp } from './worker-plan.mjs';
+import { codeOf } from '../helpers/async.js';
 
 export const SEED = seedFrom('TIDEMARK_SNAPSHOT_SEED', 20261201);
 const OPS = Number(process.env.TIDEMARK_SNAPSHOT_OPS ?? 250);
@@ -31,15 +31,8 @@ export interface ConformanceOptions {
   processes?: boolean;
 }
 
-/** The code of a rejected promise's TidemarkError (or a description of what it was instead). */
-export async function codeOf(p: Promise<unknown>): Promise<string> {
-  try {
-    await p;
-    return 'resolved';
-  } catch (err) {
-    return err instanceof TidemarkError ? err.code : `not a TidemarkError: ${String(err)}`;
-  }
-}
+/** The code of a rejected promise's TidemarkError (test/helpers/async.ts; cow and reflink import it here). */
+export { codeOf };
 
 /** -1 when equal, else the first offset where they differ (or the shorter length). */
 export function firstDiff(a: Uint8Array, b: Uint8Array): number {

@@ -19,6 +19,7 @@ import { rng } from '../helpers/random.js';
 import { SEED, firstDiff } from './conformance.js';
 import { startWorker } from './worker.js';
 import { applyOp, initialContent, planOp, type PlannedOp } from './worker-plan.mjs';
+import { sleep } from '../helpers/async.js';
 
 const TRIALS = Number(process.env.TIDEMARK_SNAPSHOT_CRASH_TRIALS ?? 8);
 const KiB = 1024;
@@ -79,7 +80,7 @@ describe(`cow snapshot: a process killed while its snapshot lives (seed ${SEED},
       const w = startWorker(cfg);
       if (!self) {
         await w.waitFor(`OP ${r.int(OPS / 2)}`);
-        await new Promise((resolve) => setTimeout(resolve, r.int(4)));
+        await sleep(r.int(4));
         await w.kill();
       }
       const exit = await w.exited;

@@ -15,9 +15,10 @@ import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { ReflinkProvider } from '../../src/snapshot/reflink.js';
 import { NodeFile } from '../../src/util/file.js';
-import { peer, run, tempDir } from '../helpers/peers.js';
+import { requirePeers, run, tempDir } from '../helpers/peers.js';
 import { rng } from '../helpers/random.js';
 import { SEED, codeOf, expectInstant, makeFiles, providerConformance } from './conformance.js';
+import { sleep } from '../helpers/async.js';
 
 const MiB = 1024 * 1024;
 
@@ -34,11 +35,8 @@ function plainDir(): string {
 /** Mounts a fresh XFS (reflink=1) on a loop device, or says why it cannot. */
 async function mountXfs(): Promise<{ mnt: string; unmount: () => Promise<void> } | { reason: string }> {
   if (process.getuid?.() !== 0) return { reason: 'not running as root (mounting a loop device needs it)' };
-  if (!peer('mkfs.xfs')) {
-    const reason = 'PEER MISSING: mkfs.xfs (install: sudo bash scripts/install-peers.sh)';
-    if (process.env.TIDEMARK_REQUIRE_PEERS === '1') throw new Error(`${reason}; TIDEMARK_REQUIRE_PEERS=1`);
-    return { reason };
-  }
+  const mkfs = requirePeers('mkfs.xfs'); // throws under TIDEMARK_REQUIRE_PEERS=1
+  if (mkfs.skip) return { reason: mkfs.reason };
   const base = mkdtempSync(path.join(os.tmpdir(), 'tidemark-xfs-'));
   const img = path.join(base, 'xfs.img');
   const mnt = path.join(base, 'mnt');
@@ -65,7 +63,7 @@ async function mountXfs(): Promise<{ mnt: string; unmount: () => Promise<void> }
     unmount: async () => {
       for (let i = 0; i < 10 && mounted; i++) {
         if ((await run('umount', [mnt], { allowFail: true })).code === 0) mounted = false;
-        else await new Promise((resolve) => setTimeout(resolve, 200));
+        else await sleep(200);
       }
       umountSync();
     },

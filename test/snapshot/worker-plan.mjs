@@ -1,24 +1,14 @@
 // What a snapshot worker does to its files, derived from (seed, index) alone so the test process can
 // recompute it. Plain ESM shared by snapshot-worker.mjs (which runs the built engine in dist/) and the tests.
 
-/** mulberry32: the same generator as test/helpers/random.ts. */
-export function mulberry(seed) {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+import { mulberry32, rng } from '../helpers/prng.mjs';
 
-/** `length` seeded random bytes. */
+/** mulberry32 in [0, 1): the tests' one generator (helpers/prng.mjs). */
+export const mulberry = mulberry32;
+
+/** `length` seeded random bytes, one draw each. */
 export function randomBytes(seed, length) {
-  const next = mulberry(seed);
-  const b = Buffer.allocUnsafe(length);
-  for (let i = 0; i < length; i++) b[i] = (next() * 256) | 0;
-  return b;
+  return rng(seed).bytesEach(length);
 }
 
 /** The content file `index` starts with. */

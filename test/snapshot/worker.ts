@@ -3,12 +3,12 @@
  * copy of dist/, so a rebuild by someone else mid-run cannot change what the worker loads.
  */
 import { spawn } from 'node:child_process';
-import { cpSync, existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll } from 'vitest';
-import { copyEngine } from '../helpers/engine-copy.js';
+import { copyEngine, copyWorkerScripts } from '../helpers/engine-copy.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const DIST = path.resolve(process.env.TIDEMARK_SNAPSHOT_DIST ?? path.join(here, '../../dist'));
@@ -51,7 +51,7 @@ function workerPath(): string {
       throw new Error(`${DIST}/snapshot is missing: run \`npm run build\` first (npm test does)`);
     copy = mkdtempSync(path.join(os.tmpdir(), 'tidemark-snapworker-'));
     copyEngine(DIST, copy);
-    for (const f of ['snapshot-worker.mjs', 'worker-plan.mjs']) cpSync(path.join(here, f), path.join(copy, f));
+    copyWorkerScripts(copy, ['test/snapshot/snapshot-worker.mjs', 'test/snapshot/worker-plan.mjs']);
   }
   return copy;
 }
@@ -65,7 +65,7 @@ export function startWorker(cfg: WorkerConfig): WorkerRun {
   const dir = workerPath();
   const child = spawn(
     process.execPath,
-    [path.join(dir, 'snapshot-worker.mjs'), JSON.stringify({ ...cfg, dist: path.join(dir, 'dist') })],
+    [path.join(dir, 'test/snapshot/snapshot-worker.mjs'), JSON.stringify({ ...cfg, dist: path.join(dir, 'dist') })],
     { stdio: ['ignore', 'pipe', 'pipe'] },
   );
   let completed = 0;

@@ -2,17 +2,10 @@
 // can recompute the content the disk had at every seal. Plain ESM, shared by crash-worker.mjs (which runs
 // the built engine in dist/) and crash.test.ts.
 
-/** mulberry32 as 32-bit words. */
-export function words(seed) {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return (t ^ (t >>> 14)) >>> 0;
-  };
-}
+import { mulberry32Words } from '../helpers/prng.mjs';
+
+/** mulberry32 as 32-bit words: the tests' one generator (helpers/prng.mjs). */
+export const words = mulberry32Words;
 
 function opSeed(seed, i) {
   return (Math.imul(seed >>> 0, 2654435761) ^ Math.imul(i + 1, 40503) ^ 0x9e3779b9) >>> 0;

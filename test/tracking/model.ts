@@ -4,27 +4,21 @@
  * between two contents lies inside the ranges a change query returned).
  */
 import type { ChangeRange } from '../../src/tracking/tracker.js';
+import { mulberry32Words } from '../helpers/random.js';
 
-/** mulberry32, seeded: the same stream for the same seed. */
+/** mulberry32 (helpers/prng.mjs), seeded: the same stream for the same seed. */
 export function prng(seed: number): {
   next(): number;
   int(n: number): number;
   bytes(n: number): Buffer;
 } {
-  let a = seed >>> 0;
-  const word = () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return (t ^ (t >>> 14)) >>> 0;
-  };
+  const word = mulberry32Words(seed);
   const next = () => word() / 4294967296;
   return {
     next,
     int: (n: number) => Math.floor(next() * n),
     bytes: (n: number) => {
-      // Whole words through an aligned view (fast); the tail byte by byte.
+      // Whole words through an aligned view (fast); the tail byte by byte, the low byte of a word each.
       const words = n >>> 2;
       const u32 = new Uint32Array(words + 1);
       for (let i = 0; i < words; i++) u32[i] = word();

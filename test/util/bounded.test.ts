@@ -2,6 +2,7 @@
 import { describe, expect, it } from 'vitest';
 import { forEachBounded, MemoryBudget } from '../../src/util/bounded.js';
 import { rng, seedFrom } from '../helpers/random.js';
+import { sleep } from '../helpers/async.js';
 
 const SEED = seedFrom('TIDEMARK_REPO_SEED', 4242);
 
@@ -19,7 +20,7 @@ describe('MemoryBudget', () => {
         inFlight += size;
         if (size > 100 && inFlight !== size) aloneOk = false;
         if (size <= 100) peak = Math.max(peak, inFlight);
-        await new Promise((resolve) => setTimeout(resolve, r.int(3)));
+        await sleep(r.int(3));
         inFlight -= size;
         done++;
       }),
@@ -50,7 +51,7 @@ describe('forEachBounded', () => {
         if (busy.has(worker) || worker < 0 || worker >= 4) shared = true;
         busy.add(worker);
         peak = Math.max(peak, busy.size);
-        await new Promise((resolve) => setTimeout(resolve, r.int(3)));
+        await sleep(r.int(3));
         busy.delete(worker);
         seen.push(item);
       },
@@ -66,7 +67,7 @@ describe('forEachBounded', () => {
     const run = forEachBounded([0, 1, 2, 3, 4, 5, 6, 7], 2, async (item) => {
       started.push(item);
       if (item === 1) throw new Error('boom');
-      await new Promise((resolve) => setTimeout(resolve, 5));
+      await sleep(5);
       finished++;
     });
     await expect(run).rejects.toThrow('boom');

@@ -14,6 +14,7 @@ import { VhdxFile } from '../../src/formats/vhdx/vhdx.js';
 import { imageLockState } from '../../src/util/image-lock.js';
 import { REPO_ROOT } from '../helpers/fixtures.js';
 import { requirePeers, run, sha256File, tempDir } from '../helpers/peers.js';
+import { sleep } from '../helpers/async.js';
 
 const MiB = 2 ** 20;
 const BIN = path.join(REPO_ROOT, 'bin', 'tidemark.js');
@@ -47,8 +48,6 @@ function lockedBytes(file: string): number[] {
   }
   return [...bytes].sort((a, b) => a - b);
 }
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 async function until(what: string, ok: () => boolean): Promise<void> {
   for (let i = 0; i < 500; i++) {

@@ -26,7 +26,6 @@ import {
   accessSync,
   constants,
   copyFileSync,
-  cpSync,
   existsSync,
   mkdirSync,
   mkdtempSync,
@@ -43,7 +42,7 @@ import { createVhd } from '../../src/formats/vhd/create.js';
 import { mergeVhd } from '../../src/formats/vhd/merge.js';
 import { VhdFile } from '../../src/formats/vhd/vhd.js';
 import { forEachBounded } from '../../src/util/bounded.js';
-import { copyEngine } from '../helpers/engine-copy.js';
+import { copyEngine, copyWorkerScripts } from '../helpers/engine-copy.js';
 import { hasPeer, missingPeers, run } from '../helpers/peers.js';
 import { rng, seedFrom } from '../helpers/random.js';
 import { fillSector, planWrite, SECTOR, sectorWriteIndex } from '../vhdx/crash-plan.mjs';
@@ -344,8 +343,7 @@ function snapshotWorker(): string {
   for (let attempt = 1; ; attempt++) {
     const snap = `${dir}/snapshot-${attempt}`;
     copyEngine(DIST, snap);
-    cpSync(path.join(here, 'crash-worker.mjs'), `${snap}/test/vhd/crash-worker.mjs`);
-    cpSync(path.join(here, '../vhdx/crash-plan.mjs'), `${snap}/test/vhdx/crash-plan.mjs`);
+    copyWorkerScripts(snap, ['test/vhd/crash-worker.mjs', 'test/vhdx/crash-plan.mjs']);
     const worker = `${snap}/test/vhd/crash-worker.mjs`;
     const probe = spawnSync(process.execPath, [worker, '{"mode":"none"}'], { encoding: 'utf8' });
     if (probe.stderr.includes('unknown mode none')) return worker;

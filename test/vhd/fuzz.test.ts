@@ -132,6 +132,7 @@ import { createVhd } from '../../src/formats/vhd/create.js';
 import { decodeDynamicHeader } from '../../src/formats/vhd/header.js';
 import { encodeAlias, encodeLocatorData } from '../../src/formats/vhd/locator.js';
 import { VhdFile } from '../../src/formats/vhd/vhd.js';
+import { rng as sharedRng, type Rng } from '../helpers/random.js';
 
 const KiB = 1024;
 const MiB = 1024 * 1024;
@@ -155,38 +156,12 @@ const ERROR_CODES = new Set([
 ]);
 
 // ------------------------------------------------------------------------------------------------
-// PRNG (mulberry32), one stream per case so any case can be re-run alone.
-
-interface Rng {
-  next(): number;
-  int(n: number): number;
-  chance(p: number): boolean;
-  pick<T>(xs: readonly T[]): T;
-  u32(): number;
-  bytes(n: number): Buffer;
-}
+// PRNG: the shared mulberry32 (helpers/prng.mjs), one stream per case so any case can be re-run alone.
+// Bytes one draw each, as this file always drew them, so printed seeds replay.
 
 function rng(seed: number): Rng {
-  let a = seed >>> 0;
-  const next = () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-  return {
-    next,
-    int: (n) => Math.floor(next() * n),
-    chance: (p) => next() < p,
-    pick: (xs) => xs[Math.floor(next() * xs.length)],
-    u32: () => (next() * 4294967296) >>> 0,
-    bytes: (n) => {
-      const b = Buffer.alloc(n);
-      for (let i = 0; i < n; i++) b[i] = (next() * 256) | 0;
-      return b;
-    },
-  };
+  const r = sharedRng(seed);
+  return { ...r, bytes: r.bytesEach };
 }
 
 function caseSeed(i: number): number {

@@ -4,19 +4,12 @@
 // Writes are whole 512-byte sectors, and every sector names its write, its own position and the seed,
 // so a sector read back after a crash says exactly which write it came from (or that it is garbage).
 
+import { mulberry32 } from '../helpers/prng.mjs';
+
 export const SECTOR = 512;
 
-/** mulberry32: the same generator as test/helpers/random.ts. */
-export function mulberry(seed) {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** mulberry32 in [0, 1): the tests' one generator (helpers/prng.mjs). */
+export const mulberry = mulberry32;
 
 /**
  * Write `i` of the trial with `seed` on a disk of `size` bytes: mostly small (1–64 sectors, so blocks

@@ -25,17 +25,7 @@
  * broken copy to see that these trials catch the breakage).
  */
 import { spawn, spawnSync } from 'node:child_process';
-import {
-  accessSync,
-  constants,
-  copyFileSync,
-  cpSync,
-  existsSync,
-  mkdirSync,
-  mkdtempSync,
-  readFileSync,
-  rmSync,
-} from 'node:fs';
+import { accessSync, constants, copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -45,7 +35,7 @@ import { createVhdx } from '../../src/formats/vhdx/create.js';
 import { mergeIntoParent } from '../../src/formats/vhdx/merge.js';
 import { VhdxFile } from '../../src/formats/vhdx/vhdx.js';
 import { forEachBounded } from '../../src/util/bounded.js';
-import { copyEngine } from '../helpers/engine-copy.js';
+import { copyEngine, copyWorkerScripts } from '../helpers/engine-copy.js';
 import { hasPeer, missingPeers, qemuImgCheck, run, sevenZipExtract } from '../helpers/peers.js';
 import { rng, seedFrom } from '../helpers/random.js';
 import { scribble } from '../helpers/scribble.js';
@@ -349,7 +339,7 @@ function snapshotWorker(): string {
   for (let attempt = 1; ; attempt++) {
     const snap = `${dir}/snapshot-${attempt}`;
     copyEngine(DIST, snap);
-    for (const f of ['crash-worker.mjs', 'crash-plan.mjs']) cpSync(path.join(here, f), `${snap}/test/vhdx/${f}`);
+    copyWorkerScripts(snap, ['test/vhdx/crash-worker.mjs', 'test/vhdx/crash-plan.mjs']);
     const worker = `${snap}/test/vhdx/crash-worker.mjs`;
     const probe = spawnSync(process.execPath, [worker, '{"mode":"none"}'], { encoding: 'utf8' });
     if (probe.stderr.includes('unknown mode none')) return worker; // every module loaded

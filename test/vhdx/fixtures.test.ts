@@ -3,7 +3,7 @@
  * they hold (known content for one, qemu-img's reading for the other), report the properties
  * VHDX-NOTES.md documents, and are not modified by a read-only open.
  */
-import { execFile, spawnSync } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { mkdtemp, open, rm } from 'node:fs/promises';
@@ -16,6 +16,7 @@ import { REGION_BAT, REGION_METADATA } from '../../src/formats/vhdx/constants.js
 import type { RegionTable } from '../../src/formats/vhdx/header.js';
 import { VhdxFile } from '../../src/formats/vhdx/vhdx.js';
 import { fixturePath } from '../helpers/fixtures.js';
+import { missingPeers } from '../helpers/peers.js';
 
 const MiB = 2 ** 20;
 const CHUNK = 16 * MiB;
@@ -46,16 +47,6 @@ async function contentSha256(disk: VhdxFile, visit?: (at: number, buf: Buffer) =
     h.update(view);
   }
   return h.digest('hex');
-}
-
-function hasQemuImg(): boolean {
-  const ok = spawnSync('sh', ['-c', 'command -v qemu-img'], { stdio: 'ignore' }).status === 0;
-  if (!ok) {
-    const line = 'PEER MISSING: qemu-img (qemu-utils); the qemu-img comparison is skipped';
-    if (process.env.TIDEMARK_REQUIRE_PEERS === '1') throw new Error(`${line}; CI requires every peer`);
-    console.warn(line);
-  }
-  return ok;
 }
 
 let tmp: string;
@@ -166,7 +157,7 @@ describe('iotest-dynamic-1G.vhdx (Hyper-V, Windows 6.2)', () => {
     expect(before).toBe(FILE_SHA256[IOTEST]);
   });
 
-  it.skipIf(!hasQemuImg())('reads the same as qemu-img convert -O raw', async () => {
+  it.skipIf(missingPeers('qemu-img'))('reads the same as qemu-img convert -O raw', async () => {
     const raw = path.join(tmp, `${IOTEST}.raw`);
     await execFileP('qemu-img', ['convert', '-f', 'vhdx', '-O', 'raw', files[IOTEST], raw]);
     const disk = await VhdxFile.open(files[IOTEST]);
@@ -232,7 +223,7 @@ describe('test-disk2vhd.vhdx (Disk2vhd)', () => {
     expect(before).toBe(FILE_SHA256[DISK2VHD]);
   });
 
-  it.skipIf(!hasQemuImg())('reads the same as qemu-img convert -O raw', async () => {
+  it.skipIf(missingPeers('qemu-img'))('reads the same as qemu-img convert -O raw', async () => {
     const raw = path.join(tmp, `${DISK2VHD}.raw`);
     await execFileP('qemu-img', ['convert', '-f', 'vhdx', '-O', 'raw', files[DISK2VHD], raw]);
     const disk = await VhdxFile.open(files[DISK2VHD]);

@@ -161,6 +161,7 @@ import { decodeMetadataTable, encodeParentLocator, formatLinkage } from '../../s
 import { VhdxFile } from '../../src/formats/vhdx/vhdx.js';
 import { crc32cWithZeroedField } from '../../src/util/crc32c.js';
 import { newGuid } from '../../src/util/guid.js';
+import { rng, type Rng } from '../helpers/random.js';
 
 const KiB = 1024;
 const MiB = 1024 * 1024;
@@ -189,42 +190,7 @@ const ERROR_CODES = new Set([
 ]);
 
 // ------------------------------------------------------------------------------------------------
-// PRNG (mulberry32), one stream per case so any case can be re-run alone.
-
-interface Rng {
-  next(): number;
-  int(n: number): number;
-  chance(p: number): boolean;
-  pick<T>(xs: readonly T[]): T;
-  u32(): number;
-  bytes(n: number): Buffer;
-}
-
-function rng(seed: number): Rng {
-  let a = seed >>> 0;
-  const next = () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-  const r: Rng = {
-    next,
-    int: (n) => Math.floor(next() * n),
-    chance: (p) => next() < p,
-    pick: (xs) => xs[Math.floor(next() * xs.length)],
-    u32: () => (next() * 4294967296) >>> 0,
-    bytes: (n) => {
-      const b = Buffer.alloc(n);
-      const words = n >>> 2;
-      for (let i = 0; i < words; i++) b.writeUInt32LE((next() * 4294967296) >>> 0, i * 4);
-      for (let i = words * 4; i < n; i++) b[i] = (next() * 256) | 0;
-      return b;
-    },
-  };
-  return r;
-}
+// PRNG: the shared mulberry32 (helpers/prng.mjs), one stream per case so any case can be re-run alone.
 
 function caseSeed(i: number): number {
   let h = (SEED ^ Math.imul(i + 1, 0x9e3779b1)) >>> 0;

@@ -46,6 +46,7 @@ import { decodeMetadataTable, encodeMetadataTable } from '../../src/formats/vhdx
 import { VhdxFile } from '../../src/formats/vhdx/vhdx.js';
 import { qemuImgCheck, requirePeers, run, tempDir } from '../helpers/peers.js';
 import { rng, seedFrom } from '../helpers/random.js';
+import { sleep } from '../helpers/async.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const BIN = path.join(ROOT, 'bin', 'tidemark.js');
@@ -177,7 +178,7 @@ async function serve(file: string, sock: string): Promise<Served> {
       child.kill('SIGKILL');
       throw new Error(`nbd serve printed nothing in time: ${err}`);
     }
-    await new Promise((r) => setTimeout(r, 20));
+    await sleep(20);
   }
   return { child, uri: out.split('\n')[0].split('\t')[1], stderr: () => err, exit };
 }

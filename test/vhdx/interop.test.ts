@@ -50,6 +50,7 @@ import {
 import { rng, seedFrom } from '../helpers/random.js';
 import { scribble } from '../helpers/scribble.js';
 import { readWholeVhdx } from '../helpers/vhdx.js';
+import { sleep } from '../helpers/async.js';
 
 const KiB = 1024;
 const MiB = 2 ** 20;
@@ -382,7 +383,7 @@ async function vhdiWindows(file: string, windows: { offset: number; length: numb
           run('umount', [mnt], { allowFail: true }),
         );
         if (r.code === 0) break;
-        await new Promise((resolve) => setTimeout(resolve, 200));
+        await sleep(200);
       }
     }
   } finally {

@@ -17,7 +17,6 @@ import {
   accessSync,
   constants,
   copyFileSync,
-  cpSync,
   mkdtempSync,
   readFileSync,
   rmSync,
@@ -32,7 +31,7 @@ import { encodeBatEntry } from '../../src/formats/vhdx/bat.js';
 import { checkVhdx } from '../../src/formats/vhdx/check.js';
 import { createVhdx } from '../../src/formats/vhdx/create.js';
 import { VhdxFile } from '../../src/formats/vhdx/vhdx.js';
-import { copyEngine } from '../helpers/engine-copy.js';
+import { copyEngine, copyWorkerScripts } from '../helpers/engine-copy.js';
 import { missingPeers, qemuImgCheck } from '../helpers/peers.js';
 import { rng, seedFrom } from '../helpers/random.js';
 
@@ -61,7 +60,7 @@ beforeAll(async () => {
   dir = mkdtempSync(path.join(scratchRoot(), 'tidemark-repair-crash-'));
   // The worker runs from a copy of dist/, so a build elsewhere cannot hand it a half-written module.
   copyEngine(path.join(here, '../../dist'), dir);
-  for (const f of ['crash-worker.mjs', 'crash-plan.mjs']) cpSync(path.join(here, f), path.join(dir, 'test/vhdx', f));
+  copyWorkerScripts(dir, ['test/vhdx/crash-worker.mjs', 'test/vhdx/crash-plan.mjs']);
   worker = path.join(dir, 'test/vhdx/crash-worker.mjs');
 
   damaged = path.join(dir, 'damaged.vhdx');

@@ -8,6 +8,7 @@ import { describe, expect, it } from 'vitest';
 import type { WriterFailureKind, WriterPhase, WriterState } from '../../src/vss/index.js';
 import { ScriptedProvider, ScriptedWriter, type Behaviour, type Journal, type ProviderBehaviour } from './fixtures.js';
 import { harness, phasesOf, prepare, wholeBackup } from './harness.js';
+import { ManualClock } from '../helpers/clock.js';
 
 const KINDS: { label: string; b: Behaviour; kind: WriterFailureKind }[] = [
   { label: 'throws', b: 'throw', kind: 'NONRETRYABLE' },
@@ -46,18 +47,20 @@ const RULE: Record<Exclude<WriterPhase, 'abort'>, { aborts: boolean }> = {
 
 function setup(phase: WriterPhase, b: Behaviour) {
   const journal: Journal = [];
-  const bad = new ScriptedWriter({ name: 'bad', script: { [phase]: b }, journal });
-  const good = new ScriptedWriter({ name: 'good', journal });
-  const provider = new ScriptedProvider('prov', {}, journal);
-  return { journal, bad, good, provider, h: harness([bad, good], provider, journal) };
+  // A hang costs a callback limit on this clock, which the test drives (clock.run): no real waiting.
+  const clock = new ManualClock();
+  const bad = new ScriptedWriter({ name: 'bad', script: { [phase]: b }, journal, clock });
+  const good = new ScriptedWriter({ name: 'good', journal, clock });
+  const provider = new ScriptedProvider('prov', {}, journal, clock);
+  return { journal, bad, good, provider, clock, h: harness([bad, good], provider, journal, { clock }) };
 }
 
 describe('a writer failing fatally, phase × failure kind', () => {
   for (const phase of Object.keys(RULE) as (keyof typeof RULE)[]) {
     for (const k of KINDS) {
       it(`${phase}: the writer ${k.label}`, async () => {
-        const { journal, bad, good, provider, h } = setup(phase, k.b);
-        const { report, autoAborted } = await wholeBackup(h);
+        const { journal, bad, good, provider, clock, h } = setup(phase, k.b);
+        const { report, autoAborted } = await clock.run(wholeBackup(h));
         const status = h.bc.gatherWriterStatus();
         const badStatus = status.find((w) => w.writer === 'bad')!;
         const goodStatus = status.find((w) => w.writer === 'good')!;
@@ -147,13 +150,15 @@ describe('a provider failing at each phase after PrepareForSnapshot raises Abort
     for (const k of KINDS_P) {
       it(`${phase}: the provider ${k.label}`, async () => {
         const journal: Journal = [];
-        const a = new ScriptedWriter({ name: 'a', journal });
-        const b = new ScriptedWriter({ name: 'b', journal });
-        const provider = new ScriptedProvider('prov', { [phase]: k.b }, journal);
+        const clock = new ManualClock();
+        const a = new ScriptedWriter({ name: 'a', journal, clock });
+        const b = new ScriptedWriter({ name: 'b', journal, clock });
+        const provider = new ScriptedProvider('prov', { [phase]: k.b }, journal, clock);
         const h = harness([a, b], provider, journal, {
+          clock,
           limits: { writerCallbackMs: 1_000, providerCallMs: 120, commitLimitMs: 120, holdWritesMs: 2_000 },
         });
-        const { report } = await wholeBackup(h);
+        const { report } = await clock.run(wholeBackup(h));
         expect(report.status).toBe('failed');
         expect(report.abort).toMatchObject({ by: 'provider', name: 'prov', phase, kind: k.kind });
         if (k.kind === 'TIMEOUT')

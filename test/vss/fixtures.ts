@@ -12,6 +12,7 @@ import type {
   SnapshotProvider,
   StorageSnapshot,
 } from '../../src/snapshot/provider.js';
+import { systemClock, type Clock } from '../../src/util/clock.js';
 import { NodeFile, type RandomAccessFile } from '../../src/util/file.js';
 import type {
   CommittedSnapshot,
@@ -26,6 +27,7 @@ import type {
   WriterMetadata,
   WriterPhase,
 } from '../../src/vss/index.js';
+import { sleep } from '../helpers/async.js';
 
 /** A shared, ordered record of who was called with what: `writer:A.freeze`, `provider:P.commit`, `host.hold`. */
 export type Journal = string[];
@@ -49,6 +51,8 @@ export interface ScriptedWriterOptions {
   script?: Partial<Record<WriterPhase, Behaviour | Behaviour[]>>;
   journal?: Journal;
   freezeWindowMs?: number;
+  /** What a `{ delayMs }` waits on (default: the system clock). */
+  clock?: Clock;
 }
 
 export const defaultComponents = (name: string): ComponentMetadata[] => [
@@ -96,7 +100,7 @@ export class ScriptedWriter implements Writer {
     if (b === 'false') return false;
     if (b === 'not-boolean') return 'yes' as unknown as boolean;
     if ('delayMs' in b) {
-      await new Promise((r) => setTimeout(r, b.delayMs));
+      await (this.opts.clock ?? systemClock).sleep(b.delayMs);
       return true;
     }
     if ('fail' in b) {
@@ -166,6 +170,8 @@ export class ScriptedProvider implements Provider {
     readonly name: string,
     private readonly script: Partial<Record<ScriptedPhase, ProviderBehaviour>> = {},
     private readonly journal?: Journal,
+    /** What a `{ delayMs }` waits on. */
+    private readonly clock: Clock = systemClock,
   ) {}
 
   /** Units held across every set: 0 once everything was aborted or deleted. */
@@ -183,7 +189,7 @@ export class ScriptedProvider implements Provider {
     if (b === 'throw') throw new Error(`${this.name} broke in ${phase}`);
     if (b === 'veto') throw new TidemarkError('IO_ERROR', `${this.name} refused ${phase}`);
     if (b === 'hang') return new Promise<void>(() => undefined);
-    await new Promise((r) => setTimeout(r, b.delayMs));
+    await this.clock.sleep(b.delayMs);
   }
 
   async isSupported(files: readonly string[]): Promise<string | undefined> {
@@ -280,7 +286,7 @@ export class CopySnapshotProvider implements SnapshotProvider {
     return {
       async commit(): Promise<StorageSnapshot> {
         if (state !== 'prepared') throw new TidemarkError('CLOSED', `snapshot ${id} is ${state}`);
-        if (delay() > 0) await new Promise((r) => setTimeout(r, delay()));
+        if (delay() > 0) await sleep(delay());
         await Promise.all(abs.map((f, i) => copyFile(f, path.join(dir, `${i}.copy`))));
         state = 'committed';
         let released = false;
@@ -390,7 +396,7 @@ export class AppWriter implements Writer {
         this.current = this.writeRecord();
         await this.current;
         this.current = undefined;
-        await new Promise((r) => setTimeout(r, 1));
+        await sleep(1);
       }
     } catch (err) {
       this.writeError = err;

@@ -6,27 +6,33 @@ import { describe, expect, it } from 'vitest';
 import { BackupComponents, runBackup, type RunBackupOptions } from '../../src/vss/index.js';
 import { ScriptedProvider, ScriptedWriter, type Behaviour, type Journal } from './fixtures.js';
 import { FAST } from './harness.js';
+import { ManualClock } from '../helpers/clock.js';
 
 function setup(
   script: ConstructorParameters<typeof ScriptedWriter>[0]['script'],
   extra: Partial<RunBackupOptions> = {},
 ) {
   const journal: Journal = [];
-  const w = new ScriptedWriter({ name: 'db', script, journal });
-  const other = new ScriptedWriter({ name: 'web', journal });
-  const provider = new ScriptedProvider('P', {}, journal);
+  // Every wait (callback limits, the pause between attempts) is on this clock, which s.run drives.
+  const clock = new ManualClock();
+  const w = new ScriptedWriter({ name: 'db', script, journal, clock });
+  const other = new ScriptedWriter({ name: 'web', journal, clock });
+  const provider = new ScriptedProvider('P', {}, journal, clock);
   let created = 0;
   const opts: RunBackupOptions = {
     create: () => {
       created++;
-      return new BackupComponents({ writers: [w, other], providers: [provider], limits: FAST });
+      return new BackupComponents({ writers: [w, other], providers: [provider], limits: FAST, clock });
     },
+    clock,
     type: 'full',
     volumes: [{ files: ['/vms/db.vhdx'] }, { files: ['/vms/web.vhdx'], provider: 'P' }],
     retryDelayMs: 0,
     ...extra,
   };
-  return { journal, w, other, provider, opts, created: () => created };
+  /** runBackup, with the clock moved on whenever everything waits on it. */
+  const run = (o: RunBackupOptions) => clock.run(runBackup(o));
+  return { journal, w, other, provider, opts, clock, run, created: () => created };
 }
 
 const RETRYABLE_FREEZE: Behaviour = { fail: 'RETRYABLE', fatal: true };
@@ -35,7 +41,7 @@ describe('runBackup retries', () => {
   it('a RETRYABLE Freeze failure twice, then success: three attempts, three objects, success', async () => {
     const s = setup({ freeze: [RETRYABLE_FREEZE, RETRYABLE_FREEZE, 'ok'] }, { retries: 3 });
     const seen: number[] = [];
-    const r = await runBackup({ ...s.opts, onAttempt: (a) => seen.push(a.attempt) });
+    const r = await s.run({ ...s.opts, onAttempt: (a) => seen.push(a.attempt) });
     expect(r.status).toBe('succeeded');
     expect(r.attempts.map((a) => [a.attempt, a.retried, a.status, a.stoppedAt])).toEqual([
       [1, true, 'failed', 'doSnapshotSet'],
@@ -54,7 +60,7 @@ describe('runBackup retries', () => {
 
   it('retries run out: the last attempt is reported as it is', async () => {
     const s = setup({ freeze: RETRYABLE_FREEZE }, { retries: 2 });
-    const r = await runBackup(s.opts);
+    const r = await s.run(s.opts);
     expect(r.status).toBe('failed');
     expect(r.attempts.length).toBe(3);
     expect(r.attempts.at(-1)!.retried).toBe(false);
@@ -64,7 +70,7 @@ describe('runBackup retries', () => {
 
   it('NONRETRYABLE is not retried', async () => {
     const s = setup({ freeze: { fail: 'NONRETRYABLE', fatal: true } });
-    const r = await runBackup(s.opts);
+    const r = await s.run(s.opts);
     expect(r.status).toBe('failed');
     expect(r.attempts.length).toBe(1);
     expect(s.created()).toBe(1);
@@ -72,20 +78,20 @@ describe('runBackup retries', () => {
 
   it('retryOn decides: a TIMEOUT is retried only when asked', async () => {
     const a = setup({ freeze: ['hang', 'ok'] });
-    expect((await runBackup(a.opts)).attempts.length).toBe(1);
+    expect((await a.run(a.opts)).attempts.length).toBe(1);
     const b = setup({ freeze: ['hang', 'ok'] }, { retryOn: ['RETRYABLE', 'TIMEOUT'] });
-    const r = await runBackup(b.opts);
+    const r = await b.run(b.opts);
     expect(r.status).toBe('succeeded');
     expect(r.attempts.length).toBe(2);
   });
 
   it('retryable failures in Identify and in PrepareForBackup are retried before any snapshot', async () => {
     const a = setup({ identify: [RETRYABLE_FREEZE, 'ok'] });
-    const ra = await runBackup(a.opts);
+    const ra = await a.run(a.opts);
     expect(ra.status).toBe('succeeded');
     expect(ra.attempts.map((x) => x.stoppedAt)).toEqual(['gatherWriterMetadata', 'backupComplete']);
     const b = setup({ prepareForBackup: [RETRYABLE_FREEZE, 'ok'] });
-    const rb = await runBackup(b.opts);
+    const rb = await b.run(b.opts);
     expect(rb.status).toBe('succeeded');
     expect(rb.attempts.map((x) => x.stoppedAt)).toEqual(['prepareForBackup', 'backupComplete']);
     expect(b.w.count('abort')).toBe(1);
@@ -94,13 +100,15 @@ describe('runBackup retries', () => {
 
   it('waits retryDelayMs between attempts and stops waiting on its signal', async () => {
     const s = setup({ freeze: RETRYABLE_FREEZE }, { retries: 1, retryDelayMs: 150 });
-    const t0 = performance.now();
-    await runBackup(s.opts);
-    expect(performance.now() - t0).toBeGreaterThanOrEqual(145);
+    const t0 = s.clock.now();
+    await s.run(s.opts);
+    expect(s.clock.now() - t0).toBe(150);
     const c = setup({ freeze: RETRYABLE_FREEZE }, { retries: 1, retryDelayMs: 60_000 });
     const ac = new AbortController();
-    setTimeout(() => ac.abort(), 50);
-    await expect(runBackup({ ...c.opts, signal: ac.signal })).rejects.toMatchObject({ name: 'AbortError' });
+    c.clock.setTimeout(() => ac.abort(), 50);
+    await expect(c.run({ ...c.opts, signal: ac.signal })).rejects.toMatchObject({ name: 'AbortError' });
+    expect(c.clock.now()).toBe(50);
+    expect(c.created()).toBe(1);
   });
 });
 
@@ -110,7 +118,7 @@ describe('partial failures per component', () => {
       prepareForSnapshot: { components: [{ logicalPath: 'db', name: 'logs', kind: 'INCONSISTENTSNAPSHOT' }] },
     });
     const copied: string[] = [];
-    const r = await runBackup({
+    const r = await s.run({
       ...s.opts,
       components: [
         { writer: 'db', logicalPath: 'db', name: 'data' },
@@ -147,14 +155,14 @@ describe('partial failures per component', () => {
     const s = setup({
       postSnapshot: [{ components: [{ logicalPath: 'db', name: 'data', kind: 'RETRYABLE' }] }, 'ok'],
     });
-    const r = await runBackup(s.opts);
+    const r = await s.run(s.opts);
     expect(r.status).toBe('succeeded');
     expect(r.attempts.length).toBe(2);
   });
 
   it('a component of a writer that cannot identify is reported failed, the rest goes on', async () => {
     const s = setup({ identify: 'throw' });
-    const r = await runBackup({
+    const r = await s.run({
       ...s.opts,
       components: [
         { writer: 'db', name: 'data', logicalPath: 'db' },
@@ -171,7 +179,7 @@ describe('partial failures per component', () => {
 
   it('the requester marks a copy failed: partial, and the writer is told', async () => {
     const s = setup({});
-    const r = await runBackup({
+    const r = await s.run({
       ...s.opts,
       copy: async (session) =>
         session.markComponent({ writer: 'web', logicalPath: 'web', name: 'logs' }, false, 'disk full'),
@@ -186,7 +194,7 @@ describe('partial failures per component', () => {
 
   it('a copy that throws aborts the backup (writers hear Abort, snapshots released) and is not retried', async () => {
     const s = setup({});
-    const r = await runBackup({
+    const r = await s.run({
       ...s.opts,
       copy: async () => {
         throw new Error('repository unreachable');
@@ -206,10 +214,10 @@ describe('partial failures per component', () => {
 
   it('a caller mistake (unknown component) throws, after cleaning up', async () => {
     const s = setup({});
-    await expect(runBackup({ ...s.opts, components: [{ writer: 'db', name: 'nope' }] })).rejects.toMatchObject({
+    await expect(s.run({ ...s.opts, components: [{ writer: 'db', name: 'nope' }] })).rejects.toMatchObject({
       code: 'NOT_FOUND',
     });
     // The writer is free for the next backup.
-    expect((await runBackup(s.opts)).status).toBe('succeeded');
+    expect((await s.run(s.opts)).status).toBe('succeeded');
   });
 });

@@ -21,6 +21,7 @@ import {
   type Journal,
 } from './fixtures.js';
 import { harness, phasesOf, prepare } from './harness.js';
+import { sleep } from '../helpers/async.js';
 
 describe('the sequence', () => {
   it('calls writers, providers and the host in the model order, and reports every step', async () => {
@@ -216,7 +217,7 @@ describe('end to end: an application writing all the time, real files, real snap
         const app = new AppWriter(t.dir);
         await app.start();
         try {
-          await new Promise((r) => setTimeout(r, 30)); // let it write a few records
+          await sleep(30); // let it write a few records
           const diffAreaRoot = path.join(t.dir, 'areas');
           let heldFor = 0;
           const bc = new BackupComponents({
@@ -242,7 +243,7 @@ describe('end to end: an application writing all the time, real files, real snap
           expect(app.frozen).toBe(false);
           // The app goes on writing while we read the snapshot.
           const before = app.records;
-          await new Promise((r) => setTimeout(r, 20));
+          await sleep(20);
           expect(app.records).toBeGreaterThan(before);
           const snap = bc.snapshotOf(app.db)!;
           expect(snap.storage!.provider).toBe(make().name);
