@@ -265,11 +265,21 @@ async function startDaemon(args: string[], pidFile: string): Promise<void> {
 
 async function stopDaemon(pidFile: string): Promise<void> {
   const pid = Number((await readFile(pidFile, 'utf8').catch(() => '')).trim());
-  if (!pidAlive(pid)) return;
+  if (await exited(pid)) return;
   process.kill(pid, 'SIGTERM');
-  // Its FUSE views are unmounted and its overlays closed once it has gone.
-  for (let i = 0; i < 500 && pidAlive(pid); i++) await new Promise((r) => setTimeout(r, 10));
-  if (pidAlive(pid)) process.kill(pid, 'SIGKILL');
+  // Its FUSE views are unmounted and its overlays closed once it has exited.
+  for (let i = 0; i < 1000 && !(await exited(pid)); i++) await new Promise((r) => setTimeout(r, 5));
+  if (!(await exited(pid))) process.kill(pid, 'SIGKILL');
+}
+
+/**
+ * Gone, or exited and not yet reaped: a daemonized process is init's child, and a container's init may reap
+ * it only a second later (a zombie has closed its files and unmounted its views already).
+ */
+async function exited(pid: number): Promise<boolean> {
+  if (!pidAlive(pid)) return true;
+  const stat = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
+  return / Z /.test(stat.slice(stat.lastIndexOf(')')));
 }
 
 /** `e2fsck -p` on the raw view: the journal replayed and what it may fix unattended fixed; anything else fails. */
