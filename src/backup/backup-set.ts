@@ -139,6 +139,7 @@ export interface BackupSetSummary {
 }
 
 export interface PhaseTimes {
+  preflightMs: number;
   checkpointMs: number;
   snapshotMs: number;
   /** The longest write hold of a storage snapshot's commit (every disk of its set paused), or null. */
@@ -252,7 +253,8 @@ async function runLeased(
     }
   }
 
-  // 1. Preflight.
+  // 1. Preflight, VMs side by side within the checkpoint phase's bound.
+  const preflightStarted = performance.now();
   for (const name of names) {
     const summary: VmRunSummary = {
       name,
@@ -270,8 +272,10 @@ async function runLeased(
       bytesStored: 0,
       disks: [],
     };
-    const s = { name, summary, converted: false, referencePointId: null } as VmState;
-    states.push(s);
+    states.push({ name, summary, converted: false, referencePointId: null } as VmState);
+  }
+  await forEachBounded(states, opts.checkpointConcurrency ?? 4, async (s) => {
+    const name = s.name;
     try {
       const refused = leases.refused.get(name);
       if (refused) throw refused;
@@ -293,7 +297,7 @@ async function runLeased(
     } catch (err) {
       fail(s, err);
     }
-  }
+  });
 
   const batches: VmState[][] = [];
   const live = states.filter((s) => s.summary.status === 'ok');
@@ -304,6 +308,7 @@ async function runLeased(
 
   let snapshots = 0;
   const phases: PhaseTimes = {
+    preflightMs: performance.now() - preflightStarted,
     checkpointMs: 0,
     snapshotMs: 0,
     snapshotHoldMs: null,
@@ -311,7 +316,7 @@ async function runLeased(
     autoRecoveryMs: 0,
     dataMs: 0,
   };
-  const timed = async <T>(phase: Exclude<keyof PhaseTimes, 'snapshotHoldMs'>, fn: () => Promise<T>) => {
+  const timed = async <T>(phase: Exclude<keyof PhaseTimes, 'snapshotHoldMs' | 'preflightMs'>, fn: () => Promise<T>) => {
     const t = performance.now();
     try {
       return await fn();
@@ -378,7 +383,9 @@ async function runLeased(
         // 4. Reference points (after the data phase in the no-snapshot flow: the frozen files are read live).
         const owner = { kind: 'repository' as const, id: opts.repo.config.id };
         if (flow !== 'no-snapshot')
-          await timed('referencePointMs', () => convertAll(opts.host, ready, owner, leases, fail, log));
+          await timed('referencePointMs', () =>
+            convertAll(opts.host, ready, owner, leases, fail, log, opts.checkpointConcurrency ?? 4),
+          );
         // 2008r2: the host mounts every disk of the batch from the snapshot and recovers it; the data phase reads that.
         const mount =
           flow === '2008r2'
@@ -393,7 +400,9 @@ async function runLeased(
           await mount?.mount.close().catch((e) => errors.push(`auto-recovery clean-up: ${e.message}`));
         }
         if (flow === 'no-snapshot') {
-          await timed('referencePointMs', () => convertAll(opts.host, ready, owner, leases, fail, log));
+          await timed('referencePointMs', () =>
+            convertAll(opts.host, ready, owner, leases, fail, log, opts.checkpointConcurrency ?? 4),
+          );
           for (const s of ready)
             if (s.entry) (s.entry as { referencePointId?: string | null }).referencePointId = s.referencePointId;
         }
@@ -569,9 +578,11 @@ async function convertAll(
   leases: RunLeases,
   fail: (s: VmState, err: unknown) => void,
   log: (line: string) => void,
+  concurrency: number,
 ): Promise<void> {
-  for (const s of ready) {
-    if (s.converted || !s.checkpoint) continue;
+  // Each VM's merge is its own: converted side by side within the checkpoint phase's bound.
+  await forEachBounded(ready, concurrency, async (s) => {
+    if (s.converted || !s.checkpoint) return;
     try {
       const rp = await host.convertToReferencePoint(s.name, s.checkpoint.id, { owner, lease: leases.lease(s.name) });
       s.converted = true;
@@ -580,7 +591,7 @@ async function convertAll(
     } catch (err) {
       fail(s, err);
     }
-  }
+  });
 }
 
 /** Where the snapshot's exports are served, with client TLS when the host requires it. */

@@ -25,6 +25,7 @@ export function backupCommand(run: Run): Command {
       .option('--store <dir>', "the host's store (or TIDEMARK_HOST)")
       .option('--flow <flow>', '2016 (one snapshot for the set) | per-vm | 2008r2 | no-snapshot', '2016')
       .option('--batch <n>', 'VMs per storage snapshot in the per-vm and 2008r2 flows', '1')
+      .option('--vm-parallel <n>', 'VMs read at once in the data phase', '4')
       .option('--consistency <c>', 'app (fall back to crash) | crash | app-required', 'app')
       .option('--provider <p>', 'storage snapshot provider: cow | reflink', 'cow')
       .option(
@@ -70,6 +71,7 @@ export function backupCommand(run: Run): Command {
             vms,
             flow,
             batch: Number(o.batch),
+            vmParallel: parsePositive(o.vmParallel as string, '--vm-parallel'),
             consistency: o.consistency as 'app' | 'crash' | 'app-required',
             provider: o.provider as 'cow' | 'reflink',
             audit,
@@ -90,6 +92,13 @@ export function backupCommand(run: Run): Command {
       return summary.ok ? EXIT.OK : EXIT.FAILED;
     }),
   );
+}
+
+function parsePositive(v: string, what: string): number {
+  const n = Number(v);
+  if (!/^\d+$/.test(v) || !(n >= 1))
+    throw new TidemarkError('INVALID_ARGUMENT', `${what} takes a whole number ≥ 1, not "${v}"`);
+  return n;
 }
 
 /** `--wait` alone: until the VMs are free; `--wait N`: at most N seconds. */
