@@ -147,7 +147,11 @@ try {
         };
         rows.push(row);
         console.log(
-          `  ${f.name.padEnd(12)} ${String(row.snapshots).padStart(4)} snapshot(s), ${(row.wallMs / 1000).toFixed(2)} s, orchestration ${ms(row.orchestrationPerVmMs)}/VM, data ${ms(row.dataMs)}`,
+          `  ${f.name.padEnd(12)} ${String(row.snapshots).padStart(4)} snapshot(s), ${(row.wallMs / 1000).toFixed(2)} s, orchestration ${ms(row.orchestrationPerVmMs)}/VM, data ${ms(row.dataMs)} (phases: ${Object.entries(
+            s.phases,
+          )
+            .map(([k, v]) => `${k.replace(/Ms$/, '')} ${ms(v)}`)
+            .join(', ')})`,
         );
       }
       await repo.close();

@@ -433,12 +433,12 @@ async function runLeased(
     // 6. Only after the commit, per VM whose data it holds: destroy this repository's previous reference
     // points (never another repository's, a person's, or an unowned one).
     if (pointId) {
-      for (const s of done) {
-        if (!s.referencePointId) continue;
+      await forEachBounded(done, opts.checkpointConcurrency ?? 4, async (s) => {
+        if (!s.referencePointId) return;
         await destroyPreviousReferencePoints(opts.host, s.name, opts.repo.config.id, s.referencePointId, log).catch(
           (e) => errors.push(`${s.name}: destroying previous reference points: ${e.message}`),
         );
-      }
+      });
     }
     return {
       ok: errors.length === 0 && pointId !== null,
