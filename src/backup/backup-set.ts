@@ -204,7 +204,7 @@ export async function runBackupSet(opts: BackupSetOptions): Promise<BackupSetSum
   // Before anything changes: a host whose NBD needs TLS the run cannot speak is refused up front.
   const nbdTarget = await nbdAddress(opts.host, opts.nbdTlsDir);
   const leases = await RunLeases.acquire(opts.host, names, {
-    command: opts.command ?? `tidemark backup ${names.join(' ')}`,
+    command: clipCommand(opts.command ?? `tidemark backup ${names.join(' ')}`, names.length),
     ttlSeconds: opts.leaseTtlSeconds,
     waitSeconds: opts.wait,
     log,
@@ -459,6 +459,13 @@ async function runLeased(
 }
 
 const CHECKPOINT_PREFIX = 'tidemark backup';
+
+/** The host keeps a lease holder's command to 500 characters: a set of hundreds of VMs is named by its count. */
+function clipCommand(command: string, vms: number): string {
+  if (command.length <= 400) return command;
+  const cut = command.slice(0, 400);
+  return `${cut.slice(0, cut.lastIndexOf(' '))} … (${vms} VMs)`;
+}
 
 /** The data phase of a batch: each VM's disks read into the session, at most `vmParallel` VMs at once. */
 async function readVms(
