@@ -92,7 +92,7 @@ async function seededWrites(): Promise<void> {
   }
 }
 
-async function backup(flow: Flow, batch?: number): Promise<BackupSetSummary> {
+async function backup(flow: Flow, batch?: number, command?: string): Promise<BackupSetSummary> {
   const log: string[] = [];
   const s = await runBackupSet({
     host: api,
@@ -100,6 +100,7 @@ async function backup(flow: Flow, batch?: number): Promise<BackupSetSummary> {
     vms: Object.keys(VMS),
     flow,
     batch,
+    command,
     consistency: 'crash',
     events: { log: (l) => log.push(l) },
   });
@@ -192,6 +193,12 @@ describe.skipIf(peers.skip)(`backup flows (seed ${SEED})`, () => {
     // After a point that holds a recovered disk, that disk is read in full again.
     const fs = s.vms.find((v) => v.name === 'fs')!.disks[0];
     expect(fs.fullReason).toMatch(/no change-tracking id/);
+    await expectRestores(s.pointId!, false);
+  });
+
+  it('a run whose command line is longer than the host keeps for a lease holder still runs (hundreds of VMs)', async () => {
+    await seededWrites();
+    const s = await backup('2016', undefined, `tidemark backup ${'vm '.repeat(400)}`);
     await expectRestores(s.pointId!, false);
   });
 });
