@@ -329,29 +329,29 @@ async function runLeased(
     if (live.length > 0) session = await opts.repo.startBackup({ operation: 'backup' });
     for (const batch of batches) {
       // 2. Checkpoint phase, concurrently within a bound.
-      await timed('checkpointMs', () =>
-        forEachBounded(batch, opts.checkpointConcurrency ?? 4, async (s) => {
-          try {
-            const cp = await opts.host.createCheckpoint(s.name, {
-              type: 'recovery',
-              name: `${CHECKPOINT_PREFIX} ${new Date().toISOString()}`,
-              consistency: opts.consistency === 'crash' ? 'crash' : 'application',
-              requireConsistency: opts.consistency === 'app-required',
-              lease: leases.lease(s.name),
-            });
-            s.checkpoint = cp;
-            Object.assign(s.summary, {
-              consistency: cp.consistency,
-              consistencyNote: cp.consistencyNote,
-              freezeWindowMs: cp.freezeWindowMs,
-              ioPauseMs: cp.ioPauseMs,
-            });
-            log(`${s.name}: recovery checkpoint, ${cp.consistency}-consistent (${cp.consistencyNote ?? ''})`);
-          } catch (err) {
-            fail(s, err);
-          }
-        }),
-      );
+      const checkpointsStarted = performance.now();
+      await forEachBounded(batch, opts.checkpointConcurrency ?? 4, async (s) => {
+        try {
+          const cp = await opts.host.createCheckpoint(s.name, {
+            type: 'recovery',
+            name: `${CHECKPOINT_PREFIX} ${new Date().toISOString()}`,
+            consistency: opts.consistency === 'crash' ? 'crash' : 'application',
+            requireConsistency: opts.consistency === 'app-required',
+            lease: leases.lease(s.name),
+          });
+          s.checkpoint = cp;
+          Object.assign(s.summary, {
+            consistency: cp.consistency,
+            consistencyNote: cp.consistencyNote,
+            freezeWindowMs: cp.freezeWindowMs,
+            ioPauseMs: cp.ioPauseMs,
+          });
+          log(`${s.name}: recovery checkpoint, ${cp.consistency}-consistent (${cp.consistencyNote ?? ''})`);
+        } catch (err) {
+          fail(s, err);
+        }
+      });
+      phases.checkpointMs += performance.now() - checkpointsStarted;
       const ready = batch.filter((s) => s.checkpoint && s.summary.status === 'ok');
       if (ready.length === 0) continue;
 
