@@ -7,8 +7,10 @@
  *   5. data phase: per disk, the changes since the previous point's id (or everything allocated, and why)
  *      read from the snapshot's read-only NBD exports, chunked, hashed, stored; the manifest written last;
  *   6. release the snapshot; only after the commit, destroy this repository's previous reference points.
- * `per-vm` takes one snapshot per batch of N VMs (2012 R2); `no-snapshot` reads the frozen parents while the
- * checkpoints exist and converts afterwards. The run talks to the host only through its API and reads data
+ * `per-vm` takes one snapshot per batch of N VMs (2012 R2); `2008r2` does too, then mounts every disk of the batch
+ * from the snapshot and recovers it on the host before reading it (auto-recovery.ts); `no-snapshot` reads the
+ * frozen parents while the checkpoints exist and converts afterwards. The data phase reads VMs in parallel
+ * (bounded). The run talks to the host only through its API and reads data
  * only through NBD, so it could run on another machine.
  *
  * A run holds each VM's lease from preflight to its end (run-leases.ts): a second run of the same VM gets
@@ -35,10 +37,11 @@ import {
   type AuditMode,
   type AuditResult,
 } from './audit.js';
+import { HostMount } from './auto-recovery.js';
 import { chunksTouched, copyChunks, type Range } from './disk-reader.js';
 import { RunLeases } from './run-leases.js';
 
-export type Flow = '2016' | 'per-vm' | 'no-snapshot';
+export type Flow = '2016' | 'per-vm' | '2008r2' | 'no-snapshot';
 export type ConsistencyMode = 'app' | 'crash' | 'app-required';
 
 export interface BackupEvents {
@@ -53,12 +56,14 @@ export interface BackupSetOptions {
   repo: Repository;
   vms: string[];
   flow?: Flow;
-  /** VMs per storage snapshot in the per-vm flow (default 1). */
+  /** VMs per storage snapshot in the per-vm and 2008r2 flows (default 1). */
   batch?: number;
   consistency?: ConsistencyMode;
   provider?: 'cow' | 'reflink';
   /** Checkpoints created at once (default 4). */
   checkpointConcurrency?: number;
+  /** VMs whose data is read at once in the data phase (default 4). */
+  vmParallel?: number;
   /** Chunk reads in flight per disk (default 8). */
   readParallel?: number;
   /**
@@ -107,6 +112,9 @@ export interface VmRunSummary {
   consistencyNote: string | null;
   freezeWindowMs: number | null;
   ioPauseMs: number | null;
+  /** 2008r2 flow: the host's auto-recovery of the VM's disks (its batch's, start to served), and what it did. */
+  autoRecoveryMs: number | null;
+  autoRecovery: string | null;
   bytesRead: number;
   bytesNew: number;
   bytesStored: number;
@@ -120,12 +128,25 @@ export interface BackupSetSummary {
   /** Storage snapshots taken by this run. */
   snapshots: number;
   durationMs: number;
+  /** Time in each phase, summed over the batches (the data phase is wall time, VMs read in parallel). */
+  phases: PhaseTimes;
   /** the seed of this run's audit samples (null: audit off) */
   auditSeed: number | null;
   vms: VmRunSummary[];
   errors: string[];
   /** what the run got right but someone must look at (change tracking that missed a change) */
   warnings: string[];
+}
+
+export interface PhaseTimes {
+  preflightMs: number;
+  checkpointMs: number;
+  snapshotMs: number;
+  /** The longest write hold of a storage snapshot's commit (every disk of its set paused), or null. */
+  snapshotHoldMs: number | null;
+  referencePointMs: number;
+  autoRecoveryMs: number;
+  dataMs: number;
 }
 
 /** What the data phase of every disk shares. */
@@ -147,6 +168,8 @@ interface VmState {
   converted: boolean;
   referencePointId: string | null;
   entry?: VmEntry;
+  /** 2008r2: why a disk's content is the host's recovery of it rather than the checkpoint's (by slot). */
+  recovered?: Map<string, string>;
 }
 
 export async function runBackupSet(opts: BackupSetOptions): Promise<BackupSetSummary> {
@@ -181,7 +204,7 @@ export async function runBackupSet(opts: BackupSetOptions): Promise<BackupSetSum
   // Before anything changes: a host whose NBD needs TLS the run cannot speak is refused up front.
   const nbdTarget = await nbdAddress(opts.host, opts.nbdTlsDir);
   const leases = await RunLeases.acquire(opts.host, names, {
-    command: opts.command ?? `tidemark backup ${names.join(' ')}`,
+    command: clipCommand(opts.command ?? `tidemark backup ${names.join(' ')}`, names.length),
     ttlSeconds: opts.leaseTtlSeconds,
     waitSeconds: opts.wait,
     log,
@@ -230,7 +253,8 @@ async function runLeased(
     }
   }
 
-  // 1. Preflight.
+  // 1. Preflight, VMs side by side within the checkpoint phase's bound.
+  const preflightStarted = performance.now();
   for (const name of names) {
     const summary: VmRunSummary = {
       name,
@@ -241,13 +265,17 @@ async function runLeased(
       consistencyNote: null,
       freezeWindowMs: null,
       ioPauseMs: null,
+      autoRecoveryMs: null,
+      autoRecovery: null,
       bytesRead: 0,
       bytesNew: 0,
       bytesStored: 0,
       disks: [],
     };
-    const s = { name, summary, converted: false, referencePointId: null } as VmState;
-    states.push(s);
+    states.push({ name, summary, converted: false, referencePointId: null } as VmState);
+  }
+  await forEachBounded(states, opts.checkpointConcurrency ?? 4, async (s) => {
+    const name = s.name;
     try {
       const refused = leases.refused.get(name);
       if (refused) throw refused;
@@ -269,21 +297,39 @@ async function runLeased(
     } catch (err) {
       fail(s, err);
     }
-  }
+  });
 
   const batches: VmState[][] = [];
   const live = states.filter((s) => s.summary.status === 'ok');
-  if (flow === 'per-vm') {
+  if (flow === 'per-vm' || flow === '2008r2') {
     const n = Math.max(1, opts.batch ?? 1);
     for (let i = 0; i < live.length; i += n) batches.push(live.slice(i, i + n));
   } else if (live.length > 0) batches.push(live);
 
   let snapshots = 0;
+  const phases: PhaseTimes = {
+    preflightMs: performance.now() - preflightStarted,
+    checkpointMs: 0,
+    snapshotMs: 0,
+    snapshotHoldMs: null,
+    referencePointMs: 0,
+    autoRecoveryMs: 0,
+    dataMs: 0,
+  };
+  const timed = async <T>(phase: Exclude<keyof PhaseTimes, 'snapshotHoldMs' | 'preflightMs'>, fn: () => Promise<T>) => {
+    const t = performance.now();
+    try {
+      return await fn();
+    } finally {
+      phases[phase] += performance.now() - t;
+    }
+  };
   let session: Awaited<ReturnType<Repository['startBackup']>> | undefined;
   try {
     if (live.length > 0) session = await opts.repo.startBackup({ operation: 'backup' });
     for (const batch of batches) {
       // 2. Checkpoint phase, concurrently within a bound.
+      const checkpointsStarted = performance.now();
       await forEachBounded(batch, opts.checkpointConcurrency ?? 4, async (s) => {
         try {
           const cp = await opts.host.createCheckpoint(s.name, {
@@ -305,17 +351,22 @@ async function runLeased(
           fail(s, err);
         }
       });
+      phases.checkpointMs += performance.now() - checkpointsStarted;
       const ready = batch.filter((s) => s.checkpoint && s.summary.status === 'ok');
       if (ready.length === 0) continue;
 
       // 3. One storage snapshot for the batch (none in the no-snapshot flow).
       let set: SnapshotSetInfo | undefined;
       try {
-        set = await opts.host.createSnapshotSet({
-          vms: ready.map((s) => ({ name: s.name, checkpoint: s.checkpoint!.id, lease: leases.lease(s.name) })),
-          provider: flow === 'no-snapshot' ? 'none' : (opts.provider ?? 'cow'),
-        });
+        set = await timed('snapshotMs', () =>
+          opts.host.createSnapshotSet({
+            vms: ready.map((s) => ({ name: s.name, checkpoint: s.checkpoint!.id, lease: leases.lease(s.name) })),
+            provider: flow === 'no-snapshot' ? 'none' : (opts.provider ?? 'cow'),
+          }),
+        );
         snapshots += set.storageSnapshots;
+        if (set.timings.holdMs !== null)
+          phases.snapshotHoldMs = Math.max(phases.snapshotHoldMs ?? 0, set.timings.holdMs);
         log(
           `snapshot set ${set.id.slice(0, 8)}: ${set.storageSnapshots} storage snapshot(s) for ${ready.length} VM(s)`,
         );
@@ -331,18 +382,27 @@ async function runLeased(
       try {
         // 4. Reference points (after the data phase in the no-snapshot flow: the frozen files are read live).
         const owner = { kind: 'repository' as const, id: opts.repo.config.id };
-        if (flow !== 'no-snapshot') await convertAll(opts.host, ready, owner, leases, fail, log);
-        // 5. Data phase.
-        for (const s of ready) {
-          if (s.summary.status !== 'ok') continue;
-          try {
-            s.entry = await backupVm(opts, data, s, set, nbdTarget, session!);
-          } catch (err) {
-            fail(s, err);
-          }
+        if (flow !== 'no-snapshot')
+          await timed('referencePointMs', () =>
+            convertAll(opts.host, ready, owner, leases, fail, log, opts.checkpointConcurrency ?? 4),
+          );
+        // 2008r2: the host mounts every disk of the batch from the snapshot and recovers it; the data phase reads that.
+        const mount =
+          flow === '2008r2'
+            ? await timed('autoRecoveryMs', () => autoRecover(opts, ready, set!, nbdTarget, fail, log))
+            : null;
+        // 5. Data phase, VMs in parallel within a bound.
+        try {
+          await timed('dataMs', () =>
+            readVms(opts, data, ready, mount?.set ?? set!, mount?.target ?? nbdTarget, session!, fail),
+          );
+        } finally {
+          await mount?.mount.close().catch((e) => errors.push(`auto-recovery clean-up: ${e.message}`));
         }
         if (flow === 'no-snapshot') {
-          await convertAll(opts.host, ready, owner, leases, fail, log);
+          await timed('referencePointMs', () =>
+            convertAll(opts.host, ready, owner, leases, fail, log, opts.checkpointConcurrency ?? 4),
+          );
           for (const s of ready)
             if (s.entry) (s.entry as { referencePointId?: string | null }).referencePointId = s.referencePointId;
         }
@@ -373,12 +433,12 @@ async function runLeased(
     // 6. Only after the commit, per VM whose data it holds: destroy this repository's previous reference
     // points (never another repository's, a person's, or an unowned one).
     if (pointId) {
-      for (const s of done) {
-        if (!s.referencePointId) continue;
+      await forEachBounded(done, opts.checkpointConcurrency ?? 4, async (s) => {
+        if (!s.referencePointId) return;
         await destroyPreviousReferencePoints(opts.host, s.name, opts.repo.config.id, s.referencePointId, log).catch(
           (e) => errors.push(`${s.name}: destroying previous reference points: ${e.message}`),
         );
-      }
+      });
     }
     return {
       ok: errors.length === 0 && pointId !== null,
@@ -386,6 +446,7 @@ async function runLeased(
       flow,
       snapshots,
       durationMs: performance.now() - started,
+      phases,
       auditSeed: data.audit.kind === 'off' ? null : data.auditSeed,
       vms: states.map((s) => s.summary),
       errors,
@@ -398,6 +459,80 @@ async function runLeased(
 }
 
 const CHECKPOINT_PREFIX = 'tidemark backup';
+
+/** The host keeps a lease holder's command to 500 characters: a set of hundreds of VMs is named by its count. */
+function clipCommand(command: string, vms: number): string {
+  if (command.length <= 400) return command;
+  const cut = command.slice(0, 400);
+  return `${cut.slice(0, cut.lastIndexOf(' '))} … (${vms} VMs)`;
+}
+
+/** The data phase of a batch: each VM's disks read into the session, at most `vmParallel` VMs at once. */
+async function readVms(
+  opts: BackupSetOptions,
+  data: DataPhase,
+  ready: VmState[],
+  set: SnapshotSetInfo,
+  nbdTarget: NbdDial,
+  session: Awaited<ReturnType<Repository['startBackup']>>,
+  fail: (s: VmState, err: unknown) => void,
+): Promise<void> {
+  await forEachBounded(ready, opts.vmParallel ?? 4, async (s) => {
+    if (s.summary.status !== 'ok') return;
+    try {
+      s.entry = await backupVm(opts, data, s, set, nbdTarget, session);
+    } catch (err) {
+      fail(s, err);
+    }
+  });
+}
+
+/**
+ * The 2008r2 flow's auto-recovery: the batch's disks mounted from the snapshot and recovered on this side
+ * (auto-recovery.ts); returns the set as the data phase reads it (the recovered overlays) and where. A failure
+ * fails the batch's VMs (their snapshot cannot be read as the guest left it).
+ */
+async function autoRecover(
+  opts: BackupSetOptions,
+  ready: VmState[],
+  set: SnapshotSetInfo,
+  nbdTarget: NbdDial,
+  fail: (s: VmState, err: unknown) => void,
+  log: (line: string) => void,
+): Promise<{ mount: HostMount; set: SnapshotSetInfo; target: NbdDial } | null> {
+  const live = ready.filter((s) => s.summary.status === 'ok');
+  if (live.length === 0) return null;
+  const names = new Set(live.map((s) => s.name));
+  try {
+    const mount = await HostMount.mount(
+      set.exports.filter((e) => names.has(e.vm)),
+      { nbd: nbdTarget, tlsDir: opts.nbdTlsDir, parallel: opts.checkpointConcurrency ?? 4, log },
+    );
+    for (const s of live) {
+      const r = mount.recovered.get(s.name);
+      // A disk the recovery changed holds what no tracking id sealed: read in full, and recorded without an id,
+      // so no incremental (this run's or the next's) mixes it with the checkpoint's content.
+      for (const d of s.disks) {
+        const bytes = mount.changedBytes(s.name, d.slot);
+        if (bytes > 0) {
+          s.recovered ??= new Map();
+          s.recovered.set(
+            d.slot,
+            `auto-recovery on the host changed ${bytes} bytes of the disk: its content is the recovered file system, which no change-tracking id describes`,
+          );
+        }
+      }
+      s.summary.autoRecoveryMs = r?.ms ?? null;
+      s.summary.autoRecovery = r?.note ?? null;
+      log(`${s.name}: auto-recovery on the host in ${(r?.ms ?? 0).toFixed(0)} ms: ${r?.note ?? ''}`);
+    }
+    const exports = set.exports.map((e) => ({ ...e, export: mount.exportOf(e.vm, e.slot) ?? e.export }));
+    return { mount, set: { ...set, exports }, target: mount.target };
+  } catch (err) {
+    for (const s of live) fail(s, err);
+    return null;
+  }
+}
 
 /**
  * What backup runs that ended (their leases expired, released, or reclaimed from an ended process) left on
@@ -450,9 +585,11 @@ async function convertAll(
   leases: RunLeases,
   fail: (s: VmState, err: unknown) => void,
   log: (line: string) => void,
+  concurrency: number,
 ): Promise<void> {
-  for (const s of ready) {
-    if (s.converted || !s.checkpoint) continue;
+  // Each VM's merge is its own: converted side by side within the checkpoint phase's bound.
+  await forEachBounded(ready, concurrency, async (s) => {
+    if (s.converted || !s.checkpoint) return;
     try {
       const rp = await host.convertToReferencePoint(s.name, s.checkpoint.id, { owner, lease: leases.lease(s.name) });
       s.converted = true;
@@ -461,7 +598,7 @@ async function convertAll(
     } catch (err) {
       fail(s, err);
     }
-  }
+  });
 }
 
 /** Where the snapshot's exports are served, with client TLS when the host requires it. */
@@ -506,6 +643,7 @@ async function backupVm(
         d.tracking === 'none'
           ? `the disk has no change tracking (configuration version ${s.configVersion}; tracking needs 6.2 or later)`
           : `the disk has no change tracking (its tracking files are missing; configuration version ${s.configVersion})`;
+    else if (s.recovered?.has(d.slot)) fullReason = s.recovered.get(d.slot)!;
     else if (!prevDisk) fullReason = s.previous ? 'the disk is new since the previous restore point' : 'first backup';
     else if (!prevDisk.rctId) fullReason = 'the previous restore point has no change-tracking id for this disk';
     else if (prevDisk.virtualSize !== d.virtualSize) fullReason = 'the disk was resized';
@@ -623,7 +761,7 @@ async function backupVm(
       logicalSectorSize: 512,
       blockSize: writer.chunkSize,
       format: 'vhdx',
-      rctId: cpDisk.rctId,
+      rctId: s.recovered?.has(d.slot) ? null : cpDisk.rctId,
       read: fullReason ? 'full' : 'incremental',
       fullReason,
       index,
@@ -635,7 +773,7 @@ async function backupVm(
       diskId: d.virtualDiskId,
       read: fullReason ? 'full' : 'incremental',
       fullReason,
-      rctId: cpDisk.rctId,
+      rctId: s.recovered?.has(d.slot) ? null : cpDisk.rctId,
       bytesRead: stats.bytesRead,
       bytesNew: stats.bytesNew,
       bytesStored: stats.bytesStored,

@@ -23,8 +23,9 @@ export function backupCommand(run: Run): Command {
       )
       .argument('<vm...>', 'the VMs of the backup set')
       .option('--store <dir>', "the host's store (or TIDEMARK_HOST)")
-      .option('--flow <flow>', '2016 (one snapshot for the set) | per-vm | no-snapshot', '2016')
-      .option('--batch <n>', 'VMs per storage snapshot in the per-vm flow', '1')
+      .option('--flow <flow>', '2016 (one snapshot for the set) | per-vm | 2008r2 | no-snapshot', '2016')
+      .option('--batch <n>', 'VMs per storage snapshot in the per-vm and 2008r2 flows', '1')
+      .option('--vm-parallel <n>', 'VMs read at once in the data phase', '4')
       .option('--consistency <c>', 'app (fall back to crash) | crash | app-required', 'app')
       .option('--provider <p>', 'storage snapshot provider: cow | reflink', 'cow')
       .option(
@@ -46,8 +47,8 @@ export function backupCommand(run: Run): Command {
   ).action((vms: string[], o: RepoOpts & Record<string, string | boolean | undefined>) =>
     run(async () => {
       const flow = o.flow as Flow;
-      if (!['2016', 'per-vm', 'no-snapshot'].includes(flow)) {
-        throw new TidemarkError('INVALID_ARGUMENT', `--flow must be 2016, per-vm or no-snapshot, not ${flow}`);
+      if (!['2016', 'per-vm', '2008r2', 'no-snapshot'].includes(flow)) {
+        throw new TidemarkError('INVALID_ARGUMENT', `--flow must be 2016, per-vm, 2008r2 or no-snapshot, not ${flow}`);
       }
       if (!['app', 'crash', 'app-required'].includes(o.consistency as string)) {
         throw new TidemarkError('INVALID_ARGUMENT', `--consistency must be app, crash or app-required`);
@@ -70,6 +71,7 @@ export function backupCommand(run: Run): Command {
             vms,
             flow,
             batch: Number(o.batch),
+            vmParallel: parsePositive(o.vmParallel as string, '--vm-parallel'),
             consistency: o.consistency as 'app' | 'crash' | 'app-required',
             provider: o.provider as 'cow' | 'reflink',
             audit,
@@ -92,6 +94,13 @@ export function backupCommand(run: Run): Command {
   );
 }
 
+function parsePositive(v: string, what: string): number {
+  const n = Number(v);
+  if (!/^\d+$/.test(v) || !(n >= 1))
+    throw new TidemarkError('INVALID_ARGUMENT', `${what} takes a whole number ≥ 1, not "${v}"`);
+  return n;
+}
+
 /** `--wait` alone: until the VMs are free; `--wait N`: at most N seconds. */
 function parseWait(v: string | boolean | undefined): number | undefined {
   if (v === undefined || v === false) return undefined;
@@ -109,8 +118,9 @@ export function printBackupSummary(s: BackupSetSummary): void {
   );
   for (const v of s.vms) {
     println(
-      `  ${v.name}: ${v.status}${v.error ? ` (${v.error})` : ''}; ${v.consistency ?? '-'}-consistent; read ${formatSize(v.bytesRead)}, new ${formatSize(v.bytesNew)}, stored ${formatSize(v.bytesStored)}; freeze ${ms(v.freezeWindowMs)}, I/O pause ${ms(v.ioPauseMs)}`,
+      `  ${v.name}: ${v.status}${v.error ? ` (${v.error})` : ''}; ${v.consistency ?? '-'}-consistent; read ${formatSize(v.bytesRead)}, new ${formatSize(v.bytesNew)}, stored ${formatSize(v.bytesStored)}; freeze ${ms(v.freezeWindowMs)}, I/O pause ${ms(v.ioPauseMs)}${v.autoRecoveryMs !== null ? `; auto-recovery ${ms(v.autoRecoveryMs)}` : ''}`,
     );
+    if (v.autoRecovery) println(`    auto-recovery: ${v.autoRecovery}`);
     for (const d of v.disks) {
       println(
         `    ${d.slot}: ${d.read}${d.fullReason ? ` (${d.fullReason})` : ''}, read ${formatSize(d.bytesRead)}${d.audit ? `; ${auditLine(d.audit)}` : ''}`,
