@@ -752,6 +752,8 @@ async function backupVm(
       bytesNew: passes.bytesNew + last.bytesNew,
       bytesStored: passes.bytesStored + last.bytesStored,
     };
+    // A disk the host's auto-recovery changed is recorded without an id (no later incremental builds on it).
+    const rctId = s.recovered?.has(d.slot) ? null : cpDisk.rctId;
     const m = /^(ide|scsi)(\d)-(\d+)$/.exec(d.slot)!;
     disks.push({
       diskId: d.virtualDiskId,
@@ -761,7 +763,7 @@ async function backupVm(
       logicalSectorSize: 512,
       blockSize: writer.chunkSize,
       format: 'vhdx',
-      rctId: s.recovered?.has(d.slot) ? null : cpDisk.rctId,
+      rctId,
       read: fullReason ? 'full' : 'incremental',
       fullReason,
       index,
@@ -773,7 +775,7 @@ async function backupVm(
       diskId: d.virtualDiskId,
       read: fullReason ? 'full' : 'incremental',
       fullReason,
-      rctId: s.recovered?.has(d.slot) ? null : cpDisk.rctId,
+      rctId,
       bytesRead: stats.bytesRead,
       bytesNew: stats.bytesNew,
       bytesStored: stats.bytesStored,

@@ -1,9 +1,7 @@
 /** `tidemark vhd ...`: the offline tools for legacy VHD files, with the verbs and options of `tidemark vhdx`. */
-import { createReadStream } from 'node:fs';
-import { stat } from 'node:fs/promises';
 import path from 'node:path';
 import { Command, Option } from 'commander';
-import { InvalidArgumentError, fromSystemError } from '../errors.js';
+import { InvalidArgumentError } from '../errors.js';
 import { checkVhd } from '../formats/vhd/check.js';
 import { convertDisk } from '../tracking/convert.js';
 import { createVhd } from '../formats/vhd/create.js';
@@ -11,8 +9,8 @@ import { vhdInfo, type VhdInfo } from '../formats/vhd/info.js';
 import { mergeVhd } from '../formats/vhd/merge.js';
 import { VhdFile, type VhdOpenOptions } from '../formats/vhd/vhd.js';
 import type { CheckReport } from '../formats/vhdx/check.js';
-import { NodeFile } from '../util/file.js';
 import { formatSize, parseSize } from '../util/size.js';
+import { readRange, writeFromInput } from './disk-io.js';
 import { EXIT, printJson, println, progressReporter } from './output.js';
 
 type Run = (fn: () => Promise<number | void>) => Promise<void>;
@@ -202,24 +200,7 @@ export function vhdCommand(run: Run): Command {
       const length = parseSize(o.length, '--length');
       const disk = await VhdFile.open(file, parentOptions(o, file));
       try {
-        if (offset + length > disk.virtualSize) {
-          throw new InvalidArgumentError(
-            `--offset ${offset} --length ${length} reaches past the ${disk.virtualSize}-byte disk`,
-          );
-        }
-        // Open the output first, so a bad path is one clear error before anything is read.
-        const out = o.output ? await NodeFile.open(o.output, 'w') : undefined;
-        try {
-          const piece = 8 * 2 ** 20;
-          for (let at = 0; at < length; at += piece) {
-            const buf = await disk.readAt(offset + at, Math.min(piece, length - at));
-            if (out) await out.write(buf, at);
-            else if (!process.stdout.write(buf))
-              await new Promise<void>((r) => process.stdout.once('drain', () => r()));
-          }
-        } finally {
-          await out?.close();
-        }
+        await readRange(disk, offset, length, o.output);
       } finally {
         await disk.close();
       }
@@ -237,34 +218,9 @@ export function vhdCommand(run: Run): Command {
     run(async () => {
       const offset = parseSize(o.offset, '--offset');
       const disk = await VhdFile.open(file, { writable: true, ...parentOptions(o, file) });
-      let written = 0;
+      let written: number;
       try {
-        if (o.input) {
-          const size = (await stat(o.input).catch((err) => Promise.reject(fromSystemError(err, 'open', o.input)))).size;
-          if (offset + size > disk.virtualSize) {
-            throw new InvalidArgumentError(
-              `${o.input} (${size} bytes) at offset ${offset} reaches past the ${disk.virtualSize}-byte disk`,
-            );
-          }
-        }
-        const input = o.input ? createReadStream(o.input, { highWaterMark: 4 * 2 ** 20 }) : process.stdin;
-        const chunks = (async function* () {
-          try {
-            yield* input as AsyncIterable<Buffer>;
-          } catch (err) {
-            throw fromSystemError(err, 'read', o.input ?? 'standard input');
-          }
-        })();
-        for await (const chunk of chunks) {
-          if (offset + written + chunk.length > disk.virtualSize) {
-            throw new InvalidArgumentError(
-              `input reaches past the ${disk.virtualSize}-byte disk after ${written} bytes; what came before was written`,
-            );
-          }
-          await disk.write(chunk, offset + written);
-          written += chunk.length;
-        }
-        await disk.flush();
+        written = await writeFromInput(disk, offset, o.input);
       } finally {
         await disk.close();
       }

@@ -1,10 +1,7 @@
 /** `tidemark vhdx ...`: the offline VHDX tools. */
-import { createReadStream } from 'node:fs';
-import { stat } from 'node:fs/promises';
 import path from 'node:path';
 import { Command, Option } from 'commander';
-import { InvalidArgumentError, fromSystemError } from '../errors.js';
-import { NodeFile } from '../util/file.js';
+import { InvalidArgumentError } from '../errors.js';
 import { checkVhdx, type CheckReport } from '../formats/vhdx/check.js';
 import { convertDisk } from '../tracking/convert.js';
 import { createVhdx } from '../formats/vhdx/create.js';
@@ -13,6 +10,7 @@ import { VhdxFile, type OpenOptions } from '../formats/vhdx/vhdx.js';
 import { mergeWithTracking } from '../tracking/merge.js';
 import { ChangeTracker, DEFAULT_GRANULARITY } from '../tracking/tracker.js';
 import { formatSize, parseSize } from '../util/size.js';
+import { readRange, writeFromInput } from './disk-io.js';
 import { EXIT, printJson, println, progressReporter } from './output.js';
 
 type Run = (fn: () => Promise<number | void>) => Promise<void>;
@@ -218,24 +216,7 @@ export function vhdxCommand(run: Run): Command {
       const length = parseSize(o.length, '--length');
       const disk = await VhdxFile.open(file, parentOptions(o, file));
       try {
-        if (offset + length > disk.virtualSize) {
-          throw new InvalidArgumentError(
-            `--offset ${offset} --length ${length} reaches past the ${disk.virtualSize}-byte disk`,
-          );
-        }
-        // Open the output first, so a bad path is one clear error before anything is read.
-        const out = o.output ? await NodeFile.open(o.output, 'w') : undefined;
-        try {
-          const piece = 8 * 2 ** 20;
-          for (let at = 0; at < length; at += piece) {
-            const buf = await disk.readAt(offset + at, Math.min(piece, length - at));
-            if (out) await out.write(buf, at);
-            else if (!process.stdout.write(buf))
-              await new Promise<void>((r) => process.stdout.once('drain', () => r()));
-          }
-        } finally {
-          await out?.close();
-        }
+        await readRange(disk, offset, length, o.output);
       } finally {
         await disk.close();
       }
@@ -255,36 +236,11 @@ export function vhdxCommand(run: Run): Command {
     run(async () => {
       const offset = parseSize(o.offset, '--offset');
       const disk = await VhdxFile.open(file, { writable: true, ...parentOptions(o, file) });
-      let written = 0;
+      let written: number;
       try {
         disk.checkWritable(); // a damaged disk is refused before anything, tracking files included
         await ChangeTracker.attach(disk, { writable: true }); // a tracked disk records these writes
-        if (o.input) {
-          const size = (await stat(o.input).catch((err) => Promise.reject(fromSystemError(err, 'open', o.input)))).size;
-          if (offset + size > disk.virtualSize) {
-            throw new InvalidArgumentError(
-              `${o.input} (${size} bytes) at offset ${offset} reaches past the ${disk.virtualSize}-byte disk`,
-            );
-          }
-        }
-        const input = o.input ? createReadStream(o.input, { highWaterMark: 4 * 2 ** 20 }) : process.stdin;
-        const chunks = (async function* () {
-          try {
-            yield* input as AsyncIterable<Buffer>;
-          } catch (err) {
-            throw fromSystemError(err, 'read', o.input ?? 'standard input');
-          }
-        })();
-        for await (const chunk of chunks) {
-          if (offset + written + chunk.length > disk.virtualSize) {
-            throw new InvalidArgumentError(
-              `input reaches past the ${disk.virtualSize}-byte disk after ${written} bytes; what came before was written`,
-            );
-          }
-          await disk.write(chunk, offset + written);
-          written += chunk.length;
-        }
-        await disk.flush();
+        written = await writeFromInput(disk, offset, o.input);
       } finally {
         await disk.close();
       }

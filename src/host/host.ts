@@ -1658,8 +1658,10 @@ async function enableTracking(file: string, allowedRoots: string[], reason?: str
   }
 }
 
-/** Disks attached by path must be disk files (not a FIFO, a socket, a directory): checked without opening them. */
-/** What each named disk path is (relative paths are relative to the store), checked before any lock is taken. */
+/**
+ * Disks attached by path must be disk files (not a FIFO, a socket, a directory): each named path (relative to
+ * the store) is checked, without opening it, before any lock is taken.
+ */
 async function checkDiskPaths(store: string, disks: NewDisk[] | undefined): Promise<void> {
   for (const d of disks ?? []) if (d.path) await checkFileType(path.resolve(store, d.path), 'disk');
 }

@@ -275,7 +275,7 @@ export class NbdClient {
     let socket: net.Socket = target.socket
       ? net.connect({ path: target.socket, onread })
       : net.connect({ port: target.port ?? 10809, host: target.host ?? '127.0.0.1', onread });
-    let unfeed = target.tls ? reader.feedFrom(socket) : undefined;
+    const unfeedPlain = target.tls ? reader.feedFrom(socket) : undefined;
     let tlsStarted = false;
     reader.attach(socket);
     socket.setNoDelay(true);
@@ -312,12 +312,12 @@ export class NbdClient {
         if (!(greeting.flags & FLAG_FIXED_NEWSTYLE))
           throw new TidemarkError('NOT_SUPPORTED', 'the NBD server does not speak fixed newstyle, which TLS needs');
         await option(OPT.STARTTLS);
-        unfeed!();
+        unfeedPlain!();
         // On TCP the server's certificate must name the host dialled (as libnbd and QEMU check it).
         const hostname = target.tls.hostname ?? (target.socket ? undefined : (target.host ?? '127.0.0.1'));
         socket = await startTls(socket, { ...target.tls, hostname });
         tlsStarted = true;
-        unfeed = reader.feedFrom(socket);
+        reader.feedFrom(socket);
         reader.attach(socket);
       }
       const contexts = target.contexts ?? [];
