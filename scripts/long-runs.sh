@@ -31,4 +31,5 @@ run vhd-crash test/vhd/crash.test.ts TIDEMARK_VHD_CRASH_TRIALS=800
 run backup-crash test/backup/crash.test.ts TIDEMARK_BACKUP_CRASH_TRIALS=500
 run host-crash test/host/crash.test.ts TIDEMARK_HOST_CRASH_TRIALS=500
 run snapshot-crash test/snapshot/crash.test.ts TIDEMARK_SNAPSHOT_CRASH_TRIALS=80
+run never-miss test/tracking/never-miss.test.ts TIDEMARK_RCT_OPS=20000
 run lineage test/backup/adversary.test.ts TIDEMARK_LINEAGE_TRIALS=2000
