@@ -241,6 +241,17 @@ export class VirtualDisk implements BlockDevice {
     await this.gate.pause();
   }
 
+  /**
+   * Before a checkpoint links a child to the head: headers a writer that ignores image locks installed are
+   * taken as the head's own (the tracker starts a new epoch first), so the child names the DataWriteGuid
+   * the file has. Returns why, or undefined when the headers are the head's own.
+   */
+  private adoptForeignHeaders(): Promise<string | undefined> {
+    return this.head.adoptHeadersOnDisk(async (why) => {
+      await this.tracker?.distrust(why);
+    });
+  }
+
   /** Ends a pause. A child prepared but not switched to is given up (the checkpoint was abandoned). */
   resume(): void {
     if (this.staged?.prepared) void this.dropStaged();
@@ -270,6 +281,7 @@ export class VirtualDisk implements BlockDevice {
     this.assertOpen();
     this.checkWritable();
     await this.dropStaged();
+    await this.adoptForeignHeaders();
     await this.head.markDataChanged();
     await this.createChild(childPath, opts);
     await this.stageChild(childPath);
@@ -289,8 +301,16 @@ export class VirtualDisk implements BlockDevice {
     this.assertPaused();
     this.checkWritable();
     const parentPath = this.head.path;
+    // A child made before another program rewrote the head's headers links to ones the file no longer
+    // has: it is made again over the headers adopted.
+    let precreated = opts.precreated ?? false;
+    if ((await this.adoptForeignHeaders()) && (this.staged || precreated)) {
+      await this.dropStaged();
+      await unlink(childPath).catch(() => undefined);
+      precreated = false;
+    }
     if (this.staged?.path !== path.resolve(childPath)) {
-      if (!opts.precreated) {
+      if (!precreated) {
         // As in precreateChild: the DataWriteGuid the child links to is the head's last one.
         await this.head.markDataChanged();
         await this.createChild(childPath, opts);

@@ -512,6 +512,12 @@ export class ChangeTracker implements WriteObserver {
     if (why) await this.restartEpoch(why);
   }
 
+  /** Starts a new epoch now (persisted) because the caller found what the tracker cannot vouch for. */
+  async distrust(reason: string): Promise<void> {
+    if (!this.writable || this.closed) return;
+    await this.restartEpoch(reason);
+  }
+
   private async restartEpoch(reason: string): Promise<void> {
     const h = this.header;
     const fresh = newEpochHeader(this.head, h.granularity, reason);

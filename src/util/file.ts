@@ -36,6 +36,8 @@ export interface RandomAccessFile {
    * writers out but lets readers in). Only files opened with a lock have it.
    */
   relock?(mode: ImageLockMode): Promise<void>;
+  /** Takes the file's size from the file system again (another program may have changed it meanwhile). */
+  refreshSize?(): Promise<void>;
 }
 
 /**
@@ -148,6 +150,10 @@ export class NodeFile implements RandomAccessFile {
 
   size(): number {
     return this.length;
+  }
+
+  async refreshSize(): Promise<void> {
+    this.length = Number((await this.stat()).size);
   }
 
   /** The open file's status (fstat): what it is even when its path now names another file, or none. */

@@ -90,8 +90,6 @@ const tally = {
   audited: 0,
   misses: 0,
   reasons: new Map<string, number>(),
-  /** backups that failed (known issue only), by reason */
-  failed: new Map<string, number>(),
   /** time per event kind (ms), to keep the suite fast */
   ms: new Map<string, number>(),
 };
@@ -118,8 +116,6 @@ class Run {
   checkpoint: string | undefined;
   savedDir: string;
   bCopy = false;
-  /** A lock-ignoring writer rewrote a running disk's headers since the last backup (see the known issue). */
-  foreignHeaders: string | undefined;
   lines: string[] = [];
 
   constructor(readonly q: Sequence) {
@@ -215,7 +211,6 @@ class Run {
     repoIx: 0 | 1,
     h: SuiteHost = this.host,
     nbd: Map<string, NbdClient> | undefined = this.nbd,
-    retried = false,
   ): Promise<void> {
     const repo = repos[repoIx];
     const full = this.r.next() < 0.15;
@@ -228,21 +223,8 @@ class Run {
     });
     if (!s.ok || s.errors.length > 0) {
       const why = s.errors.join('; ');
-      // KNOWN ISSUE (reported, issue 13): after a writer that ignores the locks rewrote a running disk's VHDX
-      // headers, the host's engine still holds its own, so the checkpoint's child names a DataWriteGuid the
-      // file no longer has and the run fails (loudly: not a miss). Tolerated only right after such a writer,
-      // counted and printed; the retry must succeed and restore exactly.
-      if (this.foreignHeaders && /the locator expects/.test(why) && !retried) {
-        bump(tally.failed, `after ${this.foreignHeaders}: ${reasonKey(why)}`);
-        this.lines.push(`  host ${h.name} repo${repoIx + 1}: FAILED (known issue): ${why}; VM restarted, retried`);
-        // Backups keep failing while the host runs the disk on its stale headers: a restart recovers.
-        await this.stop();
-        await this.start();
-        return this.backup(repoIx, h, this.nbd, true);
-      }
       throw new Error(`backup on host ${h.name} failed: ${why}`);
     }
-    if (h === this.host) this.foreignHeaders = undefined;
     const to = path.join(dir, 'restore', this.vm);
     await rm(to, { recursive: true, force: true });
     const out = await restorePoint(repo, s.pointId!, { to, vm: this.vm, format: 'raw' });
@@ -449,7 +431,6 @@ class Run {
         if (!b) return;
         const len = 512 * (1 + r.int(16));
         if (kind === 'qemu-io-running') {
-          this.foreignHeaders = kind;
           const pattern = 1 + r.int(255);
           await sh('qemu-io', [
             '--image-opts',
@@ -679,12 +660,6 @@ describe(`adversarial lineage suite (seed ${SEED})`, () => {
             .sort((a, b) => b[1] - a[1])
             .map(([k, ms]) => `${k} ${(ms / 1000).toFixed(1)} s`)
             .join(', ')}`,
-          ...(tally.failed.size > 0
-            ? [
-                'KNOWN ISSUE: backups that failed (not misses; each retried, restored exactly):',
-                ...[...tally.failed.entries()].map(([k, n]) => `  ${k} ×${n}`),
-              ]
-            : []),
           'backup modes:',
           ...hist.map(([k, n]) => `  ${k} ×${n}`),
         ].join('\n'),

@@ -211,6 +211,8 @@ export class VhdxFile {
    */
   private readonly fresh = new Map<number, FreshBlock>();
   private logWriter: LogWriter | undefined;
+  /** BAT entries set since the last commit (for `adoptHeadersOnDisk`, which must keep them). */
+  private readonly batChanged = new Set<number>();
   private fileWriteGuidChanged = false;
   private dataWriteGuidChanged = false;
   private nextDataWriteGuid: Guid | undefined;
@@ -929,6 +931,7 @@ export class VhdxFile {
     buf.writeUInt32LE(lo, at);
     buf.writeUInt32LE(hi, at + 4);
     this.cache.markDirty(sector);
+    this.batChanged.add(index);
   }
 
   /** The file offset of the sector bitmap block of `block`'s chunk; throws when it should exist and doesn't. */
@@ -1273,6 +1276,11 @@ export class VhdxFile {
    * holds off our own header writes (`flushAndHold`), or uses `verifyHeadersOnDisk`.
    */
   async headersOnDiskDiffer(): Promise<string | undefined> {
+    return (await this.compareHeadersOnDisk()).why;
+  }
+
+  /** The current header on disk (undefined when neither slot is valid) and why it is not ours, if it is not. */
+  private async compareHeadersOnDisk(): Promise<{ why?: string; theirs?: { header: VhdxHeader; slot: 0 | 1 } }> {
     this.assertOpen();
     const slots = Buffer.alloc(2 * HEADER_SIZE);
     await this.file.read(slots.subarray(0, HEADER_SIZE), HEADER_OFFSETS[0]);
@@ -1282,7 +1290,7 @@ export class VhdxFile {
       decodeHeader(slots.subarray(HEADER_SIZE), HEADER_OFFSETS[1]),
     );
     const name = path.basename(this.path);
-    if (!picked) return `the headers of ${name} on disk are no longer valid`;
+    if (!picked) return { why: `the headers of ${name} on disk are no longer valid` };
     // Another instance in this process may have written the file since (a merge writes a parent that a
     // chain holds open read-only), or be writing it now (a header update writes two slots in turn, and a
     // flush that cleans the log may run beside the caller): any of the headers this process wrote last
@@ -1294,12 +1302,113 @@ export class VhdxFile {
       guidEquals(h.fileWriteGuid, theirs.fileWriteGuid) &&
       guidEquals(h.dataWriteGuid, theirs.dataWriteGuid) &&
       guidEquals(h.logGuid, theirs.logGuid);
-    if (ours.some(same)) return undefined;
+    if (ours.some(same)) return {};
     const last = ours.reduce((a, b) => (b.sequenceNumber > a.sequenceNumber ? b : a));
-    if (theirs.sequenceNumber !== last.sequenceNumber)
-      return `another program rewrote the headers of ${name} (sequence number ${last.sequenceNumber} → ${theirs.sequenceNumber})`;
+    if (theirs.sequenceNumber !== last.sequenceNumber) {
+      return {
+        why: `another program rewrote the headers of ${name} (sequence number ${last.sequenceNumber} → ${theirs.sequenceNumber})`,
+        theirs: picked,
+      };
+    }
     const k = (['fileWriteGuid', 'dataWriteGuid', 'logGuid'] as const).find((f) => !guidEquals(theirs[f], last[f]))!;
-    return `another program rewrote the headers of ${name} (${k} ${guidToString(last[k])} → ${guidToString(theirs[k])})`;
+    return {
+      why: `another program rewrote the headers of ${name} (${k} ${guidToString(last[k])} → ${guidToString(theirs[k])})`,
+      theirs: picked,
+    };
+  }
+
+  /**
+   * Takes the headers on disk as this instance's own when a writer that ignores image locks (`qemu-io -U`)
+   * rewrote them while the file was open here, so that what this instance writes next (a checkpoint's
+   * child links to the DataWriteGuid) matches the file, not headers it no longer has. What is pending is
+   * laid over what the other writer left and committed under the adopted headers; then the file's size,
+   * the BAT and every cached sector are read again, so new blocks go past the other writer's. `beforeAdopt` runs first with the reason (a tracker starts a new epoch:
+   * it cannot vouch for what the other writer did). Returns the reason, or undefined when the headers are
+   * ours. Refuses, changing nothing, a file whose headers are no longer valid, whose other writer's log is
+   * live (it is still writing, or crashed), or whose layout (region table, virtual size) it changed.
+   */
+  async adoptHeadersOnDisk(beforeAdopt?: (why: string) => Promise<void>): Promise<string | undefined> {
+    this.assertWritable();
+    return this.lock.exclusive(async () => {
+      const { why, theirs } = await this.compareHeadersOnDisk();
+      if (!why) return undefined;
+      const stop = 'stop the VM or close the file, and let it be checked before it is written again';
+      if (!theirs) throw new TidemarkError('CONFLICT', `${why}: ${stop}`);
+      if (!isZeroGuid(theirs.header.logGuid))
+        throw new TidemarkError('CONFLICT', `${why}, and its log is active (it is still writing, or crashed): ${stop}`);
+      const changed = await this.layoutChangedOnDisk();
+      if (changed) throw new TidemarkError('CONFLICT', `${why}, and changed its ${changed}: ${stop}`);
+      await beforeAdopt?.(why);
+      this.headerState.header = theirs.header;
+      this.headerState.slot = theirs.slot;
+      this.logWriter = undefined;
+      this.fileWriteGuidChanged = false;
+      this.dataWriteGuidChanged = false;
+      this.nextDataWriteGuid = undefined;
+      await this.file.refreshSize?.();
+      this.fileEnd = Math.max(this.fileEnd, Math.ceil(this.file.size() / MiB) * MiB);
+      this.fresh.clear();
+      if (this.cache.dirtyCount > 0) {
+        // Ours not yet committed are laid over what the other writer left, so neither loses its own:
+        // the BAT entries we set, the sector bitmap bits we set (both only ever set bits).
+        await this.mergeDirtyWithDisk();
+        await this.beginChange(false);
+        await this.cleanLog(await this.commit());
+      }
+      this.cache = new MetaCache(this.file);
+      await this.scanPlacement();
+      this.warnings.push(`adopted headers another program wrote: ${why}`);
+      return why;
+    });
+  }
+
+  /** Each dirty cached sector re-read from the file, with this instance's own changes laid over it. */
+  private async mergeDirtyWithDisk(): Promise<void> {
+    const bat = this.batRegion;
+    const md = this.metadataRegion;
+    for (const sector of this.cache.dirtyOffsets()) {
+      const ours = this.cache.peek(sector)!;
+      if (sector >= md.fileOffset && sector < md.fileOffset + md.length) continue; // ours: a locator update
+      const onDisk = Buffer.alloc(ours.length);
+      await this.file.read(onDisk, sector);
+      if (sector >= bat.fileOffset && sector < bat.fileOffset + bat.length) {
+        const first = (sector - bat.fileOffset) / 8;
+        for (const index of this.batChanged) {
+          const at = (index - first) * 8;
+          if (at >= 0 && at < ours.length) ours.copy(onDisk, at, at, at + 8);
+        }
+      } else {
+        for (let i = 0; i < ours.length; i++) onDisk[i] |= ours[i];
+      }
+      onDisk.copy(ours);
+    }
+  }
+
+  /** What of the file's layout differs on disk from what this instance uses (region table, metadata), or undefined. */
+  private async layoutChangedOnDisk(): Promise<string | undefined> {
+    const table = Buffer.alloc(REGION_TABLE_SIZE);
+    await this.file.read(table, REGION_TABLE_OFFSETS[this.regionTableInUse]);
+    const decoded = decodeRegionTable(table);
+    const ours = this.regionTables[this.regionTableInUse] as RegionTable;
+    if (typeof decoded === 'string' || decoded.checksum !== ours.checksum) return 'region table';
+    const where = this.metadataRegion.fileOffset;
+    const md = Buffer.alloc(METADATA_TABLE_SIZE);
+    await this.file.read(md, where);
+    let entries: MetadataEntry[];
+    try {
+      entries = decodeMetadataTable(md, where, this.metadataRegion.length);
+    } catch {
+      return 'metadata table';
+    }
+    const key = (e: MetadataEntry) => `${guidToString(e.itemId)}@${e.offset}+${e.length}`;
+    if (entries.map(key).join() !== this.metadataEntries.map(key).join()) return 'metadata table';
+    const sizeEntry = entries.find((e) => !e.isUser && guidEquals(e.itemId, ITEM_VIRTUAL_DISK_SIZE));
+    if (sizeEntry) {
+      const b = Buffer.alloc(8);
+      await this.file.read(b, where + sizeEntry.offset);
+      if (Number(b.readBigUInt64LE(0)) !== this.virtualSize) return 'virtual size';
+    }
+    return undefined;
   }
 
   /** `headersOnDiskDiffer` with our own metadata changes held off meanwhile. */
@@ -1694,6 +1803,7 @@ export class VhdxFile {
       // Before the ring can reuse this entry's space, its updates must be durable in place.
       if (i + max < dirty.length) await this.file.datasync();
     }
+    this.batChanged.clear();
     return true;
   }
 
