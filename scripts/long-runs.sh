@@ -2,6 +2,7 @@
 # The fuzz and crash suites at ten times their CI counts (issue 14), one file at a time; each log goes to
 # $LONG_DIR (default /tmp/tidemark-long-runs) and a line per suite to stdout. Build first (`npm run build`,
 # `npm run build:native`). About two hours on an idle 2-core machine; not part of `npm test`.
+# LONG_ONLY=name,name runs only those suites (the names printed, e.g. LONG_ONLY=vhd-crash,host-crash).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export CI=true TIDEMARK_REQUIRE_PEERS=1
@@ -10,6 +11,7 @@ mkdir -p "$LONG_DIR"
 run() {
   local name=$1 files=$2
   shift 2
+  if [[ -n ${LONG_ONLY:-} && ",$LONG_ONLY," != *",$name,"* ]]; then return; fi
   local start
   start=$(date +%s)
   # shellcheck disable=SC2086
