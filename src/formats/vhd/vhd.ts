@@ -7,7 +7,7 @@
  * BAT only names blocks whose data is durable; a lost end footer is restored from the copy (writable
  * open, `check --repair`).
  */
-import { stat } from 'node:fs/promises';
+import { realpath, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { TidemarkError, VhdCorruptError } from '../../errors.js';
 import { NodeFile, type RandomAccessFile } from '../../util/file.js';
@@ -63,6 +63,13 @@ export interface VhdOpenOptions {
    * session sets a new time stamp, which children check as their parent's identity.
    */
   keepTimeStamp?: boolean;
+  /**
+   * For a differencing disk: this open disk is its parent, instead of a new open of the file its
+   * locators name (the disk layer opens a checkpoint's child over the live head). It must be the file a
+   * locator names, with the unique id and time stamp the child recorded; the child then owns it (closing
+   * the child closes it). Not used for other disks.
+   */
+  parent?: VhdFile;
 }
 
 export type VhdDiskType = 'fixed' | 'dynamic' | 'differencing';
@@ -207,6 +214,8 @@ export class VhdFile {
       if (writable) await disk.prepareWrites();
       return disk;
     } catch (err) {
+      // A parent given by the caller stays the caller's.
+      if (disk && opts.parent && disk.parent === opts.parent) disk.parent = undefined;
       if (disk) await disk.closeFiles().catch(() => undefined);
       else await base.close().catch(() => undefined);
       throw err;
@@ -414,9 +423,14 @@ export class VhdFile {
     });
   }
 
-  /** Finds, checks and opens the parent: same unique id, and the time stamp the child recorded. */
+  /**
+   * Finds, checks and opens the parent: same unique id, and the time stamp the child recorded. With
+   * `opts.parent` the parent is that open disk, accepted only if a locator names its file.
+   */
   private async attachParent(opts: VhdOpenOptions, roots: string[], depth: number): Promise<void> {
     const h = this.header!;
+    const given = opts.parent;
+    const givenPath = given ? await realpath(given.path).catch(() => given.path) : undefined;
     const tried: VhdParentLink['tried'] = [];
     const usable = this.locators.filter((l) => l.data).map((l) => l.data!);
     const candidates = vhdParentCandidates(this.path, usable, h.parentName, {
@@ -444,22 +458,30 @@ export class VhdFile {
         continue;
       }
       let parent: VhdFile;
-      try {
-        parent = await VhdFile.openInChain(
-          found,
-          { ...opts, writable: false, keepTimeStamp: undefined },
-          roots,
-          depth + 1,
-        );
-      } catch (err) {
-        // Not a readable file (a directory, a device): try the next candidate. A damaged VHD is reported.
-        if (!(err instanceof TidemarkError) || (err.code !== 'IO_ERROR' && err.code !== 'NOT_FOUND')) throw err;
-        tried.push({ key: c.key, value: c.value, hostPath: found, outcome: 'not a readable file' });
-        continue;
+      if (given) {
+        if (found !== givenPath) {
+          tried.push({ key: c.key, value: c.value, hostPath: found, outcome: 'not the open parent given' });
+          continue;
+        }
+        parent = given;
+      } else {
+        try {
+          parent = await VhdFile.openInChain(
+            found,
+            { ...opts, writable: false, keepTimeStamp: undefined },
+            roots,
+            depth + 1,
+          );
+        } catch (err) {
+          // Not a readable file (a directory, a device): try the next candidate. A damaged VHD is reported.
+          if (!(err instanceof TidemarkError) || (err.code !== 'IO_ERROR' && err.code !== 'NOT_FOUND')) throw err;
+          tried.push({ key: c.key, value: c.value, hostPath: found, outcome: 'not a readable file' });
+          continue;
+        }
       }
       const why = await linkageProblem(h, parent, found);
       if (typeof why === 'string') {
-        await parent.close();
+        if (parent !== given) await parent.close();
         mismatch = `${found}: ${why}`;
         tried.push({ key: c.key, value: c.value, hostPath: found, outcome: 'identity does not match' });
         continue;
@@ -797,7 +819,8 @@ export class VhdFile {
     if (!p)
       throw new TidemarkError('PARENT_NOT_FOUND', `${this.path} is a differencing disk opened without its parent`);
     const inside = Math.max(0, Math.min(dst.length, p.virtualSize - offset));
-    if (inside > 0) await p.readVirtual(dst.subarray(0, inside), offset);
+    // Under the parent's lock: a writer of the parent (an online merge) is never seen half-done.
+    if (inside > 0) await p.lock.shared(() => p.readVirtual(dst.subarray(0, inside), offset));
     if (inside < dst.length) dst.fill(0, inside);
   }
 
@@ -831,11 +854,67 @@ export class VhdFile {
         const inside = Math.max(0, Math.min(n, this.parent.virtualSize - pos));
         if (inside > 0) {
           const sub: Extent[] = [];
-          await this.parent.collectAllocated(pos, inside, sub);
+          const p = this.parent;
+          await p.lock.shared(() => p.collectAllocated(pos, inside, sub));
           for (const x of sub) push(x.offset, x.length);
         }
       }
       pos += n;
+    }
+  }
+
+  /**
+   * Ranges of [offset, offset+length) whose sectors some disk of the chain holds (sector granularity:
+   * the BAT and each block's sector bitmap); everything else reads as zeros because no file has it.
+   * A fixed disk holds all of its sectors. The NBD server's block status answers from this.
+   */
+  async contentExtents(offset = 0, length = this.virtualSize - offset): Promise<Extent[]> {
+    this.assertOpen();
+    this.assertRange(offset, length);
+    const out: Extent[] = [];
+    await this.lock.shared(() => this.collectContent(offset, length, out));
+    return out;
+  }
+
+  private async collectContent(offset: number, length: number, out: Extent[]): Promise<void> {
+    const push = (o: number, l: number) => {
+      if (l <= 0) return;
+      const last = out[out.length - 1];
+      if (last && last.offset + last.length === o) last.length += l;
+      else out.push({ offset: o, length: l });
+    };
+    const fromParent = async (o: number, l: number) => {
+      const p = this.parent;
+      if (!p) return;
+      const inside = Math.max(0, Math.min(l, p.virtualSize - o));
+      if (inside > 0) await p.lock.shared(() => p.collectContent(o, inside, out));
+    };
+    if (this.diskType === 'fixed') return push(offset, length);
+    const l = this.layout!;
+    const bs = l.blockSize;
+    for (let pos = offset; pos < offset + length;) {
+      const block = Math.floor(pos / bs);
+      const end = Math.min((block + 1) * bs, offset + length);
+      const at = await this.blockOffset(block);
+      if (at === undefined) {
+        await fromParent(pos, end - pos);
+      } else {
+        const base = block * bs;
+        const sectors = Math.min(l.sectorsPerBlock, Math.ceil((this.virtualSize - base) / SECTOR));
+        this.checkBlock(block, at, sectors * SECTOR);
+        const bm = await this.bitmap(at);
+        const s0 = Math.floor((pos - base) / SECTOR);
+        const s1 = Math.ceil((end - base) / SECTOR);
+        const runs: [number, number, boolean][] = [];
+        bitmapRuns(bm, s0, s1, (from, to, present) => runs.push([from, to, present]));
+        for (const [from, to, present] of runs) {
+          const a = Math.max(pos, base + from * SECTOR);
+          const b = Math.min(end, base + to * SECTOR);
+          if (present) push(a, b - a);
+          else if (this.diskType === 'differencing') await fromParent(a, b - a);
+        }
+      }
+      pos = end;
     }
   }
 
@@ -907,6 +986,21 @@ export class VhdFile {
       this.timeStampChanged = false;
       await this.beginChange();
     });
+  }
+
+  /**
+   * Makes every change durable and turns this disk into a read-only parent (a checkpoint's frozen point):
+   * writes are refused from now on, reads go on, and the image lock lets other readers in, as QEMU does
+   * for a backing file. The footer time stamp stays: the child that now continues on it recorded it.
+   */
+  async retire(): Promise<void> {
+    this.assertOpen();
+    if (!this.canWrite) return;
+    await this.lock.exclusive(async () => {
+      await this.commit();
+      this.canWrite = false;
+    });
+    await this.file.relock?.('reader');
   }
 
   /**
