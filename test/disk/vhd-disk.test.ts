@@ -19,6 +19,7 @@ import { VHD_TRACKING_UNAVAILABLE, VhdVirtualDisk } from '../../src/disk/vhd-dis
 import { VirtualDisk } from '../../src/disk/virtual-disk.js';
 import { convertVhdImage } from '../../src/formats/vhd/convert.js';
 import { createVhd } from '../../src/formats/vhd/create.js';
+import { mergeVhd } from '../../src/formats/vhd/merge.js';
 import { VhdFile } from '../../src/formats/vhd/vhd.js';
 import { createVhdx } from '../../src/formats/vhdx/create.js';
 import { NbdServer } from '../../src/nbd/index.js';
@@ -377,6 +378,60 @@ describe(`checkpoints of a VHD under a live writer (seed ${SEED})`, () => {
     await expect(lone.mergeHeadOnline()).rejects.toMatchObject({ code: 'INVALID_ARGUMENT' });
     await lone.close();
   }, 300_000);
+
+  it('a crash during an online merge: the chain re-opens, reads what was durable, and an offline merge finishes', async () => {
+    const size = 16 * MiB;
+    const base = path.join(dir, 'mgc.vhd');
+    const child = path.join(dir, 'mgc_1.avhd');
+    await createVhd(base, { size, blockSize: 512 * KiB });
+    const disk = await VhdVirtualDisk.open(base);
+    const before = new Workload(disk, { seed: SEED + 450, flushEvery: 8 });
+    await before.run(80);
+    await disk.pause();
+    try {
+      await disk.cutCheckpoint(child);
+    } finally {
+      disk.resume();
+    }
+    const frozen = await disk.read(0, size);
+    const after = new Workload(disk, { seed: SEED + 451, concurrency: 2, flushEvery: 8 });
+    await after.run(120);
+    after.start();
+    let crashedAt = 0;
+    let crash: Promise<void> | undefined;
+    const merging = disk.mergeHeadOnline({
+      maxLivePasses: 8,
+      onProgress: (p) => {
+        if (p.pass === 1 && !crash) {
+          crashedAt = performance.now();
+          crash = disk.abandon();
+        }
+      },
+    });
+    await expect(merging).rejects.toBeDefined();
+    await crash;
+    await after.stop({ flush: false }).catch(() => undefined);
+    expect(crashedAt).toBeGreaterThan(0);
+    expect(await exists(child)).toBe(true);
+    const re = await VhdVirtualDisk.open(child);
+    let now: Buffer;
+    try {
+      expect(re.file.chain().map((f) => f.path)).toEqual([child, base]);
+      now = await re.read(0, size);
+      const problems = await after.verifyAfterCrash(
+        async (u) => now.subarray(u * after.unit, (u + 1) * after.unit),
+        crashedAt,
+        (u) => frozen.subarray(u * after.unit, (u + 1) * after.unit),
+      );
+      expect(problems).toEqual([]);
+    } finally {
+      await re.close();
+    }
+    // Finished offline (as the host's recovery does): the parent reads what the chain read, the child is gone.
+    await mergeVhd(child);
+    expect(await exists(child)).toBe(false);
+    expectSame(await readWholeVhd(base), now, 'the parent after the offline merge');
+  }, 120_000);
 
   it('a child opens over a given open parent only when a locator names it with its time stamp', async () => {
     const a = path.join(dir, 'given-a.vhd');
