@@ -17,6 +17,7 @@ import type { AllocationExtent } from '../../src/disk/device.js';
 import { openDisk } from '../../src/disk/open.js';
 import { VHD_TRACKING_UNAVAILABLE, VhdVirtualDisk } from '../../src/disk/vhd-disk.js';
 import { VirtualDisk } from '../../src/disk/virtual-disk.js';
+import { checkVhd } from '../../src/formats/vhd/check.js';
 import { convertVhdImage } from '../../src/formats/vhd/convert.js';
 import { createVhd } from '../../src/formats/vhd/create.js';
 import { mergeVhd } from '../../src/formats/vhd/merge.js';
@@ -297,8 +298,13 @@ describe(`checkpoints of a VHD under a live writer (seed ${SEED})`, () => {
     const want = load.expectedImage();
     const head = files.at(-1)!;
     expectSame(await readWholeVhd(head), want, 'engine, re-opened');
-    // Each frozen point still reads its cut through a fresh open.
+    // Each frozen point still reads its cut through a fresh open; every file checks clean.
     for (const [i, p] of files.slice(0, -1).entries()) expectSame(await readWholeVhd(p), frozen[i], `frozen ${p}`);
+    for (const p of files) {
+      const report = await checkVhd(p);
+      expect(report.errors, p).toEqual([]);
+      expect(report.warnings, p).toEqual([]);
+    }
 
     if (!missingPeers('vhdiinfo', 'libvhdi')) {
       expect(await vhdiInfo(head)).toMatch(/Disk type\s*:\s*Differential/);
@@ -378,6 +384,45 @@ describe(`checkpoints of a VHD under a live writer (seed ${SEED})`, () => {
     await expect(lone.mergeHeadOnline()).rejects.toMatchObject({ code: 'INVALID_ARGUMENT' });
     await lone.close();
   }, 300_000);
+
+  it('merges down a chain of checkpoints one head at a time, writing all along', async () => {
+    const size = 16 * MiB;
+    const base = path.join(dir, 'md.vhd');
+    await createVhd(base, { size, blockSize: 512 * KiB });
+    const disk = await VhdVirtualDisk.open(base);
+    const load = new Workload(disk, { seed: SEED + 460, concurrency: 2, flushEvery: 8 });
+    const chain = [base];
+    try {
+      for (let i = 1; i <= 3; i++) {
+        await load.run(60);
+        const child = path.join(dir, `md_${i}.avhd`);
+        await disk.precreateChild(child);
+        await disk.pause();
+        try {
+          await disk.prepareChild(child, { precreated: true });
+          await disk.switchHead(child);
+        } finally {
+          disk.resume();
+        }
+        chain.unshift(child);
+      }
+      for (let i = 3; i >= 1; i--) {
+        load.start();
+        await sleep(20);
+        const res = await disk.mergeHeadOnline();
+        await load.stop();
+        expect(await exists(chain.shift()!)).toBe(false);
+        expect(res.parentPath).toBe(chain[0]);
+        expect(disk.file.chain().map((f) => f.path)).toEqual(chain);
+        expectSame(await disk.read(0, size), load.expectedImage(), `after merging level ${i}`);
+      }
+      await load.run(30);
+    } finally {
+      await load.stop().catch(() => undefined);
+      await disk.close();
+    }
+    expectSame(await readWholeVhd(base), load.expectedImage(), 'the base after all merges');
+  }, 120_000);
 
   it('a crash during an online merge: the chain re-opens, reads what was durable, and an offline merge finishes', async () => {
     const size = 16 * MiB;
