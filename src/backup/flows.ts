@@ -16,6 +16,7 @@ import {
   release,
   type RunStep,
 } from './phases.js';
+import { guestAutoRecovery, lineUpFiles, requireScsi, writerMetadata } from './phases-2012r2.js';
 import type { BackupSetSummary, Flow, RunState } from './run-types.js';
 
 /** Every VM of the set in one batch: one storage snapshot for the whole set. */
@@ -29,6 +30,19 @@ export const flow2016 = [preflight, together(checkpoints, oneSnapshot, reference
 
 /** 2012 R2's coupling: each VM (or batch) triggers its own storage snapshot. */
 export const flowPerVm = [preflight, perBatch(checkpoints, oneSnapshot, referencePoints, data), commit, release];
+
+/**
+ * 2012 R2: per VM or batch, the writer's metadata names the `.avhdx` files before they exist, the guest freezes
+ * and the checkpoint makes them, then a storage snapshot, and the auto-recovery inside the VM: each disk of the
+ * snapshot hot-added to the guest over SCSI (a VM without a SCSI controller is refused at preflight).
+ */
+export const flow2012r2 = [
+  preflight,
+  requireScsi,
+  perBatch(writerMetadata, checkpoints, lineUpFiles, oneSnapshot, referencePoints, guestAutoRecovery, data),
+  commit,
+  release,
+];
 
 /** 2008 R2 / 2012: per VM or batch, the snapshot's disks mounted and rolled back on the host before they are read. */
 export const flow2008r2 = [
@@ -44,6 +58,7 @@ export const flowNoSnapshot = [preflight, together(checkpoints, noSnapshot, data
 export const FLOWS: Record<Flow, RunStep[]> = {
   '2016': flow2016,
   'per-vm': flowPerVm,
+  '2012r2': flow2012r2,
   '2008r2': flow2008r2,
   'no-snapshot': flowNoSnapshot,
 };

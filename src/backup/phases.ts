@@ -37,10 +37,10 @@ export type BatchStep = (run: RunState, batch: BatchState) => Promise<boolean | 
 
 export const CHECKPOINT_PREFIX = 'tidemark backup';
 
-const bound = (run: RunState) => run.opts.checkpointConcurrency ?? 4;
-const isOk = (s: VmState) => s.summary.status === 'ok';
+export const bound = (run: RunState) => run.opts.checkpointConcurrency ?? 4;
+export const isOk = (s: VmState) => s.summary.status === 'ok';
 
-async function timed<T>(
+export async function timed<T>(
   run: RunState,
   phase: Exclude<keyof PhaseTimes, 'snapshotHoldMs' | 'preflightMs'>,
   fn: () => Promise<T>,
@@ -76,6 +76,7 @@ export const preflight: RunStep = async (run) => {
       ioPauseMs: null,
       autoRecoveryMs: null,
       autoRecovery: null,
+      guidNames: null,
       bytesRead: 0,
       bytesNew: 0,
       bytesStored: 0,
@@ -246,12 +247,19 @@ export const hostAutoRecovery: BatchStep = async (run, batch) => {
 
 /** 5. The data phase of a batch: each VM's disks read into the session, at most `vmParallel` VMs at once. */
 export const data: BatchStep = async (run, batch) => {
-  const { set, target } = batch.read!;
+  const { set, target, targetOf } = batch.read!;
   await timed(run, 'dataMs', () =>
     forEachBounded(batch.ready, run.opts.vmParallel ?? 4, async (s) => {
       if (!isOk(s)) return;
       try {
-        s.entry = await backupVm(run.opts, run.data, s, set, target, run.session!);
+        s.entry = await backupVm(
+          run.opts,
+          run.data,
+          s,
+          set,
+          (slot) => targetOf?.(s.name, slot) ?? target,
+          run.session!,
+        );
       } catch (err) {
         run.fail(s, err);
       }

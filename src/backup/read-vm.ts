@@ -18,7 +18,8 @@ export async function backupVm(
   data: DataPhase,
   s: VmState,
   set: SnapshotSetInfo,
-  nbdTarget: NbdDial,
+  /** Where a disk's export is read. */
+  nbdTarget: (slot: string) => NbdDial,
   session: BackupSession,
 ): Promise<VmEntry> {
   const disks: DiskEntry[] = [];
@@ -62,7 +63,11 @@ export async function backupVm(
     let writer = await session.openIndex({ virtualSize: d.virtualSize, base });
     const chunks = chunksTouched(ranges!, writer.chunkSize, d.virtualSize);
     // base:allocation: chunks the snapshot holds no data in are not read (pull mode, as libvirt's tools do).
-    const nbd = await NbdClient.connect({ ...nbdTarget, exportName: exp.export, contexts: [CONTEXT_BASE_ALLOCATION] });
+    const nbd = await NbdClient.connect({
+      ...nbdTarget(d.slot),
+      exportName: exp.export,
+      contexts: [CONTEXT_BASE_ALLOCATION],
+    });
     const sizeOf = (list: number[]) =>
       list.reduce((n, c) => n + Math.min(writer.chunkSize, d.virtualSize - c * writer.chunkSize), 0);
     const copy = async (list: number[]) => {

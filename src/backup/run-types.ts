@@ -9,7 +9,7 @@ import type { PointManifest, Repository, VmEntry } from '../repository/index.js'
 import type { AuditMode, AuditResult } from './audit.js';
 import type { RunLeases } from './run-leases.js';
 
-export type Flow = '2016' | 'per-vm' | '2008r2' | 'no-snapshot';
+export type Flow = '2016' | 'per-vm' | '2012r2' | '2008r2' | 'no-snapshot';
 export type ConsistencyMode = 'app' | 'crash' | 'app-required';
 
 export interface BackupEvents {
@@ -24,7 +24,7 @@ export interface BackupSetOptions {
   repo: Repository;
   vms: string[];
   flow?: Flow;
-  /** VMs per storage snapshot in the per-vm and 2008r2 flows (default 1). */
+  /** VMs per storage snapshot in the per-vm, 2012r2 and 2008r2 flows (default 1). */
   batch?: number;
   consistency?: ConsistencyMode;
   provider?: 'cow' | 'reflink';
@@ -80,13 +80,29 @@ export interface VmRunSummary {
   consistencyNote: string | null;
   freezeWindowMs: number | null;
   ioPauseMs: number | null;
-  /** 2008r2 flow: the host's auto-recovery of the VM's disks (its batch's, start to served), and what it did. */
+  /**
+   * 2008r2 flow: the host's auto-recovery of the VM's disks (its batch's, start to served), and what it did;
+   * 2012r2 flow: the auto-recovery inside the VM (hot-add, the guest's recovery, hot-remove, per disk).
+   */
   autoRecoveryMs: number | null;
   autoRecovery: string | null;
+  /**
+   * 2012r2 flow: the GUID names the writer's metadata gave the disks' `.avhdx` files before they existed, and the
+   * file each became (null until lined up); null in the other flows.
+   */
+  guidNames: GuidName[] | null;
   bytesRead: number;
   bytesNew: number;
   bytesStored: number;
   disks: DiskRunSummary[];
+}
+
+export interface GuidName {
+  slot: string;
+  /** `{GUID}.avhdx`, named before the file exists */
+  name: string;
+  /** the checkpoint's file it became */
+  file: string | null;
 }
 
 export interface BackupSetSummary {
@@ -177,7 +193,12 @@ export interface BatchState {
   /** The batch's snapshot set. */
   set?: SnapshotSetInfo;
   /** What the data phase reads: the set's exports and where (a recovery step may put its own in their place). */
-  read?: { set: SnapshotSetInfo; target: NbdDial };
+  read?: {
+    set: SnapshotSetInfo;
+    target: NbdDial;
+    /** Where a disk is read when not from `target` (2012r2: the overlays the guest's recovery changed). */
+    targetOf?: (vm: string, slot: string) => NbdDial;
+  };
   /** Run when the batch ends, last registered first (the snapshot set released, overlays closed). */
   cleanups: (() => Promise<void>)[];
 }
