@@ -12,6 +12,7 @@ import {
   noSnapshot,
   oneSnapshot,
   preflight,
+  preflightWith,
   referencePoints,
   release,
   type RunStep,
@@ -37,8 +38,7 @@ export const flowPerVm = [preflight, perBatch(checkpoints, oneSnapshot, referenc
  * snapshot hot-added to the guest over SCSI (a VM without a SCSI controller is refused at preflight).
  */
 export const flow2012r2 = [
-  preflight,
-  requireScsi,
+  preflightWith(requireScsi),
   perBatch(writerMetadata, checkpoints, lineUpFiles, oneSnapshot, referencePoints, guestAutoRecovery, data),
   commit,
   release,

@@ -1,6 +1,6 @@
 /**
  * The phases only the 2012 R2 flow has (HYPERV-BACKUP-MODEL.md §1.2):
- *   requireScsi         preflight's extra check: the snapshot's disk is hot-added to the guest, which only SCSI
+ *   requireScsi         a check at preflight: the snapshot's disk is hot-added to the guest, which only SCSI
  *                       supports, so a VM without a SCSI controller fails before anything is done to it;
  *   writerMetadata      the writer's metadata names the `.avhdx` files the snapshot will hold before they exist:
  *                       a GUID name per disk, generated up front;
@@ -13,24 +13,17 @@ import { randomUUID } from 'node:crypto';
 import { TidemarkError } from '../errors.js';
 import { forEachBounded } from '../util/bounded.js';
 import { GuestMount } from './guest-recovery.js';
-import { bound, isOk, timed, type BatchStep, type RunStep } from './phases.js';
+import { bound, isOk, timed, type BatchStep, type PreflightCheck } from './phases.js';
 import type { VmState } from './run-types.js';
 
 /** A VM without a SCSI controller: refused, saying to add one (hot-add needs SCSI, as in Hyper-V). */
-export const requireScsi: RunStep = async (run) => {
-  for (const s of run.states) {
-    if (!isOk(s)) continue;
-    const scsi = (s.definition as { scsiControllers?: number }).scsiControllers ?? 0;
-    if (scsi > 0) continue;
-    run.fail(
-      s,
-      new TidemarkError(
-        'CONFLICT',
-        `${s.name} has no SCSI controller: the 2012 R2 flow hot-adds the snapshot's disk to the guest, which only ` +
-          `SCSI supports: add a SCSI controller to the VM (scsiControllers of at least 1 in its definition) or back it up with --flow 2016`,
-      ),
-    );
-  }
+export const requireScsi: PreflightCheck = (vm) => {
+  if (vm.scsiControllers > 0) return;
+  throw new TidemarkError(
+    'CONFLICT',
+    `${vm.name} has no SCSI controller: the 2012 R2 flow hot-adds the snapshot's disk to the guest, which only ` +
+      `SCSI supports: add a SCSI controller to the VM (scsiControllers of at least 1 in its definition) or back it up with --flow 2016`,
+  );
 };
 
 /** Per disk of every VM of the batch, the GUID name the writer's metadata gives its `.avhdx` before it exists. */

@@ -13,7 +13,7 @@
  * A step of a batch returns false when nothing is left to do in it.
  */
 import type { HostClient } from '../api/client.js';
-import type { SnapshotSetInfo } from '../api/schemas.js';
+import type { SnapshotSetInfo, VmSummary } from '../api/schemas.js';
 import type { VmEntry } from '../repository/index.js';
 import { TidemarkError } from '../errors.js';
 import { forEachBounded } from '../util/bounded.js';
@@ -53,63 +53,72 @@ export async function timed<T>(
   }
 }
 
+/** A flow's own check of a VM at preflight, before anything is done to it: throws to fail the VM. */
+export type PreflightCheck = (vm: VmSummary) => void;
+
 /** 1. Preflight, VMs side by side within the checkpoint phase's bound. */
-export const preflight: RunStep = async (run) => {
-  const { opts, names, leases, states, log, fail } = run;
-  // Nothing could be leased: the whole run is BUSY (exit 6), naming the holders.
-  if (names.length > 0 && names.every((n) => leases.refused.has(n))) {
-    const busy = names.map((n) => leases.refused.get(n)!);
-    if (busy.every((e) => e instanceof TidemarkError && e.code === 'BUSY')) {
-      throw new TidemarkError('BUSY', busy.map((e) => e.message).join('; '));
+export const preflight: RunStep = (run) => preflightWith()(run);
+
+/** Preflight with a flow's own checks of each VM, made before the leftovers of ended runs are cleaned. */
+export const preflightWith =
+  (...checks: PreflightCheck[]): RunStep =>
+  async (run) => {
+    const { opts, names, leases, states, log, fail } = run;
+    // Nothing could be leased: the whole run is BUSY (exit 6), naming the holders.
+    if (names.length > 0 && names.every((n) => leases.refused.has(n))) {
+      const busy = names.map((n) => leases.refused.get(n)!);
+      if (busy.every((e) => e instanceof TidemarkError && e.code === 'BUSY')) {
+        throw new TidemarkError('BUSY', busy.map((e) => e.message).join('; '));
+      }
     }
-  }
-  const started = performance.now();
-  for (const name of names) {
-    const summary: VmRunSummary = {
-      name,
-      status: 'ok',
-      error: null,
-      errorCode: null,
-      consistency: null,
-      consistencyNote: null,
-      freezeWindowMs: null,
-      ioPauseMs: null,
-      autoRecoveryMs: null,
-      autoRecovery: null,
-      guidNames: null,
-      bytesRead: 0,
-      bytesNew: 0,
-      bytesStored: 0,
-      disks: [],
-    };
-    states.push({ name, summary, converted: false, referencePointId: null } as VmState);
-  }
-  await forEachBounded(states, bound(run), async (s) => {
-    const name = s.name;
-    try {
-      const refused = leases.refused.get(name);
-      if (refused) throw refused;
-      const vm = await opts.host.showVm(name);
-      if (vm.disks.length === 0) throw new TidemarkError('CONFLICT', `${name} has no disks`);
-      if (vm.definition.pending)
-        throw new TidemarkError('BUSY', `${name} has an unfinished ${vm.definition.pending.op}`);
-      s.definition = vm.definition;
-      s.id = vm.id;
-      s.configVersion = vm.configVersion;
-      s.disks = vm.disks.map((d) => ({
-        slot: d.slot,
-        virtualDiskId: d.virtualDiskId,
-        virtualSize: d.virtualSize,
-        tracking: d.tracking,
-      }));
-      s.previous = await opts.repo.latestPoint(name);
-      await cleanLeftovers(opts.host, name, leases.lease(name), log);
-    } catch (err) {
-      fail(s, err);
+    const started = performance.now();
+    for (const name of names) {
+      const summary: VmRunSummary = {
+        name,
+        status: 'ok',
+        error: null,
+        errorCode: null,
+        consistency: null,
+        consistencyNote: null,
+        freezeWindowMs: null,
+        ioPauseMs: null,
+        autoRecoveryMs: null,
+        autoRecovery: null,
+        guidNames: null,
+        bytesRead: 0,
+        bytesNew: 0,
+        bytesStored: 0,
+        disks: [],
+      };
+      states.push({ name, summary, converted: false, referencePointId: null } as VmState);
     }
-  });
-  run.phases.preflightMs = performance.now() - started;
-};
+    await forEachBounded(states, bound(run), async (s) => {
+      const name = s.name;
+      try {
+        const refused = leases.refused.get(name);
+        if (refused) throw refused;
+        const vm = await opts.host.showVm(name);
+        if (vm.disks.length === 0) throw new TidemarkError('CONFLICT', `${name} has no disks`);
+        if (vm.definition.pending)
+          throw new TidemarkError('BUSY', `${name} has an unfinished ${vm.definition.pending.op}`);
+        for (const check of checks) check(vm);
+        s.definition = vm.definition;
+        s.id = vm.id;
+        s.configVersion = vm.configVersion;
+        s.disks = vm.disks.map((d) => ({
+          slot: d.slot,
+          virtualDiskId: d.virtualDiskId,
+          virtualSize: d.virtualSize,
+          tracking: d.tracking,
+        }));
+        s.previous = await opts.repo.latestPoint(name);
+        await cleanLeftovers(opts.host, name, leases.lease(name), log);
+      } catch (err) {
+        fail(s, err);
+      }
+    });
+    run.phases.preflightMs = performance.now() - started;
+  };
 
 /**
  * The batch phases over the VMs preflight left, in batches of `size` VMs (all of them in one: `null`), one batch
