@@ -15,16 +15,16 @@ import {
   preflightWith,
   referencePoints,
   release,
+  type BatchStep,
   type RunStep,
 } from './phases.js';
 import { guestAutoRecovery, lineUpFiles, requireScsi, writerMetadata } from './phases-2012r2.js';
 import type { BackupSetSummary, Flow, RunState } from './run-types.js';
 
 /** Every VM of the set in one batch: one storage snapshot for the whole set. */
-const together = (...steps: Parameters<typeof inBatches>[1][]) => inBatches(() => null, ...steps);
+const together = (...steps: BatchStep[]) => inBatches(() => null, ...steps);
 /** One batch per VM, or per `--batch N` VMs: a storage snapshot each. */
-const perBatch = (...steps: Parameters<typeof inBatches>[1][]) =>
-  inBatches((run) => Math.max(1, run.opts.batch ?? 1), ...steps);
+const perBatch = (...steps: BatchStep[]) => inBatches((run) => Math.max(1, run.opts.batch ?? 1), ...steps);
 
 /** 2016 and later: every VM checkpointed, then ONE storage snapshot, whatever the number of VMs. */
 export const flow2016 = [preflight, together(checkpoints, oneSnapshot, referencePoints, data), commit, release];
