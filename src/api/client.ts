@@ -23,6 +23,7 @@ import {
   type CreateVmBody,
   type ModifyVmBody,
   type ReserveImportBody,
+  type HotPlugBody,
   type SnapshotBody,
   type UpgradeVmBody,
 } from './schemas.js';
@@ -203,6 +204,15 @@ export class HostClient {
   }
   mergeDisk(p: string) {
     return this.run(ROUTES.mergeDisk, { body: { path: p } });
+  }
+
+  // ---------------------------------------------------------------- hot-plug (the 2012 R2 flow)
+
+  hotPlug(vm: string, body: HotPlugBody) {
+    return this.run(ROUTES.hotPlug, { params: { vm }, body });
+  }
+  hotUnplug(vm: string, id: string, lease?: string) {
+    return this.call(ROUTES.hotUnplug, { params: { vm, id }, query: { lease } });
   }
 
   // ---------------------------------------------------------------- storage snapshots

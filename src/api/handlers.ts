@@ -95,6 +95,9 @@ export function hostHandlers(host: Host): Handlers {
     diskInfo: ({ query }) => host.diskInfo(query.path),
     mergeDisk: async ({ body }) => job('merge', body.path, () => host.mergeDisk(body.path)),
 
+    hotPlug: async ({ params, body }) => job('hot-plug', params.vm, () => host.hotPlugs.add(params.vm, body)),
+    hotUnplug: ({ params, query }) => host.hotPlugs.remove(params.vm, params.id, query.lease),
+
     createSnapshotSet: async ({ body }) =>
       job('snapshot-set', body.vms.map((v) => v.name).join(','), () => host.snapshots.create(body)),
     listSnapshotSets: async () => host.snapshots.list(),

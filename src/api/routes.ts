@@ -276,6 +276,26 @@ export const ROUTES = {
     job: true,
   }),
 
+  // ------------------------------------------------------------------ hot-plug (the 2012 R2 flow)
+  hotPlug: route({
+    method: 'POST',
+    path: '/v1/vms/:vm/hot-plug',
+    summary:
+      "Hot-add an NBD export to the VM's first SCSI controller (`recover`: the guest then recovers its file systems); modelled for a VM with no guest",
+    params: S.VmParams,
+    body: S.HotPlugBody,
+    answer: S.HotPlugInfo,
+    job: true,
+  }),
+  hotUnplug: route({
+    method: 'DELETE',
+    path: '/v1/vms/:vm/hot-plug/:id',
+    summary: "Hot-remove a disk hot-plug added (?lease= the VM's lease, while it is leased)",
+    params: S.VmHotPlugParams,
+    query: S.HotPlugQuery,
+    answer: S.HotPlugInfo,
+  }),
+
   // ------------------------------------------------------------------ storage snapshots
   createSnapshotSet: route({
     method: 'POST',

@@ -227,6 +227,7 @@ export const SnapshotBody = z
 // ------------------------------------------------------------------ path parameters and queries
 
 export const VmParams = z.object({ vm: z.string().min(1) });
+export const VmHotPlugParams = z.object({ vm: z.string().min(1), id: z.string().min(1) });
 export const VmCheckpointParams = z.object({ vm: z.string().min(1), cp: z.string().min(1) });
 export const VmRefpointParams = z.object({ vm: z.string().min(1), id: z.string().min(1) });
 export const IdParams = z.object({ id: z.string().min(1) });
@@ -238,6 +239,7 @@ export const StopVmQuery = z.object({ turnOff: Flag.optional(), force: Flag.opti
 const Count = z.string().regex(/^\d{1,15}$/, 'a number of bytes');
 export const ConsoleQuery = z.object({ offset: Count.optional(), max: Count.optional() }).strict();
 export const LeaseQuery = z.object({ lease: LeaseId.optional() }).strict();
+export const HotPlugQuery = z.object({ lease: LeaseId.optional() }).strict();
 export const ReleaseSnapshotQuery = z.object({ succeeded: Flag.optional(), lease: LeaseId.optional() }).strict();
 export const DiskInfoQuery = z.object({ path: z.string().min(1).max(4096) }).strict();
 export const WaitQuery = z
@@ -333,6 +335,30 @@ export const VmSummary = z.object({
 export type VmSummary = z.infer<typeof VmSummary>;
 
 export const CheckpointRun = z.object({ lease: z.string(), runId: z.string(), command: z.string() });
+
+/** A disk to hot-add to a running VM's SCSI controller (the 2012 R2 flow's auto-recovery inside the VM). */
+export const HotPlugBody = z
+  .object({
+    /** An NBD export on a unix socket of the host's machine (the backup application's overlay over a snapshot). */
+    source: z.object({ socket: z.string().min(1).max(4096), export: z.string().min(1).max(4096) }).strict(),
+    /** Run the guest's recovery of the disk's file systems (e2fsck -p through the guest agent) once attached. */
+    recover: z.boolean().optional(),
+    lease: LeaseId.optional(),
+  })
+  .strict();
+
+export const HotPlugInfo = z.object({
+  id: z.string(),
+  vm: z.string(),
+  /** false: the VM has no guest (no QEMU process), the hot-add was modelled and nothing attached */
+  attached: z.boolean(),
+  slot: z.string().nullable(),
+  serial: z.string(),
+  guestDevice: z.string().nullable(),
+  recovery: z.string().nullable(),
+  note: z.string(),
+});
+export type HotPlugInfo = z.infer<typeof HotPlugInfo>;
 
 export const Checkpoint = z.object({
   id: z.string(),
@@ -543,6 +569,7 @@ export type ModifyVmBody = z.input<typeof ModifyVmBody>;
 export type CheckpointBody = z.input<typeof CheckpointBody>;
 export type ChangesBody = z.input<typeof ChangesBody>;
 export type SnapshotBody = z.input<typeof SnapshotBody>;
+export type HotPlugBody = z.input<typeof HotPlugBody>;
 export type UpgradeVmBody = z.input<typeof UpgradeVmBody>;
 export type AcquireLeaseBody = z.input<typeof AcquireLeaseBody>;
 export type ConvertBody = z.input<typeof ConvertBody>;

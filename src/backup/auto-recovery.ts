@@ -231,16 +231,19 @@ export class HostMount {
   }
 }
 
-async function overlayBytes(overlay: string): Promise<number> {
+export async function overlayBytes(overlay: string): Promise<number> {
   const { stdout } = await run('qemu-img', ['map', '--output=json', '-f', 'qcow2', overlay]);
   const map = JSON.parse(stdout) as { length: number; data: boolean; depth: number }[];
   return map.filter((e) => e.data && e.depth === 0).reduce((n, e) => n + e.length, 0);
 }
 
-function tlsArgs(opts: HostMountOptions): string[] {
+export function tlsArgs(opts: HostMountOptions): string[] {
   if (!opts.nbd.tls) return [];
   if (!opts.tlsDir)
-    throw new TidemarkError('NOT_SUPPORTED', "the host's NBD requires TLS: the 2008r2 flow needs --nbd-tls-dir");
+    throw new TidemarkError(
+      'NOT_SUPPORTED',
+      "the host's NBD requires TLS: the 2008r2 and 2012r2 flows need --nbd-tls-dir",
+    );
   // QEMU reads the same file names (ca-cert.pem, client-cert.pem, client-key.pem) from the directory.
   return [
     '--object',
@@ -248,14 +251,17 @@ function tlsArgs(opts: HostMountOptions): string[] {
   ];
 }
 
-async function startDaemon(args: string[], pidFile: string): Promise<void> {
+export async function startDaemon(args: string[], pidFile: string): Promise<void> {
   try {
     // --daemonize: returns once every block device and export is up (or failed).
     await run('qemu-storage-daemon', ['--daemonize', '--pidfile', pidFile, ...args]);
   } catch (err) {
     const e = err as { stderr?: string; message: string; code?: string };
     if (e.code === 'ENOENT')
-      throw new TidemarkError('NOT_SUPPORTED', 'the 2008r2 flow needs qemu-storage-daemon (QEMU) on this machine');
+      throw new TidemarkError(
+        'NOT_SUPPORTED',
+        'the 2008r2 and 2012r2 flows need qemu-storage-daemon (QEMU) on this machine',
+      );
     throw new TidemarkError(
       'QEMU_FAILED',
       `auto-recovery: qemu-storage-daemon failed: ${(e.stderr || e.message).trim()}`,
@@ -263,7 +269,7 @@ async function startDaemon(args: string[], pidFile: string): Promise<void> {
   }
 }
 
-async function stopDaemon(pidFile: string): Promise<void> {
+export async function stopDaemon(pidFile: string): Promise<void> {
   const pid = Number((await readFile(pidFile, 'utf8').catch(() => '')).trim());
   if (await exited(pid)) return;
   process.kill(pid, 'SIGTERM');

@@ -23,8 +23,8 @@ export function backupCommand(run: Run): Command {
       )
       .argument('<vm...>', 'the VMs of the backup set')
       .option('--store <dir>', "the host's store (or TIDEMARK_HOST)")
-      .option('--flow <flow>', '2016 (one snapshot for the set) | per-vm | 2008r2 | no-snapshot', '2016')
-      .option('--batch <n>', 'VMs per storage snapshot in the per-vm and 2008r2 flows', '1')
+      .option('--flow <flow>', '2016 (one snapshot for the set) | per-vm | 2012r2 | 2008r2 | no-snapshot', '2016')
+      .option('--batch <n>', 'VMs per storage snapshot in the per-vm, 2012r2 and 2008r2 flows', '1')
       .option('--vm-parallel <n>', 'VMs read at once in the data phase', '4')
       .option('--consistency <c>', 'app (fall back to crash) | crash | app-required', 'app')
       .option('--provider <p>', 'storage snapshot provider: cow | reflink', 'cow')
@@ -47,8 +47,11 @@ export function backupCommand(run: Run): Command {
   ).action((vms: string[], o: RepoOpts & Record<string, string | boolean | undefined>) =>
     run(async () => {
       const flow = o.flow as Flow;
-      if (!['2016', 'per-vm', '2008r2', 'no-snapshot'].includes(flow)) {
-        throw new TidemarkError('INVALID_ARGUMENT', `--flow must be 2016, per-vm, 2008r2 or no-snapshot, not ${flow}`);
+      if (!['2016', 'per-vm', '2012r2', '2008r2', 'no-snapshot'].includes(flow)) {
+        throw new TidemarkError(
+          'INVALID_ARGUMENT',
+          `--flow must be 2016, per-vm, 2012r2, 2008r2 or no-snapshot, not ${flow}`,
+        );
       }
       if (!['app', 'crash', 'app-required'].includes(o.consistency as string)) {
         throw new TidemarkError('INVALID_ARGUMENT', `--consistency must be app, crash or app-required`);
@@ -121,6 +124,8 @@ export function printBackupSummary(s: BackupSetSummary): void {
       `  ${v.name}: ${v.status}${v.error ? ` (${v.error})` : ''}; ${v.consistency ?? '-'}-consistent; read ${formatSize(v.bytesRead)}, new ${formatSize(v.bytesNew)}, stored ${formatSize(v.bytesStored)}; freeze ${ms(v.freezeWindowMs)}, I/O pause ${ms(v.ioPauseMs)}${v.autoRecoveryMs !== null ? `; auto-recovery ${ms(v.autoRecoveryMs)}` : ''}`,
     );
     if (v.autoRecovery) println(`    auto-recovery: ${v.autoRecovery}`);
+    for (const g of v.guidNames ?? [])
+      println(`    ${g.slot}: writer metadata ${g.name} became ${g.file ?? '(no file)'}`);
     for (const d of v.disks) {
       println(
         `    ${d.slot}: ${d.read}${d.fullReason ? ` (${d.fullReason})` : ''}, read ${formatSize(d.bytesRead)}${d.audit ? `; ${auditLine(d.audit)}` : ''}`,

@@ -57,6 +57,7 @@ import type { ConsistencyProvider } from './consistency.js';
 export type { ConsistencyProvider } from './consistency.js';
 import { guestConsistency } from './guest-consistency.js';
 import { HostLog } from './log.js';
+import { HotPlugs } from './hot-plug.js';
 import { SnapshotSets } from './snapshot-sets.js';
 import { DiskPathPolicy, privateDir, privateFiles, tightenStore } from './store-access.js';
 import { createProvider, PROVIDER_NAMES } from '../snapshot/index.js';
@@ -206,6 +207,16 @@ export class Host {
   private imports = new Map<string, ImportInfo>();
   /** Storage snapshots of VM sets, served as read-only exports for backups. */
   readonly snapshots: SnapshotSets;
+
+  // hot-plug.ts: disks hot-added to a VM's SCSI controller (the 2012 R2 flow's auto-recovery inside the VM).
+  private hotPlugService?: HotPlugs;
+  get hotPlugs(): HotPlugs {
+    return (this.hotPlugService ??= new HotPlugs({
+      definition: (name) => this.mustGet(name),
+      qemu: (name) => (this.qemuRunning(name) ? this.runtimes.get(name) : undefined),
+      checkLease: (vm, lease) => this.leases.check(vm, lease),
+    }));
+  }
 
   private constructor(
     readonly store: string,

@@ -103,6 +103,12 @@ describe('the route table round trip', () => {
     expect(await api.applyCheckpoint('web', a.id)).toBeUndefined();
     expect(await api.deleteCheckpoint('web', b.id)).toBeUndefined();
     expect((await api.listCheckpoints('web')).map((c) => c.id)).toEqual([a.id]);
+    // Hot-plug (the 2012 R2 flow): web has no QEMU process, so the hot-add is modelled and said so.
+    const plug = await api.hotPlug('web', { source: { socket: path.join(dir, 'none.sock'), export: 'x' } });
+    expect(plug).toMatchObject({ vm: 'web', attached: false, slot: null, guestDevice: null, recovery: null });
+    expect(plug.note).toMatch(/^modelled: the VM has no guest/);
+    expect((await api.hotUnplug('web', plug.id)).id).toBe(plug.id);
+    await expect(api.hotUnplug('web', plug.id)).rejects.toMatchObject({ code: 'NOT_FOUND' });
 
     // Image management on files of the store.
     const loose = await api.createDisk('loose.vhdx', 4 * MiB);
