@@ -25,6 +25,7 @@ import { TidemarkError } from '../errors.js';
 import { DEFAULT_AUDIT, formatRate, type AuditMode } from './audit.js';
 import { FLOWS, runFlow } from './flows.js';
 import { RunLeases } from './run-leases.js';
+import { describeError } from '../util/describe-error.js';
 import type { BackupSetOptions, BackupSetSummary, DataPhase, NbdDial, RunState, VmState } from './run-types.js';
 
 export type {
@@ -61,7 +62,7 @@ export async function runBackupSet(opts: BackupSetOptions): Promise<BackupSetSum
     log(`tracking audit: ${what} tracking calls unchanged, seed ${data.auditSeed}`);
   }
   const fail = (s: VmState, err: unknown) => {
-    const msg = err instanceof Error ? err.message : String(err);
+    const msg = describeError(err);
     s.summary.status = 'failed';
     s.summary.errorCode ??= err instanceof TidemarkError ? err.code : null;
     s.summary.error ??= msg;

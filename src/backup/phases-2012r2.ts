@@ -14,6 +14,7 @@ import { TidemarkError } from '../errors.js';
 import { forEachBounded } from '../util/bounded.js';
 import { GuestMount } from './guest-recovery.js';
 import { bound, isOk, timed, type BatchStep, type PreflightCheck } from './phases.js';
+import { describeError } from '../util/describe-error.js';
 import type { VmState } from './run-types.js';
 
 /** A VM without a SCSI controller: refused, saying to add one (hot-add needs SCSI, as in Hyper-V). */
@@ -85,7 +86,7 @@ export const guestAutoRecovery: BatchStep = async (run, batch) => {
     }
     batch.cleanups.push(() =>
       mount.close().catch((e) => {
-        run.errors.push(`auto-recovery clean-up: ${e.message}`);
+        run.errors.push(`auto-recovery clean-up: ${describeError(e)}`);
       }),
     );
     const notes = new Map<VmState, string[]>();

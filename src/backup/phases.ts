@@ -20,6 +20,7 @@ import { forEachBounded } from '../util/bounded.js';
 import { HostMount } from './auto-recovery.js';
 import { backupVm } from './read-vm.js';
 import type { RunLeases } from './run-leases.js';
+import { describeError } from '../util/describe-error.js';
 import type {
   BackupSetOptions,
   BatchState,
@@ -198,7 +199,7 @@ function snapshotSet(provider: (run: RunState) => 'cow' | 'reflink' | 'none'): B
         fail(s, err);
         await opts.host
           .deleteCheckpoint(s.name, s.checkpoint!.id, { lease: leases.lease(s.name) })
-          .catch((e) => log(`${s.name}: cleanup: ${e.message}`));
+          .catch((e) => log(`${s.name}: cleanup: ${describeError(e)}`));
       }
       return false;
     }
@@ -214,7 +215,7 @@ function snapshotSet(provider: (run: RunState) => 'cow' | 'reflink' | 'none'): B
         .then(
           () => undefined,
           (e) => {
-            errors.push(`release snapshot set: ${e.message}`);
+            errors.push(`release snapshot set: ${describeError(e)}`);
           },
         ),
     );
@@ -249,7 +250,7 @@ export const hostAutoRecovery: BatchStep = async (run, batch) => {
   batch.read = { set: mount.set, target: mount.target };
   batch.cleanups.push(() =>
     mount.mount.close().catch((e) => {
-      run.errors.push(`auto-recovery clean-up: ${e.message}`);
+      run.errors.push(`auto-recovery clean-up: ${describeError(e)}`);
     }),
   );
 };
@@ -310,7 +311,7 @@ export const release: RunStep = async (run) => {
       run.opts.repo.config.id,
       s.referencePointId,
       run.log,
-    ).catch((e) => run.errors.push(`${s.name}: destroying previous reference points: ${e.message}`));
+    ).catch((e) => run.errors.push(`${s.name}: destroying previous reference points: ${describeError(e)}`));
   });
 };
 
@@ -379,14 +380,14 @@ async function cleanLeftovers(
     const made = set.vms.map((v) => v.lease).filter((l): l is string => l !== null);
     if (made.length === 0 || made.some((l) => live.has(l))) continue;
     log(`${vm}: releasing snapshot set ${set.id.slice(0, 8)} left by run ${set.runId ?? '?'}, which has ended`);
-    await host.releaseSnapshotSet(set.id, false).catch((e) => log(`${vm}: ${e.message}`));
+    await host.releaseSnapshotSet(set.id, false).catch((e) => log(`${vm}: ${describeError(e)}`));
   }
   const stale = (await host.listCheckpoints(vm)).filter(
     (c) => c.type === 'recovery' && (c.run ? !live.has(c.run.lease) : (c.name ?? '').startsWith(CHECKPOINT_PREFIX)),
   );
   for (const cp of stale.reverse()) {
     log(`${vm}: removing recovery checkpoint ${cp.id.slice(0, 8)} left by run ${cp.run?.runId ?? '(before leases)'}`);
-    await host.deleteCheckpoint(vm, cp.id, { lease }).catch((e) => log(`${vm}: ${e.message}`));
+    await host.deleteCheckpoint(vm, cp.id, { lease }).catch((e) => log(`${vm}: ${describeError(e)}`));
   }
 }
 

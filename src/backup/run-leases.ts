@@ -7,6 +7,7 @@ import { randomUUID } from 'node:crypto';
 import os from 'node:os';
 import type { HostClient } from '../api/client.js';
 import type { LeaseInfo } from '../api/schemas.js';
+import { describeError } from '../util/describe-error.js';
 import { TidemarkError } from '../errors.js';
 
 export interface RunLeaseOptions {
@@ -96,7 +97,9 @@ export class RunLeases {
     clearInterval(this.timer);
     for (const [vm, lease] of [...this.held]) {
       this.held.delete(vm);
-      await this.host.releaseLease(lease.id).catch((e) => this.opts.log?.(`${vm}: releasing the lease: ${e.message}`));
+      await this.host
+        .releaseLease(lease.id)
+        .catch((e) => this.opts.log?.(`${vm}: releasing the lease: ${describeError(e)}`));
     }
   }
 }
