@@ -6,7 +6,7 @@
  * first, so a host killed at any point finishes or rolls it back when it starts again.
  */
 import { randomUUID } from 'node:crypto';
-import { access, readdir, rm, unlink } from 'node:fs/promises';
+import { rm, unlink } from 'node:fs/promises';
 import path from 'node:path';
 import { VirtualDisk } from '../disk/virtual-disk.js';
 import { TidemarkError } from '../errors.js';
@@ -30,10 +30,8 @@ import {
 import {
   DEFINITION_VERSION,
   describeOwner,
-  readDefinition,
   SLOT,
   VM_NAME,
-  writeDefinition,
   type Checkpoint,
   type CheckpointPolicy,
   type CheckpointType,
@@ -43,19 +41,13 @@ import {
   type ReferencePointOwner,
   type VmDefinition,
 } from './definition.js';
-import {
-  dropImportMarker,
-  importOwnerAlive,
-  readImportMarker,
-  writeImportMarker,
-  type ImportInfo,
-  type ImportOwner,
-} from './imports.js';
+import { dropImportMarker, writeImportMarker, type ImportInfo, type ImportOwner } from './imports.js';
 import { JobManager } from './jobs.js';
 import { Leases, type LeaseInfo } from './leases.js';
 import type { ConsistencyProvider } from './consistency.js';
 export type { ConsistencyProvider } from './consistency.js';
 import { guestConsistency } from './guest-consistency.js';
+import { CHILD_EXT, exists, MEMORY_EXT, VmStore } from './vm-store.js';
 import { HostLog } from './log.js';
 import { SnapshotSets } from './snapshot-sets.js';
 import { DiskPathPolicy, privateDir, privateFiles, tightenStore } from './store-access.js';
@@ -185,25 +177,18 @@ export interface VmSummary {
   lease: LeaseInfo | null;
 }
 
-const CHILD_EXT = '.avhdx';
-/** A standard checkpoint's memory and device state (Hyper-V's runtime-state file has this extension). */
-const MEMORY_EXT = '.vmrs';
-
 export class Host {
   readonly jobs = new JobManager();
   readonly nbd: NbdServer;
   readonly log: HostLog;
-  private vms = new Map<string, VmDefinition>();
+  /** Definitions, paths, the journal and its recovery, names reserved by imports. */
+  private readonly vms: VmStore;
   private running = new Map<string, Map<string, VirtualDisk>>();
   /** vm-runtime: the QEMU of each VM with a boot source */
   private runtimes = new Map<string, VmRuntime>();
   private locks = new KeyedMutex();
-  private defWrites = new KeyedMutex();
   private createLock = new Mutex();
   private consistency: ConsistencyProvider;
-  private closed = false;
-  /** Names reserved by imports (a restore registering a VM) until they are committed or cancelled. */
-  private imports = new Map<string, ImportInfo>();
   /** Storage snapshots of VM sets, served as read-only exports for backups. */
   readonly snapshots: SnapshotSets;
 
@@ -219,14 +204,15 @@ export class Host {
     this.nbd = new NbdServer({ tls: nbdTls });
     this.consistency = opts.consistency ?? guestConsistency();
     this.log = opts.log ?? new HostLog();
+    this.vms = new VmStore(store, this.log);
     this.snapshots = new SnapshotSets({
       store,
       nbd: this.nbd,
       diffAreaRoot: path.join(store, 'snapshots'),
-      definition: (name) => this.mustGet(name),
-      vmDir: (name) => this.vmDir(name),
-      abs: (def, p) => this.abs(def, p),
-      allowedRoots: (def) => this.diskOptions(def).allowedRoots,
+      definition: (name) => this.vms.get(name),
+      vmDir: (name) => this.vms.vmDir(name),
+      abs: (def, p) => this.vms.abs(def, p),
+      allowedRoots: (def) => this.vms.diskOptions(def).allowedRoots,
       runningDisks: (name) => this.running.get(name),
       checkLease: (vm, lease) => this.leases.check(vm, lease),
       leaseLive: (id) => this.leases.isLive(id),
@@ -254,31 +240,19 @@ export class Host {
       const removed = await createProvider(provider).recover({ diffAreaRoot: path.join(store, 'snapshots') });
       if (removed > 0) host.log.warn(`removed ${removed} stale ${provider} snapshot area(s)`);
     }
-    for (const name of (await readdir(path.join(store, 'vms'))).sort()) {
-      const file = host.defPath(name);
-      const marker = await readImportMarker(host.vmDir(name));
-      if (!(await exists(file))) {
-        if (marker) await host.recoverImport(name, marker);
-        continue;
-      }
-      // Registered, but the host stopped before the marker went: the import is complete.
-      if (marker) await dropImportMarker(host.vmDir(name));
-      const def = await readDefinition(file);
-      host.vms.set(def.name, def);
-      await host.recover(def);
-    }
+    await host.vms.load();
     const nbd = opts.nbd ?? {};
     await host.nbd.listen(
       nbd.port !== undefined ? { port: nbd.port, host: nbd.host } : { socket: nbd.socket ?? host.nbdSocket },
     );
-    for (const def of host.vms.values()) {
+    for (const def of host.vms.all()) {
       if (def.state === 'Running') {
         try {
           await host.openDisks(def);
         } catch (err) {
           host.log.warn(`could not restart ${def.name}: ${(err as Error).message}`);
           def.state = 'Off';
-          await host.save(def);
+          await host.vms.save(def);
         }
       }
       if (def.boot) await host.adoptRuntime(def); // vm-runtime
@@ -298,7 +272,7 @@ export class Host {
 
   async listVms(): Promise<VmSummary[]> {
     const out: VmSummary[] = [];
-    for (const d of [...this.vms.values()].sort((a, b) => a.name.localeCompare(b.name))) {
+    for (const d of [...this.vms.all()].sort((a, b) => a.name.localeCompare(b.name))) {
       out.push(await this.summary(d));
     }
     return out;
@@ -310,7 +284,7 @@ export class Host {
   }
 
   getVm(name: string): VmDefinition {
-    const def = this.vms.get(name);
+    const def = this.vms.find(name);
     if (!def) throw new TidemarkError('NOT_FOUND', `no VM named ${name}`);
     return structuredClone(def);
   }
@@ -327,8 +301,8 @@ export class Host {
     // What the disk paths name is checked before the lock: no VM creation waits behind a hostile path.
     await checkDiskPaths(this.store, req.disks);
     return this.createLock.run(async () => {
-      await this.assertNameFree(req.name);
-      const dir = this.vmDir(req.name);
+      await this.vms.assertNameFree(req.name);
+      const dir = this.vms.vmDir(req.name);
       await privateDir(dir);
       await privateDir(path.join(dir, 'disks'));
       const def = await this.register(newDefinition(req.name, { ...req, configVersion }), req.disks ?? [], dir);
@@ -341,38 +315,21 @@ export class Host {
   private async register(def: VmDefinition, disks: NewDisk[], dir: string): Promise<VmDefinition> {
     try {
       for (const d of disks) def.disks.push(await this.prepareDisk(def, d));
-      this.vms.set(def.name, def);
-      await this.save(def);
+      this.vms.add(def);
+      await this.vms.save(def);
       return def;
     } catch (err) {
-      this.vms.delete(def.name);
+      this.vms.remove(def.name);
       await rm(dir, { recursive: true, force: true });
       throw err;
     }
-  }
-
-  /** ALREADY_EXISTS when a VM, an import in progress or a folder holds the name. */
-  private async assertNameFree(name: string): Promise<void> {
-    if (this.vms.has(name)) throw new TidemarkError('ALREADY_EXISTS', `a VM named ${name} exists`);
-    const reserved = this.imports.get(name);
-    if (reserved) {
-      if (importOwnerAlive(reserved.owner)) {
-        throw new TidemarkError(
-          'ALREADY_EXISTS',
-          `${name} is being restored by pid ${reserved.owner.pid} on ${reserved.owner.hostname} ("${reserved.owner.command}") since ${reserved.createdAt}`,
-        );
-      }
-      await this.recoverImport(name, reserved);
-    }
-    const dir = this.vmDir(name);
-    if (await exists(dir)) throw new TidemarkError('ALREADY_EXISTS', `${dir} exists; remove it or choose another name`);
   }
 
   async modifyVm(name: string, req: ModifyVmRequest & LeaseRef): Promise<VmSummary> {
     await checkDiskPaths(this.store, req.attach);
     return this.locks.run(name, () =>
       this.leases.during(name, req.lease, 'vm set', async () => {
-        const def = this.mustGet(name);
+        const def = this.vms.get(name);
         // Everything is checked before anything changes; naming the version it has is no change.
         const version = req.configVersion !== undefined ? checkConfigVersion(req.configVersion) : undefined;
         const newVersion = version !== undefined && version !== def.configVersion ? version : undefined;
@@ -414,7 +371,7 @@ export class Host {
   async upgradeVm(name: string, opts: { version?: string } & LeaseRef = {}): Promise<VmSummary> {
     return this.locks.run(name, () =>
       this.leases.during(name, opts.lease, 'vm upgrade', async () => {
-        const def = this.mustGet(name);
+        const def = this.vms.get(name);
         const target = opts.version ?? DEFAULT_CONFIG_VERSION;
         this.checkVersionChange(def, target);
         await this.changeVersion(def, target);
@@ -434,7 +391,7 @@ export class Host {
     if (this.running.has(def.name)) {
       throw new TidemarkError('CONFLICT', `${def.name} is running: stop it to change its configuration version`);
     }
-    this.assertNoPending(def);
+    this.vms.assertNoPending(def);
   }
 
   private async changeVersion(def: VmDefinition, target: string): Promise<void> {
@@ -442,7 +399,7 @@ export class Host {
       // Tracking files first: a crash before the definition names the new version leaves files the tracker
       // checks (and resets) when it first attaches, never a version that claims tracking without them.
       for (const att of def.disks) {
-        if ((await enableTracking(this.abs(def, att.head), this.diskOptions(def).allowedRoots)) === 'none') {
+        if ((await enableTracking(this.vms.abs(def, att.head), this.vms.diskOptions(def).allowedRoots)) === 'none') {
           this.log.info(`${def.name} ${att.slot}: change tracking enabled`);
         }
       }
@@ -450,7 +407,7 @@ export class Host {
     if (target === def.configVersion) return;
     const from = def.configVersion;
     def.configVersion = target;
-    await this.save(def);
+    await this.vms.save(def);
     this.log.info(`${def.name}: configuration version ${from} -> ${target}`);
   }
 
@@ -479,17 +436,17 @@ export class Host {
       if (this.running.has(name)) await this.openDisk(def, att);
       if (this.qemuRunning(name)) await this.runtimes.get(name)!.attachDisk(att.slot, exportName(name, att.slot)); // vm-runtime
     }
-    await this.save(def);
+    await this.vms.save(def);
     return this.summary(def);
   }
 
   async startVm(name: string): Promise<VmSummary> {
     return this.locks.run(name, async () => {
-      const def = this.mustGet(name);
+      const def = this.vms.get(name);
       if (!this.running.has(name)) await this.openDisks(def);
       if (def.boot) await this.launchRuntime(def); // vm-runtime: QEMU on the exports just opened
       def.state = 'Running';
-      await this.save(def);
+      await this.vms.save(def);
       this.log.info(`started ${name}: ${def.disks.map((d) => exportName(name, d.slot)).join(', ')}`);
       return this.summary(def);
     });
@@ -497,7 +454,7 @@ export class Host {
 
   async stopVm(name: string, opts: { turnOff?: boolean; force?: boolean } = {}): Promise<VmSummary> {
     return this.locks.run(name, async () => {
-      const def = this.mustGet(name);
+      const def = this.vms.get(name);
       const rt = this.runtimes.get(name);
       if (!opts.force) this.refuseForeignClients(def);
       if (rt?.state === 'Saved') await rt.dropSavedState(); // stopping a saved VM discards its saved state
@@ -511,7 +468,7 @@ export class Host {
       }
       await this.closeDisks(name);
       def.state = 'Off';
-      await this.save(def);
+      await this.vms.save(def);
       this.log.info(`stopped ${name}`);
       return this.summary(def);
     });
@@ -540,15 +497,15 @@ export class Host {
   async deleteVm(name: string, opts: { removeFiles?: boolean } = {}): Promise<void> {
     return this.locks.run(name, () =>
       this.leases.during(name, undefined, 'vm delete', async () => {
-        const def = this.mustGet(name);
+        const def = this.vms.get(name);
         if (this.running.has(name)) throw new TidemarkError('CONFLICT', `${name} is running: stop it first`);
-        this.vms.delete(name);
+        this.vms.remove(name);
         this.runtimes.delete(name);
         if (opts.removeFiles) {
-          await rm(this.vmDir(name), { recursive: true, force: true });
+          await rm(this.vms.vmDir(name), { recursive: true, force: true });
         } else {
           // Keep the disks (and the definition, renamed) where they are, as Hyper-V keeps VHDX files.
-          await rm(this.defPath(name), { force: true });
+          await rm(this.vms.defPath(name), { force: true });
         }
         this.log.info(`deleted VM ${def.name}${opts.removeFiles ? ' and its files' : ''}`);
       }),
@@ -564,9 +521,9 @@ export class Host {
   async reserveImport(name: string, owner: ImportOwner): Promise<ImportInfo> {
     checkVmName(name);
     return this.createLock.run(async () => {
-      this.mustBeOpen();
-      await this.assertNameFree(name);
-      const dir = this.vmDir(name);
+      this.vms.mustBeOpen();
+      await this.vms.assertNameFree(name);
+      const dir = this.vms.vmDir(name);
       const info: ImportInfo = {
         name,
         dir,
@@ -582,14 +539,14 @@ export class Host {
         await rm(dir, { recursive: true, force: true });
         throw err;
       }
-      this.imports.set(name, info);
+      this.vms.reserveName(info);
       this.log.info(`reserved ${name} for a restore (pid ${owner.pid} on ${owner.hostname})`);
       return structuredClone(info);
     });
   }
 
   listImports(): ImportInfo[] {
-    return [...this.imports.values()].map((i) => structuredClone(i));
+    return this.vms.reservations().map((i) => structuredClone(i));
   }
 
   /**
@@ -598,8 +555,8 @@ export class Host {
    */
   async commitImport(name: string, req: CommitImportRequest): Promise<VmSummary> {
     return this.createLock.run(async () => {
-      this.mustBeOpen();
-      const info = this.imports.get(name);
+      this.vms.mustBeOpen();
+      const info = this.vms.reservation(name);
       if (!info) throw new TidemarkError('NOT_FOUND', `no import reserves ${name}`);
       try {
         const configVersion = checkConfigVersion(req.configVersion ?? DEFAULT_CONFIG_VERSION);
@@ -620,7 +577,7 @@ export class Host {
         await rm(info.dir, { recursive: true, force: true });
         throw err;
       } finally {
-        this.imports.delete(name);
+        this.vms.releaseName(name);
       }
     });
   }
@@ -628,23 +585,12 @@ export class Host {
   /** Ends an import without registering it: its folder and everything written into it are removed. */
   async cancelImport(name: string): Promise<void> {
     return this.createLock.run(async () => {
-      const info = this.imports.get(name);
+      const info = this.vms.reservation(name);
       if (!info) throw new TidemarkError('NOT_FOUND', `no import reserves ${name}`);
-      this.imports.delete(name);
+      this.vms.releaseName(name);
       await rm(info.dir, { recursive: true, force: true });
       this.log.info(`cancelled the import of ${name}: its folder was removed`);
     });
-  }
-
-  /** An import a stopped host or an ended restore left: kept while its process lives, removed otherwise. */
-  private async recoverImport(name: string, info: ImportInfo): Promise<void> {
-    if (importOwnerAlive(info.owner)) {
-      this.imports.set(name, info);
-      return;
-    }
-    this.imports.delete(name);
-    await rm(info.dir, { recursive: true, force: true });
-    this.log.warn(`removed the unfinished import of ${name} (its restore, pid ${info.owner.pid}, has ended)`);
   }
 
   /** The open virtual disk of a running VM's slot (for in-process workloads and backup exports). */
@@ -657,7 +603,7 @@ export class Host {
   // ---------------------------------------------------------------- checkpoints
 
   listCheckpoints(name: string): (Checkpoint & { current: boolean })[] {
-    const def = this.mustGet(name);
+    const def = this.vms.get(name);
     return def.checkpoints.map((c) => ({ ...structuredClone(c), current: c.id === def.currentCheckpointId }));
   }
 
@@ -673,8 +619,8 @@ export class Host {
   }
 
   private async cutCheckpoint(name: string, req: CheckpointRequest): Promise<Checkpoint> {
-    const def = this.mustGet(name);
-    this.assertNoPending(def);
+    const def = this.vms.get(name);
+    this.vms.assertNoPending(def);
     const holder = req.lease !== undefined ? await this.leases.holder(name) : undefined;
     if (def.checkpointPolicy === 'disabled') {
       throw new TidemarkError('CONFLICT', `checkpoints are disabled for ${name} (checkpoint policy "disabled")`);
@@ -689,14 +635,14 @@ export class Host {
     const cpName = req.name ?? `${name} - (${new Date().toISOString().replace('T', ' ').slice(0, 19)})`;
     const children = def.disks.map((d) => ({
       disk: d,
-      child: path.join(this.vmDir(name), 'disks', `${d.slot}_${id.slice(0, 8)}${CHILD_EXT}`),
+      child: path.join(this.vms.vmDir(name), 'disks', `${d.slot}_${id.slice(0, 8)}${CHILD_EXT}`),
     }));
     // A standard checkpoint of a VM QEMU runs holds its memory too, as Hyper-V's do.
     const rt = type === 'standard' && running && this.qemuRunning(name) ? this.runtimes.get(name) : undefined;
-    const memoryFile = rt ? path.join(this.vmDir(name), 'disks', `memory_${id.slice(0, 8)}${MEMORY_EXT}`) : null;
+    const memoryFile = rt ? path.join(this.vms.vmDir(name), 'disks', `memory_${id.slice(0, 8)}${MEMORY_EXT}`) : null;
     const created = [...children.map((c) => c.child), ...(memoryFile ? [memoryFile] : [])];
-    def.pending = { op: 'checkpoint', checkpointId: id, created: created.map((f) => this.rel(def, f)) };
-    await this.save(def);
+    def.pending = { op: 'checkpoint', checkpointId: id, created: created.map((f) => this.vms.rel(def, f)) };
+    await this.vms.save(def);
 
     const sealed = new Map<string, string | undefined>();
     const commitDef = () => {
@@ -717,9 +663,9 @@ export class Host {
           rctId: sealed.get(c.disk.slot) ?? null,
         })),
         run: holder ? { lease: holder.id, runId: holder.owner.runId, command: holder.owner.command } : null,
-        memoryState: memoryFile ? this.rel(def, memoryFile) : null,
+        memoryState: memoryFile ? this.vms.rel(def, memoryFile) : null,
       };
-      for (const c of children) c.disk.head = this.rel(def, c.child);
+      for (const c of children) c.disk.head = this.vms.rel(def, c.child);
       def.checkpoints.push(cp);
       def.currentCheckpointId = id;
       def.pending = null;
@@ -741,14 +687,14 @@ export class Host {
             ),
           );
           commitDef();
-          await this.save(def);
+          await this.vms.save(def);
           await Promise.all(children.map((c, i) => disks[i].switchHead(c.child)));
         } finally {
           for (const d of disks) d.resume();
         }
       } else {
         for (const c of children) {
-          const disk = await VirtualDisk.open(this.abs(def, c.disk.head), this.diskOptions(def));
+          const disk = await VirtualDisk.open(this.vms.abs(def, c.disk.head), this.vms.diskOptions(def));
           try {
             await disk.pause();
             sealed.set(c.disk.slot, (await disk.prepareChild(c.child)).id);
@@ -759,7 +705,7 @@ export class Host {
         }
         await privateFiles(...children.map((c) => c.child));
         commitDef();
-        await this.save(def);
+        await this.vms.save(def);
       }
       return { ioPauseMs: running ? performance.now() - started : null };
     };
@@ -817,7 +763,7 @@ export class Host {
       cp.consistencyNote = outcome.note;
       cp.freezeWindowMs = outcome.freezeWindowMs;
       cp.ioPauseMs = outcome.result.ioPauseMs;
-      await this.save(def);
+      await this.vms.save(def);
       this.log.info(
         `checkpoint ${cp.name} of ${name}: ${type}, ${cp.consistency}-consistent, I/O pause ${fmtMs(cp.ioPauseMs)}, freeze ${fmtMs(cp.freezeWindowMs)}`,
       );
@@ -826,7 +772,7 @@ export class Host {
       if (def.pending?.op === 'checkpoint') {
         for (const f of created) await unlink(f).catch(() => undefined);
         def.pending = null;
-        await this.save(def);
+        await this.vms.save(def);
       }
       throw err;
     }
@@ -836,7 +782,7 @@ export class Host {
   async deleteCheckpoint(name: string, checkpoint: string, opts: LeaseRef = {}): Promise<void> {
     return this.locks.run(name, () =>
       this.leases.during(name, opts.lease, 'checkpoint delete', async () => {
-        const def = this.mustGet(name);
+        const def = this.vms.get(name);
         const cp = this.findCheckpoint(def, checkpoint);
         await this.removeCheckpoint(def, cp, 'delete', null);
       }),
@@ -851,47 +797,48 @@ export class Host {
   }
 
   private async applyCheckpointNow(name: string, checkpoint: string): Promise<void> {
-    const def = this.mustGet(name);
-    this.assertNoPending(def);
+    const def = this.vms.get(name);
+    this.vms.assertNoPending(def);
     if (this.running.has(name))
       throw new TidemarkError('CONFLICT', `${name} is running: stop it to apply a checkpoint`);
     const cp = this.findCheckpoint(def, checkpoint);
     const suffix = randomUUID().slice(0, 8);
-    const created = cp.disks.map((d) => path.join(this.vmDir(name), 'disks', `${d.slot}_${suffix}${CHILD_EXT}`));
+    const created = cp.disks.map((d) => path.join(this.vms.vmDir(name), 'disks', `${d.slot}_${suffix}${CHILD_EXT}`));
     // The current state is discarded unless a checkpoint holds it.
     const frozen = new Set(def.checkpoints.flatMap((c) => c.disks.map((d) => d.file)));
-    const discard = def.disks.map((d) => d.head).filter((h) => !frozen.has(h) && h !== this.baseOf(def, h));
-    def.pending = { op: 'apply', checkpointId: cp.id, created: created.map((c) => this.rel(def, c)), discard };
-    await this.save(def);
+    const discard = def.disks.map((d) => d.head).filter((h) => !frozen.has(h) && h !== this.vms.baseOf(def, h));
+    def.pending = { op: 'apply', checkpointId: cp.id, created: created.map((c) => this.vms.rel(def, c)), discard };
+    await this.vms.save(def);
     try {
       for (let i = 0; i < cp.disks.length; i++) {
         await createVhdx(created[i], {
-          parent: this.abs(def, cp.disks[i].file),
-          parentOpenOptions: this.diskOptions(def),
+          parent: this.vms.abs(def, cp.disks[i].file),
+          parentOpenOptions: this.vms.diskOptions(def),
         });
         await privateFiles(created[i]);
       }
     } catch (err) {
       for (const c of created) await unlink(c).catch(() => undefined);
       def.pending = null;
-      await this.save(def);
+      await this.vms.save(def);
       throw err;
     }
     for (let i = 0; i < cp.disks.length; i++) {
       const att = def.disks.find((d) => d.slot === cp.disks[i].slot);
-      if (att) att.head = this.rel(def, created[i]);
+      if (att) att.head = this.vms.rel(def, created[i]);
     }
     def.currentCheckpointId = cp.id;
     def.pending = { op: 'delete-files', files: discard };
-    await this.save(def);
-    for (const f of discard) await unlink(this.abs(def, f)).catch(() => undefined);
+    await this.vms.save(def);
+    for (const f of discard) await unlink(this.vms.abs(def, f)).catch(() => undefined);
     def.pending = null;
-    await this.save(def);
+    await this.vms.save(def);
     if (def.boot) {
       // The VM continues from the checkpoint: with its memory when it has some (Saved, as Hyper-V leaves it),
       // and never with a saved state of the discarded present (that memory does not match these disks).
       const rt = this.runtime(name);
-      if (cp.memoryState) await rt.installSavedState(this.abs(def, cp.memoryState), `checkpoint ${cp.name} applied`);
+      if (cp.memoryState)
+        await rt.installSavedState(this.vms.abs(def, cp.memoryState), `checkpoint ${cp.name} applied`);
       else if (rt.state === 'Saved') await rt.dropSavedState();
     }
     this.log.info(`applied checkpoint ${cp.name} to ${name}${cp.memoryState ? ' (Saved: start resumes it)' : ''}`);
@@ -900,7 +847,7 @@ export class Host {
   // ---------------------------------------------------------------- reference points
 
   listReferencePoints(name: string): ReferencePoint[] {
-    return structuredClone(this.mustGet(name).referencePoints);
+    return structuredClone(this.vms.get(name).referencePoints);
   }
 
   /**
@@ -914,7 +861,7 @@ export class Host {
   ): Promise<ReferencePoint> {
     return this.locks.run(name, () =>
       this.leases.during(name, opts.lease, 'refpoint convert', async () => {
-        const def = this.mustGet(name);
+        const def = this.vms.get(name);
         const cp = this.findCheckpoint(def, checkpoint);
         if (cp.type !== 'recovery') {
           throw new TidemarkError(
@@ -941,15 +888,15 @@ export class Host {
   /** CreateReferencePoint without a checkpoint: seals every disk's id now. */
   async createReferencePoint(name: string, opts: { owner?: ReferencePointOwner | null } = {}): Promise<ReferencePoint> {
     return this.locks.run(name, async () => {
-      const def = this.mustGet(name);
-      this.assertNoPending(def);
+      const def = this.vms.get(name);
+      this.vms.assertNoPending(def);
       const ids: (string | null)[] = [];
       const running = this.running.get(name);
       for (const d of def.disks) {
         if (running) {
           ids.push((await running.get(d.slot)!.seal()) ?? null);
         } else {
-          const disk = await VirtualDisk.open(this.abs(def, d.head), this.diskOptions(def));
+          const disk = await VirtualDisk.open(this.vms.abs(def, d.head), this.vms.diskOptions(def));
           try {
             ids.push((await disk.seal()) ?? null);
           } finally {
@@ -967,18 +914,18 @@ export class Host {
         owner: opts.owner ?? null,
       };
       def.referencePoints.push(rp);
-      await this.save(def);
+      await this.vms.save(def);
       return structuredClone(rp);
     });
   }
 
   async destroyReferencePoint(name: string, id: string): Promise<void> {
     return this.locks.run(name, async () => {
-      const def = this.mustGet(name);
+      const def = this.vms.get(name);
       const i = def.referencePoints.findIndex((r) => r.id === id);
       if (i < 0) throw new TidemarkError('NOT_FOUND', `${name} has no reference point ${id}`);
       def.referencePoints.splice(i, 1);
-      await this.save(def);
+      await this.vms.save(def);
     });
   }
 
@@ -996,7 +943,7 @@ export class Host {
     maxRanges?: number,
   ): Promise<ChangesResult & { virtualDiskId: string }> {
     if ('vm' in target) {
-      const def = this.mustGet(target.vm);
+      const def = this.vms.get(target.vm);
       const att = def.disks.find((d) => d.slot === target.slot);
       if (!att) throw new TidemarkError('NOT_FOUND', `${target.vm} has no disk at ${target.slot}`);
       if (limitId === '*') {
@@ -1005,7 +952,7 @@ export class Host {
         const len = length ?? att.virtualSize - offset;
         const ranges = open
           ? await open.file.allocatedExtents(offset, len)
-          : await withVhdx(this.abs(def, att.head), this.diskOptions(def).allowedRoots, (d) =>
+          : await withVhdx(this.vms.abs(def, att.head), this.vms.diskOptions(def).allowedRoots, (d) =>
               d.allocatedExtents(offset, len),
             );
         const capped = maxRanges !== undefined && ranges.length > maxRanges ? ranges.slice(0, maxRanges) : ranges;
@@ -1028,15 +975,15 @@ export class Host {
       if (open)
         return { ...(await open.changes(limitId, offset, length, maxRanges)), virtualDiskId: att.virtualDiskId };
       return this.offlineChanges(
-        this.abs(def, att.head),
+        this.vms.abs(def, att.head),
         limitId,
         offset,
         length,
         maxRanges,
-        this.diskOptions(def).allowedRoots,
+        this.vms.diskOptions(def).allowedRoots,
       );
     }
-    const file = this.inStore(target.path);
+    const file = this.vms.inStore(target.path);
     return this.offlineChanges(file, limitId, offset, length, maxRanges, [this.store]);
   }
 
@@ -1065,11 +1012,11 @@ export class Host {
   }
 
   async diskInfo(file: string): Promise<VhdxInfo> {
-    return vhdxInfo(this.inStore(file), { allowedRoots: [this.store] });
+    return vhdxInfo(this.vms.inStore(file), { allowedRoots: [this.store] });
   }
 
   async createDisk(file: string, opts: { size: number; blockSize?: number; tracking?: boolean }): Promise<string> {
-    const p = this.inStore(file);
+    const p = this.vms.inStore(file);
     await createVhdx(p, { size: opts.size, blockSize: opts.blockSize });
     await privateFiles(p);
     if (opts.tracking !== false) await enableTracking(p, [path.dirname(p)]);
@@ -1077,12 +1024,12 @@ export class Host {
   }
 
   async mergeDisk(childPath: string): Promise<{ parentPath: string; bytesCopied: number }> {
-    const p = this.inStore(childPath);
+    const p = this.vms.inStore(childPath);
     this.assertNotOpen(p);
-    for (const def of this.vms.values()) {
+    for (const def of this.vms.all()) {
       if (
-        def.disks.some((d) => this.abs(def, d.head) === p) ||
-        def.checkpoints.some((c) => c.disks.some((d) => this.abs(def, d.file) === p))
+        def.disks.some((d) => this.vms.abs(def, d.head) === p) ||
+        def.checkpoints.some((c) => c.disks.some((d) => this.vms.abs(def, d.file) === p))
       ) {
         throw new TidemarkError('CONFLICT', `${p} belongs to VM ${def.name}: delete its checkpoint instead`);
       }
@@ -1095,8 +1042,8 @@ export class Host {
 
   /** Stops serving, flushes and closes every open disk cleanly (VMs keep state Running for the next start). */
   async close(): Promise<void> {
-    if (this.closed) return;
-    this.closed = true;
+    if (this.vms.isClosed) return;
+    this.vms.close();
     // vm-runtime: QEMU keeps running (its NBD client reconnects to the next host); only QMP is let go.
     for (const rt of this.runtimes.values()) await rt.detach().catch((e) => this.log.warn(String(e)));
     await this.jobs.drain();
@@ -1118,8 +1065,8 @@ export class Host {
         slot: d.slot,
         virtualDiskId: d.virtualDiskId,
         virtualSize: d.virtualSize,
-        base: this.abs(def, d.base),
-        head: this.abs(def, d.head),
+        base: this.vms.abs(def, d.base),
+        head: this.vms.abs(def, d.head),
         export: running ? exportName(def.name, d.slot) : null,
         nbdUri: running && this.nbd.address() ? this.nbd.uri(exportName(def.name, d.slot)) : null,
         tracking: await this.trackingState(def, d),
@@ -1177,11 +1124,11 @@ export class Host {
 
   /** The VM's runtime (made once), wired so that QEMU ending by itself (guest power-off, crash) closes the disks. */
   runtime(name: string): VmRuntime {
-    const def = this.mustGet(name);
+    const def = this.vms.get(name);
     let rt = this.runtimes.get(name);
     if (!rt) {
       rt = new VmRuntime({
-        dir: this.vmDir(name),
+        dir: this.vms.vmDir(name),
         runDir: path.join(this.store, 'run'),
         name,
         id: def.id,
@@ -1190,14 +1137,14 @@ export class Host {
         guestSocket: def.guest,
       });
       rt.on('exit', (info: ExitInfo) => {
-        if (this.closed) return;
+        if (this.vms.isClosed) return;
         void this.locks
           .run(name, async () => {
-            const d = this.vms.get(name);
+            const d = this.vms.find(name);
             if (!d || this.qemuRunning(name)) return;
             await this.closeDisks(name);
             d.state = info.reason === 'saved' ? 'Saved' : 'Off';
-            await this.save(d);
+            await this.vms.save(d);
             this.log.info(`${name}: ${d.state} (${info.detail})`);
           })
           .catch((e) => this.log.warn(`${name}: after QEMU ended: ${(e as Error).message}`));
@@ -1255,19 +1202,19 @@ export class Host {
     const persisted = live ? 'Running' : state === 'Saved' ? 'Saved' : 'Off';
     if (def.state !== persisted) {
       def.state = persisted;
-      await this.save(def);
+      await this.vms.save(def);
     }
   }
 
   /** Saves a running VM's memory and device state and ends its QEMU (Saved); `vm start` restores it. */
   async saveVm(name: string): Promise<VmSummary> {
     return this.locks.run(name, async () => {
-      const def = this.mustGet(name);
+      const def = this.vms.get(name);
       if (!this.qemuRunning(name)) throw new TidemarkError('CONFLICT', `${name} has no running QEMU to save`);
       const r = await this.runtimes.get(name)!.save();
       await this.closeDisks(name);
       def.state = 'Saved';
-      await this.save(def);
+      await this.vms.save(def);
       this.log.info(`${name}: saved (${(r.bytes / 2 ** 20).toFixed(1)} MiB in ${(r.ms / 1000).toFixed(1)} s)`);
       return this.summary(def);
     });
@@ -1276,7 +1223,7 @@ export class Host {
   /** Pauses or resumes a VM's QEMU. */
   async pauseVm(name: string, pause: boolean): Promise<VmSummary> {
     return this.locks.run(name, async () => {
-      const def = this.mustGet(name);
+      const def = this.vms.get(name);
       if (!this.qemuRunning(name)) throw new TidemarkError('CONFLICT', `${name} has no running QEMU`);
       const rt = this.runtimes.get(name)!;
       if (pause) await rt.pause();
@@ -1295,7 +1242,7 @@ export class Host {
     if (!supportsRct(def.configVersion)) return 'none';
     const open = this.running.get(def.name)?.get(att.slot);
     if (open) return open.changeTracker ? 'enabled' : 'missing';
-    return (await exists(trackingPaths(this.abs(def, att.base)).rct)) ? 'enabled' : 'missing';
+    return (await exists(trackingPaths(this.vms.abs(def, att.base)).rct)) ? 'enabled' : 'missing';
   }
 
   private async prepareDisk(def: VmDefinition, d: NewDisk): Promise<DiskAttachment> {
@@ -1308,14 +1255,14 @@ export class Host {
     if (d.path) {
       // Confined before anything is opened or written beside it (tracking files).
       file = await this.diskPaths.check(d.path);
-      for (const other of this.vms.values()) {
-        if (other.disks.some((x) => this.abs(other, x.base) === file)) {
+      for (const other of this.vms.all()) {
+        if (other.disks.some((x) => this.vms.abs(other, x.base) === file)) {
           throw new TidemarkError('CONFLICT', `${file} is already attached to VM ${other.name}`);
         }
       }
     } else if (d.size !== undefined) {
       const size = typeof d.size === 'number' ? d.size : parseSize(d.size);
-      file = path.join(this.vmDir(def.name), 'disks', `${d.slot}.vhdx`);
+      file = path.join(this.vms.vmDir(def.name), 'disks', `${d.slot}.vhdx`);
       await createVhdx(file, { size, blockSize: d.blockSize });
       await privateFiles(file);
     } else {
@@ -1336,12 +1283,12 @@ export class Host {
       await probe.close();
     }
     if (supportsRct(def.configVersion)) await enableTracking(file, [path.dirname(file)]);
-    const rel = this.rel(def, file);
+    const rel = this.vms.rel(def, file);
     return { slot: d.slot, base: rel, head: rel, virtualDiskId, virtualSize };
   }
 
   private async openDisks(def: VmDefinition): Promise<void> {
-    for (const att of def.disks) await settleChain(this.abs(def, att.head), this.diskOptions(def).allowedRoots);
+    for (const att of def.disks) await settleChain(this.vms.abs(def, att.head), this.vms.diskOptions(def).allowedRoots);
     this.running.set(def.name, new Map());
     try {
       for (const att of def.disks) await this.openDisk(def, att);
@@ -1355,14 +1302,14 @@ export class Host {
     if (supportsRct(def.configVersion)) {
       // Tracking files lost while the VM was off (deleted, or never copied along): tracking starts again.
       const found = await enableTracking(
-        this.abs(def, att.head),
-        this.diskOptions(def).allowedRoots,
+        this.vms.abs(def, att.head),
+        this.vms.diskOptions(def).allowedRoots,
         'the tracking files were missing when the VM started',
       );
       if (found === 'none')
         this.log.warn(`${def.name} ${att.slot}: the tracking files were missing; change tracking restarted`);
     }
-    const disk = await VirtualDisk.open(this.abs(def, att.head), this.diskOptions(def));
+    const disk = await VirtualDisk.open(this.vms.abs(def, att.head), this.vms.diskOptions(def));
     this.running.get(def.name)!.set(att.slot, disk);
     this.nbd.addExport(exportName(def.name, att.slot), disk, { description: `${def.name} ${att.slot}` });
   }
@@ -1373,11 +1320,6 @@ export class Host {
     for (const slot of disks.keys()) await this.nbd.removeExport(exportName(name, slot));
     for (const disk of disks.values()) await disk.close();
     this.running.delete(name);
-  }
-
-  private diskOptions(def: VmDefinition): { allowedRoots: string[]; tracking: boolean } {
-    const roots = new Set([this.store, ...def.disks.map((d) => path.dirname(this.abs(def, d.base)))]);
-    return { allowedRoots: [...roots], tracking: supportsRct(def.configVersion) };
   }
 
   /**
@@ -1391,7 +1333,7 @@ export class Host {
     then: 'delete' | 'refpoint',
     rp: ReferencePoint | null,
   ): Promise<void> {
-    this.assertNoPending(def);
+    this.vms.assertNoPending(def);
     if (def.checkpoints.some((c) => c.parentId === cp.id)) {
       throw new TidemarkError(
         'NOT_SUPPORTED',
@@ -1403,7 +1345,7 @@ export class Host {
       ? cp.disks.map((d) => ({ slot: d.slot, child: def.disks.find((a) => a.slot === d.slot)!.head, parent: d.file }))
       : [];
     def.pending = { op: 'merge', checkpointId: cp.id, then, referencePoint: rp, disks };
-    await this.save(def);
+    await this.vms.save(def);
     const running = this.running.get(def.name);
     for (const m of disks) {
       const open = running?.get(m.slot);
@@ -1411,106 +1353,23 @@ export class Host {
         await open.mergeHeadOnline({
           beforeSwitch: async () => {
             def.disks.find((a) => a.slot === m.slot)!.head = m.parent;
-            await this.save(def);
+            await this.vms.save(def);
           },
         });
       } else {
-        await mergeWithTracking(this.abs(def, m.child), { allowedRoots: this.diskOptions(def).allowedRoots });
+        await mergeWithTracking(this.vms.abs(def, m.child), { allowedRoots: this.vms.diskOptions(def).allowedRoots });
         def.disks.find((a) => a.slot === m.slot)!.head = m.parent;
-        await this.save(def);
+        await this.vms.save(def);
       }
     }
-    await this.finishRemoval(def, cp.id, then, rp);
+    await this.vms.finishRemoval(def, cp.id, then, rp);
     this.log.info(`${then === 'refpoint' ? 'converted' : 'deleted'} checkpoint ${cp.name} of ${def.name}`);
-  }
-
-  private async finishRemoval(def: VmDefinition, cpId: string, then: 'delete' | 'refpoint', rp: ReferencePoint | null) {
-    const cp = def.checkpoints.find((c) => c.id === cpId);
-    const orphaned: string[] = [];
-    if (cp) {
-      if (def.currentCheckpointId === cp.id) {
-        def.currentCheckpointId = cp.parentId;
-      } else {
-        // Not on the VM's path: nothing depends on its files any more.
-        const inUse = new Set([
-          ...def.disks.map((d) => d.head),
-          ...def.checkpoints.filter((c) => c.id !== cp.id).flatMap((c) => c.disks.map((d) => d.file)),
-        ]);
-        for (const d of cp.disks)
-          if (!inUse.has(d.file) && d.file !== def.disks.find((a) => a.slot === d.slot)?.base) orphaned.push(d.file);
-      }
-      // Its memory state belongs to it alone.
-      if (cp.memoryState) orphaned.push(cp.memoryState);
-      def.checkpoints = def.checkpoints.filter((c) => c.id !== cpId);
-    }
-    if (then === 'refpoint' && rp && !def.referencePoints.some((r) => r.id === rp.id)) def.referencePoints.push(rp);
-    def.pending = orphaned.length > 0 ? { op: 'delete-files', files: orphaned } : null;
-    await this.save(def);
-    if (orphaned.length > 0) {
-      for (const f of orphaned) await unlink(this.abs(def, f)).catch(() => undefined);
-      def.pending = null;
-      await this.save(def);
-    }
-  }
-
-  /** Finishes or rolls back what a killed host left half done, then removes stray children. */
-  private async recover(def: VmDefinition): Promise<void> {
-    const p = def.pending;
-    if (p) {
-      this.log.warn(`${def.name}: recovering an interrupted ${p.op}`);
-      if (p.op === 'checkpoint') {
-        for (const f of p.created) await unlink(this.abs(def, f)).catch(() => undefined);
-        def.pending = null;
-        await this.save(def);
-      } else if (p.op === 'merge') {
-        for (const m of p.disks) {
-          if (await exists(this.abs(def, m.child))) {
-            await mergeWithTracking(this.abs(def, m.child), { allowedRoots: this.diskOptions(def).allowedRoots });
-          }
-          def.disks.find((a) => a.slot === m.slot)!.head = m.parent;
-          await this.save(def);
-        }
-        await this.finishRemoval(def, p.checkpointId, p.then, p.referencePoint);
-      } else if (p.op === 'apply') {
-        const committed = p.created.every((f) => def.disks.some((d) => d.head === f));
-        const victims = committed ? p.discard : p.created;
-        for (const f of victims) await unlink(this.abs(def, f)).catch(() => undefined);
-        def.pending = null;
-        await this.save(def);
-      } else {
-        for (const f of p.files) await unlink(this.abs(def, f)).catch(() => undefined);
-        def.pending = null;
-        await this.save(def);
-      }
-    }
-    // A child no definition refers to is a leftover: remove it (only .avhdx files in the VM's own folder).
-    const referenced = new Set([
-      ...def.disks.map((d) => this.abs(def, d.head)),
-      ...def.checkpoints.flatMap((c) => c.disks.map((d) => this.abs(def, d.file))),
-      ...def.checkpoints.flatMap((c) => (c.memoryState ? [this.abs(def, c.memoryState)] : [])),
-    ]);
-    const dir = path.join(this.vmDir(def.name), 'disks');
-    for (const f of await readdir(dir).catch(() => [] as string[])) {
-      const full = path.join(dir, f);
-      if ((f.endsWith(CHILD_EXT) || f.endsWith(MEMORY_EXT)) && !referenced.has(full)) {
-        this.log.warn(`${def.name}: removing stray ${f}`);
-        await unlink(full).catch(() => undefined);
-      }
-    }
   }
 
   private findCheckpoint(def: VmDefinition, key: string): Checkpoint {
     const cp = def.checkpoints.find((c) => c.id === key || c.name === key);
     if (!cp) throw new TidemarkError('NOT_FOUND', `${def.name} has no checkpoint "${key}"`);
     return cp;
-  }
-
-  private assertNoPending(def: VmDefinition): void {
-    if (def.pending)
-      throw new TidemarkError(
-        'BUSY',
-        `${def.name} has an unfinished ${def.pending.op}; restart the host to recover it`,
-      );
   }
 
   private assertNotOpen(file: string): void {
@@ -1521,51 +1380,6 @@ export class Host {
         }
       }
     }
-  }
-
-  private mustBeOpen(): void {
-    if (this.closed) throw new TidemarkError('CLOSED', 'the host is shutting down');
-  }
-
-  private mustGet(name: string): VmDefinition {
-    this.mustBeOpen();
-    const def = this.vms.get(name);
-    if (!def) throw new TidemarkError('NOT_FOUND', `no VM named ${name}`);
-    return def;
-  }
-
-  private async save(def: VmDefinition): Promise<void> {
-    await this.defWrites.run(def.name, () => writeDefinition(this.defPath(def.name), def));
-  }
-
-  private vmDir(name: string): string {
-    return path.join(this.store, 'vms', name);
-  }
-
-  private defPath(name: string): string {
-    return path.join(this.vmDir(name), 'vm.json');
-  }
-
-  private abs(def: VmDefinition, p: string): string {
-    return path.resolve(this.vmDir(def.name), p);
-  }
-
-  /** Paths inside the VM's folder are stored relative to it (the store can move); others absolutely. */
-  private rel(def: VmDefinition, p: string): string {
-    const rel = path.relative(this.vmDir(def.name), path.resolve(this.vmDir(def.name), p));
-    return rel.startsWith('..') || path.isAbsolute(rel) ? path.resolve(p) : rel;
-  }
-
-  private baseOf(def: VmDefinition, head: string): string | undefined {
-    return def.disks.find((d) => d.head === head)?.base;
-  }
-
-  private inStore(p: string): string {
-    const abs = path.resolve(this.store, p);
-    if (abs !== this.store && !abs.startsWith(this.store + path.sep)) {
-      throw new TidemarkError('PATH_NOT_ALLOWED', `${p} is outside the host's store ${this.store}`);
-    }
-    return abs;
   }
 }
 
@@ -1664,13 +1478,6 @@ async function enableTracking(file: string, allowedRoots: string[], reason?: str
  */
 async function checkDiskPaths(store: string, disks: NewDisk[] | undefined): Promise<void> {
   for (const d of disks ?? []) if (d.path) await checkFileType(path.resolve(store, d.path), 'disk');
-}
-
-async function exists(p: string): Promise<boolean> {
-  return access(p).then(
-    () => true,
-    () => false,
-  );
 }
 
 function fmtMs(ms: number | null): string {
