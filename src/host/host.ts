@@ -11,14 +11,13 @@ import path from 'node:path';
 import { VirtualDisk } from '../disk/virtual-disk.js';
 import { TidemarkError } from '../errors.js';
 import { createVhdx } from '../formats/vhdx/create.js';
-import { vhdxInfo, type VhdxInfo } from '../formats/vhdx/info.js';
+import type { VhdxInfo } from '../formats/vhdx/info.js';
 import { VhdxFile } from '../formats/vhdx/vhdx.js';
 import { loadClientTls, NbdServer, TlsCredentials } from '../nbd/index.js';
 import { mergeWithTracking } from '../tracking/merge.js';
-import { ChangeTracker, trackingPaths, type ChangesResult, type TrackingFiles } from '../tracking/tracker.js';
+import { trackingPaths, type ChangesResult } from '../tracking/tracker.js';
 import { guidToString } from '../util/guid.js';
 import { KeyedMutex, Mutex } from '../util/mutex.js';
-import { checkFileType } from '../util/safe-open.js';
 import { parseSize } from '../util/size.js';
 import {
   checkConfigVersion,
@@ -47,6 +46,7 @@ import { Leases, type LeaseInfo } from './leases.js';
 import type { ConsistencyProvider } from './consistency.js';
 export type { ConsistencyProvider } from './consistency.js';
 import { guestConsistency } from './guest-consistency.js';
+import { checkDiskPaths, enableTracking, Images, settleChain } from './images.js';
 import { CHILD_EXT, exists, MEMORY_EXT, VmStore } from './vm-store.js';
 import { HostLog } from './log.js';
 import { SnapshotSets } from './snapshot-sets.js';
@@ -183,6 +183,8 @@ export class Host {
   readonly log: HostLog;
   /** Definitions, paths, the journal and its recovery, names reserved by imports. */
   private readonly vms: VmStore;
+  /** Change queries, disk files in the store. */
+  private readonly images: Images;
   private running = new Map<string, Map<string, VirtualDisk>>();
   /** vm-runtime: the QEMU of each VM with a boot source */
   private runtimes = new Map<string, VmRuntime>();
@@ -205,6 +207,11 @@ export class Host {
     this.consistency = opts.consistency ?? guestConsistency();
     this.log = opts.log ?? new HostLog();
     this.vms = new VmStore(store, this.log);
+    this.images = new Images({
+      store: this.vms,
+      runningDisk: (vm, slot) => this.running.get(vm)?.get(slot),
+      assertNotOpen: (file) => this.assertNotOpen(file),
+    });
     this.snapshots = new SnapshotSets({
       store,
       nbd: this.nbd,
@@ -929,113 +936,32 @@ export class Host {
     });
   }
 
-  // ---------------------------------------------------------------- image management
+  // ---------------------------------------------------------------- image management (images.ts)
 
   /**
    * GetVirtualDiskChanges: ranges changed since `limitId` (a sealed RCT id), paged by offset and length.
    * `target` is a VM disk (`{ vm, slot }`) or a disk file in the store.
    */
-  async virtualDiskChanges(
+  virtualDiskChanges(
     target: { vm: string; slot: string } | { path: string },
     limitId: string,
     offset = 0,
     length?: number,
     maxRanges?: number,
   ): Promise<ChangesResult & { virtualDiskId: string }> {
-    if ('vm' in target) {
-      const def = this.vms.get(target.vm);
-      const att = def.disks.find((d) => d.slot === target.slot);
-      if (!att) throw new TidemarkError('NOT_FOUND', `${target.vm} has no disk at ${target.slot}`);
-      if (limitId === '*') {
-        // Everything allocated (a first or full backup): answered with or without change tracking.
-        const open = this.running.get(target.vm)?.get(target.slot);
-        const len = length ?? att.virtualSize - offset;
-        const ranges = open
-          ? await open.file.allocatedExtents(offset, len)
-          : await withVhdx(this.vms.abs(def, att.head), this.vms.diskOptions(def).allowedRoots, (d) =>
-              d.allocatedExtents(offset, len),
-            );
-        const capped = maxRanges !== undefined && ranges.length > maxRanges ? ranges.slice(0, maxRanges) : ranges;
-        const processedLength =
-          capped === ranges ? len : capped[capped.length - 1].offset + capped[capped.length - 1].length - offset;
-        return {
-          ranges: capped,
-          processedLength,
-          totalBytes: capped.reduce((n, r) => n + r.length, 0),
-          virtualDiskId: att.virtualDiskId,
-        };
-      }
-      if (!supportsRct(def.configVersion)) {
-        throw new TidemarkError(
-          'MISSING_CHANGE_TRACKING_INFORMATION',
-          `${target.vm} has configuration version ${def.configVersion}: change tracking needs 6.2 or later`,
-        );
-      }
-      const open = this.running.get(target.vm)?.get(target.slot);
-      if (open)
-        return { ...(await open.changes(limitId, offset, length, maxRanges)), virtualDiskId: att.virtualDiskId };
-      return this.offlineChanges(
-        this.vms.abs(def, att.head),
-        limitId,
-        offset,
-        length,
-        maxRanges,
-        this.vms.diskOptions(def).allowedRoots,
-      );
-    }
-    const file = this.vms.inStore(target.path);
-    return this.offlineChanges(file, limitId, offset, length, maxRanges, [this.store]);
+    return this.images.virtualDiskChanges(target, limitId, offset, length, maxRanges);
   }
 
-  private async offlineChanges(
-    file: string,
-    limitId: string,
-    offset: number,
-    length: number | undefined,
-    maxRanges: number | undefined,
-    allowedRoots: string[],
-  ): Promise<ChangesResult & { virtualDiskId: string }> {
-    this.assertNotOpen(file);
-    const disk = await VhdxFile.open(file, { allowedRoots });
-    try {
-      const tracker = await ChangeTracker.attach(disk, { writable: false });
-      if (!tracker) {
-        throw new TidemarkError('MISSING_CHANGE_TRACKING_INFORMATION', `${path.basename(file)} has no change tracking`);
-      }
-      return {
-        ...(await tracker.changes(limitId, offset, length, maxRanges)),
-        virtualDiskId: guidToString(disk.virtualDiskId),
-      };
-    } finally {
-      await disk.close();
-    }
+  diskInfo(file: string): Promise<VhdxInfo> {
+    return this.images.diskInfo(file);
   }
 
-  async diskInfo(file: string): Promise<VhdxInfo> {
-    return vhdxInfo(this.vms.inStore(file), { allowedRoots: [this.store] });
+  createDisk(file: string, opts: { size: number; blockSize?: number; tracking?: boolean }): Promise<string> {
+    return this.images.createDisk(file, opts);
   }
 
-  async createDisk(file: string, opts: { size: number; blockSize?: number; tracking?: boolean }): Promise<string> {
-    const p = this.vms.inStore(file);
-    await createVhdx(p, { size: opts.size, blockSize: opts.blockSize });
-    await privateFiles(p);
-    if (opts.tracking !== false) await enableTracking(p, [path.dirname(p)]);
-    return p;
-  }
-
-  async mergeDisk(childPath: string): Promise<{ parentPath: string; bytesCopied: number }> {
-    const p = this.vms.inStore(childPath);
-    this.assertNotOpen(p);
-    for (const def of this.vms.all()) {
-      if (
-        def.disks.some((d) => this.vms.abs(def, d.head) === p) ||
-        def.checkpoints.some((c) => c.disks.some((d) => this.vms.abs(def, d.file) === p))
-      ) {
-        throw new TidemarkError('CONFLICT', `${p} belongs to VM ${def.name}: delete its checkpoint instead`);
-      }
-    }
-    const r = await mergeWithTracking(p, { allowedRoots: [this.store] });
-    return { parentPath: r.parentPath, bytesCopied: r.bytesCopied };
+  mergeDisk(childPath: string): Promise<{ parentPath: string; bytesCopied: number }> {
+    return this.images.mergeDisk(childPath);
   }
 
   // ---------------------------------------------------------------- shutdown
@@ -1422,62 +1348,6 @@ function newDefinition(name: string, req: Omit<CreateVmRequest, 'name'> & { conf
 
 export function exportName(vm: string, slot: string): string {
   return `${vm}/${slot}`;
-}
-
-/**
- * Replays in place the log a crash left in a chain's parents (a reader replays it only in memory, and some
- * tools refuse such files), before the chain is opened for a running VM.
- */
-async function settleChain(head: string, allowedRoots: string[]): Promise<void> {
-  const probe = await VhdxFile.open(head, { allowedRoots });
-  const dirty = probe
-    .chain()
-    .slice(1)
-    .filter((f) => f.replay && f.replay.entries > 0)
-    .map((f) => f.path);
-  await probe.close();
-  for (const p of dirty) {
-    const f = await VhdxFile.open(p, { writable: true, noParent: true, allowedRoots });
-    await f.close();
-  }
-}
-
-async function withVhdx<T>(file: string, allowedRoots: string[], fn: (d: VhdxFile) => Promise<T>): Promise<T> {
-  const d = await VhdxFile.open(file, { allowedRoots });
-  try {
-    return await fn(d);
-  } finally {
-    await d.close();
-  }
-}
-
-/**
- * Starts Tidemark's change tracking on the chain whose head is `file` (its files beside the base, made private)
- * when it has none (`reason`: why it starts again). A disk another product tracks is left alone (its files are
- * never modified): it is backed up in full until an administrator runs `rct enable --replace-foreign`.
- * Returns what it found: 'none' means it created them now.
- */
-async function enableTracking(file: string, allowedRoots: string[], reason?: string): Promise<TrackingFiles['state']> {
-  const disk = await VhdxFile.open(file, { allowedRoots });
-  try {
-    const base = disk.chain().at(-1)!.path;
-    const found = await ChangeTracker.inspect(base);
-    if (found.state !== 'none') return found.state;
-    await ChangeTracker.enable(disk, undefined, { reason });
-    const files = trackingPaths(base);
-    await privateFiles(files.rct, files.mrt);
-    return 'none';
-  } finally {
-    await disk.close();
-  }
-}
-
-/**
- * Disks attached by path must be disk files (not a FIFO, a socket, a directory): each named path (relative to
- * the store) is checked, without opening it, before any lock is taken.
- */
-async function checkDiskPaths(store: string, disks: NewDisk[] | undefined): Promise<void> {
-  for (const d of disks ?? []) if (d.path) await checkFileType(path.resolve(store, d.path), 'disk');
 }
 
 function fmtMs(ms: number | null): string {
