@@ -6,7 +6,7 @@
  * first, so a host killed at any point finishes or rolls it back when it starts again.
  */
 import { randomUUID } from 'node:crypto';
-import { rm, unlink } from 'node:fs/promises';
+import { rm } from 'node:fs/promises';
 import path from 'node:path';
 import { VirtualDisk } from '../disk/virtual-disk.js';
 import { TidemarkError } from '../errors.js';
@@ -14,7 +14,6 @@ import { createVhdx } from '../formats/vhdx/create.js';
 import type { VhdxInfo } from '../formats/vhdx/info.js';
 import { VhdxFile } from '../formats/vhdx/vhdx.js';
 import { loadClientTls, NbdServer, TlsCredentials } from '../nbd/index.js';
-import { mergeWithTracking } from '../tracking/merge.js';
 import { trackingPaths, type ChangesResult } from '../tracking/tracker.js';
 import { guidToString } from '../util/guid.js';
 import { KeyedMutex, Mutex } from '../util/mutex.js';
@@ -33,8 +32,6 @@ import {
   VM_NAME,
   type Checkpoint,
   type CheckpointPolicy,
-  type CheckpointType,
-  type Consistency,
   type DiskAttachment,
   type ReferencePoint,
   type ReferencePointOwner,
@@ -45,9 +42,12 @@ import { JobManager } from './jobs.js';
 import { Leases, type LeaseInfo } from './leases.js';
 import type { ConsistencyProvider } from './consistency.js';
 export type { ConsistencyProvider } from './consistency.js';
+export type { CheckpointRequest } from './checkpoints.js';
+export type { LeaseRef } from './vm-store.js';
 import { guestConsistency } from './guest-consistency.js';
+import { Checkpoints, type CheckpointRequest } from './checkpoints.js';
 import { checkDiskPaths, enableTracking, Images, settleChain } from './images.js';
-import { CHILD_EXT, exists, MEMORY_EXT, VmStore } from './vm-store.js';
+import { exists, VmStore, type LeaseRef, type VmGuard } from './vm-store.js';
 import { HostLog } from './log.js';
 import { SnapshotSets } from './snapshot-sets.js';
 import { DiskPathPolicy, privateDir, privateFiles, tightenStore } from './store-access.js';
@@ -119,19 +119,6 @@ export interface ModifyVmRequest {
   detach?: string[];
 }
 
-/** A VM operation of a backup run: the id of the VM's lease the run holds. */
-export interface LeaseRef {
-  lease?: string;
-}
-
-export interface CheckpointRequest extends LeaseRef {
-  type?: CheckpointType;
-  name?: string;
-  /** For recovery checkpoints (backup): the consistency wanted, and whether less is a failure. */
-  consistency?: Consistency;
-  requireConsistency?: boolean;
-}
-
 /** Registers a reserved import: the disks written into the import's folder, the definition's settings. */
 export type CommitImportRequest = Omit<CreateVmRequest, 'name'>;
 
@@ -183,6 +170,9 @@ export class Host {
   readonly log: HostLog;
   /** Definitions, paths, the journal and its recovery, names reserved by imports. */
   private readonly vms: VmStore;
+  private readonly guard: VmGuard;
+  /** Create, delete, apply (checkpoint-plan.ts decides what a new one is). */
+  private readonly checkpoints: Checkpoints;
   /** Change queries, disk files in the store. */
   private readonly images: Images;
   private running = new Map<string, Map<string, VirtualDisk>>();
@@ -207,6 +197,21 @@ export class Host {
     this.consistency = opts.consistency ?? guestConsistency();
     this.log = opts.log ?? new HostLog();
     this.vms = new VmStore(store, this.log);
+    // One operation per VM at a time, across every service; a leased VM only for its run.
+    this.guard = {
+      locked: (vm, fn) => this.locks.run(vm, fn),
+      leased: (vm, lease, op, fn) => this.locks.run(vm, () => leases.during(vm, lease, op, fn)),
+    };
+    this.checkpoints = new Checkpoints({
+      store: this.vms,
+      guard: this.guard,
+      leaseHolder: (vm) => leases.holder(vm),
+      runningDisks: (vm) => this.running.get(vm),
+      qemuRunning: (vm) => this.qemuRunning(vm),
+      runtime: (vm) => this.runtime(vm),
+      consistency: () => this.consistency,
+      log: this.log,
+    });
     this.images = new Images({
       store: this.vms,
       runningDisk: (vm, slot) => this.running.get(vm)?.get(slot),
@@ -607,248 +612,25 @@ export class Host {
     return disk;
   }
 
-  // ---------------------------------------------------------------- checkpoints
+  // ---------------------------------------------------------------- checkpoints (checkpoints.ts)
 
   listCheckpoints(name: string): (Checkpoint & { current: boolean })[] {
-    const def = this.vms.get(name);
-    return def.checkpoints.map((c) => ({ ...structuredClone(c), current: c.id === def.currentCheckpointId }));
+    return this.checkpoints.list(name);
   }
 
-  /**
-   * Cuts a checkpoint: (freeze the guest), pause the VM's I/O, flush, seal each tracker's id, create an
-   * .avhdx child per disk, record it all in one atomic definition write, switch onto the children,
-   * resume, (thaw). The parents are from then on the frozen, consistent point.
-   */
-  async createCheckpoint(name: string, req: CheckpointRequest = {}): Promise<Checkpoint> {
-    return this.locks.run(name, () =>
-      this.leases.during(name, req.lease, 'checkpoint create', () => this.cutCheckpoint(name, req)),
-    );
-  }
-
-  private async cutCheckpoint(name: string, req: CheckpointRequest): Promise<Checkpoint> {
-    const def = this.vms.get(name);
-    this.vms.assertNoPending(def);
-    const holder = req.lease !== undefined ? await this.leases.holder(name) : undefined;
-    if (def.checkpointPolicy === 'disabled') {
-      throw new TidemarkError('CONFLICT', `checkpoints are disabled for ${name} (checkpoint policy "disabled")`);
-    }
-    if (def.disks.length === 0) throw new TidemarkError('CONFLICT', `${name} has no disks to checkpoint`);
-    let type: CheckpointType = req.type ?? (def.checkpointPolicy === 'standard-only' ? 'standard' : 'production');
-    if (type === 'production' && def.checkpointPolicy === 'standard-only') {
-      throw new TidemarkError('CONFLICT', `${name} allows standard checkpoints only (policy "standard-only")`);
-    }
-    const id = randomUUID();
-    const running = this.running.get(name);
-    const cpName = req.name ?? `${name} - (${new Date().toISOString().replace('T', ' ').slice(0, 19)})`;
-    const children = def.disks.map((d) => ({
-      disk: d,
-      child: path.join(this.vms.vmDir(name), 'disks', `${d.slot}_${id.slice(0, 8)}${CHILD_EXT}`),
-    }));
-    // A standard checkpoint of a VM QEMU runs holds its memory too, as Hyper-V's do.
-    const rt = type === 'standard' && running && this.qemuRunning(name) ? this.runtimes.get(name) : undefined;
-    const memoryFile = rt ? path.join(this.vms.vmDir(name), 'disks', `memory_${id.slice(0, 8)}${MEMORY_EXT}`) : null;
-    const created = [...children.map((c) => c.child), ...(memoryFile ? [memoryFile] : [])];
-    def.pending = { op: 'checkpoint', checkpointId: id, created: created.map((f) => this.vms.rel(def, f)) };
-    await this.vms.save(def);
-
-    const sealed = new Map<string, string | undefined>();
-    const commitDef = () => {
-      const cp: Checkpoint = {
-        id,
-        name: cpName,
-        type,
-        parentId: def.currentCheckpointId,
-        createdAt: new Date().toISOString(),
-        consistency: 'crash',
-        consistencyNote: null,
-        freezeWindowMs: null,
-        ioPauseMs: null,
-        disks: children.map((c) => ({
-          slot: c.disk.slot,
-          virtualDiskId: c.disk.virtualDiskId,
-          file: c.disk.head,
-          rctId: sealed.get(c.disk.slot) ?? null,
-        })),
-        run: holder ? { lease: holder.id, runId: holder.owner.runId, command: holder.owner.command } : null,
-        memoryState: memoryFile ? this.vms.rel(def, memoryFile) : null,
-      };
-      for (const c of children) c.disk.head = this.vms.rel(def, c.child);
-      def.checkpoints.push(cp);
-      def.currentCheckpointId = id;
-      def.pending = null;
-    };
-
-    const cut = async () => {
-      let started = performance.now();
-      if (running) {
-        const disks = children.map((c) => running.get(c.disk.slot)!);
-        // The children are made while the guest still writes; the pause only flushes, seals and switches.
-        await Promise.all(children.map((c, i) => disks[i].precreateChild(c.child)));
-        await privateFiles(...children.map((c) => c.child));
-        started = performance.now();
-        await Promise.all(disks.map((d) => d.pause()));
-        try {
-          await Promise.all(
-            children.map(async (c, i) =>
-              sealed.set(c.disk.slot, (await disks[i].prepareChild(c.child, { precreated: true })).id),
-            ),
-          );
-          commitDef();
-          await this.vms.save(def);
-          await Promise.all(children.map((c, i) => disks[i].switchHead(c.child)));
-        } finally {
-          for (const d of disks) d.resume();
-        }
-      } else {
-        for (const c of children) {
-          const disk = await VirtualDisk.open(this.vms.abs(def, c.disk.head), this.vms.diskOptions(def));
-          try {
-            await disk.pause();
-            sealed.set(c.disk.slot, (await disk.prepareChild(c.child)).id);
-            disk.resume();
-          } finally {
-            await disk.close();
-          }
-        }
-        await privateFiles(...children.map((c) => c.child));
-        commitDef();
-        await this.vms.save(def);
-      }
-      return { ioPauseMs: running ? performance.now() - started : null };
-    };
-
-    try {
-      let outcome: {
-        result: { ioPauseMs: number | null };
-        consistency: Consistency;
-        freezeWindowMs: number | null;
-        note: string;
-      };
-      if (!running) {
-        outcome = { result: await cut(), consistency: 'application', freezeWindowMs: null, note: 'the VM is off' };
-      } else if (type === 'standard' && rt && memoryFile) {
-        // The guest pauses, its memory goes to the file, the disks are cut, and it continues.
-        const captured = await rt.captureState(memoryFile, cut);
-        outcome = {
-          result: captured.result,
-          consistency: 'crash',
-          freezeWindowMs: null,
-          note: `standard checkpoint with the guest's memory (${(captured.bytes / 2 ** 20).toFixed(1)} MiB saved in ${fmtMs(captured.ms)}; the guest was paused meanwhile)`,
-        };
-      } else if (type === 'standard') {
-        outcome = {
-          result: await cut(),
-          consistency: 'crash',
-          freezeWindowMs: null,
-          note: 'standard checkpoint of a running VM (no guest freeze)',
-        };
-      } else {
-        const wantApp = type === 'production' || (req.consistency ?? 'application') === 'application';
-        if (!wantApp) {
-          outcome = {
-            result: await cut(),
-            consistency: 'crash',
-            freezeWindowMs: null,
-            note: 'crash consistency requested',
-          };
-        } else {
-          const fallback =
-            type === 'production'
-              ? def.checkpointPolicy === 'production-only'
-                ? 'fail'
-                : 'crash'
-              : req.requireConsistency
-                ? 'fail'
-                : 'crash';
-          outcome = await this.consistency.around(def, cut, { fallback });
-          if (type === 'production' && outcome.consistency === 'crash') type = 'standard';
-        }
-      }
-      const cp = def.checkpoints.find((c) => c.id === id)!;
-      cp.type = type;
-      cp.consistency = outcome.consistency;
-      cp.consistencyNote = outcome.note;
-      cp.freezeWindowMs = outcome.freezeWindowMs;
-      cp.ioPauseMs = outcome.result.ioPauseMs;
-      await this.vms.save(def);
-      this.log.info(
-        `checkpoint ${cp.name} of ${name}: ${type}, ${cp.consistency}-consistent, I/O pause ${fmtMs(cp.ioPauseMs)}, freeze ${fmtMs(cp.freezeWindowMs)}`,
-      );
-      return structuredClone(cp);
-    } catch (err) {
-      if (def.pending?.op === 'checkpoint') {
-        for (const f of created) await unlink(f).catch(() => undefined);
-        def.pending = null;
-        await this.vms.save(def);
-      }
-      throw err;
-    }
+  /** Cuts a checkpoint (checkpoint-plan.ts decides what kind; checkpoints.ts cuts it). */
+  createCheckpoint(name: string, req: CheckpointRequest = {}): Promise<Checkpoint> {
+    return this.checkpoints.create(name, req);
   }
 
   /** Deletes a checkpoint whose files no newer checkpoint needs, merging online when the VM runs on it. */
-  async deleteCheckpoint(name: string, checkpoint: string, opts: LeaseRef = {}): Promise<void> {
-    return this.locks.run(name, () =>
-      this.leases.during(name, opts.lease, 'checkpoint delete', async () => {
-        const def = this.vms.get(name);
-        const cp = this.findCheckpoint(def, checkpoint);
-        await this.removeCheckpoint(def, cp, 'delete', null);
-      }),
-    );
+  deleteCheckpoint(name: string, checkpoint: string, opts: LeaseRef = {}): Promise<void> {
+    return this.checkpoints.delete(name, checkpoint, opts);
   }
 
   /** Applies a checkpoint to a VM that is off: the VM continues from a new child of the checkpoint's files. */
-  async applyCheckpoint(name: string, checkpoint: string, opts: LeaseRef = {}): Promise<void> {
-    return this.locks.run(name, () =>
-      this.leases.during(name, opts.lease, 'checkpoint apply', () => this.applyCheckpointNow(name, checkpoint)),
-    );
-  }
-
-  private async applyCheckpointNow(name: string, checkpoint: string): Promise<void> {
-    const def = this.vms.get(name);
-    this.vms.assertNoPending(def);
-    if (this.running.has(name))
-      throw new TidemarkError('CONFLICT', `${name} is running: stop it to apply a checkpoint`);
-    const cp = this.findCheckpoint(def, checkpoint);
-    const suffix = randomUUID().slice(0, 8);
-    const created = cp.disks.map((d) => path.join(this.vms.vmDir(name), 'disks', `${d.slot}_${suffix}${CHILD_EXT}`));
-    // The current state is discarded unless a checkpoint holds it.
-    const frozen = new Set(def.checkpoints.flatMap((c) => c.disks.map((d) => d.file)));
-    const discard = def.disks.map((d) => d.head).filter((h) => !frozen.has(h) && h !== this.vms.baseOf(def, h));
-    def.pending = { op: 'apply', checkpointId: cp.id, created: created.map((c) => this.vms.rel(def, c)), discard };
-    await this.vms.save(def);
-    try {
-      for (let i = 0; i < cp.disks.length; i++) {
-        await createVhdx(created[i], {
-          parent: this.vms.abs(def, cp.disks[i].file),
-          parentOpenOptions: this.vms.diskOptions(def),
-        });
-        await privateFiles(created[i]);
-      }
-    } catch (err) {
-      for (const c of created) await unlink(c).catch(() => undefined);
-      def.pending = null;
-      await this.vms.save(def);
-      throw err;
-    }
-    for (let i = 0; i < cp.disks.length; i++) {
-      const att = def.disks.find((d) => d.slot === cp.disks[i].slot);
-      if (att) att.head = this.vms.rel(def, created[i]);
-    }
-    def.currentCheckpointId = cp.id;
-    def.pending = { op: 'delete-files', files: discard };
-    await this.vms.save(def);
-    for (const f of discard) await unlink(this.vms.abs(def, f)).catch(() => undefined);
-    def.pending = null;
-    await this.vms.save(def);
-    if (def.boot) {
-      // The VM continues from the checkpoint: with its memory when it has some (Saved, as Hyper-V leaves it),
-      // and never with a saved state of the discarded present (that memory does not match these disks).
-      const rt = this.runtime(name);
-      if (cp.memoryState)
-        await rt.installSavedState(this.vms.abs(def, cp.memoryState), `checkpoint ${cp.name} applied`);
-      else if (rt.state === 'Saved') await rt.dropSavedState();
-    }
-    this.log.info(`applied checkpoint ${cp.name} to ${name}${cp.memoryState ? ' (Saved: start resumes it)' : ''}`);
+  applyCheckpoint(name: string, checkpoint: string, opts: LeaseRef = {}): Promise<void> {
+    return this.checkpoints.apply(name, checkpoint, opts);
   }
 
   // ---------------------------------------------------------------- reference points
@@ -869,7 +651,7 @@ export class Host {
     return this.locks.run(name, () =>
       this.leases.during(name, opts.lease, 'refpoint convert', async () => {
         const def = this.vms.get(name);
-        const cp = this.findCheckpoint(def, checkpoint);
+        const cp = this.checkpoints.find(def, checkpoint);
         if (cp.type !== 'recovery') {
           throw new TidemarkError(
             'CONFLICT',
@@ -885,7 +667,7 @@ export class Host {
           resilientChangeTrackingIdentifiers: cp.disks.map((d) => d.rctId),
           owner: opts.owner ?? null,
         };
-        await this.removeCheckpoint(def, cp, 'refpoint', rp);
+        await this.checkpoints.remove(def, cp, 'refpoint', rp);
         this.log.info(`reference point ${rp.id.slice(0, 8)} of ${name} for ${describeOwner(rp.owner)}`);
         return structuredClone(rp);
       }),
@@ -1248,56 +1030,6 @@ export class Host {
     this.running.delete(name);
   }
 
-  /**
-   * Removes a checkpoint: when the VM's current state sits on it, its child (the running head) is merged
-   * back into the checkpoint's files online (offline when the VM is off). Journaled: a crash anywhere is
-   * finished on restart by an offline merge.
-   */
-  private async removeCheckpoint(
-    def: VmDefinition,
-    cp: Checkpoint,
-    then: 'delete' | 'refpoint',
-    rp: ReferencePoint | null,
-  ): Promise<void> {
-    this.vms.assertNoPending(def);
-    if (def.checkpoints.some((c) => c.parentId === cp.id)) {
-      throw new TidemarkError(
-        'NOT_SUPPORTED',
-        `checkpoint ${cp.name} has newer checkpoints; delete those first (merging an inner checkpoint is not supported yet)`,
-      );
-    }
-    const isCurrent = def.currentCheckpointId === cp.id;
-    const disks = isCurrent
-      ? cp.disks.map((d) => ({ slot: d.slot, child: def.disks.find((a) => a.slot === d.slot)!.head, parent: d.file }))
-      : [];
-    def.pending = { op: 'merge', checkpointId: cp.id, then, referencePoint: rp, disks };
-    await this.vms.save(def);
-    const running = this.running.get(def.name);
-    for (const m of disks) {
-      const open = running?.get(m.slot);
-      if (open) {
-        await open.mergeHeadOnline({
-          beforeSwitch: async () => {
-            def.disks.find((a) => a.slot === m.slot)!.head = m.parent;
-            await this.vms.save(def);
-          },
-        });
-      } else {
-        await mergeWithTracking(this.vms.abs(def, m.child), { allowedRoots: this.vms.diskOptions(def).allowedRoots });
-        def.disks.find((a) => a.slot === m.slot)!.head = m.parent;
-        await this.vms.save(def);
-      }
-    }
-    await this.vms.finishRemoval(def, cp.id, then, rp);
-    this.log.info(`${then === 'refpoint' ? 'converted' : 'deleted'} checkpoint ${cp.name} of ${def.name}`);
-  }
-
-  private findCheckpoint(def: VmDefinition, key: string): Checkpoint {
-    const cp = def.checkpoints.find((c) => c.id === key || c.name === key);
-    if (!cp) throw new TidemarkError('NOT_FOUND', `${def.name} has no checkpoint "${key}"`);
-    return cp;
-  }
-
   private assertNotOpen(file: string): void {
     for (const [name, disks] of this.running) {
       for (const d of disks.values()) {
@@ -1348,10 +1080,6 @@ function newDefinition(name: string, req: Omit<CreateVmRequest, 'name'> & { conf
 
 export function exportName(vm: string, slot: string): string {
   return `${vm}/${slot}`;
-}
-
-function fmtMs(ms: number | null): string {
-  return ms === null ? 'n/a' : `${ms.toFixed(1)} ms`;
 }
 
 /**
