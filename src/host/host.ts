@@ -27,7 +27,6 @@ import {
 } from './config-version.js';
 import {
   DEFINITION_VERSION,
-  describeOwner,
   SLOT,
   VM_NAME,
   type Checkpoint,
@@ -45,6 +44,7 @@ export type { ConsistencyProvider } from './consistency.js';
 export type { CheckpointRequest } from './checkpoints.js';
 export type { LeaseRef } from './vm-store.js';
 import { guestConsistency } from './guest-consistency.js';
+import { ReferencePoints } from './reference-points.js';
 import { Checkpoints, type CheckpointRequest } from './checkpoints.js';
 import { checkDiskPaths, enableTracking, Images, settleChain } from './images.js';
 import { exists, VmStore, type LeaseRef, type VmGuard } from './vm-store.js';
@@ -173,6 +173,8 @@ export class Host {
   private readonly guard: VmGuard;
   /** Create, delete, apply (checkpoint-plan.ts decides what a new one is). */
   private readonly checkpoints: Checkpoints;
+  /** Convert, create, destroy. */
+  private readonly referencePoints: ReferencePoints;
   /** Change queries, disk files in the store. */
   private readonly images: Images;
   private running = new Map<string, Map<string, VirtualDisk>>();
@@ -210,6 +212,13 @@ export class Host {
       qemuRunning: (vm) => this.qemuRunning(vm),
       runtime: (vm) => this.runtime(vm),
       consistency: () => this.consistency,
+      log: this.log,
+    });
+    this.referencePoints = new ReferencePoints({
+      store: this.vms,
+      guard: this.guard,
+      runningDisks: (vm) => this.running.get(vm),
+      checkpoints: this.checkpoints,
       log: this.log,
     });
     this.images = new Images({
@@ -633,89 +642,28 @@ export class Host {
     return this.checkpoints.apply(name, checkpoint, opts);
   }
 
-  // ---------------------------------------------------------------- reference points
+  // ---------------------------------------------------------------- reference points (reference-points.ts)
 
   listReferencePoints(name: string): ReferencePoint[] {
-    return structuredClone(this.vms.get(name).referencePoints);
+    return this.referencePoints.list(name);
   }
 
-  /**
-   * ConvertToReferencePoint: the recovery checkpoint's .avhdx files are merged back online (the VM stops
-   * running on differencing disks) and the ids sealed at the checkpoint are kept per virtual disk.
-   */
-  async convertToReferencePoint(
+  /** ConvertToReferencePoint: a recovery checkpoint merged back online, its sealed ids kept. */
+  convertToReferencePoint(
     name: string,
     checkpoint: string,
     opts: { owner?: ReferencePointOwner | null } & LeaseRef = {},
   ): Promise<ReferencePoint> {
-    return this.locks.run(name, () =>
-      this.leases.during(name, opts.lease, 'refpoint convert', async () => {
-        const def = this.vms.get(name);
-        const cp = this.checkpoints.find(def, checkpoint);
-        if (cp.type !== 'recovery') {
-          throw new TidemarkError(
-            'CONFLICT',
-            `checkpoint ${cp.name} is a ${cp.type} checkpoint; only recovery checkpoints convert`,
-          );
-        }
-        const rp: ReferencePoint = {
-          id: randomUUID(),
-          createdAt: cp.createdAt,
-          fromCheckpoint: cp.id,
-          consistency: cp.consistency,
-          virtualDiskIdentifiers: cp.disks.map((d) => d.virtualDiskId),
-          resilientChangeTrackingIdentifiers: cp.disks.map((d) => d.rctId),
-          owner: opts.owner ?? null,
-        };
-        await this.checkpoints.remove(def, cp, 'refpoint', rp);
-        this.log.info(`reference point ${rp.id.slice(0, 8)} of ${name} for ${describeOwner(rp.owner)}`);
-        return structuredClone(rp);
-      }),
-    );
+    return this.referencePoints.convert(name, checkpoint, opts);
   }
 
   /** CreateReferencePoint without a checkpoint: seals every disk's id now. */
-  async createReferencePoint(name: string, opts: { owner?: ReferencePointOwner | null } = {}): Promise<ReferencePoint> {
-    return this.locks.run(name, async () => {
-      const def = this.vms.get(name);
-      this.vms.assertNoPending(def);
-      const ids: (string | null)[] = [];
-      const running = this.running.get(name);
-      for (const d of def.disks) {
-        if (running) {
-          ids.push((await running.get(d.slot)!.seal()) ?? null);
-        } else {
-          const disk = await VirtualDisk.open(this.vms.abs(def, d.head), this.vms.diskOptions(def));
-          try {
-            ids.push((await disk.seal()) ?? null);
-          } finally {
-            await disk.close();
-          }
-        }
-      }
-      const rp: ReferencePoint = {
-        id: randomUUID(),
-        createdAt: new Date().toISOString(),
-        fromCheckpoint: null,
-        consistency: null,
-        virtualDiskIdentifiers: def.disks.map((d) => d.virtualDiskId),
-        resilientChangeTrackingIdentifiers: ids,
-        owner: opts.owner ?? null,
-      };
-      def.referencePoints.push(rp);
-      await this.vms.save(def);
-      return structuredClone(rp);
-    });
+  createReferencePoint(name: string, opts: { owner?: ReferencePointOwner | null } = {}): Promise<ReferencePoint> {
+    return this.referencePoints.create(name, opts);
   }
 
-  async destroyReferencePoint(name: string, id: string): Promise<void> {
-    return this.locks.run(name, async () => {
-      const def = this.vms.get(name);
-      const i = def.referencePoints.findIndex((r) => r.id === id);
-      if (i < 0) throw new TidemarkError('NOT_FOUND', `${name} has no reference point ${id}`);
-      def.referencePoints.splice(i, 1);
-      await this.vms.save(def);
-    });
+  destroyReferencePoint(name: string, id: string): Promise<void> {
+    return this.referencePoints.destroy(name, id);
   }
 
   // ---------------------------------------------------------------- image management (images.ts)
