@@ -4,60 +4,58 @@
  * merges them back online; keeps reference points; answers change queries; runs jobs. While it runs it is
  * the only writer of the store's files. Every multi-file operation is journaled in the VM's definition
  * first, so a host killed at any point finishes or rolls it back when it starts again.
+ *
+ * This class is the composition: each service lives in its own file behind a narrow port (what it needs of
+ * the others), as Hyper-V splits the VMMS into WMI services:
+ * - vm-store.ts: definitions, paths, the journal, the recovery at start-up, names reserved by imports;
+ * - vm-lifecycle.ts: create, modify, start, stop, save, delete, imports, and the run state (open disks, QEMU);
+ * - checkpoint-plan.ts (the decision) and checkpoints.ts (its execution): create, delete, apply;
+ * - reference-points.ts: convert, create, destroy;
+ * - images.ts: change queries, disk files in the store;
+ * - snapshot-sets.ts: storage snapshots of VM sets served for backups.
  */
-import { randomUUID } from 'node:crypto';
-import { rm } from 'node:fs/promises';
 import path from 'node:path';
-import { VirtualDisk } from '../disk/virtual-disk.js';
-import { TidemarkError } from '../errors.js';
-import { createVhdx } from '../formats/vhdx/create.js';
-import type { VhdxInfo } from '../formats/vhdx/info.js';
-import { VhdxFile } from '../formats/vhdx/vhdx.js';
 import { loadClientTls, NbdServer, TlsCredentials } from '../nbd/index.js';
-import { trackingPaths, type ChangesResult } from '../tracking/tracker.js';
-import { guidToString } from '../util/guid.js';
-import { KeyedMutex, Mutex } from '../util/mutex.js';
-import { parseSize } from '../util/size.js';
-import {
-  checkConfigVersion,
-  compareConfigVersions,
-  CONFIG_VERSIONS,
-  DEFAULT_CONFIG_VERSION,
-  supportsRct,
-} from './config-version.js';
-import {
-  DEFINITION_VERSION,
-  SLOT,
-  VM_NAME,
-  type Checkpoint,
-  type CheckpointPolicy,
-  type DiskAttachment,
-  type ReferencePoint,
-  type ReferencePointOwner,
-  type VmDefinition,
-} from './definition.js';
-import { dropImportMarker, writeImportMarker, type ImportInfo, type ImportOwner } from './imports.js';
-import { JobManager } from './jobs.js';
-import { Leases, type LeaseInfo } from './leases.js';
+import type { ChangesResult } from '../tracking/tracker.js';
+import type { VhdxInfo } from '../formats/vhdx/info.js';
+import type { VirtualDisk } from '../disk/virtual-disk.js';
+import { KeyedMutex } from '../util/mutex.js';
+import { createProvider, PROVIDER_NAMES } from '../snapshot/index.js';
+import { Checkpoints, type CheckpointRequest } from './checkpoints.js';
 import type { ConsistencyProvider } from './consistency.js';
+import type { Checkpoint, ReferencePoint, ReferencePointOwner, VmDefinition } from './definition.js';
+import { guestConsistency } from './guest-consistency.js';
+import { Images } from './images.js';
+import type { ImportInfo, ImportOwner } from './imports.js';
+import { JobManager } from './jobs.js';
+import { Leases } from './leases.js';
+import { HostLog } from './log.js';
+import { ReferencePoints } from './reference-points.js';
+import { SnapshotSets } from './snapshot-sets.js';
+import { DiskPathPolicy, privateDir, tightenStore } from './store-access.js';
+import {
+  VmLifecycle,
+  type CommitImportRequest,
+  type CreateVmRequest,
+  type ModifyVmRequest,
+  type QemuOptions,
+  type VmSummary,
+} from './vm-lifecycle.js';
+import type { VmRuntime } from './vm-runtime.js';
+import { VmStore, type LeaseRef, type VmGuard } from './vm-store.js';
+
 export type { ConsistencyProvider } from './consistency.js';
 export type { CheckpointRequest } from './checkpoints.js';
+export type {
+  CommitImportRequest,
+  CreateVmRequest,
+  ModifyVmRequest,
+  NewDisk,
+  TrackingState,
+  VmSummary,
+} from './vm-lifecycle.js';
+export { exportName } from './vm-lifecycle.js';
 export type { LeaseRef } from './vm-store.js';
-import { guestConsistency } from './guest-consistency.js';
-import { ReferencePoints } from './reference-points.js';
-import { Checkpoints, type CheckpointRequest } from './checkpoints.js';
-import { checkDiskPaths, enableTracking, Images, settleChain } from './images.js';
-import { exists, VmStore, type LeaseRef, type VmGuard } from './vm-store.js';
-import { HostLog } from './log.js';
-import { SnapshotSets } from './snapshot-sets.js';
-import { DiskPathPolicy, privateDir, privateFiles, tightenStore } from './store-access.js';
-import { createProvider, PROVIDER_NAMES } from '../snapshot/index.js';
-// vm-runtime: QEMU processes (all QEMU-specific logic lives in vm-runtime.ts; the host only calls it)
-import type { AccelRequest } from './accel.js';
-import { DEFAULT_MEMORY_MIB, type BootDefinition } from './definition.js';
-import { resolveBoot } from './vm-boot.js';
-import { parseSlot, type NbdAddress as QemuNbdAddress } from './qemu-command.js';
-import { VmRuntime, type ExitInfo, type StopOptions, type StopOutcome, type VmState } from './vm-runtime.js';
 
 export interface HostOptions {
   store: string;
@@ -79,112 +77,21 @@ export interface HostOptions {
   /** Directories besides the store that VM disks may be attached from (`tidemark host --allow-disk-dir`). */
   allowDiskDirs?: string[];
   /** vm-runtime: how VMs with a boot source run (QEMU binary, accelerator, NBD reconnect delay, stop limits). */
-  qemu?: { binary?: string; accel?: AccelRequest; reconnectDelay?: number; stop?: StopOptions };
-}
-
-export interface NewDisk {
-  slot: string;
-  /** Attach an existing VHDX (used in place). */
-  path?: string;
-  /** Or create a new dynamic VHDX of this size. */
-  size?: number | string;
-  blockSize?: number;
-}
-
-export interface CreateVmRequest {
-  name: string;
-  generation?: 1 | 2;
-  configVersion?: string;
-  checkpointPolicy?: CheckpointPolicy;
-  guest?: string | null;
-  disks?: NewDisk[];
-  // vm-runtime: what QEMU runs
-  memoryMiB?: number;
-  cpus?: number;
-  scsiControllers?: number;
-  boot?: BootDefinition | null;
-  /** a guest image folder (`tidemark guest-image build`): its vmlinux, initrd.img and command line */
-  image?: string;
-  /** with `image`: the workload on the kernel command line (sqlite, shell, none) */
-  workload?: string;
-  accel?: AccelRequest;
-}
-
-export interface ModifyVmRequest {
-  checkpointPolicy?: CheckpointPolicy;
-  /** Upwards only, with the VM off (as Update-VMVersion). */
-  configVersion?: string;
-  guest?: string | null;
-  attach?: NewDisk[];
-  detach?: string[];
-}
-
-/** Registers a reserved import: the disks written into the import's folder, the definition's settings. */
-export type CommitImportRequest = Omit<CreateVmRequest, 'name'>;
-
-/**
- * Per disk: `enabled` (the configuration version has change tracking and the disk's tracking files are there
- * or, running, attached), `none` (a version before 6.2), `missing` (the version wants it but the disk has no
- * tracking files: `vm upgrade` creates them).
- */
-export type TrackingState = 'enabled' | 'none' | 'missing';
-
-export interface VmSummary {
-  name: string;
-  id: string;
-  state: VmState;
-  generation: 1 | 2;
-  configVersion: string;
-  checkpointPolicy: CheckpointPolicy;
-  guest: string | null;
-  disks: {
-    slot: string;
-    virtualDiskId: string;
-    virtualSize: number;
-    base: string;
-    head: string;
-    export: string | null;
-    /** vm-runtime: the export's NBD URI while the VM runs */
-    nbdUri: string | null;
-    tracking: TrackingState;
-  }[];
-  // vm-runtime
-  memoryMiB: number;
-  cpus: number;
-  scsiControllers: number;
-  boot: BootDefinition | null;
-  image: string | null;
-  /** the QEMU process, while one runs */
-  qemu: { pid: number | null; qmp: string; console: string; accel: string | null; accelReason: string | null } | null;
-  lastExit: ExitInfo | null;
-  checkpoints: number;
-  currentCheckpointId: string | null;
-  referencePoints: number;
-  /** The run or operation holding the VM's lease, or null. */
-  lease: LeaseInfo | null;
+  qemu?: QemuOptions;
 }
 
 export class Host {
   readonly jobs = new JobManager();
   readonly nbd: NbdServer;
   readonly log: HostLog;
-  /** Definitions, paths, the journal and its recovery, names reserved by imports. */
-  private readonly vms: VmStore;
-  private readonly guard: VmGuard;
-  /** Create, delete, apply (checkpoint-plan.ts decides what a new one is). */
-  private readonly checkpoints: Checkpoints;
-  /** Convert, create, destroy. */
-  private readonly referencePoints: ReferencePoints;
-  /** Change queries, disk files in the store. */
-  private readonly images: Images;
-  private running = new Map<string, Map<string, VirtualDisk>>();
-  /** vm-runtime: the QEMU of each VM with a boot source */
-  private runtimes = new Map<string, VmRuntime>();
-  private locks = new KeyedMutex();
-  private createLock = new Mutex();
-  private consistency: ConsistencyProvider;
   /** Storage snapshots of VM sets, served as read-only exports for backups. */
   readonly snapshots: SnapshotSets;
+  private readonly vms: VmStore;
+  private readonly lifecycle: VmLifecycle;
+  private readonly checkpoints: Checkpoints;
+  private readonly referencePoints: ReferencePoints;
+  private readonly images: Images;
+  private consistency: ConsistencyProvider;
 
   private constructor(
     readonly store: string,
@@ -198,46 +105,59 @@ export class Host {
     this.nbd = new NbdServer({ tls: nbdTls });
     this.consistency = opts.consistency ?? guestConsistency();
     this.log = opts.log ?? new HostLog();
-    this.vms = new VmStore(store, this.log);
+    const log = this.log;
+    const vms = (this.vms = new VmStore(store, log));
     // One operation per VM at a time, across every service; a leased VM only for its run.
-    this.guard = {
-      locked: (vm, fn) => this.locks.run(vm, fn),
-      leased: (vm, lease, op, fn) => this.locks.run(vm, () => leases.during(vm, lease, op, fn)),
+    const locks = new KeyedMutex();
+    const guard: VmGuard = {
+      locked: (vm, fn) => locks.run(vm, fn),
+      leased: (vm, lease, op, fn) => locks.run(vm, () => leases.during(vm, lease, op, fn)),
     };
+    const lifecycle = (this.lifecycle = new VmLifecycle({
+      store: vms,
+      guard,
+      leases,
+      diskPaths,
+      nbd: this.nbd,
+      log,
+      qemu: opts.qemu,
+      nbdTlsDir: opts.nbd?.tlsDir,
+    }));
+    const running = (name: string) => lifecycle.runningDisks(name);
     this.checkpoints = new Checkpoints({
-      store: this.vms,
-      guard: this.guard,
+      store: vms,
+      guard,
       leaseHolder: (vm) => leases.holder(vm),
-      runningDisks: (vm) => this.running.get(vm),
-      qemuRunning: (vm) => this.qemuRunning(vm),
-      runtime: (vm) => this.runtime(vm),
+      runningDisks: running,
+      qemuRunning: (vm) => lifecycle.qemuRunning(vm),
+      runtime: (vm) => lifecycle.runtime(vm),
       consistency: () => this.consistency,
-      log: this.log,
+      log,
     });
     this.referencePoints = new ReferencePoints({
-      store: this.vms,
-      guard: this.guard,
-      runningDisks: (vm) => this.running.get(vm),
+      store: vms,
+      guard,
+      runningDisks: running,
       checkpoints: this.checkpoints,
-      log: this.log,
+      log,
     });
     this.images = new Images({
-      store: this.vms,
-      runningDisk: (vm, slot) => this.running.get(vm)?.get(slot),
-      assertNotOpen: (file) => this.assertNotOpen(file),
+      store: vms,
+      runningDisk: (vm, slot) => lifecycle.runningDisks(vm)?.get(slot),
+      assertNotOpen: (file) => lifecycle.assertNotOpen(file),
     });
     this.snapshots = new SnapshotSets({
       store,
       nbd: this.nbd,
       diffAreaRoot: path.join(store, 'snapshots'),
-      definition: (name) => this.vms.get(name),
-      vmDir: (name) => this.vms.vmDir(name),
-      abs: (def, p) => this.vms.abs(def, p),
-      allowedRoots: (def) => this.vms.diskOptions(def).allowedRoots,
-      runningDisks: (name) => this.running.get(name),
-      checkLease: (vm, lease) => this.leases.check(vm, lease),
-      leaseLive: (id) => this.leases.isLive(id),
-      leaseHolder: (vm) => this.leases.holder(vm),
+      definition: (name) => vms.get(name),
+      vmDir: (name) => vms.vmDir(name),
+      abs: (def, p) => vms.abs(def, p),
+      allowedRoots: (def) => vms.diskOptions(def).allowedRoots,
+      runningDisks: running,
+      checkLease: (vm, lease) => leases.check(vm, lease),
+      leaseLive: (id) => leases.isLive(id),
+      leaseHolder: (vm) => leases.holder(vm),
     });
   }
 
@@ -266,18 +186,7 @@ export class Host {
     await host.nbd.listen(
       nbd.port !== undefined ? { port: nbd.port, host: nbd.host } : { socket: nbd.socket ?? host.nbdSocket },
     );
-    for (const def of host.vms.all()) {
-      if (def.state === 'Running') {
-        try {
-          await host.openDisks(def);
-        } catch (err) {
-          host.log.warn(`could not restart ${def.name}: ${(err as Error).message}`);
-          def.state = 'Off';
-          await host.vms.save(def);
-        }
-      }
-      if (def.boot) await host.adoptRuntime(def); // vm-runtime
-    }
+    await host.lifecycle.resumeAll();
     return host;
   }
 
@@ -289,336 +198,94 @@ export class Host {
     this.consistency = p;
   }
 
-  // ---------------------------------------------------------------- VMs
+  // ---------------------------------------------------------------- VMs (vm-lifecycle.ts)
 
-  async listVms(): Promise<VmSummary[]> {
-    const out: VmSummary[] = [];
-    for (const d of [...this.vms.all()].sort((a, b) => a.name.localeCompare(b.name))) {
-      out.push(await this.summary(d));
-    }
-    return out;
+  listVms(): Promise<VmSummary[]> {
+    return this.lifecycle.listVms();
   }
 
   /** Configuration versions this host supports (oldest first) and the one new VMs get. */
   configVersions(): { supported: string[]; default: string } {
-    return { supported: [...CONFIG_VERSIONS], default: DEFAULT_CONFIG_VERSION };
+    return this.lifecycle.configVersions();
   }
 
   getVm(name: string): VmDefinition {
-    const def = this.vms.find(name);
-    if (!def) throw new TidemarkError('NOT_FOUND', `no VM named ${name}`);
-    return structuredClone(def);
+    return this.lifecycle.getVm(name);
   }
 
-  async showVm(name: string): Promise<VmSummary & { definition: VmDefinition }> {
-    const def = this.getVm(name);
-    return { ...(await this.summary(def)), definition: def };
+  showVm(name: string): Promise<VmSummary & { definition: VmDefinition }> {
+    return this.lifecycle.showVm(name);
   }
 
-  async createVm(req: CreateVmRequest): Promise<VmSummary> {
-    checkVmName(req.name);
-    req = await resolveBoot(req); // vm-runtime: --image DIR → its kernel, initrd and command line
-    const configVersion = checkConfigVersion(req.configVersion ?? DEFAULT_CONFIG_VERSION);
-    // What the disk paths name is checked before the lock: no VM creation waits behind a hostile path.
-    await checkDiskPaths(this.store, req.disks);
-    return this.createLock.run(async () => {
-      await this.vms.assertNameFree(req.name);
-      const dir = this.vms.vmDir(req.name);
-      await privateDir(dir);
-      await privateDir(path.join(dir, 'disks'));
-      const def = await this.register(newDefinition(req.name, { ...req, configVersion }), req.disks ?? [], dir);
-      this.log.info(`created VM ${def.name} with ${def.disks.length} disk(s)`);
-      return this.summary(def);
-    });
+  createVm(req: CreateVmRequest): Promise<VmSummary> {
+    return this.lifecycle.createVm(req);
   }
 
-  /** Prepares the disks, then writes the definition; on any failure the VM's folder is removed. */
-  private async register(def: VmDefinition, disks: NewDisk[], dir: string): Promise<VmDefinition> {
-    try {
-      for (const d of disks) def.disks.push(await this.prepareDisk(def, d));
-      this.vms.add(def);
-      await this.vms.save(def);
-      return def;
-    } catch (err) {
-      this.vms.remove(def.name);
-      await rm(dir, { recursive: true, force: true });
-      throw err;
-    }
+  modifyVm(name: string, req: ModifyVmRequest & LeaseRef): Promise<VmSummary> {
+    return this.lifecycle.modifyVm(name, req);
   }
 
-  async modifyVm(name: string, req: ModifyVmRequest & LeaseRef): Promise<VmSummary> {
-    await checkDiskPaths(this.store, req.attach);
-    return this.locks.run(name, () =>
-      this.leases.during(name, req.lease, 'vm set', async () => {
-        const def = this.vms.get(name);
-        // Everything is checked before anything changes; naming the version it has is no change.
-        const version = req.configVersion !== undefined ? checkConfigVersion(req.configVersion) : undefined;
-        const newVersion = version !== undefined && version !== def.configVersion ? version : undefined;
-        if (newVersion !== undefined) this.checkVersionChange(def, newVersion);
-        if ((req.attach?.length || req.detach?.length) && def.checkpoints.length > 0) {
-          throw new TidemarkError(
-            'CONFLICT',
-            `${name} has checkpoints: delete them before attaching or detaching disks`,
-          );
-        }
-        const qemuRuns = this.qemuRunning(name);
-        for (const slot of [...(req.detach ?? []), ...(req.attach ?? []).map((d) => d.slot)]) {
-          if (!qemuRuns || !SLOT.test(slot)) continue;
-          const a = parseSlot(slot);
-          if (a.kind === 'ide') {
-            throw new TidemarkError(
-              'CONFLICT',
-              `${name} is running: IDE disks (${slot}) change only with the VM off, as in Hyper-V`,
-            );
-          }
-          if (a.controller >= def.scsiControllers) {
-            throw new TidemarkError(
-              'CONFLICT',
-              `${name} has ${def.scsiControllers} SCSI controller(s): ${slot} needs controller ${a.controller}`,
-            );
-          }
-        }
-        if (newVersion !== undefined) await this.changeVersion(def, newVersion);
-        return this.applyModification(def, req);
-      }),
-    );
+  /** Update-VMVersion: the VM (off) moves to `version` (default: the host's default), never down. */
+  upgradeVm(name: string, opts: { version?: string } & LeaseRef = {}): Promise<VmSummary> {
+    return this.lifecycle.upgradeVm(name, opts);
   }
 
-  /**
-   * Update-VMVersion: the VM (off) moves to `version` (default: the host's default), never down. From 6.2 on,
-   * every disk's tracking files are created at once (and re-created where a disk lost them), so the next
-   * checkpoint seals an id.
-   */
-  async upgradeVm(name: string, opts: { version?: string } & LeaseRef = {}): Promise<VmSummary> {
-    return this.locks.run(name, () =>
-      this.leases.during(name, opts.lease, 'vm upgrade', async () => {
-        const def = this.vms.get(name);
-        const target = opts.version ?? DEFAULT_CONFIG_VERSION;
-        this.checkVersionChange(def, target);
-        await this.changeVersion(def, target);
-        return this.summary(def);
-      }),
-    );
+  startVm(name: string): Promise<VmSummary> {
+    return this.lifecycle.startVm(name);
   }
 
-  private checkVersionChange(def: VmDefinition, target: string): void {
-    checkConfigVersion(target);
-    if (compareConfigVersions(target, def.configVersion) < 0) {
-      throw new TidemarkError(
-        'NOT_SUPPORTED',
-        `${def.name} has configuration version ${def.configVersion}; a configuration version cannot be lowered (to ${target})`,
-      );
-    }
-    if (this.running.has(def.name)) {
-      throw new TidemarkError('CONFLICT', `${def.name} is running: stop it to change its configuration version`);
-    }
-    this.vms.assertNoPending(def);
+  stopVm(name: string, opts: { turnOff?: boolean; force?: boolean } = {}): Promise<VmSummary> {
+    return this.lifecycle.stopVm(name, opts);
   }
 
-  private async changeVersion(def: VmDefinition, target: string): Promise<void> {
-    if (supportsRct(target)) {
-      // Tracking files first: a crash before the definition names the new version leaves files the tracker
-      // checks (and resets) when it first attaches, never a version that claims tracking without them.
-      for (const att of def.disks) {
-        if ((await enableTracking(this.vms.abs(def, att.head), this.vms.diskOptions(def).allowedRoots)) === 'none') {
-          this.log.info(`${def.name} ${att.slot}: change tracking enabled`);
-        }
-      }
-    }
-    if (target === def.configVersion) return;
-    const from = def.configVersion;
-    def.configVersion = target;
-    await this.vms.save(def);
-    this.log.info(`${def.name}: configuration version ${from} -> ${target}`);
+  deleteVm(name: string, opts: { removeFiles?: boolean } = {}): Promise<void> {
+    return this.lifecycle.deleteVm(name, opts);
   }
 
-  private async applyModification(def: VmDefinition, req: ModifyVmRequest): Promise<VmSummary> {
-    const name = def.name;
-    if (req.checkpointPolicy !== undefined) def.checkpointPolicy = req.checkpointPolicy;
-    if (req.guest !== undefined) {
-      def.guest = req.guest;
-      if (!this.qemuRunning(name)) this.runtimes.delete(name); // vm-runtime: the next QEMU uses the new channel
-    }
-    for (const slot of req.detach ?? []) {
-      const i = def.disks.findIndex((d) => d.slot === slot);
-      if (i < 0) throw new TidemarkError('NOT_FOUND', `${name} has no disk at ${slot}`);
-      const open = this.running.get(name)?.get(slot);
-      if (this.qemuRunning(name)) await this.runtimes.get(name)!.detachDisk(slot); // vm-runtime: hot-unplug first
-      if (open) {
-        await this.nbd.removeExport(exportName(name, slot));
-        await open.close();
-        this.running.get(name)!.delete(slot);
-      }
-      def.disks.splice(i, 1);
-    }
-    for (const d of req.attach ?? []) {
-      const att = await this.prepareDisk(def, d);
-      def.disks.push(att);
-      if (this.running.has(name)) await this.openDisk(def, att);
-      if (this.qemuRunning(name)) await this.runtimes.get(name)!.attachDisk(att.slot, exportName(name, att.slot)); // vm-runtime
-    }
-    await this.vms.save(def);
-    return this.summary(def);
+  /** Saves a running VM's memory and device state and ends its QEMU (Saved); `vm start` restores it. */
+  saveVm(name: string): Promise<VmSummary> {
+    return this.lifecycle.saveVm(name);
   }
 
-  async startVm(name: string): Promise<VmSummary> {
-    return this.locks.run(name, async () => {
-      const def = this.vms.get(name);
-      if (!this.running.has(name)) await this.openDisks(def);
-      if (def.boot) await this.launchRuntime(def); // vm-runtime: QEMU on the exports just opened
-      def.state = 'Running';
-      await this.vms.save(def);
-      this.log.info(`started ${name}: ${def.disks.map((d) => exportName(name, d.slot)).join(', ')}`);
-      return this.summary(def);
-    });
+  /** Pauses or resumes a VM's QEMU. */
+  pauseVm(name: string, pause: boolean): Promise<VmSummary> {
+    return this.lifecycle.pauseVm(name, pause);
   }
 
-  async stopVm(name: string, opts: { turnOff?: boolean; force?: boolean } = {}): Promise<VmSummary> {
-    return this.locks.run(name, async () => {
-      const def = this.vms.get(name);
-      const rt = this.runtimes.get(name);
-      if (!opts.force) this.refuseForeignClients(def);
-      if (rt?.state === 'Saved') await rt.dropSavedState(); // stopping a saved VM discards its saved state
-      if (rt && rt.state !== 'Off' && rt.state !== 'Saved') {
-        // vm-runtime: the guest shuts down (agent, ACPI, quit), or is turned off, before its disks close
-        if (opts.turnOff) await rt.turnOff();
-        else {
-          const how: StopOutcome = await rt.stop(this.opts.qemu?.stop);
-          this.log.info(`${name}: stopped by ${how.by} in ${(how.ms / 1000).toFixed(1)} s`);
-        }
-      }
-      await this.closeDisks(name);
-      def.state = 'Off';
-      await this.vms.save(def);
-      this.log.info(`stopped ${name}`);
-      return this.summary(def);
-    });
+  /** The serial console log from `offset` (at most `max` bytes): `{ data, offset: next, size }`. */
+  readConsole(name: string, offset = 0, max = 65536): Promise<{ data: string; offset: number; size: number }> {
+    return this.lifecycle.readConsole(name, offset, max);
   }
 
-  /**
-   * A VM run by QEMU has one NBD connection per disk, its own; any other client of its exports (a qemu-io, an
-   * nbdcopy, a mounted `qemu-nbd -c`...) would lose its disk under it, so stopping waits for `force`. A VM
-   * without QEMU has no "own" client: whoever is attached is its guest.
-   */
-  private refuseForeignClients(def: VmDefinition): void {
-    if (!this.qemuRunning(def.name)) return;
-    const exports = new Set(def.disks.map((d) => exportName(def.name, d.slot)));
-    const perExport = new Map<string, number>();
-    for (const c of this.nbd.connections()) {
-      if (c.export !== undefined && exports.has(c.export)) perExport.set(c.export, (perExport.get(c.export) ?? 0) + 1);
-    }
-    const foreign = [...perExport].filter(([, n]) => n > 1).map(([e, n]) => `${e}: ${n - 1}`);
-    if (foreign.length === 0) return;
-    throw new TidemarkError(
-      'CONFLICT',
-      `${def.name}: NBD clients besides its QEMU have its disks open (${foreign.join(', ')}): close them, or stop with --force`,
-    );
-  }
-
-  async deleteVm(name: string, opts: { removeFiles?: boolean } = {}): Promise<void> {
-    return this.locks.run(name, () =>
-      this.leases.during(name, undefined, 'vm delete', async () => {
-        const def = this.vms.get(name);
-        if (this.running.has(name)) throw new TidemarkError('CONFLICT', `${name} is running: stop it first`);
-        this.vms.remove(name);
-        this.runtimes.delete(name);
-        if (opts.removeFiles) {
-          await rm(this.vms.vmDir(name), { recursive: true, force: true });
-        } else {
-          // Keep the disks (and the definition, renamed) where they are, as Hyper-V keeps VHDX files.
-          await rm(this.vms.defPath(name), { force: true });
-        }
-        this.log.info(`deleted VM ${def.name}${opts.removeFiles ? ' and its files' : ''}`);
-      }),
-    );
-  }
-
-  // ---------------------------------------------------------------- imports (restore --register)
-
-  /**
-   * Reserves a name for a restored VM and makes its (private) folder, before anything is restored: the
-   * restore writes the disks into `disksDir`, then commits or cancels.
-   */
-  async reserveImport(name: string, owner: ImportOwner): Promise<ImportInfo> {
-    checkVmName(name);
-    return this.createLock.run(async () => {
-      this.vms.mustBeOpen();
-      await this.vms.assertNameFree(name);
-      const dir = this.vms.vmDir(name);
-      const info: ImportInfo = {
-        name,
-        dir,
-        disksDir: path.join(dir, 'disks'),
-        owner,
-        createdAt: new Date().toISOString(),
-      };
-      try {
-        await privateDir(dir);
-        await privateDir(info.disksDir);
-        await writeImportMarker(info);
-      } catch (err) {
-        await rm(dir, { recursive: true, force: true });
-        throw err;
-      }
-      this.vms.reserveName(info);
-      this.log.info(`reserved ${name} for a restore (pid ${owner.pid} on ${owner.hostname})`);
-      return structuredClone(info);
-    });
-  }
-
-  listImports(): ImportInfo[] {
-    return this.vms.reservations().map((i) => structuredClone(i));
-  }
-
-  /**
-   * Registers the restored disks (each inside the import's folder) as the new VM. On any failure the folder
-   * and everything in it is removed: the import ends either way.
-   */
-  async commitImport(name: string, req: CommitImportRequest): Promise<VmSummary> {
-    return this.createLock.run(async () => {
-      this.vms.mustBeOpen();
-      const info = this.vms.reservation(name);
-      if (!info) throw new TidemarkError('NOT_FOUND', `no import reserves ${name}`);
-      try {
-        const configVersion = checkConfigVersion(req.configVersion ?? DEFAULT_CONFIG_VERSION);
-        for (const d of req.disks ?? []) {
-          const p = d.path === undefined ? undefined : path.resolve(info.disksDir, d.path);
-          if (p === undefined || path.dirname(p) !== info.disksDir) {
-            throw new TidemarkError(
-              'PATH_NOT_ALLOWED',
-              `disk ${d.slot} of import ${name} must be a file in ${info.disksDir}, not ${d.path ?? '(none)'}`,
-            );
-          }
-        }
-        const def = await this.register(newDefinition(name, { ...req, configVersion }), req.disks ?? [], info.dir);
-        await dropImportMarker(info.dir);
-        this.log.info(`registered restored VM ${name} with ${def.disks.length} disk(s)`);
-        return await this.summary(def);
-      } catch (err) {
-        await rm(info.dir, { recursive: true, force: true });
-        throw err;
-      } finally {
-        this.vms.releaseName(name);
-      }
-    });
-  }
-
-  /** Ends an import without registering it: its folder and everything written into it are removed. */
-  async cancelImport(name: string): Promise<void> {
-    return this.createLock.run(async () => {
-      const info = this.vms.reservation(name);
-      if (!info) throw new TidemarkError('NOT_FOUND', `no import reserves ${name}`);
-      this.vms.releaseName(name);
-      await rm(info.dir, { recursive: true, force: true });
-      this.log.info(`cancelled the import of ${name}: its folder was removed`);
-    });
+  /** The VM's runtime (made once), wired so that QEMU ending by itself (guest power-off, crash) closes the disks. */
+  runtime(name: string): VmRuntime {
+    return this.lifecycle.runtime(name);
   }
 
   /** The open virtual disk of a running VM's slot (for in-process workloads and backup exports). */
   runningDisk(name: string, slot: string): VirtualDisk {
-    const disk = this.running.get(name)?.get(slot);
-    if (!disk) throw new TidemarkError('NOT_FOUND', `${name} is not running or has no disk at ${slot}`);
-    return disk;
+    return this.lifecycle.runningDisk(name, slot);
+  }
+
+  // ---------------------------------------------------------------- imports (restore --register)
+
+  /** Reserves a name for a restored VM and makes its (private) folder, before anything is restored. */
+  reserveImport(name: string, owner: ImportOwner): Promise<ImportInfo> {
+    return this.lifecycle.reserveImport(name, owner);
+  }
+
+  listImports(): ImportInfo[] {
+    return this.lifecycle.listImports();
+  }
+
+  /** Registers the restored disks as the new VM; the import ends either way. */
+  commitImport(name: string, req: CommitImportRequest): Promise<VmSummary> {
+    return this.lifecycle.commitImport(name, req);
+  }
+
+  /** Ends an import without registering it: its folder and everything written into it are removed. */
+  cancelImport(name: string): Promise<void> {
+    return this.lifecycle.cancelImport(name);
   }
 
   // ---------------------------------------------------------------- checkpoints (checkpoints.ts)
@@ -700,334 +367,12 @@ export class Host {
   async close(): Promise<void> {
     if (this.vms.isClosed) return;
     this.vms.close();
-    // vm-runtime: QEMU keeps running (its NBD client reconnects to the next host); only QMP is let go.
-    for (const rt of this.runtimes.values()) await rt.detach().catch((e) => this.log.warn(String(e)));
+    await this.lifecycle.detachRuntimes();
     await this.jobs.drain();
     await this.snapshots.releaseAll();
     await this.nbd.close();
-    for (const name of [...this.running.keys()]) {
-      for (const disk of this.running.get(name)!.values()) await disk.close().catch((e) => this.log.warn(String(e)));
-    }
-    this.running.clear();
+    await this.lifecycle.closeAllDisks();
   }
-
-  // ---------------------------------------------------------------- internals
-
-  private async summary(def: VmDefinition): Promise<VmSummary> {
-    const running = this.running.get(def.name);
-    const disks: VmSummary['disks'] = [];
-    for (const d of def.disks) {
-      disks.push({
-        slot: d.slot,
-        virtualDiskId: d.virtualDiskId,
-        virtualSize: d.virtualSize,
-        base: this.vms.abs(def, d.base),
-        head: this.vms.abs(def, d.head),
-        export: running ? exportName(def.name, d.slot) : null,
-        nbdUri: running && this.nbd.address() ? this.nbd.uri(exportName(def.name, d.slot)) : null,
-        tracking: await this.trackingState(def, d),
-      });
-    }
-    return {
-      name: def.name,
-      id: def.id,
-      state: this.vmState(def),
-      generation: def.generation,
-      configVersion: def.configVersion,
-      checkpointPolicy: def.checkpointPolicy,
-      guest: def.guest,
-      disks,
-      checkpoints: def.checkpoints.length,
-      currentCheckpointId: def.currentCheckpointId,
-      referencePoints: def.referencePoints.length,
-      lease: (await this.leases.holder(def.name)) ?? null,
-      memoryMiB: def.memoryMiB,
-      cpus: def.cpus,
-      scsiControllers: def.scsiControllers,
-      boot: def.boot,
-      image: def.image,
-      qemu: this.qemuSummary(def),
-      lastExit: this.runtimes.get(def.name)?.lastExit ?? null,
-    };
-  }
-
-  // ---------------------------------------------------------------- vm-runtime (QEMU): thin integration
-
-  /** Hyper-V's state: the QEMU's when the VM has one, else Running while its disks are exported. */
-  private vmState(def: VmDefinition): VmState {
-    const rt = this.runtimes.get(def.name);
-    if (rt && rt.state !== 'Off') return rt.state;
-    if (def.state === 'Saved') return 'Saved';
-    return this.running.has(def.name) ? 'Running' : 'Off';
-  }
-
-  private qemuRunning(name: string): boolean {
-    const s = this.runtimes.get(name)?.state;
-    return s !== undefined && s !== 'Off' && s !== 'Saved';
-  }
-
-  private qemuSummary(def: VmDefinition): VmSummary['qemu'] {
-    if (!def.boot && !this.runtimes.has(def.name)) return null;
-    const rt = this.runtime(def.name);
-    return {
-      pid: rt.pid,
-      qmp: rt.files.qmp,
-      console: rt.files.console,
-      accel: rt.accel?.accel ?? null,
-      accelReason: rt.accel?.reason ?? null,
-    };
-  }
-
-  /** The VM's runtime (made once), wired so that QEMU ending by itself (guest power-off, crash) closes the disks. */
-  runtime(name: string): VmRuntime {
-    const def = this.vms.get(name);
-    let rt = this.runtimes.get(name);
-    if (!rt) {
-      rt = new VmRuntime({
-        dir: this.vms.vmDir(name),
-        runDir: path.join(this.store, 'run'),
-        name,
-        id: def.id,
-        log: this.log,
-        qemuBinary: this.opts.qemu?.binary,
-        guestSocket: def.guest,
-      });
-      rt.on('exit', (info: ExitInfo) => {
-        if (this.vms.isClosed) return;
-        void this.locks
-          .run(name, async () => {
-            const d = this.vms.find(name);
-            if (!d || this.qemuRunning(name)) return;
-            await this.closeDisks(name);
-            d.state = info.reason === 'saved' ? 'Saved' : 'Off';
-            await this.vms.save(d);
-            this.log.info(`${name}: ${d.state} (${info.detail})`);
-          })
-          .catch((e) => this.log.warn(`${name}: after QEMU ended: ${(e as Error).message}`));
-      });
-      this.runtimes.set(name, rt);
-    }
-    return rt;
-  }
-
-  private async launchRuntime(def: VmDefinition): Promise<void> {
-    const rt = this.runtime(def.name);
-    if (this.qemuRunning(def.name)) return;
-    const a = this.nbd.address();
-    if (!a) throw new TidemarkError('CLOSED', 'the NBD server is not listening');
-    const dial: QemuNbdAddress = a.type === 'unix' ? a : { type: 'inet', host: a.host, port: a.port };
-    const tlsDir = this.opts.nbd?.tlsDir;
-    const nbd: QemuNbdAddress = tlsDir !== undefined ? { ...dial, tlsDir: path.resolve(tlsDir) } : dial;
-    try {
-      await rt.start({
-        generation: def.generation,
-        memoryMiB: def.memoryMiB,
-        cpus: def.cpus,
-        scsiControllers: def.scsiControllers,
-        boot: def.boot!,
-        disks: def.disks.map((d) => ({ slot: d.slot, export: exportName(def.name, d.slot) })),
-        nbd,
-        reconnectDelay: this.opts.qemu?.reconnectDelay,
-        accel: def.accel !== 'auto' ? def.accel : (this.opts.qemu?.accel ?? 'auto'),
-      });
-    } catch (err) {
-      await this.closeDisks(def.name);
-      throw err;
-    }
-    // The guest-agent channel is wired automatically: checkpoints freeze through it.
-    if (!def.guest) def.guest = `unix:${rt.guestSocket}`;
-  }
-
-  /** After a host restart: the QEMU a previous host launched is adopted through its QMP socket. */
-  private async adoptRuntime(def: VmDefinition): Promise<void> {
-    const rt = this.runtime(def.name);
-    let state: VmState;
-    try {
-      state = await rt.adopt();
-    } catch (err) {
-      this.log.warn(`${def.name}: ${(err as Error).message}`);
-      state = 'Off';
-    }
-    const live = state !== 'Off' && state !== 'Saved';
-    // A QEMU launched by a host that died before recording Running: its NBD client waits for these exports.
-    if (live && !this.running.has(def.name)) await this.openDisks(def);
-    if (!live && def.state === 'Running') {
-      this.log.warn(`${def.name}: its QEMU is gone (${rt.lastExit?.detail ?? 'not found'}); the VM is ${state}`);
-      await this.closeDisks(def.name);
-    }
-    const persisted = live ? 'Running' : state === 'Saved' ? 'Saved' : 'Off';
-    if (def.state !== persisted) {
-      def.state = persisted;
-      await this.vms.save(def);
-    }
-  }
-
-  /** Saves a running VM's memory and device state and ends its QEMU (Saved); `vm start` restores it. */
-  async saveVm(name: string): Promise<VmSummary> {
-    return this.locks.run(name, async () => {
-      const def = this.vms.get(name);
-      if (!this.qemuRunning(name)) throw new TidemarkError('CONFLICT', `${name} has no running QEMU to save`);
-      const r = await this.runtimes.get(name)!.save();
-      await this.closeDisks(name);
-      def.state = 'Saved';
-      await this.vms.save(def);
-      this.log.info(`${name}: saved (${(r.bytes / 2 ** 20).toFixed(1)} MiB in ${(r.ms / 1000).toFixed(1)} s)`);
-      return this.summary(def);
-    });
-  }
-
-  /** Pauses or resumes a VM's QEMU. */
-  async pauseVm(name: string, pause: boolean): Promise<VmSummary> {
-    return this.locks.run(name, async () => {
-      const def = this.vms.get(name);
-      if (!this.qemuRunning(name)) throw new TidemarkError('CONFLICT', `${name} has no running QEMU`);
-      const rt = this.runtimes.get(name)!;
-      if (pause) await rt.pause();
-      else await rt.resume();
-      return this.summary(def);
-    });
-  }
-
-  /** The serial console log from `offset` (at most `max` bytes): `{ data, offset: next, size }`. */
-  readConsole(name: string, offset = 0, max = 65536): Promise<{ data: string; offset: number; size: number }> {
-    return this.runtime(name).readConsole(offset, max);
-  }
-
-  /** Whether a disk's changes are really tracked: the running disk's tracker, or the files beside its base. */
-  private async trackingState(def: VmDefinition, att: DiskAttachment): Promise<TrackingState> {
-    if (!supportsRct(def.configVersion)) return 'none';
-    const open = this.running.get(def.name)?.get(att.slot);
-    if (open) return open.changeTracker ? 'enabled' : 'missing';
-    return (await exists(trackingPaths(this.vms.abs(def, att.base)).rct)) ? 'enabled' : 'missing';
-  }
-
-  private async prepareDisk(def: VmDefinition, d: NewDisk): Promise<DiskAttachment> {
-    if (!SLOT.test(d.slot)) {
-      throw new TidemarkError('INVALID_ARGUMENT', `slot "${d.slot}" is not ide0-0..ide1-1 or scsi0-0..scsi3-63`);
-    }
-    if (def.disks.some((x) => x.slot === d.slot))
-      throw new TidemarkError('ALREADY_EXISTS', `${def.name} already has a disk at ${d.slot}`);
-    let file: string;
-    if (d.path) {
-      // Confined before anything is opened or written beside it (tracking files).
-      file = await this.diskPaths.check(d.path);
-      for (const other of this.vms.all()) {
-        if (other.disks.some((x) => this.vms.abs(other, x.base) === file)) {
-          throw new TidemarkError('CONFLICT', `${file} is already attached to VM ${other.name}`);
-        }
-      }
-    } else if (d.size !== undefined) {
-      const size = typeof d.size === 'number' ? d.size : parseSize(d.size);
-      file = path.join(this.vms.vmDir(def.name), 'disks', `${d.slot}.vhdx`);
-      await createVhdx(file, { size, blockSize: d.blockSize });
-      await privateFiles(file);
-    } else {
-      throw new TidemarkError('INVALID_ARGUMENT', `disk ${d.slot}: give a path or a size`);
-    }
-    const probe = await VhdxFile.open(file, { allowedRoots: [path.dirname(file), this.store] });
-    let virtualDiskId: string;
-    const virtualSize = probe.virtualSize;
-    try {
-      if (probe.parent) {
-        throw new TidemarkError(
-          'INVALID_ARGUMENT',
-          `${file} is a differencing disk: attach its base or merge it first`,
-        );
-      }
-      virtualDiskId = guidToString(probe.virtualDiskId);
-    } finally {
-      await probe.close();
-    }
-    if (supportsRct(def.configVersion)) await enableTracking(file, [path.dirname(file)]);
-    const rel = this.vms.rel(def, file);
-    return { slot: d.slot, base: rel, head: rel, virtualDiskId, virtualSize };
-  }
-
-  private async openDisks(def: VmDefinition): Promise<void> {
-    for (const att of def.disks) await settleChain(this.vms.abs(def, att.head), this.vms.diskOptions(def).allowedRoots);
-    this.running.set(def.name, new Map());
-    try {
-      for (const att of def.disks) await this.openDisk(def, att);
-    } catch (err) {
-      await this.closeDisks(def.name);
-      throw err;
-    }
-  }
-
-  private async openDisk(def: VmDefinition, att: DiskAttachment): Promise<void> {
-    if (supportsRct(def.configVersion)) {
-      // Tracking files lost while the VM was off (deleted, or never copied along): tracking starts again.
-      const found = await enableTracking(
-        this.vms.abs(def, att.head),
-        this.vms.diskOptions(def).allowedRoots,
-        'the tracking files were missing when the VM started',
-      );
-      if (found === 'none')
-        this.log.warn(`${def.name} ${att.slot}: the tracking files were missing; change tracking restarted`);
-    }
-    const disk = await VirtualDisk.open(this.vms.abs(def, att.head), this.vms.diskOptions(def));
-    this.running.get(def.name)!.set(att.slot, disk);
-    this.nbd.addExport(exportName(def.name, att.slot), disk, { description: `${def.name} ${att.slot}` });
-  }
-
-  private async closeDisks(name: string): Promise<void> {
-    const disks = this.running.get(name);
-    if (!disks) return;
-    for (const slot of disks.keys()) await this.nbd.removeExport(exportName(name, slot));
-    for (const disk of disks.values()) await disk.close();
-    this.running.delete(name);
-  }
-
-  private assertNotOpen(file: string): void {
-    for (const [name, disks] of this.running) {
-      for (const d of disks.values()) {
-        if (d.file.chain().some((f) => f.path === file)) {
-          throw new TidemarkError('CONFLICT', `${file} is in use by running VM ${name}`);
-        }
-      }
-    }
-  }
-}
-
-function checkVmName(name: string): void {
-  if (!VM_NAME.test(name)) {
-    throw new TidemarkError('INVALID_ARGUMENT', `VM name "${name}" must be 1–64 letters, digits, '.', '_' or '-'`);
-  }
-}
-
-function newDefinition(name: string, req: Omit<CreateVmRequest, 'name'> & { configVersion: string }): VmDefinition {
-  return {
-    schemaVersion: DEFINITION_VERSION,
-    id: randomUUID(),
-    name,
-    generation: req.generation ?? 2,
-    configVersion: req.configVersion,
-    checkpointPolicy: req.checkpointPolicy ?? 'production-fallback',
-    guest: req.guest ?? null,
-    state: 'Off',
-    createdAt: new Date().toISOString(),
-    disks: [],
-    checkpoints: [],
-    currentCheckpointId: null,
-    referencePoints: [],
-    pending: null,
-    memoryMiB: req.memoryMiB ?? DEFAULT_MEMORY_MIB,
-    cpus: req.cpus ?? 1,
-    // Enough controllers for the disks it is created with (at least one for generation 2, as Hyper-V).
-    scsiControllers:
-      req.scsiControllers ??
-      Math.max(
-        (req.generation ?? 2) === 2 ? 1 : 0,
-        ...(req.disks ?? []).map((d) => (/^scsi(\d)-/.exec(d.slot) ? Number(d.slot[4]) + 1 : 0)),
-      ),
-    boot: req.boot ?? null,
-    image: req.image ?? null,
-    accel: req.accel ?? 'auto',
-  };
-}
-
-export function exportName(vm: string, slot: string): string {
-  return `${vm}/${slot}`;
 }
 
 /**
