@@ -1,7 +1,7 @@
 /**
  * The port through which the host freezes a VM's guest around a checkpoint's instant (guest-consistency.ts is the
- * guest-agent implementation; tests pass their own). Apart from host.ts so that the implementation does not import
- * the class that uses it.
+ * guest-agent implementation; tests pass their own). Apart from checkpoints.ts so that the implementation does not
+ * import the service that uses it.
  */
 import type { Consistency, VmDefinition } from './definition.js';
 

@@ -4,69 +4,59 @@
  * merges them back online; keeps reference points; answers change queries; runs jobs. While it runs it is
  * the only writer of the store's files. Every multi-file operation is journaled in the VM's definition
  * first, so a host killed at any point finishes or rolls it back when it starts again.
+ *
+ * This class is the composition: each service lives in its own file behind a narrow port (what it needs of
+ * the others), as Hyper-V splits the VMMS into WMI services:
+ * - vm-store.ts: definitions, paths, the journal, the recovery at start-up, names reserved by imports;
+ * - vm-lifecycle.ts: create, modify, start, stop, save, delete, imports, and the run state (open disks, QEMU);
+ * - checkpoint-plan.ts (the decision) and checkpoints.ts (its execution): create, delete, apply;
+ * - reference-points.ts: convert, create, destroy;
+ * - images.ts: change queries, disk files in the store;
+ * - snapshot-sets.ts: storage snapshots of VM sets served for backups.
  */
-import { randomUUID } from 'node:crypto';
-import { access, readdir, rm, unlink } from 'node:fs/promises';
 import path from 'node:path';
-import { VirtualDisk } from '../disk/virtual-disk.js';
-import { TidemarkError } from '../errors.js';
-import { createVhdx } from '../formats/vhdx/create.js';
-import { vhdxInfo, type VhdxInfo } from '../formats/vhdx/info.js';
-import { VhdxFile } from '../formats/vhdx/vhdx.js';
 import { loadClientTls, NbdServer, TlsCredentials } from '../nbd/index.js';
-import { mergeWithTracking } from '../tracking/merge.js';
-import { ChangeTracker, trackingPaths, type ChangesResult, type TrackingFiles } from '../tracking/tracker.js';
-import { guidToString } from '../util/guid.js';
-import { KeyedMutex, Mutex } from '../util/mutex.js';
-import { checkFileType } from '../util/safe-open.js';
-import { parseSize } from '../util/size.js';
-import {
-  checkConfigVersion,
-  compareConfigVersions,
-  CONFIG_VERSIONS,
-  DEFAULT_CONFIG_VERSION,
-  supportsRct,
-} from './config-version.js';
-import {
-  DEFINITION_VERSION,
-  describeOwner,
-  readDefinition,
-  SLOT,
-  VM_NAME,
-  writeDefinition,
-  type Checkpoint,
-  type CheckpointPolicy,
-  type CheckpointType,
-  type Consistency,
-  type DiskAttachment,
-  type ReferencePoint,
-  type ReferencePointOwner,
-  type VmDefinition,
-} from './definition.js';
-import {
-  dropImportMarker,
-  importOwnerAlive,
-  readImportMarker,
-  writeImportMarker,
-  type ImportInfo,
-  type ImportOwner,
-} from './imports.js';
-import { JobManager } from './jobs.js';
-import { Leases, type LeaseInfo } from './leases.js';
-import type { ConsistencyProvider } from './consistency.js';
-export type { ConsistencyProvider } from './consistency.js';
-import { guestConsistency } from './guest-consistency.js';
-import { HostLog } from './log.js';
+import type { ChangesResult } from '../tracking/tracker.js';
+import type { VhdxInfo } from '../formats/vhdx/info.js';
+import type { VirtualDisk } from '../disk/virtual-disk.js';
+import { KeyedMutex } from '../util/mutex.js';
 import { HotPlugs } from './hot-plug.js';
-import { SnapshotSets } from './snapshot-sets.js';
-import { DiskPathPolicy, privateDir, privateFiles, tightenStore } from './store-access.js';
 import { createProvider, PROVIDER_NAMES } from '../snapshot/index.js';
-// vm-runtime: QEMU processes (all QEMU-specific logic lives in vm-runtime.ts; the host only calls it)
-import type { AccelRequest } from './accel.js';
-import { DEFAULT_MEMORY_MIB, type BootDefinition } from './definition.js';
-import { resolveBoot } from './vm-boot.js';
-import { parseSlot, type NbdAddress as QemuNbdAddress } from './qemu-command.js';
-import { VmRuntime, type ExitInfo, type StopOptions, type StopOutcome, type VmState } from './vm-runtime.js';
+import { Checkpoints, type CheckpointRequest } from './checkpoints.js';
+import type { ConsistencyProvider } from './consistency.js';
+import type { Checkpoint, ReferencePoint, ReferencePointOwner, VmDefinition } from './definition.js';
+import { guestConsistency } from './guest-consistency.js';
+import { Images } from './images.js';
+import type { ImportInfo, ImportOwner } from './imports.js';
+import { JobManager } from './jobs.js';
+import { Leases } from './leases.js';
+import { HostLog } from './log.js';
+import { ReferencePoints } from './reference-points.js';
+import { SnapshotSets } from './snapshot-sets.js';
+import { DiskPathPolicy, privateDir, tightenStore } from './store-access.js';
+import {
+  VmLifecycle,
+  type CommitImportRequest,
+  type CreateVmRequest,
+  type ModifyVmRequest,
+  type QemuOptions,
+  type VmSummary,
+} from './vm-lifecycle.js';
+import type { VmRuntime } from './vm-runtime.js';
+import { VmStore, type LeaseRef, type VmGuard } from './vm-store.js';
+
+export type { ConsistencyProvider } from './consistency.js';
+export type { CheckpointRequest } from './checkpoints.js';
+export type {
+  CommitImportRequest,
+  CreateVmRequest,
+  ModifyVmRequest,
+  NewDisk,
+  TrackingState,
+  VmSummary,
+} from './vm-lifecycle.js';
+export { exportName } from './vm-lifecycle.js';
+export type { LeaseRef } from './vm-store.js';
 
 export interface HostOptions {
   store: string;
@@ -88,135 +78,24 @@ export interface HostOptions {
   /** Directories besides the store that VM disks may be attached from (`tidemark host --allow-disk-dir`). */
   allowDiskDirs?: string[];
   /** vm-runtime: how VMs with a boot source run (QEMU binary, accelerator, NBD reconnect delay, stop limits). */
-  qemu?: { binary?: string; accel?: AccelRequest; reconnectDelay?: number; stop?: StopOptions };
+  qemu?: QemuOptions;
 }
-
-export interface NewDisk {
-  slot: string;
-  /** Attach an existing VHDX (used in place). */
-  path?: string;
-  /** Or create a new dynamic VHDX of this size. */
-  size?: number | string;
-  blockSize?: number;
-}
-
-export interface CreateVmRequest {
-  name: string;
-  generation?: 1 | 2;
-  configVersion?: string;
-  checkpointPolicy?: CheckpointPolicy;
-  guest?: string | null;
-  disks?: NewDisk[];
-  // vm-runtime: what QEMU runs
-  memoryMiB?: number;
-  cpus?: number;
-  scsiControllers?: number;
-  boot?: BootDefinition | null;
-  /** a guest image folder (`tidemark guest-image build`): its vmlinux, initrd.img and command line */
-  image?: string;
-  /** with `image`: the workload on the kernel command line (sqlite, shell, none) */
-  workload?: string;
-  accel?: AccelRequest;
-}
-
-export interface ModifyVmRequest {
-  checkpointPolicy?: CheckpointPolicy;
-  /** Upwards only, with the VM off (as Update-VMVersion). */
-  configVersion?: string;
-  guest?: string | null;
-  attach?: NewDisk[];
-  detach?: string[];
-}
-
-/** A VM operation of a backup run: the id of the VM's lease the run holds. */
-export interface LeaseRef {
-  lease?: string;
-}
-
-export interface CheckpointRequest extends LeaseRef {
-  type?: CheckpointType;
-  name?: string;
-  /** For recovery checkpoints (backup): the consistency wanted, and whether less is a failure. */
-  consistency?: Consistency;
-  requireConsistency?: boolean;
-}
-
-/** Registers a reserved import: the disks written into the import's folder, the definition's settings. */
-export type CommitImportRequest = Omit<CreateVmRequest, 'name'>;
-
-/**
- * Per disk: `enabled` (the configuration version has change tracking and the disk's tracking files are there
- * or, running, attached), `none` (a version before 6.2), `missing` (the version wants it but the disk has no
- * tracking files: `vm upgrade` creates them).
- */
-export type TrackingState = 'enabled' | 'none' | 'missing';
-
-export interface VmSummary {
-  name: string;
-  id: string;
-  state: VmState;
-  generation: 1 | 2;
-  configVersion: string;
-  checkpointPolicy: CheckpointPolicy;
-  guest: string | null;
-  disks: {
-    slot: string;
-    virtualDiskId: string;
-    virtualSize: number;
-    base: string;
-    head: string;
-    export: string | null;
-    /** vm-runtime: the export's NBD URI while the VM runs */
-    nbdUri: string | null;
-    tracking: TrackingState;
-  }[];
-  // vm-runtime
-  memoryMiB: number;
-  cpus: number;
-  scsiControllers: number;
-  boot: BootDefinition | null;
-  image: string | null;
-  /** the QEMU process, while one runs */
-  qemu: { pid: number | null; qmp: string; console: string; accel: string | null; accelReason: string | null } | null;
-  lastExit: ExitInfo | null;
-  checkpoints: number;
-  currentCheckpointId: string | null;
-  referencePoints: number;
-  /** The run or operation holding the VM's lease, or null. */
-  lease: LeaseInfo | null;
-}
-
-const CHILD_EXT = '.avhdx';
-/** A standard checkpoint's memory and device state (Hyper-V's runtime-state file has this extension). */
-const MEMORY_EXT = '.vmrs';
 
 export class Host {
   readonly jobs = new JobManager();
   readonly nbd: NbdServer;
   readonly log: HostLog;
-  private vms = new Map<string, VmDefinition>();
-  private running = new Map<string, Map<string, VirtualDisk>>();
-  /** vm-runtime: the QEMU of each VM with a boot source */
-  private runtimes = new Map<string, VmRuntime>();
-  private locks = new KeyedMutex();
-  private defWrites = new KeyedMutex();
-  private createLock = new Mutex();
-  private consistency: ConsistencyProvider;
-  private closed = false;
-  /** Names reserved by imports (a restore registering a VM) until they are committed or cancelled. */
-  private imports = new Map<string, ImportInfo>();
   /** Storage snapshots of VM sets, served as read-only exports for backups. */
   readonly snapshots: SnapshotSets;
+  private readonly vms: VmStore;
+  private readonly lifecycle: VmLifecycle;
+  private readonly checkpoints: Checkpoints;
+  private readonly referencePoints: ReferencePoints;
+  private readonly images: Images;
+  private consistency: ConsistencyProvider;
 
-  // hot-plug.ts: disks hot-added to a VM's SCSI controller (the 2012 R2 flow's auto-recovery inside the VM).
-  private hotPlugService?: HotPlugs;
-  get hotPlugs(): HotPlugs {
-    return (this.hotPlugService ??= new HotPlugs({
-      definition: (name) => this.mustGet(name),
-      qemu: (name) => (this.qemuRunning(name) ? this.runtimes.get(name) : undefined),
-      checkLease: (vm, lease) => this.leases.check(vm, lease),
-    }));
-  }
+  /** Disks hot-added to a VM's SCSI controller (the 2012 R2 flow's auto-recovery inside the VM). */
+  readonly hotPlugs: HotPlugs;
 
   private constructor(
     readonly store: string,
@@ -230,18 +109,64 @@ export class Host {
     this.nbd = new NbdServer({ tls: nbdTls });
     this.consistency = opts.consistency ?? guestConsistency();
     this.log = opts.log ?? new HostLog();
+    const log = this.log;
+    const vms = (this.vms = new VmStore(store, log));
+    // One operation per VM at a time, across every service; a leased VM only for its run.
+    const locks = new KeyedMutex();
+    const guard: VmGuard = {
+      locked: (vm, fn) => locks.run(vm, fn),
+      leased: (vm, lease, op, fn) => locks.run(vm, () => leases.during(vm, lease, op, fn)),
+    };
+    const lifecycle = (this.lifecycle = new VmLifecycle({
+      store: vms,
+      guard,
+      leases,
+      diskPaths,
+      nbd: this.nbd,
+      log,
+      qemu: opts.qemu,
+      nbdTlsDir: opts.nbd?.tlsDir,
+    }));
+    const running = (name: string) => lifecycle.runningDisks(name);
+    this.checkpoints = new Checkpoints({
+      store: vms,
+      guard,
+      leaseHolder: (vm) => leases.holder(vm),
+      runningDisks: running,
+      qemuRunning: (vm) => lifecycle.qemuRunning(vm),
+      runtime: (vm) => lifecycle.runtime(vm),
+      consistency: () => this.consistency,
+      log,
+    });
+    this.referencePoints = new ReferencePoints({
+      store: vms,
+      guard,
+      runningDisks: running,
+      checkpoints: this.checkpoints,
+      log,
+    });
+    this.images = new Images({
+      store: vms,
+      runningDisk: (vm, slot) => lifecycle.runningDisks(vm)?.get(slot),
+      assertNotOpen: (file) => lifecycle.assertNotOpen(file),
+    });
+    this.hotPlugs = new HotPlugs({
+      definition: (name) => vms.get(name),
+      qemu: (name) => (lifecycle.qemuRunning(name) ? lifecycle.runtime(name) : undefined),
+      checkLease: (vm, lease) => leases.check(vm, lease),
+    });
     this.snapshots = new SnapshotSets({
       store,
       nbd: this.nbd,
       diffAreaRoot: path.join(store, 'snapshots'),
-      definition: (name) => this.mustGet(name),
-      vmDir: (name) => this.vmDir(name),
-      abs: (def, p) => this.abs(def, p),
-      allowedRoots: (def) => this.diskOptions(def).allowedRoots,
-      runningDisks: (name) => this.running.get(name),
-      checkLease: (vm, lease) => this.leases.check(vm, lease),
-      leaseLive: (id) => this.leases.isLive(id),
-      leaseHolder: (vm) => this.leases.holder(vm),
+      definition: (name) => vms.get(name),
+      vmDir: (name) => vms.vmDir(name),
+      abs: (def, p) => vms.abs(def, p),
+      allowedRoots: (def) => vms.diskOptions(def).allowedRoots,
+      runningDisks: running,
+      checkLease: (vm, lease) => leases.check(vm, lease),
+      leaseLive: (id) => leases.isLive(id),
+      leaseHolder: (vm) => leases.holder(vm),
     });
   }
 
@@ -265,35 +190,12 @@ export class Host {
       const removed = await createProvider(provider).recover({ diffAreaRoot: path.join(store, 'snapshots') });
       if (removed > 0) host.log.warn(`removed ${removed} stale ${provider} snapshot area(s)`);
     }
-    for (const name of (await readdir(path.join(store, 'vms'))).sort()) {
-      const file = host.defPath(name);
-      const marker = await readImportMarker(host.vmDir(name));
-      if (!(await exists(file))) {
-        if (marker) await host.recoverImport(name, marker);
-        continue;
-      }
-      // Registered, but the host stopped before the marker went: the import is complete.
-      if (marker) await dropImportMarker(host.vmDir(name));
-      const def = await readDefinition(file);
-      host.vms.set(def.name, def);
-      await host.recover(def);
-    }
+    await host.vms.load();
     const nbd = opts.nbd ?? {};
     await host.nbd.listen(
       nbd.port !== undefined ? { port: nbd.port, host: nbd.host } : { socket: nbd.socket ?? host.nbdSocket },
     );
-    for (const def of host.vms.values()) {
-      if (def.state === 'Running') {
-        try {
-          await host.openDisks(def);
-        } catch (err) {
-          host.log.warn(`could not restart ${def.name}: ${(err as Error).message}`);
-          def.state = 'Off';
-          await host.save(def);
-        }
-      }
-      if (def.boot) await host.adoptRuntime(def); // vm-runtime
-    }
+    await host.lifecycle.resumeAll();
     return host;
   }
 
@@ -305,1387 +207,181 @@ export class Host {
     this.consistency = p;
   }
 
-  // ---------------------------------------------------------------- VMs
+  // ---------------------------------------------------------------- VMs (vm-lifecycle.ts)
 
-  async listVms(): Promise<VmSummary[]> {
-    const out: VmSummary[] = [];
-    for (const d of [...this.vms.values()].sort((a, b) => a.name.localeCompare(b.name))) {
-      out.push(await this.summary(d));
-    }
-    return out;
+  listVms(): Promise<VmSummary[]> {
+    return this.lifecycle.listVms();
   }
 
   /** Configuration versions this host supports (oldest first) and the one new VMs get. */
   configVersions(): { supported: string[]; default: string } {
-    return { supported: [...CONFIG_VERSIONS], default: DEFAULT_CONFIG_VERSION };
+    return this.lifecycle.configVersions();
   }
 
   getVm(name: string): VmDefinition {
-    const def = this.vms.get(name);
-    if (!def) throw new TidemarkError('NOT_FOUND', `no VM named ${name}`);
-    return structuredClone(def);
+    return this.lifecycle.getVm(name);
   }
 
-  async showVm(name: string): Promise<VmSummary & { definition: VmDefinition }> {
-    const def = this.getVm(name);
-    return { ...(await this.summary(def)), definition: def };
+  showVm(name: string): Promise<VmSummary & { definition: VmDefinition }> {
+    return this.lifecycle.showVm(name);
   }
 
-  async createVm(req: CreateVmRequest): Promise<VmSummary> {
-    checkVmName(req.name);
-    req = await resolveBoot(req); // vm-runtime: --image DIR → its kernel, initrd and command line
-    const configVersion = checkConfigVersion(req.configVersion ?? DEFAULT_CONFIG_VERSION);
-    // What the disk paths name is checked before the lock: no VM creation waits behind a hostile path.
-    await checkDiskPaths(this.store, req.disks);
-    return this.createLock.run(async () => {
-      await this.assertNameFree(req.name);
-      const dir = this.vmDir(req.name);
-      await privateDir(dir);
-      await privateDir(path.join(dir, 'disks'));
-      const def = await this.register(newDefinition(req.name, { ...req, configVersion }), req.disks ?? [], dir);
-      this.log.info(`created VM ${def.name} with ${def.disks.length} disk(s)`);
-      return this.summary(def);
-    });
+  createVm(req: CreateVmRequest): Promise<VmSummary> {
+    return this.lifecycle.createVm(req);
   }
 
-  /** Prepares the disks, then writes the definition; on any failure the VM's folder is removed. */
-  private async register(def: VmDefinition, disks: NewDisk[], dir: string): Promise<VmDefinition> {
-    try {
-      for (const d of disks) def.disks.push(await this.prepareDisk(def, d));
-      this.vms.set(def.name, def);
-      await this.save(def);
-      return def;
-    } catch (err) {
-      this.vms.delete(def.name);
-      await rm(dir, { recursive: true, force: true });
-      throw err;
-    }
+  modifyVm(name: string, req: ModifyVmRequest & LeaseRef): Promise<VmSummary> {
+    return this.lifecycle.modifyVm(name, req);
   }
 
-  /** ALREADY_EXISTS when a VM, an import in progress or a folder holds the name. */
-  private async assertNameFree(name: string): Promise<void> {
-    if (this.vms.has(name)) throw new TidemarkError('ALREADY_EXISTS', `a VM named ${name} exists`);
-    const reserved = this.imports.get(name);
-    if (reserved) {
-      if (importOwnerAlive(reserved.owner)) {
-        throw new TidemarkError(
-          'ALREADY_EXISTS',
-          `${name} is being restored by pid ${reserved.owner.pid} on ${reserved.owner.hostname} ("${reserved.owner.command}") since ${reserved.createdAt}`,
-        );
-      }
-      await this.recoverImport(name, reserved);
-    }
-    const dir = this.vmDir(name);
-    if (await exists(dir)) throw new TidemarkError('ALREADY_EXISTS', `${dir} exists; remove it or choose another name`);
+  /** Update-VMVersion: the VM (off) moves to `version` (default: the host's default), never down. */
+  upgradeVm(name: string, opts: { version?: string } & LeaseRef = {}): Promise<VmSummary> {
+    return this.lifecycle.upgradeVm(name, opts);
   }
 
-  async modifyVm(name: string, req: ModifyVmRequest & LeaseRef): Promise<VmSummary> {
-    await checkDiskPaths(this.store, req.attach);
-    return this.locks.run(name, () =>
-      this.leases.during(name, req.lease, 'vm set', async () => {
-        const def = this.mustGet(name);
-        // Everything is checked before anything changes; naming the version it has is no change.
-        const version = req.configVersion !== undefined ? checkConfigVersion(req.configVersion) : undefined;
-        const newVersion = version !== undefined && version !== def.configVersion ? version : undefined;
-        if (newVersion !== undefined) this.checkVersionChange(def, newVersion);
-        if ((req.attach?.length || req.detach?.length) && def.checkpoints.length > 0) {
-          throw new TidemarkError(
-            'CONFLICT',
-            `${name} has checkpoints: delete them before attaching or detaching disks`,
-          );
-        }
-        const qemuRuns = this.qemuRunning(name);
-        for (const slot of [...(req.detach ?? []), ...(req.attach ?? []).map((d) => d.slot)]) {
-          if (!qemuRuns || !SLOT.test(slot)) continue;
-          const a = parseSlot(slot);
-          if (a.kind === 'ide') {
-            throw new TidemarkError(
-              'CONFLICT',
-              `${name} is running: IDE disks (${slot}) change only with the VM off, as in Hyper-V`,
-            );
-          }
-          if (a.controller >= def.scsiControllers) {
-            throw new TidemarkError(
-              'CONFLICT',
-              `${name} has ${def.scsiControllers} SCSI controller(s): ${slot} needs controller ${a.controller}`,
-            );
-          }
-        }
-        if (newVersion !== undefined) await this.changeVersion(def, newVersion);
-        return this.applyModification(def, req);
-      }),
-    );
+  startVm(name: string): Promise<VmSummary> {
+    return this.lifecycle.startVm(name);
   }
 
-  /**
-   * Update-VMVersion: the VM (off) moves to `version` (default: the host's default), never down. From 6.2 on,
-   * every disk's tracking files are created at once (and re-created where a disk lost them), so the next
-   * checkpoint seals an id.
-   */
-  async upgradeVm(name: string, opts: { version?: string } & LeaseRef = {}): Promise<VmSummary> {
-    return this.locks.run(name, () =>
-      this.leases.during(name, opts.lease, 'vm upgrade', async () => {
-        const def = this.mustGet(name);
-        const target = opts.version ?? DEFAULT_CONFIG_VERSION;
-        this.checkVersionChange(def, target);
-        await this.changeVersion(def, target);
-        return this.summary(def);
-      }),
-    );
+  stopVm(name: string, opts: { turnOff?: boolean; force?: boolean } = {}): Promise<VmSummary> {
+    return this.lifecycle.stopVm(name, opts);
   }
 
-  private checkVersionChange(def: VmDefinition, target: string): void {
-    checkConfigVersion(target);
-    if (compareConfigVersions(target, def.configVersion) < 0) {
-      throw new TidemarkError(
-        'NOT_SUPPORTED',
-        `${def.name} has configuration version ${def.configVersion}; a configuration version cannot be lowered (to ${target})`,
-      );
-    }
-    if (this.running.has(def.name)) {
-      throw new TidemarkError('CONFLICT', `${def.name} is running: stop it to change its configuration version`);
-    }
-    this.assertNoPending(def);
+  deleteVm(name: string, opts: { removeFiles?: boolean } = {}): Promise<void> {
+    return this.lifecycle.deleteVm(name, opts);
   }
 
-  private async changeVersion(def: VmDefinition, target: string): Promise<void> {
-    if (supportsRct(target)) {
-      // Tracking files first: a crash before the definition names the new version leaves files the tracker
-      // checks (and resets) when it first attaches, never a version that claims tracking without them.
-      for (const att of def.disks) {
-        if ((await enableTracking(this.abs(def, att.head), this.diskOptions(def).allowedRoots)) === 'none') {
-          this.log.info(`${def.name} ${att.slot}: change tracking enabled`);
-        }
-      }
-    }
-    if (target === def.configVersion) return;
-    const from = def.configVersion;
-    def.configVersion = target;
-    await this.save(def);
-    this.log.info(`${def.name}: configuration version ${from} -> ${target}`);
+  /** Saves a running VM's memory and device state and ends its QEMU (Saved); `vm start` restores it. */
+  saveVm(name: string): Promise<VmSummary> {
+    return this.lifecycle.saveVm(name);
   }
 
-  private async applyModification(def: VmDefinition, req: ModifyVmRequest): Promise<VmSummary> {
-    const name = def.name;
-    if (req.checkpointPolicy !== undefined) def.checkpointPolicy = req.checkpointPolicy;
-    if (req.guest !== undefined) {
-      def.guest = req.guest;
-      if (!this.qemuRunning(name)) this.runtimes.delete(name); // vm-runtime: the next QEMU uses the new channel
-    }
-    for (const slot of req.detach ?? []) {
-      const i = def.disks.findIndex((d) => d.slot === slot);
-      if (i < 0) throw new TidemarkError('NOT_FOUND', `${name} has no disk at ${slot}`);
-      const open = this.running.get(name)?.get(slot);
-      if (this.qemuRunning(name)) await this.runtimes.get(name)!.detachDisk(slot); // vm-runtime: hot-unplug first
-      if (open) {
-        await this.nbd.removeExport(exportName(name, slot));
-        await open.close();
-        this.running.get(name)!.delete(slot);
-      }
-      def.disks.splice(i, 1);
-    }
-    for (const d of req.attach ?? []) {
-      const att = await this.prepareDisk(def, d);
-      def.disks.push(att);
-      if (this.running.has(name)) await this.openDisk(def, att);
-      if (this.qemuRunning(name)) await this.runtimes.get(name)!.attachDisk(att.slot, exportName(name, att.slot)); // vm-runtime
-    }
-    await this.save(def);
-    return this.summary(def);
+  /** Pauses or resumes a VM's QEMU. */
+  pauseVm(name: string, pause: boolean): Promise<VmSummary> {
+    return this.lifecycle.pauseVm(name, pause);
   }
 
-  async startVm(name: string): Promise<VmSummary> {
-    return this.locks.run(name, async () => {
-      const def = this.mustGet(name);
-      if (!this.running.has(name)) await this.openDisks(def);
-      if (def.boot) await this.launchRuntime(def); // vm-runtime: QEMU on the exports just opened
-      def.state = 'Running';
-      await this.save(def);
-      this.log.info(`started ${name}: ${def.disks.map((d) => exportName(name, d.slot)).join(', ')}`);
-      return this.summary(def);
-    });
+  /** The serial console log from `offset` (at most `max` bytes): `{ data, offset: next, size }`. */
+  readConsole(name: string, offset = 0, max = 65536): Promise<{ data: string; offset: number; size: number }> {
+    return this.lifecycle.readConsole(name, offset, max);
   }
 
-  async stopVm(name: string, opts: { turnOff?: boolean; force?: boolean } = {}): Promise<VmSummary> {
-    return this.locks.run(name, async () => {
-      const def = this.mustGet(name);
-      const rt = this.runtimes.get(name);
-      if (!opts.force) this.refuseForeignClients(def);
-      if (rt?.state === 'Saved') await rt.dropSavedState(); // stopping a saved VM discards its saved state
-      if (rt && rt.state !== 'Off' && rt.state !== 'Saved') {
-        // vm-runtime: the guest shuts down (agent, ACPI, quit), or is turned off, before its disks close
-        if (opts.turnOff) await rt.turnOff();
-        else {
-          const how: StopOutcome = await rt.stop(this.opts.qemu?.stop);
-          this.log.info(`${name}: stopped by ${how.by} in ${(how.ms / 1000).toFixed(1)} s`);
-        }
-      }
-      await this.closeDisks(name);
-      def.state = 'Off';
-      await this.save(def);
-      this.log.info(`stopped ${name}`);
-      return this.summary(def);
-    });
-  }
-
-  /**
-   * A VM run by QEMU has one NBD connection per disk, its own; any other client of its exports (a qemu-io, an
-   * nbdcopy, a mounted `qemu-nbd -c`...) would lose its disk under it, so stopping waits for `force`. A VM
-   * without QEMU has no "own" client: whoever is attached is its guest.
-   */
-  private refuseForeignClients(def: VmDefinition): void {
-    if (!this.qemuRunning(def.name)) return;
-    const exports = new Set(def.disks.map((d) => exportName(def.name, d.slot)));
-    const perExport = new Map<string, number>();
-    for (const c of this.nbd.connections()) {
-      if (c.export !== undefined && exports.has(c.export)) perExport.set(c.export, (perExport.get(c.export) ?? 0) + 1);
-    }
-    const foreign = [...perExport].filter(([, n]) => n > 1).map(([e, n]) => `${e}: ${n - 1}`);
-    if (foreign.length === 0) return;
-    throw new TidemarkError(
-      'CONFLICT',
-      `${def.name}: NBD clients besides its QEMU have its disks open (${foreign.join(', ')}): close them, or stop with --force`,
-    );
-  }
-
-  async deleteVm(name: string, opts: { removeFiles?: boolean } = {}): Promise<void> {
-    return this.locks.run(name, () =>
-      this.leases.during(name, undefined, 'vm delete', async () => {
-        const def = this.mustGet(name);
-        if (this.running.has(name)) throw new TidemarkError('CONFLICT', `${name} is running: stop it first`);
-        this.vms.delete(name);
-        this.runtimes.delete(name);
-        if (opts.removeFiles) {
-          await rm(this.vmDir(name), { recursive: true, force: true });
-        } else {
-          // Keep the disks (and the definition, renamed) where they are, as Hyper-V keeps VHDX files.
-          await rm(this.defPath(name), { force: true });
-        }
-        this.log.info(`deleted VM ${def.name}${opts.removeFiles ? ' and its files' : ''}`);
-      }),
-    );
-  }
-
-  // ---------------------------------------------------------------- imports (restore --register)
-
-  /**
-   * Reserves a name for a restored VM and makes its (private) folder, before anything is restored: the
-   * restore writes the disks into `disksDir`, then commits or cancels.
-   */
-  async reserveImport(name: string, owner: ImportOwner): Promise<ImportInfo> {
-    checkVmName(name);
-    return this.createLock.run(async () => {
-      this.mustBeOpen();
-      await this.assertNameFree(name);
-      const dir = this.vmDir(name);
-      const info: ImportInfo = {
-        name,
-        dir,
-        disksDir: path.join(dir, 'disks'),
-        owner,
-        createdAt: new Date().toISOString(),
-      };
-      try {
-        await privateDir(dir);
-        await privateDir(info.disksDir);
-        await writeImportMarker(info);
-      } catch (err) {
-        await rm(dir, { recursive: true, force: true });
-        throw err;
-      }
-      this.imports.set(name, info);
-      this.log.info(`reserved ${name} for a restore (pid ${owner.pid} on ${owner.hostname})`);
-      return structuredClone(info);
-    });
-  }
-
-  listImports(): ImportInfo[] {
-    return [...this.imports.values()].map((i) => structuredClone(i));
-  }
-
-  /**
-   * Registers the restored disks (each inside the import's folder) as the new VM. On any failure the folder
-   * and everything in it is removed: the import ends either way.
-   */
-  async commitImport(name: string, req: CommitImportRequest): Promise<VmSummary> {
-    return this.createLock.run(async () => {
-      this.mustBeOpen();
-      const info = this.imports.get(name);
-      if (!info) throw new TidemarkError('NOT_FOUND', `no import reserves ${name}`);
-      try {
-        const configVersion = checkConfigVersion(req.configVersion ?? DEFAULT_CONFIG_VERSION);
-        for (const d of req.disks ?? []) {
-          const p = d.path === undefined ? undefined : path.resolve(info.disksDir, d.path);
-          if (p === undefined || path.dirname(p) !== info.disksDir) {
-            throw new TidemarkError(
-              'PATH_NOT_ALLOWED',
-              `disk ${d.slot} of import ${name} must be a file in ${info.disksDir}, not ${d.path ?? '(none)'}`,
-            );
-          }
-        }
-        const def = await this.register(newDefinition(name, { ...req, configVersion }), req.disks ?? [], info.dir);
-        await dropImportMarker(info.dir);
-        this.log.info(`registered restored VM ${name} with ${def.disks.length} disk(s)`);
-        return await this.summary(def);
-      } catch (err) {
-        await rm(info.dir, { recursive: true, force: true });
-        throw err;
-      } finally {
-        this.imports.delete(name);
-      }
-    });
-  }
-
-  /** Ends an import without registering it: its folder and everything written into it are removed. */
-  async cancelImport(name: string): Promise<void> {
-    return this.createLock.run(async () => {
-      const info = this.imports.get(name);
-      if (!info) throw new TidemarkError('NOT_FOUND', `no import reserves ${name}`);
-      this.imports.delete(name);
-      await rm(info.dir, { recursive: true, force: true });
-      this.log.info(`cancelled the import of ${name}: its folder was removed`);
-    });
-  }
-
-  /** An import a stopped host or an ended restore left: kept while its process lives, removed otherwise. */
-  private async recoverImport(name: string, info: ImportInfo): Promise<void> {
-    if (importOwnerAlive(info.owner)) {
-      this.imports.set(name, info);
-      return;
-    }
-    this.imports.delete(name);
-    await rm(info.dir, { recursive: true, force: true });
-    this.log.warn(`removed the unfinished import of ${name} (its restore, pid ${info.owner.pid}, has ended)`);
+  /** The VM's runtime (made once), wired so that QEMU ending by itself (guest power-off, crash) closes the disks. */
+  runtime(name: string): VmRuntime {
+    return this.lifecycle.runtime(name);
   }
 
   /** The open virtual disk of a running VM's slot (for in-process workloads and backup exports). */
   runningDisk(name: string, slot: string): VirtualDisk {
-    const disk = this.running.get(name)?.get(slot);
-    if (!disk) throw new TidemarkError('NOT_FOUND', `${name} is not running or has no disk at ${slot}`);
-    return disk;
+    return this.lifecycle.runningDisk(name, slot);
   }
 
-  // ---------------------------------------------------------------- checkpoints
+  // ---------------------------------------------------------------- imports (restore --register)
+
+  /** Reserves a name for a restored VM and makes its (private) folder, before anything is restored. */
+  reserveImport(name: string, owner: ImportOwner): Promise<ImportInfo> {
+    return this.lifecycle.reserveImport(name, owner);
+  }
+
+  listImports(): ImportInfo[] {
+    return this.lifecycle.listImports();
+  }
+
+  /** Registers the restored disks as the new VM; the import ends either way. */
+  commitImport(name: string, req: CommitImportRequest): Promise<VmSummary> {
+    return this.lifecycle.commitImport(name, req);
+  }
+
+  /** Ends an import without registering it: its folder and everything written into it are removed. */
+  cancelImport(name: string): Promise<void> {
+    return this.lifecycle.cancelImport(name);
+  }
+
+  // ---------------------------------------------------------------- checkpoints (checkpoints.ts)
 
   listCheckpoints(name: string): (Checkpoint & { current: boolean })[] {
-    const def = this.mustGet(name);
-    return def.checkpoints.map((c) => ({ ...structuredClone(c), current: c.id === def.currentCheckpointId }));
+    return this.checkpoints.list(name);
   }
 
-  /**
-   * Cuts a checkpoint: (freeze the guest), pause the VM's I/O, flush, seal each tracker's id, create an
-   * .avhdx child per disk, record it all in one atomic definition write, switch onto the children,
-   * resume, (thaw). The parents are from then on the frozen, consistent point.
-   */
-  async createCheckpoint(name: string, req: CheckpointRequest = {}): Promise<Checkpoint> {
-    return this.locks.run(name, () =>
-      this.leases.during(name, req.lease, 'checkpoint create', () => this.cutCheckpoint(name, req)),
-    );
-  }
-
-  private async cutCheckpoint(name: string, req: CheckpointRequest): Promise<Checkpoint> {
-    const def = this.mustGet(name);
-    this.assertNoPending(def);
-    const holder = req.lease !== undefined ? await this.leases.holder(name) : undefined;
-    if (def.checkpointPolicy === 'disabled') {
-      throw new TidemarkError('CONFLICT', `checkpoints are disabled for ${name} (checkpoint policy "disabled")`);
-    }
-    if (def.disks.length === 0) throw new TidemarkError('CONFLICT', `${name} has no disks to checkpoint`);
-    let type: CheckpointType = req.type ?? (def.checkpointPolicy === 'standard-only' ? 'standard' : 'production');
-    if (type === 'production' && def.checkpointPolicy === 'standard-only') {
-      throw new TidemarkError('CONFLICT', `${name} allows standard checkpoints only (policy "standard-only")`);
-    }
-    const id = randomUUID();
-    const running = this.running.get(name);
-    const cpName = req.name ?? `${name} - (${new Date().toISOString().replace('T', ' ').slice(0, 19)})`;
-    const children = def.disks.map((d) => ({
-      disk: d,
-      child: path.join(this.vmDir(name), 'disks', `${d.slot}_${id.slice(0, 8)}${CHILD_EXT}`),
-    }));
-    // A standard checkpoint of a VM QEMU runs holds its memory too, as Hyper-V's do.
-    const rt = type === 'standard' && running && this.qemuRunning(name) ? this.runtimes.get(name) : undefined;
-    const memoryFile = rt ? path.join(this.vmDir(name), 'disks', `memory_${id.slice(0, 8)}${MEMORY_EXT}`) : null;
-    const created = [...children.map((c) => c.child), ...(memoryFile ? [memoryFile] : [])];
-    def.pending = { op: 'checkpoint', checkpointId: id, created: created.map((f) => this.rel(def, f)) };
-    await this.save(def);
-
-    const sealed = new Map<string, string | undefined>();
-    const commitDef = () => {
-      const cp: Checkpoint = {
-        id,
-        name: cpName,
-        type,
-        parentId: def.currentCheckpointId,
-        createdAt: new Date().toISOString(),
-        consistency: 'crash',
-        consistencyNote: null,
-        freezeWindowMs: null,
-        ioPauseMs: null,
-        disks: children.map((c) => ({
-          slot: c.disk.slot,
-          virtualDiskId: c.disk.virtualDiskId,
-          file: c.disk.head,
-          rctId: sealed.get(c.disk.slot) ?? null,
-        })),
-        run: holder ? { lease: holder.id, runId: holder.owner.runId, command: holder.owner.command } : null,
-        memoryState: memoryFile ? this.rel(def, memoryFile) : null,
-      };
-      for (const c of children) c.disk.head = this.rel(def, c.child);
-      def.checkpoints.push(cp);
-      def.currentCheckpointId = id;
-      def.pending = null;
-    };
-
-    const cut = async () => {
-      let started = performance.now();
-      if (running) {
-        const disks = children.map((c) => running.get(c.disk.slot)!);
-        // The children are made while the guest still writes; the pause only flushes, seals and switches.
-        await Promise.all(children.map((c, i) => disks[i].precreateChild(c.child)));
-        await privateFiles(...children.map((c) => c.child));
-        started = performance.now();
-        await Promise.all(disks.map((d) => d.pause()));
-        try {
-          await Promise.all(
-            children.map(async (c, i) =>
-              sealed.set(c.disk.slot, (await disks[i].prepareChild(c.child, { precreated: true })).id),
-            ),
-          );
-          commitDef();
-          await this.save(def);
-          await Promise.all(children.map((c, i) => disks[i].switchHead(c.child)));
-        } finally {
-          for (const d of disks) d.resume();
-        }
-      } else {
-        for (const c of children) {
-          const disk = await VirtualDisk.open(this.abs(def, c.disk.head), this.diskOptions(def));
-          try {
-            await disk.pause();
-            sealed.set(c.disk.slot, (await disk.prepareChild(c.child)).id);
-            disk.resume();
-          } finally {
-            await disk.close();
-          }
-        }
-        await privateFiles(...children.map((c) => c.child));
-        commitDef();
-        await this.save(def);
-      }
-      return { ioPauseMs: running ? performance.now() - started : null };
-    };
-
-    try {
-      let outcome: {
-        result: { ioPauseMs: number | null };
-        consistency: Consistency;
-        freezeWindowMs: number | null;
-        note: string;
-      };
-      if (!running) {
-        outcome = { result: await cut(), consistency: 'application', freezeWindowMs: null, note: 'the VM is off' };
-      } else if (type === 'standard' && rt && memoryFile) {
-        // The guest pauses, its memory goes to the file, the disks are cut, and it continues.
-        const captured = await rt.captureState(memoryFile, cut);
-        outcome = {
-          result: captured.result,
-          consistency: 'crash',
-          freezeWindowMs: null,
-          note: `standard checkpoint with the guest's memory (${(captured.bytes / 2 ** 20).toFixed(1)} MiB saved in ${fmtMs(captured.ms)}; the guest was paused meanwhile)`,
-        };
-      } else if (type === 'standard') {
-        outcome = {
-          result: await cut(),
-          consistency: 'crash',
-          freezeWindowMs: null,
-          note: 'standard checkpoint of a running VM (no guest freeze)',
-        };
-      } else {
-        const wantApp = type === 'production' || (req.consistency ?? 'application') === 'application';
-        if (!wantApp) {
-          outcome = {
-            result: await cut(),
-            consistency: 'crash',
-            freezeWindowMs: null,
-            note: 'crash consistency requested',
-          };
-        } else {
-          const fallback =
-            type === 'production'
-              ? def.checkpointPolicy === 'production-only'
-                ? 'fail'
-                : 'crash'
-              : req.requireConsistency
-                ? 'fail'
-                : 'crash';
-          outcome = await this.consistency.around(def, cut, { fallback });
-          if (type === 'production' && outcome.consistency === 'crash') type = 'standard';
-        }
-      }
-      const cp = def.checkpoints.find((c) => c.id === id)!;
-      cp.type = type;
-      cp.consistency = outcome.consistency;
-      cp.consistencyNote = outcome.note;
-      cp.freezeWindowMs = outcome.freezeWindowMs;
-      cp.ioPauseMs = outcome.result.ioPauseMs;
-      await this.save(def);
-      this.log.info(
-        `checkpoint ${cp.name} of ${name}: ${type}, ${cp.consistency}-consistent, I/O pause ${fmtMs(cp.ioPauseMs)}, freeze ${fmtMs(cp.freezeWindowMs)}`,
-      );
-      return structuredClone(cp);
-    } catch (err) {
-      if (def.pending?.op === 'checkpoint') {
-        for (const f of created) await unlink(f).catch(() => undefined);
-        def.pending = null;
-        await this.save(def);
-      }
-      throw err;
-    }
+  /** Cuts a checkpoint (checkpoint-plan.ts decides what kind; checkpoints.ts cuts it). */
+  createCheckpoint(name: string, req: CheckpointRequest = {}): Promise<Checkpoint> {
+    return this.checkpoints.create(name, req);
   }
 
   /** Deletes a checkpoint whose files no newer checkpoint needs, merging online when the VM runs on it. */
-  async deleteCheckpoint(name: string, checkpoint: string, opts: LeaseRef = {}): Promise<void> {
-    return this.locks.run(name, () =>
-      this.leases.during(name, opts.lease, 'checkpoint delete', async () => {
-        const def = this.mustGet(name);
-        const cp = this.findCheckpoint(def, checkpoint);
-        await this.removeCheckpoint(def, cp, 'delete', null);
-      }),
-    );
+  deleteCheckpoint(name: string, checkpoint: string, opts: LeaseRef = {}): Promise<void> {
+    return this.checkpoints.delete(name, checkpoint, opts);
   }
 
   /** Applies a checkpoint to a VM that is off: the VM continues from a new child of the checkpoint's files. */
-  async applyCheckpoint(name: string, checkpoint: string, opts: LeaseRef = {}): Promise<void> {
-    return this.locks.run(name, () =>
-      this.leases.during(name, opts.lease, 'checkpoint apply', () => this.applyCheckpointNow(name, checkpoint)),
-    );
+  applyCheckpoint(name: string, checkpoint: string, opts: LeaseRef = {}): Promise<void> {
+    return this.checkpoints.apply(name, checkpoint, opts);
   }
 
-  private async applyCheckpointNow(name: string, checkpoint: string): Promise<void> {
-    const def = this.mustGet(name);
-    this.assertNoPending(def);
-    if (this.running.has(name))
-      throw new TidemarkError('CONFLICT', `${name} is running: stop it to apply a checkpoint`);
-    const cp = this.findCheckpoint(def, checkpoint);
-    const suffix = randomUUID().slice(0, 8);
-    const created = cp.disks.map((d) => path.join(this.vmDir(name), 'disks', `${d.slot}_${suffix}${CHILD_EXT}`));
-    // The current state is discarded unless a checkpoint holds it.
-    const frozen = new Set(def.checkpoints.flatMap((c) => c.disks.map((d) => d.file)));
-    const discard = def.disks.map((d) => d.head).filter((h) => !frozen.has(h) && h !== this.baseOf(def, h));
-    def.pending = { op: 'apply', checkpointId: cp.id, created: created.map((c) => this.rel(def, c)), discard };
-    await this.save(def);
-    try {
-      for (let i = 0; i < cp.disks.length; i++) {
-        await createVhdx(created[i], {
-          parent: this.abs(def, cp.disks[i].file),
-          parentOpenOptions: this.diskOptions(def),
-        });
-        await privateFiles(created[i]);
-      }
-    } catch (err) {
-      for (const c of created) await unlink(c).catch(() => undefined);
-      def.pending = null;
-      await this.save(def);
-      throw err;
-    }
-    for (let i = 0; i < cp.disks.length; i++) {
-      const att = def.disks.find((d) => d.slot === cp.disks[i].slot);
-      if (att) att.head = this.rel(def, created[i]);
-    }
-    def.currentCheckpointId = cp.id;
-    def.pending = { op: 'delete-files', files: discard };
-    await this.save(def);
-    for (const f of discard) await unlink(this.abs(def, f)).catch(() => undefined);
-    def.pending = null;
-    await this.save(def);
-    if (def.boot) {
-      // The VM continues from the checkpoint: with its memory when it has some (Saved, as Hyper-V leaves it),
-      // and never with a saved state of the discarded present (that memory does not match these disks).
-      const rt = this.runtime(name);
-      if (cp.memoryState) await rt.installSavedState(this.abs(def, cp.memoryState), `checkpoint ${cp.name} applied`);
-      else if (rt.state === 'Saved') await rt.dropSavedState();
-    }
-    this.log.info(`applied checkpoint ${cp.name} to ${name}${cp.memoryState ? ' (Saved: start resumes it)' : ''}`);
-  }
-
-  // ---------------------------------------------------------------- reference points
+  // ---------------------------------------------------------------- reference points (reference-points.ts)
 
   listReferencePoints(name: string): ReferencePoint[] {
-    return structuredClone(this.mustGet(name).referencePoints);
+    return this.referencePoints.list(name);
   }
 
-  /**
-   * ConvertToReferencePoint: the recovery checkpoint's .avhdx files are merged back online (the VM stops
-   * running on differencing disks) and the ids sealed at the checkpoint are kept per virtual disk.
-   */
-  async convertToReferencePoint(
+  /** ConvertToReferencePoint: a recovery checkpoint merged back online, its sealed ids kept. */
+  convertToReferencePoint(
     name: string,
     checkpoint: string,
     opts: { owner?: ReferencePointOwner | null } & LeaseRef = {},
   ): Promise<ReferencePoint> {
-    return this.locks.run(name, () =>
-      this.leases.during(name, opts.lease, 'refpoint convert', async () => {
-        const def = this.mustGet(name);
-        const cp = this.findCheckpoint(def, checkpoint);
-        if (cp.type !== 'recovery') {
-          throw new TidemarkError(
-            'CONFLICT',
-            `checkpoint ${cp.name} is a ${cp.type} checkpoint; only recovery checkpoints convert`,
-          );
-        }
-        const rp: ReferencePoint = {
-          id: randomUUID(),
-          createdAt: cp.createdAt,
-          fromCheckpoint: cp.id,
-          consistency: cp.consistency,
-          virtualDiskIdentifiers: cp.disks.map((d) => d.virtualDiskId),
-          resilientChangeTrackingIdentifiers: cp.disks.map((d) => d.rctId),
-          owner: opts.owner ?? null,
-        };
-        await this.removeCheckpoint(def, cp, 'refpoint', rp);
-        this.log.info(`reference point ${rp.id.slice(0, 8)} of ${name} for ${describeOwner(rp.owner)}`);
-        return structuredClone(rp);
-      }),
-    );
+    return this.referencePoints.convert(name, checkpoint, opts);
   }
 
   /** CreateReferencePoint without a checkpoint: seals every disk's id now. */
-  async createReferencePoint(name: string, opts: { owner?: ReferencePointOwner | null } = {}): Promise<ReferencePoint> {
-    return this.locks.run(name, async () => {
-      const def = this.mustGet(name);
-      this.assertNoPending(def);
-      const ids: (string | null)[] = [];
-      const running = this.running.get(name);
-      for (const d of def.disks) {
-        if (running) {
-          ids.push((await running.get(d.slot)!.seal()) ?? null);
-        } else {
-          const disk = await VirtualDisk.open(this.abs(def, d.head), this.diskOptions(def));
-          try {
-            ids.push((await disk.seal()) ?? null);
-          } finally {
-            await disk.close();
-          }
-        }
-      }
-      const rp: ReferencePoint = {
-        id: randomUUID(),
-        createdAt: new Date().toISOString(),
-        fromCheckpoint: null,
-        consistency: null,
-        virtualDiskIdentifiers: def.disks.map((d) => d.virtualDiskId),
-        resilientChangeTrackingIdentifiers: ids,
-        owner: opts.owner ?? null,
-      };
-      def.referencePoints.push(rp);
-      await this.save(def);
-      return structuredClone(rp);
-    });
+  createReferencePoint(name: string, opts: { owner?: ReferencePointOwner | null } = {}): Promise<ReferencePoint> {
+    return this.referencePoints.create(name, opts);
   }
 
-  async destroyReferencePoint(name: string, id: string): Promise<void> {
-    return this.locks.run(name, async () => {
-      const def = this.mustGet(name);
-      const i = def.referencePoints.findIndex((r) => r.id === id);
-      if (i < 0) throw new TidemarkError('NOT_FOUND', `${name} has no reference point ${id}`);
-      def.referencePoints.splice(i, 1);
-      await this.save(def);
-    });
+  destroyReferencePoint(name: string, id: string): Promise<void> {
+    return this.referencePoints.destroy(name, id);
   }
 
-  // ---------------------------------------------------------------- image management
+  // ---------------------------------------------------------------- image management (images.ts)
 
   /**
    * GetVirtualDiskChanges: ranges changed since `limitId` (a sealed RCT id), paged by offset and length.
    * `target` is a VM disk (`{ vm, slot }`) or a disk file in the store.
    */
-  async virtualDiskChanges(
+  virtualDiskChanges(
     target: { vm: string; slot: string } | { path: string },
     limitId: string,
     offset = 0,
     length?: number,
     maxRanges?: number,
   ): Promise<ChangesResult & { virtualDiskId: string }> {
-    if ('vm' in target) {
-      const def = this.mustGet(target.vm);
-      const att = def.disks.find((d) => d.slot === target.slot);
-      if (!att) throw new TidemarkError('NOT_FOUND', `${target.vm} has no disk at ${target.slot}`);
-      if (limitId === '*') {
-        // Everything allocated (a first or full backup): answered with or without change tracking.
-        const open = this.running.get(target.vm)?.get(target.slot);
-        const len = length ?? att.virtualSize - offset;
-        const ranges = open
-          ? await open.file.allocatedExtents(offset, len)
-          : await withVhdx(this.abs(def, att.head), this.diskOptions(def).allowedRoots, (d) =>
-              d.allocatedExtents(offset, len),
-            );
-        const capped = maxRanges !== undefined && ranges.length > maxRanges ? ranges.slice(0, maxRanges) : ranges;
-        const processedLength =
-          capped === ranges ? len : capped[capped.length - 1].offset + capped[capped.length - 1].length - offset;
-        return {
-          ranges: capped,
-          processedLength,
-          totalBytes: capped.reduce((n, r) => n + r.length, 0),
-          virtualDiskId: att.virtualDiskId,
-        };
-      }
-      if (!supportsRct(def.configVersion)) {
-        throw new TidemarkError(
-          'MISSING_CHANGE_TRACKING_INFORMATION',
-          `${target.vm} has configuration version ${def.configVersion}: change tracking needs 6.2 or later`,
-        );
-      }
-      const open = this.running.get(target.vm)?.get(target.slot);
-      if (open)
-        return { ...(await open.changes(limitId, offset, length, maxRanges)), virtualDiskId: att.virtualDiskId };
-      return this.offlineChanges(
-        this.abs(def, att.head),
-        limitId,
-        offset,
-        length,
-        maxRanges,
-        this.diskOptions(def).allowedRoots,
-      );
-    }
-    const file = this.inStore(target.path);
-    return this.offlineChanges(file, limitId, offset, length, maxRanges, [this.store]);
+    return this.images.virtualDiskChanges(target, limitId, offset, length, maxRanges);
   }
 
-  private async offlineChanges(
-    file: string,
-    limitId: string,
-    offset: number,
-    length: number | undefined,
-    maxRanges: number | undefined,
-    allowedRoots: string[],
-  ): Promise<ChangesResult & { virtualDiskId: string }> {
-    this.assertNotOpen(file);
-    const disk = await VhdxFile.open(file, { allowedRoots });
-    try {
-      const tracker = await ChangeTracker.attach(disk, { writable: false });
-      if (!tracker) {
-        throw new TidemarkError('MISSING_CHANGE_TRACKING_INFORMATION', `${path.basename(file)} has no change tracking`);
-      }
-      return {
-        ...(await tracker.changes(limitId, offset, length, maxRanges)),
-        virtualDiskId: guidToString(disk.virtualDiskId),
-      };
-    } finally {
-      await disk.close();
-    }
+  diskInfo(file: string): Promise<VhdxInfo> {
+    return this.images.diskInfo(file);
   }
 
-  async diskInfo(file: string): Promise<VhdxInfo> {
-    return vhdxInfo(this.inStore(file), { allowedRoots: [this.store] });
+  createDisk(file: string, opts: { size: number; blockSize?: number; tracking?: boolean }): Promise<string> {
+    return this.images.createDisk(file, opts);
   }
 
-  async createDisk(file: string, opts: { size: number; blockSize?: number; tracking?: boolean }): Promise<string> {
-    const p = this.inStore(file);
-    await createVhdx(p, { size: opts.size, blockSize: opts.blockSize });
-    await privateFiles(p);
-    if (opts.tracking !== false) await enableTracking(p, [path.dirname(p)]);
-    return p;
-  }
-
-  async mergeDisk(childPath: string): Promise<{ parentPath: string; bytesCopied: number }> {
-    const p = this.inStore(childPath);
-    this.assertNotOpen(p);
-    for (const def of this.vms.values()) {
-      if (
-        def.disks.some((d) => this.abs(def, d.head) === p) ||
-        def.checkpoints.some((c) => c.disks.some((d) => this.abs(def, d.file) === p))
-      ) {
-        throw new TidemarkError('CONFLICT', `${p} belongs to VM ${def.name}: delete its checkpoint instead`);
-      }
-    }
-    const r = await mergeWithTracking(p, { allowedRoots: [this.store] });
-    return { parentPath: r.parentPath, bytesCopied: r.bytesCopied };
+  mergeDisk(childPath: string): Promise<{ parentPath: string; bytesCopied: number }> {
+    return this.images.mergeDisk(childPath);
   }
 
   // ---------------------------------------------------------------- shutdown
 
   /** Stops serving, flushes and closes every open disk cleanly (VMs keep state Running for the next start). */
   async close(): Promise<void> {
-    if (this.closed) return;
-    this.closed = true;
-    // vm-runtime: QEMU keeps running (its NBD client reconnects to the next host); only QMP is let go.
-    for (const rt of this.runtimes.values()) await rt.detach().catch((e) => this.log.warn(String(e)));
+    if (this.vms.isClosed) return;
+    this.vms.close();
+    await this.lifecycle.detachRuntimes();
     await this.jobs.drain();
     await this.snapshots.releaseAll();
     await this.nbd.close();
-    for (const name of [...this.running.keys()]) {
-      for (const disk of this.running.get(name)!.values()) await disk.close().catch((e) => this.log.warn(String(e)));
-    }
-    this.running.clear();
+    await this.lifecycle.closeAllDisks();
   }
-
-  // ---------------------------------------------------------------- internals
-
-  private async summary(def: VmDefinition): Promise<VmSummary> {
-    const running = this.running.get(def.name);
-    const disks: VmSummary['disks'] = [];
-    for (const d of def.disks) {
-      disks.push({
-        slot: d.slot,
-        virtualDiskId: d.virtualDiskId,
-        virtualSize: d.virtualSize,
-        base: this.abs(def, d.base),
-        head: this.abs(def, d.head),
-        export: running ? exportName(def.name, d.slot) : null,
-        nbdUri: running && this.nbd.address() ? this.nbd.uri(exportName(def.name, d.slot)) : null,
-        tracking: await this.trackingState(def, d),
-      });
-    }
-    return {
-      name: def.name,
-      id: def.id,
-      state: this.vmState(def),
-      generation: def.generation,
-      configVersion: def.configVersion,
-      checkpointPolicy: def.checkpointPolicy,
-      guest: def.guest,
-      disks,
-      checkpoints: def.checkpoints.length,
-      currentCheckpointId: def.currentCheckpointId,
-      referencePoints: def.referencePoints.length,
-      lease: (await this.leases.holder(def.name)) ?? null,
-      memoryMiB: def.memoryMiB,
-      cpus: def.cpus,
-      scsiControllers: def.scsiControllers,
-      boot: def.boot,
-      image: def.image,
-      qemu: this.qemuSummary(def),
-      lastExit: this.runtimes.get(def.name)?.lastExit ?? null,
-    };
-  }
-
-  // ---------------------------------------------------------------- vm-runtime (QEMU): thin integration
-
-  /** Hyper-V's state: the QEMU's when the VM has one, else Running while its disks are exported. */
-  private vmState(def: VmDefinition): VmState {
-    const rt = this.runtimes.get(def.name);
-    if (rt && rt.state !== 'Off') return rt.state;
-    if (def.state === 'Saved') return 'Saved';
-    return this.running.has(def.name) ? 'Running' : 'Off';
-  }
-
-  private qemuRunning(name: string): boolean {
-    const s = this.runtimes.get(name)?.state;
-    return s !== undefined && s !== 'Off' && s !== 'Saved';
-  }
-
-  private qemuSummary(def: VmDefinition): VmSummary['qemu'] {
-    if (!def.boot && !this.runtimes.has(def.name)) return null;
-    const rt = this.runtime(def.name);
-    return {
-      pid: rt.pid,
-      qmp: rt.files.qmp,
-      console: rt.files.console,
-      accel: rt.accel?.accel ?? null,
-      accelReason: rt.accel?.reason ?? null,
-    };
-  }
-
-  /** The VM's runtime (made once), wired so that QEMU ending by itself (guest power-off, crash) closes the disks. */
-  runtime(name: string): VmRuntime {
-    const def = this.mustGet(name);
-    let rt = this.runtimes.get(name);
-    if (!rt) {
-      rt = new VmRuntime({
-        dir: this.vmDir(name),
-        runDir: path.join(this.store, 'run'),
-        name,
-        id: def.id,
-        log: this.log,
-        qemuBinary: this.opts.qemu?.binary,
-        guestSocket: def.guest,
-      });
-      rt.on('exit', (info: ExitInfo) => {
-        if (this.closed) return;
-        void this.locks
-          .run(name, async () => {
-            const d = this.vms.get(name);
-            if (!d || this.qemuRunning(name)) return;
-            await this.closeDisks(name);
-            d.state = info.reason === 'saved' ? 'Saved' : 'Off';
-            await this.save(d);
-            this.log.info(`${name}: ${d.state} (${info.detail})`);
-          })
-          .catch((e) => this.log.warn(`${name}: after QEMU ended: ${(e as Error).message}`));
-      });
-      this.runtimes.set(name, rt);
-    }
-    return rt;
-  }
-
-  private async launchRuntime(def: VmDefinition): Promise<void> {
-    const rt = this.runtime(def.name);
-    if (this.qemuRunning(def.name)) return;
-    const a = this.nbd.address();
-    if (!a) throw new TidemarkError('CLOSED', 'the NBD server is not listening');
-    const dial: QemuNbdAddress = a.type === 'unix' ? a : { type: 'inet', host: a.host, port: a.port };
-    const tlsDir = this.opts.nbd?.tlsDir;
-    const nbd: QemuNbdAddress = tlsDir !== undefined ? { ...dial, tlsDir: path.resolve(tlsDir) } : dial;
-    try {
-      await rt.start({
-        generation: def.generation,
-        memoryMiB: def.memoryMiB,
-        cpus: def.cpus,
-        scsiControllers: def.scsiControllers,
-        boot: def.boot!,
-        disks: def.disks.map((d) => ({ slot: d.slot, export: exportName(def.name, d.slot) })),
-        nbd,
-        reconnectDelay: this.opts.qemu?.reconnectDelay,
-        accel: def.accel !== 'auto' ? def.accel : (this.opts.qemu?.accel ?? 'auto'),
-      });
-    } catch (err) {
-      await this.closeDisks(def.name);
-      throw err;
-    }
-    // The guest-agent channel is wired automatically: checkpoints freeze through it.
-    if (!def.guest) def.guest = `unix:${rt.guestSocket}`;
-  }
-
-  /** After a host restart: the QEMU a previous host launched is adopted through its QMP socket. */
-  private async adoptRuntime(def: VmDefinition): Promise<void> {
-    const rt = this.runtime(def.name);
-    let state: VmState;
-    try {
-      state = await rt.adopt();
-    } catch (err) {
-      this.log.warn(`${def.name}: ${(err as Error).message}`);
-      state = 'Off';
-    }
-    const live = state !== 'Off' && state !== 'Saved';
-    // A QEMU launched by a host that died before recording Running: its NBD client waits for these exports.
-    if (live && !this.running.has(def.name)) await this.openDisks(def);
-    if (!live && def.state === 'Running') {
-      this.log.warn(`${def.name}: its QEMU is gone (${rt.lastExit?.detail ?? 'not found'}); the VM is ${state}`);
-      await this.closeDisks(def.name);
-    }
-    const persisted = live ? 'Running' : state === 'Saved' ? 'Saved' : 'Off';
-    if (def.state !== persisted) {
-      def.state = persisted;
-      await this.save(def);
-    }
-  }
-
-  /** Saves a running VM's memory and device state and ends its QEMU (Saved); `vm start` restores it. */
-  async saveVm(name: string): Promise<VmSummary> {
-    return this.locks.run(name, async () => {
-      const def = this.mustGet(name);
-      if (!this.qemuRunning(name)) throw new TidemarkError('CONFLICT', `${name} has no running QEMU to save`);
-      const r = await this.runtimes.get(name)!.save();
-      await this.closeDisks(name);
-      def.state = 'Saved';
-      await this.save(def);
-      this.log.info(`${name}: saved (${(r.bytes / 2 ** 20).toFixed(1)} MiB in ${(r.ms / 1000).toFixed(1)} s)`);
-      return this.summary(def);
-    });
-  }
-
-  /** Pauses or resumes a VM's QEMU. */
-  async pauseVm(name: string, pause: boolean): Promise<VmSummary> {
-    return this.locks.run(name, async () => {
-      const def = this.mustGet(name);
-      if (!this.qemuRunning(name)) throw new TidemarkError('CONFLICT', `${name} has no running QEMU`);
-      const rt = this.runtimes.get(name)!;
-      if (pause) await rt.pause();
-      else await rt.resume();
-      return this.summary(def);
-    });
-  }
-
-  /** The serial console log from `offset` (at most `max` bytes): `{ data, offset: next, size }`. */
-  readConsole(name: string, offset = 0, max = 65536): Promise<{ data: string; offset: number; size: number }> {
-    return this.runtime(name).readConsole(offset, max);
-  }
-
-  /** Whether a disk's changes are really tracked: the running disk's tracker, or the files beside its base. */
-  private async trackingState(def: VmDefinition, att: DiskAttachment): Promise<TrackingState> {
-    if (!supportsRct(def.configVersion)) return 'none';
-    const open = this.running.get(def.name)?.get(att.slot);
-    if (open) return open.changeTracker ? 'enabled' : 'missing';
-    return (await exists(trackingPaths(this.abs(def, att.base)).rct)) ? 'enabled' : 'missing';
-  }
-
-  private async prepareDisk(def: VmDefinition, d: NewDisk): Promise<DiskAttachment> {
-    if (!SLOT.test(d.slot)) {
-      throw new TidemarkError('INVALID_ARGUMENT', `slot "${d.slot}" is not ide0-0..ide1-1 or scsi0-0..scsi3-63`);
-    }
-    if (def.disks.some((x) => x.slot === d.slot))
-      throw new TidemarkError('ALREADY_EXISTS', `${def.name} already has a disk at ${d.slot}`);
-    let file: string;
-    if (d.path) {
-      // Confined before anything is opened or written beside it (tracking files).
-      file = await this.diskPaths.check(d.path);
-      for (const other of this.vms.values()) {
-        if (other.disks.some((x) => this.abs(other, x.base) === file)) {
-          throw new TidemarkError('CONFLICT', `${file} is already attached to VM ${other.name}`);
-        }
-      }
-    } else if (d.size !== undefined) {
-      const size = typeof d.size === 'number' ? d.size : parseSize(d.size);
-      file = path.join(this.vmDir(def.name), 'disks', `${d.slot}.vhdx`);
-      await createVhdx(file, { size, blockSize: d.blockSize });
-      await privateFiles(file);
-    } else {
-      throw new TidemarkError('INVALID_ARGUMENT', `disk ${d.slot}: give a path or a size`);
-    }
-    const probe = await VhdxFile.open(file, { allowedRoots: [path.dirname(file), this.store] });
-    let virtualDiskId: string;
-    const virtualSize = probe.virtualSize;
-    try {
-      if (probe.parent) {
-        throw new TidemarkError(
-          'INVALID_ARGUMENT',
-          `${file} is a differencing disk: attach its base or merge it first`,
-        );
-      }
-      virtualDiskId = guidToString(probe.virtualDiskId);
-    } finally {
-      await probe.close();
-    }
-    if (supportsRct(def.configVersion)) await enableTracking(file, [path.dirname(file)]);
-    const rel = this.rel(def, file);
-    return { slot: d.slot, base: rel, head: rel, virtualDiskId, virtualSize };
-  }
-
-  private async openDisks(def: VmDefinition): Promise<void> {
-    for (const att of def.disks) await settleChain(this.abs(def, att.head), this.diskOptions(def).allowedRoots);
-    this.running.set(def.name, new Map());
-    try {
-      for (const att of def.disks) await this.openDisk(def, att);
-    } catch (err) {
-      await this.closeDisks(def.name);
-      throw err;
-    }
-  }
-
-  private async openDisk(def: VmDefinition, att: DiskAttachment): Promise<void> {
-    if (supportsRct(def.configVersion)) {
-      // Tracking files lost while the VM was off (deleted, or never copied along): tracking starts again.
-      const found = await enableTracking(
-        this.abs(def, att.head),
-        this.diskOptions(def).allowedRoots,
-        'the tracking files were missing when the VM started',
-      );
-      if (found === 'none')
-        this.log.warn(`${def.name} ${att.slot}: the tracking files were missing; change tracking restarted`);
-    }
-    const disk = await VirtualDisk.open(this.abs(def, att.head), this.diskOptions(def));
-    this.running.get(def.name)!.set(att.slot, disk);
-    this.nbd.addExport(exportName(def.name, att.slot), disk, { description: `${def.name} ${att.slot}` });
-  }
-
-  private async closeDisks(name: string): Promise<void> {
-    const disks = this.running.get(name);
-    if (!disks) return;
-    for (const slot of disks.keys()) await this.nbd.removeExport(exportName(name, slot));
-    for (const disk of disks.values()) await disk.close();
-    this.running.delete(name);
-  }
-
-  private diskOptions(def: VmDefinition): { allowedRoots: string[]; tracking: boolean } {
-    const roots = new Set([this.store, ...def.disks.map((d) => path.dirname(this.abs(def, d.base)))]);
-    return { allowedRoots: [...roots], tracking: supportsRct(def.configVersion) };
-  }
-
-  /**
-   * Removes a checkpoint: when the VM's current state sits on it, its child (the running head) is merged
-   * back into the checkpoint's files online (offline when the VM is off). Journaled: a crash anywhere is
-   * finished on restart by an offline merge.
-   */
-  private async removeCheckpoint(
-    def: VmDefinition,
-    cp: Checkpoint,
-    then: 'delete' | 'refpoint',
-    rp: ReferencePoint | null,
-  ): Promise<void> {
-    this.assertNoPending(def);
-    if (def.checkpoints.some((c) => c.parentId === cp.id)) {
-      throw new TidemarkError(
-        'NOT_SUPPORTED',
-        `checkpoint ${cp.name} has newer checkpoints; delete those first (merging an inner checkpoint is not supported yet)`,
-      );
-    }
-    const isCurrent = def.currentCheckpointId === cp.id;
-    const disks = isCurrent
-      ? cp.disks.map((d) => ({ slot: d.slot, child: def.disks.find((a) => a.slot === d.slot)!.head, parent: d.file }))
-      : [];
-    def.pending = { op: 'merge', checkpointId: cp.id, then, referencePoint: rp, disks };
-    await this.save(def);
-    const running = this.running.get(def.name);
-    for (const m of disks) {
-      const open = running?.get(m.slot);
-      if (open) {
-        await open.mergeHeadOnline({
-          beforeSwitch: async () => {
-            def.disks.find((a) => a.slot === m.slot)!.head = m.parent;
-            await this.save(def);
-          },
-        });
-      } else {
-        await mergeWithTracking(this.abs(def, m.child), { allowedRoots: this.diskOptions(def).allowedRoots });
-        def.disks.find((a) => a.slot === m.slot)!.head = m.parent;
-        await this.save(def);
-      }
-    }
-    await this.finishRemoval(def, cp.id, then, rp);
-    this.log.info(`${then === 'refpoint' ? 'converted' : 'deleted'} checkpoint ${cp.name} of ${def.name}`);
-  }
-
-  private async finishRemoval(def: VmDefinition, cpId: string, then: 'delete' | 'refpoint', rp: ReferencePoint | null) {
-    const cp = def.checkpoints.find((c) => c.id === cpId);
-    const orphaned: string[] = [];
-    if (cp) {
-      if (def.currentCheckpointId === cp.id) {
-        def.currentCheckpointId = cp.parentId;
-      } else {
-        // Not on the VM's path: nothing depends on its files any more.
-        const inUse = new Set([
-          ...def.disks.map((d) => d.head),
-          ...def.checkpoints.filter((c) => c.id !== cp.id).flatMap((c) => c.disks.map((d) => d.file)),
-        ]);
-        for (const d of cp.disks)
-          if (!inUse.has(d.file) && d.file !== def.disks.find((a) => a.slot === d.slot)?.base) orphaned.push(d.file);
-      }
-      // Its memory state belongs to it alone.
-      if (cp.memoryState) orphaned.push(cp.memoryState);
-      def.checkpoints = def.checkpoints.filter((c) => c.id !== cpId);
-    }
-    if (then === 'refpoint' && rp && !def.referencePoints.some((r) => r.id === rp.id)) def.referencePoints.push(rp);
-    def.pending = orphaned.length > 0 ? { op: 'delete-files', files: orphaned } : null;
-    await this.save(def);
-    if (orphaned.length > 0) {
-      for (const f of orphaned) await unlink(this.abs(def, f)).catch(() => undefined);
-      def.pending = null;
-      await this.save(def);
-    }
-  }
-
-  /** Finishes or rolls back what a killed host left half done, then removes stray children. */
-  private async recover(def: VmDefinition): Promise<void> {
-    const p = def.pending;
-    if (p) {
-      this.log.warn(`${def.name}: recovering an interrupted ${p.op}`);
-      if (p.op === 'checkpoint') {
-        for (const f of p.created) await unlink(this.abs(def, f)).catch(() => undefined);
-        def.pending = null;
-        await this.save(def);
-      } else if (p.op === 'merge') {
-        for (const m of p.disks) {
-          if (await exists(this.abs(def, m.child))) {
-            await mergeWithTracking(this.abs(def, m.child), { allowedRoots: this.diskOptions(def).allowedRoots });
-          }
-          def.disks.find((a) => a.slot === m.slot)!.head = m.parent;
-          await this.save(def);
-        }
-        await this.finishRemoval(def, p.checkpointId, p.then, p.referencePoint);
-      } else if (p.op === 'apply') {
-        const committed = p.created.every((f) => def.disks.some((d) => d.head === f));
-        const victims = committed ? p.discard : p.created;
-        for (const f of victims) await unlink(this.abs(def, f)).catch(() => undefined);
-        def.pending = null;
-        await this.save(def);
-      } else {
-        for (const f of p.files) await unlink(this.abs(def, f)).catch(() => undefined);
-        def.pending = null;
-        await this.save(def);
-      }
-    }
-    // A child no definition refers to is a leftover: remove it (only .avhdx files in the VM's own folder).
-    const referenced = new Set([
-      ...def.disks.map((d) => this.abs(def, d.head)),
-      ...def.checkpoints.flatMap((c) => c.disks.map((d) => this.abs(def, d.file))),
-      ...def.checkpoints.flatMap((c) => (c.memoryState ? [this.abs(def, c.memoryState)] : [])),
-    ]);
-    const dir = path.join(this.vmDir(def.name), 'disks');
-    for (const f of await readdir(dir).catch(() => [] as string[])) {
-      const full = path.join(dir, f);
-      if ((f.endsWith(CHILD_EXT) || f.endsWith(MEMORY_EXT)) && !referenced.has(full)) {
-        this.log.warn(`${def.name}: removing stray ${f}`);
-        await unlink(full).catch(() => undefined);
-      }
-    }
-  }
-
-  private findCheckpoint(def: VmDefinition, key: string): Checkpoint {
-    const cp = def.checkpoints.find((c) => c.id === key || c.name === key);
-    if (!cp) throw new TidemarkError('NOT_FOUND', `${def.name} has no checkpoint "${key}"`);
-    return cp;
-  }
-
-  private assertNoPending(def: VmDefinition): void {
-    if (def.pending)
-      throw new TidemarkError(
-        'BUSY',
-        `${def.name} has an unfinished ${def.pending.op}; restart the host to recover it`,
-      );
-  }
-
-  private assertNotOpen(file: string): void {
-    for (const [name, disks] of this.running) {
-      for (const d of disks.values()) {
-        if (d.file.chain().some((f) => f.path === file)) {
-          throw new TidemarkError('CONFLICT', `${file} is in use by running VM ${name}`);
-        }
-      }
-    }
-  }
-
-  private mustBeOpen(): void {
-    if (this.closed) throw new TidemarkError('CLOSED', 'the host is shutting down');
-  }
-
-  private mustGet(name: string): VmDefinition {
-    this.mustBeOpen();
-    const def = this.vms.get(name);
-    if (!def) throw new TidemarkError('NOT_FOUND', `no VM named ${name}`);
-    return def;
-  }
-
-  private async save(def: VmDefinition): Promise<void> {
-    await this.defWrites.run(def.name, () => writeDefinition(this.defPath(def.name), def));
-  }
-
-  private vmDir(name: string): string {
-    return path.join(this.store, 'vms', name);
-  }
-
-  private defPath(name: string): string {
-    return path.join(this.vmDir(name), 'vm.json');
-  }
-
-  private abs(def: VmDefinition, p: string): string {
-    return path.resolve(this.vmDir(def.name), p);
-  }
-
-  /** Paths inside the VM's folder are stored relative to it (the store can move); others absolutely. */
-  private rel(def: VmDefinition, p: string): string {
-    const rel = path.relative(this.vmDir(def.name), path.resolve(this.vmDir(def.name), p));
-    return rel.startsWith('..') || path.isAbsolute(rel) ? path.resolve(p) : rel;
-  }
-
-  private baseOf(def: VmDefinition, head: string): string | undefined {
-    return def.disks.find((d) => d.head === head)?.base;
-  }
-
-  private inStore(p: string): string {
-    const abs = path.resolve(this.store, p);
-    if (abs !== this.store && !abs.startsWith(this.store + path.sep)) {
-      throw new TidemarkError('PATH_NOT_ALLOWED', `${p} is outside the host's store ${this.store}`);
-    }
-    return abs;
-  }
-}
-
-function checkVmName(name: string): void {
-  if (!VM_NAME.test(name)) {
-    throw new TidemarkError('INVALID_ARGUMENT', `VM name "${name}" must be 1–64 letters, digits, '.', '_' or '-'`);
-  }
-}
-
-function newDefinition(name: string, req: Omit<CreateVmRequest, 'name'> & { configVersion: string }): VmDefinition {
-  return {
-    schemaVersion: DEFINITION_VERSION,
-    id: randomUUID(),
-    name,
-    generation: req.generation ?? 2,
-    configVersion: req.configVersion,
-    checkpointPolicy: req.checkpointPolicy ?? 'production-fallback',
-    guest: req.guest ?? null,
-    state: 'Off',
-    createdAt: new Date().toISOString(),
-    disks: [],
-    checkpoints: [],
-    currentCheckpointId: null,
-    referencePoints: [],
-    pending: null,
-    memoryMiB: req.memoryMiB ?? DEFAULT_MEMORY_MIB,
-    cpus: req.cpus ?? 1,
-    // Enough controllers for the disks it is created with (at least one for generation 2, as Hyper-V).
-    scsiControllers:
-      req.scsiControllers ??
-      Math.max(
-        (req.generation ?? 2) === 2 ? 1 : 0,
-        ...(req.disks ?? []).map((d) => (/^scsi(\d)-/.exec(d.slot) ? Number(d.slot[4]) + 1 : 0)),
-      ),
-    boot: req.boot ?? null,
-    image: req.image ?? null,
-    accel: req.accel ?? 'auto',
-  };
-}
-
-export function exportName(vm: string, slot: string): string {
-  return `${vm}/${slot}`;
-}
-
-/**
- * Replays in place the log a crash left in a chain's parents (a reader replays it only in memory, and some
- * tools refuse such files), before the chain is opened for a running VM.
- */
-async function settleChain(head: string, allowedRoots: string[]): Promise<void> {
-  const probe = await VhdxFile.open(head, { allowedRoots });
-  const dirty = probe
-    .chain()
-    .slice(1)
-    .filter((f) => f.replay && f.replay.entries > 0)
-    .map((f) => f.path);
-  await probe.close();
-  for (const p of dirty) {
-    const f = await VhdxFile.open(p, { writable: true, noParent: true, allowedRoots });
-    await f.close();
-  }
-}
-
-async function withVhdx<T>(file: string, allowedRoots: string[], fn: (d: VhdxFile) => Promise<T>): Promise<T> {
-  const d = await VhdxFile.open(file, { allowedRoots });
-  try {
-    return await fn(d);
-  } finally {
-    await d.close();
-  }
-}
-
-/**
- * Starts Tidemark's change tracking on the chain whose head is `file` (its files beside the base, made private)
- * when it has none (`reason`: why it starts again). A disk another product tracks is left alone (its files are
- * never modified): it is backed up in full until an administrator runs `rct enable --replace-foreign`.
- * Returns what it found: 'none' means it created them now.
- */
-async function enableTracking(file: string, allowedRoots: string[], reason?: string): Promise<TrackingFiles['state']> {
-  const disk = await VhdxFile.open(file, { allowedRoots });
-  try {
-    const base = disk.chain().at(-1)!.path;
-    const found = await ChangeTracker.inspect(base);
-    if (found.state !== 'none') return found.state;
-    await ChangeTracker.enable(disk, undefined, { reason });
-    const files = trackingPaths(base);
-    await privateFiles(files.rct, files.mrt);
-    return 'none';
-  } finally {
-    await disk.close();
-  }
-}
-
-/**
- * Disks attached by path must be disk files (not a FIFO, a socket, a directory): each named path (relative to
- * the store) is checked, without opening it, before any lock is taken.
- */
-async function checkDiskPaths(store: string, disks: NewDisk[] | undefined): Promise<void> {
-  for (const d of disks ?? []) if (d.path) await checkFileType(path.resolve(store, d.path), 'disk');
-}
-
-async function exists(p: string): Promise<boolean> {
-  return access(p).then(
-    () => true,
-    () => false,
-  );
-}
-
-function fmtMs(ms: number | null): string {
-  return ms === null ? 'n/a' : `${ms.toFixed(1)} ms`;
 }
 
 /**
