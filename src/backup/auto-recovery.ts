@@ -102,29 +102,8 @@ export class HostMount {
         await run('qemu-img', ['create', '-q', '-f', 'qcow2', it.overlay, String(it.d.virtualSize)]);
       });
       const tls = tlsArgs(opts);
-      const source = (it: (typeof items)[number], readOnly: boolean) => [
-        '--blockdev',
-        JSON.stringify({
-          driver: 'nbd',
-          'node-name': `s${it.i}`,
-          'read-only': true,
-          server: opts.nbd.socket
-            ? { type: 'unix', path: opts.nbd.socket }
-            : { type: 'inet', host: opts.nbd.host, port: String(opts.nbd.port) },
-          export: it.d.export,
-          ...(tls.length ? { 'tls-creds': 'tls0' } : {}),
-        }),
-        '--blockdev',
-        JSON.stringify({ driver: 'file', 'node-name': `f${it.i}`, filename: it.overlay, 'read-only': readOnly }),
-        '--blockdev',
-        JSON.stringify({
-          driver: 'qcow2',
-          'node-name': `o${it.i}`,
-          file: `f${it.i}`,
-          backing: `s${it.i}`,
-          'read-only': readOnly,
-        }),
-      ];
+      const source = (it: (typeof items)[number], readOnly: boolean) =>
+        overlayBlockdevs(opts.nbd, it.d.export, it.i, it.overlay, readOnly, tls.length > 0);
 
       // 2. Recover: each file system found gets its own recovery on the overlay, through a raw FUSE view.
       const withFs = items.filter((it) => it.fs.length > 0);
@@ -235,6 +214,37 @@ export async function overlayBytes(overlay: string): Promise<number> {
   const { stdout } = await run('qemu-img', ['map', '--output=json', '-f', 'qcow2', overlay]);
   const map = JSON.parse(stdout) as { length: number; data: boolean; depth: number }[];
   return map.filter((e) => e.data && e.depth === 0).reduce((n, e) => n + e.length, 0);
+}
+
+/**
+ * `qemu-storage-daemon --blockdev` arguments for one disk: the snapshot's export `exportName` (read-only, node
+ * `sN`) under a qcow2 overlay file (node `oN`, writable unless `readOnly`): the recovery writes the overlay only.
+ */
+export function overlayBlockdevs(
+  nbd: HostMountOptions['nbd'],
+  exportName: string,
+  i: number,
+  overlay: string,
+  readOnly: boolean,
+  tls: boolean,
+): string[] {
+  return [
+    '--blockdev',
+    JSON.stringify({
+      driver: 'nbd',
+      'node-name': `s${i}`,
+      'read-only': true,
+      server: nbd.socket
+        ? { type: 'unix', path: nbd.socket }
+        : { type: 'inet', host: nbd.host, port: String(nbd.port) },
+      export: exportName,
+      ...(tls ? { 'tls-creds': 'tls0' } : {}),
+    }),
+    '--blockdev',
+    JSON.stringify({ driver: 'file', 'node-name': `f${i}`, filename: overlay, 'read-only': readOnly }),
+    '--blockdev',
+    JSON.stringify({ driver: 'qcow2', 'node-name': `o${i}`, file: `f${i}`, backing: `s${i}`, 'read-only': readOnly }),
+  ];
 }
 
 export function tlsArgs(opts: HostMountOptions): string[] {

@@ -17,6 +17,7 @@ import {
   overlayBytes,
   startDaemon,
   stopDaemon,
+  overlayBlockdevs,
   tlsArgs,
   type HostMountOptions,
   type MountDisk,
@@ -104,27 +105,7 @@ export class GuestMount {
     const args = [...tls, '--nbd-server', JSON.stringify({ addr: { type: 'unix', path: socket } })];
     for (const it of this.items) {
       args.push(
-        '--blockdev',
-        JSON.stringify({
-          driver: 'nbd',
-          'node-name': `s${it.i}`,
-          'read-only': true,
-          server: nbd.socket
-            ? { type: 'unix', path: nbd.socket }
-            : { type: 'inet', host: nbd.host, port: String(nbd.port) },
-          export: it.d.export,
-          ...(tls.length ? { 'tls-creds': 'tls0' } : {}),
-        }),
-        '--blockdev',
-        JSON.stringify({ driver: 'file', 'node-name': `f${it.i}`, filename: it.overlay, 'read-only': readOnly }),
-        '--blockdev',
-        JSON.stringify({
-          driver: 'qcow2',
-          'node-name': `o${it.i}`,
-          file: `f${it.i}`,
-          backing: `s${it.i}`,
-          'read-only': readOnly,
-        }),
+        ...overlayBlockdevs(nbd, it.d.export, it.i, it.overlay, readOnly, tls.length > 0),
         '--export',
         JSON.stringify({
           type: 'nbd',
