@@ -13,10 +13,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { HostClient } from '../../src/api/client.js';
 import { runBackupSet, type BackupSetSummary } from '../../src/backup/backup-set.js';
 import { restorePoint } from '../../src/backup/restore.js';
-import { startHost, type RunningHost } from '../../src/daemon/daemon.js';
-import { HostLog } from '../../src/host/log.js';
-import { NbdClient } from '../../src/nbd/client.js';
 import { Repository } from '../../src/repository/index.js';
+import { startDiskOnlyVms, type DiskOnlyVms } from '../helpers/disk-only-vms.js';
 import { requirePeers, tempDir } from '../helpers/peers.js';
 import { rng, seedFrom } from '../helpers/random.js';
 
@@ -30,50 +28,30 @@ const SLOTS = ['scsi0-0', 'scsi0-1'];
 
 let dir: string;
 let cleanup: () => Promise<void>;
-let running: RunningHost;
+let set: DiskOnlyVms;
 let api: HostClient;
 let repo: Repository;
-const images = new Map<string, { nbd: NbdClient; image: Buffer }>();
+let images: DiskOnlyVms['images'];
 
 const peers = requirePeers('qemu-img', 'qemu-storage-daemon');
 
 beforeAll(async () => {
   if (peers.skip) return;
   ({ dir, cleanup } = await tempDir('flow-2012r2'));
-  running = await startHost({ store: path.join(dir, 'store'), log: HostLog.silent() });
-  api = await HostClient.connect({ store: path.join(dir, 'store') });
-  repo = await Repository.init(path.join(dir, 'repo'), { chunkSize: 256 * 1024 });
-  for (const [name, sizes] of Object.entries(VMS)) {
-    await api.createVm({ name, disks: sizes.map((s, i) => ({ slot: SLOTS[i], size: s * MiB })) });
-    const vm = await api.startVm(name);
-    for (const d of vm.disks) {
-      const nbd = await NbdClient.connect({ socket: running.host.nbdSocket, exportName: d.export! });
-      images.set(`${name}/${d.slot}`, { nbd, image: Buffer.alloc(d.virtualSize) });
-    }
-  }
+  set = await startDiskOnlyVms(dir, VMS, SLOTS);
+  ({ api, repo, images } = set);
   // A generation 1 VM with only an IDE disk: no SCSI controller.
   await api.createVm({ name: 'gen1', generation: 1, disks: [{ slot: 'ide0-0', size: 4 * MiB }] });
   await seededWrites();
 });
 
 afterAll(async () => {
-  for (const g of images.values()) await g.nbd.close().catch(() => undefined);
-  await repo?.close();
-  await running?.close();
+  await set?.close();
   await cleanup?.();
 });
 
-async function seededWrites(): Promise<void> {
-  for (const g of images.values()) {
-    for (let i = 0; i < 12; i++) {
-      const len = (1 + random.int(16)) * 4096;
-      const at = random.int((g.image.length - len) / 4096) * 4096;
-      const data = random.bytes(len);
-      await g.nbd.write(at, data);
-      await g.nbd.flush();
-      data.copy(g.image, at);
-    }
-  }
+function seededWrites(): Promise<void> {
+  return set.seededWrites(random);
 }
 
 async function backup(vms: string[], batch?: number): Promise<{ s: BackupSetSummary; log: string[] }> {

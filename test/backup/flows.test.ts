@@ -14,10 +14,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { HostClient } from '../../src/api/client.js';
 import { runBackupSet, type BackupSetSummary, type Flow } from '../../src/backup/backup-set.js';
 import { restorePoint } from '../../src/backup/restore.js';
-import { startHost, type RunningHost } from '../../src/daemon/daemon.js';
-import { HostLog } from '../../src/host/log.js';
-import { NbdClient } from '../../src/nbd/client.js';
 import { Repository } from '../../src/repository/index.js';
+import { startDiskOnlyVms, type DiskOnlyVms } from '../helpers/disk-only-vms.js';
 import { requirePeers, run, tempDir } from '../helpers/peers.js';
 import { rng, seedFrom } from '../helpers/random.js';
 
@@ -32,28 +30,19 @@ const SLOTS = ['scsi0-0', 'scsi0-1'];
 
 let dir: string;
 let cleanup: () => Promise<void>;
-let running: RunningHost;
+let set: DiskOnlyVms;
 let api: HostClient;
 let repo: Repository;
 /** What each disk holds now (the guest's writes), by `vm/slot`. */
-const images = new Map<string, { nbd: NbdClient; image: Buffer }>();
+let images: DiskOnlyVms['images'];
 
 const peers = requirePeers('qemu-img', 'qemu-storage-daemon', 'e2fsck', 'mkfs.ext4', 'debugfs');
 
 beforeAll(async () => {
   if (peers.skip) return;
   ({ dir, cleanup } = await tempDir('flows'));
-  running = await startHost({ store: path.join(dir, 'store'), log: HostLog.silent() });
-  api = await HostClient.connect({ store: path.join(dir, 'store') });
-  repo = await Repository.init(path.join(dir, 'repo'), { chunkSize: 256 * 1024 });
-  for (const [name, sizes] of Object.entries(VMS)) {
-    await api.createVm({ name, disks: sizes.map((s, i) => ({ slot: SLOTS[i], size: s * MiB })) });
-    const vm = await api.startVm(name);
-    for (const d of vm.disks) {
-      const nbd = await NbdClient.connect({ socket: running.host.nbdSocket, exportName: d.export! });
-      images.set(`${name}/${d.slot}`, { nbd, image: Buffer.alloc(d.virtualSize) });
-    }
-  }
+  set = await startDiskOnlyVms(dir, VMS, SLOTS);
+  ({ api, repo, images } = set);
   // The fs VM's disk: an ext4 file system with a file, flagged as needing journal recovery (as a crash leaves it).
   const src = path.join(dir, 'fs-src');
   await mkdir(src);
@@ -62,34 +51,18 @@ beforeAll(async () => {
   await run('truncate', ['-s', `${VMS.fs[0]}M`, img]);
   await run('mkfs.ext4', ['-q', '-F', '-d', src, img]);
   await run('debugfs', ['-w', '-R', 'feature needs_recovery', img]);
-  await write('fs/scsi0-0', 0, await readFile(img));
+  await set.write('fs/scsi0-0', 0, await readFile(img));
   await seededWrites();
 });
 
 afterAll(async () => {
-  for (const g of images.values()) await g.nbd.close().catch(() => undefined);
-  await repo?.close();
-  await running?.close();
+  await set?.close();
   await cleanup?.();
 });
 
-async function write(key: string, offset: number, data: Buffer): Promise<void> {
-  const g = images.get(key)!;
-  await g.nbd.write(offset, data);
-  await g.nbd.flush();
-  data.copy(g.image, offset);
-}
-
 /** A few seeded writes on every disk-only disk (never the file system's). */
-async function seededWrites(): Promise<void> {
-  for (const [key, g] of images) {
-    if (key.startsWith('fs/')) continue;
-    for (let i = 0; i < 12; i++) {
-      const len = (1 + random.int(16)) * 4096;
-      const at = random.int((g.image.length - len) / 4096) * 4096;
-      await write(key, at, random.bytes(len));
-    }
-  }
+function seededWrites(): Promise<void> {
+  return set.seededWrites(random, (key) => key.startsWith('fs/'));
 }
 
 async function backup(flow: Flow, batch?: number, command?: string): Promise<BackupSetSummary> {

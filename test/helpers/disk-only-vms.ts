@@ -1,0 +1,74 @@
+/**
+ * A host in process with disk-only VMs (no QEMU: their disks served over NBD and written by the test), a
+ * repository beside it, and what each disk holds now: the set-up the flow tests share.
+ */
+import path from 'node:path';
+import { HostClient } from '../../src/api/client.js';
+import { startHost, type RunningHost } from '../../src/daemon/daemon.js';
+import { HostLog } from '../../src/host/log.js';
+import { NbdClient } from '../../src/nbd/client.js';
+import { Repository } from '../../src/repository/index.js';
+import type { Rng } from './random.js';
+
+const MiB = 2 ** 20;
+
+export interface DiskOnlyVms {
+  running: RunningHost;
+  api: HostClient;
+  repo: Repository;
+  /** What each disk holds now (the writes made through `write`), by `vm/slot`. */
+  images: Map<string, { nbd: NbdClient; image: Buffer }>;
+  /** Writes through NBD (flushed) and into the image. */
+  write(key: string, offset: number, data: Buffer): Promise<void>;
+  /** A dozen seeded writes of 4–64 KiB on every disk `skip` does not name. */
+  seededWrites(random: Rng, skip?: (key: string) => boolean): Promise<void>;
+  close(): Promise<void>;
+}
+
+/** `vms`: name → disk sizes in MiB, on `slots` in order; each VM created and started. */
+export async function startDiskOnlyVms(
+  dir: string,
+  vms: Record<string, number[]>,
+  slots: string[],
+): Promise<DiskOnlyVms> {
+  const running = await startHost({ store: path.join(dir, 'store'), log: HostLog.silent() });
+  const api = await HostClient.connect({ store: path.join(dir, 'store') });
+  const repo = await Repository.init(path.join(dir, 'repo'), { chunkSize: 256 * 1024 });
+  const images = new Map<string, { nbd: NbdClient; image: Buffer }>();
+  for (const [name, sizes] of Object.entries(vms)) {
+    await api.createVm({ name, disks: sizes.map((s, i) => ({ slot: slots[i], size: s * MiB })) });
+    const vm = await api.startVm(name);
+    for (const d of vm.disks) {
+      const nbd = await NbdClient.connect({ socket: running.host.nbdSocket, exportName: d.export! });
+      images.set(`${name}/${d.slot}`, { nbd, image: Buffer.alloc(d.virtualSize) });
+    }
+  }
+  const write = async (key: string, offset: number, data: Buffer) => {
+    const g = images.get(key)!;
+    await g.nbd.write(offset, data);
+    await g.nbd.flush();
+    data.copy(g.image, offset);
+  };
+  return {
+    running,
+    api,
+    repo,
+    images,
+    write,
+    async seededWrites(random, skip) {
+      for (const [key, g] of images) {
+        if (skip?.(key)) continue;
+        for (let i = 0; i < 12; i++) {
+          const len = (1 + random.int(16)) * 4096;
+          const at = random.int((g.image.length - len) / 4096) * 4096;
+          await write(key, at, random.bytes(len));
+        }
+      }
+    },
+    async close() {
+      for (const g of images.values()) await g.nbd.close().catch(() => undefined);
+      await repo.close();
+      await running.close();
+    },
+  };
+}
