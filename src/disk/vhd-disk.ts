@@ -23,9 +23,8 @@ import { createVhd } from '../formats/vhd/create.js';
 import { VhdFile, type VhdOpenOptions } from '../formats/vhd/vhd.js';
 import type { ChangesResult } from '../tracking/tracker.js';
 import { syncDirectory } from '../util/atomic.js';
-import type { AllocationExtent, BlockDevice, DirtyExtent, WriteOptions, ZeroOptions } from './device.js';
-import { IoGate } from './io-gate.js';
-import type { OnlineMergeOptions, OnlineMergeResult } from './virtual-disk.js';
+import type { BlockDevice, DirtyExtent, ZeroOptions } from './device.js';
+import { GatedDisk, type OnlineMergeOptions, type OnlineMergeResult } from './gated-disk.js';
 
 export interface VhdVirtualDiskOptions {
   readOnly?: boolean;
@@ -39,38 +38,30 @@ export interface VhdVirtualDiskOptions {
 /** Why a VHD disk has no change tracking (what the backup reports for it). */
 export const VHD_TRACKING_UNAVAILABLE = 'VHD disk: legacy VHD has no resilient change tracking';
 
-/** Blocks at most this many (or fewer) left dirty end the live passes of an online merge. */
-const FINAL_PASS_BLOCKS = 16;
 const COPY_PIECE = 8 * 1024 * 1024;
 
-export class VhdVirtualDisk implements BlockDevice {
+/**
+ * The head behind the gate, the I/O, pause/resume, the switch and the merge passes are `GatedDisk`'s; this
+ * class adds the VHD linkage (time stamps), the zeroing rules and the merge into a parent re-opened under
+ * the child. The engine's discard (`trim`) deallocates whole blocks of a dynamic head and zeroes anything
+ * else (VHD has no unmapped state; a differencing head takes a new block that is a hole in the file).
+ */
+export class VhdVirtualDisk extends GatedDisk<VhdFile, VhdVirtualDiskOptions> implements BlockDevice {
   readonly format = 'vhd' as const;
   /** Why this disk's changes cannot be queried (always: VHD has no RCT). */
   readonly trackingUnavailable = VHD_TRACKING_UNAVAILABLE;
   /** Never a tracker: the host's "tracking enabled?" reads this as VirtualDisk's. */
   readonly changeTracker: undefined = undefined;
 
-  private gate = new IoGate();
-  private closed = false;
-  /** Blocks of the head written while an online merge copies it (they are copied again). */
-  private mergeDirty: Set<number> | undefined;
-  /** The next checkpoint's child, opened over the live head; `prepared` once the cut made the head durable. */
-  private staged: { path: string; file: VhdFile; prepared: boolean } | undefined;
-
-  private constructor(
-    private head: VhdFile,
-    private readonly opts: VhdVirtualDiskOptions,
-  ) {}
+  private constructor(head: VhdFile, opts: VhdVirtualDiskOptions) {
+    super(head, opts);
+  }
 
   static async open(filePath: string, opts: VhdVirtualDiskOptions = {}): Promise<VhdVirtualDisk> {
     return new VhdVirtualDisk(await openHead(filePath, opts), opts);
   }
 
   // ---------------------------------------------------------------- what it is
-
-  get path(): string {
-    return this.head.path;
-  }
 
   /** The open head file (and through `.chain()` its parents). */
   get file(): VhdFile {
@@ -82,14 +73,6 @@ export class VhdVirtualDisk implements BlockDevice {
     return this.head.chain().at(-1)!.uniqueId;
   }
 
-  get size(): number {
-    return this.head.virtualSize;
-  }
-
-  get readOnly(): boolean {
-    return !!this.opts.readOnly;
-  }
-
   get minimumBlockSize(): number {
     return SECTOR;
   }
@@ -99,80 +82,19 @@ export class VhdVirtualDisk implements BlockDevice {
     return Math.min(this.head.blockSize ?? 2 * 1024 * 1024, 32 * 1024 * 1024);
   }
 
-  get isPaused(): boolean {
-    return this.gate.isPaused;
-  }
-
-  // ---------------------------------------------------------------- I/O
-
-  read(offset: number, length: number): Promise<Buffer> {
-    return this.io(async () => {
-      this.checkRange(offset, length);
-      const buf = Buffer.allocUnsafe(length);
-      await this.head.read(buf, offset);
-      return buf;
-    });
-  }
-
-  readInto(dst: Uint8Array, offset: number): Promise<void> {
-    return this.io(async () => {
-      this.checkRange(offset, dst.length);
-      await this.head.read(dst, offset);
-    });
-  }
-
-  write(offset: number, data: Uint8Array, opts: WriteOptions = {}): Promise<void> {
-    return this.io(async () => {
-      this.checkWritable();
-      this.checkRange(offset, data.length);
-      this.noteMergeDirty(offset, data.length);
-      await this.head.write(data, offset);
-      // Again once it landed: a copy pass may have taken the first mark while the write was still queued.
-      this.noteMergeDirty(offset, data.length);
-      if (opts.fua) await this.head.flush();
-    });
-  }
-
-  flush(): Promise<void> {
-    return this.io(() => this.head.flush());
-  }
-
-  /**
-   * The engine's discard: whole blocks of a dynamic head are deallocated, everything else is zeroed (VHD
-   * has no unmapped state; a differencing head takes a new block that is a hole in the file).
-   */
-  trim(offset: number, length: number, opts: WriteOptions = {}): Promise<void> {
-    return this.io(async () => {
-      this.checkWritable();
-      this.checkRange(offset, length);
-      this.noteMergeDirty(offset, length);
-      await this.head.trim(offset, length);
-      this.noteMergeDirty(offset, length);
-      if (opts.fua) await this.head.flush();
-    });
-  }
-
   /**
    * Zeroing is a metadata change for blocks of a dynamic head (deallocated, unless `noHole`) and for blocks
    * a differencing head does not have yet (a new block that is a hole in the file); anywhere else zeros
    * are written. `fast` is refused (NOT_SUPPORTED) when zeros would have to be written anywhere but in the
    * first and last block of the range, and always on a fixed head.
    */
-  writeZeroes(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
-    return this.io(async () => {
-      this.checkWritable();
-      this.checkRange(offset, length);
-      if (opts.fast && length > 0 && !(await this.zeroIsFast(offset, length, !!opts.noHole))) {
-        throw new TidemarkError(
-          'NOT_SUPPORTED',
-          `zeroing [${offset}, +${length}) of the ${this.head.diskType} VHD ${path.basename(this.head.path)} means writing zeros`,
-        );
-      }
-      this.noteMergeDirty(offset, length);
-      await this.head.writeZeroes(offset, length, { noHole: opts.noHole });
-      this.noteMergeDirty(offset, length);
-      if (opts.fua) await this.head.flush();
-    });
+  protected override async checkFastZero(offset: number, length: number, opts: ZeroOptions): Promise<void> {
+    if (opts.fast && length > 0 && !(await this.zeroIsFast(offset, length, !!opts.noHole))) {
+      throw new TidemarkError(
+        'NOT_SUPPORTED',
+        `zeroing [${offset}, +${length}) of the ${this.head.diskType} VHD ${path.basename(this.head.path)} means writing zeros`,
+      );
+    }
   }
 
   private async zeroIsFast(offset: number, length: number, noHole: boolean): Promise<boolean> {
@@ -191,21 +113,7 @@ export class VhdVirtualDisk implements BlockDevice {
     return true;
   }
 
-  /** From the BAT and the sector bitmaps of the chain: a hole where no file holds the sectors. */
-  blockStatus(offset: number, length: number): Promise<AllocationExtent[]> {
-    return this.io(async () => {
-      this.checkRange(offset, length);
-      const out: AllocationExtent[] = [];
-      let at = offset;
-      for (const e of await this.head.contentExtents(offset, length)) {
-        if (e.offset > at) out.push({ offset: at, length: e.offset - at, hole: true, zero: true });
-        out.push({ offset: e.offset, length: e.length, hole: false, zero: false });
-        at = e.offset + e.length;
-      }
-      if (at < offset + length) out.push({ offset: at, length: offset + length - at, hole: true, zero: true });
-      return out;
-    });
-  }
+  // ---------------------------------------------------------------- no change tracking
 
   /** No change tracking: no dirty bitmaps to export. */
   async dirtyContexts(): Promise<string[]> {
@@ -233,47 +141,7 @@ export class VhdVirtualDisk implements BlockDevice {
     return undefined;
   }
 
-  // ---------------------------------------------------------------- pause, switch, checkpoint, merge
-
-  /** Holds new I/O and waits for what is in flight (the checkpoint's instant). */
-  async pause(): Promise<void> {
-    this.assertOpen();
-    await this.gate.pause();
-  }
-
-  /** Ends a pause. A child prepared but not switched to is given up (the checkpoint was abandoned). */
-  resume(): void {
-    if (this.staged?.prepared) void this.dropStaged();
-    this.gate.resume();
-  }
-
-  /**
-   * With I/O paused: makes the head durable, creates `childPath` (a differencing VHD, by convention
-   * `.avhd`) over it and continues on the child. The old head is from now on the checkpoint's frozen point.
-   */
-  async cutCheckpoint(
-    childPath: string,
-    opts: { blockSize?: number } = {},
-  ): Promise<{ id?: string; parentPath: string }> {
-    const prepared = await this.prepareChild(childPath, opts);
-    await this.switchHead(childPath);
-    return prepared;
-  }
-
-  /**
-   * Creates `childPath` over the current head while I/O still runs (the slow part of a checkpoint) and
-   * opens it over this very head instance. The head takes its session's time stamp first, so the child's
-   * link (unique id and time stamp) stays right whatever is written until the cut.
-   */
-  async precreateChild(childPath: string, opts: { blockSize?: number } = {}): Promise<void> {
-    this.assertOpen();
-    this.checkWritable();
-    await this.dropStaged();
-    await this.createChild(childPath, opts);
-    await this.stageChild(childPath);
-    // What the guest wrote so far is committed now, while it still writes: the pause has less to flush.
-    await this.head.flush();
-  }
+  // ---------------------------------------------------------------- checkpoint, merge
 
   /**
    * With I/O paused: (unless `precreateChild` made it) creates `childPath` over the head, then makes the
@@ -316,40 +184,6 @@ export class VhdVirtualDisk implements BlockDevice {
   }
 
   /**
-   * With I/O paused: continues on `filePath`, a child of the head or its parent. The child that
-   * `precreateChild`/`prepareChild` opened is switched to in place: the head is retired into its read-only
-   * parent, no file re-opened. Any other path: the head is closed cleanly and `filePath` opened with its
-   * chain.
-   */
-  async switchHead(filePath: string): Promise<void> {
-    this.assertPaused();
-    const staged = this.staged;
-    if (staged && staged.path === path.resolve(filePath)) {
-      this.staged = undefined;
-      try {
-        await this.head.retire();
-      } catch (err) {
-        // The head cannot be trusted to be consistent in memory: give up as a crash would; a re-open recovers.
-        this.closed = true;
-        staged.file.parent = undefined;
-        await staged.file.abandon().catch(() => undefined);
-        await this.head.abandon().catch(() => undefined);
-        throw err;
-      }
-      this.head = staged.file;
-      return;
-    }
-    await this.dropStaged();
-    await this.head.close();
-    try {
-      this.head = await openHead(filePath, this.opts);
-    } catch (err) {
-      this.closed = true;
-      throw err;
-    }
-  }
-
-  /**
    * Merges the head (a differencing VHD) into its parent while the guest keeps writing, then continues on
    * the parent and deletes the child. The parent is re-opened writable under the child (in the chain's
    * place) and keeps its time stamp while it receives only the child's own sectors: the chain reads the
@@ -357,31 +191,18 @@ export class VhdVirtualDisk implements BlockDevice {
    * the child is deleted the parent takes a new time stamp (other children of it no longer match).
    */
   async mergeHeadOnline(opts: OnlineMergeOptions = {}): Promise<OnlineMergeResult> {
-    this.assertOpen();
-    this.checkWritable();
-    await this.dropStaged();
-    const child = this.head;
-    if (!child.parent || !child.parentLink) {
-      throw new TidemarkError('INVALID_ARGUMENT', `${child.path} is not a differencing disk: nothing to merge`);
-    }
-    if (this.mergeDirty) throw new TidemarkError('BUSY', `${child.path} is already being merged`);
-    if (child.parent.virtualSize !== child.virtualSize) {
+    const { child, parentPath } = await this.headToMerge();
+    if (child.parent!.virtualSize !== child.virtualSize) {
       throw new TidemarkError(
         'VHD_UNSUPPORTED',
-        `${child.path} is ${child.virtualSize} bytes but its parent ${child.parent.virtualSize}: resized chains cannot be merged`,
+        `${child.path} is ${child.virtualSize} bytes but its parent ${child.parent!.virtualSize}: resized chains cannot be merged`,
       );
     }
-    const parentPath = child.parentLink.path;
-    const dirty = new Set<number>();
-    const result: OnlineMergeResult = { parentPath, passes: 0, bytesCopied: 0, pauseMs: 0 };
     let parent: VhdFile | undefined;
-    let pauseStarted = 0;
-    let paused = false;
     let switched = false;
-    try {
-      // 1. With I/O held: the parent, writable and keeping its time stamp, takes the read-only one's place.
-      await this.gate.pause();
-      try {
+    return this.mergeOnline(parentPath, opts, {
+      // The parent, writable and keeping its time stamp, takes the read-only one's place under the child.
+      start: async () => {
         await child.flush();
         parent = await VhdFile.open(parentPath, {
           writable: true,
@@ -390,61 +211,37 @@ export class VhdVirtualDisk implements BlockDevice {
           pathMap: this.opts.pathMap,
           openFile: this.opts.openFile,
         });
-        if (
-          parent.footer.timeStamp !== child.parent.footer.timeStamp ||
-          !parent.footer.uniqueId.equals(child.parent.footer.uniqueId)
-        ) {
+        const old = child.parent!;
+        if (parent.footer.timeStamp !== old.footer.timeStamp || !parent.footer.uniqueId.equals(old.footer.uniqueId)) {
           throw new TidemarkError('PARENT_MISMATCH', `${parentPath} changed under its child ${child.path}`);
         }
-        const old = child.parent;
         child.parent = parent;
         await old.close();
-        this.mergeDirty = dirty;
-      } finally {
-        this.gate.resume();
-      }
-
-      // 2. Copy passes while the guest writes; blocks it writes meanwhile are copied again.
-      const all: number[] = [];
-      for await (const { block } of child.ownBlocks()) all.push(block);
-      let todo = all;
-      const maxLive = opts.maxLivePasses ?? 4;
-      while (true) {
-        result.passes++;
-        for (const block of todo) result.bytesCopied += await this.copyBlock(child, parent, block);
-        opts.onProgress?.({ pass: result.passes, blocksCopied: todo.length, bytesCopied: result.bytesCopied });
-        if (dirty.size <= FINAL_PASS_BLOCKS || result.passes >= maxLive) break;
-        todo = [...dirty].sort((a, b) => a - b);
-        dirty.clear();
-      }
-
-      // 3. The last pass with I/O held, then the switch.
-      await this.gate.pause();
-      paused = true;
-      pauseStarted = performance.now();
-      todo = [...dirty].sort((a, b) => a - b);
-      dirty.clear();
-      result.passes++;
-      for (const block of todo) result.bytesCopied += await this.copyBlock(child, parent, block);
-      await parent.flush();
-      this.mergeDirty = undefined;
-      child.parent = undefined;
-      await child.close();
-      try {
-        await unlink(child.path);
-        await syncDirectory(path.dirname(child.path));
-      } catch (err) {
-        throw fromSystemError(err, 'delete', child.path);
-      }
-      // The child is gone: from now on the parent is changed as itself.
-      await parent.markChanged();
-      this.head = parent;
-      switched = true;
-      await opts.beforeSwitch?.(parentPath);
-      return result;
-    } catch (err) {
-      this.mergeDirty = undefined;
-      if (!switched && parent) {
+      },
+      blocks: async () => {
+        const all: number[] = [];
+        for await (const { block } of child.ownBlocks()) all.push(block);
+        return all;
+      },
+      copy: (block) => this.copyBlock(child, parent!, block),
+      finish: async () => {
+        await parent!.flush();
+        child.parent = undefined;
+        await child.close();
+        try {
+          await unlink(child.path);
+          await syncDirectory(path.dirname(child.path));
+        } catch (err) {
+          throw fromSystemError(err, 'delete', child.path);
+        }
+        // The child is gone: from now on the parent is changed as itself.
+        await parent!.markChanged();
+        this.head = parent!;
+        switched = true;
+        await opts.beforeSwitch?.(parentPath);
+      },
+      fail: async () => {
+        if (switched || !parent) return;
         if (child.parent === parent) {
           // The child goes on over the parent, which receives nothing more: a read-only parent again.
           await parent.retire().catch(() => undefined);
@@ -452,14 +249,8 @@ export class VhdVirtualDisk implements BlockDevice {
           await parent.close().catch(() => undefined);
           if (!child.parent) this.closed = true;
         }
-      }
-      throw err;
-    } finally {
-      if (paused) {
-        result.pauseMs = performance.now() - pauseStarted;
-        this.gate.resume();
-      }
-    }
+      },
+    });
   }
 
   /** Copies the sectors the child holds of one block into the parent; returns the bytes copied. */
@@ -479,36 +270,9 @@ export class VhdVirtualDisk implements BlockDevice {
     return copied;
   }
 
-  // ---------------------------------------------------------------- close
+  // ---------------------------------------------------------------- GatedDisk's hooks
 
-  /** Waits for in-flight I/O, flushes and closes the chain. */
-  async close(): Promise<void> {
-    if (this.closed) return;
-    await this.gate.pause();
-    this.closed = true;
-    await this.dropStaged();
-    await this.head.close();
-  }
-
-  /** Gives up without a clean close (as a crash would): for tests and after fatal I/O errors. */
-  async abandon(): Promise<void> {
-    if (this.closed) return;
-    this.closed = true;
-    await this.dropStaged({ abandon: true });
-    // A parent being merged into is writable: it is abandoned too, not flushed by its child's close.
-    const parent = this.head.parent;
-    if (parent?.writable) {
-      this.head.parent = undefined;
-      await this.head.abandon();
-      await parent.abandon();
-    } else {
-      await this.head.abandon();
-    }
-  }
-
-  // ---------------------------------------------------------------- the staged child
-
-  private async createChild(childPath: string, opts: { blockSize?: number }): Promise<void> {
+  protected async createChild(childPath: string, opts: { blockSize?: number }): Promise<void> {
     // The head's time stamp for this session, now: the child records it, and later writes keep it.
     await this.head.markChanged();
     await this.head.flush();
@@ -520,70 +284,29 @@ export class VhdVirtualDisk implements BlockDevice {
   }
 
   /** Opens `childPath` over the live head instance (it must link to the head's unique id and time stamp). */
-  private async stageChild(childPath: string): Promise<void> {
-    await this.dropStaged();
-    const file = await VhdFile.open(childPath, {
+  protected openChild(childPath: string): Promise<VhdFile> {
+    return VhdFile.open(childPath, {
       writable: true,
       parent: this.head,
       allowedRoots: this.opts.allowedRoots,
       pathMap: this.opts.pathMap,
       openFile: this.opts.openFile,
     });
-    this.staged = { path: path.resolve(childPath), file, prepared: false };
   }
 
-  /** Closes a staged child that will not be switched to; the head (its parent) stays open and ours. */
-  private async dropStaged(opts: { abandon?: boolean } = {}): Promise<void> {
-    const staged = this.staged;
-    if (!staged) return;
-    this.staged = undefined;
-    staged.file.parent = undefined;
-    if (opts.abandon) await staged.file.abandon().catch(() => undefined);
-    else await staged.file.close().catch(() => undefined);
+  protected async openHeadAt(filePath: string): Promise<void> {
+    this.head = await openHead(filePath, this.opts);
   }
 
-  // ---------------------------------------------------------------- helpers
-
-  private async io<T>(fn: () => Promise<T>): Promise<T> {
-    this.assertOpen();
-    return this.gate.run(() => {
-      this.assertOpen();
-      return fn();
-    });
-  }
-
-  private noteMergeDirty(offset: number, length: number): void {
-    const dirty = this.mergeDirty;
-    if (!dirty || length === 0) return;
-    const bs = this.head.blockSize!;
-    for (let b = Math.floor(offset / bs); b <= Math.floor((offset + length - 1) / bs); b++) dirty.add(b);
-  }
-
-  private assertOpen(): void {
-    if (this.closed) throw new TidemarkError('CLOSED', `virtual disk ${this.head.path} is closed`);
-  }
-
-  private assertPaused(): void {
-    this.assertOpen();
-    if (!this.gate.isPaused) throw new TidemarkError('INVALID_ARGUMENT', 'pause the disk before switching its head');
-  }
-
-  private checkWritable(): void {
-    if (this.readOnly) throw new TidemarkError('READ_ONLY', `${path.basename(this.head.path)} is exported read-only`);
-  }
-
-  private checkRange(offset: number, length: number): void {
-    if (
-      !Number.isSafeInteger(offset) ||
-      !Number.isSafeInteger(length) ||
-      offset < 0 ||
-      length < 0 ||
-      offset + length > this.size
-    ) {
-      throw new TidemarkError(
-        'INVALID_ARGUMENT',
-        `range [${offset}, +${length}) is outside the ${this.size}-byte disk`,
-      );
+  protected async abandonHead(): Promise<void> {
+    // A parent being merged into is writable: it is abandoned too, not flushed by its child's close.
+    const parent = this.head.parent;
+    if (parent?.writable) {
+      this.head.parent = undefined;
+      await this.head.abandon();
+      await parent.abandon();
+    } else {
+      await this.head.abandon();
     }
   }
 }

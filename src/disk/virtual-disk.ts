@@ -13,8 +13,10 @@ import { formatLinkage, locatorSet } from '../formats/vhdx/metadata.js';
 import { VhdxFile, type OpenOptions } from '../formats/vhdx/vhdx.js';
 import { ChangeTracker, updateIdleHeader, type ChangesResult } from '../tracking/tracker.js';
 import { guidToString, newGuid } from '../util/guid.js';
-import type { AllocationExtent, BlockDevice, DirtyExtent, WriteOptions, ZeroOptions } from './device.js';
-import { IoGate } from './io-gate.js';
+import type { BlockDevice, DirtyExtent } from './device.js';
+import { GatedDisk, type OnlineMergeOptions, type OnlineMergeResult } from './gated-disk.js';
+
+export type { MergeProgress, OnlineMergeOptions, OnlineMergeResult } from './gated-disk.js';
 
 export interface VirtualDiskOptions {
   readOnly?: boolean;
@@ -27,51 +29,20 @@ export interface VirtualDiskOptions {
   openFile?: OpenOptions['openFile'];
 }
 
-export interface MergeProgress {
-  pass: number;
-  blocksCopied: number;
-  bytesCopied: number;
-}
-
-export interface OnlineMergeOptions {
-  /**
-   * Runs while I/O is paused, after the merged child was deleted and before the parent becomes the head:
-   * the host records the new head in the VM's definition here, so a crash never finds both.
-   */
-  beforeSwitch?: (parentPath: string) => Promise<void>;
-  onProgress?: (p: MergeProgress) => void;
-  /** Copy passes while the guest writes, before the last pass runs with I/O paused (default 4). */
-  maxLivePasses?: number;
-}
-
-export interface OnlineMergeResult {
-  parentPath: string;
-  passes: number;
-  bytesCopied: number;
-  /** How long guest I/O was held for the last pass and the switch. */
-  pauseMs: number;
-}
-
-/** Blocks at most this many (or fewer) left dirty end the live passes. */
-const FINAL_PASS_BLOCKS = 16;
 const COPY_PIECE = 8 * 1024 * 1024;
 
-export class VirtualDisk implements BlockDevice {
-  private gate = new IoGate();
-  private closed = false;
-  /** Blocks of the head written while an online merge copies it (they are copied again). */
-  private mergeDirty: Set<number> | undefined;
-  /**
-   * The next checkpoint's child, opened over the live head (its parent is this very head instance) so the
-   * switch re-opens nothing; `prepared` once its tracker seal recorded it.
-   */
-  private staged: { path: string; file: VhdxFile; prepared: boolean } | undefined;
-
+/**
+ * The head behind the gate, the I/O, pause/resume, the switch and the merge passes are `GatedDisk`'s; this
+ * class adds the change tracker (sealed at each cut, moved onto each new head) and the VHDX linkage.
+ */
+export class VirtualDisk extends GatedDisk<VhdxFile, VirtualDiskOptions> implements BlockDevice {
   private constructor(
-    private head: VhdxFile,
+    head: VhdxFile,
     private tracker: ChangeTracker | undefined,
-    private readonly opts: VirtualDiskOptions,
-  ) {}
+    opts: VirtualDiskOptions,
+  ) {
+    super(head, opts);
+  }
 
   static async open(filePath: string, opts: VirtualDiskOptions = {}): Promise<VirtualDisk> {
     const { head, tracker } = await openHead(filePath, opts);
@@ -79,10 +50,6 @@ export class VirtualDisk implements BlockDevice {
   }
 
   // ---------------------------------------------------------------- what it is
-
-  get path(): string {
-    return this.head.path;
-  }
 
   /** The open head file (and through `.chain()` its parents). */
   get file(): VhdxFile {
@@ -97,14 +64,6 @@ export class VirtualDisk implements BlockDevice {
     return guidToString(this.head.virtualDiskId);
   }
 
-  get size(): number {
-    return this.head.virtualSize;
-  }
-
-  get readOnly(): boolean {
-    return !!this.opts.readOnly;
-  }
-
   get minimumBlockSize(): number {
     return this.head.logicalSectorSize;
   }
@@ -113,84 +72,7 @@ export class VirtualDisk implements BlockDevice {
     return Math.min(this.head.blockSize, 32 * 1024 * 1024);
   }
 
-  get isPaused(): boolean {
-    return this.gate.isPaused;
-  }
-
-  // ---------------------------------------------------------------- I/O
-
-  read(offset: number, length: number): Promise<Buffer> {
-    return this.io(async () => {
-      this.checkRange(offset, length);
-      const buf = Buffer.allocUnsafe(length);
-      await this.head.read(buf, offset);
-      return buf;
-    });
-  }
-
-  /** Reads into a caller's buffer (the NBD server and backup readers reuse theirs). */
-  readInto(dst: Uint8Array, offset: number): Promise<void> {
-    return this.io(async () => {
-      this.checkRange(offset, dst.length);
-      await this.head.read(dst, offset);
-    });
-  }
-
-  write(offset: number, data: Uint8Array, opts: WriteOptions = {}): Promise<void> {
-    return this.io(async () => {
-      this.checkWritable();
-      this.checkRange(offset, data.length);
-      this.noteMergeDirty(offset, data.length);
-      await this.head.write(data, offset);
-      // Again once it landed: a copy pass may have taken the first mark while the write was still queued.
-      this.noteMergeDirty(offset, data.length);
-      if (opts.fua) await this.head.flush();
-    });
-  }
-
-  flush(): Promise<void> {
-    return this.io(() => this.head.flush());
-  }
-
-  trim(offset: number, length: number, opts: WriteOptions = {}): Promise<void> {
-    return this.io(async () => {
-      this.checkWritable();
-      this.checkRange(offset, length);
-      this.noteMergeDirty(offset, length);
-      await this.head.trim(offset, length);
-      // Again once it landed: a copy pass may have taken the first mark while the write was still queued.
-      this.noteMergeDirty(offset, length);
-      if (opts.fua) await this.head.flush();
-    });
-  }
-
-  /** Zeroing is a metadata change for whole blocks and a small write at the edges: always "fast". */
-  writeZeroes(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
-    return this.io(async () => {
-      this.checkWritable();
-      this.checkRange(offset, length);
-      this.noteMergeDirty(offset, length);
-      await this.head.writeZeroes(offset, length, { noHole: opts.noHole });
-      // Again once it landed: a copy pass may have taken the first mark while the write was still queued.
-      this.noteMergeDirty(offset, length);
-      if (opts.fua) await this.head.flush();
-    });
-  }
-
-  blockStatus(offset: number, length: number): Promise<AllocationExtent[]> {
-    return this.io(async () => {
-      this.checkRange(offset, length);
-      const out: AllocationExtent[] = [];
-      let at = offset;
-      for (const e of await this.head.contentExtents(offset, length)) {
-        if (e.offset > at) out.push({ offset: at, length: e.offset - at, hole: true, zero: true });
-        out.push({ offset: e.offset, length: e.length, hole: false, zero: e.zero });
-        at = e.offset + e.length;
-      }
-      if (at < offset + length) out.push({ offset: at, length: offset + length - at, hole: true, zero: true });
-      return out;
-    });
-  }
+  // ---------------------------------------------------------------- change tracking
 
   async dirtyContexts(): Promise<string[]> {
     return this.tracker?.sealedIds() ?? [];
@@ -233,13 +115,7 @@ export class VirtualDisk implements BlockDevice {
     return this.tracker.seal();
   }
 
-  // ---------------------------------------------------------------- pause, switch, checkpoint, merge
-
-  /** Holds new I/O and waits for what is in flight (the checkpoint's instant). */
-  async pause(): Promise<void> {
-    this.assertOpen();
-    await this.gate.pause();
-  }
+  // ---------------------------------------------------------------- checkpoint, merge
 
   /**
    * Before a checkpoint links a child to the head: headers a writer that ignores image locks installed are
@@ -250,43 +126,6 @@ export class VirtualDisk implements BlockDevice {
     return this.head.adoptHeadersOnDisk(async (why) => {
       await this.tracker?.distrust(why);
     });
-  }
-
-  /** Ends a pause. A child prepared but not switched to is given up (the checkpoint was abandoned). */
-  resume(): void {
-    if (this.staged?.prepared) void this.dropStaged();
-    this.gate.resume();
-  }
-
-  /**
-   * With I/O paused: makes the current head durable, seals its id, creates `childPath` over it and
-   * continues on the child. The old head is from now on the frozen point of the checkpoint.
-   */
-  async cutCheckpoint(
-    childPath: string,
-    opts: { blockSize?: number } = {},
-  ): Promise<{ id?: string; parentPath: string }> {
-    const prepared = await this.prepareChild(childPath, opts);
-    await this.switchHead(childPath);
-    return prepared;
-  }
-
-  /**
-   * Creates `childPath` over the current head while I/O still runs (the slow part of a checkpoint) and
-   * opens it over this very head instance. The head's DataWriteGuid is installed first, so the child's
-   * parent_linkage stays right whatever is written until the cut. `prepareChild` then only flushes and
-   * seals inside the pause, and `switchHead` re-opens nothing.
-   */
-  async precreateChild(childPath: string, opts: { blockSize?: number } = {}): Promise<void> {
-    this.assertOpen();
-    this.checkWritable();
-    await this.dropStaged();
-    await this.adoptForeignHeaders();
-    await this.head.markDataChanged();
-    await this.createChild(childPath, opts);
-    await this.stageChild(childPath);
-    // What the guest wrote so far is committed now, while it still writes: the pause has less to flush.
-    await this.head.flush();
   }
 
   /**
@@ -326,74 +165,23 @@ export class VirtualDisk implements BlockDevice {
   }
 
   /**
-   * With I/O paused: continues on `filePath`, a child of the head or its parent. The child that
-   * `precreateChild`/`prepareChild` opened is switched to in place: the head is retired into its read-only
-   * parent and the tracker moves onto it, no file re-opened. Any other path: the head is closed cleanly
-   * and `filePath` opened with its chain.
-   */
-  async switchHead(filePath: string): Promise<void> {
-    this.assertPaused();
-    const staged = this.staged;
-    if (staged && staged.path === path.resolve(filePath)) {
-      this.staged = undefined;
-      try {
-        await this.head.retire();
-        await this.tracker?.moveTo(staged.file);
-      } catch (err) {
-        // Neither head can be trusted to be consistent in memory: give up as a crash would; a re-open recovers.
-        this.closed = true;
-        staged.file.parent = undefined;
-        await staged.file.abandon().catch(() => undefined);
-        await this.tracker?.abandon().catch(() => undefined);
-        await this.head.abandon().catch(() => undefined);
-        throw err;
-      }
-      this.head = staged.file;
-      return;
-    }
-    await this.dropStaged();
-    await this.head.close();
-    try {
-      const next = await openHead(filePath, this.opts);
-      this.head = next.head;
-      this.tracker = next.tracker;
-    } catch (err) {
-      this.closed = true;
-      throw err;
-    }
-  }
-
-  /**
    * Merges the head (a differencing disk) into its parent while the guest keeps writing, then continues
    * on the parent and deletes the child. Follows the parent_linkage2 protocol: the child accepts the
    * parent's next DataWriteGuid before the parent changes, so a crash at any point leaves a chain that
    * opens, reads the same, and that an offline merge finishes. The merge adds no tracked changes.
    */
   async mergeHeadOnline(opts: OnlineMergeOptions = {}): Promise<OnlineMergeResult> {
-    this.assertOpen();
-    this.checkWritable();
-    await this.dropStaged();
-    const child = this.head;
-    if (!child.parent || !child.parentLink) {
-      throw new TidemarkError('INVALID_ARGUMENT', `${child.path} is not a differencing disk: nothing to merge`);
-    }
-    if (this.mergeDirty) throw new TidemarkError('BUSY', `${child.path} is already being merged`);
-    const parentPath = child.parentLink.path;
+    const { child, parentPath } = await this.headToMerge();
     const basePath = child.chain().at(-1)!.path;
     const parent = await VhdxFile.open(parentPath, {
       writable: true,
       allowedRoots: this.opts.allowedRoots,
       pathMap: this.opts.pathMap,
     });
-    const dirty = new Set<number>();
-    let pauseStarted = 0;
-    let paused = false;
-    const result: OnlineMergeResult = { parentPath, passes: 0, bytesCopied: 0, pauseMs: 0 };
-    try {
-      // 1. The child accepts the parent's next DataWriteGuid, durably, before the parent changes.
-      const next = newGuid();
-      await this.gate.pause();
-      try {
+    const next = newGuid();
+    return this.mergeOnline(parentPath, opts, {
+      // The child accepts the parent's next DataWriteGuid, durably, before the parent changes.
+      start: async () => {
         await child.setParentLocator(
           locatorSet(
             locatorSet(child.parentLocator!, 'parent_linkage', formatLinkage(parent.header.dataWriteGuid)),
@@ -402,67 +190,34 @@ export class VirtualDisk implements BlockDevice {
           ),
         );
         await child.flush();
-        this.mergeDirty = dirty;
-      } finally {
-        this.gate.resume();
-      }
-      parent.setNextDataWriteGuid(next);
-      await parent.markDataChanged();
-
-      // 2. Copy passes while the guest writes; blocks it writes meanwhile are copied again.
-      const all: number[] = [];
-      for await (const { block, entry } of child.ownBlocks())
-        if (entry.state !== BlockState.NotPresent) all.push(block);
-      let todo = all;
-      const maxLive = opts.maxLivePasses ?? 4;
-      while (true) {
-        result.passes++;
-        for (const block of todo) result.bytesCopied += await this.copyBlock(child, parent, block, dirty);
-        opts.onProgress?.({ pass: result.passes, blocksCopied: todo.length, bytesCopied: result.bytesCopied });
-        if (dirty.size <= FINAL_PASS_BLOCKS || result.passes >= maxLive) break;
-        todo = [...dirty].sort((a, b) => a - b);
-        dirty.clear();
-      }
-
-      // 3. The last pass with I/O held, then the switch.
-      await this.gate.pause();
-      paused = true;
-      pauseStarted = performance.now();
-      todo = [...dirty].sort((a, b) => a - b);
-      dirty.clear();
-      result.passes++;
-      for (const block of todo) result.bytesCopied += await this.copyBlock(child, parent, block, dirty);
-      await parent.flush();
-      await parent.close();
-      this.mergeDirty = undefined;
-      await child.close();
-      if (this.tracker) {
-        // The merged parent becomes the head: the tracker accepts its binding (no foreign writer).
-        await updateIdleHeader(basePath, (h) => {
-          h.pending = { head: path.basename(parentPath), dataWriteGuid: next };
-        });
-      }
-      await unlink(child.path);
-      await opts.beforeSwitch?.(parentPath);
-      try {
-        const reopened = await openHead(parentPath, this.opts);
-        this.head = reopened.head;
-        this.tracker = reopened.tracker;
-      } catch (err) {
-        this.closed = true;
-        throw err;
-      }
-      return result;
-    } catch (err) {
-      this.mergeDirty = undefined;
-      await parent.close().catch(() => undefined);
-      throw err;
-    } finally {
-      if (paused) {
-        result.pauseMs = performance.now() - pauseStarted;
-        this.gate.resume();
-      }
-    }
+      },
+      afterStart: async () => {
+        parent.setNextDataWriteGuid(next);
+        await parent.markDataChanged();
+      },
+      blocks: async () => {
+        const all: number[] = [];
+        for await (const { block, entry } of child.ownBlocks())
+          if (entry.state !== BlockState.NotPresent) all.push(block);
+        return all;
+      },
+      copy: (block, dirty) => this.copyBlock(child, parent, block, dirty),
+      finish: async () => {
+        await parent.flush();
+        await parent.close();
+        await child.close();
+        if (this.tracker) {
+          // The merged parent becomes the head: the tracker accepts its binding (no foreign writer).
+          await updateIdleHeader(basePath, (h) => {
+            h.pending = { head: path.basename(parentPath), dataWriteGuid: next };
+          });
+        }
+        await unlink(child.path);
+        await opts.beforeSwitch?.(parentPath);
+        await this.continueOn(parentPath);
+      },
+      fail: () => parent.close().catch(() => undefined),
+    });
   }
 
   /** Copies what the child holds of one block into the parent; returns the bytes copied. */
@@ -507,29 +262,18 @@ export class VirtualDisk implements BlockDevice {
     return copied;
   }
 
-  // ---------------------------------------------------------------- close
+  // ---------------------------------------------------------------- GatedDisk's hooks
 
-  /** Waits for in-flight I/O, flushes and closes the chain (the tracker records a clean close). */
-  async close(): Promise<void> {
-    if (this.closed) return;
-    await this.gate.pause();
-    this.closed = true;
-    await this.dropStaged();
-    await this.head.close();
+  /**
+   * Before a child is precreated: the head's headers are adopted (see `adoptForeignHeaders`) and its
+   * DataWriteGuid installed, so the child's parent_linkage stays right whatever is written until the cut.
+   */
+  protected override async beforeNewChild(): Promise<void> {
+    await this.adoptForeignHeaders();
+    await this.head.markDataChanged();
   }
 
-  /** Gives up without a clean close (as a crash would): for tests and after fatal I/O errors. */
-  async abandon(): Promise<void> {
-    if (this.closed) return;
-    this.closed = true;
-    await this.dropStaged({ abandon: true });
-    await this.tracker?.abandon();
-    await this.head.abandon();
-  }
-
-  // ---------------------------------------------------------------- the staged child
-
-  private createChild(childPath: string, opts: { blockSize?: number }): Promise<void> {
+  protected createChild(childPath: string, opts: { blockSize?: number }): Promise<void> {
     return createVhdx(childPath, {
       parent: this.head.path,
       blockSize: opts.blockSize ?? DEFAULT_CHILD_BLOCK_SIZE,
@@ -537,73 +281,39 @@ export class VirtualDisk implements BlockDevice {
     });
   }
 
-  /** Opens `childPath` over the live head instance (it must link to the head's current DataWriteGuid). */
-  private async stageChild(childPath: string): Promise<void> {
-    await this.dropStaged();
-    const file = await VhdxFile.open(childPath, {
+  protected openChild(childPath: string): Promise<VhdxFile> {
+    return VhdxFile.open(childPath, {
       writable: true,
       parent: this.head,
       allowedRoots: this.opts.allowedRoots,
       pathMap: this.opts.pathMap,
       openFile: this.opts.openFile,
     });
-    this.staged = { path: path.resolve(childPath), file, prepared: false };
   }
 
-  /** Closes a staged child that will not be switched to; the head (its parent) stays open and ours. */
-  private async dropStaged(opts: { abandon?: boolean } = {}): Promise<void> {
-    const staged = this.staged;
-    if (!staged) return;
-    this.staged = undefined;
-    this.tracker?.cancelChild(staged.file);
-    staged.file.parent = undefined;
-    if (opts.abandon) await staged.file.abandon().catch(() => undefined);
-    else await staged.file.close().catch(() => undefined);
+  /** The staged child's first DataWriteGuid, recorded by `sealForChild`, is forgotten with it. */
+  protected override releaseStaged(file: VhdxFile): void {
+    this.tracker?.cancelChild(file);
   }
 
-  // ---------------------------------------------------------------- helpers
-
-  private async io<T>(fn: () => Promise<T>): Promise<T> {
-    this.assertOpen();
-    return this.gate.run(() => {
-      this.assertOpen();
-      return fn();
-    });
+  /** The tracker moves onto the new head in place (its files stay with the base disk). */
+  protected override async afterRetire(next: VhdxFile): Promise<void> {
+    await this.tracker?.moveTo(next);
   }
 
-  private noteMergeDirty(offset: number, length: number): void {
-    const dirty = this.mergeDirty;
-    if (!dirty || length === 0) return;
-    const bs = this.head.blockSize;
-    for (let b = Math.floor(offset / bs); b <= Math.floor((offset + length - 1) / bs); b++) dirty.add(b);
+  protected override async abandonBeside(): Promise<void> {
+    await this.tracker?.abandon();
   }
 
-  private assertOpen(): void {
-    if (this.closed) throw new TidemarkError('CLOSED', `virtual disk ${this.head.path} is closed`);
+  protected async openHeadAt(filePath: string): Promise<void> {
+    const next = await openHead(filePath, this.opts);
+    this.head = next.head;
+    this.tracker = next.tracker;
   }
 
-  private assertPaused(): void {
-    this.assertOpen();
-    if (!this.gate.isPaused) throw new TidemarkError('INVALID_ARGUMENT', 'pause the disk before switching its head');
-  }
-
-  private checkWritable(): void {
-    if (this.readOnly) throw new TidemarkError('READ_ONLY', `${path.basename(this.head.path)} is exported read-only`);
-  }
-
-  private checkRange(offset: number, length: number): void {
-    if (
-      !Number.isSafeInteger(offset) ||
-      !Number.isSafeInteger(length) ||
-      offset < 0 ||
-      length < 0 ||
-      offset + length > this.size
-    ) {
-      throw new TidemarkError(
-        'INVALID_ARGUMENT',
-        `range [${offset}, +${length}) is outside the ${this.size}-byte disk`,
-      );
-    }
+  protected async abandonHead(): Promise<void> {
+    await this.tracker?.abandon();
+    await this.head.abandon();
   }
 }
 
