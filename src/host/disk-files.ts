@@ -3,7 +3,6 @@
  * children), told apart by their magic (`formats/detect.ts`), never by the file name. The host services ask here
  * for the format-specific steps (probe, child, offline merge, allocated extents) so each runs both alike.
  */
-import { TidemarkError } from '../errors.js';
 import { detectFormat } from '../formats/detect.js';
 import { createVhd } from '../formats/vhd/create.js';
 import { mergeVhd } from '../formats/vhd/merge.js';
@@ -18,15 +17,13 @@ export { VHD_TRACKING_UNAVAILABLE };
 
 export type HostDiskFormat = 'vhdx' | 'vhd';
 
-/** The format of a disk file the host runs: VHDX or VHD; anything else is refused (NOT_SUPPORTED). */
+/**
+ * The format of a disk file the host runs: VHD when it carries a VHD footer, else VHDX. Anything that is not a VHD
+ * goes to the VHDX reader, which reports what it is not (VHDX_CORRUPT for a damaged or unsigned file, as before VHD
+ * disks were accepted; the format detection's name for qcow2 and the like).
+ */
 export async function diskFileFormat(file: string): Promise<HostDiskFormat> {
-  const d = await detectFormat(file);
-  if (d.format === 'vhdx' || d.format === 'vhd') return d.format;
-  throw new TidemarkError(
-    'NOT_SUPPORTED',
-    `${file} is not a VHDX or VHD disk (${d.format}${d.evidence ? `: ${d.evidence}` : ''}): convert it first`,
-    { path: file, format: d.format },
-  );
+  return (await detectFormat(file)).format === 'vhd' ? 'vhd' : 'vhdx';
 }
 
 /** The extension of a checkpoint child of a disk of this format: Hyper-V's `.avhdx` and `.avhd`. */
