@@ -309,6 +309,8 @@ export const VmSummary = z.object({
       export: z.string().nullable(),
       nbdUri: z.string().nullable(),
       tracking: z.enum(['enabled', 'none', 'missing']),
+      /** Why the disk can have no change tracking (e.g. a legacy VHD), or null. */
+      trackingReason: z.string().nullable(),
     }),
   ),
   memoryMiB: z.number().int(),
@@ -466,7 +468,7 @@ export const ChangesResult = z.object({
 });
 
 /** `vhdx info` of a disk in the store (docs/cli.md, `vhdx info --json`): the main fields, the rest as is. */
-export const DiskInfo = z.looseObject({
+const VhdxDiskInfo = z.looseObject({
   path: z.string(),
   format: z.literal('vhdx'),
   type: z.string(),
@@ -491,6 +493,32 @@ export const DiskInfo = z.looseObject({
   ),
   warnings: z.array(z.unknown()),
 });
+
+/** `vhd info --json` of a legacy VHD disk in the store: the main fields, the rest as is. */
+const VhdDiskInfo = z.looseObject({
+  path: z.string(),
+  format: z.literal('vhd'),
+  type: z.string(),
+  fileSize: z.number(),
+  virtualSize: z.number(),
+  blockSize: z.number().nullable(),
+  uniqueId: z.string(),
+  chain: z.array(
+    z.object({
+      path: z.string(),
+      type: z.string().optional(),
+      virtualSize: z.number().optional(),
+      uniqueId: z.string().optional(),
+      timeStamp: z.string().optional(),
+      foundBy: z.string().optional(),
+      error: z.object({ code: z.string(), message: z.string() }).optional(),
+    }),
+  ),
+  warnings: z.array(z.unknown()),
+});
+
+/** The information of a disk in the store, by its format (VHDX or VHD). */
+export const DiskInfo = z.discriminatedUnion('format', [VhdxDiskInfo, VhdDiskInfo]);
 
 export const SnapshotExport = z.object({
   vm: z.string(),

@@ -111,6 +111,7 @@ export const preflightWith =
           virtualDiskId: d.virtualDiskId,
           virtualSize: d.virtualSize,
           tracking: d.tracking,
+          trackingReason: d.trackingReason ?? null,
         }));
         s.previous = await opts.repo.latestPoint(name);
         await cleanLeftovers(opts.host, name, leases.lease(name), log);

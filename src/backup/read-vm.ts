@@ -34,8 +34,9 @@ export async function backupVm(
     let base: DiskEntry['index'] | null = null;
     // The disk's own lack of tracking comes first: it is the reason every backup of it is full.
     if (!cpDisk.rctId)
-      fullReason =
-        d.tracking === 'none'
+      fullReason = d.trackingReason
+        ? d.trackingReason
+        : d.tracking === 'none'
           ? `the disk has no change tracking (configuration version ${s.configVersion}; tracking needs 6.2 or later)`
           : `the disk has no change tracking (its tracking files are missing; configuration version ${s.configVersion})`;
     else if (s.recovered?.has(d.slot)) fullReason = s.recovered.get(d.slot)!;

@@ -145,7 +145,14 @@ export interface VmState {
   summary: VmRunSummary;
   definition: unknown;
   id: string;
-  disks: { slot: string; virtualDiskId: string; virtualSize: number; tracking: string }[];
+  /** `trackingReason`: why the disk can have no change tracking at all (a legacy VHD), or null. */
+  disks: {
+    slot: string;
+    virtualDiskId: string;
+    virtualSize: number;
+    tracking: string;
+    trackingReason: string | null;
+  }[];
   configVersion: string;
   previous: PointManifest | null;
   checkpoint?: Checkpoint;

@@ -253,7 +253,7 @@ export function vmCommand(run: Run): Command {
         }
         for (const d of v.disks) {
           println(
-            `  ${d.slot}: ${d.head}${d.head !== d.base ? ` (base ${d.base})` : ''} id ${d.virtualDiskId} tracking ${d.tracking}${d.nbdUri ? ` ${d.nbdUri}` : ''}`,
+            `  ${d.slot}: ${d.head}${d.head !== d.base ? ` (base ${d.base})` : ''} id ${d.virtualDiskId} tracking ${d.tracking}${d.trackingReason ? ` (${d.trackingReason})` : ''}${d.nbdUri ? ` ${d.nbdUri}` : ''}`,
           );
         }
         println(`${v.checkpoints} checkpoint(s), ${v.referencePoints} reference point(s)`);
@@ -393,7 +393,8 @@ export function vmCommand(run: Run): Command {
         const v = await (await client(o)).upgradeVm(name, { version: o.version });
         if (o.json) return printJson(v);
         println(`${v.name}: configuration version ${v.configVersion}`);
-        for (const d of v.disks) println(`  ${d.slot}: tracking ${d.tracking}`);
+        for (const d of v.disks)
+          println(`  ${d.slot}: tracking ${d.tracking}${d.trackingReason ? ` (${d.trackingReason})` : ''}`);
       }),
     );
   vm.command('delete')

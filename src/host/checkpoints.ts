@@ -5,12 +5,11 @@
  */
 import { randomUUID } from 'node:crypto';
 import { unlink } from 'node:fs/promises';
-import { VirtualDisk } from '../disk/virtual-disk.js';
+import { childExtension, openDisk, type OpenedDisk } from '../disk/open.js';
 import { TidemarkError } from '../errors.js';
-import { createVhdx } from '../formats/vhdx/create.js';
-import { mergeWithTracking } from '../tracking/merge.js';
 import { planCheckpoint, type CheckpointPlan } from './checkpoint-plan.js';
 import type { ConsistencyProvider } from './consistency.js';
+import { childExtensionOf, createChildFile, diskFileFormat, mergeChildFile } from './disk-files.js';
 import type {
   Checkpoint,
   CheckpointType,
@@ -23,7 +22,7 @@ import type { LeaseInfo } from './leases.js';
 import type { HostLog } from './log.js';
 import { privateFiles } from './store-access.js';
 import type { VmRuntime } from './vm-runtime.js';
-import { CHILD_EXT, MEMORY_EXT, type LeaseRef, type VmGuard, type VmStore } from './vm-store.js';
+import { MEMORY_EXT, type LeaseRef, type VmGuard, type VmStore } from './vm-store.js';
 
 export interface CheckpointRequest extends LeaseRef {
   type?: CheckpointType;
@@ -51,7 +50,7 @@ export interface CheckpointHostAccess {
   guard: VmGuard;
   leaseHolder(vm: string): Promise<LeaseInfo | undefined>;
   /** The open disks of a running VM, by slot (undefined when it is off). */
-  runningDisks(vm: string): Map<string, VirtualDisk> | undefined;
+  runningDisks(vm: string): Map<string, OpenedDisk> | undefined;
   qemuRunning(vm: string): boolean;
   runtime(vm: string): VmRuntime;
   /** Freezes the guest around the cut (the guest integration; replaceable while the host runs). */
@@ -90,7 +89,7 @@ export class Checkpoints {
 
   /**
    * Cuts a checkpoint: (freeze the guest), pause the VM's I/O, flush, seal each tracker's id, create an
-   * .avhdx child per disk, record it all in one atomic definition write, switch onto the children,
+   * .avhdx (.avhd under a VHD) child per disk, record it all in one atomic definition write, switch onto the children,
    * resume, (thaw). The parents are from then on the frozen, consistent point.
    */
   async create(name: string, req: CheckpointRequest = {}): Promise<Checkpoint> {
@@ -113,10 +112,13 @@ export class Checkpoints {
     const holder = req.lease !== undefined ? await this.host.leaseHolder(name) : undefined;
     const id = randomUUID();
     const cpName = req.name ?? `${name} - (${new Date().toISOString().replace('T', ' ').slice(0, 19)})`;
-    const children: NewChild[] = def.disks.map((d) => ({
-      disk: d,
-      child: store.diskFile(name, `${d.slot}_${id.slice(0, 8)}${CHILD_EXT}`),
-    }));
+    // Each child in its head's format: .avhdx under a VHDX, .avhd (a VHD differencing disk) under a VHD.
+    const children: NewChild[] = [];
+    for (const d of def.disks) {
+      const open = running?.get(d.slot);
+      const ext = open ? childExtension(open) : childExtensionOf(await diskFileFormat(store.abs(def, d.head)));
+      children.push({ disk: d, child: store.diskFile(name, `${d.slot}_${id.slice(0, 8)}${ext}`) });
+    }
     const memoryFile = plan.how === 'memory' ? store.diskFile(name, `memory_${id.slice(0, 8)}${MEMORY_EXT}`) : null;
     const created = [...children.map((c) => c.child), ...(memoryFile ? [memoryFile] : [])];
 
@@ -200,7 +202,7 @@ export class Checkpoints {
    */
   private async cutDisks(
     def: VmDefinition,
-    running: Map<string, VirtualDisk> | undefined,
+    running: Map<string, OpenedDisk> | undefined,
     children: NewChild[],
     record: (sealed: Map<string, string | undefined>) => void,
   ): Promise<{ ioPauseMs: number | null }> {
@@ -208,7 +210,7 @@ export class Checkpoints {
     const sealed = new Map<string, string | undefined>();
     if (!running) {
       for (const c of children) {
-        const disk = await VirtualDisk.open(store.abs(def, c.disk.head), store.diskOptions(def));
+        const disk = await openDisk(store.abs(def, c.disk.head), store.diskOptions(def));
         try {
           await disk.pause();
           sealed.set(c.disk.slot, (await disk.prepareChild(c.child)).id);
@@ -289,7 +291,7 @@ export class Checkpoints {
           },
         });
       } else {
-        await mergeWithTracking(store.abs(def, m.child), { allowedRoots: store.diskOptions(def).allowedRoots });
+        await mergeChildFile(store.abs(def, m.child), { allowedRoots: store.diskOptions(def).allowedRoots });
         def.disks.find((a) => a.slot === m.slot)!.head = m.parent;
         await store.save(def);
       }
@@ -311,7 +313,11 @@ export class Checkpoints {
       throw new TidemarkError('CONFLICT', `${name} is running: stop it to apply a checkpoint`);
     const cp = this.find(def, checkpoint);
     const suffix = randomUUID().slice(0, 8);
-    const created = cp.disks.map((d) => store.diskFile(name, `${d.slot}_${suffix}${CHILD_EXT}`));
+    const created: string[] = [];
+    for (const d of cp.disks) {
+      const ext = childExtensionOf(await diskFileFormat(store.abs(def, d.file)));
+      created.push(store.diskFile(name, `${d.slot}_${suffix}${ext}`));
+    }
     // The current state is discarded unless a checkpoint holds it.
     const frozen = new Set(def.checkpoints.flatMap((c) => c.disks.map((d) => d.file)));
     const discard = def.disks.map((d) => d.head).filter((h) => !frozen.has(h) && h !== store.baseOf(def, h));
@@ -319,10 +325,7 @@ export class Checkpoints {
     await store.save(def);
     try {
       for (let i = 0; i < cp.disks.length; i++) {
-        await createVhdx(created[i], {
-          parent: store.abs(def, cp.disks[i].file),
-          parentOpenOptions: store.diskOptions(def),
-        });
+        await createChildFile(created[i], store.abs(def, cp.disks[i].file), store.diskOptions(def).allowedRoots);
         await privateFiles(created[i]);
       }
     } catch (err) {

@@ -18,7 +18,8 @@ import path from 'node:path';
 import { loadClientTls, NbdServer, TlsCredentials } from '../nbd/index.js';
 import type { ChangesResult } from '../tracking/tracker.js';
 import type { VhdxInfo } from '../formats/vhdx/info.js';
-import type { VirtualDisk } from '../disk/virtual-disk.js';
+import type { VhdInfo } from '../formats/vhd/info.js';
+import type { OpenedDisk } from '../disk/open.js';
 import { KeyedMutex } from '../util/mutex.js';
 import { HotPlugs } from './hot-plug.js';
 import { createProvider, PROVIDER_NAMES } from '../snapshot/index.js';
@@ -272,7 +273,7 @@ export class Host {
   }
 
   /** The open virtual disk of a running VM's slot (for in-process workloads and backup exports). */
-  runningDisk(name: string, slot: string): VirtualDisk {
+  runningDisk(name: string, slot: string): OpenedDisk {
     return this.lifecycle.runningDisk(name, slot);
   }
 
@@ -358,7 +359,7 @@ export class Host {
     return this.images.virtualDiskChanges(target, limitId, offset, length, maxRanges);
   }
 
-  diskInfo(file: string): Promise<VhdxInfo> {
+  diskInfo(file: string): Promise<VhdxInfo | VhdInfo> {
     return this.images.diskInfo(file);
   }
 

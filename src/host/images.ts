@@ -4,16 +4,17 @@
  * other services share (tracking started, a chain settled before it is served, attached paths checked).
  */
 import path from 'node:path';
-import type { VirtualDisk } from '../disk/virtual-disk.js';
+import type { OpenedDisk } from '../disk/open.js';
 import { TidemarkError } from '../errors.js';
+import { vhdInfo, type VhdInfo } from '../formats/vhd/info.js';
 import { createVhdx } from '../formats/vhdx/create.js';
 import { vhdxInfo, type VhdxInfo } from '../formats/vhdx/info.js';
 import { VhdxFile } from '../formats/vhdx/vhdx.js';
-import { mergeWithTracking } from '../tracking/merge.js';
 import { ChangeTracker, trackingPaths, type ChangesResult, type TrackingFiles } from '../tracking/tracker.js';
 import { guidToString } from '../util/guid.js';
 import { checkFileType } from '../util/safe-open.js';
 import { supportsRct } from './config-version.js';
+import { diskFileFormat, mergeChildFile, offlineAllocatedExtents, VHD_TRACKING_UNAVAILABLE } from './disk-files.js';
 import type { VmDefinition } from './definition.js';
 import { privateFiles } from './store-access.js';
 import type { VmStore } from './vm-store.js';
@@ -22,7 +23,7 @@ import type { VmStore } from './vm-store.js';
 export interface ImageHostAccess {
   store: Pick<VmStore, 'root' | 'get' | 'all' | 'abs' | 'diskOptions' | 'inStore'>;
   /** The open disk of a running VM's slot, if it runs. */
-  runningDisk(vm: string, slot: string): VirtualDisk | undefined;
+  runningDisk(vm: string, slot: string): OpenedDisk | undefined;
   /** CONFLICT when a running VM's chain holds the file. */
   assertNotOpen(file: string): void;
 }
@@ -55,9 +56,7 @@ export class Images {
       const len = length ?? att.virtualSize - offset;
       const ranges = open
         ? await open.file.allocatedExtents(offset, len)
-        : await withVhdx(store.abs(def, att.head), store.diskOptions(def).allowedRoots, (d) =>
-            d.allocatedExtents(offset, len),
-          );
+        : await offlineAllocatedExtents(store.abs(def, att.head), store.diskOptions(def).allowedRoots, offset, len);
       const capped = maxRanges !== undefined && ranges.length > maxRanges ? ranges.slice(0, maxRanges) : ranges;
       const processedLength =
         capped === ranges ? len : capped[capped.length - 1].offset + capped[capped.length - 1].length - offset;
@@ -94,6 +93,13 @@ export class Images {
     allowedRoots: string[],
   ): Promise<ChangesResult & { virtualDiskId: string }> {
     this.host.assertNotOpen(file);
+    if ((await diskFileFormat(file)) === 'vhd') {
+      throw new TidemarkError(
+        'MISSING_CHANGE_TRACKING_INFORMATION',
+        `${path.basename(file)}: ${VHD_TRACKING_UNAVAILABLE}: read it in full`,
+        { id: limitId },
+      );
+    }
     const disk = await VhdxFile.open(file, { allowedRoots });
     try {
       const tracker = await ChangeTracker.attach(disk, { writable: false });
@@ -109,8 +115,10 @@ export class Images {
     }
   }
 
-  async diskInfo(file: string): Promise<VhdxInfo> {
-    return vhdxInfo(this.host.store.inStore(file), { allowedRoots: [this.host.store.root] });
+  async diskInfo(file: string): Promise<VhdxInfo | VhdInfo> {
+    const p = this.host.store.inStore(file);
+    if ((await diskFileFormat(p)) === 'vhd') return vhdInfo(p, { allowedRoots: [this.host.store.root] });
+    return vhdxInfo(p, { allowedRoots: [this.host.store.root] });
   }
 
   async createDisk(file: string, opts: { size: number; blockSize?: number; tracking?: boolean }): Promise<string> {
@@ -131,7 +139,7 @@ export class Images {
         throw new TidemarkError('CONFLICT', `${p} belongs to VM ${def.name}: delete its checkpoint instead`);
       }
     }
-    const r = await mergeWithTracking(p, { allowedRoots: [store.root] });
+    const r = await mergeChildFile(p, { allowedRoots: [store.root] });
     return { parentPath: r.parentPath, bytesCopied: r.bytesCopied };
   }
 }
@@ -150,6 +158,8 @@ function usesFile(store: Pick<VmStore, 'abs'>, def: VmDefinition, file: string):
  * tools refuse such files), before the chain is opened for a running VM.
  */
 export async function settleChain(head: string, allowedRoots: string[]): Promise<void> {
+  // A VHD has no log: its writes are in place (a lost footer copy is restored when it is opened writable).
+  if ((await diskFileFormat(head)) === 'vhd') return;
   const probe = await VhdxFile.open(head, { allowedRoots });
   const dirty = probe
     .chain()
@@ -163,26 +173,19 @@ export async function settleChain(head: string, allowedRoots: string[]): Promise
   }
 }
 
-async function withVhdx<T>(file: string, allowedRoots: string[], fn: (d: VhdxFile) => Promise<T>): Promise<T> {
-  const d = await VhdxFile.open(file, { allowedRoots });
-  try {
-    return await fn(d);
-  } finally {
-    await d.close();
-  }
-}
-
 /**
  * Starts Tidemark's change tracking on the chain whose head is `file` (its files beside the base, made private)
  * when it has none (`reason`: why it starts again). A disk another product tracks is left alone (its files are
  * never modified): it is backed up in full until an administrator runs `rct enable --replace-foreign`.
- * Returns what it found: 'none' means it created them now.
+ * Returns what it found: 'none' means it created them now; 'unavailable', a VHD (no tracking to start).
  */
 export async function enableTracking(
   file: string,
   allowedRoots: string[],
   reason?: string,
-): Promise<TrackingFiles['state']> {
+): Promise<TrackingFiles['state'] | 'unavailable'> {
+  // VHD has no change tracking: nothing to start (its disks are read in full, with the reason).
+  if ((await diskFileFormat(file)) === 'vhd') return 'unavailable';
   const disk = await VhdxFile.open(file, { allowedRoots });
   try {
     const base = disk.chain().at(-1)!.path;

@@ -5,7 +5,7 @@
  * what the next incremental asks changes since.
  */
 import { randomUUID } from 'node:crypto';
-import { VirtualDisk } from '../disk/virtual-disk.js';
+import { openDisk, type OpenedDisk } from '../disk/open.js';
 import { TidemarkError } from '../errors.js';
 import type { Checkpoints } from './checkpoints.js';
 import { describeOwner, type ReferencePoint, type ReferencePointOwner } from './definition.js';
@@ -17,7 +17,7 @@ export interface ReferencePointHostAccess {
   store: Pick<VmStore, 'get' | 'save' | 'abs' | 'diskOptions' | 'assertNoPending'>;
   guard: VmGuard;
   /** The open disks of a running VM, by slot (undefined when it is off). */
-  runningDisks(vm: string): Map<string, VirtualDisk> | undefined;
+  runningDisks(vm: string): Map<string, OpenedDisk> | undefined;
   /** A conversion removes the recovery checkpoint (merging it back) and records the point in the same journal. */
   checkpoints: Pick<Checkpoints, 'find' | 'remove'>;
   log: HostLog;
@@ -31,7 +31,7 @@ export class ReferencePoints {
   }
 
   /**
-   * ConvertToReferencePoint: the recovery checkpoint's .avhdx files are merged back online (the VM stops
+   * ConvertToReferencePoint: the recovery checkpoint's .avhdx (or .avhd) files are merged back online (the VM stops
    * running on differencing disks) and the ids sealed at the checkpoint are kept per virtual disk.
    */
   async convert(
@@ -75,7 +75,7 @@ export class ReferencePoints {
         if (running) {
           ids.push((await running.get(d.slot)!.seal()) ?? null);
         } else {
-          const disk = await VirtualDisk.open(store.abs(def, d.head), store.diskOptions(def));
+          const disk = await openDisk(store.abs(def, d.head), store.diskOptions(def));
           try {
             ids.push((await disk.seal()) ?? null);
           } finally {

@@ -10,9 +10,9 @@
  */
 import { randomUUID } from 'node:crypto';
 import path from 'node:path';
-import { VirtualDisk } from '../disk/virtual-disk.js';
+import { openDisk, type OpenedDisk } from '../disk/open.js';
 import { TidemarkError } from '../errors.js';
-import { VhdxFile } from '../formats/vhdx/vhdx.js';
+import { chainFiles } from './disk-files.js';
 import type { NbdServer } from '../nbd/index.js';
 import type { RandomAccessFile } from '../util/file.js';
 import { createProvider } from '../snapshot/index.js';
@@ -62,7 +62,7 @@ export interface SnapshotHostAccess {
   vmDir(name: string): string;
   abs(def: VmDefinition, p: string): string;
   allowedRoots(def: VmDefinition): string[];
-  runningDisks(name: string): Map<string, VirtualDisk> | undefined;
+  runningDisks(name: string): Map<string, OpenedDisk> | undefined;
   diffAreaRoot: string;
   /** The VM's live lease after checking the caller may work on the VM (Leases.check). */
   checkLease(vm: string, lease: string | undefined): Promise<LeaseInfo | undefined>;
@@ -74,7 +74,7 @@ interface LiveSet {
   info: SnapshotSetInfo;
   /** undefined for a set without a storage snapshot (no-snapshot flow). */
   bc: BackupComponents | undefined;
-  disks: VirtualDisk[];
+  disks: OpenedDisk[];
 }
 
 export class SnapshotSets {
@@ -107,9 +107,7 @@ export class SnapshotSets {
       }));
       // Every file of every frozen chain, and the definition, are in the set.
       for (const h of heads) {
-        const probe = await VhdxFile.open(h.file, { allowedRoots: this.host.allowedRoots(def), noParent: false });
-        for (const f of probe.chain()) files.add(f.path);
-        await probe.close();
+        for (const f of await chainFiles(h.file, { allowedRoots: this.host.allowedRoots(def) })) files.add(f);
       }
       files.add(path.join(this.host.vmDir(name), 'vm.json'));
       members.push({
@@ -144,7 +142,7 @@ export class SnapshotSets {
         };
       },
     });
-    const opened: VirtualDisk[] = [];
+    const opened: OpenedDisk[] = [];
     let report: SnapshotSetReport;
     try {
       bc.initializeForBackup();
@@ -212,7 +210,7 @@ export class SnapshotSets {
     members: (VmInSet & { heads: { slot: string; file: string }[]; lease: string | null })[],
     runId: string | null,
   ) {
-    const opened: VirtualDisk[] = [];
+    const opened: OpenedDisk[] = [];
     let exports: SnapshotExport[];
     try {
       exports = await this.exportDisks(members, `frozen-${id.slice(0, 8)}`, 'frozen', opened, () => undefined);
@@ -250,13 +248,13 @@ export class SnapshotSets {
     members: (VmInSet & { heads: { slot: string; file: string }[] })[],
     prefix: string,
     what: string,
-    opened: VirtualDisk[],
+    opened: OpenedDisk[],
     viewOf: (h: { slot: string; file: string }) => ((p: string) => Promise<RandomAccessFile>) | undefined,
   ): Promise<SnapshotExport[]> {
     const exports: SnapshotExport[] = [];
     for (const m of members) {
       for (const h of m.heads) {
-        const disk = await VirtualDisk.open(h.file, {
+        const disk = await openDisk(h.file, {
           readOnly: true,
           tracking: false,
           allowedRoots: this.host.allowedRoots(m.def),
@@ -280,7 +278,7 @@ export class SnapshotSets {
   }
 
   /** Undoes a partly made set: its exports removed, its disks closed. */
-  private async unexport(id: string, opened: VirtualDisk[]): Promise<void> {
+  private async unexport(id: string, opened: OpenedDisk[]): Promise<void> {
     const short = id.slice(0, 8);
     for (const e of this.host.nbd.exports()) {
       if (e.name.startsWith(`snap-${short}/`) || e.name.startsWith(`frozen-${short}/`)) {

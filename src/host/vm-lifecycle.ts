@@ -7,13 +7,11 @@
 import { randomUUID } from 'node:crypto';
 import { rm } from 'node:fs/promises';
 import path from 'node:path';
-import { VirtualDisk } from '../disk/virtual-disk.js';
+import { openDisk, type OpenedDisk } from '../disk/open.js';
 import { TidemarkError } from '../errors.js';
 import { createVhdx } from '../formats/vhdx/create.js';
-import { VhdxFile } from '../formats/vhdx/vhdx.js';
 import type { NbdServer } from '../nbd/index.js';
 import { trackingPaths } from '../tracking/tracker.js';
-import { guidToString } from '../util/guid.js';
 import { Mutex } from '../util/mutex.js';
 import { parseSize } from '../util/size.js';
 import type { AccelRequest } from './accel.js';
@@ -34,6 +32,7 @@ import {
   type DiskAttachment,
   type VmDefinition,
 } from './definition.js';
+import { diskFileFormat, probeDiskFile, trackingUnavailable } from './disk-files.js';
 import { checkDiskPaths, enableTracking, settleChain } from './images.js';
 import { dropImportMarker, writeImportMarker, type ImportInfo, type ImportOwner } from './imports.js';
 import type { LeaseInfo, Leases } from './leases.js';
@@ -117,6 +116,8 @@ export interface VmSummary {
     /** vm-runtime: the export's NBD URI while the VM runs */
     nbdUri: string | null;
     tracking: TrackingState;
+    /** Why the disk can have no change tracking (a legacy VHD), or null. */
+    trackingReason: string | null;
   }[];
   // vm-runtime
   memoryMiB: number;
@@ -174,7 +175,7 @@ export interface LifecycleHostAccess {
 
 export class VmLifecycle {
   /** The open disks of each running VM, by slot, each served as the NBD export `vm/slot`. */
-  private running = new Map<string, Map<string, VirtualDisk>>();
+  private running = new Map<string, Map<string, OpenedDisk>>();
   /** vm-runtime: the QEMU of each VM with a boot source */
   private runtimes = new Map<string, VmRuntime>();
   /** One creation (or import) at a time: the name check and the folder are one step. */
@@ -539,14 +540,14 @@ export class VmLifecycle {
   // ---------------------------------------------------------------- run state
 
   /** The open virtual disk of a running VM's slot (for in-process workloads and backup exports). */
-  runningDisk(name: string, slot: string): VirtualDisk {
+  runningDisk(name: string, slot: string): OpenedDisk {
     const disk = this.running.get(name)?.get(slot);
     if (!disk) throw new TidemarkError('NOT_FOUND', `${name} is not running or has no disk at ${slot}`);
     return disk;
   }
 
   /** The open disks of a running VM, by slot (undefined when it is off). */
-  runningDisks(name: string): Map<string, VirtualDisk> | undefined {
+  runningDisks(name: string): Map<string, OpenedDisk> | undefined {
     return this.running.get(name);
   }
 
@@ -574,7 +575,7 @@ export class VmLifecycle {
         head: this.host.store.abs(def, d.head),
         export: running ? exportName(def.name, d.slot) : null,
         nbdUri: running && nbd.address() ? nbd.uri(exportName(def.name, d.slot)) : null,
-        tracking: await this.trackingState(def, d),
+        ...(await this.trackingState(def, d)),
       });
     }
     return {
@@ -601,11 +602,22 @@ export class VmLifecycle {
   }
 
   /** Whether a disk's changes are really tracked: the running disk's tracker, or the files beside its base. */
-  private async trackingState(def: VmDefinition, att: DiskAttachment): Promise<TrackingState> {
-    if (!supportsRct(def.configVersion)) return 'none';
+  private async trackingState(
+    def: VmDefinition,
+    att: DiskAttachment,
+  ): Promise<{ tracking: TrackingState; trackingReason: string | null }> {
     const open = this.running.get(def.name)?.get(att.slot);
-    if (open) return open.changeTracker ? 'enabled' : 'missing';
-    return (await exists(trackingPaths(this.host.store.abs(def, att.base)).rct)) ? 'enabled' : 'missing';
+    // A legacy VHD has no change tracking whatever the configuration version: none, and why.
+    const reason = open
+      ? 'trackingUnavailable' in open
+        ? open.trackingUnavailable
+        : null
+      : await diskFileFormat(this.host.store.abs(def, att.base)).then(trackingUnavailable, () => null);
+    if (reason) return { tracking: 'none', trackingReason: reason };
+    if (!supportsRct(def.configVersion)) return { tracking: 'none', trackingReason: null };
+    if (open) return { tracking: open.changeTracker ? 'enabled' : 'missing', trackingReason: null };
+    const tracked = await exists(trackingPaths(this.host.store.abs(def, att.base)).rct);
+    return { tracking: tracked ? 'enabled' : 'missing', trackingReason: null };
   }
 
   private async prepareDisk(def: VmDefinition, d: NewDisk): Promise<DiskAttachment> {
@@ -632,20 +644,13 @@ export class VmLifecycle {
     } else {
       throw new TidemarkError('INVALID_ARGUMENT', `disk ${d.slot}: give a path or a size`);
     }
-    const probe = await VhdxFile.open(file, { allowedRoots: [path.dirname(file), store.root] });
-    let virtualDiskId: string;
-    const virtualSize = probe.virtualSize;
-    try {
-      if (probe.parent) {
-        throw new TidemarkError(
-          'INVALID_ARGUMENT',
-          `${file} is a differencing disk: attach its base or merge it first`,
-        );
-      }
-      virtualDiskId = guidToString(probe.virtualDiskId);
-    } finally {
-      await probe.close();
+    // VHDX or legacy VHD, by its magic (anything else: NOT_SUPPORTED naming the format).
+    const probe = await probeDiskFile(file, [path.dirname(file), store.root]);
+    if (probe.differencing) {
+      throw new TidemarkError('INVALID_ARGUMENT', `${file} is a differencing disk: attach its base or merge it first`);
     }
+    const { virtualDiskId, virtualSize } = probe;
+    // A VHD has no change tracking to start (enableTracking leaves it alone): its backups read it in full.
     if (supportsRct(def.configVersion)) await enableTracking(file, [path.dirname(file)]);
     const rel = store.rel(def, file);
     return { slot: d.slot, base: rel, head: rel, virtualDiskId, virtualSize };
@@ -675,7 +680,7 @@ export class VmLifecycle {
       if (found === 'none')
         this.host.log.warn(`${def.name} ${att.slot}: the tracking files were missing; change tracking restarted`);
     }
-    const disk = await VirtualDisk.open(store.abs(def, att.head), store.diskOptions(def));
+    const disk = await openDisk(store.abs(def, att.head), store.diskOptions(def));
     this.running.get(def.name)!.set(att.slot, disk);
     this.host.nbd.addExport(exportName(def.name, att.slot), disk, { description: `${def.name} ${att.slot}` });
   }

@@ -7,9 +7,9 @@
 import { access, readdir, rm, unlink } from 'node:fs/promises';
 import path from 'node:path';
 import { TidemarkError } from '../errors.js';
-import { mergeWithTracking } from '../tracking/merge.js';
 import { KeyedMutex } from '../util/mutex.js';
 import { supportsRct } from './config-version.js';
+import { mergeChildFile } from './disk-files.js';
 import {
   readDefinition,
   writeDefinition,
@@ -22,6 +22,8 @@ import type { HostLog } from './log.js';
 
 /** A checkpoint's differencing disk beside its parent. */
 export const CHILD_EXT = '.avhdx';
+/** A VHD head's checkpoint child: a VHD differencing disk. */
+export const VHD_CHILD_EXT = '.avhd';
 /** A standard checkpoint's memory and device state (Hyper-V's runtime-state file has this extension). */
 export const MEMORY_EXT = '.vmrs';
 
@@ -278,7 +280,7 @@ export class VmStore {
         // A merge is finished, never undone: offline now, for each disk not yet switched.
         for (const m of p.disks) {
           if (await exists(this.abs(def, m.child))) {
-            await mergeWithTracking(this.abs(def, m.child), { allowedRoots: this.diskOptions(def).allowedRoots });
+            await mergeChildFile(this.abs(def, m.child), { allowedRoots: this.diskOptions(def).allowedRoots });
           }
           def.disks.find((a) => a.slot === m.slot)!.head = m.parent;
           await this.save(def);
@@ -297,7 +299,7 @@ export class VmStore {
         await this.save(def);
       }
     }
-    // A child no definition refers to is a leftover: remove it (only .avhdx files in the VM's own folder).
+    // A child no definition refers to is a leftover: remove it (only .avhdx and .avhd files in the VM's own folder).
     const referenced = new Set([
       ...def.disks.map((d) => this.abs(def, d.head)),
       ...def.checkpoints.flatMap((c) => c.disks.map((d) => this.abs(def, d.file))),
@@ -306,7 +308,7 @@ export class VmStore {
     const dir = path.join(this.vmDir(def.name), 'disks');
     for (const f of await readdir(dir).catch(() => [] as string[])) {
       const full = path.join(dir, f);
-      if ((f.endsWith(CHILD_EXT) || f.endsWith(MEMORY_EXT)) && !referenced.has(full)) {
+      if ((f.endsWith(CHILD_EXT) || f.endsWith(VHD_CHILD_EXT) || f.endsWith(MEMORY_EXT)) && !referenced.has(full)) {
         this.log.warn(`${def.name}: removing stray ${f}`);
         await unlink(full).catch(() => undefined);
       }

@@ -22,6 +22,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runBackupSet, type BackupSetSummary } from '../../src/backup/backup-set.js';
 import { restorePoint } from '../../src/backup/restore.js';
 import { createVhdx } from '../../src/formats/vhdx/create.js';
+import type { VirtualDisk } from '../../src/disk/virtual-disk.js';
 import { VhdxFile } from '../../src/formats/vhdx/vhdx.js';
 import { ChangeTracker } from '../../src/tracking/tracker.js';
 import { NbdClient } from '../../src/nbd/client.js';
@@ -599,7 +600,7 @@ describe(`adversarial lineage suite (seed ${SEED})`, () => {
       await run.setup();
       await run.writes(3);
       await run.backup(0);
-      const file = hostA.running!.host.runningDisk(run.vm, SLOTS[0]).file;
+      const file = (hostA.running!.host.runningDisk(run.vm, SLOTS[0]) as VirtualDisk).file;
       const observer = file.observer;
       file.observer = undefined;
       try {

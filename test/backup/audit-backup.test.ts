@@ -25,6 +25,7 @@ import { HostClient } from '../../src/api/client.js';
 import { DEFAULT_AUDIT, auditSample, diskSeed, sampleSize } from '../../src/backup/audit.js';
 import { runBackupSet, type BackupSetOptions, type BackupSetSummary } from '../../src/backup/backup-set.js';
 import { chunksTouched } from '../../src/backup/disk-reader.js';
+import type { VirtualDisk } from '../../src/disk/virtual-disk.js';
 import { restorePoint } from '../../src/backup/restore.js';
 import { startHost, type RunningHost } from '../../src/daemon/daemon.js';
 import { HostLog } from '../../src/host/log.js';
@@ -75,7 +76,7 @@ async function vmWithDisk(name: string, size: number): Promise<{ nbd: NbdClient;
 
 /** Writes through the host's own engine instance of the disk with the change tracker detached: tracking never sees it. */
 async function writeBelowTracker(vm: string, offset: number, data: Buffer): Promise<void> {
-  const file = running.host.runningDisk(vm, SLOT).file;
+  const file = (running.host.runningDisk(vm, SLOT) as VirtualDisk).file;
   const observer = file.observer;
   expect(observer, 'the disk is tracked').toBeDefined();
   file.observer = undefined;
