@@ -72,7 +72,7 @@ function backupProcess(store: string, repo: string): { done: Promise<number | nu
 describe(`backup killed (seed ${SEED})`, () => {
   it(
     `${TRIALS} kills: earlier points intact, next run succeeds, gc exact`,
-    { timeout: Math.max(900_000, TRIALS * 6_000) }, // long runs get time in proportion (~3 s a trial)
+    { timeout: Math.max(900_000, TRIALS * 12_000) }, // long runs get time in proportion (~3 s a trial, then every point restored)
     async () => {
       const store = path.join(dir, 'store');
       const repoPath = path.join(dir, 'repo');
