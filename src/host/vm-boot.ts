@@ -7,7 +7,7 @@ import path from 'node:path';
 import { TidemarkError } from '../errors.js';
 import type { BootDefinition } from './definition.js';
 
-/** The fields of a VM request that say how it boots (vm-lifecycle.ts's CreateVmRequest has them). */
+/** The fields of a VM request that say how it boots (vm-lifecycle.ts's CreateVmRequest extends it). */
 export interface BootRequest {
   memoryMiB?: number;
   cpus?: number;

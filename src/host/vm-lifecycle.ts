@@ -39,7 +39,7 @@ import type { LeaseInfo, Leases } from './leases.js';
 import type { HostLog } from './log.js';
 import { parseSlot, type NbdAddress as QemuNbdAddress } from './qemu-command.js';
 import { privateDir, privateFiles, type DiskPathPolicy } from './store-access.js';
-import { resolveBoot } from './vm-boot.js';
+import { resolveBoot, type BootRequest } from './vm-boot.js';
 import { VmRuntime, type ExitInfo, type StopOptions, type StopOutcome, type VmState } from './vm-runtime.js';
 import { exists, type LeaseRef, type VmGuard, type VmStore } from './vm-store.js';
 
@@ -60,22 +60,14 @@ export interface NewDisk {
   blockSize?: number;
 }
 
-export interface CreateVmRequest {
+/** A new VM; how it boots (memory, CPUs, SCSI controllers, boot source, image, workload) comes from `BootRequest`. */
+export interface CreateVmRequest extends BootRequest {
   name: string;
   generation?: 1 | 2;
   configVersion?: string;
   checkpointPolicy?: CheckpointPolicy;
   guest?: string | null;
   disks?: NewDisk[];
-  // vm-runtime: what QEMU runs
-  memoryMiB?: number;
-  cpus?: number;
-  scsiControllers?: number;
-  boot?: BootDefinition | null;
-  /** a guest image folder (`tidemark guest-image build`): its vmlinux, initrd.img and command line */
-  image?: string;
-  /** with `image`: the workload on the kernel command line (sqlite, shell, none) */
-  workload?: string;
   accel?: AccelRequest;
 }
 
