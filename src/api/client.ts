@@ -15,6 +15,7 @@ import {
   ErrorBody,
   JobInfo,
   type AcquireLeaseBody,
+  type AcquireLeasesBody,
   type ChangesBody,
   type CheckpointBody,
   type CommitImportBody,
@@ -129,6 +130,16 @@ export class HostClient {
   }
   listLeases() {
     return this.call(ROUTES.listLeases);
+  }
+  /** Many VMs' leases for one run, in name order, with one write on the host. */
+  acquireLeases(body: AcquireLeasesBody) {
+    return this.call(ROUTES.acquireLeases, { body });
+  }
+  renewLeases(ids: string[]) {
+    return this.call(ROUTES.renewLeases, { body: { ids } });
+  }
+  releaseLeases(ids: string[]) {
+    return this.call(ROUTES.releaseLeases, { body: { ids } });
   }
 
   // ---------------------------------------------------------------- imports (restore --register)

@@ -53,6 +53,13 @@ export function hostHandlers(host: Host): Handlers {
       return host.leases.acquire(params.vm, body.owner, body.ttlSeconds);
     },
     listLeases: () => host.leases.list(),
+    acquireLeases: ({ body }) =>
+      host.leases.acquireMany(body.vms, body.owner, body.ttlSeconds, {
+        stopAtBusy: body.stopAtBusy,
+        exists: (vm) => void host.getVm(vm),
+      }),
+    renewLeases: ({ body }) => host.leases.renewMany(body.ids),
+    releaseLeases: ({ body }) => host.leases.releaseMany(body.ids),
     renewLease: ({ params }) => host.leases.renew(params.id),
     releaseLease: async ({ params }) => {
       await host.leases.release(params.id);

@@ -132,6 +132,27 @@ export const ROUTES = {
     answer: S.LeaseInfo,
   }),
   listLeases: route({ method: 'GET', path: '/v1/leases', summary: 'Live leases', answer: S.LeaseInfo.array() }),
+  acquireLeases: route({
+    method: 'POST',
+    path: '/v1/leases',
+    summary: "Acquire many VMs' leases for one run, in name order, with one write (per VM: leased or refused)",
+    body: S.AcquireLeasesBody,
+    answer: S.LeasesAcquired,
+  }),
+  renewLeases: route({
+    method: 'POST',
+    path: '/v1/leases/renew',
+    summary: "Renew many leases (a run's heartbeat); those no longer live are listed as gone",
+    body: S.LeaseIdsBody,
+    answer: S.LeasesRenewed,
+  }),
+  releaseLeases: route({
+    method: 'POST',
+    path: '/v1/leases/release',
+    summary: 'Release many leases with one write',
+    body: S.LeaseIdsBody,
+    answer: S.LeasesReleased,
+  }),
   renewLease: route({
     method: 'POST',
     path: '/v1/leases/:id/renew',

@@ -56,6 +56,8 @@ const ConfigVersion = z.string().refine((v) => (CONFIG_VERSIONS as readonly stri
 const Size = z.union([z.number().int().positive(), z.string().regex(/^\d+(\.\d+)?\s*[KMGT]?i?B?$/i)]);
 /** The id of the VM's lease the calling run holds. */
 const LeaseId = z.string().min(1).max(100);
+/** The most VMs (or leases) one batch request names. */
+export const MAX_BATCH = 10_000;
 
 export const CheckpointPolicy = z.enum(['production-fallback', 'production-only', 'standard-only', 'disabled']);
 export const CheckpointType = z.enum(['standard', 'production', 'recovery']);
@@ -159,6 +161,18 @@ export const UpgradeVmBody = z.object({ version: ConfigVersion.optional(), lease
 export const AcquireLeaseBody = z
   .object({ owner: LeaseOwner, ttlSeconds: z.number().int().min(1).max(MAX_LEASE_TTL_SECONDS).optional() })
   .strict();
+
+/** The leases of many VMs for one run (one write of the host's leases file). */
+export const AcquireLeasesBody = z
+  .object({
+    vms: z.array(z.string().min(1).max(255)).min(1).max(MAX_BATCH),
+    owner: LeaseOwner,
+    ttlSeconds: z.number().int().min(1).max(MAX_LEASE_TTL_SECONDS).optional(),
+    /** A run that will wait for a busy VM: nothing after the first busy VM (in name order) is tried. */
+    stopAtBusy: z.boolean().optional(),
+  })
+  .strict();
+export const LeaseIdsBody = z.object({ ids: z.array(LeaseId).min(1).max(MAX_BATCH) }).strict();
 
 export const ConvertBody = z
   .object({ owner: ReferencePointOwner.nullable().optional(), lease: LeaseId.optional() })
@@ -282,6 +296,16 @@ export const LeaseInfo = z.object({
   operation: z.boolean(),
 });
 export type LeaseInfo = z.infer<typeof LeaseInfo>;
+export const Refusal = z.object({ vm: z.string(), code: z.string(), message: z.string() });
+export const LeasesAcquired = z.object({
+  leases: LeaseInfo.array(),
+  /** VMs not leased, each with why (BUSY naming the holder, NOT_FOUND). */
+  refused: Refusal.array(),
+  /** With stopAtBusy: the VMs after the first busy one, not tried. */
+  untried: z.array(z.string()),
+});
+export const LeasesRenewed = z.object({ renewed: LeaseInfo.array(), gone: z.array(z.string()) });
+export const LeasesReleased = z.object({ released: z.array(z.string()) });
 
 export const ExitInfo = z.object({
   at: z.string(),
@@ -600,6 +624,7 @@ export type SnapshotBody = z.input<typeof SnapshotBody>;
 export type HotPlugBody = z.input<typeof HotPlugBody>;
 export type UpgradeVmBody = z.input<typeof UpgradeVmBody>;
 export type AcquireLeaseBody = z.input<typeof AcquireLeaseBody>;
+export type AcquireLeasesBody = z.input<typeof AcquireLeasesBody>;
 export type ConvertBody = z.input<typeof ConvertBody>;
 export type CreateRefpointBody = z.input<typeof CreateRefpointBody>;
 export type ReserveImportBody = z.input<typeof ReserveImportBody>;

@@ -42,28 +42,33 @@ export class RunLeases {
     run.timer = setInterval(() => void run.heartbeat(), Math.max(250, (ttl * 1000) / 3));
     run.timer.unref();
     const deadline = opts.waitSeconds === undefined ? 0 : performance.now() + opts.waitSeconds * 1000;
-    for (const vm of [...new Set(vms)].sort()) {
-      let said = false;
-      for (;;) {
-        try {
-          const lease = await host.acquireLease(vm, {
-            owner: { runId: run.runId, pid: process.pid, hostname: os.hostname(), command: opts.command },
-            ttlSeconds: ttl,
-          });
-          run.held.set(vm, lease);
-          break;
-        } catch (err) {
-          const busy = err instanceof TidemarkError && err.code === 'BUSY';
-          const left = deadline - performance.now();
-          if (!busy || left <= 0) {
-            run.refused.set(vm, err as Error);
-            break;
-          }
-          if (!said) opts.log?.(`${vm}: waiting for the lease: ${(err as Error).message}`);
-          said = true;
-          await new Promise((r) => setTimeout(r, Math.min(POLL_MS, left)));
-        }
+    const owner = { runId: run.runId, pid: process.pid, hostname: os.hostname(), command: opts.command };
+    // One request (one write of the host's leases file) for the whole set. A run that waits stops at the first
+    // busy VM in name order and retries from it, so two waiting runs never each hold what the other waits for.
+    let remaining = [...new Set(vms)].sort();
+    let said = false;
+    while (remaining.length > 0) {
+      const waiting = deadline - performance.now() > 0;
+      let r: Awaited<ReturnType<HostClient['acquireLeases']>>;
+      try {
+        r = await host.acquireLeases({ vms: remaining, owner, ttlSeconds: ttl, stopAtBusy: waiting });
+      } catch (err) {
+        for (const vm of remaining) run.refused.set(vm, err as Error);
+        break;
       }
+      for (const l of r.leases) run.held.set(l.vm, l);
+      remaining = [];
+      for (const f of r.refused) {
+        if (waiting && f.code === 'BUSY') {
+          remaining = [f.vm, ...r.untried];
+          if (!said) opts.log?.(`${f.vm}: waiting for the lease: ${f.message}`);
+          said = true;
+          continue;
+        }
+        run.refused.set(f.vm, new TidemarkError(f.code as TidemarkError['code'], f.message));
+      }
+      if (remaining.length > 0)
+        await new Promise((res) => setTimeout(res, Math.max(0, Math.min(POLL_MS, deadline - performance.now()))));
     }
     return run;
   }
@@ -73,33 +78,34 @@ export class RunLeases {
     return this.held.get(vm)?.id;
   }
 
-  /** Renews every lease; one the host no longer knows is recorded as lost (the host refuses its use anyway). */
+  /** Renews every lease in one request; one the host no longer knows is recorded as lost (its use is refused anyway). */
   private async heartbeat(): Promise<void> {
-    for (const [vm, lease] of [...this.held]) {
-      try {
-        await this.host.renewLease(lease.id);
-      } catch (err) {
-        const code = (err as TidemarkError).code;
-        if (code === 'NOT_FOUND') {
-          this.held.delete(vm);
-          this.lost.set(vm, err as Error);
-          this.opts.log?.(`${vm}: lease lost: ${(err as Error).message}`);
-        } else {
-          // The host may be restarting: it keeps the lease, and the next beat tries again.
-          this.opts.log?.(`${vm}: lease heartbeat failed: ${(err as Error).message}`);
-        }
+    const ids = new Map([...this.held].map(([vm, l]) => [l.id, vm]));
+    if (ids.size === 0) return;
+    try {
+      const { gone } = await this.host.renewLeases([...ids.keys()]);
+      for (const id of gone) {
+        const vm = ids.get(id);
+        if (vm === undefined || !this.held.has(vm)) continue;
+        this.held.delete(vm);
+        const err = new TidemarkError('NOT_FOUND', `lease ${id} of ${vm} has expired or was reclaimed`);
+        this.lost.set(vm, err);
+        this.opts.log?.(`${vm}: lease lost: ${err.message}`);
       }
+    } catch (err) {
+      // The host may be restarting: it keeps the leases, and the next beat tries again.
+      this.opts.log?.(`lease heartbeat failed: ${describeError(err)}`);
     }
   }
 
-  /** Ends the run's hold on every VM. */
+  /** Ends the run's hold on every VM (one request). */
   async release(): Promise<void> {
     clearInterval(this.timer);
-    for (const [vm, lease] of [...this.held]) {
-      this.held.delete(vm);
-      await this.host
-        .releaseLease(lease.id)
-        .catch((e) => this.opts.log?.(`${vm}: releasing the lease: ${describeError(e)}`));
-    }
+    const ids = [...this.held.values()].map((l) => l.id);
+    this.held.clear();
+    if (ids.length === 0) return;
+    await this.host
+      .releaseLeases(ids)
+      .catch((e) => this.opts.log?.(`releasing ${ids.length} lease(s): ${describeError(e)}`));
   }
 }

@@ -136,16 +136,24 @@ export class Leases {
 
   /** Acquires a VM's lease, or BUSY naming the holder (a dead holder's lease is reclaimed first). */
   async acquire(vm: string, owner: LeaseOwner, ttlSeconds = DEFAULT_LEASE_TTL_SECONDS): Promise<LeaseInfo> {
-    if (!Number.isFinite(ttlSeconds) || ttlSeconds < 1 || ttlSeconds > MAX_LEASE_TTL_SECONDS) {
-      throw new TidemarkError(
-        'INVALID_ARGUMENT',
-        `a lease lives 1 to ${MAX_LEASE_TTL_SECONDS} seconds, not ${ttlSeconds}`,
-      );
-    }
+    checkTtl(ttlSeconds);
     return this.taking.run(() => this.take(vm, owner, ttlSeconds));
   }
 
   private async take(vm: string, owner: LeaseOwner, ttlSeconds: number): Promise<LeaseInfo> {
+    const lease = await this.claim(vm, owner, ttlSeconds);
+    try {
+      await this.persist();
+    } catch (err) {
+      if (this.byVm.get(vm) === lease) this.byVm.delete(vm);
+      throw err;
+    }
+    this.log.info(`lease ${lease.id.slice(0, 8)} of ${vm} to ${describeOwner(owner)} (${ttlSeconds} s)`);
+    return info(lease);
+  }
+
+  /** Takes the VM's lease in memory (BUSY when it is held); the caller persists. */
+  private async claim(vm: string, owner: LeaseOwner, ttlSeconds: number): Promise<Lease> {
     const held = await this.live(vm);
     if (held) throw busy(held);
     const now = Date.now();
@@ -159,14 +167,54 @@ export class Leases {
       operation: false,
     };
     this.byVm.set(vm, lease);
-    try {
-      await this.persist();
-    } catch (err) {
-      if (this.byVm.get(vm) === lease) this.byVm.delete(vm);
-      throw err;
-    }
-    this.log.info(`lease ${lease.id.slice(0, 8)} of ${vm} to ${describeOwner(owner)} (${ttlSeconds} s)`);
-    return info(lease);
+    return lease;
+  }
+
+  /**
+   * The leases of many VMs for one run, in name order, with ONE write of the leases file (a run of 800 VMs
+   * must not write it 800 times). A VM held by another run is refused (BUSY naming the holder), the others are
+   * taken; with `stopAtBusy` (a run that waits for the busy one) nothing after the first busy VM is tried, so
+   * two waiting runs never each hold what the other waits for. Each VM must exist (`exists` throws otherwise).
+   */
+  async acquireMany(
+    vms: string[],
+    owner: LeaseOwner,
+    ttlSeconds = DEFAULT_LEASE_TTL_SECONDS,
+    opts: { stopAtBusy?: boolean; exists?: (vm: string) => void } = {},
+  ): Promise<{ leases: LeaseInfo[]; refused: { vm: string; code: string; message: string }[]; untried: string[] }> {
+    checkTtl(ttlSeconds);
+    return this.taking.run(async () => {
+      const taken: Lease[] = [];
+      const refused: { vm: string; code: string; message: string }[] = [];
+      const order = [...new Set(vms)].sort();
+      let i = 0;
+      for (; i < order.length; i++) {
+        const vm = order[i];
+        try {
+          opts.exists?.(vm);
+          taken.push(await this.claim(vm, owner, ttlSeconds));
+        } catch (err) {
+          const e = err instanceof TidemarkError ? err : new TidemarkError('IO_ERROR', String(err));
+          refused.push({ vm, code: e.code, message: e.message });
+          if (opts.stopAtBusy && e.code === 'BUSY') {
+            i++;
+            break;
+          }
+        }
+      }
+      if (taken.length > 0) {
+        try {
+          await this.persist();
+        } catch (err) {
+          for (const l of taken) if (this.byVm.get(l.vm) === l) this.byVm.delete(l.vm);
+          throw err;
+        }
+        this.log.info(
+          `${taken.length} lease(s) to ${describeOwner(owner)} (${ttlSeconds} s): ${taken.map((l) => l.vm).join(', ')}`,
+        );
+      }
+      return { leases: taken.map(info), refused, untried: order.slice(i) };
+    });
   }
 
   /** The heartbeat: the lease lives another time-to-live. NOT_FOUND when it has expired or was reclaimed. */
@@ -183,13 +231,41 @@ export class Leases {
     this.log.info(`lease ${l.id.slice(0, 8)} of ${l.vm} released`);
   }
 
+  /** Renews many leases at once (a run's heartbeat): the ids no longer live are returned as `gone`. */
+  async renewMany(ids: string[]): Promise<{ renewed: LeaseInfo[]; gone: string[] }> {
+    const renewed: LeaseInfo[] = [];
+    const gone: string[] = [];
+    for (const id of new Set(ids)) {
+      try {
+        renewed.push(await this.renew(id));
+      } catch (err) {
+        if (!(err instanceof TidemarkError && err.code === 'NOT_FOUND')) throw err;
+        gone.push(id);
+      }
+    }
+    return { renewed, gone };
+  }
+
+  /** Releases many leases with one write of the leases file; ids not live (any more) are skipped. */
+  async releaseMany(ids: string[]): Promise<{ released: string[] }> {
+    const released: string[] = [];
+    for (const id of new Set(ids)) {
+      const l = this.find(id);
+      if (!l) continue;
+      this.byVm.delete(l.vm);
+      released.push(id);
+    }
+    if (released.length > 0) {
+      await this.persist();
+      this.log.info(`${released.length} lease(s) released`);
+    }
+    return { released };
+  }
+
   /** Whether `id` is a live lease (of `vm` when given). */
   async isLive(id: string, vm?: string): Promise<boolean> {
-    for (const name of vm !== undefined ? [vm] : [...this.byVm.keys()]) {
-      const l = await this.live(name);
-      if (l?.id === id) return true;
-    }
-    return false;
+    const name = vm ?? this.find(id)?.vm;
+    return name !== undefined && (await this.live(name))?.id === id;
   }
 
   /**
@@ -240,11 +316,16 @@ export class Leases {
   }
 
   private async byId(id: string): Promise<Lease> {
-    for (const vm of [...this.byVm.keys()]) {
-      const l = await this.live(vm);
-      if (l?.id === id && !l.operation) return l;
-    }
+    const found = this.find(id);
+    const l = found && (await this.live(found.vm));
+    if (l?.id === id && !l.operation) return l;
     throw gone(id);
+  }
+
+  /** The run lease with this id, live or not (no system calls: the caller checks liveness). */
+  private find(id: string): Lease | undefined {
+    for (const l of this.byVm.values()) if (l.id === id && !l.operation) return l;
+    return undefined;
   }
 
   /** The VM's lease if it is live; an expired one, or one of an ended local process, is removed. */
@@ -280,8 +361,20 @@ export class Leases {
   }
 }
 
+// The hostname, read at most once a second: the lease checks of a large run ask it thousands of times.
+let hostname = { name: os.hostname(), at: Date.now() };
 function isLocal(owner: LeaseOwner): boolean {
-  return owner.hostname === os.hostname();
+  if (Date.now() - hostname.at > 1000) hostname = { name: os.hostname(), at: Date.now() };
+  return owner.hostname === hostname.name;
+}
+
+function checkTtl(ttlSeconds: number): void {
+  if (!Number.isFinite(ttlSeconds) || ttlSeconds < 1 || ttlSeconds > MAX_LEASE_TTL_SECONDS) {
+    throw new TidemarkError(
+      'INVALID_ARGUMENT',
+      `a lease lives 1 to ${MAX_LEASE_TTL_SECONDS} seconds, not ${ttlSeconds}`,
+    );
+  }
 }
 
 export function describeOwner(owner: LeaseOwner): string {

@@ -92,6 +92,21 @@ describe('the route table round trip', () => {
     expect(rp.resilientChangeTrackingIdentifiers[0]).toMatch(/^rct2:/);
     expect(await api.releaseLease(lease.id)).toEqual({ released: lease.id });
 
+    // The batch forms a run of many VMs uses: one request (one write) each; a VM held or unknown is refused.
+    const other = await api.acquireLease('web', { owner: { ...owner, runId: 'run-0' }, ttlSeconds: 60 });
+    const batch = await api.acquireLeases({ vms: ['web', 'nosuch'], owner, ttlSeconds: 60 });
+    expect(batch.leases).toEqual([]);
+    expect(batch.refused.map((r) => [r.vm, r.code])).toEqual([
+      ['nosuch', 'NOT_FOUND'],
+      ['web', 'BUSY'],
+    ]);
+    expect(await api.releaseLeases([other.id, 'no-such-lease'])).toEqual({ released: [other.id] });
+    const taken = await api.acquireLeases({ vms: ['web'], owner, ttlSeconds: 60, stopAtBusy: true });
+    expect(taken.leases.map((l) => l.vm)).toEqual(['web']);
+    expect(await api.renewLeases([taken.leases[0].id, other.id])).toMatchObject({ gone: [other.id] });
+    expect((await api.releaseLeases([taken.leases[0].id])).released).toEqual([taken.leases[0].id]);
+    expect(await api.listLeases()).toEqual([]);
+
     const direct = await api.createReferencePoint('web', { owner: { kind: 'user', name: 'alice' } });
     expect((await api.listReferencePoints('web')).map((r) => r.id)).toEqual([rp.id, direct.id]);
     expect(await api.destroyReferencePoint('web', direct.id)).toEqual({ destroyed: direct.id });

@@ -97,6 +97,34 @@ describe('leases', () => {
     await api.deleteCheckpoint('web', mine.id);
   });
 
+  it('a run leases many VMs in one request, in name order; a waiting run stops at the first busy VM', async () => {
+    await api.createVm({ name: 'app', disks: [{ slot: 'scsi0-0', size: 8 * MiB }] });
+    const other = await api.acquireLease('db', { owner: me('run-x') });
+    // Without waiting: every free VM is taken, the held one refused naming its holder.
+    const all = await api.acquireLeases({ vms: ['web', 'db', 'app'], owner: me('run-m'), ttlSeconds: 30 });
+    expect(all.leases.map((l) => l.vm)).toEqual(['app', 'web']);
+    expect(all.refused).toMatchObject([{ vm: 'db', code: 'BUSY' }]);
+    expect(all.refused[0].message).toContain('run-x');
+    expect(all.untried).toEqual([]);
+    // The leases file holds them all (one write for the batch), as the restart test below relies on.
+    expect((await api.listLeases()).map((l) => l.vm).sort()).toEqual(['app', 'db', 'web']);
+    // The heartbeat renews all at once; a released one is gone.
+    await api.releaseLeases([all.leases[0].id]);
+    const beat = await api.renewLeases(all.leases.map((l) => l.id));
+    expect(beat.renewed.map((l) => l.vm)).toEqual(['web']);
+    expect(beat.gone).toEqual([all.leases[0].id]);
+    expect((await api.releaseLeases(all.leases.map((l) => l.id))).released).toEqual([all.leases[1].id]);
+    // A waiting run: 'app' taken, stops at 'db' (held), 'web' after it not tried, so it holds nothing past it.
+    const waiting = await api.acquireLeases({ vms: ['web', 'db', 'app'], owner: me('run-w'), stopAtBusy: true });
+    expect(waiting.leases.map((l) => l.vm)).toEqual(['app']);
+    expect(waiting.refused.map((r) => r.vm)).toEqual(['db']);
+    expect(waiting.untried).toEqual(['web']);
+    expect((await api.showVm('web')).lease).toBeNull();
+    await api.releaseLeases([...waiting.leases.map((l) => l.id), other.id]);
+    expect(await api.listLeases()).toEqual([]);
+    await api.deleteVm('app');
+  });
+
   it('a lease nobody renews expires, and a user is not blocked by it any longer', async () => {
     // Another machine's run: only expiry can end it (its pid means nothing here).
     const remote = { runId: 'remote-run', pid: 1, hostname: `not-${os.hostname()}`, command: 'tidemark backup web' };
