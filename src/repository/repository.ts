@@ -35,6 +35,7 @@ import {
   findDisk,
   forgetPoint,
   latestPoint,
+  latestPoints,
   listPointIds,
   listPoints,
   pointEntries,
@@ -192,6 +193,11 @@ export class Repository {
   /** The newest restore point holding a VM (by name or id), or null: the base of the next incremental. */
   latestPoint(vm: string): Promise<PointManifest | null> {
     return latestPoint(this.store, vm);
+  }
+
+  /** The newest restore point of each VM, with one pass over the points (the bases of a run's incrementals). */
+  latestPoints(vms: string[]): Promise<Map<string, PointManifest | null>> {
+    return latestPoints(this.store, vms);
   }
 
   /** Removes one restore point's manifest (exclusive lock): the way out for a point verify found damaged. */

@@ -160,6 +160,30 @@ describe('dedup and zero chunks', () => {
     }
   });
 
+  it("latestPoints finds each VM's newest point in one pass, as latestPoint does one VM at a time", async () => {
+    const cs = 64 * KiB;
+    const repo = await Repository.init(fresh(), { chunkSize: cs, workers: 0 });
+    try {
+      const img = (b: number) => Buffer.alloc(2 * cs, b);
+      const a = vmSpec('a', [{ name: 'scsi0-0', data: img(1) }]);
+      const b = vmSpec('b', [{ name: 'scsi0-0', data: img(2) }]);
+      const p1 = await backup(repo, [a, b], { time: '2026-12-01T00:00:00.000Z' });
+      // The newer run holds only 'a' ('b' failed in it): 'b' keeps its older point.
+      const p2 = await backup(repo, [a], { time: '2026-12-02T00:00:00.000Z' });
+      const found = await repo.latestPoints(['a', 'b', 'c', b.id]);
+      expect([...found].map(([vm, m]) => [vm, m?.id ?? null])).toEqual([
+        ['a', p2.id],
+        ['b', p1.id],
+        ['c', null],
+        [b.id, p1.id],
+      ]);
+      for (const vm of ['a', 'b', 'c'])
+        expect((await repo.latestPoint(vm))?.id ?? null).toBe(found.get(vm)?.id ?? null);
+    } finally {
+      await repo.close();
+    }
+  });
+
   it('concurrent puts of one new chunk store it once', async () => {
     const where = fresh();
     const repo = await Repository.init(where, { chunkSize: 64 * KiB, workers: 2 });
