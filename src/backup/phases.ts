@@ -64,7 +64,7 @@ export const preflight: RunStep = (run) => preflightWith()(run);
 export const preflightWith =
   (...checks: PreflightCheck[]): RunStep =>
   async (run) => {
-    const { opts, names, leases, states, log, fail } = run;
+    const { opts, names, leases, states, fail } = run;
     // Nothing could be leased: the whole run is BUSY (exit 6), naming the holders.
     if (names.length > 0 && names.every((n) => leases.refused.has(n))) {
       const busy = names.map((n) => leases.refused.get(n)!);
@@ -93,6 +93,8 @@ export const preflightWith =
       };
       states.push({ name, summary, converted: false, referencePointId: null } as VmState);
     }
+    // Once for the whole run (a run of 800 VMs must not ask 800 times): the repository's newest point of each VM.
+    const previous = await opts.repo.latestPoints(names.filter((n) => !leases.refused.has(n)));
     await forEachBounded(states, bound(run), async (s) => {
       const name = s.name;
       try {
@@ -113,12 +115,12 @@ export const preflightWith =
           tracking: d.tracking,
           trackingReason: d.trackingReason ?? null,
         }));
-        s.previous = await opts.repo.latestPoint(name);
-        await cleanLeftovers(opts.host, name, leases.lease(name), log);
+        s.previous = previous.get(name) ?? null;
       } catch (err) {
         fail(s, err);
       }
     });
+    await cleanLeftovers(run, states.filter(isOk));
     run.phases.preflightMs = performance.now() - started;
   };
 
@@ -365,31 +367,46 @@ async function autoRecover(
 
 /**
  * What backup runs that ended (their leases expired, released, or reclaimed from an ended process) left on
- * the host for this VM: their snapshot sets (released) and their recovery checkpoints (merged back, newest
+ * the host for the run's VMs: their snapshot sets (released) and their recovery checkpoints (merged back, newest
  * first); recovery checkpoints named by a run of a host older than leases count too. A live run's are never
- * touched, nor sets made outside a run, nor a person's own checkpoints.
+ * touched, nor sets made outside a run, nor a person's own checkpoints. The host's leases and snapshot sets are
+ * listed once for the whole run; a VM whose clean-up fails fails.
  */
-async function cleanLeftovers(
-  host: HostClient,
-  vm: string,
-  lease: string | undefined,
-  log: (line: string) => void,
-): Promise<void> {
-  const live = new Set((await host.listLeases()).map((l) => l.id));
-  for (const set of await host.listSnapshotSets()) {
-    if (!set.vms.some((v) => v.name === vm)) continue;
+async function cleanLeftovers(run: RunState, ready: VmState[]): Promise<void> {
+  const { opts, leases, log } = run;
+  const host = opts.host;
+  if (ready.length === 0) return;
+  const [liveLeases, sets] = await Promise.all([host.listLeases(), host.listSnapshotSets()]);
+  const live = new Set(liveLeases.map((l) => l.id));
+  const ours = new Set(ready.map((s) => s.name));
+  for (const set of sets) {
+    const vms = set.vms.filter((v) => ours.has(v.name)).map((v) => v.name);
+    if (vms.length === 0) continue;
     const made = set.vms.map((v) => v.lease).filter((l): l is string => l !== null);
     if (made.length === 0 || made.some((l) => live.has(l))) continue;
-    log(`${vm}: releasing snapshot set ${set.id.slice(0, 8)} left by run ${set.runId ?? '?'}, which has ended`);
-    await host.releaseSnapshotSet(set.id, false).catch((e) => log(`${vm}: ${describeError(e)}`));
+    log(
+      `${vms.join(', ')}: releasing snapshot set ${set.id.slice(0, 8)} left by run ${set.runId ?? '?'}, which has ended`,
+    );
+    await host.releaseSnapshotSet(set.id, false).catch((e) => log(`${vms.join(', ')}: ${describeError(e)}`));
   }
-  const stale = (await host.listCheckpoints(vm)).filter(
-    (c) => c.type === 'recovery' && (c.run ? !live.has(c.run.lease) : (c.name ?? '').startsWith(CHECKPOINT_PREFIX)),
-  );
-  for (const cp of stale.reverse()) {
-    log(`${vm}: removing recovery checkpoint ${cp.id.slice(0, 8)} left by run ${cp.run?.runId ?? '(before leases)'}`);
-    await host.deleteCheckpoint(vm, cp.id, { lease }).catch((e) => log(`${vm}: ${describeError(e)}`));
-  }
+  await forEachBounded(ready, bound(run), async (s) => {
+    const vm = s.name;
+    try {
+      const stale = (await host.listCheckpoints(vm)).filter(
+        (c) => c.type === 'recovery' && (c.run ? !live.has(c.run.lease) : (c.name ?? '').startsWith(CHECKPOINT_PREFIX)),
+      );
+      for (const cp of stale.reverse()) {
+        log(
+          `${vm}: removing recovery checkpoint ${cp.id.slice(0, 8)} left by run ${cp.run?.runId ?? '(before leases)'}`,
+        );
+        await host
+          .deleteCheckpoint(vm, cp.id, { lease: leases.lease(vm) })
+          .catch((e) => log(`${vm}: ${describeError(e)}`));
+      }
+    } catch (err) {
+      run.fail(s, err);
+    }
+  });
 }
 
 /** Destroys the reference points of `vm` this repository made before `keep`; no one else's. */
