@@ -395,7 +395,7 @@ export class ChangeTracker implements WriteObserver {
       if (writable) {
         mrt = await openOrCreate(paths.mrt);
         // From now on other processes' writes to these files are seen; one already writing is a reason.
-        watch = FileWatch.start([...disk.chain().map((f) => f.path), paths.rct, paths.mrt]);
+        watch = await FileWatch.start([...disk.chain().map((f) => f.path), paths.rct, paths.mrt]);
         const found = watch.findings();
         if (!reason && found.length > 0) reason = describeFindings(found);
       }

@@ -150,16 +150,17 @@ export class FileWatch {
   ) {}
 
   /** Starts watching `files` (absolute paths); writers that already hold one open are findings at once. */
-  static start(files: string[]): FileWatch {
+  static async start(files: string[]): Promise<FileWatch> {
     // TIDEMARK_NO_FANOTIFY=1 turns watching off (then foreign writers are caught at the next open and
     // by header checks only): for file systems or sandboxes where fanotify misbehaves, and for tests.
     const off = process.env.TIDEMARK_NO_FANOTIFY === '1';
     const w = new FileWatch(off ? null : Group.get(), off ? 'turned off (TIDEMARK_NO_FANOTIFY=1)' : '');
     for (const f of files) w.add(f, { fresh: true });
     if (w.group) {
-      // Writers that opened a file before its mark: one look through /proc for all of them.
+      // Writers that opened a file before its mark: one look through /proc for all of them, shared with the
+      // watches started in the same turn (a checkpoint of many VMs starts one per disk).
       const ids = new Map([...w.files].map((f) => [w.group!.identityOf(f)!, f]));
-      for (const [id, pids] of writableOpenersOf(new Set(ids.keys()))) {
+      for (const [id, pids] of await sharedScan(new Set(ids.keys()))) {
         for (const pid of pids)
           if (pid !== process.pid)
             w.note({ file: ids.get(id)!, pid, program: programOf(pid), what: 'holds it open for writing' });
@@ -253,6 +254,31 @@ export function describeAccess(f: ForeignAccess): string {
   return `${who} ${f.what === 'wrote' ? 'wrote' : 'holds open for writing'} ${name}`;
 }
 
+let nextScan: { ids: Set<string>; result: Promise<Map<string, number[]>> } | null = null;
+
+/**
+ * One /proc scan for every watch that asks before it starts: a scan reads every descriptor of every process,
+ * so watches started together share one. It starts after every caller's marks were placed (each caller marks
+ * its files, synchronously, before it asks), which is all a scan must guarantee: what opens a file later is
+ * an event of its mark.
+ */
+function sharedScan(ids: Set<string>): Promise<Map<string, number[]>> {
+  if (!nextScan) {
+    const scan: { ids: Set<string>; result: Promise<Map<string, number[]>> } = {
+      ids: new Set(),
+      result: new Promise((resolve) =>
+        setImmediate(() => {
+          if (nextScan === scan) nextScan = null;
+          resolve(writableOpenersOf(scan.ids));
+        }),
+      ),
+    };
+    nextScan = scan;
+  }
+  for (const id of ids) nextScan.ids.add(id);
+  return nextScan.result;
+}
+
 /** Pids (among `pids`, or every readable process) holding the file `identity` (`dev:ino`) open for writing. */
 export function writableOpeners(identity: string, pids?: number[]): number[] {
   return writableOpenersOf(new Set([identity]), pids).get(identity) ?? [];
@@ -272,6 +298,9 @@ function writableOpenersOf(identities: Set<string>, pids?: number[]): Map<string
     }
   }
   for (const pid of candidates) {
+    // Never this process: its own descriptors are not foreign (every caller drops them), and a host serving
+    // hundreds of disks holds thousands of them, which made every scan cost as much as all the others together.
+    if (pid === process.pid) continue;
     let fds: string[];
     try {
       fds = readdirSync(`/proc/${pid}/fd`);

@@ -279,6 +279,31 @@ describe('writers that ignore locks while a session writes', () => {
     });
   });
 
+  it('a process that opened the disk for writing before the session attached is found by the scan at attach', async () => {
+    const d = await sub('early-holder');
+    const file = await trackedDisk(d);
+    const id1 = await session(file, (t) => t.seal());
+    const holder = spawn('sh', ['-c', `exec 3<>"${file}"; sleep 30`], { stdio: 'ignore' });
+    try {
+      await waitFor(async () => {
+        const fds: string[] = await readdir(`/proc/${holder.pid}/fd`).catch(() => []);
+        return fds.includes('3');
+      });
+      // Several sessions attaching at once share one scan of /proc: each still finds the holder.
+      const other = await trackedDisk(await sub('early-holder-other'));
+      await Promise.all([
+        session(file, async (t) => {
+          expect((await refusal(t.changes(id1)))?.code).toBe('MISSING_CHANGE_TRACKING_INFORMATION');
+          expect(t.status().reason).toMatch(/holds open for writing disk\.vhdx/);
+        }),
+        session(other, async (t) => expect(t.status().reason ?? '').not.toMatch(/holds open/)),
+      ]);
+    } finally {
+      holder.kill('SIGKILL');
+      await new Promise((r) => holder.once('exit', r));
+    }
+  });
+
   it('readers cost nothing: cat and dd reading while the session writes', async () => {
     const d = await sub('readers');
     const file = await trackedDisk(d);
