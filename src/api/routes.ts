@@ -73,6 +73,16 @@ export const ROUTES = {
     answer: S.VmSummary,
     job: true,
   }),
+  convertDisks: route({
+    method: 'POST',
+    path: '/v1/vms/:vm/convert-disks',
+    summary:
+      "Convert-VHD + Set-VMHardDiskDrive: the VM's legacy VHD disks become VHDX beside them (VM off, no checkpoints or reference points); tracked from 6.2",
+    params: S.VmParams,
+    body: S.ConvertDisksBody,
+    answer: S.ConvertDisksResult,
+    job: true,
+  }),
   startVm: route({
     method: 'POST',
     path: '/v1/vms/:vm/start',

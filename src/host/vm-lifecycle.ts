@@ -32,6 +32,14 @@ import {
   type DiskAttachment,
   type VmDefinition,
 } from './definition.js';
+import {
+  checkConvertible,
+  CONVERT_TARGETS,
+  convertVmDisks,
+  type ConvertDisksHook,
+  type ConvertDisksResult,
+  type ConvertTarget,
+} from './convert-disks.js';
 import { diskFileFormat, probeDiskFile, trackingUnavailable } from './disk-files.js';
 import { checkDiskPaths, enableTracking, settleChain } from './images.js';
 import { dropImportMarker, writeImportMarker, type ImportInfo, type ImportOwner } from './imports.js';
@@ -163,6 +171,8 @@ export interface LifecycleHostAccess {
   qemu: QemuOptions | undefined;
   /** The host NBD's TLS directory, which the QEMU processes dial with. */
   nbdTlsDir: string | undefined;
+  /** Test seam: called between the durable steps of `vm convert-disks` (crash tests stop the host there). */
+  convertDisksHook?: ConvertDisksHook;
 }
 
 export class VmLifecycle {
@@ -310,6 +320,35 @@ export class VmLifecycle {
       this.checkVersionChange(def, target);
       await this.changeVersion(def, target);
       return this.summary(def);
+    });
+  }
+
+  /**
+   * Convert-VHD of each VHD disk of the VM (off, without checkpoints or reference points), then Set-VMHardDiskDrive
+   * onto the new VHDX (convert-disks.ts); disks already VHDX are skipped. With a configuration version from 6.2
+   * the new disks are tracked at once, so the next checkpoint seals an id.
+   */
+  async convertDisks(
+    name: string,
+    opts: { to: ConvertTarget } & LeaseRef,
+  ): Promise<ConvertDisksResult & { vm: VmSummary }> {
+    if (!(CONVERT_TARGETS as readonly string[]).includes(opts.to)) {
+      throw new TidemarkError('INVALID_ARGUMENT', `disks convert to ${CONVERT_TARGETS.join(', ')} only, not "${opts.to}"`);
+    }
+    return this.host.guard.leased(name, opts.lease, 'vm convert-disks', async () => {
+      const { store, log } = this.host;
+      const def = store.get(name);
+      const state = this.vmState(def);
+      if (state !== 'Off') {
+        throw new TidemarkError(
+          'CONFLICT',
+          `${name} is ${state}: stop it to convert its disks (tidemark vm stop ${name}${state === 'Saved' ? ' discards its saved state' : ''})`,
+        );
+      }
+      store.assertNoPending(def);
+      checkConvertible(def);
+      const r = await convertVmDisks(def, store, log, this.host.convertDisksHook);
+      return { ...r, vm: await this.summary(def) };
     });
   }
 
