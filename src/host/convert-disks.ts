@@ -179,7 +179,13 @@ export async function convertVmDisks(
       await hook('tracked', p.slot);
       const probe = await probeDiskFile(p.to, allowedRoots);
       ids.set(p.slot, { virtualDiskId: probe.virtualDiskId, virtualSize: probe.virtualSize });
-      converted.push({ slot: p.slot, from: p.from, to: p.to, virtualSize: r.virtualSize, bytesWritten: r.bytesWritten });
+      converted.push({
+        slot: p.slot,
+        from: p.from,
+        to: p.to,
+        virtualSize: r.virtualSize,
+        bytesWritten: r.bytesWritten,
+      });
     }
   } catch (err) {
     // Not committed: what was made goes, the VM stays on its VHDs.

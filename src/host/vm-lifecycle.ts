@@ -333,7 +333,10 @@ export class VmLifecycle {
     opts: { to: ConvertTarget } & LeaseRef,
   ): Promise<ConvertDisksResult & { vm: VmSummary }> {
     if (!(CONVERT_TARGETS as readonly string[]).includes(opts.to)) {
-      throw new TidemarkError('INVALID_ARGUMENT', `disks convert to ${CONVERT_TARGETS.join(', ')} only, not "${opts.to}"`);
+      throw new TidemarkError(
+        'INVALID_ARGUMENT',
+        `disks convert to ${CONVERT_TARGETS.join(', ')} only, not "${opts.to}"`,
+      );
     }
     return this.host.guard.leased(name, opts.lease, 'vm convert-disks', async () => {
       const { store, log } = this.host;
