@@ -51,7 +51,8 @@ export const ROUTES = {
   modifyVm: route({
     method: 'PATCH',
     path: '/v1/vms/:vm',
-    summary: 'Modify a VM: checkpoint policy, configuration version, guest channel, attach/detach disks',
+    summary:
+      'Modify a VM: checkpoint policy, configuration version, guest channel, attach/detach disks, SCSI controllers (0–4, the VM off)',
     params: S.VmParams,
     body: S.ModifyVmBody,
     answer: S.VmSummary,

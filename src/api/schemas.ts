@@ -150,6 +150,8 @@ export const ModifyVmBody = z
     guest: z.string().max(4096).nullable().optional(),
     attach: z.array(NewDiskBody).max(68).optional(),
     detach: z.array(Slot).max(68).optional(),
+    /** Add-VMScsiController / Remove-VMScsiController (the VM off). */
+    scsiControllers: ScsiControllers.optional(),
     lease: LeaseId.optional(),
   })
   .strict();

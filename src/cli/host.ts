@@ -363,6 +363,10 @@ export function vmCommand(run: Run): Command {
     .option('--attach <slot:path>', 'attach an existing VHDX (repeatable)', collect)
     .option('--attach-new <slot:size>', 'attach a new VHDX (repeatable)', collect)
     .option('--detach <slot>', 'detach a disk (repeatable)', collect)
+    .option(
+      '--scsi-controllers <n>',
+      'SCSI controllers, 0–4 (the VM off; Add-VMScsiController / Remove-VMScsiController)',
+    )
     .option(...storeOption)
     .option('--json', 'print JSON')
     .action((name: string, o) =>
@@ -378,6 +382,8 @@ export function vmCommand(run: Run): Command {
             ...((o.attachNew as string[] | undefined) ?? []).map((s) => parseDisk(s, 'size')),
           ],
           detach: o.detach,
+          scsiControllers:
+            o.scsiControllers === undefined ? undefined : intOption('--scsi-controllers', o.scsiControllers),
         });
         if (o.json) return printJson(v);
         println(`${v.name} updated`);

@@ -47,7 +47,7 @@ import type { LeaseInfo, Leases } from './leases.js';
 import type { HostLog } from './log.js';
 import { parseSlot, type NbdAddress as QemuNbdAddress } from './qemu-command.js';
 import { privateDir, privateFiles, type DiskPathPolicy } from './store-access.js';
-import { resolveBoot, type BootRequest } from './vm-boot.js';
+import { checkScsiControllers, resolveBoot, type BootRequest } from './vm-boot.js';
 import { VmRuntime, type ExitInfo, type StopOptions, type StopOutcome, type VmState } from './vm-runtime.js';
 import { exists, type LeaseRef, type VmGuard, type VmStore } from './vm-store.js';
 
@@ -86,6 +86,8 @@ export interface ModifyVmRequest {
   guest?: string | null;
   attach?: NewDisk[];
   detach?: string[];
+  /** Add-VMScsiController / Remove-VMScsiController: 0–4, with the VM off; never below a controller with a disk. */
+  scsiControllers?: number;
 }
 
 /** Registers a reserved import: the disks written into the import's folder, the definition's settings. */
@@ -283,6 +285,7 @@ export class VmLifecycle {
       const version = req.configVersion !== undefined ? checkConfigVersion(req.configVersion) : undefined;
       const newVersion = version !== undefined && version !== def.configVersion ? version : undefined;
       if (newVersion !== undefined) this.checkVersionChange(def, newVersion);
+      if (req.scsiControllers !== undefined) this.checkScsiChange(def, req);
       if ((req.attach?.length || req.detach?.length) && def.checkpoints.length > 0) {
         throw new TidemarkError('CONFLICT', `${name} has checkpoints: delete them before attaching or detaching disks`);
       }
@@ -369,6 +372,38 @@ export class VmLifecycle {
     this.host.store.assertNoPending(def);
   }
 
+  /**
+   * Add-VMScsiController / Remove-VMScsiController: 0–4 controllers, changed only with the VM off (QEMU's
+   * controllers are fixed at launch; a saved state holds them too), never below a controller that holds a disk
+   * once the request's own detaches and attaches are done. Naming the number it has is no change.
+   */
+  private checkScsiChange(def: VmDefinition, req: ModifyVmRequest): void {
+    const n = checkScsiControllers(req.scsiControllers!);
+    if (n === def.scsiControllers) return;
+    const state = this.vmState(def);
+    if (state !== 'Off') {
+      throw new TidemarkError(
+        'CONFLICT',
+        `${def.name} is ${state}: SCSI controllers are added and removed only with the VM off (tidemark vm stop ${def.name})`,
+      );
+    }
+    const detached = new Set(req.detach ?? []);
+    const slots = [
+      ...def.disks.map((d) => d.slot).filter((s) => !detached.has(s)),
+      ...(req.attach ?? []).map((d) => d.slot),
+    ];
+    for (const slot of slots) {
+      if (!SLOT.test(slot)) continue;
+      const a = parseSlot(slot);
+      if (a.kind === 'scsi' && a.controller >= n) {
+        throw new TidemarkError(
+          'CONFLICT',
+          `${def.name} has a disk at ${slot} on SCSI controller ${a.controller}: detach it before lowering its SCSI controllers to ${n}`,
+        );
+      }
+    }
+  }
+
   private async changeVersion(def: VmDefinition, target: string): Promise<void> {
     const { store, log } = this.host;
     if (supportsRct(target)) {
@@ -390,6 +425,10 @@ export class VmLifecycle {
   private async applyModification(def: VmDefinition, req: ModifyVmRequest): Promise<VmSummary> {
     const name = def.name;
     if (req.checkpointPolicy !== undefined) def.checkpointPolicy = req.checkpointPolicy;
+    if (req.scsiControllers !== undefined && req.scsiControllers !== def.scsiControllers) {
+      this.host.log.info(`${name}: SCSI controllers ${def.scsiControllers} -> ${req.scsiControllers}`);
+      def.scsiControllers = req.scsiControllers;
+    }
     if (req.guest !== undefined) {
       def.guest = req.guest;
       if (!this.qemuRunning(name)) this.runtimes.delete(name); // vm-runtime: the next QEMU uses the new channel
