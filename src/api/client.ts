@@ -27,6 +27,7 @@ import {
   type HotPlugBody,
   type SnapshotBody,
   type UpgradeVmBody,
+  type ConvertDisksBody,
 } from './schemas.js';
 
 export interface HostAddress {
@@ -115,6 +116,11 @@ export class HostClient {
   /** Update-VMVersion (the VM off): to `version`, or the host's default. */
   upgradeVm(vm: string, body: UpgradeVmBody = {}) {
     return this.run(ROUTES.upgradeVm, { params: { vm }, body });
+  }
+
+  /** Convert-VHD of each VHD disk (the VM off), Set-VMHardDiskDrive onto the VHDX beside it. */
+  convertDisks(vm: string, body: ConvertDisksBody) {
+    return this.run(ROUTES.convertDisks, { params: { vm }, body });
   }
 
   // ---------------------------------------------------------------- leases

@@ -37,6 +37,7 @@ export function hostHandlers(host: Host): Handlers {
       return { deleted: params.vm };
     },
     upgradeVm: async ({ params, body }) => job('upgrade', params.vm, () => host.upgradeVm(params.vm, body)),
+    convertDisks: async ({ params, body }) => job('convert-disks', params.vm, () => host.convertDisks(params.vm, body)),
     startVm: async ({ params }) => job('start', params.vm, () => host.startVm(params.vm)),
     stopVm: async ({ params, query }) =>
       job('stop', params.vm, () =>

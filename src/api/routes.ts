@@ -51,7 +51,8 @@ export const ROUTES = {
   modifyVm: route({
     method: 'PATCH',
     path: '/v1/vms/:vm',
-    summary: 'Modify a VM: checkpoint policy, configuration version, guest channel, attach/detach disks',
+    summary:
+      'Modify a VM: checkpoint policy, configuration version, guest channel, attach/detach disks, SCSI controllers (0–4, the VM off)',
     params: S.VmParams,
     body: S.ModifyVmBody,
     answer: S.VmSummary,
@@ -71,6 +72,16 @@ export const ROUTES = {
     params: S.VmParams,
     body: S.UpgradeVmBody,
     answer: S.VmSummary,
+    job: true,
+  }),
+  convertDisks: route({
+    method: 'POST',
+    path: '/v1/vms/:vm/convert-disks',
+    summary:
+      "Convert-VHD + Set-VMHardDiskDrive: the VM's legacy VHD disks become VHDX beside them (VM off, no checkpoints or reference points); tracked from 6.2",
+    params: S.VmParams,
+    body: S.ConvertDisksBody,
+    answer: S.ConvertDisksResult,
     job: true,
   }),
   startVm: route({

@@ -152,11 +152,25 @@ export const ModifyVmBody = z
     guest: z.string().max(4096).nullable().optional(),
     attach: z.array(NewDiskBody).max(68).optional(),
     detach: z.array(Slot).max(68).optional(),
+    /** Add-VMScsiController / Remove-VMScsiController (the VM off). */
+    scsiControllers: ScsiControllers.optional(),
     lease: LeaseId.optional(),
   })
   .strict();
 
 export const UpgradeVmBody = z.object({ version: ConfigVersion.optional(), lease: LeaseId.optional() }).strict();
+
+/** The formats `POST /v1/vms/:vm/convert-disks` converts to: VHDX only (a VM leaves VHD, never goes back to it). */
+export const CONVERT_DISK_TARGETS = ['vhdx'] as const;
+export const ConvertDisksBody = z
+  .object({
+    to: z.enum(CONVERT_DISK_TARGETS, {
+      error: (issue) =>
+        `disks convert to ${CONVERT_DISK_TARGETS.join(', ')} only, not ${JSON.stringify(issue.input)} (a VM moves off legacy VHD, never back)`,
+    }),
+    lease: LeaseId.optional(),
+  })
+  .strict();
 
 export const AcquireLeaseBody = z
   .object({ owner: LeaseOwner, ttlSeconds: z.number().int().min(1).max(MAX_LEASE_TTL_SECONDS).optional() })
@@ -436,6 +450,10 @@ const PendingOperation = z.discriminatedUnion('op', [
     discard: z.array(z.string()),
   }),
   z.object({ op: z.literal('delete-files'), files: z.array(z.string()) }),
+  z.object({
+    op: z.literal('convert-disks'),
+    disks: z.array(z.object({ slot: z.string(), from: z.string(), to: z.string(), temp: z.string() })),
+  }),
 ]);
 
 /** A VM's definition as the host stores it (docs/host.md): what a backup keeps with a restore point. */
@@ -473,6 +491,23 @@ export const VmDefinition = z.object({
 export type VmDefinition = z.infer<typeof VmDefinition>;
 
 export const VmDetail = VmSummary.extend({ definition: VmDefinition });
+
+/** What `convert-disks` did: per disk converted (old file → new file), per disk skipped (already VHDX). */
+export const ConvertDisksResult = z.object({
+  converted: z.array(
+    z.object({
+      slot: z.string(),
+      from: z.string(),
+      to: z.string(),
+      virtualSize: z.number(),
+      bytesWritten: z.number(),
+    }),
+  ),
+  skipped: z.array(z.object({ slot: z.string(), file: z.string(), reason: z.string() })),
+  /** The new disks have change tracking (the configuration version has RCT). */
+  tracking: z.boolean(),
+  vm: VmSummary,
+});
 
 export const ImportInfo = z.object({
   name: z.string(),
@@ -623,6 +658,7 @@ export type ChangesBody = z.input<typeof ChangesBody>;
 export type SnapshotBody = z.input<typeof SnapshotBody>;
 export type HotPlugBody = z.input<typeof HotPlugBody>;
 export type UpgradeVmBody = z.input<typeof UpgradeVmBody>;
+export type ConvertDisksBody = z.input<typeof ConvertDisksBody>;
 export type AcquireLeaseBody = z.input<typeof AcquireLeaseBody>;
 export type AcquireLeasesBody = z.input<typeof AcquireLeasesBody>;
 export type ConvertBody = z.input<typeof ConvertBody>;

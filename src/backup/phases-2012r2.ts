@@ -23,7 +23,7 @@ export const requireScsi: PreflightCheck = (vm) => {
   throw new TidemarkError(
     'CONFLICT',
     `${vm.name} has no SCSI controller: the 2012 R2 flow hot-adds the snapshot's disk to the guest, which only ` +
-      `SCSI supports: add a SCSI controller to the VM (scsiControllers of at least 1 in its definition) or back it up with --flow 2016`,
+      `SCSI supports: add a SCSI controller to the VM (tidemark vm set ${vm.name} --scsi-controllers 1, with the VM off) or back it up with --flow 2016`,
   );
 };
 

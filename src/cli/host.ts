@@ -6,6 +6,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { Command } from 'commander';
 import { HostClient } from '../api/client.js';
+import { CONVERT_DISK_TARGETS } from '../api/schemas.js';
 import { TidemarkError } from '../errors.js';
 import { CONFIG_VERSIONS, DEFAULT_CONFIG_VERSION } from '../host/config-version.js';
 import { describeOwner, OWNER_NAME, type ReferencePointOwner } from '../host/definition.js';
@@ -362,6 +363,10 @@ export function vmCommand(run: Run): Command {
     .option('--attach <slot:path>', 'attach an existing VHDX (repeatable)', collect)
     .option('--attach-new <slot:size>', 'attach a new VHDX (repeatable)', collect)
     .option('--detach <slot>', 'detach a disk (repeatable)', collect)
+    .option(
+      '--scsi-controllers <n>',
+      'SCSI controllers, 0–4 (the VM off; Add-VMScsiController / Remove-VMScsiController)',
+    )
     .option(...storeOption)
     .option('--json', 'print JSON')
     .action((name: string, o) =>
@@ -377,6 +382,8 @@ export function vmCommand(run: Run): Command {
             ...((o.attachNew as string[] | undefined) ?? []).map((s) => parseDisk(s, 'size')),
           ],
           detach: o.detach,
+          scsiControllers:
+            o.scsiControllers === undefined ? undefined : intOption('--scsi-controllers', o.scsiControllers),
         });
         if (o.json) return printJson(v);
         println(`${v.name} updated`);
@@ -395,6 +402,40 @@ export function vmCommand(run: Run): Command {
         println(`${v.name}: configuration version ${v.configVersion}`);
         for (const d of v.disks)
           println(`  ${d.slot}: tracking ${d.tracking}${d.trackingReason ? ` (${d.trackingReason})` : ''}`);
+      }),
+    );
+  vm.command('convert-disks')
+    .description(
+      "Convert-VHD: the VM's legacy VHD disks become VHDX beside them (the VM off, no checkpoints); with a configuration version from 6.2 they are tracked",
+    )
+    .argument('<name>')
+    .requiredOption('--to <format>', `the format to convert to (${CONVERT_DISK_TARGETS.join(', ')})`)
+    .option(...storeOption)
+    .option('--json', 'print JSON')
+    .action((name: string, o) =>
+      run(async () => {
+        if (!(CONVERT_DISK_TARGETS as readonly string[]).includes(o.to)) {
+          throw new TidemarkError(
+            'INVALID_ARGUMENT',
+            `--to ${o.to}: disks convert to ${CONVERT_DISK_TARGETS.join(', ')} only (a VM moves off legacy VHD, never back)`,
+          );
+        }
+        const r = await (await client(o)).convertDisks(name, { to: o.to });
+        if (o.json) return printJson(r);
+        for (const c of r.converted)
+          println(
+            `${name} ${c.slot}: ${c.from} → ${c.to} (${formatSize(c.virtualSize)} virtual, ${formatSize(c.bytesWritten)} written)`,
+          );
+        for (const s of r.skipped) println(`${name} ${s.slot}: ${s.file} skipped (${s.reason})`);
+        if (r.converted.length === 0) {
+          println(`${name}: no VHD disk to convert`);
+          return;
+        }
+        if (r.tracking) println(`${name}: change tracking on (configuration version ${r.vm.configVersion})`);
+        else
+          println(
+            `${name}: configuration version ${r.vm.configVersion} has no change tracking: tidemark vm upgrade ${name} turns it on`,
+          );
       }),
     );
   vm.command('delete')

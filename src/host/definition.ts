@@ -124,6 +124,15 @@ export const PendingOperation = z.discriminatedUnion('op', [
     discard: z.array(z.string()),
   }),
   z.object({ op: z.literal('delete-files'), files: z.array(z.string()) }),
+  z.object({
+    op: z.literal('convert-disks'),
+    /**
+     * Per disk: the VHD it was (`from`), the VHDX being made beside it (`temp`, renamed to `to`). Not committed
+     * while this journal stands (the commit points the attachments at `to` and journals `from` for deletion in
+     * the same write): on restart every `temp`, `to` and the tracking files of `to` are removed.
+     */
+    disks: z.array(z.object({ slot: z.string(), from: z.string(), to: z.string(), temp: z.string() })),
+  }),
 ]);
 export type PendingOperation = z.infer<typeof PendingOperation>;
 

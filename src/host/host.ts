@@ -25,6 +25,7 @@ import { HotPlugs } from './hot-plug.js';
 import { createProvider, PROVIDER_NAMES } from '../snapshot/index.js';
 import { Checkpoints, type CheckpointRequest } from './checkpoints.js';
 import type { ConsistencyProvider } from './consistency.js';
+import type { ConvertDisksHook, ConvertDisksResult, ConvertTarget } from './convert-disks.js';
 import type { Checkpoint, ReferencePoint, ReferencePointOwner, VmDefinition } from './definition.js';
 import { guestConsistency } from './guest-consistency.js';
 import { Images } from './images.js';
@@ -80,6 +81,8 @@ export interface HostOptions {
   allowDiskDirs?: string[];
   /** vm-runtime: how VMs with a boot source run (QEMU binary, accelerator, NBD reconnect delay, stop limits). */
   qemu?: QemuOptions;
+  /** Test seams: called between the durable steps of multi-file operations (crash tests stop the host there). */
+  hooks?: { convertDisks?: ConvertDisksHook };
 }
 
 export class Host {
@@ -127,6 +130,7 @@ export class Host {
       log,
       qemu: opts.qemu,
       nbdTlsDir: opts.nbd?.tlsDir,
+      convertDisksHook: opts.hooks?.convertDisks,
     }));
     const running = (name: string) => lifecycle.runningDisks(name);
     this.checkpoints = new Checkpoints({
@@ -238,6 +242,11 @@ export class Host {
   /** Update-VMVersion: the VM (off) moves to `version` (default: the host's default), never down. */
   upgradeVm(name: string, opts: { version?: string } & LeaseRef = {}): Promise<VmSummary> {
     return this.lifecycle.upgradeVm(name, opts);
+  }
+
+  /** Convert-VHD + Set-VMHardDiskDrive: the VM's VHD disks become VHDX beside them (the VM off). */
+  convertDisks(name: string, opts: { to: ConvertTarget } & LeaseRef): Promise<ConvertDisksResult & { vm: VmSummary }> {
+    return this.lifecycle.convertDisks(name, opts);
   }
 
   startVm(name: string): Promise<VmSummary> {

@@ -190,7 +190,7 @@ export function requireScsi(def: Pick<VmDefinition, 'name' | 'scsiControllers'>)
   throw new TidemarkError(
     'CONFLICT',
     `${def.name} has no SCSI controller: the 2012 R2 flow hot-adds the snapshot's disk to the guest, which only ` +
-      `SCSI supports: add a SCSI controller to the VM (scsiControllers of at least 1 in its definition) or back it up with --flow 2016`,
+      `SCSI supports: add a SCSI controller to the VM (tidemark vm set ${def.name} --scsi-controllers 1, with the VM off) or back it up with --flow 2016`,
   );
 }
 

@@ -17,6 +17,14 @@ export interface BootRequest {
   workload?: string;
 }
 
+/** A VM has 0–4 SCSI controllers (Hyper-V's four; `vm create` and `vm set --scsi-controllers`). */
+export function checkScsiControllers(n: number): number {
+  if (!Number.isInteger(n) || n < 0 || n > 4) {
+    throw new TidemarkError('INVALID_ARGUMENT', `SCSI controllers must be 0–4, not ${n}`);
+  }
+  return n;
+}
+
 /**
  * A VM made from a guest image boots its kernel and initrd with the image's command line (the
  * workload chosen); boot files must exist; memory, vCPUs and controllers are checked here, before anything is made.
@@ -32,12 +40,7 @@ export async function resolveBoot<R extends BootRequest>(req: R): Promise<R> {
   if (out.cpus !== undefined && (!Number.isInteger(out.cpus) || out.cpus < 1 || out.cpus > 64)) {
     throw new TidemarkError('INVALID_ARGUMENT', `vCPUs must be 1–64, not ${out.cpus}`);
   }
-  if (
-    out.scsiControllers !== undefined &&
-    (!Number.isInteger(out.scsiControllers) || out.scsiControllers < 0 || out.scsiControllers > 4)
-  ) {
-    throw new TidemarkError('INVALID_ARGUMENT', `SCSI controllers must be 0–4, not ${out.scsiControllers}`);
-  }
+  if (out.scsiControllers !== undefined) checkScsiControllers(out.scsiControllers);
   if (out.image !== undefined) {
     if (out.boot) throw new TidemarkError('INVALID_ARGUMENT', 'give an image or a boot source, not both');
     const dir = path.resolve(out.image);

@@ -32,6 +32,14 @@ import {
   type DiskAttachment,
   type VmDefinition,
 } from './definition.js';
+import {
+  checkConvertible,
+  CONVERT_TARGETS,
+  convertVmDisks,
+  type ConvertDisksHook,
+  type ConvertDisksResult,
+  type ConvertTarget,
+} from './convert-disks.js';
 import { diskFileFormat, probeDiskFile, trackingUnavailable } from './disk-files.js';
 import { checkDiskPaths, enableTracking, settleChain } from './images.js';
 import { dropImportMarker, writeImportMarker, type ImportInfo, type ImportOwner } from './imports.js';
@@ -39,7 +47,7 @@ import type { LeaseInfo, Leases } from './leases.js';
 import type { HostLog } from './log.js';
 import { parseSlot, type NbdAddress as QemuNbdAddress } from './qemu-command.js';
 import { privateDir, privateFiles, type DiskPathPolicy } from './store-access.js';
-import { resolveBoot, type BootRequest } from './vm-boot.js';
+import { checkScsiControllers, resolveBoot, type BootRequest } from './vm-boot.js';
 import { VmRuntime, type ExitInfo, type StopOptions, type StopOutcome, type VmState } from './vm-runtime.js';
 import { exists, type LeaseRef, type VmGuard, type VmStore } from './vm-store.js';
 
@@ -78,6 +86,8 @@ export interface ModifyVmRequest {
   guest?: string | null;
   attach?: NewDisk[];
   detach?: string[];
+  /** Add-VMScsiController / Remove-VMScsiController: 0–4, with the VM off; never below a controller with a disk. */
+  scsiControllers?: number;
 }
 
 /** Registers a reserved import: the disks written into the import's folder, the definition's settings. */
@@ -163,6 +173,8 @@ export interface LifecycleHostAccess {
   qemu: QemuOptions | undefined;
   /** The host NBD's TLS directory, which the QEMU processes dial with. */
   nbdTlsDir: string | undefined;
+  /** Test seam: called between the durable steps of `vm convert-disks` (crash tests stop the host there). */
+  convertDisksHook?: ConvertDisksHook;
 }
 
 export class VmLifecycle {
@@ -273,6 +285,7 @@ export class VmLifecycle {
       const version = req.configVersion !== undefined ? checkConfigVersion(req.configVersion) : undefined;
       const newVersion = version !== undefined && version !== def.configVersion ? version : undefined;
       if (newVersion !== undefined) this.checkVersionChange(def, newVersion);
+      if (req.scsiControllers !== undefined) this.checkScsiChange(def, req);
       if ((req.attach?.length || req.detach?.length) && def.checkpoints.length > 0) {
         throw new TidemarkError('CONFLICT', `${name} has checkpoints: delete them before attaching or detaching disks`);
       }
@@ -313,6 +326,38 @@ export class VmLifecycle {
     });
   }
 
+  /**
+   * Convert-VHD of each VHD disk of the VM (off, without checkpoints or reference points), then Set-VMHardDiskDrive
+   * onto the new VHDX (convert-disks.ts); disks already VHDX are skipped. With a configuration version from 6.2
+   * the new disks are tracked at once, so the next checkpoint seals an id.
+   */
+  async convertDisks(
+    name: string,
+    opts: { to: ConvertTarget } & LeaseRef,
+  ): Promise<ConvertDisksResult & { vm: VmSummary }> {
+    if (!(CONVERT_TARGETS as readonly string[]).includes(opts.to)) {
+      throw new TidemarkError(
+        'INVALID_ARGUMENT',
+        `disks convert to ${CONVERT_TARGETS.join(', ')} only, not "${opts.to}"`,
+      );
+    }
+    return this.host.guard.leased(name, opts.lease, 'vm convert-disks', async () => {
+      const { store, log } = this.host;
+      const def = store.get(name);
+      const state = this.vmState(def);
+      if (state !== 'Off') {
+        throw new TidemarkError(
+          'CONFLICT',
+          `${name} is ${state}: stop it to convert its disks (tidemark vm stop ${name}${state === 'Saved' ? ' discards its saved state' : ''})`,
+        );
+      }
+      store.assertNoPending(def);
+      checkConvertible(def);
+      const r = await convertVmDisks(def, store, log, this.host.convertDisksHook);
+      return { ...r, vm: await this.summary(def) };
+    });
+  }
+
   private checkVersionChange(def: VmDefinition, target: string): void {
     checkConfigVersion(target);
     if (compareConfigVersions(target, def.configVersion) < 0) {
@@ -325,6 +370,38 @@ export class VmLifecycle {
       throw new TidemarkError('CONFLICT', `${def.name} is running: stop it to change its configuration version`);
     }
     this.host.store.assertNoPending(def);
+  }
+
+  /**
+   * Add-VMScsiController / Remove-VMScsiController: 0–4 controllers, changed only with the VM off (QEMU's
+   * controllers are fixed at launch; a saved state holds them too), never below a controller that holds a disk
+   * once the request's own detaches and attaches are done. Naming the number it has is no change.
+   */
+  private checkScsiChange(def: VmDefinition, req: ModifyVmRequest): void {
+    const n = checkScsiControllers(req.scsiControllers!);
+    if (n === def.scsiControllers) return;
+    const state = this.vmState(def);
+    if (state !== 'Off') {
+      throw new TidemarkError(
+        'CONFLICT',
+        `${def.name} is ${state}: SCSI controllers are added and removed only with the VM off (tidemark vm stop ${def.name})`,
+      );
+    }
+    const detached = new Set(req.detach ?? []);
+    const slots = [
+      ...def.disks.map((d) => d.slot).filter((s) => !detached.has(s)),
+      ...(req.attach ?? []).map((d) => d.slot),
+    ];
+    for (const slot of slots) {
+      if (!SLOT.test(slot)) continue;
+      const a = parseSlot(slot);
+      if (a.kind === 'scsi' && a.controller >= n) {
+        throw new TidemarkError(
+          'CONFLICT',
+          `${def.name} has a disk at ${slot} on SCSI controller ${a.controller}: detach it before lowering its SCSI controllers to ${n}`,
+        );
+      }
+    }
   }
 
   private async changeVersion(def: VmDefinition, target: string): Promise<void> {
@@ -348,6 +425,10 @@ export class VmLifecycle {
   private async applyModification(def: VmDefinition, req: ModifyVmRequest): Promise<VmSummary> {
     const name = def.name;
     if (req.checkpointPolicy !== undefined) def.checkpointPolicy = req.checkpointPolicy;
+    if (req.scsiControllers !== undefined && req.scsiControllers !== def.scsiControllers) {
+      this.host.log.info(`${name}: SCSI controllers ${def.scsiControllers} -> ${req.scsiControllers}`);
+      def.scsiControllers = req.scsiControllers;
+    }
     if (req.guest !== undefined) {
       def.guest = req.guest;
       if (!this.qemuRunning(name)) this.runtimes.delete(name); // vm-runtime: the next QEMU uses the new channel

@@ -7,6 +7,7 @@
 import { access, readdir, rm, unlink } from 'node:fs/promises';
 import path from 'node:path';
 import { TidemarkError } from '../errors.js';
+import { trackingPaths } from '../tracking/tracker.js';
 import { KeyedMutex } from '../util/mutex.js';
 import { supportsRct } from './config-version.js';
 import { mergeChildFile } from './disk-files.js';
@@ -291,6 +292,15 @@ export class VmStore {
         const committed = p.created.every((f) => def.disks.some((d) => d.head === f));
         const victims = committed ? p.discard : p.created;
         for (const f of victims) await unlink(this.abs(def, f)).catch(() => undefined);
+        def.pending = null;
+        await this.save(def);
+      } else if (p.op === 'convert-disks') {
+        // Not committed (the commit replaces this journal by the old VHDs' deletion): the VHDX files made go.
+        for (const d of p.disks) {
+          const to = this.abs(def, d.to);
+          const t = trackingPaths(to);
+          for (const f of [this.abs(def, d.temp), to, t.rct, t.mrt]) await unlink(f).catch(() => undefined);
+        }
         def.pending = null;
         await this.save(def);
       } else {

@@ -63,6 +63,10 @@ describe('the route table round trip', () => {
     expect((await api.modifyVm('web', { checkpointPolicy: 'standard-only' })).checkpointPolicy).toBe('standard-only');
     expect((await api.upgradeVm('web', { version: '10.0' })).configVersion).toBe('10.0');
     expect((await api.showVm('web')).definition.configVersion).toBe('10.0');
+    // Its disk is VHDX already: nothing to convert, said so (test/host/convert-disks.test.ts converts VHDs).
+    const conv = await api.convertDisks('web', { to: 'vhdx' });
+    expect(conv.converted).toEqual([]);
+    expect(conv.skipped.map((d) => d.reason)).toEqual(['already VHDX']);
 
     const started = await api.startVm('web');
     expect(started.state).toBe('Running');

@@ -125,6 +125,8 @@ describe.skipIf(peers.skip)(`the 2012 R2 flow (seed ${SEED})`, () => {
     expect(v.status).toBe('failed');
     expect(v.errorCode).toBe('CONFLICT');
     expect(v.error).toMatch(/gen1 has no SCSI controller: .* add a SCSI controller to the VM/);
+    // It names the command that adds one (test/host/scsi-controllers.test.ts runs it, then the flow).
+    expect(v.error).toContain('tidemark vm set gen1 --scsi-controllers 1');
     expect((await api.hostInfo()).snapshotsTaken).toBe(before);
     expect(await api.listCheckpoints('gen1')).toEqual([]);
     // The host's route refuses it too.
