@@ -3,11 +3,12 @@
  * both disk-only (their disks served by one host for the whole file, written through NBD with seeded data between
  * runs), backed up with `per-vm`, `2012r2`, `2008r2` and then `2016`. Each run: the storage snapshots the flow takes
  * (one per VM, then one for the set); the VHD disk read in full with the VHD reason, the VHDX disk incremental after
- * its first full; the restore byte-exact against what the disks held at the checkpoint; the checkpoint's `.avhd`
- * merged away (the VM's head is its `.vhd` again, no `.avhd` left) and the VHD clean (Tidemark's check, QEMU's `vpc`
- * driver reading what the guest wrote, and `qemu-img check` where QEMU's vpc driver has one). In the 2012 R2 flow
- * the writer's GUID names are of each disk's format: `.avhd` for the VHD disk, `.avhdx` for the VHDX one; a name
- * whose format the checkpoint's file does not match is an error.
+ * its first full; the restore point recording each disk's format (`vhd`, `vhdx`); the restore byte-exact against
+ * what the disks held at the checkpoint; the checkpoint's `.avhd` merged away (the VM's head is its `.vhd` again, no
+ * `.avhd` left) and the VHD clean (Tidemark's check, QEMU's `vpc` driver reading what the guest wrote, and
+ * `qemu-img check` where QEMU's vpc driver has one). In the 2012 R2 flow the writer's GUID names are of each disk's
+ * format: `.avhd` for the VHD disk, `.avhdx` for the VHDX one; a name whose format the checkpoint's file does not
+ * match is an error.
  *
  * Seed: TIDEMARK_FLOWS_SEED.
  */
@@ -105,6 +106,10 @@ async function backup(flow: Flow, storageSnapshots: number): Promise<BackupSetSu
     expect(modern.read, `${flow}: ${modern.fullReason}`).toBe('incremental');
   }
   expect(modern.rctId).not.toBeNull();
+  // The restore point records each disk's own format.
+  const manifest = await set.repo.readPoint(s.pointId!);
+  const formats = Object.fromEntries(manifest.vms.map((v) => [v.name, v.disks.map((d) => d.format)]));
+  expect(formats).toEqual({ legacy: ['vhd'], modern: ['vhdx'] });
 
   // Restored byte-exact against what each disk held at the checkpoint (nothing writes them during the run).
   const r = await restorePoint(set.repo, s.pointId!, { to: path.join(dir, `restore-${flow}`), format: 'raw' });
