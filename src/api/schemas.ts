@@ -341,6 +341,8 @@ export const VmSummary = z.object({
       slot: z.string(),
       virtualDiskId: z.string(),
       virtualSize: z.number(),
+      /** The disk's format, told by its magic: VHDX, or legacy VHD (checkpoint children `.avhd`, no tracking). */
+      format: z.enum(['vhdx', 'vhd']),
       base: z.string(),
       head: z.string(),
       /** The NBD export serving the disk while the VM runs, and its URI. */

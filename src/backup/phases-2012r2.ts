@@ -2,14 +2,17 @@
  * The phases only the 2012 R2 flow has (HYPERV-BACKUP-MODEL.md §1.2):
  *   requireScsi         a check at preflight: the snapshot's disk is hot-added to the guest, which only SCSI
  *                       supports, so a VM without a SCSI controller fails before anything is done to it;
- *   writerMetadata      the writer's metadata names the `.avhdx` files the snapshot will hold before they exist:
- *                       a GUID name per disk, generated up front;
- *   lineUpFiles         once the checkpoint made them, each GUID name lined up with the file that appeared;
+ *   writerMetadata      the writer's metadata names the checkpoint files the snapshot will hold before they exist:
+ *                       a GUID name per disk, generated up front, of the disk's format (`.avhdx`; `.avhd` for a
+ *                       legacy VHD disk, whose checkpoint makes a VHD differencing child);
+ *   lineUpFiles         once the checkpoint made them, each GUID name lined up with the file that appeared, which
+ *                       must be of the format named;
  *   guestAutoRecovery   the auto-recovery inside the VM: every disk of the batch hot-added to its guest (an overlay
  *                       over the snapshot), recovered by the guest, hot-removed (guest-recovery.ts, and the host's
  *                       hot-plug routes); the data phase reads what the recovery changed from the overlays.
  */
 import { randomUUID } from 'node:crypto';
+import path from 'node:path';
 import { TidemarkError } from '../errors.js';
 import { forEachBounded } from '../util/bounded.js';
 import { GuestMount } from './guest-recovery.js';
@@ -27,12 +30,19 @@ export const requireScsi: PreflightCheck = (vm) => {
   );
 };
 
-/** Per disk of every VM of the batch, the GUID name the writer's metadata gives its `.avhdx` before it exists. */
+/** The extension of a disk's checkpoint file, by the disk's format: Hyper-V's `.avhdx`, and `.avhd` for a VHD. */
+export const checkpointExtension = (format: 'vhdx' | 'vhd'): '.avhdx' | '.avhd' =>
+  format === 'vhd' ? '.avhd' : '.avhdx';
+
+/**
+ * Per disk of every VM of the batch, the GUID name the writer's metadata gives its checkpoint file before it
+ * exists, in the disk's format (`{GUID}.avhdx`, `{GUID}.avhd` for a legacy VHD disk).
+ */
 export const writerMetadata: BatchStep = async (run, batch) => {
   for (const s of batch.ready) {
     s.summary.guidNames = s.disks.map((d) => ({
       slot: d.slot,
-      name: `${randomUUID().toUpperCase()}.avhdx`,
+      name: `${randomUUID().toUpperCase()}${checkpointExtension(d.format)}`,
       file: null,
     }));
     run.log(
@@ -42,7 +52,11 @@ export const writerMetadata: BatchStep = async (run, batch) => {
   }
 };
 
-/** Each GUID name lined up with the `.avhdx` the checkpoint made (the disk's head now). */
+/**
+ * Each GUID name lined up with the checkpoint file the checkpoint made (the disk's head now). The file must be of
+ * the format the name said (`.avhdx` or `.avhd`): a name that does not match the file is an error, not lined up.
+ * A VM that fails here leaves the batch before its storage snapshot, its recovery checkpoint deleted (merged back).
+ */
 export const lineUpFiles: BatchStep = async (run, batch) => {
   await forEachBounded(batch.ready, bound(run), async (s) => {
     try {
@@ -51,14 +65,26 @@ export const lineUpFiles: BatchStep = async (run, batch) => {
         const head = vm.disks.find((d) => d.slot === g.slot)?.head;
         if (!head || !/\.avhdx?$/i.test(head))
           throw new TidemarkError('CONFLICT', `${s.name} ${g.slot}: no checkpoint file appeared for ${g.name}`);
+        const named = path.extname(g.name).toLowerCase();
+        const made = path.extname(head).toLowerCase();
+        if (made !== named)
+          throw new TidemarkError(
+            'CONFLICT',
+            `${s.name} ${g.slot}: the writer's metadata named ${g.name} (a ${named} file), but the checkpoint made ` +
+              `${path.basename(head)} (a ${made} file): the disk's format is not the one the name was given for`,
+          );
         g.file = head;
       }
       run.log(`${s.name}: ${(s.summary.guidNames ?? []).map((g) => `${g.name} is ${g.file}`).join(', ')}`);
     } catch (err) {
       run.fail(s, err);
+      await run.opts.host
+        .deleteCheckpoint(s.name, s.checkpoint!.id, { lease: run.leases.lease(s.name) })
+        .catch((e) => run.log(`${s.name}: cleanup: ${describeError(e)}`));
     }
   });
-  return batch.ready.some(isOk);
+  batch.ready = batch.ready.filter(isOk);
+  return batch.ready.length > 0;
 };
 
 /**

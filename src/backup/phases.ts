@@ -112,6 +112,7 @@ export const preflightWith =
           slot: d.slot,
           virtualDiskId: d.virtualDiskId,
           virtualSize: d.virtualSize,
+          format: d.format,
           tracking: d.tracking,
           trackingReason: d.trackingReason ?? null,
         }));

@@ -162,7 +162,8 @@ export async function backupVm(
       virtualSize: d.virtualSize,
       logicalSectorSize: 512,
       blockSize: writer.chunkSize,
-      format: 'vhdx',
+      // The source disk's format (a legacy VHD says so); a restore writes the format it is asked for.
+      format: d.format,
       rctId,
       read: fullReason ? 'full' : 'incremental',
       fullReason,

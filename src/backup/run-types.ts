@@ -87,8 +87,8 @@ export interface VmRunSummary {
   autoRecoveryMs: number | null;
   autoRecovery: string | null;
   /**
-   * 2012r2 flow: the GUID names the writer's metadata gave the disks' `.avhdx` files before they existed, and the
-   * file each became (null until lined up); null in the other flows.
+   * 2012r2 flow: the GUID names the writer's metadata gave the disks' checkpoint files before they existed (`.avhdx`,
+   * or `.avhd` for a legacy VHD disk), and the file each became (null until lined up); null in the other flows.
    */
   guidNames: GuidName[] | null;
   bytesRead: number;
@@ -99,7 +99,7 @@ export interface VmRunSummary {
 
 export interface GuidName {
   slot: string;
-  /** `{GUID}.avhdx`, named before the file exists */
+  /** `{GUID}.avhdx` (`{GUID}.avhd` for a VHD disk), named before the file exists */
   name: string;
   /** the checkpoint's file it became */
   file: string | null;
@@ -145,11 +145,15 @@ export interface VmState {
   summary: VmRunSummary;
   definition: unknown;
   id: string;
-  /** `trackingReason`: why the disk can have no change tracking at all (a legacy VHD), or null. */
+  /**
+   * `format`: VHDX or legacy VHD (its checkpoint children `.avhd`); `trackingReason`: why the disk can have no
+   * change tracking at all (a legacy VHD), or null.
+   */
   disks: {
     slot: string;
     virtualDiskId: string;
     virtualSize: number;
+    format: 'vhdx' | 'vhd';
     tracking: string;
     trackingReason: string | null;
   }[];

@@ -8,6 +8,7 @@ import { randomUUID } from 'node:crypto';
 import { rm } from 'node:fs/promises';
 import path from 'node:path';
 import { openDisk, type OpenedDisk } from '../disk/open.js';
+import { VhdVirtualDisk } from '../disk/vhd-disk.js';
 import { TidemarkError } from '../errors.js';
 import { createVhdx } from '../formats/vhdx/create.js';
 import type { NbdServer } from '../nbd/index.js';
@@ -40,7 +41,7 @@ import {
   type ConvertDisksResult,
   type ConvertTarget,
 } from './convert-disks.js';
-import { diskFileFormat, probeDiskFile, trackingUnavailable } from './disk-files.js';
+import { diskFileFormat, probeDiskFile, trackingUnavailable, type HostDiskFormat } from './disk-files.js';
 import { checkDiskPaths, enableTracking, settleChain } from './images.js';
 import { dropImportMarker, writeImportMarker, type ImportInfo, type ImportOwner } from './imports.js';
 import type { LeaseInfo, Leases } from './leases.js';
@@ -112,6 +113,8 @@ export interface VmSummary {
     slot: string;
     virtualDiskId: string;
     virtualSize: number;
+    /** VHDX, or legacy VHD (told by the magic): what the disk's checkpoint children are (`.avhdx`, `.avhd`). */
+    format: HostDiskFormat;
     base: string;
     head: string;
     export: string | null;
@@ -640,15 +643,17 @@ export class VmLifecycle {
     const running = this.running.get(def.name);
     const disks: VmSummary['disks'] = [];
     for (const d of def.disks) {
+      const format = await this.diskFormat(def, d);
       disks.push({
         slot: d.slot,
         virtualDiskId: d.virtualDiskId,
         virtualSize: d.virtualSize,
+        format,
         base: this.host.store.abs(def, d.base),
         head: this.host.store.abs(def, d.head),
         export: running ? exportName(def.name, d.slot) : null,
         nbdUri: running && nbd.address() ? nbd.uri(exportName(def.name, d.slot)) : null,
-        ...(await this.trackingState(def, d)),
+        ...(await this.trackingState(def, d, format)),
       });
     }
     return {
@@ -674,18 +679,25 @@ export class VmLifecycle {
     };
   }
 
+  /**
+   * A disk's format: the running device's, or the base's magic (a chain is of one format); an unreadable base
+   * counts as VHDX, whose reader reports what is wrong with it.
+   */
+  private async diskFormat(def: VmDefinition, att: DiskAttachment): Promise<HostDiskFormat> {
+    const open = this.running.get(def.name)?.get(att.slot);
+    if (open) return open instanceof VhdVirtualDisk ? 'vhd' : 'vhdx';
+    return diskFileFormat(this.host.store.abs(def, att.base)).catch(() => 'vhdx' as const);
+  }
+
   /** Whether a disk's changes are really tracked: the running disk's tracker, or the files beside its base. */
   private async trackingState(
     def: VmDefinition,
     att: DiskAttachment,
+    format: HostDiskFormat,
   ): Promise<{ tracking: TrackingState; trackingReason: string | null }> {
     const open = this.running.get(def.name)?.get(att.slot);
     // A legacy VHD has no change tracking whatever the configuration version: none, and why.
-    const reason = open
-      ? 'trackingUnavailable' in open
-        ? open.trackingUnavailable
-        : null
-      : await diskFileFormat(this.host.store.abs(def, att.base)).then(trackingUnavailable, () => null);
+    const reason = trackingUnavailable(format);
     if (reason) return { tracking: 'none', trackingReason: reason };
     if (!supportsRct(def.configVersion)) return { tracking: 'none', trackingReason: null };
     if (open) return { tracking: open.changeTracker ? 'enabled' : 'missing', trackingReason: null };

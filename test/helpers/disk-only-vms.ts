@@ -1,10 +1,12 @@
 /**
  * A host in process with disk-only VMs (no QEMU: their disks served over NBD and written by the test), a
- * repository beside it, and what each disk holds now: the set-up the flow tests share.
+ * repository beside it, and what each disk holds now: the set-up the flow tests share. A VM named in `vhd` runs on
+ * legacy dynamic VHD disks (made in the store and attached by path) instead of new VHDX ones.
  */
 import path from 'node:path';
 import { HostClient } from '../../src/api/client.js';
 import { startHost, type RunningHost } from '../../src/daemon/daemon.js';
+import { createVhd } from '../../src/formats/vhd/create.js';
 import { HostLog } from '../../src/host/log.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { Repository } from '../../src/repository/index.js';
@@ -13,6 +15,8 @@ import type { Rng } from './random.js';
 const MiB = 2 ** 20;
 
 export interface DiskOnlyVms {
+  /** The host's store directory. */
+  store: string;
   running: RunningHost;
   api: HostClient;
   repo: Repository;
@@ -25,18 +29,33 @@ export interface DiskOnlyVms {
   close(): Promise<void>;
 }
 
-/** `vms`: name → disk sizes in MiB, on `slots` in order; each VM created and started. */
+/**
+ * `vms`: name → disk sizes in MiB, on `slots` in order; each VM created and started. `opts.vhd`: the VMs whose
+ * disks are dynamic VHDs (`store/NAME-SLOT.vhd`, 512 KiB blocks) attached by path.
+ */
 export async function startDiskOnlyVms(
   dir: string,
   vms: Record<string, number[]>,
   slots: string[],
+  opts: { vhd?: string[] } = {},
 ): Promise<DiskOnlyVms> {
-  const running = await startHost({ store: path.join(dir, 'store'), log: HostLog.silent() });
-  const api = await HostClient.connect({ store: path.join(dir, 'store') });
+  const store = path.join(dir, 'store');
+  const running = await startHost({ store, log: HostLog.silent() });
+  const api = await HostClient.connect({ store });
   const repo = await Repository.init(path.join(dir, 'repo'), { chunkSize: 256 * 1024 });
   const images = new Map<string, { nbd: NbdClient; image: Buffer }>();
   for (const [name, sizes] of Object.entries(vms)) {
-    await api.createVm({ name, disks: sizes.map((s, i) => ({ slot: slots[i], size: s * MiB })) });
+    if (opts.vhd?.includes(name)) {
+      const disks = [];
+      for (const [i, s] of sizes.entries()) {
+        const file = path.join(store, `${name}-${slots[i]}.vhd`);
+        await createVhd(file, { size: s * MiB, type: 'dynamic', blockSize: 512 * 1024 });
+        disks.push({ slot: slots[i], path: file });
+      }
+      await api.createVm({ name, disks });
+    } else {
+      await api.createVm({ name, disks: sizes.map((s, i) => ({ slot: slots[i], size: s * MiB })) });
+    }
     const vm = await api.startVm(name);
     for (const d of vm.disks) {
       const nbd = await NbdClient.connect({ socket: running.host.nbdSocket, exportName: d.export! });
@@ -50,6 +69,7 @@ export async function startDiskOnlyVms(
     data.copy(g.image, offset);
   };
   return {
+    store,
     running,
     api,
     repo,

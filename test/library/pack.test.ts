@@ -14,7 +14,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { REPO_ROOT } from '../helpers/fixtures.js';
 import { tempDir } from '../helpers/peers.js';
 
-const ENTRIES = ['vhdx', 'vhd', 'rct', 'nbd', 'repository', 'client', 'errors'];
+const ENTRIES = ['vhdx', 'vhd', 'disk', 'rct', 'nbd', 'repository', 'client', 'errors'];
 
 interface Example {
   file: string;
@@ -134,10 +134,16 @@ describe('the packed package', () => {
     const check = ENTRIES.map((n, i) => `import * as m${i} from 'tidemark/${n}';`).join('\n');
     const use = `
 import type { VhdxFile } from 'tidemark/vhdx';
+import type { VhdVirtualDisk as VhdDevice } from 'tidemark/vhd';
+import { childExtension, openDisk, VhdVirtualDisk, type HostDisk, type OpenedDisk } from 'tidemark/disk';
 import type { ChangesResult } from 'tidemark/rct';
 import type { HostClient } from 'tidemark/client';
 import { TidemarkError, type ErrorCode } from 'tidemark/errors';
 export type Used = [VhdxFile, ChangesResult, HostClient];
+// Both devices openDisk returns are HostDisks; the VHD one is the same class from either entry point.
+export const opened = async (file: string): Promise<HostDisk> => openDisk(file);
+export const ext = (d: OpenedDisk): '.avhdx' | '.avhd' => childExtension(d);
+export const isVhd = (d: OpenedDisk): d is VhdDevice => d instanceof VhdVirtualDisk;
 const code: ErrorCode = 'LOCKED';
 export const e = new TidemarkError(code, 'x');
 // @ts-expect-error details are typed per code
@@ -172,7 +178,7 @@ export const all = [${ENTRIES.map((_, i) => `m${i}`).join(', ')}];
 
   it("docs/library.md's examples run by package name and print what the doc shows", async () => {
     const all = examples();
-    expect(all.map((e) => e.file)).toEqual(['vhdx.mjs', 'rct.mjs', 'repository.mjs', 'client.mjs']);
+    expect(all.map((e) => e.file)).toEqual(['vhdx.mjs', 'rct.mjs', 'disk.mjs', 'repository.mjs', 'client.mjs']);
     // The client's example talks to a host: started with the installed bin, as a user would.
     const store = path.join(dir, 'store');
     mkdirSync(store);
