@@ -204,6 +204,8 @@ export class VirtualDisk extends GatedDisk<VhdxFile, VirtualDiskOptions> impleme
       copy: (block, dirty) => this.copyBlock(child, parent, block, dirty),
       finish: async () => {
         await parent.flush();
+        // The session on the merged parent starts at once: the watch for other writers carries over to it.
+        this.tracker?.bridgeWatch();
         await parent.close();
         await child.close();
         if (this.tracker) {

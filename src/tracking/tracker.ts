@@ -624,6 +624,14 @@ export class ChangeTracker implements WriteObserver {
   }
 
   /** Forgets a child `sealForChild` recorded that will not be switched to (the checkpoint was abandoned). */
+  /**
+   * This session closes and the next one on the same disk opens right away (a merge reopening its head): the
+   * foreign-writer watch keeps watching in between and the next session takes it over (see FileWatch.bridge).
+   */
+  bridgeWatch(): void {
+    this.watch?.bridge();
+  }
+
   cancelChild(child: VhdxFile): void {
     if (this.preparedChild?.disk !== child) return;
     // In memory only: the persisted pending names a child nobody will write, which accepts nothing else.

@@ -34,7 +34,27 @@ interface Mark {
   /** `dev:ino` when marked: the path must keep naming this file. */
   identity: string;
   watchers: Set<FileWatch>;
+  /** Other processes seen holding the file open for writing since it was marked (checked again on a join). */
+  holders: Set<number>;
+  /** The next watcher takes over the mark when the last one leaves (see `bridge`): it lingers until then. */
+  bridged: boolean;
+  /**
+   * While no watcher holds a bridged mark (it lingers, up to BRIDGE_MS): what other processes did meanwhile, for
+   * the next watcher. Null while watchers hold it.
+   */
+  lingering: ForeignAccess[] | null;
+  expiry?: NodeJS.Timeout;
 }
+
+/**
+ * How long a bridged mark outlives its last watcher. A merge closes a disk's session and opens another on the
+ * same files a moment later: with the marks kept across, the new session takes what happened in between from
+ * them and needs no /proc scan, which reads every descriptor of every process (a host of 800 QEMU processes:
+ * tens of thousands) and so cost a large host more per session than the session's own work.
+ */
+const BRIDGE_MS = 10_000;
+/** Findings a lingering mark keeps; beyond them it keeps one 'events were lost'. */
+const LINGER_MAX = 64;
 
 /** The process's fanotify group, its marks and the findings not yet taken by their watchers. */
 class Group {
@@ -65,30 +85,82 @@ class Group {
     return Group.instance;
   }
 
-  add(file: string, watcher: FileWatch): void {
+  /**
+   * Marks the file for `watcher`. Returns true when the mark is new: the caller must then look through /proc
+   * for writers that opened the file before it. Joining a mark that already exists (another watcher's, or one
+   * lingering since its last watcher left) needs no look: the mark saw every open since its own look. The
+   * watcher gets what the mark saw while it lingered, and each writer it ever saw that still holds the file.
+   */
+  add(file: string, watcher: FileWatch): boolean {
     let mark = this.byPath.get(file);
+    if (mark && this.identityNow(file) !== mark.identity) {
+      // The path names another file now: the old mark is of no use for it.
+      this.drop(mark);
+      mark = undefined;
+    }
+    let fresh = false;
     if (!mark) {
       const key = this.native.watchAdd(this.fd, this.mode, file);
       const st = statSync(file, { bigint: true });
-      mark = { path: file, key, identity: `${st.dev}:${st.ino}`, watchers: new Set() };
+      mark = {
+        path: file,
+        key,
+        identity: `${st.dev}:${st.ino}`,
+        watchers: new Set(),
+        holders: new Set(),
+        bridged: false,
+        lingering: null,
+      };
       this.marks.set(key, mark);
       this.byPath.set(file, mark);
+      fresh = true;
+    } else {
+      this.drain(); // what happened up to now reaches the mark's watchers, or its lingering list
+      if (mark.lingering) for (const f of mark.lingering) watcher.note(f);
+      for (const pid of [...mark.holders]) {
+        if (writableOpeners(mark.identity, [pid]).length > 0)
+          watcher.note({ file, pid, program: programOf(pid), what: 'holds it open for writing' });
+        else mark.holders.delete(pid);
+      }
     }
+    clearTimeout(mark.expiry);
+    mark.lingering = null;
+    mark.bridged = false;
     mark.watchers.add(watcher);
     if (!this.timer) {
       this.timer = setInterval(() => this.drain(), DRAIN_EVERY_MS);
       this.timer.unref();
     }
+    return fresh;
+  }
+
+  /** A writer found holding a marked file (by a /proc look): remembered for the mark's later watchers. */
+  noteHolder(file: string, pid: number): void {
+    this.byPath.get(file)?.holders.add(pid);
   }
 
   remove(file: string, watcher: FileWatch): void {
     const mark = this.byPath.get(file);
     if (!mark || !mark.watchers.delete(watcher) || mark.watchers.size > 0) return;
-    this.drain(); // what happened before the mark goes still reaches the other watchers' findings
-    this.marks.delete(mark.key);
-    this.byPath.delete(file);
+    this.drain(); // what happened before the last watcher left still reaches its findings
+    if (!mark.bridged) return this.drop(mark);
+    mark.lingering = [];
+    mark.expiry = setTimeout(() => this.drop(mark), BRIDGE_MS);
+    mark.expiry.unref();
+  }
+
+  /** The file's mark outlives its last watcher until the next one joins (or BRIDGE_MS). */
+  bridge(file: string): void {
+    const mark = this.byPath.get(file);
+    if (mark) mark.bridged = true;
+  }
+
+  private drop(mark: Mark): void {
+    clearTimeout(mark.expiry);
+    if (this.marks.get(mark.key) === mark) this.marks.delete(mark.key);
+    if (this.byPath.get(mark.path) === mark) this.byPath.delete(mark.path);
     try {
-      this.native.watchRemove(this.fd, this.mode, file);
+      this.native.watchRemove(this.fd, this.mode, mark.path);
     } catch {
       // The file is gone: so is its mark.
     }
@@ -96,6 +168,27 @@ class Group {
       clearInterval(this.timer);
       this.timer = undefined;
     }
+  }
+
+  private identityNow(file: string): string | undefined {
+    try {
+      const st = statSync(file, { bigint: true });
+      return `${st.dev}:${st.ino}`;
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** A finding for the mark's watchers, or, while it lingers, for its next one. */
+  private tell(mark: Mark, f: ForeignAccess): void {
+    if (f.what === 'holds it open for writing' && f.pid) mark.holders.add(f.pid);
+    if (mark.lingering) {
+      if (mark.lingering.length < LINGER_MAX) mark.lingering.push(f);
+      else if (!mark.lingering.some((x) => x.what === 'events were lost'))
+        mark.lingering.push({ file: mark.path, pid: null, program: null, what: 'events were lost' });
+      return;
+    }
+    for (const w of mark.watchers) w.note(f);
   }
 
   identityOf(file: string): string | undefined {
@@ -116,7 +209,7 @@ class Group {
       const key = events[i + 2] as string;
       if (mask & FAN_Q_OVERFLOW) {
         for (const m of this.marks.values())
-          for (const w of m.watchers) w.note({ file: m.path, pid: null, program: null, what: 'events were lost' });
+          this.tell(m, { file: m.path, pid: null, program: null, what: 'events were lost' });
         continue;
       }
       if (pid === process.pid) continue;
@@ -131,7 +224,7 @@ class Group {
         if (writer !== undefined)
           finding = { file: mark.path, pid: writer, program: programOf(writer), what: 'holds it open for writing' };
       }
-      if (finding) for (const w of mark.watchers) w.note(finding);
+      if (finding) this.tell(mark, finding);
     }
   }
 }
@@ -155,15 +248,17 @@ export class FileWatch {
     // by header checks only): for file systems or sandboxes where fanotify misbehaves, and for tests.
     const off = process.env.TIDEMARK_NO_FANOTIFY === '1';
     const w = new FileWatch(off ? null : Group.get(), off ? 'turned off (TIDEMARK_NO_FANOTIFY=1)' : '');
-    for (const f of files) w.add(f, { fresh: true });
-    if (w.group) {
-      // Writers that opened a file before its mark: one look through /proc for all of them, shared with the
-      // watches started in the same turn (a checkpoint of many VMs starts one per disk).
-      const ids = new Map([...w.files].map((f) => [w.group!.identityOf(f)!, f]));
+    const marked = files.filter((f) => w.add(f, { fresh: true }));
+    if (w.group && marked.length > 0) {
+      // Writers that opened a newly marked file before its mark: one look through /proc for all of them,
+      // shared with the watches started in the same turn.
+      const ids = new Map(marked.map((f) => [w.group!.identityOf(f)!, f]));
       for (const [id, pids] of await sharedScan(new Set(ids.keys()))) {
         for (const pid of pids)
-          if (pid !== process.pid)
+          if (pid !== process.pid) {
+            w.group.noteHolder(ids.get(id)!, pid);
             w.note({ file: ids.get(id)!, pid, program: programOf(pid), what: 'holds it open for writing' });
+          }
       }
     }
     return w;
@@ -180,22 +275,37 @@ export class FileWatch {
 
   /**
    * Watches one more file. `fresh`: skip the look through /proc for writers that opened it before the mark
-   * (`start` does one for all its files; a file this process just created has none).
+   * (`start` does one for all its files; a file this process just created has none). Returns true when the
+   * look was skipped for a new mark (a mark that existed already needs none).
    */
-  add(file: string, opts: { fresh?: boolean } = {}): void {
-    if (this.closed || this.files.has(file)) return;
+  add(file: string, opts: { fresh?: boolean } = {}): boolean {
+    if (this.closed || this.files.has(file)) return false;
     this.files.add(file);
-    if (!this.group) return;
-    this.group.add(file, this);
-    if (opts.fresh) return;
+    if (!this.group) return false;
+    const marked = this.group.add(file, this);
+    if (opts.fresh || !marked) return marked;
     for (const pid of writableOpeners(this.group.identityOf(file)!)) {
-      if (pid !== process.pid) this.note({ file, pid, program: programOf(pid), what: 'holds it open for writing' });
+      if (pid !== process.pid) {
+        this.group.noteHolder(file, pid);
+        this.note({ file, pid, program: programOf(pid), what: 'holds it open for writing' });
+      }
     }
+    return false;
   }
 
   remove(file: string): void {
     if (!this.files.delete(file)) return;
     this.group?.remove(file, this);
+  }
+
+  /**
+   * The session ends and the next one on the same files starts right away (a merge reopening the head): the
+   * marks stay when this watch closes, seeing everything until the next watch takes them over, which then
+   * needs no look through /proc. Not for a session that ends for good: another Tidemark process may then
+   * write the disk with its own tracker, which the tracking files account for.
+   */
+  bridge(): void {
+    for (const f of this.files) this.group?.bridge(f);
   }
 
   /** @internal called by the group. */

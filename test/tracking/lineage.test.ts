@@ -210,6 +210,29 @@ describe('forks: a copy is another lineage, and so is an older state put back', 
   });
 });
 
+describe('between sessions: a watch bridged to the next session (a merge reopening its head)', () => {
+  it('another process writing the disk between the two sessions is found by the next one, without a /proc scan', async () => {
+    const d = await sub('between');
+    const file = await trackedDisk(d);
+    const id1 = await session(file, async (t) => {
+      const id = await t.seal();
+      t.bridgeWatch();
+      return id;
+    });
+    // dd writes one sector in place while no session is attached (the merge's close and reopen, say), and the
+    // modification time is put back to the nanosecond: the files' own checks see nothing, only the mark can.
+    const { mtimeNs } = await stat(file, { bigint: true });
+    const dd = ['if=/dev/urandom', `of=${file}`, 'bs=512', 'count=1', 'seek=20480', 'conv=notrunc', 'status=none'];
+    await execFileP('dd', dd);
+    const at = `@${mtimeNs / 1_000_000_000n}.${String(mtimeNs % 1_000_000_000n).padStart(9, '0')}`;
+    await execFileP('touch', ['-m', '-d', at, file]);
+    await session(file, async (t) => {
+      expect((await refusal(t.changes(id1)))?.code).toBe('MISSING_CHANGE_TRACKING_INFORMATION');
+      expect(t.status().reason).toMatch(/(dd|touch|process \d+) .*wrote disk\.vhdx/);
+    });
+  });
+});
+
 describe('writers that ignore locks while a session writes', () => {
   it('dd into the head while a tracker is attached: the next query refuses and names dd; the new epoch answers', async () => {
     const d = await sub('dd-running');
