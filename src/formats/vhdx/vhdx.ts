@@ -319,7 +319,9 @@ export class VhdxFile {
   /** Parses every structure of one file; replays its log (in place when writable, in memory otherwise). */
   private static async decode(filePath: string, base: RandomAccessFile, writable: boolean): Promise<VhdxFile> {
     const warnings: string[] = [];
-    const section = Buffer.alloc(HEADER_SECTION_SIZE);
+    // The identifier and both headers (the region tables are read after the log is replayed): not the whole
+    // 1 MiB section, which every open of a large host's many disks would allocate and read.
+    const section = Buffer.alloc(Math.max(HEADER_OFFSETS[1] + HEADER_SIZE, DETECT_HEAD_BYTES));
     await base.read(section, 0);
     if (section.toString('latin1', 0, 8) !== SIG_FILE) await refuseOtherFormats(filePath, base, section);
     const identifier = decodeFileIdentifier(section);
@@ -871,9 +873,17 @@ export class VhdxFile {
     }
     const { sector, at } = this.batSectorOf(index);
     const buf =
-      this.cache.peek(sector) ??
-      (await this.cache.load(sector, this.batRegion.fileOffset, this.batRegion.fileOffset + this.batRegion.length));
+      this.cache.peek(sector) ?? (await this.cache.load(sector, this.batRegion.fileOffset, this.batInUseEnd()));
     return decodeBatEntry(buf.readUInt32LE(at), buf.readUInt32LE(at + 4));
+  }
+
+  /**
+   * Where the BAT's entries end, sector aligned: the region is often far larger than the disk needs (1 MiB for
+   * a 4 MiB disk), and a cache miss reads at most up to here.
+   */
+  private batInUseEnd(): number {
+    const used = Math.ceil((this.geometry.batEntries * 8) / LOG_SECTOR) * LOG_SECTOR;
+    return this.batRegion.fileOffset + Math.min(this.batRegion.length, used);
   }
 
   payloadEntry(block: number): Promise<BatEntry> {
@@ -922,11 +932,7 @@ export class VhdxFile {
     }
     this.fresh.delete(index); // whoever places a fresh block notes it again afterwards
     const { sector, at } = this.batSectorOf(index);
-    const buf = await this.cache.load(
-      sector,
-      this.batRegion.fileOffset,
-      this.batRegion.fileOffset + this.batRegion.length,
-    );
+    const buf = await this.cache.load(sector, this.batRegion.fileOffset, this.batInUseEnd());
     const [lo, hi] = encodeBatEntry(state, offset);
     buf.writeUInt32LE(lo, at);
     buf.writeUInt32LE(hi, at + 4);
