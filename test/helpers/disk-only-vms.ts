@@ -10,6 +10,9 @@ import { createVhd } from '../../src/formats/vhd/create.js';
 import { HostLog } from '../../src/host/log.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { Repository } from '../../src/repository/index.js';
+import { expect } from 'vitest';
+import { runBackupSet } from '../../src/backup/backup-set.js';
+import type { BackupSetOptions, BackupSetSummary } from '../../src/backup/run-types.js';
 import type { Rng } from './random.js';
 
 const MiB = 2 ** 20;
@@ -91,4 +94,18 @@ export async function startDiskOnlyVms(
       await running.close();
     },
   };
+}
+
+/**
+ * One crash-consistent run of the set that must end clean: no error and no warning (a tracking audit that found
+ * something is a warning), the run's log shown when it does not.
+ */
+export async function cleanRun(opts: Omit<BackupSetOptions, 'consistency' | 'events'>): Promise<BackupSetSummary> {
+  const log: string[] = [];
+  const s = await runBackupSet({ ...opts, consistency: 'crash', events: { log: (l) => log.push(l) } });
+  expect(s.errors, log.join('\n')).toEqual([]);
+  expect(s.warnings, log.join('\n')).toEqual([]);
+  expect(s.ok).toBe(true);
+  expect(s.flow).toBe(opts.flow ?? '2016');
+  return s;
 }
