@@ -269,10 +269,6 @@ export class Leases {
   }
 
   /**
-   * Runs a VM operation under the VM's lease: with `lease`, it must be the VM's live lease (the caller's run);
-   * without, no other lease may be live, and the operation holds one itself while it runs.
-   */
-  /**
    * Whether an operation on a VM may go on: with `lease`, it must be the VM's live lease (the caller's run);
    * without, no lease may be live (BUSY naming the holder). Returns the live lease, if any.
    */
