@@ -254,7 +254,7 @@ export function vmCommand(run: Run): Command {
         }
         for (const d of v.disks) {
           println(
-            `  ${d.slot}: ${d.head}${d.head !== d.base ? ` (base ${d.base})` : ''} id ${d.virtualDiskId} tracking ${d.tracking}${d.trackingReason ? ` (${d.trackingReason})` : ''}${d.nbdUri ? ` ${d.nbdUri}` : ''}`,
+            `  ${d.slot}: ${d.head}${d.head !== d.base ? ` (base ${d.base})` : ''} ${d.format.toUpperCase()} id ${d.virtualDiskId} tracking ${d.tracking}${d.trackingReason ? ` (${d.trackingReason})` : ''}${d.nbdUri ? ` ${d.nbdUri}` : ''}`,
           );
         }
         println(`${v.checkpoints} checkpoint(s), ${v.referencePoints} reference point(s)`);

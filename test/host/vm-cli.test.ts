@@ -121,6 +121,7 @@ describe('vm create with a boot source', () => {
     expect(v.disks[0].nbdUri).toBeNull();
     const text = ok(['vm', 'show', 'g']).text;
     expect(text).toContain(`300 MiB, 2 vCPU(s), 1 SCSI controller(s), boot kernel ${path.join(image, 'vmlinux')}`);
+    expect(text).toMatch(/ {2}scsi0-0: \S+\.vhdx VHDX id [0-9a-f-]{36} tracking enabled/);
     // Enough SCSI controllers for the disks it is made with.
     expect(
       JSON.parse(ok(['vm', 'create', 'wide', '--image', image, '--new-disk', 'scsi2-0:16M', '--json']).text)
