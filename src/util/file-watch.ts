@@ -116,8 +116,13 @@ class Group {
       fresh = true;
     } else {
       this.drain(); // what happened up to now reaches the mark's watchers, or its lingering list
-      if (mark.lingering) for (const f of mark.lingering) watcher.note(f);
+      const told = new Set<number>();
+      for (const f of mark.lingering ?? []) {
+        watcher.note(f);
+        if (f.what === 'holds it open for writing' && f.pid) told.add(f.pid);
+      }
       for (const pid of [...mark.holders]) {
+        if (told.has(pid)) continue;
         if (writableOpeners(mark.identity, [pid]).length > 0)
           watcher.note({ file, pid, program: programOf(pid), what: 'holds it open for writing' });
         else mark.holders.delete(pid);
@@ -253,11 +258,13 @@ export class FileWatch {
       // Writers that opened a newly marked file before its mark: one look through /proc for all of them,
       // shared with the watches started in the same turn.
       const ids = new Map(marked.map((f) => [w.group!.identityOf(f)!, f]));
-      for (const [id, pids] of await sharedScan(new Set(ids.keys()))) {
-        for (const pid of pids)
+      const found = await sharedScan(new Set(ids.keys()));
+      // Only this watch's files: the shared scan answers for the other watches' files too.
+      for (const [id, file] of ids) {
+        for (const pid of found.get(id) ?? [])
           if (pid !== process.pid) {
-            w.group.noteHolder(ids.get(id)!, pid);
-            w.note({ file: ids.get(id)!, pid, program: programOf(pid), what: 'holds it open for writing' });
+            w.group.noteHolder(file, pid);
+            w.note({ file, pid, program: programOf(pid), what: 'holds it open for writing' });
           }
       }
     }

@@ -1,4 +1,4 @@
-/** Small async helpers the tests share: a real-time pause, and the error code of a rejected promise. */
+/** Small async helpers the tests share: a real-time pause, polling for a condition, the error code of a rejected promise. */
 import { TidemarkError } from '../../src/errors.js';
 
 /** Waits `ms` real milliseconds (for code that has no Clock to inject: processes, sockets, the file system). */
@@ -16,5 +16,14 @@ export async function codeOf(p: Promise<unknown>): Promise<string> {
     return 'resolved';
   } catch (err) {
     return err instanceof TidemarkError ? err.code : `not a TidemarkError: ${String(err)}`;
+  }
+}
+
+/** Polls `cond` every 20 ms until it holds (throws after `ms`). */
+export async function waitFor(cond: () => Promise<boolean>, ms = 5000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!(await cond())) {
+    if (Date.now() > end) throw new Error('timed out waiting');
+    await sleep(20);
   }
 }

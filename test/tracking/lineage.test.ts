@@ -25,7 +25,7 @@ import { createVhdx } from '../../src/formats/vhdx/create.js';
 import { VhdxFile } from '../../src/formats/vhdx/vhdx.js';
 import { ChangeTracker, trackingPaths, type ChangeRange } from '../../src/tracking/tracker.js';
 import { missingPeers, tempDir } from '../helpers/peers.js';
-import { sleep } from '../helpers/async.js';
+import { waitFor } from '../helpers/async.js';
 
 const execFileP = promisify(execFile);
 const MiB = 2 ** 20;
@@ -475,11 +475,3 @@ describe('reads never write', () => {
     }
   });
 });
-
-async function waitFor(cond: () => Promise<boolean>, ms = 5000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!(await cond())) {
-    if (Date.now() > end) throw new Error('timed out waiting');
-    await sleep(20);
-  }
-}

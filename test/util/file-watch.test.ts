@@ -1,0 +1,84 @@
+/**
+ * The foreign-writer watch's look through /proc at start (writers that opened a file before its mark): watches
+ * started in the same turn share one scan, and each gets the holders of its own files only; a bridged watch's
+ * marks carry what happened after it closed to the next watch of the same files.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { readdir, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { FileWatch } from '../../src/util/file-watch.js';
+import { tempDir } from '../helpers/peers.js';
+import { waitFor } from '../helpers/async.js';
+
+let dir: string;
+let cleanup: () => Promise<void>;
+
+beforeAll(async () => {
+  ({ dir, cleanup } = await tempDir('file-watch'));
+});
+afterAll(async () => {
+  await cleanup?.();
+});
+
+/** A shell holding `file` open read-write (fd 3) until killed. */
+async function holder(file: string): Promise<ChildProcess> {
+  const p = spawn('sh', ['-c', `exec 3<>"${file}"; sleep 30`], { stdio: 'ignore' });
+  await waitFor(async () => ((await readdir(`/proc/${p.pid}/fd`).catch(() => [])) as string[]).includes('3'));
+  return p;
+}
+
+async function stop(p: ChildProcess): Promise<void> {
+  p.kill('SIGKILL');
+  if (p.exitCode === null && p.signalCode === null) await new Promise((r) => p.once('exit', r));
+}
+
+describe('FileWatch', () => {
+  it('watches started in the same turn share one scan; each is told only of its own files', async () => {
+    const [a, b] = ['a.img', 'b.img'].map((n) => path.join(dir, n));
+    await writeFile(a, 'a');
+    await writeFile(b, 'b');
+    const h = await holder(a);
+    try {
+      // Both mark their files before either scans: one scan answers both.
+      const [wa, wb] = await Promise.all([FileWatch.start([a]), FileWatch.start([b])]);
+      try {
+        expect(wa.available, wa.why).toBe(true);
+        // The shell and the `sleep` it runs (which inherits fd 3) both hold a.img.
+        const found = wa.findings();
+        expect(found.map((x) => x.pid)).toContain(h.pid);
+        expect(found.every((x) => x.file === a && x.what === 'holds it open for writing')).toBe(true);
+        expect(wb.findings()).toEqual([]);
+      } finally {
+        wa.close();
+        wb.close();
+      }
+    } finally {
+      await stop(h);
+    }
+  });
+
+  it('a bridged watch hands what another process did after it closed to the next watch of the file', async () => {
+    const f = path.join(dir, 'bridged.img');
+    await writeFile(f, 'x');
+    const first = await FileWatch.start([f]);
+    first.bridge();
+    first.close();
+    // Another process opens the file for writing and keeps it open, then the next session starts.
+    const h = await holder(f);
+    try {
+      const next = await FileWatch.start([f]);
+      try {
+        const found = next.findings();
+        expect(found.map((x) => x.pid)).toContain(h.pid);
+        expect(found.every((x) => x.file === f && x.what === 'holds it open for writing')).toBe(true);
+        // Each holder once: the open the mark saw, not again from the holders it remembers.
+        expect(new Set(found.map((x) => x.pid)).size).toBe(found.length);
+      } finally {
+        next.close();
+      }
+    } finally {
+      await stop(h);
+    }
+  });
+});
