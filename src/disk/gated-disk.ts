@@ -5,6 +5,7 @@
  * head into its parent in passes while writes to it mark blocks to copy again. The formats differ in how a
  * child is linked, tracked and merged: those parts are the subclasses' (the hooks below).
  */
+import { checkRange } from '../util/range.js';
 import path from 'node:path';
 import { TidemarkError } from '../errors.js';
 import type { AllocationExtent, WriteOptions, ZeroOptions } from './device.js';
@@ -441,17 +442,6 @@ export abstract class GatedDisk<H extends DiskHead, O extends { readOnly?: boole
   }
 
   protected checkRange(offset: number, length: number): void {
-    if (
-      !Number.isSafeInteger(offset) ||
-      !Number.isSafeInteger(length) ||
-      offset < 0 ||
-      length < 0 ||
-      offset + length > this.size
-    ) {
-      throw new TidemarkError(
-        'INVALID_ARGUMENT',
-        `range [${offset}, +${length}) is outside the ${this.size}-byte disk`,
-      );
-    }
+    checkRange(offset, length, this.size);
   }
 }

@@ -20,6 +20,7 @@
  * - Tracking files Tidemark did not write (another product's, e.g. Hyper-V's own `.rct`) are never modified;
  *   the disk counts as untracked until `enable({ replaceForeign: true })`. Reads never write.
  */
+import { checkRange } from '../util/range.js';
 import { createHash, randomBytes } from 'node:crypto';
 import type { BigIntStats } from 'node:fs';
 import { access, lstat, open, rename, stat, unlink } from 'node:fs/promises';
@@ -395,7 +396,7 @@ export class ChangeTracker implements WriteObserver {
       if (writable) {
         mrt = await openOrCreate(paths.mrt);
         // From now on other processes' writes to these files are seen; one already writing is a reason.
-        watch = await FileWatch.start([...disk.chain().map((f) => f.path), paths.rct, paths.mrt]);
+        watch = FileWatch.start([...disk.chain().map((f) => f.path), paths.rct, paths.mrt]);
         const found = watch.findings();
         if (!reason && found.length > 0) reason = describeFindings(found);
       }
@@ -741,9 +742,7 @@ export class ChangeTracker implements WriteObserver {
   async changes(sinceId: string, offset = 0, length?: number, maxRanges = Infinity): Promise<ChangesResult> {
     const size = this.header.virtualSize;
     const len = length ?? size - offset;
-    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(len) || offset < 0 || len < 0 || offset + len > size) {
-      throw new TidemarkError('INVALID_ARGUMENT', `range [${offset}, +${len}) is outside the ${size}-byte disk`);
-    }
+    checkRange(offset, len, size);
     if (maxRanges < 1) throw new TidemarkError('INVALID_ARGUMENT', 'maxRanges must be at least 1');
     if (sinceId === '*') return limitRanges(await this.disk.allocatedExtents(offset, len), offset, len, maxRanges);
     await this.vouch(false);

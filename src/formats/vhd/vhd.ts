@@ -7,6 +7,7 @@
  * BAT only names blocks whose data is durable; a lost end footer is restored from the copy (writable
  * open, `check --repair`).
  */
+import { checkRange } from '../../util/range.js';
 import { realpath, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { TidemarkError, VhdCorruptError } from '../../errors.js';
@@ -735,18 +736,7 @@ export class VhdFile {
   }
 
   private assertRange(offset: number, length: number): void {
-    if (
-      !Number.isSafeInteger(offset) ||
-      !Number.isSafeInteger(length) ||
-      offset < 0 ||
-      length < 0 ||
-      offset + length > this.virtualSize
-    ) {
-      throw new TidemarkError(
-        'INVALID_ARGUMENT',
-        `range [${offset}, +${length}) is outside the ${this.virtualSize}-byte virtual disk`,
-      );
-    }
+    checkRange(offset, length, this.virtualSize, 'virtual disk');
   }
 
   /** Reads `dst.length` bytes of the virtual disk at `offset`. */

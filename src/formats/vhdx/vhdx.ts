@@ -3,6 +3,7 @@
  * write, trim, write-zeroes and flush. Every BAT, sector-bitmap and metadata change goes through the
  * metadata log at flush time (entry, flush, apply); payload data is written in place.
  */
+import { checkRange } from '../../util/range.js';
 import { realpath } from 'node:fs/promises';
 import path from 'node:path';
 import { TidemarkError, VhdxCorruptError } from '../../errors.js';
@@ -1036,18 +1037,7 @@ export class VhdxFile {
   }
 
   private assertRange(offset: number, length: number): void {
-    if (
-      !Number.isSafeInteger(offset) ||
-      !Number.isSafeInteger(length) ||
-      offset < 0 ||
-      length < 0 ||
-      offset + length > this.virtualSize
-    ) {
-      throw new TidemarkError(
-        'INVALID_ARGUMENT',
-        `range [${offset}, +${length}) is outside the ${this.virtualSize}-byte virtual disk`,
-      );
-    }
+    checkRange(offset, length, this.virtualSize, 'virtual disk');
   }
 
   /** Reads `dst.length` bytes of the virtual disk at `offset`. */
