@@ -6,7 +6,7 @@
  * Crash safety, as the other multi-file operations of the store (vm-store.ts "the journal"):
  *   1. the intent is journaled in the definition (`pending: convert-disks`, every file it may make);
  *   2. per disk, the VHDX is written beside the VHD under a temporary name by the one converter
- *      (tracking/convert.ts), fsynced, renamed to its name and the folder fsynced; tracking files are made when
+ *      (tracking/convert.ts, durable when it returns: the VHDX's close commits it), renamed to its name and the folder fsynced; tracking files are made when
  *      the configuration version has RCT;
  *   3. ONE definition write commits: the attachments name the new files and the journal becomes `delete-files` of
  *      the old VHDs;
@@ -14,7 +14,7 @@
  * Killed before 3, the next start removes what 2 made (vm-store.ts rolls back); killed after it, the next start
  * unlinks the VHDs left (vm-store.ts finishes `delete-files`). Either way the VM opens with its content exact.
  */
-import { lstat, open, rename, unlink } from 'node:fs/promises';
+import { lstat, rename, unlink } from 'node:fs/promises';
 import path from 'node:path';
 import { TidemarkError } from '../errors.js';
 import { VhdFile } from '../formats/vhd/vhd.js';
@@ -128,7 +128,7 @@ export async function convertVmDisks(
     const to = path.join(parsed.dir, `${parsed.name}.vhdx`);
     const temp = `${to}.converting`;
     for (const f of conversionLeftovers(to, temp)) {
-      if (await exists(f)) {
+      if (await occupied(f)) {
         throw new TidemarkError(
           'CONFLICT',
           `${def.name} ${att.slot}: ${f} exists, where the VHDX of ${from} would be made: move it away first`,
@@ -169,7 +169,6 @@ export async function convertVmDisks(
           void Promise.resolve(hook('copying', p.slot)).catch(() => undefined);
         },
       });
-      await fsyncFile(p.temp);
       await privateFiles(p.temp);
       await hook('written', p.slot);
       await rename(p.temp, p.to);
@@ -224,17 +223,8 @@ async function isFixedVhd(file: string, allowedRoots: string[]): Promise<boolean
   }
 }
 
-async function fsyncFile(file: string): Promise<void> {
-  const fh = await open(file, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
-
 /** Anything at the path, a dangling link or a FIFO included (never opened). */
-async function exists(p: string): Promise<boolean> {
+async function occupied(p: string): Promise<boolean> {
   return lstat(p).then(
     () => true,
     (e: NodeJS.ErrnoException) => e.code !== 'ENOENT',
