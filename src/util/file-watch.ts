@@ -248,18 +248,17 @@ export class FileWatch {
   ) {}
 
   /** Starts watching `files` (absolute paths); writers that already hold one open are findings at once. */
-  static async start(files: string[]): Promise<FileWatch> {
+  static start(files: string[]): FileWatch {
     // TIDEMARK_NO_FANOTIFY=1 turns watching off (then foreign writers are caught at the next open and
     // by header checks only): for file systems or sandboxes where fanotify misbehaves, and for tests.
     const off = process.env.TIDEMARK_NO_FANOTIFY === '1';
     const w = new FileWatch(off ? null : Group.get(), off ? 'turned off (TIDEMARK_NO_FANOTIFY=1)' : '');
     const marked = files.filter((f) => w.add(f, { fresh: true }));
     if (w.group && marked.length > 0) {
-      // Writers that opened a newly marked file before its mark: one look through /proc for all of them,
-      // shared with the watches started in the same turn.
+      // Writers that opened a newly marked file before its mark: one look through /proc for all of them (a mark
+      // that existed already, kept across a merge by `bridge`, saw every open since its own look).
       const ids = new Map(marked.map((f) => [w.group!.identityOf(f)!, f]));
-      const found = await sharedScan(new Set(ids.keys()));
-      // Only this watch's files: the shared scan answers for the other watches' files too.
+      const found = writableOpenersOf(new Set(ids.keys()));
       for (const [id, file] of ids) {
         for (const pid of found.get(id) ?? [])
           if (pid !== process.pid) {
@@ -369,31 +368,6 @@ export function describeAccess(f: ForeignAccess): string {
   if (f.what === 'events were lost') return `events about ${name} were lost (fanotify queue overflow)`;
   if (f.what === 'replaced or removed it') return `${name} was replaced, renamed or removed while open`;
   return `${who} ${f.what === 'wrote' ? 'wrote' : 'holds open for writing'} ${name}`;
-}
-
-let nextScan: { ids: Set<string>; result: Promise<Map<string, number[]>> } | null = null;
-
-/**
- * One /proc scan for every watch that asks before it starts: a scan reads every descriptor of every process,
- * so watches started together share one. It starts after every caller's marks were placed (each caller marks
- * its files, synchronously, before it asks), which is all a scan must guarantee: what opens a file later is
- * an event of its mark.
- */
-function sharedScan(ids: Set<string>): Promise<Map<string, number[]>> {
-  if (!nextScan) {
-    const scan: { ids: Set<string>; result: Promise<Map<string, number[]>> } = {
-      ids: new Set(),
-      result: new Promise((resolve) =>
-        setImmediate(() => {
-          if (nextScan === scan) nextScan = null;
-          resolve(writableOpenersOf(scan.ids));
-        }),
-      ),
-    };
-    nextScan = scan;
-  }
-  for (const id of ids) nextScan.ids.add(id);
-  return nextScan.result;
 }
 
 /** Pids (among `pids`, or every readable process) holding the file `identity` (`dev:ino`) open for writing. */

@@ -312,7 +312,7 @@ describe('writers that ignore locks while a session writes', () => {
         const fds: string[] = await readdir(`/proc/${holder.pid}/fd`).catch(() => []);
         return fds.includes('3');
       });
-      // Several sessions attaching at once share one scan of /proc: each still finds the holder.
+      // Two sessions attaching at once: the one whose disk is held finds the holder, the other does not.
       const other = await trackedDisk(await sub('early-holder-other'));
       await Promise.all([
         session(file, async (t) => {

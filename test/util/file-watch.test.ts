@@ -1,7 +1,7 @@
 /**
- * The foreign-writer watch's look through /proc at start (writers that opened a file before its mark): watches
- * started in the same turn share one scan, and each gets the holders of its own files only; a bridged watch's
- * marks carry what happened after it closed to the next watch of the same files.
+ * The foreign-writer watch's look through /proc at start (writers that opened a file before its mark): each
+ * watch is told of the holders of its own files only; a bridged watch's marks carry what happened after it closed
+ * to the next watch of the same files, each holder told once.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { readdir, writeFile } from 'node:fs/promises';
@@ -34,14 +34,14 @@ async function stop(p: ChildProcess): Promise<void> {
 }
 
 describe('FileWatch', () => {
-  it('watches started in the same turn share one scan; each is told only of its own files', async () => {
+  it('a writer that opened a file before the watch started is found; a watch of another file is told nothing', async () => {
     const [a, b] = ['a.img', 'b.img'].map((n) => path.join(dir, n));
     await writeFile(a, 'a');
     await writeFile(b, 'b');
     const h = await holder(a);
     try {
-      // Both mark their files before either scans: one scan answers both.
-      const [wa, wb] = await Promise.all([FileWatch.start([a]), FileWatch.start([b])]);
+      const wa = FileWatch.start([a]);
+      const wb = FileWatch.start([b]);
       try {
         expect(wa.available, wa.why).toBe(true);
         // The shell and the `sleep` it runs (which inherits fd 3) both hold a.img.
@@ -61,13 +61,13 @@ describe('FileWatch', () => {
   it('a bridged watch hands what another process did after it closed to the next watch of the file', async () => {
     const f = path.join(dir, 'bridged.img');
     await writeFile(f, 'x');
-    const first = await FileWatch.start([f]);
+    const first = FileWatch.start([f]);
     first.bridge();
     first.close();
     // Another process opens the file for writing and keeps it open, then the next session starts.
     const h = await holder(f);
     try {
-      const next = await FileWatch.start([f]);
+      const next = FileWatch.start([f]);
       try {
         const found = next.findings();
         expect(found.map((x) => x.pid)).toContain(h.pid);
