@@ -42,5 +42,6 @@ NAPI_MODULE_INIT(/* napi_env env, napi_value exports */) {
   if (tm_init_seek(env, exports) != 0) return NULL;
   if (tm_init_lock(env, exports) != 0) return NULL;
   if (tm_init_watch(env, exports) != 0) return NULL;
+  if (tm_init_crc32c(env, exports) != 0) return NULL;
   return exports;
 }

@@ -1,5 +1,6 @@
 /*
- * The one native addon of Tidemark (native/fs): file-system calls Node does not expose. Each C file adds
+ * The one native addon of Tidemark (native/fs): file-system calls Node does not expose, and the CRC-32C every
+ * VHDX and tracking file is checked with (the CPU's instruction). Each C file adds
  * its functions to the module's exports through an init function listed in addon.c; a new file (say,
  * watch.c) adds its init function here and there, and its name to binding.gyp.
  */
@@ -22,5 +23,8 @@ int tm_init_lock(napi_env env, napi_value exports);
 
 /* watch.c: fanotify marks and events (who else opens or writes a file). */
 int tm_init_watch(napi_env env, napi_value exports);
+
+/* crc32c.c: CRC-32C (SSE4.2's CRC32 instruction when the CPU has it). */
+int tm_init_crc32c(napi_env env, napi_value exports);
 
 #endif

@@ -36,7 +36,7 @@ if (r.status === 0) {
   // Built is not enough: it must load into this node and have every function src/util/native.ts uses.
   try {
     const addon = createRequire(import.meta.url)('./build/Release/tidemark_fs.node');
-    const missing = ['dataExtents', 'setLock', 'testLock', 'dupFd'].filter((f) => typeof addon[f] !== 'function');
+    const missing = ['dataExtents', 'setLock', 'testLock', 'dupFd', 'crc32c'].filter((f) => typeof addon[f] !== 'function');
     if (missing.length > 0) why = `the built addon lacks ${missing.join(', ')}`;
   } catch (err) {
     why = `the built addon does not load: ${err.message}`;
@@ -48,9 +48,9 @@ if (r.status === 0) {
 }
 if (why) {
   console.error(`tidemark: ERROR: the native addon native/fs could not be built (${why}).`);
-  console.error('tidemark: it is required (image locks, SEEK_DATA, fanotify); install g++, make, python3 and the Node headers');
+  console.error('tidemark: it is required (image locks, SEEK_DATA, fanotify, CRC-32C); install g++, make, python3 and the Node headers');
   console.error('tidemark: (the headers come with nodejs from nodesource/nodejs.org, or Debian libnode-dev),');
   console.error('tidemark: then run: npm run build:native');
   process.exit(1);
 }
-console.log('tidemark: built the native addon (native/fs): image locks, SEEK_DATA, fanotify');
+console.log('tidemark: built the native addon (native/fs): image locks, SEEK_DATA, fanotify, CRC-32C');

@@ -1,7 +1,27 @@
 /**
- * CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), slicing-by-8. Used by every VHDX
- * checksum and by the tracking files; inputs are metadata-sized, so a table in JS is fast enough.
+ * CRC-32C (Castagnoli, reflected polynomial 0x82F63B78). Used by every VHDX checksum and by the tracking files.
+ * Large inputs (a VHDX region table is 64 KiB, a tracking file's bitmaps tens of KiB, checked at every open) go
+ * to the native addon (the CPU's CRC32 instruction); small ones stay on a slicing-by-8 table in JS, where the
+ * call costs more than it saves. Without the addon (it did not load) the table does everything.
  */
+import { nativeFs } from './native.js';
+
+/** From this many bytes the native CRC is faster than the table, call included. */
+const NATIVE_FROM = 512;
+
+let native: ((data: Uint8Array, crc: number) => number) | null | undefined;
+function nativeCrc(): ((data: Uint8Array, crc: number) => number) | null {
+  if (native === undefined) {
+    try {
+      const addon = nativeFs();
+      native = typeof addon.crc32c === 'function' ? addon.crc32c : null;
+    } catch {
+      native = null;
+    }
+  }
+  return native;
+}
+
 const TABLES: Uint32Array[] = (() => {
   const tables = Array.from({ length: 8 }, () => new Uint32Array(256));
   for (let n = 0; n < 256; n++) {
@@ -21,6 +41,11 @@ const TABLES: Uint32Array[] = (() => {
 
 /** Continues a CRC-32C over `data`; start with `crc = 0`. */
 export function crc32c(data: Uint8Array, crc = 0): number {
+  const fast = data.length >= NATIVE_FROM ? nativeCrc() : null;
+  return fast ? fast(data, crc) : crc32cTable(data, crc);
+}
+
+function crc32cTable(data: Uint8Array, crc: number): number {
   const [t0, t1, t2, t3, t4, t5, t6, t7] = TABLES;
   let c = ~crc >>> 0;
   let i = 0;

@@ -1,7 +1,8 @@
 /**
  * The native addon (native/fs, built by `npm run build:native`): the file-system calls Node has no
  * binding for. It is required: image locks (image-lock.ts) keep other writers off the disks Tidemark has
- * open. One addon, one C file per concern (seek.c, lock.c, watch.c); this module is the only place that loads it.
+ * open. One addon, one C file per concern (seek.c, lock.c, watch.c, crc32c.c); this module is the only place that
+ * loads it.
  */
 import { createRequire } from 'node:module';
 import { TidemarkError } from '../errors.js';
@@ -36,6 +37,8 @@ export interface NativeFs {
   watchRemove(fd: number, mode: string, path: string): void;
   /** watch.c: the queued events, non-blocking, as [mask, pid, key, mask, pid, key, ...]. */
   watchDrain(fd: number, mode: string): (number | string)[];
+  /** crc32c.c: the CRC-32C of `data` continued from `crc` (0 to start); `portable`: the table, not the instruction. */
+  crc32c(data: Uint8Array, crc: number, portable?: boolean): number;
 }
 
 // Same relative path from src/util (tests) and dist/util (the CLI).

@@ -54,6 +54,7 @@ import {
 } from '../../src/formats/vhdx/metadata.js';
 import { TidemarkError } from '../../src/errors.js';
 import { crc32c, crc32cWithZeroedField } from '../../src/util/crc32c.js';
+import { nativeFs } from '../../src/util/native.js';
 import { guidFromString, guidToString, newGuid, parseGuid } from '../../src/util/guid.js';
 
 const KiB = 1024;
@@ -99,6 +100,34 @@ describe('CRC-32C', () => {
     const z = Buffer.from(b);
     z.writeUInt32LE(0, 4);
     expect(crc32cWithZeroedField(b, 4)).toBe(crc32c(z));
+  });
+
+  it('is the same on both sides of the native threshold, in pieces and on unaligned views', () => {
+    // Large inputs go to the native CRC, small ones to the JS table: a bitwise reference decides both.
+    const reference = (data: Uint8Array, crc = 0) => {
+      let c = ~crc >>> 0;
+      for (const byte of data) {
+        c ^= byte;
+        for (let k = 0; k < 8; k++) c = c & 1 ? (c >>> 1) ^ 0x82f63b78 : c >>> 1;
+      }
+      return ~c >>> 0;
+    };
+    const big = Buffer.from(Array.from({ length: 70_000 }, (_, i) => (i * 7919 + (i >> 8)) & 0xff));
+    for (const n of [0, 1, 7, 8, 511, 512, 513, 4096, 65_536, 69_997]) {
+      const view = big.subarray(3, 3 + n);
+      expect(crc32c(view), `${n} bytes`).toBe(reference(view));
+      const cut = n >> 1;
+      expect(crc32c(view.subarray(cut), crc32c(view.subarray(0, cut))), `${n} bytes in two`).toBe(reference(view));
+      expect(crc32c(view, 0xdeadbeef), `${n} bytes continued`).toBe(reference(view, 0xdeadbeef));
+    }
+    expect(crc32c(new Uint8Array(big.buffer, big.byteOffset + 1, 1000))).toBe(reference(big.subarray(1, 1001)));
+    // The addon's portable table (CPUs without the instruction) and its instruction path, each against the reference.
+    const addon = nativeFs();
+    for (const n of [0, 3, 8, 4097, 65_536]) {
+      const view = big.subarray(5, 5 + n);
+      expect(addon.crc32c(view, 0x1234, true), `${n} bytes, table`).toBe(reference(view, 0x1234));
+      expect(addon.crc32c(view, 0x1234), `${n} bytes, instruction`).toBe(reference(view, 0x1234));
+    }
   });
 });
 
