@@ -480,12 +480,23 @@ export class VhdxFile {
         );
       }
     }
+    // The known items in one read when they lie within 1 MiB of each other (they sit side by side in every
+    // file seen), else one read each: an open is on the path of every checkpoint, merge and snapshot.
+    const known = metadataEntries.filter((m) => !m.isUser && isKnownItem(m) && m.length > 0);
+    const spanStart = Math.min(...known.map((m) => m.offset));
+    const spanEnd = Math.max(...known.map((m) => m.offset + m.length));
+    let span: Buffer | undefined;
+    if (known.length > 0 && spanEnd - spanStart <= MiB) {
+      span = Buffer.alloc(spanEnd - spanStart);
+      await file.read(span, mdWhere + spanStart);
+    }
     const item = async (id: Guid, name: string, required: boolean): Promise<Buffer | undefined> => {
       const e = metadataEntries.find((m) => !m.isUser && guidEquals(m.itemId, id));
       if (!e) {
         if (required) throw new VhdxCorruptError('metadata table', mdWhere, `required item "${name}" is missing`);
         return undefined;
       }
+      if (span && e.length > 0) return span.subarray(e.offset - spanStart, e.offset - spanStart + e.length);
       const b = Buffer.alloc(e.length);
       await file.read(b, mdWhere + e.offset);
       return b;
