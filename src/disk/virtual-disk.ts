@@ -11,7 +11,7 @@ import { BlockState } from '../formats/vhdx/constants.js';
 import { createVhdx, DEFAULT_CHILD_BLOCK_SIZE } from '../formats/vhdx/create.js';
 import { formatLinkage, locatorSet } from '../formats/vhdx/metadata.js';
 import { VhdxFile, type OpenOptions } from '../formats/vhdx/vhdx.js';
-import { ChangeTracker, updateIdleHeader, type ChangesResult } from '../tracking/tracker.js';
+import { ChangeTracker, type ChangesResult } from '../tracking/tracker.js';
 import { guidToString, newGuid } from '../util/guid.js';
 import type { BlockDevice, DirtyExtent } from './device.js';
 import { GatedDisk, type OnlineMergeOptions, type OnlineMergeResult } from './gated-disk.js';
@@ -172,7 +172,6 @@ export class VirtualDisk extends GatedDisk<VhdxFile, VirtualDiskOptions> impleme
    */
   async mergeHeadOnline(opts: OnlineMergeOptions = {}): Promise<OnlineMergeResult> {
     const { child, parentPath } = await this.headToMerge();
-    const basePath = child.chain().at(-1)!.path;
     const parent = await VhdxFile.open(parentPath, {
       writable: true,
       allowedRoots: this.opts.allowedRoots,
@@ -203,20 +202,33 @@ export class VirtualDisk extends GatedDisk<VhdxFile, VirtualDiskOptions> impleme
       },
       copy: (block, dirty) => this.copyBlock(child, parent, block, dirty),
       finish: async () => {
+        // What the guest wrote is durable in the child first, then what was merged in the parent: a merge
+        // finished again after a crash copies the same data.
+        await child.flush();
         await parent.flush();
-        // The session on the merged parent starts at once: the watch for other writers carries over to it.
-        this.tracker?.bridgeWatch();
-        await parent.close();
-        await child.close();
-        if (this.tracker) {
-          // The merged parent becomes the head: the tracker accepts its binding (no foreign writer).
-          await updateIdleHeader(basePath, (h) => {
-            h.pending = { head: path.basename(parentPath), dataWriteGuid: next };
-          });
+        // The merged parent, open as it is, becomes the head: the tracker moves onto it (no close, no re-open).
+        try {
+          await this.tracker?.continueOnMergedParent(parent);
+        } catch (err) {
+          // Neither head can be trusted to be consistent in memory: give up as a crash would; a re-open recovers
+          // (the parent is closed by `fail`).
+          this.closed = true;
+          await this.tracker?.abandon().catch(() => undefined);
+          await child.abandon().catch(() => undefined);
+          throw err;
         }
-        await unlink(child.path);
-        await opts.beforeSwitch?.(parentPath);
-        await this.continueOn(parentPath);
+        this.head = parent;
+        // The child is deleted: its clean close would write headers nobody reads.
+        await child.abandon();
+        try {
+          await unlink(child.path);
+          await opts.beforeSwitch?.(parentPath);
+        } catch (err) {
+          this.closed = true;
+          await this.tracker?.abandon().catch(() => undefined);
+          await parent.abandon().catch(() => undefined);
+          throw err;
+        }
       },
       fail: () => parent.close().catch(() => undefined),
     });

@@ -624,15 +624,36 @@ export class ChangeTracker implements WriteObserver {
     child.observer = this;
   }
 
-  /** Forgets a child `sealForChild` recorded that will not be switched to (the checkpoint was abandoned). */
   /**
-   * This session closes and the next one on the same disk opens right away (a merge reopening its head): the
-   * foreign-writer watch keeps watching in between and the next session takes it over (see FileWatch.bridge).
+   * An online merge has copied the head (a differencing disk) into `parent`, open writable by the merge; the
+   * parent's new DataWriteGuid (installed as the merge began) and everything copied are durable, and I/O is
+   * held. Tracking continues on `parent` as it is open, with no close and re-open in between: after the same
+   * checks a clean close of the child and an open of the parent would make (other writers, headers on disk),
+   * one persist records binding = the child as it is and pending = the parent as it is now. A later open
+   * accepts either: the child's chain (a crash before the merge deletes the child) or the parent as the head.
+   * The merge's copies into the parent were made unobserved: they are the child's data, tracked when written.
    */
-  bridgeWatch(): void {
-    this.watch?.bridge();
+  async continueOnMergedParent(parent: VhdxFile): Promise<void> {
+    this.assertWritable();
+    const child = this.head;
+    if (!parent.writable) throw new TidemarkError('INVALID_ARGUMENT', `${parent.path} is not open for writing`);
+    if (child.parentLink?.path !== parent.path)
+      throw new TidemarkError('INVALID_ARGUMENT', `${parent.path} is not the parent of ${child.path}`);
+    if (parent.observer)
+      throw new TidemarkError('INVALID_ARGUMENT', `a change tracker is already attached to ${parent.path}`);
+    const why = (await this.unvouched(false)) ?? (await parent.verifyHeadersOnDisk());
+    if (why) await this.restartEpoch(why);
+    this.header.binding = currentBinding(child);
+    this.header.pending = currentBinding(parent);
+    this.header.inUse = true;
+    await this.persist();
+    this.watch?.remove(child.path);
+    if (child.observer === this) child.observer = undefined;
+    this.head = parent;
+    parent.observer = this;
   }
 
+  /** Forgets a child `sealForChild` recorded that will not be switched to (the checkpoint was abandoned). */
   cancelChild(child: VhdxFile): void {
     if (this.preparedChild?.disk !== child) return;
     // In memory only: the persisted pending names a child nobody will write, which accepts nothing else.

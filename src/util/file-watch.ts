@@ -36,25 +36,7 @@ interface Mark {
   watchers: Set<FileWatch>;
   /** Other processes seen holding the file open for writing since it was marked (checked again on a join). */
   holders: Set<number>;
-  /** The next watcher takes over the mark when the last one leaves (see `bridge`): it lingers until then. */
-  bridged: boolean;
-  /**
-   * While no watcher holds a bridged mark (it lingers, up to BRIDGE_MS): what other processes did meanwhile, for
-   * the next watcher. Null while watchers hold it.
-   */
-  lingering: ForeignAccess[] | null;
-  expiry?: NodeJS.Timeout;
 }
-
-/**
- * How long a bridged mark outlives its last watcher. A merge closes a disk's session and opens another on the
- * same files a moment later: with the marks kept across, the new session takes what happened in between from
- * them and needs no /proc scan, which reads every descriptor of every process (a host of 800 QEMU processes:
- * tens of thousands) and so cost a large host more per session than the session's own work.
- */
-const BRIDGE_MS = 10_000;
-/** Findings a lingering mark keeps; beyond them it keeps one 'events were lost'. */
-const LINGER_MAX = 64;
 
 /** The process's fanotify group, its marks and the findings not yet taken by their watchers. */
 class Group {
@@ -87,9 +69,8 @@ class Group {
 
   /**
    * Marks the file for `watcher`. Returns true when the mark is new: the caller must then look through /proc
-   * for writers that opened the file before it. Joining a mark that already exists (another watcher's, or one
-   * lingering since its last watcher left) needs no look: the mark saw every open since its own look. The
-   * watcher gets what the mark saw while it lingered, and each writer it ever saw that still holds the file.
+   * for writers that opened the file before it. Joining another watcher's mark needs no look: the mark saw every
+   * open since its own look. The watcher is told of each writer it ever saw that still holds the file.
    */
   add(file: string, watcher: FileWatch): boolean {
     let mark = this.byPath.get(file);
@@ -108,29 +89,18 @@ class Group {
         identity: `${st.dev}:${st.ino}`,
         watchers: new Set(),
         holders: new Set(),
-        bridged: false,
-        lingering: null,
       };
       this.marks.set(key, mark);
       this.byPath.set(file, mark);
       fresh = true;
     } else {
-      this.drain(); // what happened up to now reaches the mark's watchers, or its lingering list
-      const told = new Set<number>();
-      for (const f of mark.lingering ?? []) {
-        watcher.note(f);
-        if (f.what === 'holds it open for writing' && f.pid) told.add(f.pid);
-      }
+      this.drain(); // what happened up to now reaches the mark's earlier watchers
       for (const pid of [...mark.holders]) {
-        if (told.has(pid)) continue;
         if (writableOpeners(mark.identity, [pid]).length > 0)
           watcher.note({ file, pid, program: programOf(pid), what: 'holds it open for writing' });
         else mark.holders.delete(pid);
       }
     }
-    clearTimeout(mark.expiry);
-    mark.lingering = null;
-    mark.bridged = false;
     mark.watchers.add(watcher);
     if (!this.timer) {
       this.timer = setInterval(() => this.drain(), DRAIN_EVERY_MS);
@@ -148,20 +118,10 @@ class Group {
     const mark = this.byPath.get(file);
     if (!mark || !mark.watchers.delete(watcher) || mark.watchers.size > 0) return;
     this.drain(); // what happened before the last watcher left still reaches its findings
-    if (!mark.bridged) return this.drop(mark);
-    mark.lingering = [];
-    mark.expiry = setTimeout(() => this.drop(mark), BRIDGE_MS);
-    mark.expiry.unref();
-  }
-
-  /** The file's mark outlives its last watcher until the next one joins (or BRIDGE_MS). */
-  bridge(file: string): void {
-    const mark = this.byPath.get(file);
-    if (mark) mark.bridged = true;
+    this.drop(mark);
   }
 
   private drop(mark: Mark): void {
-    clearTimeout(mark.expiry);
     if (this.marks.get(mark.key) === mark) this.marks.delete(mark.key);
     if (this.byPath.get(mark.path) === mark) this.byPath.delete(mark.path);
     try {
@@ -184,15 +144,9 @@ class Group {
     }
   }
 
-  /** A finding for the mark's watchers, or, while it lingers, for its next one. */
+  /** A finding for the mark's watchers. */
   private tell(mark: Mark, f: ForeignAccess): void {
     if (f.what === 'holds it open for writing' && f.pid) mark.holders.add(f.pid);
-    if (mark.lingering) {
-      if (mark.lingering.length < LINGER_MAX) mark.lingering.push(f);
-      else if (!mark.lingering.some((x) => x.what === 'events were lost'))
-        mark.lingering.push({ file: mark.path, pid: null, program: null, what: 'events were lost' });
-      return;
-    }
     for (const w of mark.watchers) w.note(f);
   }
 
@@ -256,7 +210,7 @@ export class FileWatch {
     const marked = files.filter((f) => w.add(f, { fresh: true }));
     if (w.group && marked.length > 0) {
       // Writers that opened a newly marked file before its mark: one look through /proc for all of them (a mark
-      // that existed already, kept across a merge by `bridge`, saw every open since its own look).
+      // another watch holds already saw every open since its own look).
       const ids = new Map(marked.map((f) => [w.group!.identityOf(f)!, f]));
       const found = writableOpenersOf(new Set(ids.keys()));
       for (const [id, file] of ids) {
@@ -302,16 +256,6 @@ export class FileWatch {
   remove(file: string): void {
     if (!this.files.delete(file)) return;
     this.group?.remove(file, this);
-  }
-
-  /**
-   * The session ends and the next one on the same files starts right away (a merge reopening the head): the
-   * marks stay when this watch closes, seeing everything until the next watch takes them over, which then
-   * needs no look through /proc. Not for a session that ends for good: another Tidemark process may then
-   * write the disk with its own tracker, which the tracking files account for.
-   */
-  bridge(): void {
-    for (const f of this.files) this.group?.bridge(f);
   }
 
   /** @internal called by the group. */

@@ -13,7 +13,7 @@
  *   refuses until `--replace-foreign`, which moves them aside.
  * - Reads never write: `rct status` / `rct changes` on a disk whose tracking must reset leave the file alone.
  */
-import { execFile, spawn } from 'node:child_process';
+import { execFile, execFileSync, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { copyFile, mkdir, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
@@ -21,6 +21,7 @@ import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { TidemarkError } from '../../src/errors.js';
+import { VirtualDisk } from '../../src/disk/virtual-disk.js';
 import { createVhdx } from '../../src/formats/vhdx/create.js';
 import { VhdxFile } from '../../src/formats/vhdx/vhdx.js';
 import { ChangeTracker, trackingPaths, type ChangeRange } from '../../src/tracking/tracker.js';
@@ -210,25 +211,93 @@ describe('forks: a copy is another lineage, and so is an older state put back', 
   });
 });
 
-describe('between sessions: a watch bridged to the next session (a merge reopening its head)', () => {
-  it('another process writing the disk between the two sessions is found by the next one, without a /proc scan', async () => {
-    const d = await sub('between');
+describe('an online merge: tracking continues on the merged parent, open as it is', () => {
+  /** A tracked disk under a VirtualDisk, an id sealed, a write, then a checkpoint (the child is the head). */
+  async function checkpointed(d: string): Promise<{ file: string; disk: VirtualDisk; id0: string }> {
     const file = await trackedDisk(d);
-    const id1 = await session(file, async (t) => {
-      const id = await t.seal();
-      t.bridgeWatch();
-      return id;
+    const disk = await VirtualDisk.open(file);
+    const id0 = (await disk.seal())!;
+    await disk.write(1 * MiB, Buffer.alloc(4096, 1));
+    await disk.pause();
+    await disk.cutCheckpoint(path.join(d, 'disk_1.avhdx'));
+    disk.resume();
+    await disk.write(2 * MiB, Buffer.alloc(4096, 2)); // into the child
+    return { file, disk, id0 };
+  }
+  const at = (...mib: number[]) => mib.map((m) => ({ offset: m * MiB, length: 64 * KiB }));
+
+  it('no reset, no miss: writes before, into the child and after the merge all answer, then and after a re-open', async () => {
+    const d = await sub('merge-continues');
+    const { file, disk, id0 } = await checkpointed(d);
+    try {
+      await disk.mergeHeadOnline();
+      expect(disk.path).toBe(file);
+      await disk.write(3 * MiB, Buffer.alloc(4096, 3)); // into the merged parent
+      expect((await disk.changes(id0)).ranges).toEqual(at(1, 2, 3));
+      expect(disk.changeTracker!.status().state).toBe('valid');
+    } finally {
+      await disk.close();
+    }
+    await look(file, async (t) => {
+      expect(t.status().reason).toBeNull();
+      expect(await changes(t, id0)).toEqual(at(1, 2, 3));
     });
-    // dd writes one sector in place while no session is attached (the merge's close and reopen, say), and the
-    // modification time is put back to the nanosecond: the files' own checks see nothing, only the mark can.
-    const { mtimeNs } = await stat(file, { bigint: true });
-    const dd = ['if=/dev/urandom', `of=${file}`, 'bs=512', 'count=1', 'seek=20480', 'conv=notrunc', 'status=none'];
-    await execFileP('dd', dd);
-    const at = `@${mtimeNs / 1_000_000_000n}.${String(mtimeNs % 1_000_000_000n).padStart(9, '0')}`;
-    await execFileP('touch', ['-m', '-d', at, file]);
-    await session(file, async (t) => {
-      expect((await refusal(t.changes(id1)))?.code).toBe('MISSING_CHANGE_TRACKING_INFORMATION');
-      expect(t.status().reason).toMatch(/(dd|touch|process \d+) .*wrote disk\.vhdx/);
+  });
+
+  it('dd writing the child during a copy pass: the session on the merged parent refuses earlier ids and names it', async () => {
+    const d = await sub('merge-dd-child');
+    const { file, disk, id0 } = await checkpointed(d);
+    const child = path.join(d, 'disk_1.avhdx');
+    try {
+      await disk.mergeHeadOnline({
+        // Synchronous on purpose: dd runs inside the copy pass, while the child is still the head. It writes
+        // the file's first 16 bytes back as they are: the content is unchanged, the write is not.
+        onProgress: () =>
+          execFileSync('dd', [`if=${child}`, `of=${child}`, 'bs=16', 'count=1', 'conv=notrunc', 'status=none']),
+      });
+      expect((await refusal(disk.changes(id0)))?.code).toBe('MISSING_CHANGE_TRACKING_INFORMATION');
+      expect(disk.changeTracker!.status().reason).toMatch(
+        /(dd \(pid \d+\)|process \d+ \(gone before it could be named\)) wrote disk_1\.avhdx/,
+      );
+    } finally {
+      await disk.close();
+    }
+    await look(file, async (t) => expect(t.status().reason).toMatch(/wrote disk_1\.avhdx/));
+  });
+
+  it('dd writing the parent as the merge switches onto it: found, with no gap between the two heads', async () => {
+    const d = await sub('merge-dd-parent');
+    const { file, disk, id0 } = await checkpointed(d);
+    try {
+      await disk.mergeHeadOnline({
+        beforeSwitch: async () => dd(file, await payloadOffset(file, 5 * MiB), 512),
+      });
+      expect((await refusal(disk.changes(id0)))?.code).toBe('MISSING_CHANGE_TRACKING_INFORMATION');
+      expect(disk.changeTracker!.status().reason).toMatch(
+        /(dd \(pid \d+\)|process \d+ \(gone before it could be named\)) wrote disk\.vhdx/,
+      );
+    } finally {
+      await disk.close();
+    }
+  });
+
+  it('killed once the child is deleted, before the host records the switch: the parent opens with tracking intact', async () => {
+    const d = await sub('merge-crash');
+    const { file, disk, id0 } = await checkpointed(d);
+    // The host's definition write fails (as a kill there would end it): the disk gives up without a clean close.
+    await expect(
+      disk.mergeHeadOnline({
+        beforeSwitch: async () => {
+          throw new Error('killed');
+        },
+      }),
+    ).rejects.toThrow('killed');
+    expect(existsSync(path.join(d, 'disk_1.avhdx'))).toBe(false);
+    await session(file, async (t, vhdx) => {
+      expect(t.status().reason).toBeNull();
+      expect(await changes(t, id0)).toEqual(at(1, 2));
+      await vhdx.write(Buffer.alloc(4096, 4), 4 * MiB);
+      expect(await changes(t, id0)).toEqual(at(1, 2, 4));
     });
   });
 });

@@ -1,7 +1,6 @@
 /**
  * The foreign-writer watch's look through /proc at start (writers that opened a file before its mark): each
- * watch is told of the holders of its own files only; a bridged watch's marks carry what happened after it closed
- * to the next watch of the same files, each holder told once.
+ * watch is told of the holders of its own files only.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { readdir, writeFile } from 'node:fs/promises';
@@ -52,30 +51,6 @@ describe('FileWatch', () => {
       } finally {
         wa.close();
         wb.close();
-      }
-    } finally {
-      await stop(h);
-    }
-  });
-
-  it('a bridged watch hands what another process did after it closed to the next watch of the file', async () => {
-    const f = path.join(dir, 'bridged.img');
-    await writeFile(f, 'x');
-    const first = FileWatch.start([f]);
-    first.bridge();
-    first.close();
-    // Another process opens the file for writing and keeps it open, then the next session starts.
-    const h = await holder(f);
-    try {
-      const next = FileWatch.start([f]);
-      try {
-        const found = next.findings();
-        expect(found.map((x) => x.pid)).toContain(h.pid);
-        expect(found.every((x) => x.file === f && x.what === 'holds it open for writing')).toBe(true);
-        // Each holder once: the open the mark saw, not again from the holders it remembers.
-        expect(new Set(found.map((x) => x.pid)).size).toBe(found.length);
-      } finally {
-        next.close();
       }
     } finally {
       await stop(h);
