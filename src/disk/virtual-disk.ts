@@ -290,6 +290,8 @@ export class VirtualDisk extends GatedDisk<VhdxFile, VirtualDiskOptions> impleme
   protected createChild(childPath: string, opts: { blockSize?: number }): Promise<void> {
     return createVhdx(childPath, {
       parent: this.head.path,
+      // The head is open: what the child copies of it is read there (its DataWriteGuid as installed for the cut).
+      parentFile: this.head,
       blockSize: opts.blockSize ?? DEFAULT_CHILD_BLOCK_SIZE,
       parentOpenOptions: { allowedRoots: this.opts.allowedRoots, pathMap: this.opts.pathMap },
     });

@@ -56,6 +56,11 @@ export interface CreateOptions {
   parent?: string;
   /** How to open the parent (allowed roots, path map) when it is itself a differencing disk. */
   parentOpenOptions?: OpenOptions;
+  /**
+   * The parent already open (a running disk's head, about to be checkpointed): read in place of opening `parent`
+   * again, and left open. Its path must be `parent`'s.
+   */
+  parentFile?: VhdxFile;
   virtualDiskId?: Guid;
   creator?: string;
 }
@@ -85,7 +90,9 @@ export async function createVhdx(filePath: string, opts: CreateOptions): Promise
       throw new InvalidArgumentError('a differencing disk takes its size from the parent; do not give --size');
     if (opts.type !== undefined) throw new InvalidArgumentError('a differencing disk has no --type');
     const parentPath = path.resolve(opts.parent);
-    const parent = await VhdxFile.open(parentPath, { ...opts.parentOpenOptions, writable: false });
+    if (opts.parentFile && path.resolve(opts.parentFile.path) !== parentPath)
+      throw new InvalidArgumentError(`the open parent is ${opts.parentFile.path}, not ${parentPath}`);
+    const parent = opts.parentFile ?? (await VhdxFile.open(parentPath, { ...opts.parentOpenOptions, writable: false }));
     try {
       virtualSize = parent.virtualSize;
       lss = parent.logicalSectorSize;
@@ -114,7 +121,7 @@ export async function createVhdx(filePath: string, opts: CreateOptions): Promise
       });
       items.push({ id: ITEM_PARENT_LOCATOR, data: loc, isVirtualDisk: false, isRequired: true });
     } finally {
-      await parent.close();
+      if (!opts.parentFile) await parent.close();
     }
   } else {
     if (opts.size === undefined) throw new InvalidArgumentError('give the virtual size (--size)');
