@@ -46,6 +46,8 @@ export interface CheckpointHostAccess {
     | 'diskOptions'
     | 'assertNoPending'
     | 'finishRemoval'
+    | 'applyRemoval'
+    | 'deleteOrphaned'
   >;
   guard: VmGuard;
   leaseHolder(vm: string): Promise<LeaseInfo | undefined>;
@@ -122,9 +124,10 @@ export class Checkpoints {
     const memoryFile = plan.how === 'memory' ? store.diskFile(name, `memory_${id.slice(0, 8)}${MEMORY_EXT}`) : null;
     const created = [...children.map((c) => c.child), ...(memoryFile ? [memoryFile] : [])];
 
-    // Journal the files about to be made: a host killed from here on removes them when it starts again.
+    // The files about to be made, in memory (no other operation on the VM starts meanwhile). Not written: they
+    // lie in the VM's own folder, where a host killed before the record removes every child and memory file its
+    // definition does not name when it starts again (VmStore's recovery); the record is the one write.
     def.pending = { op: 'checkpoint', checkpointId: id, created: created.map((f) => store.rel(def, f)) };
-    await store.save(def);
 
     try {
       // Record: the checkpoint enters the definition in the cut's own write (crash-consistent until the outcome
@@ -161,7 +164,6 @@ export class Checkpoints {
       if (def.pending?.op === 'checkpoint') {
         for (const f of created) await unlink(f).catch(() => undefined);
         def.pending = null;
-        await store.save(def);
       }
       throw err;
     }
@@ -281,22 +283,25 @@ export class Checkpoints {
     def.pending = { op: 'merge', checkpointId: cp.id, then, referencePoint: rp, disks };
     await store.save(def);
     const running = this.host.runningDisks(def.name);
-    for (const m of disks) {
+    // The last disk's switch writes the removal with it (one definition write, not two): from that write on
+    // nothing is left to finish but deleting the files it names.
+    let orphaned: string[] | undefined;
+    for (const [i, m] of disks.entries()) {
+      const switched = () => {
+        def.disks.find((a) => a.slot === m.slot)!.head = m.parent;
+        if (i === disks.length - 1) orphaned = store.applyRemoval(def, cp.id, then, rp);
+        return store.save(def);
+      };
       const open = running?.get(m.slot);
       if (open) {
-        await open.mergeHeadOnline({
-          beforeSwitch: async () => {
-            def.disks.find((a) => a.slot === m.slot)!.head = m.parent;
-            await store.save(def);
-          },
-        });
+        await open.mergeHeadOnline({ beforeSwitch: switched });
       } else {
         await mergeChildFile(store.abs(def, m.child), { allowedRoots: store.diskOptions(def).allowedRoots });
-        def.disks.find((a) => a.slot === m.slot)!.head = m.parent;
-        await store.save(def);
+        await switched();
       }
     }
-    await store.finishRemoval(def, cp.id, then, rp);
+    if (orphaned) await store.deleteOrphaned(def, orphaned);
+    else await store.finishRemoval(def, cp.id, then, rp);
     this.host.log.info(`${then === 'refpoint' ? 'converted' : 'deleted'} checkpoint ${cp.name} of ${def.name}`);
   }
 

@@ -245,6 +245,16 @@ export class VmStore {
     then: 'delete' | 'refpoint',
     rp: ReferencePoint | null,
   ): Promise<void> {
+    const orphaned = this.applyRemoval(def, cpId, then, rp);
+    await this.save(def);
+    await this.deleteOrphaned(def, orphaned);
+  }
+
+  /**
+   * `finishRemoval`'s change of the definition, in memory, for a caller that writes it with its own last change
+   * (an online merge's switch onto the parent): returns the files left to delete, which the journal then names.
+   */
+  applyRemoval(def: VmDefinition, cpId: string, then: 'delete' | 'refpoint', rp: ReferencePoint | null): string[] {
     const cp = def.checkpoints.find((c) => c.id === cpId);
     const orphaned: string[] = [];
     if (cp) {
@@ -259,12 +269,15 @@ export class VmStore {
     }
     if (then === 'refpoint' && rp && !def.referencePoints.some((r) => r.id === rp.id)) def.referencePoints.push(rp);
     def.pending = orphaned.length > 0 ? { op: 'delete-files', files: orphaned } : null;
+    return orphaned;
+  }
+
+  /** Deletes the files `applyRemoval` left (its write journaled them), then clears the journal. */
+  async deleteOrphaned(def: VmDefinition, orphaned: string[]): Promise<void> {
+    if (orphaned.length === 0) return;
+    for (const f of orphaned) await unlink(this.abs(def, f)).catch(() => undefined);
+    def.pending = null;
     await this.save(def);
-    if (orphaned.length > 0) {
-      for (const f of orphaned) await unlink(this.abs(def, f)).catch(() => undefined);
-      def.pending = null;
-      await this.save(def);
-    }
   }
 
   /** Finishes or rolls back what a killed host left half done, then removes stray children. */
