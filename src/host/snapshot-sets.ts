@@ -16,6 +16,7 @@ import { chainFiles } from './disk-files.js';
 import type { NbdServer } from '../nbd/index.js';
 import type { RandomAccessFile } from '../util/file.js';
 import { createProvider } from '../snapshot/index.js';
+import { mapBounded } from '../util/bounded.js';
 import { BackupComponents, snapshotProviderAdapter, type SnapshotSetReport } from '../vss/index.js';
 import type { VmDefinition } from './definition.js';
 import type { LeaseInfo } from './leases.js';
@@ -70,6 +71,9 @@ export interface SnapshotHostAccess {
   leaseHolder(vm: string): Promise<LeaseInfo | undefined>;
 }
 
+/** VMs of a set checked, and disks opened for its exports, at once. */
+const MEMBER_CONCURRENCY = 8;
+
 interface LiveSet {
   info: SnapshotSetInfo;
   /** undefined for a set without a storage snapshot (no-snapshot flow). */
@@ -92,13 +96,10 @@ export class SnapshotSets {
     if (req.vms.length === 0) throw new TidemarkError('INVALID_ARGUMENT', 'a snapshot set needs at least one VM');
     const id = randomUUID();
     const providerName = req.provider ?? 'cow';
-    const members: (VmInSet & { heads: { slot: string; file: string }[]; lease: string | null })[] = [];
-    const files = new Set<string>();
-    let runId: string | null = null;
-    for (const { name, checkpoint, lease } of req.vms) {
+    // Each VM checked and its frozen chains listed, side by side (a set of hundreds of VMs).
+    const members = await mapBounded(req.vms, MEMBER_CONCURRENCY, async ({ name, checkpoint, lease }) => {
       const def = this.host.definition(name);
       const held = await this.host.checkLease(name, lease);
-      if (held) runId ??= held.owner.runId;
       const cp = checkpoint ? def.checkpoints.find((c) => c.id === checkpoint || c.name === checkpoint) : undefined;
       if (checkpoint && !cp) throw new TidemarkError('NOT_FOUND', `${name} has no checkpoint "${checkpoint}"`);
       const heads = def.disks.map((d) => ({
@@ -106,11 +107,9 @@ export class SnapshotSets {
         file: this.host.abs(def, cp ? cp.disks.find((x) => x.slot === d.slot)!.file : d.head),
       }));
       // Every file of every frozen chain, and the definition, are in the set.
-      for (const h of heads) {
-        for (const f of await chainFiles(h.file, { allowedRoots: this.host.allowedRoots(def) })) files.add(f);
-      }
-      files.add(path.join(this.host.vmDir(name), 'vm.json'));
-      members.push({
+      const chains: string[] = [];
+      for (const h of heads) chains.push(...(await this.chainOf(def, h)));
+      return {
         def,
         vmDir: this.host.vmDir(name),
         running: this.host.runningDisks(name) !== undefined,
@@ -119,8 +118,12 @@ export class SnapshotSets {
           : undefined,
         heads,
         lease: held?.id ?? null,
-      });
-    }
+        runId: held?.owner.runId ?? null,
+        files: [...chains, path.join(this.host.vmDir(name), 'vm.json')],
+      };
+    });
+    const files = new Set(members.flatMap((m) => m.files));
+    const runId = members.find((m) => m.runId !== null)?.runId ?? null;
 
     if (providerName === 'none') return this.exportLive(id, members, runId);
     const writer = new VmWriter(members);
@@ -204,6 +207,17 @@ export class SnapshotSets {
     }
   }
 
+  /**
+   * The files of the chain whose head is `h.file`: for a running VM whose open chain holds that file (a checkpoint's
+   * frozen parent under the running child, or the head itself), read off the open chain; else opened to walk it.
+   */
+  private async chainOf(def: VmDefinition, h: { slot: string; file: string }): Promise<string[]> {
+    const chain = this.host.runningDisks(def.name)?.get(h.slot)?.file.chain() ?? [];
+    const at = chain.findIndex((f) => path.resolve(f.path) === h.file);
+    if (at >= 0) return chain.slice(at).map((f) => path.resolve(f.path));
+    return chainFiles(h.file, { allowedRoots: this.host.allowedRoots(def) });
+  }
+
   /** The no-snapshot flow: the checkpoints' frozen files served as they are, read-only, while they exist. */
   private async exportLive(
     id: string,
@@ -251,30 +265,31 @@ export class SnapshotSets {
     opened: OpenedDisk[],
     viewOf: (h: { slot: string; file: string }) => ((p: string) => Promise<RandomAccessFile>) | undefined,
   ): Promise<SnapshotExport[]> {
-    const exports: SnapshotExport[] = [];
-    for (const m of members) {
-      for (const h of m.heads) {
-        const disk = await openDisk(h.file, {
-          readOnly: true,
-          tracking: false,
-          allowedRoots: this.host.allowedRoots(m.def),
-          openFile: viewOf(h),
-        });
-        opened.push(disk);
-        const att = m.def.disks.find((d) => d.slot === h.slot)!;
-        const name = `${prefix}/${m.def.name}/${h.slot}`;
-        this.host.nbd.addExport(name, disk, { readOnly: true, description: `${m.def.name} ${h.slot} ${what}` });
-        exports.push({
-          vm: m.def.name,
-          slot: h.slot,
-          virtualDiskId: att.virtualDiskId,
-          virtualSize: att.virtualSize,
-          export: name,
-          file: h.file,
-        });
-      }
-    }
-    return exports;
+    const each = members.flatMap((m) => m.heads.map((h) => ({ m, h })));
+    // Opened side by side; exported in the members' order.
+    const disks = await mapBounded(each, MEMBER_CONCURRENCY, async ({ m, h }) => {
+      const disk = await openDisk(h.file, {
+        readOnly: true,
+        tracking: false,
+        allowedRoots: this.host.allowedRoots(m.def),
+        openFile: viewOf(h),
+      });
+      opened.push(disk);
+      return disk;
+    });
+    return each.map(({ m, h }, i) => {
+      const att = m.def.disks.find((d) => d.slot === h.slot)!;
+      const name = `${prefix}/${m.def.name}/${h.slot}`;
+      this.host.nbd.addExport(name, disks[i], { readOnly: true, description: `${m.def.name} ${h.slot} ${what}` });
+      return {
+        vm: m.def.name,
+        slot: h.slot,
+        virtualDiskId: att.virtualDiskId,
+        virtualSize: att.virtualSize,
+        export: name,
+        file: h.file,
+      };
+    });
   }
 
   /** Undoes a partly made set: its exports removed, its disks closed. */

@@ -34,6 +34,30 @@ export async function forEachBounded<T>(
 }
 
 /**
+ * `fn` over `items` as `forEachBounded` runs it, the results in the items' order. On a failure, `done` (when given)
+ * gets each result that was made, so a caller can undo them (close what was opened), and the failure is thrown.
+ */
+export async function mapBounded<T, R>(
+  items: readonly T[],
+  limit: number,
+  fn: (item: T) => Promise<R>,
+  done?: (made: R[]) => Promise<void>,
+): Promise<R[]> {
+  const out: R[] = new Array(items.length);
+  const made = new Set<number>();
+  try {
+    await forEachBounded(items.keys(), limit, async (i) => {
+      out[i] = await fn(items[i]);
+      made.add(i);
+    });
+  } catch (err) {
+    await done?.([...made].map((i) => out[i]));
+    throw err;
+  }
+  return out;
+}
+
+/**
  * At most `budget` bytes of work in flight at once (an oversized item runs alone): for reading disk indexes, whose
  * slot tables reach 512 MiB, side by side without holding several such at once.
  */
