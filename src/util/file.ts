@@ -91,6 +91,10 @@ export interface NodeFileOptions {
 }
 
 export class NodeFile implements RandomAccessFile {
+  /** Writes and truncates completed (or failed) through this file, and how many of them a datasync covered. */
+  private changes = 0;
+  private synced = 0;
+
   private constructor(
     readonly path: string,
     readonly writable: boolean,
@@ -191,6 +195,8 @@ export class NodeFile implements RandomAccessFile {
       await writeFully(this.handle, buf, position);
     } catch (err) {
       throw fromSystemError(err, 'write', this.path);
+    } finally {
+      this.changes++; // a failed write may have written part: a datasync still syncs
     }
     if (position + buf.length > this.length) this.length = position + buf.length;
   }
@@ -202,16 +208,26 @@ export class NodeFile implements RandomAccessFile {
       await this.handle.truncate(size);
     } catch (err) {
       throw fromSystemError(err, 'resize', this.path);
+    } finally {
+      this.changes++;
     }
     this.length = size;
   }
 
-  async datasync(): Promise<void> {
+  /**
+   * Makes this file's completed writes durable. None since the last datasync that succeeded: nothing to do (a
+   * flush of a disk nobody wrote costs no system call); a write completing while it runs counts for the next.
+   * `writtenElsewhere`: sync anyway, for what another descriptor of the file wrote (a converter's write-back).
+   */
+  async datasync(opts: { writtenElsewhere?: boolean } = {}): Promise<void> {
+    const upTo = this.changes;
+    if (upTo === this.synced && !opts.writtenElsewhere) return;
     try {
       await this.handle.datasync();
     } catch (err) {
       throw fromSystemError(err, 'flush', this.path);
     }
+    this.synced = Math.max(this.synced, upTo);
   }
 
   async close(): Promise<void> {

@@ -177,7 +177,7 @@ async function openSink(dstPath: string, format: ImageFormat, size: number, src:
   return {
     piece: Math.min(blockSize, PIECE),
     write: (buf: Buffer, offset: number) => disk.write(buf, offset),
-    writeback: () => syncFile.datasync(),
+    writeback: () => syncFile.datasync({ writtenElsewhere: true }),
     finish: async () => {
       await syncFile.close();
       await disk.close();

@@ -242,7 +242,7 @@ export async function convertImage(
       }
       piece = Math.min(blockSize, PIECE);
       write = (buf, offset) => dst.write(buf, offset);
-      writeback = () => syncFile.datasync();
+      writeback = () => syncFile.datasync({ writtenElsewhere: true });
       finish = async () => {
         await syncFile.close();
         await dst.close();
