@@ -309,13 +309,9 @@ export const release: RunStep = async (run) => {
   const done = run.states.filter((s) => isOk(s) && s.entry);
   await forEachBounded(done, bound(run), async (s) => {
     if (!s.referencePointId) return;
-    await destroyPreviousReferencePoints(
-      run.opts.host,
-      s.name,
-      run.opts.repo.config.id,
-      s.referencePointId,
-      run.log,
-    ).catch((e) => run.errors.push(`${s.name}: destroying previous reference points: ${describeError(e)}`));
+    await destroyPreviousReferencePoints(run.opts.host, s, run.opts.repo.config.id, s.referencePointId, run.log).catch(
+      (e) => run.errors.push(`${s.name}: destroying previous reference points: ${describeError(e)}`),
+    );
   });
 };
 
@@ -393,7 +389,8 @@ async function cleanLeftovers(run: RunState, ready: VmState[]): Promise<void> {
   await forEachBounded(ready, bound(run), async (s) => {
     const vm = s.name;
     try {
-      const stale = (await host.listCheckpoints(vm)).filter(
+      // The checkpoints preflight read with the definition (the run holds the VM's lease: no other run adds any).
+      const stale = s.definition.checkpoints.filter(
         (c) => c.type === 'recovery' && (c.run ? !live.has(c.run.lease) : (c.name ?? '').startsWith(CHECKPOINT_PREFIX)),
       );
       for (const cp of stale.reverse()) {
@@ -410,18 +407,27 @@ async function cleanLeftovers(run: RunState, ready: VmState[]): Promise<void> {
   });
 }
 
-/** Destroys the reference points of `vm` this repository made before `keep`; no one else's. */
+/**
+ * Destroys the reference points of the VM this repository made before `keep`; no one else's. They are the ones
+ * preflight read with the definition (the run holds the VM's lease: only this run made one since, `keep`); one
+ * destroyed meanwhile by someone else is gone already.
+ */
 async function destroyPreviousReferencePoints(
   host: HostClient,
-  vm: string,
+  s: VmState,
   repositoryId: string,
   keep: string,
   log: (line: string) => void,
 ): Promise<void> {
-  for (const rp of await host.listReferencePoints(vm)) {
+  for (const rp of s.definition.referencePoints) {
     if (rp.id === keep || rp.owner?.kind !== 'repository' || rp.owner.id !== repositoryId) continue;
-    await host.destroyReferencePoint(vm, rp.id);
-    log(`${vm}: destroyed this repository's previous reference point ${rp.id.slice(0, 8)}`);
+    try {
+      await host.destroyReferencePoint(s.name, rp.id);
+    } catch (err) {
+      if (err instanceof TidemarkError && err.code === 'NOT_FOUND') continue;
+      throw err;
+    }
+    log(`${s.name}: destroyed this repository's previous reference point ${rp.id.slice(0, 8)}`);
   }
 }
 

@@ -3,7 +3,7 @@
  * named phases (phases.ts) pass between them: the run's, and each batch's.
  */
 import type { HostClient } from '../api/client.js';
-import type { Checkpoint, SnapshotSetInfo } from '../api/schemas.js';
+import type { Checkpoint, SnapshotSetInfo, VmDefinition } from '../api/schemas.js';
 import type { NbdTarget } from '../nbd/client.js';
 import type { PointManifest, Repository, VmEntry } from '../repository/index.js';
 import type { AuditMode, AuditResult } from './audit.js';
@@ -143,7 +143,8 @@ export interface DataPhase {
 export interface VmState {
   name: string;
   summary: VmRunSummary;
-  definition: unknown;
+  /** The VM's definition as preflight read it (its checkpoints and reference points then: the run holds the lease). */
+  definition: VmDefinition;
   id: string;
   /**
    * `format`: VHDX or legacy VHD (its checkpoint children `.avhd`); `trackingReason`: why the disk can have no
