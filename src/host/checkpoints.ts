@@ -126,7 +126,7 @@ export class Checkpoints {
 
     // The files about to be made, in memory (no other operation on the VM starts meanwhile). Not written: they
     // lie in the VM's own folder, where a host killed before the record removes every child and memory file its
-    // definition does not name when it starts again (VmStore's recovery); the record is the one write.
+    // definition does not name when it starts again (VmStore's recovery); the record is the first write.
     def.pending = { op: 'checkpoint', checkpointId: id, created: created.map((f) => store.rel(def, f)) };
 
     try {
