@@ -46,7 +46,12 @@ export interface OnlineMergeOptions {
   onProgress?: (p: MergeProgress) => void;
   /** Copy passes while the guest writes, before the last pass runs with I/O paused (default 4). */
   maxLivePasses?: number;
+  /** Test seam: called after each durable step of the switch (crash tests stop the process there). */
+  onStep?: (step: MergeStep) => void | Promise<void>;
 }
+
+/** The durable steps of an online merge's switch, in order. */
+export type MergeStep = 'merged' | 'tracking moved' | 'child deleted';
 
 export interface OnlineMergeResult {
   parentPath: string;

@@ -189,6 +189,8 @@ export class VirtualDisk extends GatedDisk<VhdxFile, VirtualDiskOptions> impleme
           ),
         );
         await child.flush();
+        // Tracking records both ends of the merge before the parent changes.
+        await this.tracker?.beginMergeInto(path.basename(parentPath), next);
       },
       afterStart: async () => {
         parent.setNextDataWriteGuid(next);
@@ -206,9 +208,11 @@ export class VirtualDisk extends GatedDisk<VhdxFile, VirtualDiskOptions> impleme
         // finished again after a crash copies the same data.
         await child.flush();
         await parent.flush();
+        await opts.onStep?.('merged');
         // The merged parent, open as it is, becomes the head: the tracker moves onto it (no close, no re-open).
         try {
           await this.tracker?.continueOnMergedParent(parent);
+          await opts.onStep?.('tracking moved');
         } catch (err) {
           // Neither head can be trusted to be consistent in memory: give up as a crash would; a re-open recovers
           // (the parent is closed by `fail`).
@@ -222,6 +226,7 @@ export class VirtualDisk extends GatedDisk<VhdxFile, VirtualDiskOptions> impleme
         await child.abandon();
         try {
           await unlink(child.path);
+          await opts.onStep?.('child deleted');
           await opts.beforeSwitch?.(parentPath);
         } catch (err) {
           this.closed = true;

@@ -6,6 +6,7 @@
 import { randomUUID } from 'node:crypto';
 import { unlink } from 'node:fs/promises';
 import { childExtension, openDisk, type OpenedDisk } from '../disk/open.js';
+import type { MergeStep } from '../disk/gated-disk.js';
 import { TidemarkError } from '../errors.js';
 import { planCheckpoint, type CheckpointPlan } from './checkpoint-plan.js';
 import type { ConsistencyProvider } from './consistency.js';
@@ -58,7 +59,14 @@ export interface CheckpointHostAccess {
   /** Freezes the guest around the cut (the guest integration; replaceable while the host runs). */
   consistency(): ConsistencyProvider;
   log: HostLog;
+  /** Test seam (HostOptions.hooks): called after each durable step of a checkpoint or its removal. */
+  hook?: CheckpointHook;
 }
+
+/** The durable steps of a running VM's checkpoint and of its removal (an online merge's own steps included). */
+export type CheckpointStep =
+  'children made' | 'sealed' | 'recorded' | 'switched' | 'outcome' | 'merge journaled' | MergeStep | 'removed';
+export type CheckpointHook = (step: CheckpointStep) => void | Promise<void>;
 
 /** How the cut's instant was made consistent, and how long the VM's I/O was held. */
 interface CutOutcome {
@@ -155,6 +163,7 @@ export class Checkpoints {
       cp.freezeWindowMs = outcome.freezeWindowMs;
       cp.ioPauseMs = outcome.result.ioPauseMs;
       await store.save(def);
+      await this.host.hook?.('outcome');
       this.host.log.info(
         `checkpoint ${cp.name} of ${name}: ${type}, ${cp.consistency}-consistent, I/O pause ${fmtMs(cp.ioPauseMs)}, freeze ${fmtMs(cp.freezeWindowMs)}`,
       );
@@ -230,6 +239,7 @@ export class Checkpoints {
     // The children are made while the guest still writes; the pause only flushes, seals and switches.
     await Promise.all(children.map((c, i) => disks[i].precreateChild(c.child)));
     await privateFiles(...children.map((c) => c.child));
+    await this.host.hook?.('children made');
     const started = performance.now();
     await Promise.all(disks.map((d) => d.pause()));
     try {
@@ -238,10 +248,13 @@ export class Checkpoints {
           sealed.set(c.disk.slot, (await disks[i].prepareChild(c.child, { precreated: true })).id),
         ),
       );
+      await this.host.hook?.('sealed');
       // The definition names the children before the VM writes to them: a crash after this keeps the checkpoint.
       record(sealed);
       await store.save(def);
+      await this.host.hook?.('recorded');
       await Promise.all(children.map((c, i) => disks[i].switchHead(c.child)));
+      await this.host.hook?.('switched');
     } finally {
       for (const d of disks) d.resume();
     }
@@ -282,6 +295,7 @@ export class Checkpoints {
       : [];
     def.pending = { op: 'merge', checkpointId: cp.id, then, referencePoint: rp, disks };
     await store.save(def);
+    await this.host.hook?.('merge journaled');
     const running = this.host.runningDisks(def.name);
     // The last disk's switch writes the removal with it (one definition write, not two): from that write on
     // nothing is left to finish but deleting the files it names.
@@ -294,12 +308,13 @@ export class Checkpoints {
       };
       const open = running?.get(m.slot);
       if (open) {
-        await open.mergeHeadOnline({ beforeSwitch: switched });
+        await open.mergeHeadOnline({ beforeSwitch: switched, onStep: this.host.hook });
       } else {
         await mergeChildFile(store.abs(def, m.child), { allowedRoots: store.diskOptions(def).allowedRoots });
         await switched();
       }
     }
+    await this.host.hook?.('removed');
     if (orphaned) await store.deleteOrphaned(def, orphaned);
     else await store.finishRemoval(def, cp.id, then, rp);
     this.host.log.info(`${then === 'refpoint' ? 'converted' : 'deleted'} checkpoint ${cp.name} of ${def.name}`);

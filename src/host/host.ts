@@ -23,7 +23,7 @@ import type { OpenedDisk } from '../disk/open.js';
 import { KeyedMutex } from '../util/mutex.js';
 import { HotPlugs } from './hot-plug.js';
 import { createProvider, PROVIDER_NAMES } from '../snapshot/index.js';
-import { Checkpoints, type CheckpointRequest } from './checkpoints.js';
+import { Checkpoints, type CheckpointHook, type CheckpointRequest } from './checkpoints.js';
 import type { ConsistencyProvider } from './consistency.js';
 import type { ConvertDisksHook, ConvertDisksResult, ConvertTarget } from './convert-disks.js';
 import type { Checkpoint, ReferencePoint, ReferencePointOwner, VmDefinition } from './definition.js';
@@ -82,7 +82,7 @@ export interface HostOptions {
   /** vm-runtime: how VMs with a boot source run (QEMU binary, accelerator, NBD reconnect delay, stop limits). */
   qemu?: QemuOptions;
   /** Test seams: called between the durable steps of multi-file operations (crash tests stop the host there). */
-  hooks?: { convertDisks?: ConvertDisksHook };
+  hooks?: { convertDisks?: ConvertDisksHook; checkpoints?: CheckpointHook };
 }
 
 export class Host {
@@ -142,6 +142,7 @@ export class Host {
       runtime: (vm) => lifecycle.runtime(vm),
       consistency: () => this.consistency,
       log,
+      hook: opts.hooks?.checkpoints,
     });
     this.referencePoints = new ReferencePoints({
       store: vms,

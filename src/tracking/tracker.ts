@@ -30,7 +30,7 @@ import type { VhdxFile, WriteObserver } from '../formats/vhdx/vhdx.js';
 import { describeAccess, FileWatch } from '../util/file-watch.js';
 import { NodeFile } from '../util/file.js';
 import { FileTypeError, fileTypeName, SymlinkRefusedError } from '../util/safe-open.js';
-import { guidEquals, guidToString, newGuid } from '../util/guid.js';
+import { guidEquals, guidToString, newGuid, type Guid } from '../util/guid.js';
 import {
   HEADER_SLOT,
   MAX_CHAIN_RECORDS,
@@ -622,6 +622,24 @@ export class ChangeTracker implements WriteObserver {
     if (old.observer === this) old.observer = undefined;
     this.head = child;
     child.observer = this;
+  }
+
+  /**
+   * An online merge of the head (a differencing disk) into its parent begins (I/O held), before the parent changes:
+   * after the usual look for other writers, the head's own DataWriteGuid goes in now (no I/O when a write already
+   * did it) and one persist records binding = the head as it is and pending = the parent as the merge will leave it
+   * (`parentName`, the DataWriteGuid it installs first). A crash at any point of the merge then finds one of the two:
+   * the head (the merge not yet switched; an unwritten child whose parent the merge already changed was refused
+   * before) or the merged parent.
+   */
+  async beginMergeInto(parentName: string, next: Guid): Promise<void> {
+    this.assertWritable();
+    await this.vouch(false);
+    await this.head.markDataChanged();
+    this.header.binding = currentBinding(this.head);
+    this.header.pending = { head: parentName, dataWriteGuid: next };
+    this.header.inUse = true;
+    await this.persist();
   }
 
   /**
