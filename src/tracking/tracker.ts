@@ -189,6 +189,8 @@ export class ChangeTracker implements WriteObserver {
   private closed = false;
   /** A child whose first DataWriteGuid `sealForChild` recorded as pending, and the pending it replaced. */
   private preparedChild: { disk: VhdxFile; previous: Binding | null } | undefined;
+  /** The merged parent's binding `beginMergeInto` persisted as pending, until `continueOnMergedParent`. */
+  private merging: Binding | undefined;
   /** Found by the last check before a clean close: recorded as a reset by `afterClose`. */
   private resetAtClose: string | undefined;
 
@@ -636,19 +638,20 @@ export class ChangeTracker implements WriteObserver {
     this.assertWritable();
     await this.vouch(false);
     await this.head.markDataChanged();
+    const merged: Binding = { head: parentName, dataWriteGuid: next };
     this.header.binding = currentBinding(this.head);
-    this.header.pending = { head: parentName, dataWriteGuid: next };
+    this.header.pending = merged;
     this.header.inUse = true;
     await this.persist();
+    this.merging = merged;
   }
 
   /**
-   * An online merge has copied the head (a differencing disk) into `parent`, open writable by the merge; the
-   * parent's new DataWriteGuid (installed as the merge began) and everything copied are durable, and I/O is
-   * held. Tracking continues on `parent` as it is open, with no close and re-open in between: after the same
-   * checks a clean close of the child and an open of the parent would make (other writers, headers on disk),
-   * one persist records binding = the child as it is and pending = the parent as it is now. A later open
-   * accepts either: the child's chain (a crash before the merge deletes the child) or the parent as the head.
+   * The online merge `beginMergeInto` announced has copied the head into `parent`, open writable by the merge;
+   * everything copied is durable and I/O is held. Tracking continues on `parent` as it is open, with no close and
+   * re-open in between, after the checks a clean close of the child and an open of the parent would make (other
+   * writers, headers on disk); a doubt restarts the epoch (persisted). Otherwise nothing is written: the persisted
+   * header already accepts the parent as it is now (pending), and what the guest wrote since is in the coarse map.
    * The merge's copies into the parent were made unobserved: they are the child's data, tracked when written.
    */
   async continueOnMergedParent(parent: VhdxFile): Promise<void> {
@@ -659,12 +662,11 @@ export class ChangeTracker implements WriteObserver {
       throw new TidemarkError('INVALID_ARGUMENT', `${parent.path} is not the parent of ${child.path}`);
     if (parent.observer)
       throw new TidemarkError('INVALID_ARGUMENT', `a change tracker is already attached to ${parent.path}`);
+    if (!this.merging || !sameBinding(this.merging, currentBinding(parent)))
+      throw new TidemarkError('INVALID_ARGUMENT', `no merge into ${parent.path} was begun (beginMergeInto)`);
+    this.merging = undefined;
     const why = (await this.unvouched(false)) ?? (await parent.verifyHeadersOnDisk());
     if (why) await this.restartEpoch(why);
-    this.header.binding = currentBinding(child);
-    this.header.pending = currentBinding(parent);
-    this.header.inUse = true;
-    await this.persist();
     this.watch?.remove(child.path);
     if (child.observer === this) child.observer = undefined;
     this.head = parent;
