@@ -7,7 +7,6 @@
  * merge moves its tracking session onto the parent without closing it (one persist names both sides of the child's
  * deletion): these are the windows this test opens one by one.
  */
-import { spawn } from 'node:child_process';
 import { readdir } from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -15,6 +14,7 @@ import { Host } from '../../src/host/host.js';
 import { HostLog } from '../../src/host/log.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { REPO_ROOT } from '../helpers/fixtures.js';
+import { runKilledAt } from '../helpers/kill-child.js';
 import { tempDir } from '../helpers/peers.js';
 
 const MiB = 2 ** 20;
@@ -90,20 +90,7 @@ await host.close();
 process.stdout.write('done\\n');
 `;
 
-async function runChild(store: string, killAt: number): Promise<{ killed: boolean; step: string }> {
-  const child = spawn(process.execPath, ['--input-type=module', '-e', CHILD, store, VM, String(killAt)], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let out = '';
-  let err = '';
-  child.stdout.on('data', (d) => (out += d));
-  child.stderr.on('data', (d) => (err += d));
-  const signal = await new Promise<NodeJS.Signals | null>((resolve) =>
-    child.on('exit', (code, sig) => resolve(code !== null && code !== 0 ? null : sig)),
-  );
-  if (signal === null && !out.includes('done')) throw new Error(`checkpoint child failed: ${err}${out}`);
-  return { killed: signal === 'SIGKILL', step: out.trim() };
-}
+const runChild = (store: string, killAt: number) => runKilledAt(CHILD, [store, VM, String(killAt)]);
 
 describe('a running VM checkpointed and converted, the host killed after each durable step', () => {
   it('each restart: nothing pending, no stray file, the disk as written, tracking intact since the earlier id', async () => {

@@ -10,7 +10,6 @@
  *
  * Seed: TIDEMARK_CONVERT_DISKS_SEED.
  */
-import { spawn } from 'node:child_process';
 import { readdir, readFile, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -26,6 +25,7 @@ import { HostLog } from '../../src/host/log.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { Repository } from '../../src/repository/index.js';
 import { REPO_ROOT } from '../helpers/fixtures.js';
+import { runKilledAt } from '../helpers/kill-child.js';
 import { missingPeers, qemuImgCheck, run, sha256File, tempDir } from '../helpers/peers.js';
 import { rng, seedFrom, type Rng } from '../helpers/random.js';
 import { expectSame, qemuVpc } from '../vhd/helpers.js';
@@ -335,24 +335,7 @@ await host.close();
 process.stdout.write('done\\n');
 `;
 
-async function runChild(store: string, vm: string, killAt: number): Promise<{ killed: boolean; step: string }> {
-  const child = spawn(process.execPath, ['--input-type=module', '-e', CHILD, store, vm, String(killAt)], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let out = '';
-  let err = '';
-  child.stdout.on('data', (d) => (out += d));
-  child.stderr.on('data', (d) => (err += d));
-  const signal = await new Promise<NodeJS.Signals | null>((resolve) =>
-    child.on('exit', (code, sig) => {
-      if (code !== null && code !== 0) resolve(null);
-      else resolve(sig);
-    }),
-  );
-  await new Promise((r) => setImmediate(r));
-  if (signal === null && !out.includes('done')) throw new Error(`convert child failed: ${err}${out}`);
-  return { killed: signal === 'SIGKILL', step: out.trim() };
-}
+const runChild = (store: string, vm: string, killAt: number) => runKilledAt(CHILD, [store, vm, String(killAt)]);
 
 describe(`vm convert-disks, crash safety (seed ${SEED})`, () => {
   const VM = 'crashy';
