@@ -209,29 +209,23 @@ export class VirtualDisk extends GatedDisk<VhdxFile, VirtualDiskOptions> impleme
         await child.flush();
         await parent.flush();
         await opts.onStep?.('merged');
-        // The merged parent, open as it is, becomes the head: the tracker moves onto it (no close, no re-open).
         try {
+          // The merged parent, open as it is, becomes the head: the tracker moves onto it (no close, no re-open).
           await this.tracker?.continueOnMergedParent(parent);
           await opts.onStep?.('tracking moved');
-        } catch (err) {
-          // Neither head can be trusted to be consistent in memory: give up as a crash would; a re-open recovers
-          // (the parent is closed by `fail`).
-          this.closed = true;
-          await this.tracker?.abandon().catch(() => undefined);
-          await child.abandon().catch(() => undefined);
-          throw err;
-        }
-        this.head = parent;
-        // The child is deleted: its clean close would write headers nobody reads.
-        await child.abandon();
-        try {
+          this.head = parent;
+          // The child is deleted: its clean close would write headers nobody reads.
+          await child.abandon();
           await unlink(child.path);
           await opts.onStep?.('child deleted');
           await opts.beforeSwitch?.(parentPath);
         } catch (err) {
+          // Neither head can be trusted to be consistent in memory: give up as a crash would; a re-open recovers
+          // (a parent not yet the head is closed by `fail`).
           this.closed = true;
           await this.tracker?.abandon().catch(() => undefined);
-          await parent.abandon().catch(() => undefined);
+          await child.abandon().catch(() => undefined);
+          if (this.head === parent) await parent.abandon().catch(() => undefined);
           throw err;
         }
       },

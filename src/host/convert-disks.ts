@@ -6,8 +6,8 @@
  * Crash safety, as the other multi-file operations of the store (vm-store.ts "the journal"):
  *   1. the intent is journaled in the definition (`pending: convert-disks`, every file it may make);
  *   2. per disk, the VHDX is written beside the VHD under a temporary name by the one converter
- *      (tracking/convert.ts, durable when it returns: the VHDX's close commits it), renamed to its name and the folder fsynced; tracking files are made when
- *      the configuration version has RCT;
+ *      (tracking/convert.ts, durable when it returns: the VHDX's close commits it), renamed to its name and the
+ *      folder fsynced; tracking files are made when the configuration version has RCT;
  *   3. ONE definition write commits: the attachments name the new files and the journal becomes `delete-files` of
  *      the old VHDs;
  *   4. the VHDs are unlinked and the journal cleared.

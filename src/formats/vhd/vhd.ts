@@ -7,13 +7,13 @@
  * BAT only names blocks whose data is durable; a lost end footer is restored from the copy (writable
  * open, `check --repair`).
  */
-import { checkRange } from '../../util/range.js';
 import { realpath, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { TidemarkError, VhdCorruptError } from '../../errors.js';
 import { NodeFile, type RandomAccessFile } from '../../util/file.js';
 import { RwLock } from '../../util/rwlock.js';
 import { isAllZero, zeroPieces } from '../../util/zero.js';
+import { checkRange } from '../../util/range.js';
 import { realRoots, resolveInsideRoots } from '../vhdx/locator.js';
 import {
   batBytes,

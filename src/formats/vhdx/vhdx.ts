@@ -3,7 +3,6 @@
  * write, trim, write-zeroes and flush. Every BAT, sector-bitmap and metadata change goes through the
  * metadata log at flush time (entry, flush, apply); payload data is written in place.
  */
-import { checkRange } from '../../util/range.js';
 import { realpath } from 'node:fs/promises';
 import path from 'node:path';
 import { TidemarkError, VhdxCorruptError } from '../../errors.js';
@@ -13,6 +12,7 @@ import { detectFromBytes, DETECT_HEAD_BYTES, DETECT_TAIL_BYTES, unsupportedForma
 import { GUID_ZERO, guidEquals, guidToString, isZeroGuid, newGuid, type Guid } from '../../util/guid.js';
 import { RwLock } from '../../util/rwlock.js';
 import { isAllZero, zeroPieces } from '../../util/zero.js';
+import { checkRange } from '../../util/range.js';
 import {
   bitmapBatIndex,
   computeGeometry,
